@@ -1,0 +1,38 @@
+# Everything runs from a virtualenv in .venv, created on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[fast,test,dev]'
+	touch $(STAMP)
+
+# The embedded default: a local OpenAI-compatible backend on :8001 and the gateway on :8000.
+run: install
+	@$(PY) -m bench.backend --port 8001 --model meta-llama/Meta-Llama-3.1-8B-Instruct --model intfloat/e5-small-v2 & \
+	backend=$$!; trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
+	$(VENV)/bin/inference-gateway --config conf/gateway.yaml
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

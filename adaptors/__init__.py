@@ -1,0 +1,28 @@
+"""Adaptor plug-ins and the contract they implement (see docs/adaptors.md)."""
+
+from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
+from adaptors.context import AdaptorContext
+from adaptors.endpoint import (
+    BaseEndpoint,
+    BatchStatusEnum,
+    GetBatchStatusResponse,
+    StreamError,
+    SubmitBatchResponse,
+    SubmitStreamingTaskResponse,
+    SubmitTaskResponse,
+)
+
+__all__ = [
+    "AdaptorContext",
+    "BaseCluster",
+    "BaseEndpoint",
+    "BatchStatusEnum",
+    "GetBatchStatusResponse",
+    "GetJobsResponse",
+    "JobInfo",
+    "Jobs",
+    "StreamError",
+    "SubmitBatchResponse",
+    "SubmitStreamingTaskResponse",
+    "SubmitTaskResponse",
+]

@@ -1,0 +1,233 @@
+"""Adaptors for a backend that speaks the OpenAI API itself over HTTP, such as vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field
+
+from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.context import AdaptorContext
+from adaptors.endpoint import (
+    BaseEndpoint,
+    StreamError,
+    SubmitStreamingTaskResponse,
+    SubmitTaskResponse,
+)
+
+_HTTP_URL = r"^https?://\S+$"
+
+
+class DirectAPIEndpointConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_url: str = Field(pattern=_HTTP_URL, description="base URL, e.g. http://host:8000/v1")
+    api_key_env_name: str | None = None
+    api_request_timeout: float = Field(default=120, gt=0)
+    max_connections: int = Field(default=4096, ge=0, description="0: no limit")
+
+
+class DirectAPIClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status_url: str = Field(pattern=_HTTP_URL)
+    api_request_timeout: float = Field(default=10, gt=0)
+
+
+class DirectAPIEndpoint(BaseEndpoint):
+    """Forwards the client's fields to `{api_url}/{openai path}` and passes the answer back."""
+
+    def __init__(
+        self,
+        id: str,
+        endpoint_slug: str,
+        cluster: str,
+        framework: str,
+        model: str,
+        endpoint_adapter: str,
+        allowed_globus_groups: str | Iterable[str] | None = None,
+        allowed_domains: str | Iterable[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            id, endpoint_slug, cluster, framework, model, endpoint_adapter,
+            allowed_globus_groups, allowed_domains,
+        )  # fmt: skip
+        self.config = DirectAPIEndpointConfig.model_validate(config or {})
+        self._base_url = self.config.api_url.rstrip("/")
+        self._headers = {"Content-Type": "application/json"}
+        if self.config.api_key_env_name:
+            self._headers["Authorization"] = f"Bearer {_api_key(self.config.api_key_env_name)}"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def startup(self, context: AdaptorContext) -> None:
+        self._session = _new_session(self.config.max_connections)
+
+    async def shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
+        url, body = self._request(data)
+        timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
+        try:
+            async with self._client().post(
+                url, data=body, headers=self._headers, timeout=timeout
+            ) as response:
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            code, message = _transport_failure(exc, self.config.api_request_timeout)
+            return SubmitTaskResponse(error_code=code, error_message=message)
+        if response.status >= 400:
+            return SubmitTaskResponse(
+                error_code=_status(response.status), error_message=_upstream_message(text)
+            )
+        if not _is_json(text):
+            return SubmitTaskResponse(error_code=502, error_message="The backend answered with invalid JSON.")
+        return SubmitTaskResponse(result=text)
+
+    async def submit_streaming_task(
+        self, data: dict[str, Any], request_log_id: str
+    ) -> SubmitStreamingTaskResponse:
+        url, body = self._request(data)
+        silence = self.config.api_request_timeout
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
+        try:
+            response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            code, message = _transport_failure(exc, silence)
+            return SubmitStreamingTaskResponse(error_code=code, error_message=message)
+        if response.status >= 400:
+            async with response:
+                text = await response.text()
+            return SubmitStreamingTaskResponse(
+                error_code=_status(response.status), error_message=_upstream_message(text)
+            )
+        return SubmitStreamingTaskResponse(response=_chunks(response, silence))
+
+    def _request(self, data: dict[str, Any]) -> tuple[str, str]:
+        params = dict(data["model_params"])
+        openai_path = params.pop("openai_endpoint")
+        return f"{self._base_url}/{openai_path}", json.dumps(params)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("DirectAPIEndpoint used before startup()")
+        return self._session
+
+
+class DirectAPICluster(BaseCluster):
+    """Reads a jobs document (the shape of `Jobs`) from a status URL."""
+
+    def __init__(
+        self,
+        id: str,
+        cluster_name: str,
+        cluster_adapter: str,
+        frameworks: Iterable[str],
+        openai_endpoints: Iterable[str],
+        allowed_globus_groups: str | Iterable[str] | None = None,
+        allowed_domains: str | Iterable[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
+            allowed_globus_groups, allowed_domains,
+        )  # fmt: skip
+        self.config = DirectAPIClusterConfig.model_validate(config or {})
+        self._session: aiohttp.ClientSession | None = None
+
+    async def startup(self, context: AdaptorContext) -> None:
+        self._session = _new_session(max_connections=8)
+
+    async def shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def get_jobs(self) -> GetJobsResponse:
+        if self._session is None:
+            raise RuntimeError("DirectAPICluster used before startup()")
+        timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
+        try:
+            async with self._session.get(self.config.status_url, timeout=timeout) as response:
+                text = await response.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            code, message = _transport_failure(exc, self.config.api_request_timeout)
+            return GetJobsResponse(error_code=code, error_message=message)
+        if response.status >= 400:
+            return GetJobsResponse(error_code=_status(response.status), error_message=_upstream_message(text))
+        try:
+            return GetJobsResponse(jobs=Jobs.model_validate_json(text))
+        except ValueError:
+            return GetJobsResponse(
+                error_code=502, error_message="The cluster's status document is not a jobs report."
+            )
+
+
+async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncIterator[bytes]:
+    """Yields bytes as they arrive; closing early (client gone) drops the upstream connection."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except TimeoutError:
+        raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
+    except aiohttp.ClientError:
+        raise StreamError("The backend closed the stream before it finished.", 502) from None
+    except BaseException:
+        response.close()
+        raise
+    finally:
+        response.release()
+
+
+def _new_session(max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
+    return aiohttp.ClientSession(connector=connector, auto_decompress=True)
+
+
+def _api_key(env_name: str) -> str:
+    key = os.environ.get(env_name)
+    if not key:
+        raise ValueError(f"api_key_env_name: environment variable {env_name} is not set")
+    return key
+
+
+def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
+    if isinstance(exc, asyncio.TimeoutError):
+        return 504, f"The backend did not answer within {timeout:g} seconds."
+    return 502, f"Cannot reach the backend ({type(exc).__name__})."
+
+
+def _status(upstream_status: int) -> int:
+    """A client error stays the client's; a backend failure is a bad gateway, unless it says busy."""
+    if upstream_status < 500 or upstream_status in (503, 504):
+        return upstream_status
+    return 502
+
+
+def _upstream_message(text: str) -> str:
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return text.strip()[:500] or "The backend failed without a message."
+    if isinstance(document, dict):
+        error = document.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        for key in ("message", "detail", "error"):
+            if isinstance(document.get(key), str):
+                return str(document[key])
+    return text.strip()[:500]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

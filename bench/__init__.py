@@ -1,0 +1,1 @@
+"""Benchmark tools: a fake OpenAI-compatible backend, a load generator and the benchmark runner."""

@@ -1,0 +1,1 @@
+"""A site's own adaptor package, as described in docs/adaptors.md."""

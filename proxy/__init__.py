@@ -1,0 +1,1 @@
+"""An aiohttp gateway that serves HPC-hosted models through the OpenAI API."""

@@ -1,0 +1,57 @@
+"""Cluster job reports: fetched once per TTL per cluster, then filtered for each caller."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from adaptors import BaseCluster, GetJobsResponse, JobInfo, Jobs
+from proxy.auth import User
+from proxy.authz import may_use
+from proxy.registry import Registry
+from proxy.slug import endpoint_slug
+
+_JOB_LISTS = ("running", "queued", "stopped", "others", "private_batch_running", "private_batch_queued")
+
+
+class JobsCache:
+    """Caches successful reports; concurrent callers share one in-flight `get_jobs`."""
+
+    def __init__(self, ttl_seconds: float) -> None:
+        self._ttl = ttl_seconds
+        self._reports: dict[str, tuple[float, GetJobsResponse]] = {}
+        self._pending: dict[str, asyncio.Task[GetJobsResponse]] = {}
+
+    async def get(self, cluster: BaseCluster) -> GetJobsResponse:
+        name = cluster.cluster_name
+        cached = self._reports.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+            return cached[1]
+        task = self._pending.get(name)
+        if task is None:
+            task = asyncio.ensure_future(cluster.get_jobs())
+            self._pending[name] = task
+            task.add_done_callback(lambda _: self._pending.pop(name, None))
+        report = await asyncio.shield(task)
+        if report.jobs is not None and report.error_code is None:
+            self._reports[name] = (time.monotonic(), report)
+        return report
+
+
+def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluster) -> Jobs:
+    """Keep only the models the caller may use; a job listing several models keeps the visible ones."""
+    visible = {}
+    for list_name in _JOB_LISTS:
+        kept = []
+        for job in getattr(jobs, list_name):
+            models = [m.strip() for m in job.Models.split(",") if m.strip()]
+            shown = [m for m in models if _may_see(user, registry, cluster, job.Framework, m)]
+            if shown:
+                kept.append(JobInfo.model_validate({**job.model_dump(), "Models": ",".join(shown)}))
+        visible[list_name] = kept
+    return Jobs(**visible, cluster_status=jobs.cluster_status)
+
+
+def _may_see(user: User, registry: Registry, cluster: BaseCluster, framework: str, model: str) -> bool:
+    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
+    return endpoint is not None and may_use(user, endpoint, cluster)

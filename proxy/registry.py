@@ -1,0 +1,235 @@
+"""Endpoints and clusters, read from YAML or from the existing gateway's fixture JSON.
+
+Entries are either Django fixture records (`{"model", "pk", "fields"}`) or the `fields` mapping
+alone. Everything is checked before the gateway serves: a typo in an access list must stop
+start-up, not silently open an endpoint to everyone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adaptors import BaseCluster, BaseEndpoint
+from proxy.settings import ConfigError, describe_validation_error, load_document
+from proxy.slug import endpoint_slug
+
+AccessList = str | list[str] | None
+
+EXISTING_GATEWAY_ADAPTORS = {
+    "resource_server_async.endpoints.direct_api.DirectAPIEndpoint": "adaptors.direct_api.DirectAPIEndpoint",
+    "resource_server_async.clusters.direct_api.DirectAPICluster": "adaptors.direct_api.DirectAPICluster",
+}
+"""The existing gateway's own adaptors, so that its fixture files load without edits."""
+Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_globus_groups: AccessList = None
+    allowed_domains: AccessList = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class EndpointEntry(_Entry):
+    endpoint_slug: str | None = None
+    cluster: str = Field(min_length=1)
+    framework: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    endpoint_adapter: str = Field(min_length=1)
+    tpm_model: int | None = Field(default=None, ge=0)
+    tpm_user: int | None = Field(default=None, ge=0)
+
+
+class ClusterEntry(_Entry):
+    cluster_name: str = Field(min_length=1, pattern=r"^[^/\s]+$")
+    cluster_adapter: str = Field(min_length=1)
+    frameworks: list[str] = Field(min_length=1)
+    openai_endpoints: list[str]
+
+
+@dataclass(frozen=True)
+class Registry:
+    clusters: dict[str, BaseCluster]
+    endpoints: dict[str, BaseEndpoint]
+
+    def adaptors(self) -> Iterator[BaseEndpoint | BaseCluster]:
+        yield from self.clusters.values()
+        yield from self.endpoints.values()
+
+
+@dataclass(frozen=True)
+class _Record:
+    where: str
+    id: str
+    fields: dict[str, Any]
+
+
+class _Problems:
+    """Collects every problem of every file so one start-up attempt reports them all."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.lines.append(f"{where}: {message}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def load_registry(endpoints_file: Path, clusters_file: Path) -> Registry:
+    problems = _Problems()
+    clusters = _load_clusters(_records(clusters_file, "cluster_name"), problems)
+    endpoints = _load_endpoints(_records(endpoints_file, "model"), clusters, problems)
+    problems.raise_if_any()
+    return Registry(clusters=clusters, endpoints=endpoints)
+
+
+def _records(path: Path, name_field: str) -> list[_Record]:
+    document = load_document(path)
+    if not isinstance(document, list):
+        raise ConfigError(f"{path}: must be a list of entries")
+    records = []
+    for index, item in enumerate(document, start=1):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}, entry {index}: must be a mapping")
+        fields = item["fields"] if "fields" in item and "model" in item else item
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{path}, entry {index}: field 'fields': must be a mapping")
+        fields = dict(fields)
+        record_id = item.get("pk", fields.pop("id", index))
+        label = f"{path}, entry {index}"
+        if isinstance(fields.get(name_field), str):
+            label += f" ({fields[name_field]})"
+        records.append(_Record(where=label, id=str(record_id), fields=fields))
+    return records
+
+
+def _load_clusters(records: list[_Record], problems: _Problems) -> dict[str, BaseCluster]:
+    clusters: dict[str, BaseCluster] = {}
+    for record in records:
+        entry = _validate(ClusterEntry, record, problems)
+        if entry is None:
+            continue
+        if entry.cluster_name in clusters:
+            problems.add(record.where, f"field 'cluster_name': '{entry.cluster_name}' is defined twice")
+            continue
+        cluster = _instantiate(
+            entry.cluster_adapter, "cluster_adapter", BaseCluster, record, problems,
+            id=record.id, cluster_name=entry.cluster_name, cluster_adapter=entry.cluster_adapter,
+            frameworks=entry.frameworks, openai_endpoints=entry.openai_endpoints,
+            allowed_globus_groups=entry.allowed_globus_groups,
+            allowed_domains=entry.allowed_domains, config=entry.config,
+        )  # fmt: skip
+        if cluster is not None:
+            clusters[entry.cluster_name] = cluster
+    return clusters
+
+
+def _load_endpoints(
+    records: list[_Record], clusters: dict[str, BaseCluster], problems: _Problems
+) -> dict[str, BaseEndpoint]:
+    endpoints: dict[str, BaseEndpoint] = {}
+    defined_at: dict[str, str] = {}
+    for record in records:
+        entry = _validate(EndpointEntry, record, problems)
+        if entry is None or not _fits_cluster(entry, clusters, record, problems):
+            continue
+        slug = endpoint_slug(entry.cluster, entry.framework, entry.model)
+        if entry.endpoint_slug is not None and entry.endpoint_slug != slug:
+            problems.add(
+                record.where,
+                f"field 'endpoint_slug': is '{entry.endpoint_slug}' but cluster, framework and "
+                f"model give '{slug}'",
+            )
+            continue
+        if slug in defined_at:
+            problems.add(
+                record.where, f"field 'endpoint_slug': '{slug}' is also defined at {defined_at[slug]}"
+            )
+            continue
+        defined_at[slug] = record.where
+        endpoint = _instantiate(
+            entry.endpoint_adapter, "endpoint_adapter", BaseEndpoint, record, problems,
+            id=record.id, endpoint_slug=slug, cluster=entry.cluster, framework=entry.framework,
+            model=entry.model, endpoint_adapter=entry.endpoint_adapter,
+            allowed_globus_groups=entry.allowed_globus_groups,
+            allowed_domains=entry.allowed_domains, config=entry.config,
+        )  # fmt: skip
+        if endpoint is not None:
+            endpoints[slug] = endpoint
+    return endpoints
+
+
+def _fits_cluster(
+    entry: EndpointEntry, clusters: dict[str, BaseCluster], record: _Record, problems: _Problems
+) -> bool:
+    cluster = clusters.get(entry.cluster)
+    if cluster is None:
+        problems.add(record.where, f"field 'cluster': no cluster named '{entry.cluster}' is defined")
+        return False
+    if entry.framework not in cluster.frameworks:
+        problems.add(
+            record.where,
+            f"field 'framework': '{entry.framework}' is not among cluster '{entry.cluster}''s "
+            f"frameworks {cluster.frameworks}",
+        )
+        return False
+    return True
+
+
+def _validate(model: type[_Entry], record: _Record, problems: _Problems) -> Any:
+    try:
+        return model.model_validate(record.fields)
+    except ValidationError as exc:
+        problems.add(record.where, describe_validation_error(exc))
+        return None
+
+
+def _instantiate(
+    dotted_path: str,
+    field: str,
+    base: type[Adaptor],
+    record: _Record,
+    problems: _Problems,
+    **arguments: Any,
+) -> Adaptor | None:
+    try:
+        adaptor_class = import_adaptor(dotted_path, base)
+    except ConfigError as exc:
+        problems.add(record.where, f"field '{field}': {exc}")
+        return None
+    try:
+        return adaptor_class(**arguments)
+    except ValidationError as exc:
+        problems.add(record.where, describe_validation_error(exc, prefix="config"))
+    except TypeError as exc:
+        problems.add(record.where, f"field '{field}': {dotted_path} cannot be built: {exc}")
+    except (ValueError, KeyError) as exc:
+        problems.add(record.where, f"field 'config': {exc}")
+    return None
+
+
+def import_adaptor(dotted_path: str, base: type[Adaptor]) -> type[Adaptor]:
+    """Import a site's adaptor class; any package on PYTHONPATH works."""
+    dotted_path = EXISTING_GATEWAY_ADAPTORS.get(dotted_path, dotted_path)
+    module_name, _, class_name = dotted_path.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"'{dotted_path}' is not a dotted path such as package.module.Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module '{module_name}': {exc}") from exc
+    adaptor_class = getattr(module, class_name, None)
+    if not isinstance(adaptor_class, type) or not issubclass(adaptor_class, base):
+        what = "does not exist" if adaptor_class is None else f"is not a subclass of {base.__name__}"
+        raise ConfigError(f"'{class_name}' in module '{module_name}' {what}")
+    return adaptor_class

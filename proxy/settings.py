@@ -1,0 +1,122 @@
+"""The gateway's main configuration file, validated once at start-up.
+
+Every problem is reported as a `ConfigError` naming the file, the entry and the field, so an
+administrator can fix a broken deployment without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(Exception):
+    """A configuration problem that must stop start-up."""
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        problems.append(f"field '{field or '(root)'}': {item['msg']}")
+    return "; ".join(problems)
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """Replace `${NAME}` and `${NAME:-default}` in every string of a loaded document."""
+    if isinstance(value, str):
+        return _ENV_REF.sub(lambda match: _env_value(match, where), value)
+    if isinstance(value, list):
+        return [expand_env(item, where) for item in value]
+    if isinstance(value, dict):
+        return {key: expand_env(item, f"{where}, field '{key}'") for key, item in value.items()}
+    return value
+
+
+def _env_value(match: re.Match[str], where: str) -> str:
+    name, default = match.group(1), match.group(2)
+    if name in os.environ:
+        return os.environ[name]
+    if default is not None:
+        return default
+    raise ConfigError(f"{where}: environment variable {name} is not set")
+
+
+def load_document(path: Path) -> Any:
+    """Read a YAML or JSON file, with `${ENV}` references expanded."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
+    try:
+        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: is not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+    return expand_env(document, str(path))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    base_path: str = Field(default="/resource_server", pattern=r"^(/[A-Za-z0-9_.-]+)*$")
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    adaptor_threads: int = Field(default=16, ge=1, le=512)
+
+
+class TimeoutSettings(_Strict):
+    keepalive_seconds: float = Field(default=75.0, gt=0)
+    shutdown_seconds: float = Field(default=30.0, ge=0)
+    jobs_cache_seconds: float = Field(default=60.0, ge=0)
+
+
+class StaticAuthSettings(_Strict):
+    tokens_file: Path
+
+
+class AuthSettings(_Strict):
+    provider: Literal["static"] = "static"
+    static: StaticAuthSettings | None = None
+
+
+class GatewaySettings(_Strict):
+    server: ServerSettings = ServerSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    auth: AuthSettings
+    endpoints_file: Path
+    clusters_file: Path
+
+    def resolve_paths(self, base: Path) -> GatewaySettings:
+        """Relative paths in the file are relative to the file, not to the working directory."""
+        update: dict[str, Any] = {
+            "endpoints_file": base / self.endpoints_file,
+            "clusters_file": base / self.clusters_file,
+        }
+        if self.auth.static is not None:
+            static = self.auth.static.model_copy(update={"tokens_file": base / self.auth.static.tokens_file})
+            update["auth"] = self.auth.model_copy(update={"static": static})
+        return self.model_copy(update=update)
+
+
+def load_settings(path: Path) -> GatewaySettings:
+    document = load_document(path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: must be a mapping of settings")
+    try:
+        settings = GatewaySettings.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+    if settings.auth.provider == "static" and settings.auth.static is None:
+        raise ConfigError(f"{path}: field 'auth.static': required when auth.provider is 'static'")
+    return settings.resolve_paths(path.parent)

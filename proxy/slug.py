@@ -1,0 +1,16 @@
+"""Endpoint slugs, computed exactly as the existing gateway's Django `slugify` does."""
+
+import re
+import unicodedata
+
+_NOT_SLUG = re.compile(r"[^\w\s-]")
+_SEPARATORS = re.compile(r"[-\s]+")
+
+
+def slugify(value: str) -> str:
+    ascii_only = unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
+    return _SEPARATORS.sub("-", _NOT_SLUG.sub("", ascii_only.lower())).strip("-_")
+
+
+def endpoint_slug(cluster: str, framework: str, model: str) -> str:
+    return slugify(" ".join([cluster, framework, model.lower()]))

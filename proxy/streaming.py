@@ -1,0 +1,62 @@
+"""Writes an adaptor's event stream to the client chunk by chunk, as each chunk arrives.
+
+`response.write` waits while the client's socket buffer is full, so a slow reader slows the
+upstream read instead of growing the gateway's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from adaptors import StreamError
+from proxy.errors import error_body
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def sse_error_event(status: int, message: str) -> bytes:
+    return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
+
+
+async def relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    try:
+        async for chunk in chunks:
+            await response.write(chunk)
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("client went away during a stream; closing the upstream side")
+    except StreamError as exc:
+        await _end_with_error(response, exc.code, exc.message)
+    except Exception:
+        log.exception("stream failed")
+        await _end_with_error(response, 502, "The stream failed inside the gateway.")
+    finally:
+        await _close(chunks)
+    return response
+
+
+async def _end_with_error(response: web.StreamResponse, status: int, message: str) -> None:
+    """An error event instead of a silent truncation; the client may be gone already."""
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(sse_error_event(status, message))
+        await response.write_eof()
+
+
+async def _close(chunks: AsyncIterator[bytes]) -> None:
+    """Stop the adaptor's generator now, so it closes its upstream connection now."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
