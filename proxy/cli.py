@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         app,
         host=server.host,
         port=server.port,
+        backlog=server.backlog,
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=settings.timeouts.keepalive_seconds,

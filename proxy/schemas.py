@@ -14,7 +14,15 @@ branch tag into error locations; tags are written `<like-this>` so `_param` can 
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal, Required, TypeAlias, get_args
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, with_config
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    with_config,
+)
 from typing_extensions import TypedDict
 
 from proxy.errors import ApiError
@@ -26,7 +34,13 @@ _lenient = with_config(ConfigDict(**_CONFIG, extra="ignore"))
 _MAX_ECHO = 40
 """How much of a client-chosen key an error message may repeat."""
 
-_KIND_TAGS = {str: "<string>", list: "<array>", dict: "<object>", int: "<integer>", float: "<number>"}
+_KIND_TAGS = {
+    str: "<string>",
+    list: "<array>",
+    dict: "<object>",
+    int: "<integer>",
+    float: "<number>",
+}
 _STRING, _ARRAY, _OBJECT, _INTEGER, _NUMBER = (Tag(tag) for tag in _KIND_TAGS.values())
 
 
@@ -285,6 +299,9 @@ class _NamedToolChoice(TypedDict):
     function: _NamedFunction
 
 
+_ToolChoiceMode: TypeAlias = Literal["none", "auto", "required"]
+
+
 @_lenient
 class _JsonSchema(TypedDict, total=False):
     name: Required[str]
@@ -464,7 +481,7 @@ class _ChatFields(TypedDict, total=False):
     store: _Bool
     tool_choice: (
         Annotated[
-            Annotated[Literal["none", "auto", "required"], _STRING] | Annotated[_NamedToolChoice, _OBJECT],
+            Annotated[_ToolChoiceMode, _STRING] | Annotated[_NamedToolChoice, _OBJECT],
             _either("'none', 'auto', 'required' or an object naming a function"),
         ]
         | None

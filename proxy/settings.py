@@ -72,6 +72,7 @@ class ServerSettings(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     base_path: str = Field(default="/resource_server", pattern=r"^(/[A-Za-z0-9_.-]+)*$")
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(default=16, ge=1, le=512)
 
 

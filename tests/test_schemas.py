@@ -1,4 +1,4 @@
-"""Request validation against a corpus of real-looking bodies, plus properties over arbitrary JSON."""
+"""Request validation against a corpus of realistic bodies, plus properties over arbitrary JSON."""
 
 import copy
 import json
@@ -27,21 +27,18 @@ def load(route: str) -> dict[str, list[Any]]:
 
 VALID = [(route, body) for route in ROUTES for body in load(route)["valid"]]
 INVALID = [(route, case) for route in ROUTES for case in load(route)["invalid"]]
+VALID_IDS = [f"{route}:{index}" for index, (route, _) in enumerate(VALID)]
+INVALID_IDS = [f"{route}:{case['why']}" for route, case in INVALID]
 
 
-def case_id(case: tuple[str, Any]) -> str:
-    route, item = case
-    return f"{route}:{item['why']}" if isinstance(item, dict) and "why" in item else route
-
-
-@pytest.mark.parametrize("route, body", VALID, ids=[case_id(case) for case in VALID])
+@pytest.mark.parametrize("route, body", VALID, ids=VALID_IDS)
 def test_valid_body_passes_unchanged(route: str, body: dict[str, Any]) -> None:
     original = copy.deepcopy(body)
     validate_request(route, body)
     assert body == original
 
 
-@pytest.mark.parametrize("route, case", INVALID, ids=[case_id(case) for case in INVALID])
+@pytest.mark.parametrize("route, case", INVALID, ids=INVALID_IDS)
 def test_invalid_body_is_rejected(route: str, case: dict[str, Any]) -> None:
     with pytest.raises(ApiError) as raised:
         validate_request(route, case["body"])
@@ -87,7 +84,8 @@ def test_messages_name_the_field_and_the_problem() -> None:
 
 def test_non_finite_numbers_are_rejected() -> None:
     assert rejection("chat/completions", chat(temperature=float("nan"))).param == "temperature"
-    assert rejection("chat/completions", chat(length_penalty=float("inf"))).param == "length_penalty"
+    infinite = chat(length_penalty=float("inf"))
+    assert rejection("chat/completions", infinite).param == "length_penalty"
 
 
 def test_a_misspelt_parameter_is_reported_first() -> None:
@@ -131,7 +129,7 @@ json_values = st.recursive(
     ),
     max_leaves=20,
 )
-FIELD_NAMES = sorted({key for _, body in VALID for key in body} | {"messages", "prompt", "input", "model"})
+FIELD_NAMES = sorted({key for _, body in VALID for key in body})
 
 
 def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
