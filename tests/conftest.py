@@ -143,7 +143,9 @@ async def backend() -> AsyncIterator[Server]:
 
 @pytest.fixture
 async def gateway(backend: Server, tmp_path: Path) -> AsyncIterator[Server]:
-    runner, server = await start_gateway(write_gateway_config(tmp_path, backend.url, max_body_bytes=1_000_000))
+    runner, server = await start_gateway(
+        write_gateway_config(tmp_path, backend.url, max_body_bytes=1_000_000)
+    )
     yield server
     await runner.cleanup()
 

@@ -56,7 +56,11 @@ def test_existing_gateway_fixtures_load_unchanged(tmp_path: Path) -> None:
         "tpm_model": 100000,
         "tpm_user": 0,
         "endpoint_adapter": "resource_server_async.endpoints.direct_api.DirectAPIEndpoint",
-        "config": {"api_url": "http://127.0.0.1:9/v1", "api_key_env_name": "SOPHIA_KEY", "api_request_timeout": 60},
+        "config": {
+            "api_url": "http://127.0.0.1:9/v1",
+            "api_key_env_name": "SOPHIA_KEY",
+            "api_request_timeout": 60,
+        },
     }
     cluster = {**CLUSTER, "cluster_adapter": "resource_server_async.clusters.direct_api.DirectAPICluster"}
     (tmp_path / "endpoints.json").write_text(json.dumps([fixture("endpoint", 7, endpoint)], indent=4))
@@ -68,7 +72,11 @@ def test_existing_gateway_fixtures_load_unchanged(tmp_path: Path) -> None:
         del os.environ["SOPHIA_KEY"]
     loaded = registry.endpoints[ENDPOINT["endpoint_slug"]]
     assert isinstance(loaded, DirectAPIEndpoint)
-    assert (loaded.id, loaded.allowed_globus_groups, loaded.allowed_domains) == ("7", [], ["anl.gov", "uchicago.edu"])
+    assert (loaded.id, loaded.allowed_globus_groups, loaded.allowed_domains) == (
+        "7",
+        [],
+        ["anl.gov", "uchicago.edu"],
+    )
     assert registry.clusters["sophia"].openai_endpoints == CLUSTER["openai_endpoints"]
 
 
@@ -84,21 +92,32 @@ def test_slug_is_computed_when_left_out(tmp_path: Path) -> None:
     [
         ({"endpoint_slug": "sophia-vllm-llama"}, "field 'endpoint_slug': is 'sophia-vllm-llama' but"),
         ({"endpoint_adapter": "nowhere.Adaptor"}, "field 'endpoint_adapter': cannot import module 'nowhere'"),
-        ({"endpoint_adapter": "adaptors.direct_api.Missing"}, "field 'endpoint_adapter': 'Missing' in module"),
+        (
+            {"endpoint_adapter": "adaptors.direct_api.Missing"},
+            "field 'endpoint_adapter': 'Missing' in module",
+        ),
         ({"endpoint_adapter": "adaptors.direct_api.DirectAPICluster"}, "is not a subclass of BaseEndpoint"),
-        ({"endpoint_adapter": "DirectAPIEndpoint"}, "field 'endpoint_adapter': 'DirectAPIEndpoint' is not a dotted"),
+        (
+            {"endpoint_adapter": "DirectAPIEndpoint"},
+            "field 'endpoint_adapter': 'DirectAPIEndpoint' is not a dotted",
+        ),
         ({"model": None}, "field 'model': Input should be a valid string"),
         ({"allowed_domain": ["anl.gov"]}, "field 'allowed_domain': Extra inputs are not permitted"),
         ({"cluster": "polaris", "endpoint_slug": None}, "field 'cluster': no cluster named 'polaris'"),
         ({"framework": "sglang", "endpoint_slug": None}, "field 'framework': 'sglang' is not among"),
         ({"config": {}}, "field 'config.api_url': Field required"),
         ({"config": {"api_url": "ftp://x"}}, "field 'config.api_url': String should match pattern"),
-        ({"config": {"api_url": "http://x", "api_key_env_name": "NO_SUCH_VAR_X"}}, "NO_SUCH_VAR_X is not set"),
+        (
+            {"config": {"api_url": "http://x", "api_key_env_name": "NO_SUCH_VAR_X"}},
+            "NO_SUCH_VAR_X is not set",
+        ),
         ({"config": {"api_url": "http://x", "timeout": 3}}, "field 'config.timeout': Extra inputs"),
         ({"tpm_user": -1}, "field 'tpm_user': Input should be greater than or equal to 0"),
     ],
 )
-def test_endpoint_mistakes_name_file_entry_and_field(tmp_path: Path, change: dict[str, Any], expected: str) -> None:
+def test_endpoint_mistakes_name_file_entry_and_field(
+    tmp_path: Path, change: dict[str, Any], expected: str
+) -> None:
     entry = {k: v for k, v in {**ENDPOINT, **change}.items() if v is not None or k == "model"}
     message = registry_error(tmp_path, [entry])
     assert f"{tmp_path / 'endpoints.yaml'}, entry 1" in message
@@ -135,7 +154,10 @@ def test_duplicate_cluster(tmp_path: Path) -> None:
 
 
 def write_main(tmp_path: Path, document: dict[str, Any]) -> Path:
-    write_yaml(tmp_path / "tokens.yaml", {"tokens": [{"token": "t" * 12, "user": {"id": "u", "username": "u@x.org"}}]})
+    write_yaml(
+        tmp_path / "tokens.yaml",
+        {"tokens": [{"token": "t" * 12, "user": {"id": "u", "username": "u@x.org"}}]},
+    )
     base = {
         "auth": {"provider": "static", "static": {"tokens_file": "tokens.yaml"}},
         "endpoints_file": "endpoints.yaml",
@@ -152,7 +174,10 @@ def write_main(tmp_path: Path, document: dict[str, Any]) -> Path:
         ({"server": {"base_path": "resource_server/"}}, "field 'server.base_path'"),
         ({"auth": {"provider": "ldap"}}, "field 'auth.provider'"),
         ({"auth": {"provider": "static"}}, "field 'auth.static': required"),
-        ({"endpoints_file": "${NO_SUCH_GATEWAY_VAR}"}, "field 'endpoints_file': environment variable NO_SUCH"),
+        (
+            {"endpoints_file": "${NO_SUCH_GATEWAY_VAR}"},
+            "field 'endpoints_file': environment variable NO_SUCH",
+        ),
     ],
 )
 def test_main_file_mistakes(tmp_path: Path, document: dict[str, Any], expected: str) -> None:
@@ -192,7 +217,10 @@ def test_check_config_reports_mistakes_and_fails(tmp_path: Path) -> None:
     write_yaml(tmp_path / "endpoints.yaml", [{**ENDPOINT, "endpoint_slug": "wrong"}])
     result = run_cli("--config", str(write_main(tmp_path, {})), "--check-config")
     assert result.returncode == 2
-    assert "endpoints.yaml, entry 1 (meta-llama/Meta-Llama-3.1-8B-Instruct): field 'endpoint_slug'" in result.stderr
+    assert (
+        "endpoints.yaml, entry 1 (meta-llama/Meta-Llama-3.1-8B-Instruct): field 'endpoint_slug'"
+        in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
@@ -201,7 +229,9 @@ def test_a_sites_adaptor_package_on_pythonpath(tmp_path: Path) -> None:
     endpoint = {**ENDPOINT, "endpoint_adapter": "site_adaptors.echo.EchoEndpoint", "config": {"prefix": "> "}}
     write_yaml(tmp_path / "clusters.yaml", [cluster])
     write_yaml(tmp_path / "endpoints.yaml", [endpoint])
-    result = run_cli("--config", str(write_main(tmp_path, {})), "--check-config", env={"PYTHONPATH": "examples"})
+    result = run_cli(
+        "--config", str(write_main(tmp_path, {})), "--check-config", env={"PYTHONPATH": "examples"}
+    )
     assert result.returncode == 0, result.stderr
 
 

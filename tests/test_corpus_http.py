@@ -44,7 +44,9 @@ async def test_valid_requests_reach_the_backend_unchanged(
         assert backend.app[REQUESTS][-1]["body"] == sent
 
 
-@pytest.mark.parametrize("path, case", corpus("invalid"), ids=lambda value: getattr(value, "get", lambda _: "")("why"))
+@pytest.mark.parametrize(
+    "path, case", corpus("invalid"), ids=lambda value: getattr(value, "get", lambda _: "")("why")
+)
 async def test_invalid_requests_name_the_param(
     gateway: Server, http: aiohttp.ClientSession, path: str, case: dict[str, Any]
 ) -> None:

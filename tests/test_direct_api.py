@@ -40,9 +40,13 @@ async def test_forwards_exactly_the_clients_fields(
     assert "Authorization" not in forwarded["headers"]
 
 
-async def test_completions_and_embeddings(gateway: Server, backend: Server, http: aiohttp.ClientSession) -> None:
+async def test_completions_and_embeddings(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
     url = f"{gateway.url}/local/vllm/v1/completions"
-    status, document, _ = await call(http, "POST", url, json={"model": CHAT_MODEL, "prompt": "x"}, headers=auth())
+    status, document, _ = await call(
+        http, "POST", url, json={"model": CHAT_MODEL, "prompt": "x"}, headers=auth()
+    )
     assert (status, document["object"]) == (200, "text_completion")
     url = f"{gateway.url}/local/vllm/v1/embeddings"
     body = {"model": "intfloat/e5-small-v2", "input": ["a", "b"]}
@@ -82,13 +86,17 @@ async def test_timeout_is_504_not_408(gateway: Server, http: aiohttp.ClientSessi
 
 
 async def test_invalid_json_from_backend_is_502(gateway: Server, http: aiohttp.ClientSession) -> None:
-    status, document, _ = await call(http, "POST", chat_url(gateway), json=chat("[[garbage]]"), headers=auth())
+    status, document, _ = await call(
+        http, "POST", chat_url(gateway), json=chat("[[garbage]]"), headers=auth()
+    )
     assert status == 502
     assert "invalid JSON" in assert_openai_error(document)["message"]
 
 
 async def test_backend_dying_before_an_answer_is_502(gateway: Server, http: aiohttp.ClientSession) -> None:
-    status, document, _ = await call(http, "POST", chat_url(gateway), json=chat("[[die_after=0]]"), headers=auth())
+    status, document, _ = await call(
+        http, "POST", chat_url(gateway), json=chat("[[die_after=0]]"), headers=auth()
+    )
     assert status == 502
     assert_openai_error(document)
 

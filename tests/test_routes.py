@@ -86,7 +86,9 @@ async def test_authentication_comes_before_body_checks(gateway: Server, http: ai
     assert status == 401
 
 
-async def test_list_endpoints_shows_what_the_caller_may_use(gateway: Server, http: aiohttp.ClientSession) -> None:
+async def test_list_endpoints_shows_what_the_caller_may_use(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
     _, alice, _ = await call(http, "GET", f"{gateway.url}/list-endpoints", headers=auth("alice"))
     _, bob, _ = await call(http, "GET", f"{gateway.url}/list-endpoints", headers=auth("bob"))
     paths = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
@@ -127,7 +129,7 @@ async def test_jobs_are_filtered_for_the_caller(gateway: Server, http: aiohttp.C
     assert set(document) >= {"running", "queued", "stopped", "others", "cluster_status"}
     status, document, _ = await call(http, "GET", f"{gateway.url}/uni/jobs", headers=auth("bob"))
     assert status == 403
-    assert_openai_error(document)["type"] == "permission_error"
+    assert assert_openai_error(document)["type"] == "permission_error"
     status, document, _ = await call(http, "GET", f"{gateway.url}/uni/jobs", headers=auth("alice"))
     assert [job["Models"] for job in document["running"]] == [CHAT_MODEL]
 
@@ -143,7 +145,13 @@ async def test_inference_checks_in_order(gateway: Server, http: aiohttp.ClientSe
     cases = [
         ("/nope/vllm/v1/chat/completions", chat(), 404, "cluster_not_found", None),
         ("/local/sglang/v1/chat/completions", chat(), 400, "unsupported_framework", None),
-        ("/chatonly/vllm/v1/embeddings", {"model": EMBED_MODEL, "input": "x"}, 400, "unsupported_endpoint", None),
+        (
+            "/chatonly/vllm/v1/embeddings",
+            {"model": EMBED_MODEL, "input": "x"},
+            400,
+            "unsupported_endpoint",
+            None,
+        ),
         ("/chatonly/sglang/v1/chat/completions", chat(), 404, "model_not_found", "model"),
         ("/local/vllm/v1/chat/completions", chat(model="no/such-model"), 404, "model_not_found", "model"),
         ("/local/vllm/v1/chat/completions", chat(model=PRIVATE_MODEL), 403, "permission_denied", None),
@@ -194,7 +202,9 @@ async def test_malformed_bodies(
     assert assert_openai_error(document)["code"] == code
 
 
-async def test_body_without_content_type_is_read_as_json(gateway: Server, http: aiohttp.ClientSession) -> None:
+async def test_body_without_content_type_is_read_as_json(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
     url = f"{gateway.url}/local/vllm/v1/chat/completions"
     body = b'{"model": "x", "messages": []}'
     status, document, _ = await call(
@@ -215,7 +225,9 @@ async def test_unknown_route_and_wrong_method(gateway: Server, http: aiohttp.Cli
     status, document, _ = await call(http, "GET", f"{gateway.url}/nothing/here", headers=auth())
     assert status == 404
     assert_openai_error(document)
-    status, document, response = await call(http, "GET", f"{gateway.url}/local/vllm/v1/chat/completions", headers=auth())
+    status, document, response = await call(
+        http, "GET", f"{gateway.url}/local/vllm/v1/chat/completions", headers=auth()
+    )
     assert status == 405
     assert response.headers["Allow"] == "POST"
     assert_openai_error(document)

@@ -8,7 +8,8 @@ from proxy.slug import endpoint_slug, slugify
     [
         ("my-cluster", "my-framework", "meta-llama/Meta-Llama-3.1-70B-Instruct",
          "my-cluster-my-framework-meta-llamameta-llama-31-70b-instruct"),
-        ("sophia", "vllm", "meta-llama/Meta-Llama-3.1-8B-Instruct", "sophia-vllm-meta-llamameta-llama-31-8b-instruct"),
+        ("sophia", "vllm", "meta-llama/Meta-Llama-3.1-8B-Instruct",
+         "sophia-vllm-meta-llamameta-llama-31-8b-instruct"),
         ("your-cluster", "api", "Your-Model-70B", "your-cluster-api-your-model-70b"),
         ("metis", "api", "gpt-oss-120b-131072", "metis-api-gpt-oss-120b-131072"),
         ("polaris", "vllm", "Qwen/Qwen2.5:7B_Instruct", "polaris-vllm-qwenqwen257b_instruct"),

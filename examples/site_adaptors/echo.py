@@ -125,6 +125,8 @@ class EchoCluster(BaseCluster):
 
     async def get_jobs(self) -> GetJobsResponse:
         framework = self.frameworks[0]
-        running = [JobInfo(Models=m, Framework=framework, Cluster=self.cluster_name) for m in self.config.models]
+        running = [
+            JobInfo(Models=m, Framework=framework, Cluster=self.cluster_name) for m in self.config.models
+        ]
         status = {"cluster": self.cluster_name, "total_models": len(running), "live_models": len(running)}
         return GetJobsResponse(jobs=Jobs(running=running, cluster_status=status))
