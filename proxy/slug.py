@@ -2,6 +2,7 @@
 
 import re
 import unicodedata
+from functools import lru_cache
 
 _NOT_SLUG = re.compile(r"[^\w\s-]")
 _SEPARATORS = re.compile(r"[-\s]+")
@@ -12,5 +13,7 @@ def slugify(value: str) -> str:
     return _SEPARATORS.sub("-", _NOT_SLUG.sub("", ascii_only.lower())).strip("-_")
 
 
+@lru_cache(maxsize=4096)
 def endpoint_slug(cluster: str, framework: str, model: str) -> str:
+    """Cached: every inference request computes one, mostly for the same few models."""
     return slugify(" ".join([cluster, framework, model.lower()]))

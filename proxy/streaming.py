@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from adaptors import StreamError
-from proxy.errors import error_body
+from proxy.errors import ApiError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +31,30 @@ def sse_error_event(status: int, message: str) -> bytes:
 
 async def relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
     try:
         async for chunk in chunks:
+            if not response.prepared:
+                await response.prepare(request)
             await response.write(chunk)
+        if not response.prepared:
+            await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
         log.info("client went away during a stream; closing the upstream side")
     except StreamError as exc:
-        await _end_with_error(response, exc.code, exc.message)
+        await _fail(request, response, exc.code, exc.message)
     except Exception:
         log.exception("stream failed")
-        await _end_with_error(response, 502, "The stream failed inside the gateway.")
+        await _fail(request, response, 502, "The stream failed inside the gateway.")
     finally:
         await _close(chunks)
     return response
 
 
-async def _end_with_error(response: web.StreamResponse, status: int, message: str) -> None:
-    """An error event instead of a silent truncation; the client may be gone already."""
+async def _fail(request: web.Request, response: web.StreamResponse, status: int, message: str) -> None:
+    """Before the first byte the client still gets a plain error status; after it, an event."""
+    if not response.prepared:
+        raise ApiError(status, message, code="backend_error" if status >= 500 else None)
     with contextlib.suppress(ConnectionResetError):
         await response.write(sse_error_event(status, message))
         await response.write_eof()

@@ -94,11 +94,13 @@ async def test_invalid_json_from_backend_is_502(gateway: Server, http: aiohttp.C
 
 
 async def test_backend_dying_before_an_answer_is_502(gateway: Server, http: aiohttp.ClientSession) -> None:
-    status, document, _ = await call(
-        http, "POST", chat_url(gateway), json=chat("[[die_after=0]]"), headers=auth()
-    )
-    assert status == 502
-    assert_openai_error(document)
+    """A stream that fails before its first byte still gets a plain status, not an event."""
+    for stream in (False, True):
+        body = chat("[[die_after=0]]", stream=stream)
+        status, document, response = await call(http, "POST", chat_url(gateway), json=body, headers=auth())
+        assert status == 502
+        assert response.content_type == "application/json"
+        assert assert_openai_error(document)["type"] == "upstream_error"
 
 
 async def read_events(response: aiohttp.ClientResponse) -> list[str]:
