@@ -167,3 +167,18 @@ async def test_silent_backend_mid_stream_ends_with_a_timeout_event(
         events = await read_events(response)
     error = json.loads(events[-1].removeprefix("data: "))["error"]
     assert error["type"] == "timeout_error" and "0.5 seconds" in error["message"]
+
+
+async def test_a_slow_reader_holds_back_the_backend_and_loses_nothing(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    """Backpressure: the gateway must not buffer a stream the client is not reading. The backend
+    could send these ~30 MB in well under a second if nothing held it back."""
+    body = chat("[[chunks=20000]]", n=8, stream=True)
+    async with http.post(chat_url(gateway), json=body, headers=auth()) as response:
+        received = await response.content.readany()
+        await asyncio.sleep(1.0)
+        assert backend.app[ACTIVE_STREAMS] == 1, "the backend finished: someone buffered the stream"
+        received += await response.read()
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert received.count(b'"index":7') >= 20000
