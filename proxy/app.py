@@ -11,6 +11,7 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
+from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.middleware import openai_errors
 from proxy.registry import Registry, load_registry
@@ -19,9 +20,14 @@ from proxy.settings import GatewaySettings
 
 
 def build_authenticator(settings: GatewaySettings) -> Authenticator:
-    static = settings.auth.static
-    assert static is not None, "load_settings requires auth.static for the static provider"
-    return StaticAuthenticator.from_file(static.tokens_file)
+    """The configured provider; load_settings guarantees its section is present."""
+    if settings.auth.globus is not None and settings.auth.provider == "globus":
+        globus = GlobusAuthenticator(settings.auth.globus, settings.redis_url)
+        if settings.auth.globus.verify_policies_at_startup:
+            globus.verify_policies()
+        return globus
+    assert settings.auth.static is not None
+    return StaticAuthenticator.from_file(settings.auth.static.tokens_file)
 
 
 def load_parts(settings: GatewaySettings) -> tuple[Registry, Authenticator]:
@@ -43,6 +49,7 @@ def create_app(
     app[STARTED_AT] = int(time.time())
     add_routes(app, settings.server.base_path)
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
+    app.on_cleanup.append(lambda _: authenticator.close())
     return app
 
 

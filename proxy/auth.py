@@ -41,6 +41,8 @@ class Authenticator(Protocol):
         """Return the token's user or raise ApiError (401, or 503 when the provider is down)."""
         ...
 
+    async def close(self) -> None: ...
+
 
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, code="invalid_token", headers={"WWW-Authenticate": "Bearer"})
@@ -136,3 +138,6 @@ class StaticAuthenticator:
         if found is None:
             raise unauthorized("Invalid or expired access token.")
         return found
+
+    async def close(self) -> None:
+        """Nothing to release: the tokens live in memory."""

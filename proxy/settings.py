@@ -10,10 +10,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -82,13 +82,55 @@ class TimeoutSettings(_Strict):
     jobs_cache_seconds: float = Field(default=60.0, ge=0)
 
 
+def _comma_list(value: Any) -> Any:
+    """The existing gateway's environment variables hold comma-separated lists."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _json_mapping(value: Any) -> Any:
+    """AUTHORIZED_GROUPS_PER_IDP is a JSON object in an environment variable."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc.msg}") from exc
+    return value
+
+
+CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+GroupsPerDomain = Annotated[dict[str, CommaList], BeforeValidator(_json_mapping)]
+
+
 class StaticAuthSettings(_Strict):
     tokens_file: Path
 
 
+class GlobusAuthSettings(_Strict):
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(min_length=1)
+    scope: str = Field(min_length=1, description="the gateway's scope, required in every token")
+    authorized_idp_domains: CommaList = Field(min_length=1)
+    policies: CommaList = Field(default_factory=list)
+    groups: CommaList = Field(default_factory=list)
+    groups_per_idp: GroupsPerDomain = Field(default_factory=dict)
+    service_usernames: CommaList = Field(default_factory=list)
+    auth_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    groups_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    cache_seconds: float = Field(default=600, ge=0)
+    refusal_cache_seconds: float = Field(default=60, ge=0)
+    cache_size: int = Field(default=100_000, ge=1)
+    threads: int = Field(default=8, ge=1, le=256)
+    timeout_seconds: float = Field(default=5, gt=0)
+    retries: int = Field(default=1, ge=0, le=5)
+    verify_policies_at_startup: bool = True
+
+
 class AuthSettings(_Strict):
-    provider: Literal["static"] = "static"
+    provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
+    globus: GlobusAuthSettings | None = None
 
 
 class GatewaySettings(_Strict):
@@ -97,6 +139,7 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     endpoints_file: Path
     clusters_file: Path
+    redis_url: str | None = Field(default=None, pattern=r"^rediss?://\S+$")
 
     def resolve_paths(self, base: Path) -> GatewaySettings:
         """Relative paths in the file are relative to the file, not to the working directory."""
@@ -118,6 +161,7 @@ def load_settings(path: Path) -> GatewaySettings:
         settings = GatewaySettings.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
-    if settings.auth.provider == "static" and settings.auth.static is None:
-        raise ConfigError(f"{path}: field 'auth.static': required when auth.provider is 'static'")
+    provider = settings.auth.provider
+    if getattr(settings.auth, provider) is None:
+        raise ConfigError(f"{path}: field 'auth.{provider}': required when auth.provider is '{provider}'")
     return settings.resolve_paths(path.parent)

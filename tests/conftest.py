@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from aiohttp import web
 from bench.backend import create_backend_app
 from proxy.app import create_app, load_parts
 from proxy.settings import load_settings
+from tests.redis_server import RedisServer
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 EMBED_MODEL = "intfloat/e5-small-v2"
@@ -128,10 +131,21 @@ def write_gateway_config(directory: Path, backend_url: str, **server: Any) -> Pa
 
 
 async def start_gateway(config: Path) -> tuple[web.AppRunner, Server]:
+    """Start-up checks may call (fake) Globus synchronously, as before serving in production; a
+    thread keeps them off this event loop, where the fakes run."""
     settings = load_settings(config)
-    registry, authenticator = load_parts(settings)
+    registry, authenticator = await asyncio.to_thread(load_parts, settings)
     runner, url = await start(create_app(settings, registry, authenticator))
     return runner, Server(url=f"{url}{settings.server.base_path}", app=runner.app)
+
+
+@pytest.fixture(autouse=True)
+def no_production_globus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Globus client built without a base URL would reach the real cloud: send it to a closed port
+    instead, unless a site runs the opt-in live check on purpose."""
+    if not os.environ.get("GATEWAY_LIVE_GLOBUS_TOKEN"):
+        for service in ("AUTH", "GROUPS", "COMPUTE"):
+            monkeypatch.setenv(f"GLOBUS_SDK_SERVICE_URL_{service}", "http://127.0.0.1:9/")
 
 
 @pytest.fixture
@@ -148,6 +162,17 @@ async def gateway(backend: Server, tmp_path: Path) -> AsyncIterator[Server]:
     )
     yield server
     await runner.cleanup()
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 @pytest.fixture

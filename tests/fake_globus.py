@@ -1,0 +1,493 @@
+"""A local fake of Globus Auth and Globus Groups, faithful at the HTTP boundary.
+
+The gateway talks to Globus through the real, blocking globus-sdk. Mocking the SDK would hide exactly the
+mistakes that matter (wrong form fields, wrong paths, answers the SDK cannot parse), so this fake serves the
+wire format the real services speak and the real SDK is pointed at it:
+
+    ConfidentialAppAuthClient(fake.client_id, fake.client_secret, base_url=fake.auth_url)
+    GroupsClient(base_url=fake.groups_url, authorizer=AccessTokenAuthorizer(groups_token))
+
+One aiohttp application on an ephemeral 127.0.0.1 port serves Auth under ``/auth`` and Groups under
+``/groups``. The SDK joins ``base_url`` and the API path with exactly one slash, so the base URLs work with or
+without a trailing slash; ``/v2`` belongs to the request path, not the base URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
+GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"
+ISSUER = "https://auth.globus.org"
+CLIENT_USERNAME_DOMAIN = "clients.auth.globus.org"
+# Identity provider of client (service) identities. Made up: the real id is not needed by the gateway.
+CLIENTS_IDP = "6b2ed5ee-0d1e-4bd1-9d4e-1e1e4a4fd2c1"
+# The public app (e.g. a CLI) that obtained users' tokens, unless a test says otherwise.
+DEFAULT_APP_CLIENT_ID = "58fdd3bc-e1c3-4ce5-80ea-8d6b87cfb944"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def idp_id(domain: str) -> str:
+    """A stable identity-provider id per username domain, so tests can name IdPs by domain."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"idp.{domain}"))
+
+
+@dataclass
+class FakeUser:
+    """One Globus identity set behind a token."""
+
+    sub: str
+    username: str
+    name: str
+    identities: list[dict[str, Any]]
+    session_idps: list[str]
+    groups: list[str] = field(default_factory=list)
+
+    @classmethod
+    def single(
+        cls, username: str, *, name: str | None = None, groups: list[str] | None = None, session: bool = True
+    ) -> FakeUser:
+        """The common case: one identity whose IdP is derived from the username domain, with a live session
+        unless ``session=False``."""
+        sub = str(uuid.uuid4())
+        domain = username.rpartition("@")[2]
+        display = name or username.partition("@")[0].title()
+        identity = {
+            "sub": sub,
+            "username": username,
+            "name": display,
+            "email": username,
+            "identity_provider": idp_id(domain),
+            "identity_provider_display_name": domain,
+            "organization": domain,
+            "status": "used",
+        }
+        return cls(
+            sub=sub,
+            username=username,
+            name=display,
+            identities=[identity],
+            session_idps=[idp_id(domain)] if session else [],
+            groups=list(groups or []),
+        )
+
+    def primary(self) -> dict[str, Any]:
+        """The identity matching ``sub`` (Globus's primary identity), else the first one."""
+        return next((i for i in self.identities if i["sub"] == self.sub), self.identities[0])
+
+
+@dataclass
+class _Token:
+    """What the fake knows about one access token."""
+
+    user: FakeUser
+    active: bool
+    scope: str
+    exp: int
+    iat: int
+    policies: dict[str, bool]
+    client_id: str
+    is_service: bool
+    extra: dict[str, Any]
+    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass
+class RecordedRequest:
+    """One request as it arrived, for asserting the wire format."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    form: dict[str, str]
+    authorization: str | None
+    headers: dict[str, str]
+    time: float  # time.monotonic() on arrival
+
+    @property
+    def basic_credentials(self) -> tuple[str, str] | None:
+        """(client_id, secret) from an HTTP Basic header, None when absent or malformed."""
+        return _parse_basic(self.authorization)
+
+
+def _parse_basic(header: str | None) -> tuple[str, str] | None:
+    if not header or not header.startswith("Basic "):
+        return None
+    try:
+        decoded = base64.b64decode(header[6:], validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def _auth_error(status: int, code: str, detail: str, error: str | None = None) -> web.Response:
+    """Globus Auth's error shape: a JSON:API-like ``errors`` list plus OAuth2 ``error`` fields."""
+    body = {
+        "errors": [
+            {
+                "status": str(status),
+                "id": str(uuid.uuid4()),
+                "code": code,
+                "title": code.title(),
+                "detail": detail,
+            }
+        ],
+        "error": error or code.lower(),
+        "error_description": detail,
+    }
+    return web.json_response(body, status=status)
+
+
+def _groups_error(status: int, code: str, message: str) -> web.Response:
+    """A Globus "type zero" error (code, message, request_id); Groups' exact 4xx body is unverified."""
+    body = {"code": code, "message": message, "request_id": secrets.token_hex(8)}
+    return web.json_response(body, status=status)
+
+
+class FakeGlobus:
+    """Globus Auth (introspect, dependent tokens, policies) and Groups (my_groups) on one local port.
+
+    Tokens, users and policies are registered with :meth:`add_token` and :meth:`add_policy`. The knobs
+    ``groups_dependent_scope``, ``delay`` and ``fail_status`` may be changed at any time, also while the
+    gateway under test is running.
+    """
+
+    def __init__(
+        self,
+        *,
+        client_id: str = "0b3a2d1c-6f5e-4a7b-9c8d-1e2f3a4b5c6d",
+        client_secret: str = "fake-gateway-secret",
+        scope: str | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.scope = scope or f"https://auth.globus.org/scopes/{client_id}/action_all"
+        self.requests: list[RecordedRequest] = []
+        self.groups_dependent_scope = True
+        self.delay = 0.0
+        self.fail_status: int | None = None
+        self.group_names: dict[str, str] = {}
+        self._tokens: dict[str, _Token] = {}
+        self._groups_tokens: dict[str, _Token] = {}
+        self._policies: dict[str, dict[str, Any]] = {}
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def add_token(
+        self,
+        token: str,
+        user: FakeUser | None = None,
+        *,
+        active: bool = True,
+        scope: str | None = None,
+        exp: int | None = None,
+        policies: dict[str, bool] | None = None,
+        client_id: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """Register a token. Without ``user`` it is a client-credentials token of the service ``client_id``
+        (no live session). ``scope`` defaults to the gateway's scope, ``exp`` to one hour from now;
+        ``policies`` maps policy ids to their evaluation; ``extra`` overrides introspection fields."""
+        is_service = user is None
+        if user is None:
+            if client_id is None:
+                raise ValueError("a token needs a user, or a client_id for a service token")
+            user = _service_user(client_id)
+        for idp in user.session_idps:
+            if not any(i["identity_provider"] == idp for i in user.identities):
+                raise ValueError(f"session IdP {idp} matches none of {user.username}'s identities")
+        now = int(time.time())
+        self._tokens[token] = _Token(
+            user=user,
+            active=active,
+            scope=scope if scope is not None else self.scope,
+            exp=exp if exp is not None else now + 3600,
+            iat=now,
+            policies=dict(policies or {}),
+            client_id=client_id or DEFAULT_APP_CLIENT_ID,
+            is_service=is_service,
+            extra=dict(extra or {}),
+        )
+
+    def add_policy(
+        self, policy_id: str, *, high_assurance: bool, domains: list[str], timeout: int = 3600
+    ) -> None:
+        """Register an authentication policy, served by ``GET /v2/api/policies/{id}``."""
+        self._policies[policy_id] = {
+            "id": policy_id,
+            "display_name": f"Policy {policy_id[:8]}",
+            "description": "fake policy",
+            "high_assurance": high_assurance,
+            "authentication_assurance_timeout": timeout,
+            "domain_constraints_include": list(domains),
+            "domain_constraints_exclude": None,
+            "project_id": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
+            "required_mfa": False,
+        }
+
+    def count(self, path_suffix: str) -> int:
+        """How many requests hit a path ending with ``path_suffix``."""
+        return sum(1 for r in self.requests if r.path.endswith(path_suffix))
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if not self._port:
+            raise RuntimeError("FakeGlobus is not started")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def auth_url(self) -> str:
+        """``base_url`` for AuthClient / ConfidentialAppAuthClient."""
+        return f"{self.url}/auth/"
+
+    @property
+    def groups_url(self) -> str:
+        """``base_url`` for GroupsClient."""
+        return f"{self.url}/groups/"
+
+    async def start(self) -> None:
+        """Listen on an ephemeral port; after a stop(), on the same port again (Globus coming back)."""
+        if self._runner is not None:
+            return
+        runner = web.AppRunner(
+            self._build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.2
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Close the port and all connections: Globus becomes unreachable."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> FakeGlobus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_post("/auth/v2/oauth2/token/introspect", self._introspect)
+        app.router.add_post("/auth/v2/oauth2/token", self._token)
+        app.router.add_get("/auth/v2/api/policies/{policy_id}", self._policy)
+        app.router.add_get("/groups/v2/groups/my_groups", self._my_groups)
+        return app
+
+    # -- cross-cutting behaviour -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Record every request, then apply ``delay`` and ``fail_status`` before any route runs."""
+        form: dict[str, str] = {}
+        if request.content_type == "application/x-www-form-urlencoded":
+            form = {k: str(v) for k, v in (await request.post()).items()}
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                query=dict(request.query),
+                form=form,
+                authorization=request.headers.get("Authorization"),
+                headers=dict(request.headers),
+                time=time.monotonic(),
+            )
+        )
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
+        if self.fail_status is not None:
+            return self._failure(request.path, self.fail_status)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return _auth_error(404, "NOT_FOUND", f"no route {request.path}")
+
+    @staticmethod
+    def _failure(path: str, status: int) -> web.Response:
+        detail = f"fake Globus configured to fail with {status}"
+        if path.startswith("/groups/"):
+            return _groups_error(status, "ERROR", detail)
+        return _auth_error(status, "SERVICE_UNAVAILABLE" if status == 503 else "ERROR", detail)
+
+    def _client_ok(self, request: web.Request) -> bool:
+        return _parse_basic(request.headers.get("Authorization")) == (self.client_id, self.client_secret)
+
+    def _live(self, token: str) -> _Token | None:
+        record = self._tokens.get(token)
+        if record is None or not record.active or record.exp <= time.time():
+            return None
+        return record
+
+    # -- Auth --------------------------------------------------------------------------------------------
+
+    async def _introspect(self, request: web.Request) -> web.Response:
+        if not self._client_ok(request):
+            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        form = await request.post()
+        token = str(form.get("token", ""))
+        if not token:
+            return _auth_error(400, "INVALID_REQUEST", "token is required", "invalid_request")
+        record = self._live(token)
+        if record is None:
+            return web.json_response({"active": False})
+        include = {part.strip() for part in str(form.get("include", "")).split(",") if part.strip()}
+        body = self._introspection(record, include)
+        policy_ids = [p.strip() for p in str(form.get("authentication_policies", "")).split(",") if p.strip()]
+        if policy_ids:
+            body["policy_evaluations"] = {p: {"evaluation": record.policies.get(p, True)} for p in policy_ids}
+        body.update(record.extra)
+        return web.json_response(body)
+
+    def _introspection(self, record: _Token, include: set[str]) -> dict[str, Any]:
+        user = record.user
+        body: dict[str, Any] = {
+            "active": True,
+            "token_type": "Bearer",
+            "scope": record.scope,
+            "client_id": record.client_id,
+            "sub": user.sub,
+            "username": user.username,
+            "name": user.name,
+            "email": user.primary().get("email"),
+            "aud": list(dict.fromkeys([self.client_id, record.client_id])),
+            "iss": ISSUER,
+            "exp": record.exp,
+            "iat": record.iat,
+            "nbf": record.iat,
+        }
+        if "identity_set" in include:
+            body["identity_set"] = [i["sub"] for i in user.identities]
+        if "identity_set_detail" in include:
+            body["identity_set_detail"] = [dict(i) for i in user.identities]
+        if "session_info" in include:
+            body["session_info"] = self._session_info(record)
+        return body
+
+    @staticmethod
+    def _session_info(record: _Token) -> dict[str, Any]:
+        if record.is_service:
+            return {"session_id": None, "authentications": {}}
+        auth_time = record.iat - 60
+        authentications = {
+            i["sub"]: {"idp": i["identity_provider"], "auth_time": auth_time, "acr": None, "amr": None}
+            for i in record.user.identities
+            if i["identity_provider"] in record.user.session_idps
+        }
+        return {"session_id": record.session_id, "authentications": authentications}
+
+    async def _token(self, request: web.Request) -> web.Response:
+        if not self._client_ok(request):
+            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        form = await request.post()
+        if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
+            return _auth_error(400, "UNSUPPORTED_GRANT_TYPE", "only the dependent token grant is faked")
+        record = self._live(str(form.get("token", "")))
+        if record is None:
+            return _auth_error(400, "INVALID_GRANT", "token is not active", "invalid_grant")
+        requested = set(str(form.get("scope", "")).split())
+        answer: list[dict[str, Any]] = []
+        if self.groups_dependent_scope and (not requested or GROUPS_SCOPE in requested):
+            groups_token = f"groups-{secrets.token_urlsafe(16)}"
+            self._groups_tokens[groups_token] = record
+            answer.append(
+                {
+                    "resource_server": GROUPS_RESOURCE_SERVER,
+                    "access_token": groups_token,
+                    "scope": GROUPS_SCOPE,
+                    "expires_in": 172800,
+                    "token_type": "Bearer",
+                    "state": "_default",
+                }
+            )
+            if form.get("access_type") == "offline":
+                answer[-1]["refresh_token"] = f"groups-refresh-{secrets.token_urlsafe(16)}"
+        return web.json_response(answer)
+
+    async def _policy(self, request: web.Request) -> web.Response:
+        if not self._client_ok(request):
+            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        policy = self._policies.get(request.match_info["policy_id"])
+        if policy is None:
+            return _auth_error(404, "NOT_FOUND", "policy not found")
+        return web.json_response({"policy": dict(policy)})
+
+    # -- Groups ------------------------------------------------------------------------------------------
+
+    async def _my_groups(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        record = self._groups_tokens.get(header[7:]) if header.startswith("Bearer ") else None
+        if record is None:
+            return _groups_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
+        statuses = {s for s in request.query.get("statuses", "active").split(",") if s}
+        if "active" not in statuses:
+            return web.json_response([])
+        user = record.user
+        groups = [
+            {
+                "id": group_id,
+                "name": self.group_names.get(group_id, f"Group {group_id[:8]}"),
+                "parent_id": None,
+                "group_type": "regular",
+                "enforce_session": False,
+                "session_limit": 28800,
+                "session_timeouts": {},
+                "my_memberships": [
+                    {
+                        "group_id": group_id,
+                        "identity_id": user.sub,
+                        "username": user.username,
+                        "role": "member",
+                        "status": "active",
+                    }
+                ],
+                "policies": {"group_visibility": "private", "group_members_visibility": "managers"},
+            }
+            for group_id in user.groups
+        ]
+        return web.json_response(groups)
+
+
+def _service_user(client_id: str) -> FakeUser:
+    """The identity behind a client-credentials token: the client itself, never a session."""
+    username = f"{client_id}@{CLIENT_USERNAME_DOMAIN}"
+    name = f"client {client_id[:8]}"
+    identity = {
+        "sub": client_id,
+        "username": username,
+        "name": name,
+        "email": None,
+        "identity_provider": CLIENTS_IDP,
+        "identity_provider_display_name": "Globus Auth Clients",
+        "organization": None,
+        "status": "used",
+    }
+    return FakeUser(sub=client_id, username=username, name=name, identities=[identity], session_idps=[])
