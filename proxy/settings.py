@@ -99,7 +99,13 @@ def _json_mapping(value: Any) -> Any:
     return value
 
 
+def _empty_is_none(value: Any) -> Any:
+    """`${NAME:-}` leaves an empty string where an optional setting is meant to be absent."""
+    return None if value == "" else value
+
+
 CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+OptionalUrl = Annotated[str | None, BeforeValidator(_empty_is_none)]
 GroupsPerDomain = Annotated[dict[str, CommaList], BeforeValidator(_json_mapping)]
 
 
@@ -116,8 +122,8 @@ class GlobusAuthSettings(_Strict):
     groups: CommaList = Field(default_factory=list)
     groups_per_idp: GroupsPerDomain = Field(default_factory=dict)
     service_usernames: CommaList = Field(default_factory=list)
-    auth_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
-    groups_url: str | None = Field(default=None, pattern=r"^https?://\S+$")
+    auth_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
+    groups_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
     cache_seconds: float = Field(default=600, ge=0)
     refusal_cache_seconds: float = Field(default=60, ge=0)
     cache_size: int = Field(default=100_000, ge=1)
@@ -139,7 +145,7 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     endpoints_file: Path
     clusters_file: Path
-    redis_url: str | None = Field(default=None, pattern=r"^rediss?://\S+$")
+    redis_url: OptionalUrl = Field(default=None, pattern=r"^rediss?://\S+$")
 
     def resolve_paths(self, base: Path) -> GatewaySettings:
         """Relative paths in the file are relative to the file, not to the working directory."""

@@ -273,3 +273,25 @@ async def test_example_adaptor_serves_by_dotted_path(
         assert [job["Models"] for job in jobs["running"]] == ["echo-1"]
     finally:
         await runner.cleanup()
+
+
+def test_globus_example_takes_the_existing_gateways_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = {
+        "GLOBUS_APPLICATION_ID": "0b3a2d1c-6f5e-4a7b-9c8d-1e2f3a4b5c6d",
+        "GLOBUS_APPLICATION_SECRET": "secret",
+        "AUTHORIZED_IDP_DOMAINS": "anl.gov, uchicago.edu",
+        "GLOBUS_POLICIES": "p1,p2",
+        "AUTHORIZED_GROUPS_PER_IDP": '{"anl.gov": "g1,g2"}',
+    }
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    settings = load_settings(ROOT / "conf" / "gateway.globus.yaml")
+    globus = settings.auth.globus
+    assert settings.auth.provider == "globus" and globus is not None
+    assert globus.scope == "https://auth.globus.org/scopes/0b3a2d1c-6f5e-4a7b-9c8d-1e2f3a4b5c6d/action_all"
+    assert globus.authorized_idp_domains == ["anl.gov", "uchicago.edu"]
+    assert globus.policies == ["p1", "p2"] and globus.groups == []
+    assert globus.groups_per_idp == {"anl.gov": ["g1", "g2"]}
+    assert settings.redis_url is None
+    assert settings.endpoints_file == ROOT / "conf" / "fixtures" / "endpoints.json"
