@@ -11,10 +11,12 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
+from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.middleware import openai_errors
 from proxy.registry import Registry, load_registry
+from proxy.relay import LocalRelay, RedisRelay, Relay
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, REGISTRY, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
 
@@ -41,23 +43,32 @@ def create_app(
 ) -> web.Application:
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[openai_errors, auth_middleware(authenticator, PUBLIC_ROUTES)],
+        middlewares=[openai_errors, auth_middleware(authenticator, PUBLIC_ROUTES | CALLBACK_ROUTES)],
     )
     app[REGISTRY] = registry
+    app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
     app[BASE_PATH] = settings.server.base_path
     app[STARTED_AT] = int(time.time())
     add_routes(app, settings.server.base_path)
+    add_callback_routes(app, settings.server.base_path)
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
     app.on_cleanup.append(lambda _: authenticator.close())
+    app.on_cleanup.append(lambda app: app[RELAY].close())
     return app
+
+
+def build_relay(settings: GatewaySettings) -> Relay:
+    if settings.redis_url:
+        return RedisRelay(settings.streaming, settings.redis_url)
+    return LocalRelay(settings.streaming)
 
 
 def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         adaptors = list(app[REGISTRY].adaptors())
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
-            context = AdaptorContext(executor=executor)
+            context = AdaptorContext(executor=executor, relay=app[RELAY])
             await asyncio.gather(*(adaptor.startup(context) for adaptor in adaptors))
             try:
                 yield

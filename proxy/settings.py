@@ -133,6 +133,26 @@ class GlobusAuthSettings(_Strict):
     verify_policies_at_startup: bool = True
 
 
+class StreamingSettings(_Strict):
+    """The callback relay for backends that stream by calling back (Globus Compute functions)."""
+
+    callback_url: str = Field(
+        default="http://127.0.0.1:8000",
+        pattern=r"^https?://[^/\s]+/?$",
+        description="scheme://host[:port] where remote functions reach this gateway",
+    )
+    internal_secret: Annotated[str | None, BeforeValidator(_empty_is_none)] = Field(
+        default=None, min_length=16
+    )
+    first_chunk_timeout_seconds: float = Field(default=900, gt=0)
+    silence_timeout_seconds: float = Field(default=300, gt=0)
+    total_timeout_seconds: float = Field(default=3600, gt=0)
+    keepalive_seconds: float = Field(default=15, gt=0)
+    max_queued_chunks: int = Field(default=1000, ge=1)
+    max_streams: int = Field(default=10_000, ge=1)
+    gone_memory_seconds: float = Field(default=600, gt=0)
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -143,6 +163,7 @@ class GatewaySettings(_Strict):
     server: ServerSettings = ServerSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     auth: AuthSettings
+    streaming: StreamingSettings = StreamingSettings()
     endpoints_file: Path
     clusters_file: Path
     redis_url: OptionalUrl = Field(default=None, pattern=r"^rediss?://\S+$")

@@ -1,0 +1,102 @@
+"""Routes that remote functions POST stream chunks to (the existing gateway's protocol).
+
+They sit outside bearer authentication: the shared `X-Internal-Secret` and the per-stream
+`X-Stream-Task-Token` are checked here, in constant time, before the body is trusted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from adaptors.remote_errors import remote_error
+from proxy.errors import ApiError
+from proxy.relay import Delivery, Event, Relay, sse_lines
+
+RELAY = web.AppKey("relay", Relay)
+TOKEN = web.RequestKey("stream_token", str)
+
+DATA_LIMIT = 150_000
+CONTROL_LIMIT = 15_000
+CALLBACK_ROUTES = frozenset({"stream-data", "stream-error", "stream-done"})
+
+_ANSWERS = {
+    Delivery.BAD_TOKEN: "The stream token does not match this stream.",
+    Delivery.UNKNOWN: "No such stream.",
+    Delivery.GONE: "The stream has ended or its client went away; stop sending.",
+}
+
+
+def add_callback_routes(app: web.Application, base_path: str) -> None:
+    app.router.add_post(f"{base_path}/api/streaming/data/", data, name="stream-data")
+    app.router.add_post(f"{base_path}/api/streaming/error/", error, name="stream-error")
+    app.router.add_post(f"{base_path}/api/streaming/done/", done, name="stream-done")
+
+
+async def data(request: web.Request) -> web.Response:
+    body = await _checked_body(request, DATA_LIMIT)
+    chunk = body.get("data")
+    if not isinstance(chunk, str):
+        raise ApiError(400, "'data' must be a string of SSE lines.", param="data")
+    return await _deliver(request, body, Event("data", sse_lines(chunk)))
+
+
+async def error(request: web.Request) -> web.Response:
+    body = await _checked_body(request, CONTROL_LIMIT)
+    if not isinstance(body.get("error"), str):
+        raise ApiError(400, "'error' must be a string.", param="error")
+    code, message = remote_error(body["error"])
+    return await _deliver(request, body, Event("error", message.encode(), code))
+
+
+async def done(request: web.Request) -> web.Response:
+    """Our function says how many data posts it made (`data_posts`), so a done that overtakes the
+    last data on the network still ends the stream after it; the existing function does not."""
+    body = await _checked_body(request, CONTROL_LIMIT)
+    posts = body.get("data_posts", 0)
+    if not isinstance(posts, int) or isinstance(posts, bool) or posts < 0:
+        raise ApiError(400, "'data_posts' must be a non-negative integer.", param="data_posts")
+    return await _deliver(request, body, Event("done", after_posts=posts))
+
+
+async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> web.Response:
+    delivery = await request.app[RELAY].deliver(body["task_id"], request[TOKEN], event)
+    if delivery is not Delivery.ACCEPTED:
+        raise ApiError(int(delivery), _ANSWERS[delivery], code="stream_" + delivery.name.lower())
+    return web.json_response({"status": "received", "task_id": body["task_id"]})
+
+
+async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
+    secret = request.app[RELAY].settings.internal_secret
+    if secret is None:
+        raise ApiError(503, "Streaming callbacks are not configured on this gateway.", code="not_configured")
+    given = request.headers.get("X-Internal-Secret", "")
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise ApiError(401, "Invalid internal secret.", code="invalid_secret")
+    token = request.headers.get("X-Stream-Task-Token", "")
+    if not token:
+        raise ApiError(401, "Missing X-Stream-Task-Token.", code="invalid_stream_token")
+    request[TOKEN] = token
+    body = await _read_capped(request, limit)
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "The callback body is not JSON.", code="invalid_json") from None
+    if not isinstance(document, dict) or not isinstance(document.get("task_id"), str):
+        raise ApiError(400, "The callback body needs a string 'task_id'.", param="task_id")
+    return document
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"Callback bodies are limited to {limit} bytes.", code="request_too_large")
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"Callback bodies are limited to {limit} bytes.", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
