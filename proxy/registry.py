@@ -24,6 +24,13 @@ AccessList = str | list[str] | None
 EXISTING_GATEWAY_ADAPTORS = {
     "resource_server_async.endpoints.direct_api.DirectAPIEndpoint": "adaptors.direct_api.DirectAPIEndpoint",
     "resource_server_async.clusters.direct_api.DirectAPICluster": "adaptors.direct_api.DirectAPICluster",
+    "resource_server_async.endpoints.globus_compute.GlobusComputeEndpoint": (
+        "adaptors.globus_compute.GlobusComputeEndpoint"
+    ),
+    "resource_server_async.clusters.globus_compute.GlobusComputeCluster": (
+        "adaptors.globus_compute.GlobusComputeCluster"
+    ),
+    "resource_server_async.clusters.metis.MetisCluster": "adaptors.status_url.MetisCluster",
 }
 """The existing gateway's own adaptors, so that its fixture files load without edits."""
 Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)

@@ -1,0 +1,458 @@
+"""Adaptors for models served by Globus Compute functions on HPC clusters.
+
+The existing gateway's functions run unchanged: the same payload
+`{"model_params": {<client's fields>, "openai_endpoint", "api_port", [streaming fields]}}` and the
+same streaming callbacks. Results come from one poller per process and credentials, which asks
+the service about every task in flight at once; no AMQP and no polling loop per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import globus_sdk
+from globus_compute_sdk.sdk.batch import Batch
+from globus_compute_sdk.serialize import ComputeSerializer, JSONData
+from globus_sdk.transport import RequestsTransport, RetryConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.context import AdaptorContext
+from adaptors.endpoint import (
+    BaseEndpoint,
+    StreamError,
+    SubmitStreamingTaskResponse,
+    SubmitTaskResponse,
+)
+from adaptors.relay import RelayStream, StreamRelay
+from adaptors.remote_errors import remote_error
+
+log = logging.getLogger(__name__)
+
+UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+HTTP_URL = r"^https?://\S+$"
+RESULT_SERIALIZERS = ["globus_compute_sdk.serialize.JSONData"]
+MAX_TASKS_PER_POLL = 1000
+Result = TypeVar("Result")
+
+
+class ComputeAccess(BaseModel):
+    """Who the gateway is to Globus Compute, and where the services are.
+
+    Credentials default to the existing gateway's SERVICE_ACCOUNT_ID / SERVICE_ACCOUNT_SECRET;
+    URLs default to globus-sdk's (GLOBUS_SDK_SERVICE_URL_COMPUTE / _AUTH, or production).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str | None = None
+    client_secret: str | None = None
+    compute_url: str | None = Field(default=None, pattern=HTTP_URL)
+    auth_url: str | None = Field(default=None, pattern=HTTP_URL)
+    poll_interval_seconds: float = Field(default=0.5, gt=0)
+    http_timeout_seconds: float = Field(default=10, gt=0)
+
+    def credentials(self) -> tuple[str, str]:
+        client_id = self.client_id or os.environ.get("SERVICE_ACCOUNT_ID")
+        secret = self.client_secret or os.environ.get("SERVICE_ACCOUNT_SECRET")
+        if not client_id or not secret:
+            raise ValueError(
+                "client_id and client_secret: not configured, and SERVICE_ACCOUNT_ID / "
+                "SERVICE_ACCOUNT_SECRET are not set"
+            )
+        return client_id, secret
+
+
+class GlobusComputeEndpointConfig(ComputeAccess):
+    api_port: int = Field(ge=1, le=65535)
+    endpoint_uuid: str = Field(pattern=UUID)
+    function_uuid: str = Field(pattern=UUID)
+    batch_endpoint_uuid: str | None = Field(default=None, pattern=UUID)
+    batch_function_uuid: str | None = Field(default=None, pattern=UUID)
+    task_timeout_seconds: float = Field(default=600, gt=0)
+    status_cache_seconds: float = Field(default=60, ge=0)
+    cold_start_seconds: float = Field(default=1800, ge=0)
+
+
+class GlobusComputeClusterConfig(ComputeAccess):
+    qstat_endpoint_uuid: str = Field(pattern=UUID)
+    qstat_function_uuid: str = Field(pattern=UUID)
+    task_timeout_seconds: float = Field(default=60, gt=0)
+
+
+class TaskFailed(Exception):
+    """The remote function raised; the text is the remote error."""
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[Any]
+    deadline: float
+
+
+@dataclass
+class ComputeService:
+    """The SDK clients and the result poller for one set of credentials, shared in a process."""
+
+    access: ComputeAccess
+    executor: Executor
+    users: int = 0
+    _clients: tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3] | None = None
+    _pending: dict[str, _Pending] = field(default_factory=dict)
+    _poller: asyncio.Task[None] | None = None
+    _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
+
+    async def submit(self, endpoint_uuid: str, function_uuid: str, *args: Any) -> str:
+        def send() -> str:
+            batch = Batch(
+                task_group_id=None,
+                serializer=self._serializer,
+                result_serializers=RESULT_SERIALIZERS,
+                request_queue=False,
+            )
+            batch.add(function_uuid, args=args)
+            answer = self._sdk()[1].submit(endpoint_uuid, batch.prepare())
+            return str(answer["tasks"][function_uuid][0])
+
+        return await self._blocking(send)
+
+    async def result(self, task_id: str, timeout: float) -> Any:
+        """The task's return value. A timeout gives up waiting; the task itself keeps running."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = _Pending(future, time.monotonic() + timeout)
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            return await future
+        finally:
+            self._pending.pop(task_id, None)
+
+    async def endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]:
+        return await self._blocking(lambda: dict(self._sdk()[0].get_endpoint_status(endpoint_uuid).data))
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    async def _poll(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.access.poll_interval_seconds)
+            self._expire()
+            task_ids = list(self._pending)[:MAX_TASKS_PER_POLL]
+            if not task_ids:
+                continue
+            try:
+                documents = await self._blocking(functools.partial(self._statuses, task_ids))
+            except (globus_sdk.GlobusError, ValueError) as exc:
+                log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
+                continue
+            for task_id, document in documents.items():
+                self._settle(task_id, document)
+
+    def _statuses(self, task_ids: list[str]) -> dict[str, Any]:
+        answer = self._sdk()[0].get_task_batch(task_ids)
+        results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
+        return dict(results)
+
+    def _settle(self, task_id: str, document: dict[str, Any]) -> None:
+        pending = self._pending.get(task_id)
+        if pending is None or pending.future.done():
+            return
+        status = str(document.get("status", "")).lower()
+        if status == "success" and "result" in document:
+            try:
+                pending.future.set_result(self._serializer.deserialize(document["result"]))
+            except Exception as exc:
+                pending.future.set_exception(TaskFailed(f"unreadable task result ({type(exc).__name__})"))
+        elif status == "failed" or "exception" in document:
+            pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for pending in self._pending.values():
+            if now >= pending.deadline and not pending.future.done():
+                pending.future.set_exception(TimeoutError())
+
+    async def _blocking(self, call: Callable[[], Result]) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def _sdk(self) -> tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3]:
+        """Built on first use, in a worker thread: the authorizer fetches a token as it is built."""
+        if self._clients is None:
+            client_id, secret = self.access.credentials()
+            transport = RequestsTransport(http_timeout=self.access.http_timeout_seconds)
+            retries = RetryConfig(max_retries=2, max_sleep=2)
+            auth = globus_sdk.ConfidentialAppAuthClient(
+                client_id, secret, base_url=self.access.auth_url, transport=transport, retry_config=retries
+            )
+            authorizer = globus_sdk.ClientCredentialsAuthorizer(auth, globus_sdk.ComputeClientV2.scopes.all)
+            options: dict[str, Any] = {
+                "base_url": self.access.compute_url,
+                "authorizer": authorizer,
+                "transport": transport,
+                "retry_config": retries,
+            }
+            self._clients = (globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options))
+        return self._clients
+
+
+def _json_serializer() -> ComputeSerializer:
+    """Arguments travel as JSON, readable by any endpoint and never executed as code."""
+    return ComputeSerializer(strategy_data=JSONData())  # type: ignore[no-untyped-call]
+
+
+_services: dict[tuple[Any, ...], ComputeService] = {}
+
+
+def _acquire(access: ComputeAccess, executor: Executor) -> ComputeService:
+    """One service (and so one poller) per process for each credentials and URLs."""
+    client_id, secret = access.credentials()
+    key = (client_id, secret, access.compute_url, access.auth_url)
+    service = _services.get(key)
+    if service is None:
+        service = _services[key] = ComputeService(access, executor)
+    service.users += 1
+    return service
+
+
+async def _release(service: ComputeService) -> None:
+    service.users -= 1
+    if service.users == 0:
+        await service.close()
+        _services.pop(next(k for k, v in _services.items() if v is service), None)
+
+
+def _unwrap(value: Any) -> str:
+    """The functions return a JSON string; anything else is encoded here."""
+    if isinstance(value, str):
+        json.loads(value)
+        return value
+    return json.dumps(value)
+
+
+class GlobusComputeEndpoint(BaseEndpoint):
+    def __init__(
+        self,
+        id: str,
+        endpoint_slug: str,
+        cluster: str,
+        framework: str,
+        model: str,
+        endpoint_adapter: str,
+        allowed_globus_groups: str | Iterable[str] | None = None,
+        allowed_domains: str | Iterable[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            id, endpoint_slug, cluster, framework, model, endpoint_adapter,
+            allowed_globus_groups, allowed_domains,
+        )  # fmt: skip
+        self.config = GlobusComputeEndpointConfig.model_validate(config or {})
+        self.config.credentials()
+        self._service: ComputeService | None = None
+        self._relay: StreamRelay | None = None
+        self._status: tuple[float, dict[str, Any]] | None = None
+        self._triggered_at: float | None = None
+
+    async def startup(self, context: AdaptorContext) -> None:
+        self._service = _acquire(self.config, context.executor)
+        self._relay = context.relay
+
+    async def shutdown(self) -> None:
+        if self._service is not None:
+            await _release(self._service)
+
+    async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
+        service = self._ready()
+        refusal = await self._unavailable()
+        if refusal is not None:
+            return SubmitTaskResponse(error_code=503, error_message=refusal)
+        params = {**data["model_params"], "api_port": self.config.api_port}
+        try:
+            task_id = await self._submit(service, params)
+        except globus_sdk.GlobusError as exc:
+            return SubmitTaskResponse(error_code=503, error_message=_submit_failure(exc))
+        try:
+            value = await service.result(task_id, self.config.task_timeout_seconds)
+            return SubmitTaskResponse(result=_unwrap(value), task_id=task_id)
+        except TimeoutError:
+            return SubmitTaskResponse(error_code=504, error_message=self._timeout(task_id), task_id=task_id)
+        except TaskFailed as exc:
+            code, message = remote_error(str(exc))
+            return SubmitTaskResponse(error_code=code, error_message=message, task_id=task_id)
+        except ValueError:
+            return SubmitTaskResponse(
+                error_code=502, error_message="The task's result is not JSON.", task_id=task_id
+            )
+
+    async def submit_streaming_task(
+        self, data: dict[str, Any], request_log_id: str
+    ) -> SubmitStreamingTaskResponse:
+        service, relay = self._ready(), self._relay
+        if relay is None:
+            raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
+        refusal = await self._unavailable()
+        if refusal is not None:
+            return SubmitStreamingTaskResponse(error_code=503, error_message=refusal)
+        stream = await relay.open()
+        target = relay.callback
+        params = {
+            **data["model_params"],
+            "api_port": self.config.api_port,
+            "streaming_server_host": target.host,
+            "streaming_server_port": target.port,
+            "streaming_server_protocol": target.protocol,
+            "stream_task_id": stream.stream_id,
+            "stream_task_token": stream.token,
+        }
+        try:
+            task_id = await self._submit(service, params)
+        except globus_sdk.GlobusError as exc:
+            await stream.fail(503, _submit_failure(exc))
+            await _drain(stream)
+            return SubmitStreamingTaskResponse(error_code=503, error_message=_submit_failure(exc))
+        watcher = asyncio.create_task(self._watch(service, task_id, stream))
+        return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
+
+    async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
+        """The task's own end also ends the stream: a failure before any callback is not a silence."""
+        try:
+            await service.result(task_id, self.config.task_timeout_seconds)
+        except TaskFailed as exc:
+            await stream.fail(*remote_error(str(exc)))
+        except TimeoutError:
+            return
+        else:
+            await stream.finish()
+
+    async def _submit(self, service: ComputeService, params: dict[str, Any]) -> str:
+        task_id = await service.submit(
+            self.config.endpoint_uuid, self.config.function_uuid, {"model_params": params}
+        )
+        self._triggered_at = time.monotonic()
+        return task_id
+
+    async def _unavailable(self) -> str | None:
+        """Why not to submit now: the endpoint is offline, or its model is still loading."""
+        status = await self._endpoint_status()
+        if status is None:
+            return None
+        if status.get("status") != "online":
+            return f"The compute endpoint of {self.cluster} is offline; try again later."
+        managers = (status.get("details") or {}).get("managers")
+        recently = (
+            self._triggered_at is not None
+            and time.monotonic() - self._triggered_at < self.config.cold_start_seconds
+        )
+        if managers == 0 and recently:
+            return f"The model {self.model} is starting on {self.cluster}; try again in a few minutes."
+        return None
+
+    async def _endpoint_status(self) -> dict[str, Any] | None:
+        cached = self._status
+        if cached is not None and time.monotonic() - cached[0] < self.config.status_cache_seconds:
+            return cached[1]
+        try:
+            status = await self._ready().endpoint_status(self.config.endpoint_uuid)
+        except globus_sdk.GlobusError as exc:
+            log.warning("cannot read the status of %s: %s", self.endpoint_slug, type(exc).__name__)
+            return None
+        self._status = (time.monotonic(), status)
+        return status
+
+    def _timeout(self, task_id: str) -> str:
+        return (
+            f"Task {task_id} did not finish within {self.config.task_timeout_seconds:g} seconds; "
+            "the model may still be loading. Try again later."
+        )
+
+    def _ready(self) -> ComputeService:
+        if self._service is None:
+            raise RuntimeError("GlobusComputeEndpoint used before startup()")
+        return self._service
+
+
+async def _with_watcher(stream: RelayStream, watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream.events():
+            yield chunk
+    finally:
+        watcher.cancel()
+
+
+async def _drain(stream: RelayStream) -> None:
+    """Release a stream that never reached a client."""
+    events = stream.events()
+    try:
+        async for _ in events:
+            pass
+    except StreamError:
+        pass
+
+
+def _submit_failure(exc: globus_sdk.GlobusError) -> str:
+    log.warning("Globus Compute submission failed: %s", type(exc).__name__)
+    return "Globus Compute did not accept the task; try again shortly."
+
+
+class GlobusComputeCluster(BaseCluster):
+    """Runs the site's qstat function to learn which models run, queue or are stopped."""
+
+    def __init__(
+        self,
+        id: str,
+        cluster_name: str,
+        cluster_adapter: str,
+        frameworks: Iterable[str],
+        openai_endpoints: Iterable[str],
+        allowed_globus_groups: str | Iterable[str] | None = None,
+        allowed_domains: str | Iterable[str] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
+            allowed_globus_groups, allowed_domains,
+        )  # fmt: skip
+        self.config = GlobusComputeClusterConfig.model_validate(config or {})
+        self.config.credentials()
+        self._service: ComputeService | None = None
+
+    async def startup(self, context: AdaptorContext) -> None:
+        self._service = _acquire(self.config, context.executor)
+
+    async def shutdown(self) -> None:
+        if self._service is not None:
+            await _release(self._service)
+
+    async def get_jobs(self) -> GetJobsResponse:
+        if self._service is None:
+            raise RuntimeError("GlobusComputeCluster used before startup()")
+        config = self.config
+        try:
+            task_id = await self._service.submit(config.qstat_endpoint_uuid, config.qstat_function_uuid)
+            value = await self._service.result(task_id, config.task_timeout_seconds)
+        except globus_sdk.GlobusError as exc:
+            return GetJobsResponse(error_code=503, error_message=_submit_failure(exc))
+        except TimeoutError:
+            return GetJobsResponse(
+                error_code=504, error_message="The cluster's status task did not finish in time."
+            )
+        except TaskFailed as exc:
+            return GetJobsResponse(
+                error_code=502, error_message=f"The cluster's status task failed: {exc}"[:500]
+            )
+        try:
+            return GetJobsResponse(jobs=Jobs.model_validate_json(_unwrap(value)))
+        except (ValueError, ValidationError):
+            return GetJobsResponse(
+                error_code=502, error_message="The cluster's status task returned no jobs report."
+            )

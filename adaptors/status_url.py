@@ -1,0 +1,45 @@
+"""A cluster whose model status comes from an HTTP status document in its own format.
+
+`MetisCluster` reads the document ALCF's Metis publishes, a mapping of models to
+`{"model", "description", "status": "Live" | "Stopped" | ..., "model_version", ...}`, and reports
+it in the gateway's jobs shape. Fields that only operators should see (keys, URLs, endpoint ids)
+are not copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaptors.cluster import JobInfo, Jobs
+from adaptors.direct_api import DirectAPICluster
+
+_LISTS = {"Live": "running", "Stopped": "stopped"}
+
+
+class MetisCluster(DirectAPICluster):
+    def jobs_from(self, document: Any) -> Jobs:
+        if not isinstance(document, dict) or not all(isinstance(m, dict) for m in document.values()):
+            raise ValueError("a Metis status document maps names to model descriptions")
+        jobs = Jobs()
+        framework = self.frameworks[0]
+        for model in document.values():
+            status = str(model.get("status", "Unknown"))
+            name = str(model.get("model", ""))
+            job = JobInfo.model_validate(
+                {
+                    "Models": name,
+                    "Framework": framework,
+                    "Cluster": self.cluster_name,
+                    "Model Status": "running" if status == "Live" else status.lower(),
+                    "Description": f"{name} - {model.get('description', '')}",
+                    "Model Version": model.get("model_version", ""),
+                }
+            )
+            getattr(jobs, _LISTS.get(status, "queued")).append(job)
+        jobs.cluster_status = {
+            "cluster": self.cluster_name,
+            "total_models": len(document),
+            "live_models": len(jobs.running),
+            "stopped_models": len(jobs.stopped),
+        }
+        return jobs

@@ -1,0 +1,85 @@
+"""The Metis-style status-URL cluster: its own status document mapped to the jobs shape."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Server, auth, start, start_gateway, write_gateway_config, write_yaml
+
+METIS_STATUS = {
+    "gpt-oss-120b": {
+        "model": "gpt-oss-120b-131072",
+        "description": "gpt oss 131K",
+        "status": "Live",
+        "model_version": 1,
+        "model_key": "secret-key-do-not-show",
+        "url": "https://internal.example/gpt",
+        "endpoint_id": "internal-id",
+    },
+    "maverick": {"model": "Llama-4-Maverick", "description": "mav", "status": "Live", "model_version": 4},
+    "old": {"model": "Old-Model", "description": "retired", "status": "Stopped"},
+    "soon": {"model": "New-Model", "description": "loading", "status": "Starting"},
+}
+
+
+@pytest.fixture
+async def metis() -> AsyncIterator[Server]:
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(METIS_STATUS)
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    runner, url = await start(app)
+    yield Server(url=url, app=app)
+    await runner.cleanup()
+
+
+async def test_metis_status_in_the_jobs_shape(
+    metis: Server, backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    config = write_gateway_config(tmp_path, backend.url)
+    cluster = {
+        "cluster_name": "metis",
+        "cluster_adapter": "resource_server_async.clusters.metis.MetisCluster",
+        "frameworks": ["api"],
+        "openai_endpoints": ["chat/completions"],
+        "config": {"status_url": f"{metis.url}/status"},
+    }
+    endpoints = [
+        {
+            "cluster": "metis",
+            "framework": "api",
+            "model": model,
+            "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
+            "config": {"api_url": f"{backend.url}/v1"},
+        }
+        for model in ("gpt-oss-120b-131072", "Llama-4-Maverick", "Old-Model", "New-Model")
+    ]
+    write_yaml(tmp_path / "clusters.yaml", [cluster])
+    write_yaml(tmp_path / "endpoints.yaml", endpoints)
+    runner, gateway = await start_gateway(config)
+    try:
+        async with http.get(f"{gateway.url}/metis/jobs", headers=auth()) as response:
+            assert response.status == 200
+            jobs = await response.json()
+    finally:
+        await runner.cleanup()
+    assert [job["Models"] for job in jobs["running"]] == ["gpt-oss-120b-131072", "Llama-4-Maverick"]
+    assert jobs["running"][0] == {
+        "Models": "gpt-oss-120b-131072",
+        "Framework": "api",
+        "Cluster": "metis",
+        "Model Status": "running",
+        "Description": "gpt-oss-120b-131072 - gpt oss 131K",
+        "Model Version": 1,
+    }
+    assert [job["Models"] for job in jobs["stopped"]] == ["Old-Model"]
+    assert [(job["Models"], job["Model Status"]) for job in jobs["queued"]] == [("New-Model", "starting")]
+    status = {"cluster": "metis", "total_models": 4, "live_models": 2, "stopped_models": 1}
+    assert jobs["cluster_status"] == status
+    assert "secret-key-do-not-show" not in str(jobs)
