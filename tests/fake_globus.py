@@ -6,6 +6,10 @@ wire format the real services speak and the real SDK is pointed at it:
 
     ConfidentialAppAuthClient(fake.client_id, fake.client_secret, base_url=fake.auth_url)
     GroupsClient(base_url=fake.groups_url, authorizer=AccessTokenAuthorizer(groups_token))
+    ClientCredentialsAuthorizer(ConfidentialAppAuthClient(cid, secret, base_url=fake.auth_url), COMPUTE_SCOPE)
+
+Client-credentials tokens (clients registered with :meth:`FakeGlobus.add_client`) are listed in
+``issued_tokens`` so that a fake resource server (``tests/fake_compute.py``) can accept exactly those.
 
 One aiohttp application on an ephemeral 127.0.0.1 port serves Auth under ``/auth`` and Groups under
 ``/groups``. The SDK joins ``base_url`` and the API path with exactly one slash, so the base URLs work with or
@@ -29,7 +33,12 @@ from aiohttp import web
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+# globus_sdk.ComputeClientV2.scopes.all and .resource_server (globus-sdk 4.9): Compute breaks the usual
+# convention, its resource server is a service name rather than a hostname or client id.
+COMPUTE_RESOURCE_SERVER = "funcx_service"
+COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
 DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"
+CLIENT_CREDENTIALS_GRANT = "client_credentials"
 ISSUER = "https://auth.globus.org"
 CLIENT_USERNAME_DOMAIN = "clients.auth.globus.org"
 # Identity provider of client (service) identities. Made up: the real id is not needed by the gateway.
@@ -181,6 +190,10 @@ class FakeGlobus:
         self.delay = 0.0
         self.fail_status: int | None = None
         self.group_names: dict[str, str] = {}
+        # Access token -> client id, for every client-credentials token issued, so that fakes of resource
+        # servers (Compute) can check the bearer tokens they receive.
+        self.issued_tokens: dict[str, str] = {}
+        self._clients: dict[str, str] = {client_id: client_secret}
         self._tokens: dict[str, _Token] = {}
         self._groups_tokens: dict[str, _Token] = {}
         self._policies: dict[str, dict[str, Any]] = {}
@@ -224,6 +237,11 @@ class FakeGlobus:
             is_service=is_service,
             extra=dict(extra or {}),
         )
+
+    def add_client(self, client_id: str, client_secret: str) -> None:
+        """Register a confidential client (a service account) that may use the client-credentials grant,
+        e.g. the identity the gateway submits Compute tasks as. The gateway's own client is always known."""
+        self._clients[client_id] = client_secret
 
     def add_policy(
         self, policy_id: str, *, high_assurance: bool, domains: list[str], timeout: int = 3600
@@ -341,6 +359,22 @@ class FakeGlobus:
     def _client_ok(self, request: web.Request) -> bool:
         return _parse_basic(request.headers.get("Authorization")) == (self.client_id, self.client_secret)
 
+    def _known_client(self, request: web.Request) -> str | None:
+        """The id of the registered client authenticating with Basic auth, None if unknown or wrong."""
+        credentials = _parse_basic(request.headers.get("Authorization"))
+        if credentials is None or self._clients.get(credentials[0]) != credentials[1]:
+            return None
+        return credentials[0]
+
+    def _resource_server(self, scope: str) -> str | None:
+        """Which resource server a scope string belongs to; None for scopes this fake does not know."""
+        known = {
+            COMPUTE_SCOPE: COMPUTE_RESOURCE_SERVER,
+            GROUPS_SCOPE: GROUPS_RESOURCE_SERVER,
+            self.scope: self.client_id,
+        }
+        return known.get(scope)
+
     def _live(self, token: str) -> _Token | None:
         record = self._tokens.get(token)
         if record is None or not record.active or record.exp <= time.time():
@@ -405,11 +439,16 @@ class FakeGlobus:
         return {"session_id": record.session_id, "authentications": authentications}
 
     async def _token(self, request: web.Request) -> web.Response:
-        if not self._client_ok(request):
+        client_id = self._known_client(request)
+        if client_id is None:
             return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
         form = await request.post()
+        if form.get("grant_type") == CLIENT_CREDENTIALS_GRANT:
+            return self._client_credentials(client_id, str(form.get("scope", "")))
         if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
-            return _auth_error(400, "UNSUPPORTED_GRANT_TYPE", "only the dependent token grant is faked")
+            return _auth_error(
+                400, "UNSUPPORTED_GRANT_TYPE", "only dependent token and client credentials grants are faked"
+            )
         record = self._live(str(form.get("token", "")))
         if record is None:
             return _auth_error(400, "INVALID_GRANT", "token is not active", "invalid_grant")
@@ -431,6 +470,37 @@ class FakeGlobus:
             if form.get("access_type") == "offline":
                 answer[-1]["refresh_token"] = f"groups-refresh-{secrets.token_urlsafe(16)}"
         return web.json_response(answer)
+
+    def _client_credentials(self, client_id: str, scope: str) -> web.Response:
+        """One token per resource server, the first at the top level and the rest in ``other_tokens``, as
+        ``OAuthTokenResponse.by_resource_server`` reads them. Tokens are also introspectable, as the client's
+        own service identity."""
+        by_server: dict[str, list[str]] = {}
+        for requested in scope.split():
+            server = self._resource_server(requested)
+            if server is None:
+                return _auth_error(400, "INVALID_SCOPE", f"unknown scope {requested}", "invalid_scope")
+            by_server.setdefault(server, []).append(requested)
+        if not by_server:
+            return _auth_error(400, "INVALID_SCOPE", "scope is required", "invalid_scope")
+        tokens: list[dict[str, Any]] = []
+        lifetime = 172800
+        for server, scopes in by_server.items():
+            token = f"cc-{secrets.token_urlsafe(24)}"
+            self.issued_tokens[token] = client_id
+            self.add_token(
+                token, client_id=client_id, scope=" ".join(scopes), exp=int(time.time()) + lifetime
+            )
+            tokens.append(
+                {
+                    "access_token": token,
+                    "scope": " ".join(scopes),
+                    "resource_server": server,
+                    "expires_in": lifetime,
+                    "token_type": "Bearer",
+                }
+            )
+        return web.json_response({**tokens[0], "other_tokens": tokens[1:]})
 
     async def _policy(self, request: web.Request) -> web.Response:
         if not self._client_ok(request):

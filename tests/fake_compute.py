@@ -1,0 +1,546 @@
+"""A local fake of the Globus Compute web service and the endpoints behind it, faithful at the HTTP boundary.
+
+The gateway submits work through globus-sdk's ``ComputeClientV3`` / ``ComputeClientV2`` with payloads packed
+by globus-compute-sdk's serializer. This fake serves the same paths and documents as the real service, so the
+real SDKs can be pointed at it::
+
+    ComputeClientV3(base_url=fake.url, authorizer=...).submit(endpoint_id, batch.prepare())
+    ComputeClientV2(base_url=fake.url, authorizer=...).get_task_batch(task_ids)
+
+Instead of shipping tasks to an HPC site, each submitted task runs a Python callable registered with
+:meth:`FakeCompute.register_function`, for real, in its own thread: it may block on HTTP (the tests' remote
+functions call a fake vLLM and post streaming callbacks to the gateway). Its return value or exception is
+encoded exactly as a ``globus-compute-endpoint`` worker encodes it.
+
+Verified against the installed SDKs (globus-sdk 4.9.1, globus-compute-sdk 4.19.0) and public sources:
+
+- paths, and the request bodies the SDK sends (``ComputeClientV3.submit``, ``ComputeClientV2.get_task_batch``,
+  ``get_task``, ``get_endpoint_status``); the body of a submit is ``Batch.prepare()``;
+- the submit answer ``{request_id, task_group_id, endpoint_id, tasks: {function_id: [task_id]}}``, the
+  ``batch_status`` answer ``{"response": "batch", "results": {task_id: document}}``, the task document
+  ``{task_id, status, result, completion_t, details}`` and the endpoint status document: the example documents
+  in ``globus_sdk.testing.data.compute``, and how ``globus_compute_sdk.Client`` / ``Executor`` read them
+  (a task counts as finished only once ``completion_t`` is set);
+- payloads: ``pack_buffers([serialize(args), serialize(kwargs)])``; the function is not in the payload (the
+  service adds the registered function's code);
+- results: the endpoint worker (``globus_compute_endpoint.engines.helper.execute_task``) answers
+  ``ComputeSerializer.serialize_from_list(value, result_serializers)``; the default data strategy is dill;
+- exceptions: the worker sends plain text, not a serialized object: ``traceback.format_exception`` without
+  its own two innermost frames (``exception_handling.get_error_string``), or ``repr(exc)`` for its internal
+  errors such as ``MaxResultSizeExceeded``. The SDK wraps that text in ``TaskExecutionFailed``.
+
+Assumed (the modern service is closed source): error bodies (``{"code", "message"}``, codes named after the
+last public funcX web service, which answered 404 for unknown endpoints, functions and tasks), 422 for
+malformed requests (the API is a FastAPI application, judging by its operation ids), the details of endpoint
+status beyond ``status`` and ``managers``, the answer for unknown ids in ``batch_status`` (copied from the old
+funcX service), and that results stay readable after the first read (the old service deleted them).
+Not modelled: per-user access to endpoints, functions and tasks; the AMQP result queue (``create_queue``);
+task groups beyond echoing their id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from globus_compute_sdk.errors import MaxResultSizeExceeded
+from globus_compute_sdk.sdk.utils import get_env_details
+from globus_compute_sdk.serialize import ComputeSerializer
+
+WAITING = "waiting-for-ep"
+RUNNING = "running"
+SUCCESS = "success"
+FAILED = "failed"
+ONLINE = "online"
+OFFLINE = "offline"
+# A worker refuses results larger than this (globus-compute-endpoint's default result_size_limit).
+RESULT_SIZE_LIMIT = 10 * 1024 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class RecordedRequest:
+    """One request as it arrived, for asserting the wire format."""
+
+    method: str
+    path: str
+    json: Any  # the decoded JSON body, None without one (or when it was not JSON)
+    authorization: str | None
+    time: float  # time.monotonic() on arrival
+
+
+@dataclass
+class FakeEndpoint:
+    """An endpoint as the service sees it: connected or not, and how many managers (nodes) it has."""
+
+    endpoint_id: str
+    status: str
+    managers: int
+    # Replaced (and the old one set) on every change, so waiters wake up and look again.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class FakeTask:
+    """One submitted task: what it was called with, where it is, and what the service will answer for it."""
+
+    task_id: str
+    function_id: str
+    endpoint_id: str
+    task_group_id: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    result_serializers: list[str]
+    status: str = WAITING
+    result: str | None = None  # serialized, exactly as on the wire
+    exception: str | None = None  # traceback text, exactly as on the wire
+    completion_t: str | None = None
+    details: dict[str, Any] | None = None
+    value: Any = None  # what the function returned, before serialization
+    error: BaseException | None = None  # what it raised
+    submitted_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    payload_error: Exception | None = None  # an undecodable payload fails on the endpoint, not at submit
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def done(self) -> bool:
+        return self.status in (SUCCESS, FAILED)
+
+    def document(self) -> dict[str, Any]:
+        """The task document of ``GET /v2/tasks/{id}`` and ``batch_status``: ``result`` and ``exception`` are
+        present only when set, ``completion_t`` always (null while pending)."""
+        body: dict[str, Any] = {
+            "task_id": self.task_id,
+            "status": self.status,
+            "completion_t": self.completion_t,
+        }
+        if self.result is not None:
+            body["result"] = self.result
+        if self.exception is not None:
+            body["exception"] = self.exception
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+@dataclass
+class _Outcome:
+    """What a worker thread hands back to the event loop; the thread never touches the task itself."""
+
+    started: float
+    ended: float
+    result: str | None = None
+    value: Any = None
+    exception: str | None = None
+    error: BaseException | None = None
+
+
+class _RequestError(Exception):
+    """Raised by request parsing to answer an error document."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _compute_error(status: int, code: str, message: str) -> web.Response:
+    """An error body globus-sdk parses into ``ComputeAPIError.code`` / ``.message`` (shape assumed)."""
+    body = {"code": code, "message": message, "request_id": secrets.token_hex(8)}
+    return web.json_response(body, status=status)
+
+
+def _uuid(value: str, what: str) -> str:
+    """The canonical form of a UUID; a 422 like FastAPI's path validation otherwise."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        raise _RequestError(422, "REQUEST_MALFORMED", f"{what} is not a valid UUID: {value!r}") from None
+
+
+def _unpack_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
+    """(args, kwargs) from a payload built by ``Batch.add``: two packed, serialized buffers."""
+    buffers = ComputeSerializer.unpack_buffers(payload)
+    if len(buffers) != 2:
+        raise ValueError(f"expected 2 buffers (args, kwargs), got {len(buffers)}")
+    serde = ComputeSerializer()
+    args, kwargs = serde.deserialize(buffers[0]), serde.deserialize(buffers[1])
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        raise TypeError(f"args must be a sequence and kwargs a dict, got {type(args)}, {type(kwargs)}")
+    return list(args), kwargs
+
+
+def _error_string(exc: BaseException) -> str:
+    """What a worker reports for an exception: the traceback without its own frame, or ``repr`` for the
+    worker's internal errors (``get_error_string`` in globus-compute-endpoint)."""
+    if isinstance(exc, MaxResultSizeExceeded):
+        return repr(exc)
+    tb = exc.__traceback__
+    inner = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    return "".join(traceback.format_exception(type(exc), exc, inner))
+
+
+class FakeCompute:
+    """The Globus Compute web service (submit, task status, endpoint status) with in-process endpoints.
+
+    Knobs that may be changed at any time, also while the gateway under test is running: ``queue_delay``
+    (seconds a task stays ``waiting-for-ep`` before it runs), ``fail_status`` (every request answers this
+    status), ``delay`` (every answer waits this long), ``result_size_limit``, and endpoints through
+    :meth:`set_endpoint`. Mutate state from the event loop the fake runs on (the test's loop).
+    """
+
+    def __init__(self, *, accepted_tokens: Callable[[str], bool] | None = None) -> None:
+        """``accepted_tokens`` decides which bearer tokens are valid, e.g.
+        ``lambda token: token in fake_globus.issued_tokens``; ``None`` accepts any bearer token."""
+        self.accepted_tokens = accepted_tokens
+        self.requests: list[RecordedRequest] = []
+        self.tasks: dict[str, FakeTask] = {}
+        self.queue_delay = 0.0
+        self.fail_status: int | None = None
+        self.delay = 0.0
+        self.result_size_limit = RESULT_SIZE_LIMIT
+        self._endpoints: dict[str, FakeEndpoint] = {}
+        self._functions: dict[str, Callable[..., Any]] = {}
+        self._runs: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._port = 0
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint_id: str, *, status: str = ONLINE, managers: int = 1) -> None:
+        """Register an endpoint (a UUID, as the service requires) that tasks may be submitted to."""
+        _check_status(status)
+        endpoint_id = str(uuid.UUID(endpoint_id))
+        self._endpoints[endpoint_id] = FakeEndpoint(endpoint_id, status, managers)
+
+    def set_endpoint(
+        self, endpoint_id: str, *, status: str | None = None, managers: int | None = None
+    ) -> None:
+        """Change an endpoint: taking it offline holds its tasks (waiting ones, and the results of running
+        ones, which reach the service only through a connected endpoint); online again releases them."""
+        endpoint = self._endpoints[str(uuid.UUID(endpoint_id))]
+        if status is not None:
+            _check_status(status)
+            endpoint.status = status
+        if managers is not None:
+            endpoint.managers = managers
+        previous, endpoint.changed = endpoint.changed, asyncio.Event()
+        previous.set()
+
+    def register_function(self, function_id: str, function: Callable[..., Any]) -> None:
+        """The callable that runs for tasks of ``function_id`` (a UUID: ``Batch.add`` insists on one)."""
+        self._functions[str(uuid.UUID(function_id))] = function
+
+    def task(self, task_id: str) -> FakeTask:
+        return self.tasks[task_id]
+
+    def count(self, path_suffix: str) -> int:
+        """How many requests hit a path ending with ``path_suffix``."""
+        return sum(1 for r in self.requests if r.path.endswith(path_suffix))
+
+    async def settled(self, task_id: str, timeout: float = 5.0) -> FakeTask:
+        """Wait until a task has succeeded or failed, as the service will report it."""
+        task = self.tasks[task_id]
+        await asyncio.wait_for(task.finished.wait(), timeout)
+        return task
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``base_url`` for ComputeClientV2 / ComputeClientV3."""
+        if not self._port:
+            raise RuntimeError("FakeCompute is not started")
+        return f"http://127.0.0.1:{self._port}"
+
+    async def start(self) -> None:
+        """Listen on an ephemeral port; after a stop(), on the same port again (the service coming back)."""
+        if self._runner is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        runner = web.AppRunner(
+            self._build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.2
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._port = runner.addresses[0][1]
+        self._runner = runner
+
+    async def stop(self, *, keep_tasks: bool = False) -> None:
+        """Close the port: the service becomes unreachable. Unless ``keep_tasks`` (an outage of the cloud
+        service while endpoints keep working), also abandon all tasks. Threads already running a function
+        cannot be interrupted: they are daemon threads and their outcome is dropped."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        if not keep_tasks:
+            runs, self._runs = list(self._runs), set()
+            for run in runs:
+                run.cancel()
+            await asyncio.gather(*runs, return_exceptions=True)
+
+    async def __aenter__(self) -> FakeCompute:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_post("/v3/endpoints/{endpoint_id}/submit", self._submit)
+        app.router.add_post("/v2/batch_status", self._batch_status)
+        app.router.add_get("/v2/tasks/{task_id}", self._get_task)
+        app.router.add_get("/v2/endpoints/{endpoint_id}/status", self._endpoint_status)
+        return app
+
+    # -- cross-cutting behaviour -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Record every request, then apply ``delay``, ``fail_status`` and the bearer-token check."""
+        body: Any = None
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+        self.requests.append(
+            RecordedRequest(
+                method=request.method,
+                path=request.path,
+                json=body,
+                authorization=request.headers.get("Authorization"),
+                time=time.monotonic(),
+            )
+        )
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
+        if self.fail_status is not None:
+            code = "SERVICE_UNAVAILABLE" if self.fail_status == 503 else "ERROR"
+            return _compute_error(
+                self.fail_status, code, f"fake Compute configured to fail with {self.fail_status}"
+            )
+        if not self._authorized(request.headers.get("Authorization")):
+            return _compute_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
+        try:
+            return await handler(request)
+        except _RequestError as error:
+            return _compute_error(error.status, error.code, error.message)
+        except web.HTTPNotFound:
+            return _compute_error(404, "NOT_FOUND", f"no route {request.path}")
+        except web.HTTPMethodNotAllowed:
+            return _compute_error(405, "METHOD_NOT_ALLOWED", f"{request.method} {request.path}")
+
+    def _authorized(self, header: str | None) -> bool:
+        if not header or not header.startswith("Bearer ") or not header[7:].strip():
+            return False
+        return self.accepted_tokens is None or self.accepted_tokens(header[7:].strip())
+
+    # -- routes ------------------------------------------------------------------------------------------
+
+    async def _submit(self, request: web.Request) -> web.Response:
+        """All or nothing: an unknown endpoint or function rejects the whole batch before any task exists."""
+        endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
+        body = await _json_object(request)
+        batches = body.get("tasks")
+        if not isinstance(batches, dict) or not all(
+            isinstance(payloads, list) and all(isinstance(p, str) for p in payloads)
+            for payloads in batches.values()
+        ):
+            raise _RequestError(422, "REQUEST_MALFORMED", "tasks must map function ids to lists of payloads")
+        serializers = body.get("result_serializers") or []
+        if not isinstance(serializers, list) or not all(isinstance(s, str) for s in serializers):
+            raise _RequestError(422, "REQUEST_MALFORMED", "result_serializers must be a list of strings")
+        if endpoint_id not in self._endpoints:
+            raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
+        functions = {fid: _uuid(fid, "function_id") for fid in batches}
+        for function_id in functions.values():
+            if function_id not in self._functions:
+                raise _RequestError(
+                    404, "FUNCTION_NOT_FOUND", f"Function {function_id} could not be resolved"
+                )
+        group = body.get("task_group_id")
+        task_group_id = _uuid(group, "task_group_id") if group else str(uuid.uuid4())
+        answer: dict[str, list[str]] = {}
+        for given_id, payloads in batches.items():
+            answer[given_id] = [
+                self._enqueue(endpoint_id, functions[given_id], task_group_id, payload, serializers)
+                for payload in payloads
+            ]
+        return web.json_response(
+            {
+                "request_id": str(uuid.uuid4()),
+                "task_group_id": task_group_id,
+                "endpoint_id": endpoint_id,
+                "tasks": answer,
+            }
+        )
+
+    async def _batch_status(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        task_ids = body.get("task_ids")
+        if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
+            raise _RequestError(422, "REQUEST_MALFORMED", "task_ids must be a list of strings")
+        results: dict[str, dict[str, Any]] = {}
+        for task_id in task_ids:
+            task = self.tasks.get(task_id)
+            # The old funcX service's answer for unknown ids; the SDK reads it as a failure without task_id.
+            results[task_id] = task.document() if task else {"status": "Failed", "reason": "Unknown task id"}
+        return web.json_response({"response": "batch", "results": results})
+
+    async def _get_task(self, request: web.Request) -> web.Response:
+        task_id = _uuid(request.match_info["task_id"], "task_id")
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise _RequestError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
+        return web.json_response(task.document())
+
+    async def _endpoint_status(self, request: web.Request) -> web.Response:
+        """The shape of globus-sdk's example document. Worker and task counts are approximations (one worker
+        per manager); the gateway only reads ``status`` and ``details.managers``."""
+        endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
+        endpoint = self._endpoints.get(endpoint_id)
+        if endpoint is None:
+            raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
+        mine = [t for t in self.tasks.values() if t.endpoint_id == endpoint_id]
+        waiting = sum(1 for t in mine if t.status == WAITING)
+        running = sum(1 for t in mine if t.status == RUNNING)
+        details = {
+            "total_workers": endpoint.managers,
+            "idle_workers": max(0, endpoint.managers - running),
+            "pending_tasks": waiting,
+            "outstanding_tasks": waiting + running,
+            "managers": endpoint.managers,
+        }
+        return web.json_response({"status": endpoint.status, "details": details})
+
+    # -- task execution ----------------------------------------------------------------------------------
+
+    def _enqueue(
+        self, endpoint_id: str, function_id: str, task_group_id: str, payload: str, serializers: list[str]
+    ) -> str:
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        payload_error: Exception | None = None
+        try:
+            args, kwargs = _unpack_payload(payload)
+        except Exception as exc:
+            payload_error = exc
+        task = FakeTask(
+            task_id=str(uuid.uuid4()),
+            function_id=function_id,
+            endpoint_id=endpoint_id,
+            task_group_id=task_group_id,
+            args=args,
+            kwargs=kwargs,
+            result_serializers=list(serializers),
+            payload_error=payload_error,
+        )
+        self.tasks[task.task_id] = task
+        run = asyncio.get_running_loop().create_task(self._run(task, self._functions[function_id]))
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+        return task.task_id
+
+    async def _run(self, task: FakeTask, function: Callable[..., Any]) -> None:
+        endpoint = self._endpoints[task.endpoint_id]
+        await _online(endpoint)
+        if self.queue_delay > 0:
+            await asyncio.sleep(self.queue_delay)
+            await _online(endpoint)
+        task.status = RUNNING
+        task.started_at = time.time()
+        outcome = await _in_daemon_thread(self._execute, task, function)
+        await _online(endpoint)
+        task.finished_at = time.time()
+        task.completion_t = str(task.finished_at)
+        task.details = {
+            **get_env_details(),
+            "endpoint_id": task.endpoint_id,
+            "task_transitions": {"execution-start": outcome.started, "execution-end": outcome.ended},
+        }
+        task.result, task.value = outcome.result, outcome.value
+        task.exception, task.error = outcome.exception, outcome.error
+        task.status = SUCCESS if outcome.exception is None else FAILED
+        task.finished.set()
+
+    def _execute(self, task: FakeTask, function: Callable[..., Any]) -> _Outcome:
+        """Runs in a worker thread, like ``execute_task`` on an endpoint: call, serialize, check the size.
+        Unlike a worker, which dies on ``SystemExit`` and the like, this reports any exception as failed."""
+        started = time.time()
+        try:
+            if task.payload_error is not None:
+                raise task.payload_error
+            value = function(*task.args, **task.kwargs)
+            result = ComputeSerializer.serialize_from_list(value, task.result_serializers)
+            if len(result) > self.result_size_limit:
+                raise MaxResultSizeExceeded(len(result), self.result_size_limit)
+        except BaseException as exc:
+            return _Outcome(started, time.time(), exception=_error_string(exc), error=exc)
+        return _Outcome(started, time.time(), result=result, value=value)
+
+
+def _check_status(status: str) -> None:
+    if status not in (ONLINE, OFFLINE):
+        raise ValueError(f"endpoint status must be {ONLINE!r} or {OFFLINE!r}, not {status!r}")
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _RequestError(422, "REQUEST_MALFORMED", "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise _RequestError(422, "REQUEST_MALFORMED", "body must be a JSON object")
+    return body
+
+
+async def _online(endpoint: FakeEndpoint) -> None:
+    """Return once the endpoint is connected; the event is read before the status, so no change is missed."""
+    while True:
+        changed = endpoint.changed
+        if endpoint.status == ONLINE:
+            return
+        await changed.wait()
+
+
+async def _in_daemon_thread(call: Callable[..., _Outcome], *args: Any) -> _Outcome:
+    """Run a blocking call in a fresh daemon thread. Not the loop's default executor: long remote functions
+    would starve the test's own ``asyncio.to_thread`` SDK calls, and a hung one would block the exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_Outcome] = loop.create_future()
+
+    def deliver(outcome: _Outcome) -> None:
+        if not future.done():  # cancelled when the fake stopped meanwhile
+            future.set_result(outcome)
+
+    def work() -> None:
+        outcome = call(*args)  # never raises: _execute turns every exception into an outcome
+        with contextlib.suppress(RuntimeError):  # a closed loop: the test is over, nobody waits for this
+            loop.call_soon_threadsafe(deliver, outcome)
+
+    threading.Thread(target=work, name="fake-compute-task", daemon=True).start()
+    return await future
