@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import globus_sdk
 from globus_compute_sdk.sdk.batch import Batch
-from globus_compute_sdk.serialize import ComputeSerializer, JSONData
+from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -206,8 +206,12 @@ class ComputeService:
 
 
 def _json_serializer() -> ComputeSerializer:
-    """Arguments travel as JSON, readable by any endpoint and never executed as code."""
-    return ComputeSerializer(strategy_data=JSONData())  # type: ignore[no-untyped-call]
+    """Arguments and results travel as JSON; a result in any other form (dill, which would run
+    code in the gateway) is refused."""
+    return ComputeSerializer(
+        strategy_data=JSONData(),  # type: ignore[no-untyped-call]
+        allowed_deserializer_types=[JSONData, AllowlistWildcard.CODE],
+    )
 
 
 _services: dict[tuple[Any, ...], ComputeService] = {}

@@ -45,21 +45,25 @@ class Server:
     app: web.Application
 
 
-async def start(app: web.Application) -> tuple[web.AppRunner, str]:
+async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
     """The same runner options as `inference-gateway` uses in production."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
 
 
-def closed_port_url() -> str:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
 
 
 def write_yaml(path: Path, document: Any) -> Path:
@@ -135,7 +139,7 @@ async def start_gateway(config: Path) -> tuple[web.AppRunner, Server]:
     thread keeps them off this event loop, where the fakes run."""
     settings = load_settings(config)
     registry, authenticator = await asyncio.to_thread(load_parts, settings)
-    runner, url = await start(create_app(settings, registry, authenticator))
+    runner, url = await start(create_app(settings, registry, authenticator), settings.server.port)
     return runner, Server(url=f"{url}{settings.server.base_path}", app=runner.app)
 
 

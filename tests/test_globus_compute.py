@@ -1,0 +1,470 @@
+"""Globus Compute backends end to end: the real SDKs against local fakes of Globus Auth and Globus
+Compute, whose "remote" functions run for real (our compute function calling the fake vLLM, or
+callers that behave like the existing gateway's function), streaming back through the relay."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from bench.backend import DISCONNECTS, REQUESTS
+from tests.conftest import (
+    CHAT_MODEL,
+    TOKENS,
+    Server,
+    auth,
+    chat,
+    free_port,
+    start_gateway,
+    write_gateway_config,
+    write_yaml,
+)
+from tests.fake_compute import FakeCompute
+from tests.fake_globus import FakeGlobus
+from tests.test_routes import assert_openai_error, call
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "compute-relay-secret-0123"
+SERVICE_ID, SERVICE_SECRET = "7d0e1c36-2b57-4f0c-9a2b-6f1c5b0e9a11", "service-account-secret"
+ENDPOINT = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
+INFER = "11111111-aaaa-4bbb-8ccc-000000000001"
+QSTAT = "11111111-aaaa-4bbb-8ccc-000000000002"
+LEGACY = "11111111-aaaa-4bbb-8ccc-000000000003"
+SLOW_MODEL = "slow/Compute-Model"
+LEGACY_MODEL = "legacy/Compute-Model"
+
+
+def load_function() -> Callable[[dict[str, Any]], str]:
+    spec = importlib.util.spec_from_file_location(
+        "vllm_inference", ROOT / "compute-functions" / "vllm_inference.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.vllm_inference  # type: ignore[no-any-return]
+
+
+def qstat() -> str:
+    return json.dumps(
+        {
+            "running": [
+                {"Models": f"{CHAT_MODEL},{SLOW_MODEL}", "Framework": "vllm", "Cluster": "hpc", "Job ID": "1"}
+            ],
+            "queued": [{"Models": "hidden/model", "Framework": "vllm", "Cluster": "hpc"}],
+            "stopped": [],
+            "others": [],
+            "private_batch_running": [],
+            "private_batch_queued": [],
+            "cluster_status": {"cluster": "hpc", "total_models": 3},
+        }
+    )
+
+
+class Callback:
+    """POSTs to the gateway's callback routes the way the existing function does."""
+
+    def __init__(self, gateway: dict[str, Any]) -> None:
+        base = f"{gateway['streaming_server_protocol']}://{gateway['streaming_server_host']}"
+        self.url = f"{base}:{gateway['streaming_server_port']}/resource_server/api/streaming/"
+        self.task_id = gateway["stream_task_id"]
+        self.token = gateway["stream_task_token"]
+
+    def post(self, route: str, body: dict[str, Any], token: str | None = None) -> int:
+        request = urllib.request.Request(
+            self.url + route + "/",
+            data=json.dumps({"task_id": self.task_id, **body}).encode(),
+            headers={
+                "Content-Type": "application/json",
+                "X-Internal-Secret": SECRET,
+                "X-Stream-Task-Token": token or self.token,
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return int(error.code)
+
+
+def legacy_function(parameters: dict[str, Any]) -> str:
+    """Behaves like the existing gateway's function, steered by the prompt: data in batches of
+    lines, then done; or an error; or a forged token. It never looks at 410."""
+    params = parameters["model_params"]
+    callback = Callback(params)
+    prompt = params["messages"][-1]["content"]
+    if prompt == "forged":
+        status = callback.post("data", {"data": "data: {}", "type": "data"}, token="forged")
+        raise RuntimeError(f"the gateway answered {status}")
+    if prompt == "error":
+        callback.post("error", {"error": "CUDA out of memory (status code: 500)"})
+        raise RuntimeError("CUDA out of memory")
+    lines = [f'data: {{"choices": [{{"index": 0, "delta": {{"content": "w{n} "}}}}]}}' for n in range(45)]
+    for start in range(0, len(lines), 20):
+        callback.post("data", {"data": "\n".join(lines[start : start + 20]), "type": "data"})
+    callback.post("data", {"data": "data: [DONE]", "type": "data"})
+    callback.post("done", {"type": "done"})
+    return json.dumps({"streamed": True})
+
+
+def compute_endpoint(
+    model: str, function: str, backend: Server, compute: FakeCompute, globus: FakeGlobus, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "cluster": "hpc",
+        "framework": "vllm",
+        "model": model,
+        "endpoint_adapter": "resource_server_async.endpoints.globus_compute.GlobusComputeEndpoint",
+        "config": {
+            "api_port": int(backend.url.rsplit(":", 1)[1]),
+            "endpoint_uuid": ENDPOINT,
+            "function_uuid": function,
+            "client_id": SERVICE_ID,
+            "client_secret": SERVICE_SECRET,
+            "compute_url": compute.url,
+            "auth_url": globus.auth_url,
+            "poll_interval_seconds": 0.05,
+            **extra,
+        },
+    }
+
+
+def compute_config(
+    directory: Path,
+    backend: Server,
+    compute: FakeCompute,
+    globus: FakeGlobus,
+    port: int,
+    redis_url: str | None = None,
+) -> Path:
+    path = write_gateway_config(directory, backend.url, port=port)
+    document = yaml.safe_load(path.read_text())
+    document["streaming"] = {
+        "internal_secret": SECRET,
+        "callback_url": f"http://127.0.0.1:{port}",
+        "keepalive_seconds": 5,
+    }
+    if redis_url:
+        document["redis_url"] = redis_url
+    path.write_text(yaml.safe_dump(document))
+    cluster = {
+        "cluster_name": "hpc",
+        "cluster_adapter": "resource_server_async.clusters.globus_compute.GlobusComputeCluster",
+        "frameworks": ["vllm"],
+        "openai_endpoints": ["chat/completions", "completions", "embeddings"],
+        "config": {
+            "qstat_endpoint_uuid": ENDPOINT,
+            "qstat_function_uuid": QSTAT,
+            "client_id": SERVICE_ID,
+            "client_secret": SERVICE_SECRET,
+            "compute_url": compute.url,
+            "auth_url": globus.auth_url,
+            "poll_interval_seconds": 0.05,
+        },
+    }
+    clusters = [*yaml.safe_load((directory / "clusters.yaml").read_text()), cluster]
+    endpoints = [
+        *yaml.safe_load((directory / "endpoints.yaml").read_text()),
+        compute_endpoint(CHAT_MODEL, INFER, backend, compute, globus),
+        compute_endpoint(SLOW_MODEL, INFER, backend, compute, globus, task_timeout_seconds=0.5),
+        compute_endpoint(LEGACY_MODEL, LEGACY, backend, compute, globus),
+    ]
+    write_yaml(directory / "clusters.yaml", clusters)
+    write_yaml(directory / "endpoints.yaml", endpoints)
+    return path
+
+
+@pytest.fixture
+async def globus() -> AsyncIterator[FakeGlobus]:
+    async with FakeGlobus() as fake:
+        fake.add_client(SERVICE_ID, SERVICE_SECRET)
+        yield fake
+
+
+@pytest.fixture
+async def compute(globus: FakeGlobus, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeCompute]:
+    monkeypatch.setenv("INTERNAL_STREAMING_SECRET", SECRET)
+    async with FakeCompute(accepted_tokens=lambda token: token in globus.issued_tokens) as fake:
+        fake.add_endpoint(ENDPOINT)
+        fake.register_function(INFER, load_function())
+        fake.register_function(QSTAT, qstat)
+        fake.register_function(LEGACY, legacy_function)
+        yield fake
+
+
+@pytest.fixture
+async def gateway(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path
+) -> AsyncIterator[Server]:
+    runner, server = await start_gateway(compute_config(tmp_path, backend, compute, globus, free_port()))
+    yield server
+    await runner.cleanup()
+
+
+def hpc(gateway: Server) -> str:
+    return f"{gateway.url}/hpc/vllm/v1"
+
+
+def client(gateway: Server) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=hpc(gateway), api_key=TOKENS["alice"], max_retries=0)
+
+
+async def test_chat_through_globus_compute_with_the_existing_payload(
+    gateway: Server, compute: FakeCompute, backend: Server, globus: FakeGlobus
+) -> None:
+    async with client(gateway) as api:
+        answer = await api.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "Hi"}], extra_body={"top_k": 3}
+        )
+    assert answer.choices[0].message.content
+    task = next(iter(compute.tasks.values()))
+    assert list(task.args) == [
+        {
+            "model_params": {
+                "model": CHAT_MODEL,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "top_k": 3,
+                "openai_endpoint": "chat/completions",
+                "api_port": int(backend.url.rsplit(":", 1)[1]),
+            }
+        },
+    ]
+    assert backend.app[REQUESTS][-1]["body"] == {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "top_k": 3,
+    }
+    submit = next(r for r in compute.requests if r.path.endswith("/submit"))
+    assert submit.json["result_serializers"] == ["globus_compute_sdk.serialize.JSONData"]
+    assert submit.authorization in {f"Bearer {token}" for token in globus.issued_tokens}
+
+
+async def test_one_poller_asks_for_every_task_at_once(gateway: Server, compute: FakeCompute) -> None:
+    async with client(gateway) as api:
+        answers = await asyncio.gather(
+            *(
+                api.chat.completions.create(
+                    model=CHAT_MODEL, messages=[{"role": "user", "content": f"q{n} [[delay=0.3]]"}]
+                )
+                for n in range(20)
+            )
+        )
+    assert len(answers) == 20
+    polls = [r for r in compute.requests if r.path.endswith("/batch_status")]
+    assert max(len(r.json["task_ids"]) for r in polls) >= 10
+    assert len(polls) < 40, "a poll per request per tick would make hundreds"
+
+
+async def test_vllm_client_error_comes_back_as_that_error(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    status, document, _ = await call(
+        http, "POST", f"{hpc(gateway)}/chat/completions", json=chat("[[status=400]]"), headers=auth()
+    )
+    assert status == 400
+    assert assert_openai_error(document)["message"] == "fake backend error 400"
+
+
+async def test_task_failure_is_502(gateway: Server, http: aiohttp.ClientSession) -> None:
+    status, document, _ = await call(
+        http, "POST", f"{hpc(gateway)}/chat/completions", json=chat("[[status=500]]"), headers=auth()
+    )
+    assert status == 502
+    assert assert_openai_error(document)["type"] == "upstream_error"
+
+
+async def test_timeout_is_504_with_the_task_id_and_spares_other_requests(
+    gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    url = f"{hpc(gateway)}/chat/completions"
+    slow = call(http, "POST", url, json=chat("[[delay=1]]", model=SLOW_MODEL), headers=auth())
+    patient = call(http, "POST", url, json=chat("[[delay=1]]"), headers=auth())
+    (slow_status, slow_document, _), (patient_status, _, _) = await asyncio.gather(slow, patient)
+    assert slow_status == 504 and patient_status == 200
+    message = assert_openai_error(slow_document)["message"]
+    assert any(task_id in message for task_id in compute.tasks)
+
+
+async def test_offline_endpoint_and_cold_start_are_503(
+    gateway: Server,
+    compute: FakeCompute,
+    http: aiohttp.ClientSession,
+    backend: Server,
+    globus: FakeGlobus,
+    tmp_path: Path,
+) -> None:
+    compute.set_endpoint(ENDPOINT, status="offline")
+    (tmp_path / "x").mkdir()
+    runner, fresh = await start_gateway(compute_config(tmp_path / "x", backend, compute, globus, free_port()))
+    try:
+        status, document, _ = await call(
+            http, "POST", f"{hpc(fresh)}/chat/completions", json=chat(), headers=auth()
+        )
+        assert status == 503 and "offline" in assert_openai_error(document)["message"]
+    finally:
+        await runner.cleanup()
+    compute.set_endpoint(ENDPOINT, status="online", managers=0)
+    (tmp_path / "y").mkdir()
+    runner, cold = await start_gateway(compute_config(tmp_path / "y", backend, compute, globus, free_port()))
+    try:
+        first = call(http, "POST", f"{hpc(cold)}/chat/completions", json=chat(), headers=auth())
+        first_task = asyncio.ensure_future(first)
+        await asyncio.sleep(0.3)
+        status, document, _ = await call(
+            http, "POST", f"{hpc(cold)}/chat/completions", json=chat(), headers=auth()
+        )
+        assert status == 503 and "starting" in assert_openai_error(document)["message"]
+        assert (await first_task)[0] == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_streaming_through_the_relay_with_the_openai_client(gateway: Server) -> None:
+    async with client(gateway) as api:
+        stream = await api.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[chunks=30]]"}], stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) >= 30 and text
+
+
+async def test_streaming_with_curl(gateway: Server) -> None:
+    body = json.dumps(
+        {
+            "model": CHAT_MODEL,
+            "stream": True,
+            "messages": [{"role": "user", "content": "[[chunks=3]][[chunk_delay=0.7]]"}],
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "-N", "-H", f"Authorization: Bearer {TOKENS['alice']}",
+        "-H", "Content-Type: application/json",
+        "-d", body, f"{hpc(gateway)}/chat/completions", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 10)
+    assert first.startswith(b"data: {") and process.returncode is None
+    rest = await asyncio.wait_for(process.stdout.read(), 15)
+    assert await process.wait() == 0 and rest.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_streaming_error_before_any_chunk_is_a_plain_status(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    status, document, _ = await call(
+        http,
+        "POST",
+        f"{hpc(gateway)}/chat/completions",
+        json=chat("[[status=400]]", stream=True),
+        headers=auth(),
+    )
+    assert status == 400 and assert_openai_error(document)["message"] == "fake backend error 400"
+
+
+async def test_client_disconnect_stops_the_remote_generation(
+    gateway: Server, backend: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    body = chat("[[chunks=100]][[chunk_delay=0.05]]", stream=True)
+    response = await http.post(f"{hpc(gateway)}/chat/completions", json=body, headers=auth())
+    assert (await response.content.readany()).startswith(b"data: ")
+    response.close()
+    task = await compute.settled(next(iter(compute.tasks)), timeout=10)
+    assert json.loads(task.value)["cancelled"] is True
+    assert backend.app[DISCONNECTS] == 1
+
+
+async def test_the_existing_functions_callbacks_are_accepted(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        f"{hpc(gateway)}/chat/completions", json=chat(model=LEGACY_MODEL, stream=True), headers=auth()
+    ) as response:
+        events = [e for e in (await response.read()).decode().split("\n\n") if e and not e.startswith(":")]
+    assert len(events) == 46 and events[-1] == "data: [DONE]"
+    assert events[0].startswith('data: {"choices"') and "w44 " in events[-2]
+
+
+@pytest.mark.parametrize(
+    "prompt, fragment", [("error", "CUDA out of memory"), ("forged", "the gateway answered 403")]
+)
+async def test_function_errors_end_the_stream(
+    gateway: Server, http: aiohttp.ClientSession, prompt: str, fragment: str
+) -> None:
+    status, document, _ = await call(
+        http,
+        "POST",
+        f"{hpc(gateway)}/chat/completions",
+        json=chat(prompt, model=LEGACY_MODEL, stream=True),
+        headers=auth(),
+    )
+    assert status == 502
+    assert fragment in assert_openai_error(document)["message"]
+
+
+async def test_jobs_from_the_qstat_function(gateway: Server, http: aiohttp.ClientSession) -> None:
+    status, document, _ = await call(http, "GET", f"{gateway.url}/hpc/jobs", headers=auth())
+    assert status == 200
+    assert document["running"][0]["Models"] == f"{CHAT_MODEL},{SLOW_MODEL}"
+    assert document["running"][0]["Job ID"] == "1"
+    assert document["queued"] == [], "models without an endpoint the caller may use are hidden"
+
+
+async def test_redis_relay_across_two_gateway_processes(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path, redis_url: str
+) -> None:
+    """The client holds its stream on this process; the function's callbacks land on another one."""
+    receiver_port = free_port()
+    (tmp_path / "receiver").mkdir()
+    receiver_config = compute_config(
+        tmp_path / "receiver", backend, compute, globus, receiver_port, redis_url
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(receiver_config), cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    (tmp_path / "holder").mkdir()
+    holder_config = compute_config(tmp_path / "holder", backend, compute, globus, free_port(), redis_url)
+    document = yaml.safe_load(holder_config.read_text())
+    document["streaming"]["callback_url"] = f"http://127.0.0.1:{receiver_port}"
+    holder_config.write_text(yaml.safe_dump(document))
+    runner, holder = await start_gateway(holder_config)
+    try:
+        await wait_until_serving(receiver_port)
+        async with client(holder) as api:
+            stream = await api.chat.completions.create(
+                model=CHAT_MODEL, messages=[{"role": "user", "content": "[[chunks=10]]"}], stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+        assert len([c for c in chunks if c.choices]) >= 10
+    finally:
+        await runner.cleanup()
+        process.terminate()
+        await process.wait()
+
+
+async def wait_until_serving(port: int) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/resource_server/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("the second gateway did not start")
