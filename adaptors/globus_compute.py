@@ -9,7 +9,6 @@ the service about every task in flight at once; no AMQP and no polling loop per 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -29,7 +28,10 @@ from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
     BaseEndpoint,
+    BatchStatusEnum,
+    GetBatchStatusResponse,
     StreamError,
+    SubmitBatchResponse,
     SubmitStreamingTaskResponse,
     SubmitTaskResponse,
 )
@@ -151,17 +153,26 @@ class ComputeService:
             if not task_ids:
                 continue
             try:
-                documents = await self._blocking(functools.partial(self._statuses, task_ids))
+                documents = await self.statuses(task_ids)
             except (globus_sdk.GlobusError, ValueError) as exc:
                 log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
                 continue
             for task_id, document in documents.items():
                 self._settle(task_id, document)
 
-    def _statuses(self, task_ids: list[str]) -> dict[str, Any]:
-        answer = self._sdk()[0].get_task_batch(task_ids)
-        results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
-        return dict(results)
+    async def statuses(self, task_ids: list[str]) -> dict[str, Any]:
+        """The raw task documents, for every id at once (`get_batch_result` would drop failures)."""
+
+        def ask() -> dict[str, Any]:
+            answer = self._sdk()[0].get_task_batch(task_ids)
+            results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
+            return dict(results)
+
+        return await self._blocking(ask)
+
+    def value(self, document: dict[str, Any]) -> Any:
+        """A finished task's return value; it must have come back as JSON."""
+        return self._serializer.deserialize(document["result"])
 
     def _settle(self, task_id: str, document: dict[str, Any]) -> None:
         pending = self._pending.get(task_id)
@@ -170,7 +181,7 @@ class ComputeService:
         status = str(document.get("status", "")).lower()
         if status == "success" and "result" in document:
             try:
-                pending.future.set_result(self._serializer.deserialize(document["result"]))
+                pending.future.set_result(self.value(document))
             except Exception as exc:
                 pending.future.set_exception(TaskFailed(f"unreadable task result ({type(exc).__name__})"))
         elif status == "failed" or "exception" in document:
@@ -327,6 +338,37 @@ class GlobusComputeEndpoint(BaseEndpoint):
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
         return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
 
+    def has_batch_enabled(self) -> bool:
+        return bool(self.config.batch_endpoint_uuid and self.config.batch_function_uuid)
+
+    async def submit_batch(self, batch_data: dict[str, Any], username: str) -> SubmitBatchResponse:
+        """The existing batch function's payload: file paths on the cluster, the batch id and user."""
+        if not (self.config.batch_endpoint_uuid and self.config.batch_function_uuid):
+            return await super().submit_batch(batch_data, username)
+        batch_id = str(batch_data["batch_id"])
+        fields = ("input_file", "model", "output_folder_path")
+        params = {key: batch_data[key] for key in fields if batch_data.get(key) is not None}
+        payload = {"model_params": params, "batch_id": batch_id, "username": username}
+        try:
+            task_id = await self._ready().submit(
+                self.config.batch_endpoint_uuid, self.config.batch_function_uuid, payload
+            )
+        except globus_sdk.GlobusError as exc:
+            return SubmitBatchResponse(error_code=503, error_message=_submit_failure(exc))
+        return SubmitBatchResponse(batch_id=batch_id, task_ids=task_id, status=BatchStatusEnum.pending)
+
+    async def get_batch_status(self, batch: Any) -> GetBatchStatusResponse:
+        """`batch` is the gateway's record of it; its `task_ids` are comma-separated."""
+        task_ids = [task_id for task_id in str(batch.task_ids or "").split(",") if task_id]
+        if not task_ids:
+            return GetBatchStatusResponse(error_code=400, error_message="The batch has no task.")
+        service = self._ready()
+        try:
+            documents = await service.statuses(task_ids)
+        except globus_sdk.GlobusError as exc:
+            return GetBatchStatusResponse(error_code=503, error_message=_submit_failure(exc))
+        return _batch_status(service, [documents.get(task_id, {}) for task_id in task_ids])
+
     async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
         """The task's own end also ends the stream: a failure before any callback is not a silence."""
         try:
@@ -401,6 +443,25 @@ async def _drain(stream: RelayStream) -> None:
             pass
     except StreamError:
         pass
+
+
+def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> GetBatchStatusResponse:
+    states = [str(document.get("status", "")).lower() for document in documents]
+    if "failed" in states:
+        failed = documents[states.index("failed")]
+        message = str(failed.get("exception") or failed.get("reason") or "The batch task failed.")
+        return GetBatchStatusResponse(status=BatchStatusEnum.failed, error_message=message[-2000:])
+    if states and all(state == "success" for state in states):
+        try:
+            values = [_unwrap(service.value(document)) for document in documents]
+        except ValueError:
+            return GetBatchStatusResponse(
+                status=BatchStatusEnum.failed, error_message="Unreadable batch result."
+            )
+        result = values[0] if len(values) == 1 else "[" + ",".join(values) + "]"
+        return GetBatchStatusResponse(status=BatchStatusEnum.completed, result=result)
+    running = any(state in ("running", "success") for state in states)
+    return GetBatchStatusResponse(status=BatchStatusEnum.running if running else BatchStatusEnum.pending)
 
 
 def _submit_failure(exc: globus_sdk.GlobusError) -> str:

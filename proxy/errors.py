@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -56,3 +57,9 @@ class ApiError(Exception):
             content_type="application/json",
             headers=self.headers,
         )
+
+
+def adaptor_failed(code: int | None, message: str) -> NoReturn:
+    """An adaptor's error code becomes the status, if it is an error status at all."""
+    status = code if code is not None and 400 <= code <= 599 else 502
+    raise ApiError(status, message, code="backend_error" if status >= 500 else None)

@@ -3,20 +3,20 @@ body → cluster → framework → OpenAI path → endpoint → permission → a
 
 from __future__ import annotations
 
-import json
 import uuid
-from typing import Any, NoReturn
+from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint, SubmitTaskResponse
 from proxy.auth import USER, User
 from proxy.authz import allowed, may_use
-from proxy.errors import ApiError
+from proxy.bodies import read_json
+from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
+from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.registry import Registry
 from proxy.schemas import validate_request
-from proxy.slug import endpoint_slug
 from proxy.streaming import relay
 
 REGISTRY = web.AppKey("registry", Registry)
@@ -105,7 +105,7 @@ async def all_models(request: web.Request) -> web.Response:
 async def cluster_models(request: web.Request) -> web.Response:
     """What OpenAI clients' `models.list()` calls under a cluster and framework base URL."""
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = _cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"])
     framework = request.match_info["framework"]
     models = sorted(
         endpoint.model
@@ -118,97 +118,34 @@ async def cluster_models(request: web.Request) -> web.Response:
 
 async def jobs(request: web.Request) -> web.Response:
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = _cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"])
     if not allowed(user, cluster):
         raise ApiError(403, f"You may not use cluster '{cluster.cluster_name}'.", code="permission_denied")
     report = await request.app[JOBS].get(cluster)
     if report.jobs is None:
-        _adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
+        adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
     shown = visible_jobs(report.jobs, user, registry, cluster)
     return web.json_response(shown.model_dump(mode="json"))
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
     openai_path = request.match_info["openai_path"]
-    body = await _read_json(request)
+    body = await read_json(request)
     validate_request(openai_path, body)
     registry = request.app[REGISTRY]
-    cluster = _cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"])
     framework = request.match_info["framework"]
-    if framework not in cluster.frameworks:
-        raise ApiError(
-            400,
-            f"Framework '{framework}' is not available on cluster '{cluster.cluster_name}'; "
-            f"it serves {', '.join(cluster.frameworks)}.",
-            code="unsupported_framework",
-        )
-    if openai_path not in cluster.openai_endpoints:
-        raise ApiError(
-            400,
-            f"'/v1/{openai_path}' is not available on cluster '{cluster.cluster_name}'.",
-            code="unsupported_endpoint",
-        )
-    endpoint = _endpoint(registry, cluster, framework, body["model"])
-    if not may_use(request[USER], endpoint, cluster):
-        raise ApiError(
-            403,
-            f"You may not use model '{endpoint.model}' on cluster '{cluster.cluster_name}'.",
-            code="permission_denied",
-        )
+    check_framework(cluster, framework)
+    check_openai_path(cluster, openai_path)
+    endpoint = find_endpoint(registry, cluster, framework, body["model"])
+    check_access(request[USER], endpoint, cluster)
     data = {"model_params": {**body, "openai_endpoint": openai_path}}
     if body.get("stream") is True and openai_path in STREAMING_PATHS:
         started = await endpoint.submit_streaming_task(data, uuid.uuid4().hex)
         if started.error_code is not None or started.response is None:
-            _adaptor_failed(started.error_code, started.error_message or "The backend sent no stream.")
+            adaptor_failed(started.error_code, started.error_message or "The backend sent no stream.")
         return await relay(request, started.response)
     return _task_result(await endpoint.submit_task(data))
-
-
-async def _read_json(request: web.Request) -> Any:
-    if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.content_type):
-        raise ApiError(
-            415,
-            f"Content-Type '{request.content_type}' is not supported; send 'application/json'.",
-            code="unsupported_media_type",
-        )
-    raw = await request.read()
-    if not raw:
-        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        reason = (
-            exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 JSON or nests too deeply"
-        )
-        raise ApiError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json") from None
-
-
-def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.endswith("+json")
-
-
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _cluster(registry: Registry, name: str) -> BaseCluster:
-    cluster = registry.clusters.get(name)
-    if cluster is None:
-        raise ApiError(404, f"Cluster '{name[:100]}' does not exist.", code="cluster_not_found")
-    return cluster
-
-
-def _endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
-    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
-    if endpoint is None or (endpoint.cluster, endpoint.framework) != (cluster.cluster_name, framework):
-        raise ApiError(
-            404,
-            f"Model '{model[:200]}' is not served by framework '{framework}' on cluster "
-            f"'{cluster.cluster_name}'.",
-            param="model",
-            code="model_not_found",
-        )
-    return endpoint
 
 
 def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:
@@ -225,11 +162,5 @@ def _model_card(request: web.Request, model: str, owner: str) -> dict[str, Any]:
 
 def _task_result(task: SubmitTaskResponse) -> web.Response:
     if task.error_code is not None or task.result is None:
-        _adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
+        adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
     return web.Response(body=task.result.encode(), content_type="application/json")
-
-
-def _adaptor_failed(code: int | None, message: str) -> NoReturn:
-    """An adaptor's error code becomes the status, if it is an error status at all."""
-    status = code if code is not None and 400 <= code <= 599 else 502
-    raise ApiError(status, message, code="backend_error" if status >= 500 else None)

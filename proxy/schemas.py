@@ -12,7 +12,7 @@ branch tag into error locations; tags are written `<like-this>` so `_param` can 
 """
 
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Literal, Required, TypeAlias, get_args
+from typing import Annotated, Any, Literal, NotRequired, Required, TypeAlias, get_args
 
 from pydantic import (
     ConfigDict,
@@ -580,6 +580,19 @@ class _EmbeddingRequest(_EmbeddingFields, _VllmEmbeddingExtras, total=False):
     """POST /v1/embeddings"""
 
 
+_Path: TypeAlias = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+@_top_level
+class _BatchRequest(TypedDict):
+    """POST /{cluster}/{framework}/v1/batches, as the existing gateway takes it: files on the
+    cluster's file system, not OpenAI's uploaded-file batches."""
+
+    input_file: _Path
+    model: _Model
+    output_folder_path: NotRequired[_Path | None]
+
+
 # Checks across fields
 
 
@@ -605,6 +618,7 @@ _ROUTES: dict[str, tuple[TypeAdapter[Any], Callable[[Mapping[str, Any]], None]]]
     "chat/completions": (TypeAdapter(_ChatRequest), _check_chat),
     "completions": (TypeAdapter(_CompletionRequest), _check_completion),
     "embeddings": (TypeAdapter(_EmbeddingRequest), _check_common),
+    "batches": (TypeAdapter(_BatchRequest), lambda _: None),
 }
 
 

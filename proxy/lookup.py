@@ -1,0 +1,62 @@
+"""Finding what a request names (cluster, framework, endpoint) and whether the caller may use it.
+
+Each check raises the OpenAI-shaped error for its step, so a route lists its steps in the order
+the API promises: cluster (404) → framework (400) → OpenAI path (400) → endpoint (404) → access (403).
+"""
+
+from __future__ import annotations
+
+from adaptors import BaseCluster, BaseEndpoint
+from proxy.auth import User
+from proxy.authz import may_use
+from proxy.errors import ApiError
+from proxy.registry import Registry
+from proxy.slug import endpoint_slug
+
+
+def find_cluster(registry: Registry, name: str) -> BaseCluster:
+    cluster = registry.clusters.get(name)
+    if cluster is None:
+        raise ApiError(404, f"Cluster '{name[:100]}' does not exist.", code="cluster_not_found")
+    return cluster
+
+
+def check_framework(cluster: BaseCluster, framework: str) -> None:
+    if framework not in cluster.frameworks:
+        raise ApiError(
+            400,
+            f"Framework '{framework[:100]}' is not available on cluster '{cluster.cluster_name}'; "
+            f"it serves {', '.join(cluster.frameworks)}.",
+            code="unsupported_framework",
+        )
+
+
+def check_openai_path(cluster: BaseCluster, openai_path: str) -> None:
+    if openai_path not in cluster.openai_endpoints:
+        raise ApiError(
+            400,
+            f"'/v1/{openai_path}' is not available on cluster '{cluster.cluster_name}'.",
+            code="unsupported_endpoint",
+        )
+
+
+def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
+    if endpoint is None or (endpoint.cluster, endpoint.framework) != (cluster.cluster_name, framework):
+        raise ApiError(
+            404,
+            f"Model '{model[:200]}' is not served by framework '{framework[:100]}' on cluster "
+            f"'{cluster.cluster_name}'.",
+            param="model",
+            code="model_not_found",
+        )
+    return endpoint
+
+
+def check_access(user: User, endpoint: BaseEndpoint, cluster: BaseCluster) -> None:
+    if not may_use(user, endpoint, cluster):
+        raise ApiError(
+            403,
+            f"You may not use model '{endpoint.model}' on cluster '{cluster.cluster_name}'.",
+            code="permission_denied",
+        )
