@@ -1,10 +1,15 @@
 """One benchmark run: the fake backend directly against the same backend through the gateway.
 
-    python -m bench.run [--seconds S] [--streams N] [--direct-only] [--output FILE]
+    python -m bench.run [--seconds S] [--streams N] [--auth-seconds S] [--auth-rounds R]
+        [--direct-only] [--output FILE]
 
 The backend and the load generator share CPU 0 and the gateway has CPU 1 to itself, so that the
 gateway's figures are not disturbed by the processes that feed it. The run prints a markdown
 table with the targets beside the figures and writes every figure to bench/results/latest.json.
+
+It ends with the cost of authentication: a gateway with the `static` provider against one with the
+`globus` provider and a warm cache, each started alone on CPU 1 in turn (static, globus, static,
+globus, ...), with a local fake of Globus on CPU 0.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import platform
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +60,22 @@ C1_ADDED_P50: Final = "c1_added_p50_ms"
 C64_RPS_RATIO: Final = "c64_rps_ratio"
 TTFC_ADDED_P50: Final = f"ttfc{STREAM_CONCURRENCY}_added_p50_ms"
 SLOW_STREAMS_RSS: Final = "slow_streams_peak_rss_mb"
+AUTH_PROVIDERS: Final = ("static", "globus")
+AUTH_CONCURRENCIES: Final = (64, 16)
+AUTH_SECONDS: Final = 4.0
+AUTH_ROUNDS: Final = 3
+AUTH_WARM_REQUESTS: Final = 5
+"""Requests sent one by one before measuring: the first makes the globus gateway introspect the token
+and cache the user, so the measures see only the warm path."""
+GLOBUS_C64_RPS_RATIO: Final = "globus_c64_rps_ratio"
+GLOBUS_INTROSPECTIONS: Final = "globus_introspections_per_gateway"
+STATIC_AUTH: Final = {"provider": "static", "static": {"tokens_file": "tokens.yaml"}}
+GATEWAY_PATH: Final = "/resource_server/local/vllm/v1/chat/completions"
+BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+OTHER_CPU_WARNING: Final = 0.05
+"""Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
+5% the auth comparison judges."""
 
 
 def chat_body(content: str = "Say hello", *, stream: bool = False) -> str:
@@ -137,12 +159,20 @@ def wait_ready(service: Service, url: str, seconds: float = START_SECONDS) -> No
     )
 
 
-def write_gateway_config(workdir: Path, gateway_port: int, backend_port: int) -> Path:
+def write_gateway_config(
+    workdir: Path,
+    gateway_port: int,
+    backend_port: int,
+    *,
+    auth: dict[str, Any] = STATIC_AUTH,
+    name: str = "gateway.yaml",
+) -> Path:
+    """Write a gateway configuration as `name`; every gateway of a run shares the other documents."""
     backend = f"http://127.0.0.1:{backend_port}"
     documents: dict[str, Any] = {
-        "gateway.yaml": {
+        name: {
             "server": {"host": "127.0.0.1", "port": gateway_port},
-            "auth": {"provider": "static", "static": {"tokens_file": "tokens.yaml"}},
+            "auth": auth,
             "endpoints_file": "endpoints.yaml",
             "clusters_file": "clusters.yaml",
         },
@@ -178,9 +208,9 @@ def write_gateway_config(workdir: Path, gateway_port: int, backend_port: int) ->
             }
         ],
     }
-    for name, document in documents.items():
-        (workdir / name).write_text(yaml.safe_dump(document, sort_keys=False))
-    return workdir / "gateway.yaml"
+    for filename, document in documents.items():
+        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    return workdir / name
 
 
 def loadgen(url: str, body: str, *extra: str, token: str | None, limit: float) -> dict[str, Any]:
@@ -244,11 +274,7 @@ class Bench:
 
     def __init__(self, backend_port: int, gateway_port: int | None, seconds: float) -> None:
         self.direct_url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
-        self.gateway_url = (
-            f"http://127.0.0.1:{gateway_port}/resource_server/local/vllm/v1/chat/completions"
-            if gateway_port
-            else None
-        )
+        self.gateway_url = f"http://127.0.0.1:{gateway_port}{GATEWAY_PATH}" if gateway_port else None
         self.seconds = seconds
 
     def _pair(self, body: str, *extra: str) -> dict[str, Any]:
@@ -308,6 +334,193 @@ class Bench:
         }
 
 
+def read_announcement(service: Service, seconds: float = START_SECONDS) -> dict[str, Any]:
+    """The fake Globus has no health route and may pick its own port: it prints its URLs once listening."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for line in service.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and "auth_url" in line:
+                announced: dict[str, Any] = json.loads(line)
+                return announced
+        if service.process.poll() is not None:
+            raise RuntimeError(
+                f"the {service.name} exited with status {service.process.returncode}:\n{service.log_tail()}"
+            )
+        time.sleep(0.1)
+    raise RuntimeError(f"the {service.name} did not announce its URLs within {seconds:g} s")
+
+
+def globus_calls(service: Service) -> dict[str, int]:
+    """The fake Globus's count of calls per API, which it prints when stopped."""
+    service.stop()
+    for line in reversed(service.log.read_text(errors="replace").splitlines()):
+        if line.startswith('{"counts"'):
+            calls: dict[str, int] = json.loads(line)["counts"]
+            return calls
+    raise RuntimeError(f"the {service.name} did not report its calls:\n{service.log_tail()}")
+
+
+def globus_auth(fake: dict[str, Any]) -> dict[str, Any]:
+    """The gateway's `auth` section pointing at the fake; the cache keeps its default lifetime (10 min)."""
+    keys = ("client_id", "client_secret", "scope", "auth_url", "groups_url")
+    settings = {key: fake[key] for key in keys} | {"authorized_idp_domains": ["example.org"]}
+    return {"provider": "globus", "globus": settings}
+
+
+def warm(url: str, count: int) -> None:
+    """A few requests one at a time: the first fills the auth cache, so no measure pays for Globus."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    for _ in range(count):
+        request = urllib.request.Request(url, data=chat_body().encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"warming {url} answered {exc.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise RuntimeError(f"warming {url} failed: {exc}") from None
+
+
+def busy_cpu_seconds(cpus: tuple[int, ...]) -> float:
+    """Time the CPUs spent on anything but idling, steal included (the hypervisor's other guests)."""
+    names = {f"cpu{cpu}" for cpu in cpus}
+    busy = 0
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name in names:
+                # user nice system idle iowait irq softirq steal; guest time is already in user and nice.
+                values = [int(value) for value in fields[:8]]
+                busy += sum(values) - values[3] - values[4]
+    return busy / CLOCK_TICKS
+
+
+def own_cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the benchmark: this process, its reaped children (the load generator) and `pids`."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime
+    return total
+
+
+@contextmanager
+def other_cpu_use(pids: list[int]) -> Iterator[dict[str, float]]:
+    """The share of CPUs 0 and 1 that processes outside the benchmark took while the block ran: on a
+    shared machine they can move a measure by more than the difference being judged."""
+    figures: dict[str, float] = {}
+    started, busy, own = time.monotonic(), busy_cpu_seconds(BENCH_CPUS), own_cpu_seconds(pids)
+    yield figures
+    other = busy_cpu_seconds(BENCH_CPUS) - busy - (own_cpu_seconds(pids) - own)
+    elapsed = time.monotonic() - started
+    figures["other_cpu_share"] = round(max(0.0, other) / (len(BENCH_CPUS) * elapsed), 3)
+
+
+class AuthBench:
+    """Static against warm-cache globus auth: one gateway at a time on the gateway's CPU, alternating."""
+
+    def __init__(
+        self, workdir: Path, backend: Service, backend_port: int, seconds: float, rounds: int
+    ) -> None:
+        self.workdir = workdir
+        self.backend_pid = backend.process.pid
+        self.backend_port = backend_port
+        self.seconds = seconds
+        self.rounds = rounds
+
+    def compare(self) -> dict[str, Any]:
+        runs = []
+        for round_number in range(1, self.rounds + 1):
+            for provider in AUTH_PROVIDERS:
+                runs.append({"provider": provider, "round": round_number, **self._run(provider)})
+                print(f"auth ({provider}), round {round_number}: done", file=sys.stderr)
+        return summarize_auth(runs, self.seconds, self.rounds)
+
+    def _run(self, provider: str) -> dict[str, Any]:
+        """Start a fresh gateway (and fake Globus) for one run, measure each concurrency, stop them."""
+        with ExitStack() as services:
+            auth = STATIC_AUTH
+            fake: Service | None = None
+            if provider == "globus":
+                fake_args = ["-m", "bench.fake_globus_server", "--token", TOKEN]
+                fake = start_service("fake-globus", LOADGEN_CPU, fake_args, self.workdir)
+                services.callback(fake.stop)
+                auth = globus_auth(read_announcement(fake))
+            gateway, port = self._start_gateway(provider, auth, services)
+            url = f"http://127.0.0.1:{port}{GATEWAY_PATH}"
+            warm(url, AUTH_WARM_REQUESTS)
+            ours = [self.backend_pid, gateway.process.pid] + ([fake.process.pid] if fake else [])
+            measured = {str(level): self._measure(url, level, ours) for level in AUTH_CONCURRENCIES}
+            if gateway.process.poll() is not None:
+                raise RuntimeError(f"the {gateway.name} stopped during the run:\n{gateway.log_tail()}")
+            gateway.stop()
+            run: dict[str, Any] = {"by_concurrency": measured}
+            if fake is not None:
+                run["globus_calls"] = globus_calls(fake)
+            return run
+
+    def _start_gateway(self, provider: str, auth: dict[str, Any], services: ExitStack) -> tuple[Service, int]:
+        port = free_port()
+        config = write_gateway_config(
+            self.workdir, port, self.backend_port, auth=auth, name=f"gateway-{provider}.yaml"
+        )
+        args = ["-m", "proxy", "--config", str(config)]
+        gateway = start_service(f"gateway-{provider}", GATEWAY_CPU, args, self.workdir)
+        services.callback(gateway.stop)
+        wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
+        return gateway, port
+
+    def _measure(self, url: str, level: int, ours: list[int]) -> dict[str, Any]:
+        """The same body, warm-up and duration for both providers, as in the non-streaming measures."""
+        options = ["--duration", str(self.seconds), "--concurrency", str(level)]
+        options += ["--warmup", str(max(100, level * 20))]
+        with other_cpu_use(ours) as disturbance:
+            summary = loadgen(url, chat_body(), *options, token=TOKEN, limit=self.seconds + 90)
+        return summary | disturbance
+
+
+def best_of(runs: list[dict[str, Any]], provider: str, level: str) -> dict[str, Any]:
+    """The run with the most requests/s, since noise (other processes, CPU frequency) only slows a run."""
+    measured = [run["by_concurrency"][level] for run in runs if run["provider"] == provider]
+    best = dict(max(measured, key=lambda summary: float(summary["rps"])))
+    rps = [summary["rps"] for summary in measured]
+    return best | {"rps_runs": rps, "rps_median": statistics.median(rps)}
+
+
+def summarize_auth(runs: list[dict[str, Any]], seconds: float, rounds: int) -> dict[str, Any]:
+    """Compare the best run of each provider per concurrency; every run stays in the figures."""
+    by_concurrency = {}
+    for level in map(str, AUTH_CONCURRENCIES):
+        static, globus = best_of(runs, "static", level), best_of(runs, "globus", level)
+        by_concurrency[level] = {
+            "static": static,
+            "globus": globus,
+            "rps_ratio": round(globus["rps"] / static["rps"], 3) if static["rps"] else None,
+            "median_rps_ratio": (
+                round(globus["rps_median"] / static["rps_median"], 3) if static["rps_median"] else None
+            ),
+            "added_p50_ms": difference(globus["p50_ms"], static["p50_ms"]),
+            "added_p99_ms": difference(globus["p99_ms"], static["p99_ms"]),
+        }
+    introspections = [run["globus_calls"]["introspections"] for run in runs if "globus_calls" in run]
+    return {
+        "comparison": f"best of {rounds} alternating runs",
+        "seconds_per_measure": seconds,
+        "rounds": rounds,
+        "order": [f"{run['provider']} {run['round']}" for run in runs],
+        "warm_requests": AUTH_WARM_REQUESTS,
+        "by_concurrency": by_concurrency,
+        "globus_introspections": introspections,
+        "introspections_per_gateway": max(introspections, default=None),
+        "runs": runs,
+    }
+
+
 def machine() -> dict[str, Any]:
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False)
     cpu = "unknown"
@@ -332,11 +545,15 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     plain = results["non_streaming"]
     streams = results["streaming"]["paced"]
     slow = results.get("slow_streams") or {}
+    auth = results.get("auth") or {}
+    auth_c64 = auth.get("by_concurrency", {}).get("64", {})
     checks: dict[str, tuple[float | None, str, Callable[[float], bool]]] = {
         C1_ADDED_P50: (plain["1"].get("added_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
         C64_RPS_RATIO: (plain["64"].get("rps_ratio"), "≥ 30% of direct", lambda v: v >= 0.3),
         TTFC_ADDED_P50: (streams.get("added_ttfc_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
         SLOW_STREAMS_RSS: (slow.get("peak_rss_mb"), "< 200 MB", lambda v: v < 200),
+        GLOBUS_C64_RPS_RATIO: (auth_c64.get("rps_ratio"), "≥ 95% of static", lambda v: v >= 0.95),
+        GLOBUS_INTROSPECTIONS: (auth.get("introspections_per_gateway"), "1 (warm cache)", lambda v: v == 1),
     }
     return {
         key: {"figure": figure, "target": target, "met": None if figure is None else passes(figure)}
@@ -350,6 +567,20 @@ def show(value: Any, unit: str = "") -> str:
     if isinstance(value, float):
         return f"{value:,.2f}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
     return f"{value}{unit}"
+
+
+def table_row(
+    measure: str,
+    direct: Any,
+    gateway: Any,
+    difference: str,
+    unit: str,
+    check: dict[str, Any] | None = None,
+) -> str:
+    """One line of the table, shared by the gateway's rows and the auth comparison's rows."""
+    goal = check["target"] if check else ""
+    met = {True: "yes", False: "**no**", None: "—"}[check["met"]] if check else ""
+    return f"| {measure} | {show(direct, unit)} | {show(gateway, unit)} | {difference} | {goal} | {met} |"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -368,11 +599,7 @@ def markdown(results: dict[str, Any]) -> str:
         unit: str,
         check: dict[str, Any] | None = None,
     ) -> None:
-        goal = check["target"] if check else ""
-        met = {True: "yes", False: "**no**", None: "—"}[check["met"]] if check else ""
-        lines.append(
-            f"| {measure} | {show(direct, unit)} | {show(gateway, unit)} | {difference} | {goal} | {met} |"
-        )
+        lines.append(table_row(measure, direct, gateway, difference, unit, check))
 
     for level, pair in results["non_streaming"].items():
         direct, gateway = pair["direct"], pair.get("gateway", {})
@@ -412,7 +639,48 @@ def markdown(results: dict[str, Any]) -> str:
         add(f"{count}: gateway peak RSS", None, slow["peak_rss_mb"], "—", " MB", judged[SLOW_STREAMS_RSS])
         completed = f"{slow['loadgen']['completed']}/{slow['streams']}"
         add(f"{count}: completed", None, completed, "—", "")
+    auth = results.get("auth")
+    if auth:
+        for level, pair in auth["by_concurrency"].items():
+            lines.extend(auth_rows(level, pair, auth["comparison"], judged))
+        introspections = auth["introspections_per_gateway"]
+        add(
+            "globus: introspections per gateway run",
+            None,
+            introspections,
+            "—",
+            "",
+            judged[GLOBUS_INTROSPECTIONS],
+        )
     return "\n".join(lines)
+
+
+def auth_rows(level: str, pair: dict[str, Any], comparison: str, judged: dict[str, Any]) -> list[str]:
+    """Static and globus one under the other in the Gateway column: the Direct column does not apply."""
+    static, globus = pair["static"], pair["globus"]
+    ratio = pair.get("rps_ratio")
+    share = show(ratio * 100, "% of static") if ratio is not None else "—"
+    prefix = f"c={level}, {comparison}"
+    rows = [
+        table_row(f"{prefix}: static auth requests/s", None, static["rps"], "—", ""),
+        table_row(
+            f"{prefix}: globus auth (warm cache) requests/s",
+            None,
+            globus["rps"],
+            share,
+            "",
+            judged.get(f"globus_c{level}_rps_ratio"),
+        ),
+    ]
+    for rank in ("p50", "p99"):
+        added = show(pair.get(f"added_{rank}_ms"), " ms vs static")
+        rows.append(table_row(f"{prefix}: static auth {rank}", None, static[f"{rank}_ms"], "—", " ms"))
+        rows.append(table_row(f"{prefix}: globus auth {rank}", None, globus[f"{rank}_ms"], added, " ms"))
+    shares = f"{static['other_cpu_share']:.0%} / {globus['other_cpu_share']:.0%}"
+    rows.append(
+        table_row(f"{prefix}: CPUs 0-1 taken by other processes, static / globus", None, shares, "—", "")
+    )
+    return rows
 
 
 def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
@@ -439,6 +707,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             "cpus": {"backend": LOADGEN_CPU, "loadgen": LOADGEN_CPU, "gateway": GATEWAY_CPU},
             "body": json.loads(chat_body()),
             "slow_streams": args.streams,
+            "auth_seconds_per_measure": args.auth_seconds,
+            "auth_rounds": args.auth_rounds,
         },
         "non_streaming": bench.non_streaming(),
         "streaming": bench.streaming(),
@@ -448,6 +718,12 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
         for service in (backend, gateway):
             if service.process.poll() is not None:
                 raise RuntimeError(f"the {service.name} stopped during the run:\n{service.log_tail()}")
+        # The auth gateways must have CPU 1 to themselves, as this one had.
+        gateway.stop()
+        auth = AuthBench(workdir, backend, backend_port, args.auth_seconds, args.auth_rounds)
+        results["auth"] = auth.compare()
+        if backend.process.poll() is not None:
+            raise RuntimeError(f"the backend stopped during the run:\n{backend.log_tail()}")
     results["targets"] = targets(results)
     return results
 
@@ -463,6 +739,21 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
     slow = results.get("slow_streams")
     if slow and slow["loadgen"]["completed"] != slow["streams"]:
         found.append(f"slow streams: {slow['loadgen']['status_counts']}")
+    for run in (results.get("auth") or {}).get("runs", []):
+        for level, summary in run["by_concurrency"].items():
+            if summary.get("errors"):
+                found.append(f"auth {run['provider']} {run['round']} c={level}: {summary['status_counts']}")
+    return found
+
+
+def disturbed_runs(results: dict[str, Any]) -> list[str]:
+    """Auth measures that other processes disturbed enough to blur a 5% difference."""
+    found = []
+    for run in (results.get("auth") or {}).get("runs", []):
+        for level, summary in run["by_concurrency"].items():
+            share = summary["other_cpu_share"]
+            if share > OTHER_CPU_WARNING:
+                found.append(f"auth {run['provider']} {run['round']} c={level}: {share:.0%}")
     return found
 
 
@@ -481,11 +772,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each measure")
     parser.add_argument("--streams", type=int, default=1000, help="slow streams held at once")
+    parser.add_argument(
+        "--auth-seconds", type=float, default=AUTH_SECONDS, help="length of each static/globus measure"
+    )
+    parser.add_argument(
+        "--auth-rounds", type=int, default=AUTH_ROUNDS, help="static/globus pairs of gateway runs"
+    )
     parser.add_argument("--direct-only", action="store_true", help="measure the backend alone")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if not 0 < args.seconds <= 60 or not 0 < args.streams <= 5000:
         parser.error("--seconds must be in (0, 60] and --streams in (0, 5000]")
+    if not 0 < args.auth_seconds <= 60 or not 1 <= args.auth_rounds <= 5:
+        parser.error("--auth-seconds must be in (0, 60] and --auth-rounds in [1, 5]")
     return args
 
 
@@ -505,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results))
     for problem in failed_runs(results):
         print(f"\nwarning: errors in {problem}")
+    disturbed = disturbed_runs(results)
+    if disturbed:
+        print(f"\nwarning: other processes took this share of CPUs 0-1 during {'; '.join(disturbed)}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"\nall figures: {args.output}")
