@@ -11,13 +11,14 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
+from proxy.batches import BATCH_SETTINGS, add_batch_routes, batch_lifecycle
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.middleware import openai_errors
-from proxy.registry import Registry, load_registry
+from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
-from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, REGISTRY, STARTED_AT, add_routes
+from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
 
 
@@ -52,7 +53,10 @@ def create_app(
     app[STARTED_AT] = int(time.time())
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
+    add_batch_routes(app, settings.server.base_path)
+    app[BATCH_SETTINGS] = settings.batches
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
+    app.cleanup_ctx.append(batch_lifecycle(settings.database_url))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
     return app

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors import BaseCluster, BaseEndpoint
@@ -90,6 +91,9 @@ class _Problems:
     def raise_if_any(self) -> None:
         if self.lines:
             raise ConfigError("\n".join(self.lines))
+
+
+REGISTRY = web.AppKey("registry", Registry)
 
 
 def load_registry(endpoints_file: Path, clusters_file: Path) -> Registry:

@@ -15,11 +15,10 @@ from proxy.bodies import read_json
 from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
-from proxy.registry import Registry
+from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
 from proxy.streaming import relay
 
-REGISTRY = web.AppKey("registry", Registry)
 JOBS = web.AppKey("jobs", JobsCache)
 STARTED_AT = web.AppKey("started_at", int)
 BASE_PATH = web.AppKey("base_path", str)

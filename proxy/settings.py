@@ -153,6 +153,11 @@ class StreamingSettings(_Strict):
     gone_memory_seconds: float = Field(default=600, gt=0)
 
 
+class BatchSettings(_Strict):
+    max_active_per_user: int = Field(default=2, ge=1)
+    poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -164,6 +169,12 @@ class GatewaySettings(_Strict):
     timeouts: TimeoutSettings = TimeoutSettings()
     auth: AuthSettings
     streaming: StreamingSettings = StreamingSettings()
+    batches: BatchSettings = BatchSettings()
+    database_url: str = Field(
+        default="sqlite:///gateway.db",
+        pattern=r"^(sqlite:///\S+|postgres(ql)?://\S+)$",
+        description="SQLite (a path relative to this file) or PostgreSQL",
+    )
     endpoints_file: Path
     clusters_file: Path
     redis_url: OptionalUrl = Field(default=None, pattern=r"^rediss?://\S+$")
@@ -173,11 +184,20 @@ class GatewaySettings(_Strict):
         update: dict[str, Any] = {
             "endpoints_file": base / self.endpoints_file,
             "clusters_file": base / self.clusters_file,
+            "database_url": _sqlite_relative_to(self.database_url, base),
         }
         if self.auth.static is not None:
             static = self.auth.static.model_copy(update={"tokens_file": base / self.auth.static.tokens_file})
             update["auth"] = self.auth.model_copy(update={"static": static})
         return self.model_copy(update=update)
+
+
+def _sqlite_relative_to(url: str, base: Path) -> str:
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url == prefix + ":memory:":
+        return url
+    path = Path(url.removeprefix(prefix))
+    return prefix + str(path if path.is_absolute() else (base / path).resolve())
 
 
 def load_settings(path: Path) -> GatewaySettings:

@@ -2,145 +2,49 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import yaml
-from aiohttp import web
+import pytest_asyncio
 
 from bench.backend import create_backend_app
-from proxy.app import create_app, load_parts
-from proxy.settings import load_settings
+from tests.compute_setup import (
+    ENDPOINT,
+    INFER,
+    LEGACY,
+    QSTAT,
+    SECRET,
+    SERVICE_ID,
+    SERVICE_SECRET,
+    legacy_function,
+    load_function,
+    qstat,
+)
+from tests.fake_compute import FakeCompute
+from tests.fake_globus import FakeGlobus
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
-
-CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
-EMBED_MODEL = "intfloat/e5-small-v2"
-PRIVATE_MODEL = "private/Model-G"
-
-TOKENS = {
-    "alice": "alice-token-0001",
-    "bob": "bob-token-00002",
-}
-USERS = {
-    "alice": {
-        "id": "a1a1a1a1-0000-4000-8000-000000000001",
-        "username": "alice@uni.edu",
-        "name": "Alice",
-        "groups": ["11111111-1111-4111-8111-111111111111"],
-    },
-    "bob": {"id": "b0b0b0b0-0000-4000-8000-000000000002", "username": "bob@other.org", "name": "Bob"},
-}
-
-
-@dataclass
-class Server:
-    url: str
-    app: web.Application
-
-
-async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
-    """The same runner options as `inference-gateway` uses in production."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def closed_port_url() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
-def write_yaml(path: Path, document: Any) -> Path:
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
-    return path
-
-
-def endpoint(cluster: str, model: str, api_url: str, **extra: Any) -> dict[str, Any]:
-    entry = {
-        "cluster": cluster,
-        "framework": "vllm",
-        "model": model,
-        "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
-        "config": {"api_url": api_url, **extra.pop("config", {})},
-    }
-    return {**entry, **extra}
-
-
-def write_gateway_config(directory: Path, backend_url: str, **server: Any) -> Path:
-    api = f"{backend_url}/v1"
-    everything = ["chat/completions", "completions", "embeddings"]
-    clusters = [
-        {
-            "cluster_name": "local",
-            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
-            "frameworks": ["vllm"],
-            "openai_endpoints": everything,
-            "config": {"status_url": f"{backend_url}/jobs"},
-        },
-        {
-            "cluster_name": "uni",
-            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
-            "frameworks": ["vllm"],
-            "openai_endpoints": everything,
-            "allowed_domains": ["uni.edu"],
-            "config": {"status_url": f"{backend_url}/jobs"},
-        },
-        {
-            "cluster_name": "chatonly",
-            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
-            "frameworks": ["vllm", "sglang"],
-            "openai_endpoints": ["/chat/completions/"],
-            "config": {"status_url": f"{backend_url}/jobs"},
-        },
-    ]
-    endpoints = [
-        endpoint("local", CHAT_MODEL, api),
-        endpoint("local", EMBED_MODEL, api),
-        endpoint("local", PRIVATE_MODEL, api, allowed_globus_groups=USERS["alice"]["groups"][0]),
-        endpoint("local", "dead/model", closed_port_url()),
-        endpoint("local", "slow/model", api, config={"api_request_timeout": 0.5}),
-        endpoint("uni", CHAT_MODEL, api),
-        endpoint("chatonly", CHAT_MODEL, api),
-    ]
-    tokens = {"tokens": [{"token": TOKENS[name], "user": USERS[name]} for name in TOKENS]}
-    write_yaml(directory / "clusters.yaml", clusters)
-    write_yaml(directory / "endpoints.yaml", endpoints)
-    write_yaml(directory / "tokens.yaml", tokens)
-    return write_yaml(
-        directory / "gateway.yaml",
-        {
-            "server": {"host": "127.0.0.1", "port": 0, **server},
-            "timeouts": {"jobs_cache_seconds": 60},
-            "auth": {"provider": "static", "static": {"tokens_file": "tokens.yaml"}},
-            "endpoints_file": "endpoints.yaml",
-            "clusters_file": "clusters.yaml",
-        },
-    )
-
-
-async def start_gateway(config: Path) -> tuple[web.AppRunner, Server]:
-    """Start-up checks may call (fake) Globus synchronously, as before serving in production; a
-    thread keeps them off this event loop, where the fakes run."""
-    settings = load_settings(config)
-    registry, authenticator = await asyncio.to_thread(load_parts, settings)
-    runner, url = await start(create_app(settings, registry, authenticator), settings.server.port)
-    return runner, Server(url=f"{url}{settings.server.base_path}", app=runner.app)
+from tests.support import (  # noqa: F401  (re-exported: the test modules import these from here)
+    CHAT_MODEL,
+    EMBED_MODEL,
+    PRIVATE_MODEL,
+    TOKENS,
+    USERS,
+    Server,
+    auth,
+    chat,
+    closed_port_url,
+    endpoint,
+    free_port,
+    start,
+    start_gateway,
+    write_gateway_config,
+    write_yaml,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -185,9 +89,56 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def auth(user: str = "alice") -> dict[str, str]:
-    return {"Authorization": f"Bearer {TOKENS[user]}"}
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresServer]:
+    """One real PostgreSQL for the session (initdb and start take about a second); tests isolate
+    themselves with a fresh database each, see `database_url`."""
+    async with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
 
 
-def chat(content: str = "Hello", model: str = CHAT_MODEL, **fields: Any) -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_dialect(request: pytest.FixtureRequest) -> str:
+    """Run a test once per `proxy.database` backend."""
+    dialect: str = request.param
+    return dialect
+
+
+@pytest.fixture
+def _database_postgres(database_dialect: str, request: pytest.FixtureRequest) -> PostgresServer | None:
+    """The PostgreSQL server only when the test runs on it, so SQLite-only runs never start one."""
+    if database_dialect != "postgresql":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server
+
+
+@pytest.fixture
+async def database_url(_database_postgres: PostgresServer | None, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database: a SQLite file in tmp_path, or a new database on the session's PostgreSQL."""
+    if _database_postgres is None:
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    url = await _database_postgres.create_database(name)
+    yield url
+    if _database_postgres.running:
+        await _database_postgres.drop_database(name)
+
+
+@pytest.fixture
+async def globus() -> AsyncIterator[FakeGlobus]:
+    async with FakeGlobus() as fake:
+        fake.add_client(SERVICE_ID, SERVICE_SECRET)
+        yield fake
+
+
+@pytest.fixture
+async def compute(globus: FakeGlobus, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeCompute]:
+    monkeypatch.setenv("INTERNAL_STREAMING_SECRET", SECRET)
+    async with FakeCompute(accepted_tokens=lambda token: token in globus.issued_tokens) as fake:
+        fake.add_endpoint(ENDPOINT)
+        fake.register_function(INFER, load_function())
+        fake.register_function(QSTAT, qstat)
+        fake.register_function(LEGACY, legacy_function)
+        yield fake

@@ -5,15 +5,12 @@ callers that behave like the existing gateway's function), streaming back throug
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import sys
 import time
-import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -21,6 +18,13 @@ import pytest
 import yaml
 
 from bench.backend import DISCONNECTS, REQUESTS
+from tests.compute_setup import (
+    ENDPOINT,
+    LEGACY_MODEL,
+    ROOT,
+    SLOW_MODEL,
+    compute_config,
+)
 from tests.conftest import (
     CHAT_MODEL,
     TOKENS,
@@ -29,179 +33,10 @@ from tests.conftest import (
     chat,
     free_port,
     start_gateway,
-    write_gateway_config,
-    write_yaml,
 )
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
 from tests.test_routes import assert_openai_error, call
-
-ROOT = Path(__file__).resolve().parent.parent
-SECRET = "compute-relay-secret-0123"
-SERVICE_ID, SERVICE_SECRET = "7d0e1c36-2b57-4f0c-9a2b-6f1c5b0e9a11", "service-account-secret"
-ENDPOINT = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
-INFER = "11111111-aaaa-4bbb-8ccc-000000000001"
-QSTAT = "11111111-aaaa-4bbb-8ccc-000000000002"
-LEGACY = "11111111-aaaa-4bbb-8ccc-000000000003"
-SLOW_MODEL = "slow/Compute-Model"
-LEGACY_MODEL = "legacy/Compute-Model"
-
-
-def load_function() -> Callable[[dict[str, Any]], str]:
-    spec = importlib.util.spec_from_file_location(
-        "vllm_inference", ROOT / "compute-functions" / "vllm_inference.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.vllm_inference  # type: ignore[no-any-return]
-
-
-def qstat() -> str:
-    return json.dumps(
-        {
-            "running": [
-                {"Models": f"{CHAT_MODEL},{SLOW_MODEL}", "Framework": "vllm", "Cluster": "hpc", "Job ID": "1"}
-            ],
-            "queued": [{"Models": "hidden/model", "Framework": "vllm", "Cluster": "hpc"}],
-            "stopped": [],
-            "others": [],
-            "private_batch_running": [],
-            "private_batch_queued": [],
-            "cluster_status": {"cluster": "hpc", "total_models": 3},
-        }
-    )
-
-
-class Callback:
-    """POSTs to the gateway's callback routes the way the existing function does."""
-
-    def __init__(self, gateway: dict[str, Any]) -> None:
-        base = f"{gateway['streaming_server_protocol']}://{gateway['streaming_server_host']}"
-        self.url = f"{base}:{gateway['streaming_server_port']}/resource_server/api/streaming/"
-        self.task_id = gateway["stream_task_id"]
-        self.token = gateway["stream_task_token"]
-
-    def post(self, route: str, body: dict[str, Any], token: str | None = None) -> int:
-        request = urllib.request.Request(
-            self.url + route + "/",
-            data=json.dumps({"task_id": self.task_id, **body}).encode(),
-            headers={
-                "Content-Type": "application/json",
-                "X-Internal-Secret": SECRET,
-                "X-Stream-Task-Token": token or self.token,
-            },
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return int(answer.status)
-        except urllib.error.HTTPError as error:
-            return int(error.code)
-
-
-def legacy_function(parameters: dict[str, Any]) -> str:
-    """Behaves like the existing gateway's function, steered by the prompt: data in batches of
-    lines, then done; or an error; or a forged token. It never looks at 410."""
-    params = parameters["model_params"]
-    callback = Callback(params)
-    prompt = params["messages"][-1]["content"]
-    if prompt == "forged":
-        status = callback.post("data", {"data": "data: {}", "type": "data"}, token="forged")
-        raise RuntimeError(f"the gateway answered {status}")
-    if prompt == "error":
-        callback.post("error", {"error": "CUDA out of memory (status code: 500)"})
-        raise RuntimeError("CUDA out of memory")
-    lines = [f'data: {{"choices": [{{"index": 0, "delta": {{"content": "w{n} "}}}}]}}' for n in range(45)]
-    for start in range(0, len(lines), 20):
-        callback.post("data", {"data": "\n".join(lines[start : start + 20]), "type": "data"})
-    callback.post("data", {"data": "data: [DONE]", "type": "data"})
-    callback.post("done", {"type": "done"})
-    return json.dumps({"streamed": True})
-
-
-def compute_endpoint(
-    model: str, function: str, backend: Server, compute: FakeCompute, globus: FakeGlobus, **extra: Any
-) -> dict[str, Any]:
-    return {
-        "cluster": "hpc",
-        "framework": "vllm",
-        "model": model,
-        "endpoint_adapter": "resource_server_async.endpoints.globus_compute.GlobusComputeEndpoint",
-        "config": {
-            "api_port": int(backend.url.rsplit(":", 1)[1]),
-            "endpoint_uuid": ENDPOINT,
-            "function_uuid": function,
-            "client_id": SERVICE_ID,
-            "client_secret": SERVICE_SECRET,
-            "compute_url": compute.url,
-            "auth_url": globus.auth_url,
-            "poll_interval_seconds": 0.05,
-            **extra,
-        },
-    }
-
-
-def compute_config(
-    directory: Path,
-    backend: Server,
-    compute: FakeCompute,
-    globus: FakeGlobus,
-    port: int,
-    redis_url: str | None = None,
-) -> Path:
-    path = write_gateway_config(directory, backend.url, port=port)
-    document = yaml.safe_load(path.read_text())
-    document["streaming"] = {
-        "internal_secret": SECRET,
-        "callback_url": f"http://127.0.0.1:{port}",
-        "keepalive_seconds": 5,
-    }
-    if redis_url:
-        document["redis_url"] = redis_url
-    path.write_text(yaml.safe_dump(document))
-    cluster = {
-        "cluster_name": "hpc",
-        "cluster_adapter": "resource_server_async.clusters.globus_compute.GlobusComputeCluster",
-        "frameworks": ["vllm"],
-        "openai_endpoints": ["chat/completions", "completions", "embeddings"],
-        "config": {
-            "qstat_endpoint_uuid": ENDPOINT,
-            "qstat_function_uuid": QSTAT,
-            "client_id": SERVICE_ID,
-            "client_secret": SERVICE_SECRET,
-            "compute_url": compute.url,
-            "auth_url": globus.auth_url,
-            "poll_interval_seconds": 0.05,
-        },
-    }
-    clusters = [*yaml.safe_load((directory / "clusters.yaml").read_text()), cluster]
-    endpoints = [
-        *yaml.safe_load((directory / "endpoints.yaml").read_text()),
-        compute_endpoint(CHAT_MODEL, INFER, backend, compute, globus),
-        compute_endpoint(SLOW_MODEL, INFER, backend, compute, globus, task_timeout_seconds=0.5),
-        compute_endpoint(LEGACY_MODEL, LEGACY, backend, compute, globus),
-    ]
-    write_yaml(directory / "clusters.yaml", clusters)
-    write_yaml(directory / "endpoints.yaml", endpoints)
-    return path
-
-
-@pytest.fixture
-async def globus() -> AsyncIterator[FakeGlobus]:
-    async with FakeGlobus() as fake:
-        fake.add_client(SERVICE_ID, SERVICE_SECRET)
-        yield fake
-
-
-@pytest.fixture
-async def compute(globus: FakeGlobus, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeCompute]:
-    monkeypatch.setenv("INTERNAL_STREAMING_SECRET", SECRET)
-    async with FakeCompute(accepted_tokens=lambda token: token in globus.issued_tokens) as fake:
-        fake.add_endpoint(ENDPOINT)
-        fake.register_function(INFER, load_function())
-        fake.register_function(QSTAT, qstat)
-        fake.register_function(LEGACY, legacy_function)
-        yield fake
 
 
 @pytest.fixture

@@ -1,0 +1,146 @@
+"""Shared test helpers: the users and models of the test configuration, real servers on loopback,
+and gateway configuration files. Fixtures built on them are in conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from proxy.app import create_app, load_parts
+from proxy.settings import load_settings
+
+CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
+EMBED_MODEL = "intfloat/e5-small-v2"
+PRIVATE_MODEL = "private/Model-G"
+
+TOKENS = {
+    "alice": "alice-token-0001",
+    "bob": "bob-token-00002",
+}
+USERS = {
+    "alice": {
+        "id": "a1a1a1a1-0000-4000-8000-000000000001",
+        "username": "alice@uni.edu",
+        "name": "Alice",
+        "groups": ["11111111-1111-4111-8111-111111111111"],
+    },
+    "bob": {"id": "b0b0b0b0-0000-4000-8000-000000000002", "username": "bob@other.org", "name": "Bob"},
+}
+
+
+@dataclass
+class Server:
+    url: str
+    app: web.Application
+
+
+async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """The same runner options as `inference-gateway` uses in production."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def write_yaml(path: Path, document: Any) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def endpoint(cluster: str, model: str, api_url: str, **extra: Any) -> dict[str, Any]:
+    entry = {
+        "cluster": cluster,
+        "framework": "vllm",
+        "model": model,
+        "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
+        "config": {"api_url": api_url, **extra.pop("config", {})},
+    }
+    return {**entry, **extra}
+
+
+def write_gateway_config(directory: Path, backend_url: str, **server: Any) -> Path:
+    api = f"{backend_url}/v1"
+    everything = ["chat/completions", "completions", "embeddings"]
+    clusters = [
+        {
+            "cluster_name": "local",
+            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
+            "frameworks": ["vllm"],
+            "openai_endpoints": everything,
+            "config": {"status_url": f"{backend_url}/jobs"},
+        },
+        {
+            "cluster_name": "uni",
+            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
+            "frameworks": ["vllm"],
+            "openai_endpoints": everything,
+            "allowed_domains": ["uni.edu"],
+            "config": {"status_url": f"{backend_url}/jobs"},
+        },
+        {
+            "cluster_name": "chatonly",
+            "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
+            "frameworks": ["vllm", "sglang"],
+            "openai_endpoints": ["/chat/completions/"],
+            "config": {"status_url": f"{backend_url}/jobs"},
+        },
+    ]
+    endpoints = [
+        endpoint("local", CHAT_MODEL, api),
+        endpoint("local", EMBED_MODEL, api),
+        endpoint("local", PRIVATE_MODEL, api, allowed_globus_groups=USERS["alice"]["groups"][0]),
+        endpoint("local", "dead/model", closed_port_url()),
+        endpoint("local", "slow/model", api, config={"api_request_timeout": 0.5}),
+        endpoint("uni", CHAT_MODEL, api),
+        endpoint("chatonly", CHAT_MODEL, api),
+    ]
+    tokens = {"tokens": [{"token": TOKENS[name], "user": USERS[name]} for name in TOKENS]}
+    write_yaml(directory / "clusters.yaml", clusters)
+    write_yaml(directory / "endpoints.yaml", endpoints)
+    write_yaml(directory / "tokens.yaml", tokens)
+    return write_yaml(
+        directory / "gateway.yaml",
+        {
+            "server": {"host": "127.0.0.1", "port": 0, **server},
+            "timeouts": {"jobs_cache_seconds": 60},
+            "auth": {"provider": "static", "static": {"tokens_file": "tokens.yaml"}},
+            "endpoints_file": "endpoints.yaml",
+            "clusters_file": "clusters.yaml",
+        },
+    )
+
+
+async def start_gateway(config: Path) -> tuple[web.AppRunner, Server]:
+    """Start-up checks may call (fake) Globus synchronously, as before serving in production; a
+    thread keeps them off this event loop, where the fakes run."""
+    settings = load_settings(config)
+    registry, authenticator = await asyncio.to_thread(load_parts, settings)
+    runner, url = await start(create_app(settings, registry, authenticator), settings.server.port)
+    return runner, Server(url=f"{url}{settings.server.base_path}", app=runner.app)
+
+
+def auth(user: str = "alice") -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[user]}"}
+
+
+def chat(content: str = "Hello", model: str = CHAT_MODEL, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
