@@ -282,6 +282,9 @@ def test_globus_example_takes_the_existing_gateways_environment(monkeypatch: pyt
         "AUTHORIZED_IDP_DOMAINS": "anl.gov, uchicago.edu",
         "GLOBUS_POLICIES": "p1,p2",
         "AUTHORIZED_GROUPS_PER_IDP": '{"anl.gov": "g1,g2"}',
+        "STREAMING_SERVER_HOST": "gateway.example.org",
+        "INTERNAL_STREAMING_SECRET": "a-long-internal-secret",
+        "MAX_BATCHES_PER_USER": "3",
     }
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
@@ -294,4 +297,7 @@ def test_globus_example_takes_the_existing_gateways_environment(monkeypatch: pyt
     assert globus.policies == ["p1", "p2"] and globus.groups == []
     assert globus.groups_per_idp == {"anl.gov": ["g1", "g2"]}
     assert settings.redis_url is None
+    assert settings.streaming.callback_url == "https://gateway.example.org:443"
+    assert settings.batches.max_active_per_user == 3
+    assert settings.database_url == f"sqlite:///{ROOT / 'conf' / 'gateway.db'}"
     assert settings.endpoints_file == ROOT / "conf" / "fixtures" / "endpoints.json"
