@@ -154,8 +154,11 @@ class ComputeService:
                 continue
             try:
                 documents = await self.statuses(task_ids)
-            except (globus_sdk.GlobusError, ValueError) as exc:
+            except globus_sdk.GlobusError as exc:
                 log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
+                continue
+            except Exception:
+                log.exception("Globus Compute status poll failed")
                 continue
             for task_id, document in documents.items():
                 self._settle(task_id, document)

@@ -14,18 +14,23 @@ from proxy.slug import endpoint_slug
 _JOB_LISTS = ("running", "queued", "stopped", "others", "private_batch_running", "private_batch_queued")
 
 
+FAILURE_TTL_SECONDS = 10.0
+"""A failing cluster is asked again soon, but not by every request (a qstat is a remote task)."""
+
+
 class JobsCache:
-    """Caches successful reports; concurrent callers share one in-flight `get_jobs`."""
+    """Caches reports (failures briefly); concurrent callers share one in-flight `get_jobs`."""
 
     def __init__(self, ttl_seconds: float) -> None:
         self._ttl = ttl_seconds
         self._reports: dict[str, tuple[float, GetJobsResponse]] = {}
+        """cluster name → (expires at, report)"""
         self._pending: dict[str, asyncio.Task[GetJobsResponse]] = {}
 
     async def get(self, cluster: BaseCluster) -> GetJobsResponse:
         name = cluster.cluster_name
         cached = self._reports.get(name)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
+        if cached is not None and time.monotonic() < cached[0]:
             return cached[1]
         task = self._pending.get(name)
         if task is None:
@@ -33,8 +38,9 @@ class JobsCache:
             self._pending[name] = task
             task.add_done_callback(lambda _: self._pending.pop(name, None))
         report = await asyncio.shield(task)
-        if report.jobs is not None and report.error_code is None:
-            self._reports[name] = (time.monotonic(), report)
+        failed = report.jobs is None or report.error_code is not None
+        ttl = min(self._ttl, FAILURE_TTL_SECONDS) if failed else self._ttl
+        self._reports[name] = (time.monotonic() + ttl, report)
         return report
 
 

@@ -83,3 +83,37 @@ async def test_metis_status_in_the_jobs_shape(
     status = {"cluster": "metis", "total_models": 4, "live_models": 2, "stopped_models": 1}
     assert jobs["cluster_status"] == status
     assert "secret-key-do-not-show" not in str(jobs)
+
+
+async def test_a_failing_status_source_is_not_asked_by_every_request(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    calls = []
+
+    async def broken(_: web.Request) -> web.Response:
+        calls.append(1)
+        return web.json_response({"detail": "scheduler down"}, status=500)
+
+    app = web.Application()
+    app.router.add_get("/status", broken)
+    status_runner, status_url = await start(app)
+    config = write_gateway_config(tmp_path, backend.url)
+    cluster = {
+        "cluster_name": "metis",
+        "cluster_adapter": "adaptors.status_url.MetisCluster",
+        "frameworks": ["api"],
+        "openai_endpoints": ["chat/completions"],
+        "config": {"status_url": f"{status_url}/status"},
+    }
+    write_yaml(tmp_path / "clusters.yaml", [cluster])
+    write_yaml(tmp_path / "endpoints.yaml", [])
+    runner, gateway = await start_gateway(config)
+    try:
+        for _ in range(3):
+            async with http.get(f"{gateway.url}/metis/jobs", headers=auth()) as response:
+                assert response.status == 502
+                assert (await response.json())["error"]["message"] == "scheduler down"
+    finally:
+        await runner.cleanup()
+        await status_runner.cleanup()
+    assert len(calls) == 1
