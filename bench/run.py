@@ -7,9 +7,13 @@ The backend and the load generator share CPU 0 and the gateway has CPU 1 to itse
 gateway's figures are not disturbed by the processes that feed it. The run prints a markdown
 table with the targets beside the figures and writes every figure to bench/results/latest.json.
 
-It ends with the cost of authentication: a gateway with the `static` provider against one with the
+Then comes the cost of authentication: a gateway with the `static` provider against one with the
 `globus` provider and a warm cache, each started alone on CPU 1 in turn (static, globus, static,
 globus, ...), with a local fake of Globus on CPU 0.
+
+It ends with the Globus Compute path (bench/compute.py): a fake Globus Compute on CPU 0, a client that
+does the gateway's SDK work alone on CPU 1 against a gateway with a compute endpoint on CPU 1, and the
+gateway's stream relay fed by the fake's function.
 """
 
 from __future__ import annotations
@@ -21,29 +25,48 @@ import os
 import platform
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+from bench.common import (
+    GATEWAY_CPU,
+    LOADGEN_CPU,
+    MODEL,
+    ROOT,
+    STATIC_AUTH,
+    TOKEN,
+    Service,
+    chat_body,
+    difference,
+    free_port,
+    loadgen,
+    other_cpu_use,
+    read_announcement,
+    show,
+    start_service,
+    table_row,
+    tokens_document,
+    wait_ready,
+    warm,
+)
+from bench.compute import (
+    ComputeBench,
+    compute_checks,
+    compute_disturbances,
+    compute_failures,
+    compute_rows,
+)
+
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
-MODEL: Final = "bench/model"
-TOKEN: Final = "bench-token"
-LOADGEN_CPU: Final = "0"
-GATEWAY_CPU: Final = "1"
 CONCURRENCIES: Final = (1, 16, 64)
 STREAM_CONCURRENCY: Final = 16
 SLOW_STREAM_DIRECTIVES: Final = "[[chunks=30]][[chunk_delay=0.5]]"
@@ -53,7 +76,6 @@ STREAM_KINDS: Final = {
 }
 """Paced streams generate like a model (50 tokens/s), so the time to first chunk is the gateway's
 own delay; saturated streams send everything at once and measure queueing at full load."""
-START_SECONDS: Final = 30.0
 HOLD_LIMIT_SECONDS: Final = 60.0
 RSS_SAMPLE_SECONDS: Final = 0.2
 C1_ADDED_P50: Final = "c1_added_p50_ms"
@@ -69,94 +91,10 @@ AUTH_WARM_REQUESTS: Final = 5
 and cache the user, so the measures see only the warm path."""
 GLOBUS_C64_RPS_RATIO: Final = "globus_c64_rps_ratio"
 GLOBUS_INTROSPECTIONS: Final = "globus_introspections_per_gateway"
-STATIC_AUTH: Final = {"provider": "static", "static": {"tokens_file": "tokens.yaml"}}
 GATEWAY_PATH: Final = "/resource_server/local/vllm/v1/chat/completions"
-BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
-
-
-def chat_body(content: str = "Say hello", *, stream: bool = False) -> str:
-    body: dict[str, Any] = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": 16,
-    }
-    if stream:
-        body["stream"] = True
-    return json.dumps(body)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Service:
-    """A server started by the run, in its own process group so that it can be stopped whole."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return "(no output)"
-        return "\n".join(text.splitlines()[-lines:]) or "(no output)"
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(grace)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def start_service(name: str, cpu: str, args: list[str], workdir: Path) -> Service:
-    log = workdir / f"{name}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            ["taskset", "-c", cpu, sys.executable, *args],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Service(name, process, log)
-
-
-def wait_ready(service: Service, url: str, seconds: float = START_SECONDS) -> None:
-    """Poll until the service answers 200, failing early with its output if it exits."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if service.process.poll() is not None:
-            raise RuntimeError(
-                f"the {service.name} exited with status {service.process.returncode}:\n{service.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"the {service.name} did not answer 200 at {url} within {seconds:g} s:\n{service.log_tail()}"
-    )
 
 
 def write_gateway_config(
@@ -176,19 +114,7 @@ def write_gateway_config(
             "endpoints_file": "endpoints.yaml",
             "clusters_file": "clusters.yaml",
         },
-        "tokens.yaml": {
-            "tokens": [
-                {
-                    "token": TOKEN,
-                    "user": {
-                        "id": "00000000-0000-4000-8000-0000000000b1",
-                        "username": "bench@example.org",
-                        "name": "Bench",
-                        "groups": [],
-                    },
-                }
-            ]
-        },
+        "tokens.yaml": tokens_document(),
         "endpoints.yaml": [
             {
                 "cluster": "local",
@@ -211,22 +137,6 @@ def write_gateway_config(
     for filename, document in documents.items():
         (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
     return workdir / name
-
-
-def loadgen(url: str, body: str, *extra: str, token: str | None, limit: float) -> dict[str, Any]:
-    """Run the load generator on the backend's CPU and return its JSON summary."""
-    args = ["taskset", "-c", LOADGEN_CPU, sys.executable, "-m", "bench.loadgen", "--url", url]
-    args += ["--body", body, *extra]
-    if token:
-        args += ["--token", token]
-    try:
-        done = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=limit, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"the load generator did not finish within {limit:g} s") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"the load generator failed:\n{done.stderr.decode(errors='replace')}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
 
 
 def memory_kb(pid: int) -> dict[str, int]:
@@ -261,12 +171,6 @@ def rss_sampler(pid: int) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
-
-
-def difference(gateway: float | None, direct: float | None) -> float | None:
-    if gateway is None or direct is None:
-        return None
-    return round(gateway - direct, 3)
 
 
 class Bench:
@@ -334,22 +238,6 @@ class Bench:
         }
 
 
-def read_announcement(service: Service, seconds: float = START_SECONDS) -> dict[str, Any]:
-    """The fake Globus has no health route and may pick its own port: it prints its URLs once listening."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        for line in service.log.read_text(errors="replace").splitlines():
-            if line.startswith("{") and "auth_url" in line:
-                announced: dict[str, Any] = json.loads(line)
-                return announced
-        if service.process.poll() is not None:
-            raise RuntimeError(
-                f"the {service.name} exited with status {service.process.returncode}:\n{service.log_tail()}"
-            )
-        time.sleep(0.1)
-    raise RuntimeError(f"the {service.name} did not announce its URLs within {seconds:g} s")
-
-
 def globus_calls(service: Service) -> dict[str, int]:
     """The fake Globus's count of calls per API, which it prints when stopped."""
     service.stop()
@@ -365,60 +253,6 @@ def globus_auth(fake: dict[str, Any]) -> dict[str, Any]:
     keys = ("client_id", "client_secret", "scope", "auth_url", "groups_url")
     settings = {key: fake[key] for key in keys} | {"authorized_idp_domains": ["example.org"]}
     return {"provider": "globus", "globus": settings}
-
-
-def warm(url: str, count: int) -> None:
-    """A few requests one at a time: the first fills the auth cache, so no measure pays for Globus."""
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
-    for _ in range(count):
-        request = urllib.request.Request(url, data=chat_body().encode(), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise RuntimeError(f"warming {url} answered {exc.code}: {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise RuntimeError(f"warming {url} failed: {exc}") from None
-
-
-def busy_cpu_seconds(cpus: tuple[int, ...]) -> float:
-    """Time the CPUs spent on anything but idling, steal included (the hypervisor's other guests)."""
-    names = {f"cpu{cpu}" for cpu in cpus}
-    busy = 0
-    with open("/proc/stat") as stat:
-        for line in stat:
-            name, *fields = line.split()
-            if name in names:
-                # user nice system idle iowait irq softirq steal; guest time is already in user and nice.
-                values = [int(value) for value in fields[:8]]
-                busy += sum(values) - values[3] - values[4]
-    return busy / CLOCK_TICKS
-
-
-def own_cpu_seconds(pids: list[int]) -> float:
-    """CPU time of the benchmark: this process, its reaped children (the load generator) and `pids`."""
-    total = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        total += usage.ru_utime + usage.ru_stime
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime
-    return total
-
-
-@contextmanager
-def other_cpu_use(pids: list[int]) -> Iterator[dict[str, float]]:
-    """The share of CPUs 0 and 1 that processes outside the benchmark took while the block ran: on a
-    shared machine they can move a measure by more than the difference being judged."""
-    figures: dict[str, float] = {}
-    started, busy, own = time.monotonic(), busy_cpu_seconds(BENCH_CPUS), own_cpu_seconds(pids)
-    yield figures
-    other = busy_cpu_seconds(BENCH_CPUS) - busy - (own_cpu_seconds(pids) - own)
-    elapsed = time.monotonic() - started
-    figures["other_cpu_share"] = round(max(0.0, other) / (len(BENCH_CPUS) * elapsed), 3)
 
 
 class AuthBench:
@@ -554,33 +388,12 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         SLOW_STREAMS_RSS: (slow.get("peak_rss_mb"), "< 200 MB", lambda v: v < 200),
         GLOBUS_C64_RPS_RATIO: (auth_c64.get("rps_ratio"), "≥ 95% of static", lambda v: v >= 0.95),
         GLOBUS_INTROSPECTIONS: (auth.get("introspections_per_gateway"), "1 (warm cache)", lambda v: v == 1),
+        **compute_checks(results.get("compute") or {}),
     }
     return {
         key: {"figure": figure, "target": target, "met": None if figure is None else passes(figure)}
         for key, (figure, target, passes) in checks.items()
     }
-
-
-def show(value: Any, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:,.2f}{unit}" if abs(value) < 100 else f"{value:,.0f}{unit}"
-    return f"{value}{unit}"
-
-
-def table_row(
-    measure: str,
-    direct: Any,
-    gateway: Any,
-    difference: str,
-    unit: str,
-    check: dict[str, Any] | None = None,
-) -> str:
-    """One line of the table, shared by the gateway's rows and the auth comparison's rows."""
-    goal = check["target"] if check else ""
-    met = {True: "yes", False: "**no**", None: "—"}[check["met"]] if check else ""
-    return f"| {measure} | {show(direct, unit)} | {show(gateway, unit)} | {difference} | {goal} | {met} |"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -652,6 +465,9 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             judged[GLOBUS_INTROSPECTIONS],
         )
+    compute = results.get("compute")
+    if compute:
+        lines.extend(compute_rows(compute, judged))
     return "\n".join(lines)
 
 
@@ -709,6 +525,7 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             "slow_streams": args.streams,
             "auth_seconds_per_measure": args.auth_seconds,
             "auth_rounds": args.auth_rounds,
+            "compute_seconds_per_measure": args.seconds,
         },
         "non_streaming": bench.non_streaming(),
         "streaming": bench.streaming(),
@@ -724,6 +541,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
         results["auth"] = auth.compare()
         if backend.process.poll() is not None:
             raise RuntimeError(f"the backend stopped during the run:\n{backend.log_tail()}")
+    # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
+    results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateway is not None).run()
     results["targets"] = targets(results)
     return results
 
@@ -743,18 +562,18 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         for level, summary in run["by_concurrency"].items():
             if summary.get("errors"):
                 found.append(f"auth {run['provider']} {run['round']} c={level}: {summary['status_counts']}")
-    return found
+    return found + compute_failures(results.get("compute") or {})
 
 
 def disturbed_runs(results: dict[str, Any]) -> list[str]:
-    """Auth measures that other processes disturbed enough to blur a 5% difference."""
+    """Auth and compute measures that other processes disturbed enough to blur a 5% difference."""
     found = []
     for run in (results.get("auth") or {}).get("runs", []):
         for level, summary in run["by_concurrency"].items():
             share = summary["other_cpu_share"]
             if share > OTHER_CPU_WARNING:
                 found.append(f"auth {run['provider']} {run['round']} c={level}: {share:.0%}")
-    return found
+    return found + compute_disturbances(results.get("compute") or {}, OTHER_CPU_WARNING)
 
 
 def _exit_on_sigterm(signum: int, _frame: object) -> None:

@@ -1,0 +1,423 @@
+"""The benchmark's Globus Compute section: the compute path with and without the gateway, and the relay.
+
+A fake Globus Auth and Globus Compute run in one process on CPU 0 (bench.fake_compute_server), whose
+function answers at once, so that the service's own latency is its submit and the wait for the next
+status poll (every 0.05 s here). Then, with CPU 1 for the measured side each time:
+
+1. the baseline: bench.compute_client on CPU 1 does what the gateway does for each request (submit
+   through the SDK, one shared poller at the gateway's cadence), 100 and then 16 requests in flight;
+2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
+   the same function, read by bench.stream_client on CPU 0 (see 4);
+3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake, and the load generator on CPU 0
+   with the same requests in flight; the difference is the gateway's own cost per request;
+4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
+   POSTs every chunk to the gateway's callback route with its send time, paced like a model (for the
+   added latency per chunk) and all at once (for the chunks per second the relay sustains).
+
+Both sides of (1) and (3) also report the CPU time they spent per request: with 100 requests in flight
+CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll; 16
+requests in flight keep it below saturation, which shows the gateway's cost without that queue.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from bench.common import (
+    GATEWAY_CPU,
+    LOADGEN_CPU,
+    MODEL,
+    STATIC_AUTH,
+    TOKEN,
+    Service,
+    busy_shares,
+    chat_body,
+    difference,
+    free_port,
+    loadgen,
+    other_cpu_use,
+    process_cpu_seconds,
+    read_announcement,
+    run_client,
+    show,
+    start_service,
+    table_row,
+    tokens_document,
+    wait_ready,
+)
+from bench.compute_client import API_PORT, DEFAULT_THREADS
+
+CONCURRENCIES: Final = (100, 16)
+JUDGED_CONCURRENCY: Final = 100
+POLL_INTERVAL: Final = 0.05
+ADAPTOR_THREADS: Final = DEFAULT_THREADS
+"""The gateway's thread pool for SDK calls, set to the baseline client's so that both wait alike."""
+WARM_REQUESTS: Final = 500
+"""Sent before each measure (token, connections, the endpoint status cache), by each side."""
+CLUSTER: Final = "hpc"
+COMPUTE_PATH: Final = f"/resource_server/{CLUSTER}/vllm/v1/chat/completions"
+RELAY_STREAMS: Final = 16
+RELAY_KINDS: Final = {"paced": (200, 0.02), "saturated": (1000, 0.0)}
+"""(chunks per stream, seconds between chunks). Paced streams post like a model generating 50 tokens/s,
+so a chunk's latency is the relay's and not a queue behind other chunks; saturated streams post as fast
+as the relay answers, which measures how many chunks per second it sustains (and its queue then)."""
+RELAY_WARMUP_CHUNKS: Final = 10
+CLIENT_SLACK_SECONDS: Final = 90.0
+ADDED_P50: Final = f"compute_c{JUDGED_CONCURRENCY}_added_p50_ms"
+RELAY_P99: Final = f"relay{RELAY_STREAMS}_paced_p99_ms"
+Check = tuple[float | None, str, Callable[[float], bool]]
+
+
+def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
+    """The service account and URLs, shared by the endpoint's and the cluster's configuration."""
+    keys = ("client_id", "client_secret", "compute_url", "auth_url")
+    return {key: fake[key] for key in keys} | {"poll_interval_seconds": POLL_INTERVAL}
+
+
+def write_compute_config(workdir: Path, port: int, fake: dict[str, Any]) -> Path:
+    """A gateway whose only cluster is the fake endpoint, with the relay's callbacks coming to itself."""
+    access = compute_access(fake)
+    endpoint = {
+        "api_port": API_PORT,
+        "endpoint_uuid": fake["endpoint_uuid"],
+        "function_uuid": fake["function_uuid"],
+        **access,
+    }
+    cluster = {
+        "qstat_endpoint_uuid": fake["endpoint_uuid"],
+        "qstat_function_uuid": fake["qstat_function_uuid"],
+        **access,
+    }
+    documents: dict[str, Any] = {
+        "gateway-compute.yaml": {
+            "server": {"host": "127.0.0.1", "port": port, "adaptor_threads": ADAPTOR_THREADS},
+            "auth": STATIC_AUTH,
+            "endpoints_file": "endpoints-compute.yaml",
+            "clusters_file": "clusters-compute.yaml",
+            "database_url": f"sqlite:///{workdir / 'gateway-compute.db'}",
+            "streaming": {
+                "internal_secret": fake["callback_secret"],
+                "callback_url": f"http://127.0.0.1:{port}",
+            },
+        },
+        "tokens.yaml": tokens_document(),
+        "endpoints-compute.yaml": [
+            {
+                "cluster": CLUSTER,
+                "framework": "vllm",
+                "model": MODEL,
+                "endpoint_adapter": "adaptors.globus_compute.GlobusComputeEndpoint",
+                "config": endpoint,
+            }
+        ],
+        "clusters-compute.yaml": [
+            {
+                "cluster_name": CLUSTER,
+                "cluster_adapter": "adaptors.globus_compute.GlobusComputeCluster",
+                "frameworks": ["vllm"],
+                "openai_endpoints": ["chat/completions"],
+                "config": cluster,
+            }
+        ],
+    }
+    for filename, document in documents.items():
+        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    return workdir / "gateway-compute.yaml"
+
+
+def fake_calls(fake: Service) -> dict[str, int]:
+    """The fake's count of submits, status polls and token grants, which it prints when stopped."""
+    fake.stop()
+    for line in reversed(fake.log.read_text(errors="replace").splitlines()):
+        if line.startswith('{"counts"'):
+            calls: dict[str, int] = json.loads(line)["counts"]
+            return calls
+    raise RuntimeError(f"the {fake.name} did not report its calls:\n{fake.log_tail()}")
+
+
+@dataclass
+class ComputeBench:
+    """One fake service for the whole section. The baseline client and the relay floor run before the
+    gateway starts, so that each has CPU 1 to itself as the gateway will."""
+
+    workdir: Path
+    seconds: float
+    with_gateway: bool
+
+    def run(self) -> dict[str, Any]:
+        with ExitStack() as services:
+            fake_args = ["-m", "bench.fake_compute_server"]
+            fake = start_service("fake-compute", LOADGEN_CPU, fake_args, self.workdir)
+            services.callback(fake.stop)
+            announced = read_announcement(fake)
+            # A file, so that the service account's secret stays off the command lines.
+            service_file = self.workdir / "fake-compute.json"
+            service_file.write_text(json.dumps(announced))
+            ours = [fake.process.pid]
+            levels = {
+                str(level): {"direct": self._direct(service_file, level, ours)} for level in CONCURRENCIES
+            }
+            floors = self._floor(service_file, services, ours)
+            relay = {kind: {"direct": floor} for kind, floor in floors.items()}
+            if self.with_gateway:
+                gateway, url = self._start_gateway(announced, services)
+                ours.append(gateway.process.pid)
+                for level, pair in levels.items():
+                    pair["gateway"] = self._through_gateway(url, int(level), gateway, ours)
+                for kind, pair in relay.items():
+                    target = ["--url", url, "--token", TOKEN]
+                    pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
+                _check_alive(gateway)
+                gateway.stop()
+            _check_alive(fake)
+            calls = fake_calls(fake)
+        return summarize_compute(levels, relay, calls, self.seconds)
+
+    def _direct(self, service_file: Path, level: int, ours: list[int]) -> dict[str, Any]:
+        """The baseline client in the gateway's place on CPU 1."""
+        args = ["--service", str(service_file), "--concurrency", str(level)]
+        args += ["--duration", str(self.seconds), "--warmup", str(WARM_REQUESTS)]
+        args += ["--poll-interval", str(POLL_INTERVAL), "--threads", str(ADAPTOR_THREADS)]
+        limit = self.seconds + CLIENT_SLACK_SECONDS
+        with other_cpu_use(ours) as disturbance, busy_shares() as busy:
+            summary = run_client("compute client", GATEWAY_CPU, "bench.compute_client", args, limit)
+        print(f"compute, concurrency {level}, direct: done", file=sys.stderr)
+        return summary | disturbance | busy
+
+    def _floor(self, service_file: Path, services: ExitStack, ours: list[int]) -> dict[str, dict[str, Any]]:
+        """Each kind of relay measure against the floor, which then leaves CPU 1 to the gateway."""
+        port = free_port()
+        floor = start_service(
+            "relay-floor", GATEWAY_CPU, ["-m", "bench.relay_floor", "--port", str(port)], self.workdir
+        )
+        services.callback(floor.stop)
+        wait_ready(floor, f"http://127.0.0.1:{port}/health")
+        args = ["--url", f"http://127.0.0.1:{port}", "--floor-service", str(service_file)]
+        measured = {kind: self._relay(kind, "floor", args, ours, floor) for kind in RELAY_KINDS}
+        _check_alive(floor)
+        floor.stop()
+        return measured
+
+    def _start_gateway(self, announced: dict[str, Any], services: ExitStack) -> tuple[Service, str]:
+        port = free_port()
+        config = write_compute_config(self.workdir, port, announced)
+        gateway_args = ["-m", "proxy", "--config", str(config)]
+        gateway = start_service("gateway-compute", GATEWAY_CPU, gateway_args, self.workdir)
+        services.callback(gateway.stop)
+        wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
+        return gateway, f"http://127.0.0.1:{port}{COMPUTE_PATH}"
+
+    def _through_gateway(self, url: str, level: int, gateway: Service, ours: list[int]) -> dict[str, Any]:
+        """Warm up in a run of its own, so that the gateway's CPU time counts the measured requests only."""
+        limit = self.seconds + CLIENT_SLACK_SECONDS
+        concurrency = ["--concurrency", str(level)]
+        warmed = loadgen(
+            url, chat_body(), "--requests", str(WARM_REQUESTS), *concurrency, token=TOKEN, limit=limit
+        )
+        if warmed["errors"]:
+            raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
+        before = process_cpu_seconds(gateway.process.pid)
+        with other_cpu_use(ours) as disturbance, busy_shares() as busy:
+            summary = loadgen(
+                url, chat_body(), "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
+            )
+        cpu = process_cpu_seconds(gateway.process.pid) - before
+        served = summary["status_counts"].get("200", 0)
+        per_request = round(cpu / served * 1000, 3) if served else None
+        print(f"compute, concurrency {level}, through the gateway: done", file=sys.stderr)
+        return summary | {"cpu_s": round(cpu, 3), "cpu_ms_per_request": per_request} | disturbance | busy
+
+    def _relay(
+        self, kind: str, side: str, target: list[str], ours: list[int], relay: Service
+    ) -> dict[str, Any]:
+        """One kind of relay measure; `target` says where the streams go (the gateway or the floor). The
+        relay's CPU time per chunk counts all its work meanwhile: warm-up chunks, and for the gateway the
+        submits and the polls for the tasks' ends."""
+        chunks, delay = RELAY_KINDS[kind]
+        args = [*target, "--model", MODEL, "--streams", str(RELAY_STREAMS), "--chunks", str(chunks)]
+        args += ["--chunk-delay", str(delay), "--warmup-chunks", str(RELAY_WARMUP_CHUNKS)]
+        args += ["--timeout", str(CLIENT_SLACK_SECONDS)]
+        limit = 2 * CLIENT_SLACK_SECONDS + 30
+        before = process_cpu_seconds(relay.process.pid)
+        with other_cpu_use(list({*ours, relay.process.pid})) as disturbance, busy_shares() as busy:
+            summary = run_client("stream client", LOADGEN_CPU, "bench.stream_client", args, limit)
+        cpu = process_cpu_seconds(relay.process.pid) - before
+        relayed = summary["chunks"] + summary["warmup_chunks"]
+        per_chunk = round(cpu / relayed * 1000, 4) if relayed else None
+        print(f"relay ({kind}), {RELAY_STREAMS} streams, {side}: done", file=sys.stderr)
+        return summary | {"relay_cpu_s": round(cpu, 3), "cpu_ms_per_chunk": per_chunk} | disturbance | busy
+
+
+def _check_alive(service: Service) -> None:
+    if service.process.poll() is not None:
+        raise RuntimeError(f"the {service.name} stopped during the run:\n{service.log_tail()}")
+
+
+def summarize_compute(
+    levels: dict[str, dict[str, Any]],
+    relay: dict[str, dict[str, Any]],
+    calls: dict[str, int],
+    seconds: float,
+) -> dict[str, Any]:
+    """The settings, and the differences beside the raw figures of both sides."""
+    for pair in levels.values():
+        if "gateway" in pair:
+            direct, gateway = pair["direct"], pair["gateway"]
+            pair["added_p50_ms"] = difference(gateway["p50_ms"], direct["p50_ms"])
+            pair["added_p99_ms"] = difference(gateway["p99_ms"], direct["p99_ms"])
+            pair["added_cpu_ms_per_request"] = difference(
+                gateway["cpu_ms_per_request"], direct["cpu_ms_per_request"]
+            )
+            pair["rps_ratio"] = round(gateway["rps"] / direct["rps"], 3) if direct["rps"] else None
+    for pair in relay.values():
+        if "gateway" in pair:
+            floor, gateway = pair["direct"], pair["gateway"]
+            pair["added_p50_ms"] = difference(gateway["latency_p50_ms"], floor["latency_p50_ms"])
+            pair["added_p99_ms"] = difference(gateway["latency_p99_ms"], floor["latency_p99_ms"])
+            rates = floor["chunks_per_s"], gateway["chunks_per_s"]
+            pair["chunks_per_s_ratio"] = round(rates[1] / rates[0], 3) if all(rates) else None
+    return {
+        "direct_is": "bench.compute_client on CPU 1: the gateway's SDK calls and poller, without the gateway",
+        "relay_direct_is": "bench.relay_floor on CPU 1: a relay without the gateway's checks, same function",
+        "poll_interval_s": POLL_INTERVAL,
+        "adaptor_threads": ADAPTOR_THREADS,
+        "seconds_per_measure": seconds,
+        "warm_requests": WARM_REQUESTS,
+        "cpus": {
+            "fake_service_and_function": LOADGEN_CPU,
+            "load_generator_and_stream_client": LOADGEN_CPU,
+            "direct_client_relay_floor_and_gateway": GATEWAY_CPU,
+        },
+        "by_concurrency": levels,
+        "relay": relay,
+        "fake_calls": calls,
+    }
+
+
+def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
+    """The section's targets: the added p50 is judged (p99 is shown beside it), and the paced relay's
+    p99, receive minus send through the gateway."""
+    judged = (compute.get("by_concurrency") or {}).get(str(JUDGED_CONCURRENCY)) or {}
+    paced = ((compute.get("relay") or {}).get("paced") or {}).get("gateway") or {}
+    return {
+        ADDED_P50: (
+            judged.get("added_p50_ms"),
+            f"under 5 ms added per request at {JUDGED_CONCURRENCY} concurrent requests",
+            lambda v: v < 5,
+        ),
+        RELAY_P99: (paced.get("latency_p99_ms"), "relay adds under 2 ms per chunk at p99", lambda v: v < 2),
+    }
+
+
+def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    """The compute path under the table's other rows: the baseline client (or the relay floor) in
+    Direct, the gateway in Gateway."""
+    rows = []
+    for level, pair in compute["by_concurrency"].items():
+        rows.extend(level_rows(level, pair, judged))
+    for kind, pair in compute["relay"].items():
+        rows.extend(relay_rows(kind, pair, judged))
+    return rows
+
+
+def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    direct, gateway = pair["direct"], pair.get("gateway") or {}
+    prefix = f"compute c={level}, poll every {POLL_INTERVAL * 1000:g} ms"
+    ratio = pair.get("rps_ratio")
+    share = show(ratio * 100, "% of direct") if ratio is not None else "—"
+    rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]
+    for rank in ("p50", "p99"):
+        check = judged.get(ADDED_P50) if (level, rank) == (str(JUDGED_CONCURRENCY), "p50") else None
+        added = show(pair.get(f"added_{rank}_ms"), " ms")
+        rows.append(
+            table_row(
+                f"{prefix}: {rank}", direct[f"{rank}_ms"], gateway.get(f"{rank}_ms"), added, " ms", check
+            )
+        )
+    added_cpu = show(pair.get("added_cpu_ms_per_request"), " ms")
+    cpu = (direct["cpu_ms_per_request"], gateway.get("cpu_ms_per_request"))
+    rows.append(table_row(f"{prefix}: CPU 1 time per request", *cpu, added_cpu, " ms"))
+    rows.extend(cpu_rows(prefix, direct, gateway))
+    return rows
+
+
+def relay_rows(kind: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    """Direct is the relay floor; receive minus send through the gateway is what its relay adds."""
+    floor, gateway = pair["direct"], pair.get("gateway") or {}
+    delay = floor["chunk_delay_s"]
+    pace = f"{delay * 1000:g} ms apart" if delay else "back to back"
+    prefix = f"relay, {kind}: {floor['streams']} streams of {floor['chunks_per_stream']} chunks {pace}"
+    ratio = pair.get("chunks_per_s_ratio")
+    share = show(ratio * 100, "% of floor") if ratio is not None else "—"
+    rows = [table_row(f"{prefix}: chunks/s", floor["chunks_per_s"], gateway.get("chunks_per_s"), share, "")]
+    for rank in ("p50", "p99"):
+        check = judged.get(RELAY_P99) if (kind, rank) == ("paced", "p99") else None
+        latencies = (floor[f"latency_{rank}_ms"], gateway.get(f"latency_{rank}_ms"))
+        added = show(pair.get(f"added_{rank}_ms"), " ms vs floor")
+        rows.append(table_row(f"{prefix}: latency per chunk {rank}", *latencies, added, " ms", check))
+    cpu = (floor["cpu_ms_per_chunk"], gateway.get("cpu_ms_per_chunk"))
+    added_cpu = show(difference(cpu[1], cpu[0]), " ms")
+    rows.append(table_row(f"{prefix}: relay's CPU 1 time per chunk", *cpu, added_cpu, " ms"))
+    rows.extend(cpu_rows(prefix, floor, gateway))
+    return rows
+
+
+def cpu_rows(prefix: str, direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
+    """Which CPU was the limit, and how much of the two other processes took."""
+
+    def busy(side: dict[str, Any]) -> str:
+        if "cpu0_busy_share" not in side:
+            return "—"
+        return f"{side['cpu0_busy_share']:.0%} / {side['cpu1_busy_share']:.0%}"
+
+    def others(side: dict[str, Any]) -> str:
+        return f"{side['other_cpu_share']:.0%}" if "other_cpu_share" in side else "—"
+
+    return [
+        table_row(f"{prefix}: CPU 0 / CPU 1 busy", busy(direct), busy(gateway), "—", ""),
+        table_row(f"{prefix}: CPUs 0-1 taken by other processes", others(direct), others(gateway), "—", ""),
+    ]
+
+
+def compute_failures(compute: dict[str, Any]) -> list[str]:
+    """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
+    found = []
+    for level, pair in (compute.get("by_concurrency") or {}).items():
+        for side in ("direct", "gateway"):
+            if (pair.get(side) or {}).get("errors"):
+                found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
+    for kind, pair in (compute.get("relay") or {}).items():
+        for side in ("direct", "gateway"):
+            relayed = pair.get(side) or {}
+            if relayed.get("errors") or relayed.get("short_streams"):
+                found.append(
+                    f"relay {kind} {side}: {relayed['status_counts']}, {relayed['short_streams']} short"
+                )
+    return found
+
+
+def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]:
+    """Measures during which other processes took more than `threshold` of CPUs 0-1."""
+    measures = {
+        f"compute c={level} {side}": pair.get(side) or {}
+        for level, pair in (compute.get("by_concurrency") or {}).items()
+        for side in ("direct", "gateway")
+    }
+    measures |= {
+        f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}
+        for kind, pair in (compute.get("relay") or {}).items()
+        for side in ("direct", "gateway")
+    }
+    return [
+        f"{name}: {summary['other_cpu_share']:.0%}"
+        for name, summary in measures.items()
+        if summary.get("other_cpu_share", 0) > threshold
+    ]

@@ -1,0 +1,296 @@
+"""The compute path's baseline: what the gateway does for a request, done straight against the fake service.
+
+    python -m bench.compute_client --service FILE [--concurrency C] [--duration S] [--requests N]
+        [--warmup N] [--poll-interval S] [--threads T] [--timeout S]
+
+FILE is the JSON line that bench.fake_compute_server announces (a file, so that the service account's
+secret stays off the command line). The client keeps C requests in flight until N are done or S seconds
+have passed and prints one JSON object shaped like bench.loadgen's, so that the two sides of the
+comparison line up field by field.
+
+Why this baseline is fair to the gateway. On this path a request's latency is mostly the wait for the
+next status poll, so the baseline must poll exactly as the gateway does, or the difference would measure
+polling strategies rather than the gateway:
+
+- one poller for every task in flight, which sleeps the poll interval and then asks about all pending
+  tasks at once (`ComputeClientV2.get_task_batch`), as `adaptors.globus_compute.ComputeService` does;
+  a poller per request, started at its submit, would wait a fixed interval instead of a random share of
+  the poll cycle, and would send C times as many polls;
+- the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON serializer,
+  one requests transport shared by both clients, the same retry settings), run in a thread pool of the
+  gateway's size, on the event loop the gateway uses (uvloop);
+- the payload the gateway sends for the benchmark's body, and the result read back as JSON.
+
+What the difference leaves to the gateway is then its own work: the HTTP front, authentication, request
+validation and routing, and the JSON relayed back, plus the load generator that talks to it (the
+baseline client runs on the gateway's CPU, in its place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import globus_sdk
+from globus_compute_sdk.sdk.batch import Batch
+from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
+from globus_sdk.transport import RequestsTransport, RetryConfig
+
+from bench.backend import new_event_loop
+from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
+
+DEFAULT_THREADS: Final = 16
+"""The gateway's `server.adaptor_threads` default; the benchmark sets both to this value."""
+DEFAULT_POLL_INTERVAL: Final = 0.05
+MAX_TASKS_PER_POLL: Final = 1000
+API_PORT: Final = 8000
+"""The endpoint's `api_port`, which the gateway adds to every payload; the fake's function ignores it."""
+RESULT_SERIALIZERS: Final = ["globus_compute_sdk.serialize.JSONData"]
+Result = TypeVar("Result")
+
+
+class TaskFailed(Exception):
+    """The task failed on the endpoint, or its document could not be read."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """The fake's announcement: where it listens and who the client is to it."""
+
+    compute_url: str
+    auth_url: str
+    client_id: str
+    client_secret: str
+    endpoint_uuid: str
+    function_uuid: str
+
+    @classmethod
+    def load(cls, path: Path) -> Service:
+        document = json.loads(path.read_text())
+        return cls(**{name: str(document[name]) for name in cls.__dataclass_fields__})
+
+
+def json_serializer() -> ComputeSerializer:
+    """The gateway's serializer: arguments and results as JSON."""
+    return ComputeSerializer(
+        strategy_data=JSONData(),  # type: ignore[no-untyped-call]
+        allowed_deserializer_types=[JSONData, AllowlistWildcard.CODE],
+    )
+
+
+def sdk_clients(
+    service: Service, timeout: float
+) -> tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3]:
+    """Built as the gateway builds them, so that each call costs both sides the same."""
+    transport = RequestsTransport(http_timeout=timeout)
+    retries = RetryConfig(max_retries=2, max_sleep=2)
+    auth = globus_sdk.ConfidentialAppAuthClient(
+        service.client_id,
+        service.client_secret,
+        base_url=service.auth_url,
+        transport=transport,
+        retry_config=retries,
+    )
+    authorizer = globus_sdk.ClientCredentialsAuthorizer(auth, globus_sdk.ComputeClientV2.scopes.all)
+    options: dict[str, Any] = {
+        "base_url": service.compute_url,
+        "authorizer": authorizer,
+        "transport": transport,
+        "retry_config": retries,
+    }
+    return globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options)
+
+
+class Compute:
+    """Submits through the SDK and waits on one shared poller, as `ComputeService` does in the gateway."""
+
+    def __init__(self, service: Service, *, threads: int, poll_interval: float, timeout: float) -> None:
+        self.service = service
+        self.poll_interval = poll_interval
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdk")
+        self.serializer = json_serializer()
+        self.v2, self.v3 = sdk_clients(service, timeout)
+        self.pending: dict[str, asyncio.Future[Any]] = {}
+        self.polls = 0
+        self.poll_errors = 0
+        self._poller: asyncio.Task[None] | None = None
+
+    async def submit(self, params: dict[str, Any]) -> str:
+        function_uuid = self.service.function_uuid
+
+        def send() -> str:
+            batch = Batch(
+                task_group_id=None,
+                serializer=self.serializer,
+                result_serializers=RESULT_SERIALIZERS,
+                request_queue=False,
+            )
+            batch.add(function_uuid, args=({"model_params": params},))
+            answer = self.v3.submit(self.service.endpoint_uuid, batch.prepare())
+            return str(answer["tasks"][function_uuid][0])
+
+        return await self._blocking(send)
+
+    async def result(self, task_id: str) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self.pending[task_id] = future
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll())
+        try:
+            return await future
+        finally:
+            self.pending.pop(task_id, None)
+
+    async def _poll(self) -> None:
+        """Sleep, then ask about every pending task: the gateway's cycle, so the wait for a poll matches."""
+        while self.pending:
+            await asyncio.sleep(self.poll_interval)
+            task_ids = list(self.pending)[:MAX_TASKS_PER_POLL]
+            if not task_ids:
+                continue
+            try:
+                answer = await self._blocking(functools.partial(self.v2.get_task_batch, task_ids))
+            except globus_sdk.GlobusError:
+                self.poll_errors += 1
+                continue
+            self.polls += 1
+            for task_id, document in dict(answer.data.get("results", {})).items():
+                self._settle(task_id, document)
+
+    def _settle(self, task_id: str, document: dict[str, Any]) -> None:
+        future = self.pending.get(task_id)
+        if future is None or future.done():
+            return
+        status = str(document.get("status", "")).lower()
+        if status == "success" and "result" in document:
+            try:
+                future.set_result(self.serializer.deserialize(document["result"]))
+            except Exception as exc:
+                future.set_exception(TaskFailed(f"unreadable result ({type(exc).__name__})"))
+        elif status == "failed" or "exception" in document:
+            future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
+
+    async def _blocking(self, call: Callable[[], Result]) -> Result:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, every thread's: what the gateway's CPU would spend on the same work."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def request(compute: Compute, params: dict[str, Any], timeout: float, tally: Tally) -> None:
+    """One request from submit to its result read as JSON; failures count by kind, like loadgen's."""
+    started = time.perf_counter()
+    try:
+        task_id = await compute.submit(params)
+        value = await asyncio.wait_for(compute.result(task_id), timeout)
+        json.loads(value)
+    except (globus_sdk.GlobusError, TaskFailed, TimeoutError, ValueError, TypeError) as exc:
+        tally.failures += 1
+        tally.statuses[type(exc).__name__] += 1
+        return
+    tally.latencies.append(time.perf_counter() - started)
+    tally.statuses["200"] += 1
+
+
+async def run_phase(
+    compute: Compute, params: dict[str, Any], concurrency: int, budget: Budget, timeout: float
+) -> tuple[Tally, float]:
+    tally = Tally()
+
+    async def worker() -> None:
+        while budget.take():
+            await request(compute, params, timeout, tally)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return tally, time.perf_counter() - started
+
+
+async def measure(compute: Compute, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm up (the service account's token, connections), then one phase bounded in count and time."""
+    params = {**json.loads(args.body), "openai_endpoint": "chat/completions", "api_port": API_PORT}
+    if args.warmup:
+        warm = Budget(args.warmup, time.perf_counter() + WARMUP_SECONDS)
+        await run_phase(compute, params, args.concurrency, warm, args.timeout)
+    polls_before, cpu_before = compute.polls, cpu_seconds()
+    budget = Budget(min(args.requests or MAX_REQUESTS, MAX_REQUESTS), time.perf_counter() + args.duration)
+    tally, elapsed = await run_phase(compute, params, args.concurrency, budget, args.timeout)
+    polls, cpu = compute.polls - polls_before, cpu_seconds() - cpu_before
+    return {
+        "concurrency": args.concurrency,
+        **summarize(tally, elapsed, stream=False),
+        "cpu_s": round(cpu, 3),
+        "cpu_ms_per_request": round(cpu / len(tally.latencies) * 1000, 3) if tally.latencies else None,
+        "threads": args.threads,
+        "poll_interval_s": args.poll_interval,
+        "polls": polls,
+        "poll_cycle_ms": round(elapsed / polls * 1000, 2) if polls else None,
+        "poll_errors": compute.poll_errors,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    compute = Compute(
+        Service.load(args.service),
+        threads=args.threads,
+        poll_interval=args.poll_interval,
+        timeout=args.timeout,
+    )
+    try:
+        return await measure(compute, args)
+    finally:
+        compute.close()
+
+
+def bounded(low: float, high: float, kind: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--service", type=Path, required=True, help="the fake's announcement (JSON)")
+    parser.add_argument("--body", default=DEFAULT_BODY, help="the client's request body (JSON)")
+    parser.add_argument("--concurrency", type=bounded(1, 10_000, int), default=1)
+    parser.add_argument("--requests", type=bounded(1, MAX_REQUESTS, int), help="stop after this many")
+    parser.add_argument("--duration", type=bounded(0.1, MAX_DURATION), default=5.0, help="seconds")
+    parser.add_argument("--warmup", type=bounded(0, 100_000, int), default=0, help="requests before")
+    parser.add_argument("--poll-interval", type=bounded(0.001, 60), default=DEFAULT_POLL_INTERVAL)
+    parser.add_argument("--threads", type=bounded(1, 512, int), default=DEFAULT_THREADS)
+    parser.add_argument("--timeout", type=bounded(0.1, MAX_DURATION), default=60.0, help="per request")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        result = runner.run(main_async(args))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
