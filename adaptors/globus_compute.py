@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import globus_sdk
+import requests.adapters
 from globus_compute_sdk.sdk.batch import Batch
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
@@ -44,6 +45,7 @@ UUID = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 HTTP_URL = r"^https?://\S+$"
 RESULT_SERIALIZERS = ["globus_compute_sdk.serialize.JSONData"]
 MAX_TASKS_PER_POLL = 1000
+HTTP_POOL_SIZE = 64
 Result = TypeVar("Result")
 
 
@@ -203,7 +205,7 @@ class ComputeService:
         """Built on first use, in a worker thread: the authorizer fetches a token as it is built."""
         if self._clients is None:
             client_id, secret = self.access.credentials()
-            transport = RequestsTransport(http_timeout=self.access.http_timeout_seconds)
+            transport = _pooled_transport(self.access.http_timeout_seconds)
             retries = RetryConfig(max_retries=2, max_sleep=2)
             auth = globus_sdk.ConfidentialAppAuthClient(
                 client_id, secret, base_url=self.access.auth_url, transport=transport, retry_config=retries
@@ -217,6 +219,16 @@ class ComputeService:
             }
             self._clients = (globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options))
         return self._clients
+
+
+def _pooled_transport(timeout: float) -> RequestsTransport:
+    """`requests` keeps 10 connections per host by default, fewer than the threads calling it:
+    every extra call would open (and log discarding) a new connection."""
+    transport = RequestsTransport(http_timeout=timeout)
+    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=HTTP_POOL_SIZE)
+    for scheme in ("https://", "http://"):
+        transport.session.mount(scheme, adapter)
+    return transport
 
 
 def _json_serializer() -> ComputeSerializer:
@@ -279,6 +291,7 @@ class GlobusComputeEndpoint(BaseEndpoint):
         self._service: ComputeService | None = None
         self._relay: StreamRelay | None = None
         self._status: tuple[float, dict[str, Any]] | None = None
+        self._status_call: asyncio.Future[dict[str, Any] | None] | None = None
         self._triggered_at: float | None = None
 
     async def startup(self, context: AdaptorContext) -> None:
@@ -407,9 +420,15 @@ class GlobusComputeEndpoint(BaseEndpoint):
         return None
 
     async def _endpoint_status(self) -> dict[str, Any] | None:
+        """Cached; a burst of requests shares one status call instead of each making its own."""
         cached = self._status
         if cached is not None and time.monotonic() - cached[0] < self.config.status_cache_seconds:
             return cached[1]
+        if self._status_call is None or self._status_call.done():
+            self._status_call = asyncio.ensure_future(self._read_status())
+        return await asyncio.shield(self._status_call)
+
+    async def _read_status(self) -> dict[str, Any] | None:
         try:
             status = await self._ready().endpoint_status(self.config.endpoint_uuid)
         except globus_sdk.GlobusError as exc:
