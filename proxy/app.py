@@ -15,7 +15,9 @@ from proxy.batches import BATCH_SETTINGS, add_batch_routes, batch_lifecycle
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
+from proxy.metrics import METRICS, Metrics, metrics_handler
 from proxy.middleware import openai_errors
+from proxy.observe import add_request_id, observe_middleware
 from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
@@ -42,10 +44,14 @@ def load_parts(settings: GatewaySettings) -> tuple[Registry, Authenticator]:
 def create_app(
     settings: GatewaySettings, registry: Registry, authenticator: Authenticator
 ) -> web.Application:
+    metrics = Metrics()
+    public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[openai_errors, auth_middleware(authenticator, PUBLIC_ROUTES | CALLBACK_ROUTES)],
+        middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
     )
+    app[METRICS] = metrics
+    app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
@@ -54,12 +60,40 @@ def create_app(
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
+    _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
     app.cleanup_ctx.append(batch_lifecycle(settings.database_url))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
     return app
+
+
+def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
+    """On the main port, or alone on its own port so that it need not be exposed with the API."""
+    handler = metrics_handler(settings.metrics.allow)
+    if settings.metrics.port is None:
+        app.router.add_get(settings.metrics.path, handler, name="metrics")
+        return
+    separate = web.Application()
+    separate[METRICS] = app[METRICS]
+    separate.router.add_get(settings.metrics.path, handler)
+    app.cleanup_ctx.append(_serve_separately(separate, settings.server.host, settings.metrics.port))
+
+
+def _serve_separately(
+    app: web.Application, host: str, port: int
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port).start()
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+
+    return lifecycle
 
 
 def build_relay(settings: GatewaySettings) -> Relay:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class User:
 
 
 USER = web.RequestKey("user", User)
+AUTH_SECONDS = web.RequestKey("auth_seconds", float)
 
 
 class Authenticator(Protocol):
@@ -66,7 +68,9 @@ def auth_middleware(authenticator: Authenticator, public_routes: Collection[str]
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         match_info = request.match_info
         if match_info.http_exception is None and match_info.route.name not in public_routes:
+            started = time.monotonic()
             request[USER] = await authenticator.authenticate(bearer_token(request))
+            request[AUTH_SECONDS] = time.monotonic() - started
         return await handler(request)
 
     return authenticate

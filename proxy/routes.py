@@ -3,21 +3,20 @@ body → cluster → framework → OpenAI path → endpoint → permission → a
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from aiohttp import web
 
-from adaptors import BaseCluster, BaseEndpoint, SubmitTaskResponse
+from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
 from proxy.authz import allowed, may_use
 from proxy.bodies import read_json
+from proxy.dispatch import run_stream, run_task
 from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
-from proxy.streaming import relay
 
 JOBS = web.AppKey("jobs", JobsCache)
 STARTED_AT = web.AppKey("started_at", int)
@@ -140,11 +139,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
     check_access(request[USER], endpoint, cluster)
     data = {"model_params": {**body, "openai_endpoint": openai_path}}
     if body.get("stream") is True and openai_path in STREAMING_PATHS:
-        started = await endpoint.submit_streaming_task(data, uuid.uuid4().hex)
-        if started.error_code is not None or started.response is None:
-            adaptor_failed(started.error_code, started.error_message or "The backend sent no stream.")
-        return await relay(request, started.response)
-    return _task_result(await endpoint.submit_task(data))
+        return await run_stream(request, endpoint, data)
+    return await run_task(request, endpoint, data)
 
 
 def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:
@@ -157,9 +153,3 @@ def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint
 
 def _model_card(request: web.Request, model: str, owner: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": request.app[STARTED_AT], "owned_by": owner}
-
-
-def _task_result(task: SubmitTaskResponse) -> web.Response:
-    if task.error_code is not None or task.result is None:
-        adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
-    return web.Response(body=task.result.encode(), content_type="application/json")

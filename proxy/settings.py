@@ -153,6 +153,14 @@ class StreamingSettings(_Strict):
     gone_memory_seconds: float = Field(default=600, gt=0)
 
 
+class MetricsSettings(_Strict):
+    path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_./-]*$")
+    port: int | None = Field(default=None, ge=1, le=65535, description="serve metrics on this port only")
+    allow: CommaList = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="networks that may scrape"
+    )
+
+
 class BatchSettings(_Strict):
     max_active_per_user: int = Field(default=2, ge=1)
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
@@ -170,6 +178,7 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
+    metrics: MetricsSettings = MetricsSettings()
     database_url: str = Field(
         default="sqlite:///gateway.db",
         pattern=r"^(sqlite:///\S+|postgres(ql)?://\S+)$",

@@ -6,10 +6,10 @@ upstream read instead of growing the gateway's memory.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -29,35 +29,52 @@ def sse_error_event(status: int, message: str) -> bytes:
     return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
 
 
-async def relay(request: web.Request, chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+@dataclass
+class Relayed:
+    response: web.StreamResponse
+    completed: bool
+    """False when the client went away before the end."""
+
+
+async def relay(
+    request: web.Request, chunks: AsyncIterator[bytes], on_first_chunk: Callable[[], None] | None = None
+) -> Relayed:
     response = web.StreamResponse(headers=SSE_HEADERS)
+    completed = False
     try:
         async for chunk in chunks:
             if not response.prepared:
+                if on_first_chunk is not None:
+                    on_first_chunk()
                 await response.prepare(request)
             await response.write(chunk)
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
+        completed = True
     except ConnectionResetError:
         log.info("client went away during a stream; closing the upstream side")
     except StreamError as exc:
-        await _fail(request, response, exc.code, exc.message)
+        completed = await _fail(request, response, exc.code, exc.message)
     except Exception:
         log.exception("stream failed")
-        await _fail(request, response, 502, "The stream failed inside the gateway.")
+        completed = await _fail(request, response, 502, "The stream failed inside the gateway.")
     finally:
         await _close(chunks)
-    return response
+    return Relayed(response, completed)
 
 
-async def _fail(request: web.Request, response: web.StreamResponse, status: int, message: str) -> None:
-    """Before the first byte the client still gets a plain error status; after it, an event."""
+async def _fail(request: web.Request, response: web.StreamResponse, status: int, message: str) -> bool:
+    """Before the first byte the client still gets a plain error status; after it, an event.
+    Returns whether the client was still there to receive it."""
     if not response.prepared:
         raise ApiError(status, message, code="backend_error" if status >= 500 else None)
-    with contextlib.suppress(ConnectionResetError):
+    try:
         await response.write(sse_error_event(status, message))
         await response.write_eof()
+    except ConnectionResetError:
+        return False
+    return True
 
 
 async def _close(chunks: AsyncIterator[bytes]) -> None:

@@ -1,0 +1,110 @@
+"""Handing a checked request to its adaptor, and measuring it to the end of the response.
+
+The adaptor latency runs to the last byte (for a stream, its last chunk), split in phases:
+submission (until the adaptor answers or its stream starts), first byte and total.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from adaptors import BaseEndpoint, SubmitTaskResponse
+from proxy.auth import AUTH_SECONDS
+from proxy.errors import ApiError, adaptor_failed
+from proxy.metrics import METRICS, Metrics
+from proxy.observe import INFO, RequestInfo
+from proxy.streaming import relay
+from proxy.usage import UsageScanner, ask_for_usage, usage_of_answer
+
+
+async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]) -> web.Response:
+    info, metrics = _describe(request, endpoint, stream=False)
+    started = time.monotonic()
+    outcome = "cancelled"
+    try:
+        task = await endpoint.submit_task(data)
+        info.task_id = task.task_id
+        outcome = _outcome(task.error_code)
+        return _answer(task, info)
+    finally:
+        _measured(metrics, info, started, outcome, first_byte=None)
+
+
+async def run_stream(
+    request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]
+) -> web.StreamResponse:
+    info, metrics = _describe(request, endpoint, stream=True)
+    scanner = UsageScanner(strip_usage_event=ask_for_usage(data["model_params"]))
+    started = time.monotonic()
+    outcome = "cancelled"
+    metrics.streams_in_flight.inc()
+    try:
+        opened = await endpoint.submit_streaming_task(data, info.request_id)
+        info.task_id = opened.task_id
+        _phase(metrics, info, "submission", time.monotonic() - started)
+        if opened.error_code is not None or opened.response is None:
+            outcome = _outcome(opened.error_code or 502)
+            adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
+        ended = await relay(request, scanner.scan(opened.response), on_first_chunk=lambda: _first(info))
+        outcome = "ok" if ended.completed else "client_gone"
+        return ended.response
+    except ApiError as exc:
+        outcome = _outcome(exc.status)
+        raise
+    finally:
+        metrics.streams_in_flight.dec()
+        info.usage = scanner.usage
+        first = None if info.first_chunk is None else info.first_chunk - started
+        _measured(metrics, info, started, outcome, first_byte=first)
+
+
+def _describe(request: web.Request, endpoint: BaseEndpoint, stream: bool) -> tuple[RequestInfo, Metrics]:
+    info = request[INFO]
+    info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
+    info.endpoint_slug, info.adaptor, info.stream = endpoint.endpoint_slug, type(endpoint).__name__, stream
+    metrics = request.app[METRICS]
+    _phase(metrics, info, "authentication", request.get(AUTH_SECONDS, 0.0))
+    return info, metrics
+
+
+def _answer(task: SubmitTaskResponse, info: RequestInfo) -> web.Response:
+    if task.error_code is not None or task.result is None:
+        adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
+    info.usage = usage_of_answer(task.result)
+    return web.Response(body=task.result.encode(), content_type="application/json")
+
+
+def _first(info: RequestInfo) -> None:
+    info.first_chunk = time.monotonic()
+
+
+def _outcome(code: int | None) -> str:
+    if code is None:
+        return "ok"
+    return "client_error" if code < 500 else "backend_error"
+
+
+def _phase(metrics: Metrics, info: RequestInfo, phase: str, seconds: float) -> None:
+    metrics.phase_seconds.labels(info.adaptor, *info.endpoint_labels, phase).observe(seconds)
+
+
+def _measured(
+    metrics: Metrics, info: RequestInfo, started: float, outcome: str, first_byte: float | None
+) -> None:
+    """Called once the response has ended, whatever the way it ended."""
+    total = time.monotonic() - started
+    metrics.adaptor_seconds.labels(info.adaptor, *info.endpoint_labels, outcome).observe(total)
+    _phase(metrics, info, "total", total)
+    if first_byte is not None:
+        _phase(metrics, info, "first_byte", first_byte)
+        metrics.first_chunk_seconds.labels(*info.endpoint_labels).observe(first_byte)
+    if info.usage is not None:
+        for kind, count in (
+            ("prompt", info.usage.prompt_tokens),
+            ("completion", info.usage.completion_tokens),
+        ):
+            if count:
+                metrics.tokens.labels(*info.endpoint_labels, kind).inc(count)

@@ -1,0 +1,123 @@
+"""Prometheus metrics: what operators graph and alert on.
+
+Label values come from configuration (route templates, the cluster, framework and model of a
+configured endpoint, status classes), never from users, so cardinality stays bounded. With
+PROMETHEUS_MULTIPROC_DIR set (several worker processes), every process writes its values there
+and a scrape of any worker sums them all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from proxy.errors import ApiError
+
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
+)  # fmt: skip
+ENDPOINT_LABELS = ("cluster", "framework", "model")
+PHASES = ("authentication", "queue", "submission", "first_byte", "total")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "gateway_requests", "HTTP requests answered", ["route", *ENDPOINT_LABELS, "status_class"],
+            registry=registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being handled", ["route"],
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.streams_in_flight = Gauge(
+            "gateway_streams_in_flight", "Streams being relayed to clients",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.adaptor_seconds = Histogram(
+            "gateway_adaptor_duration_seconds",
+            "Time from handing a request to its adaptor to the end of its response (last chunk of a stream)",
+            ["adaptor", *ENDPOINT_LABELS, "outcome"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.phase_seconds = Histogram(
+            "gateway_phase_duration_seconds",
+            "Where a request's time goes: authentication, queue (waiting for the backend), "
+            "submission, first byte, total",
+            ["adaptor", *ENDPOINT_LABELS, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.first_chunk_seconds = Histogram(
+            "gateway_stream_first_chunk_seconds", "Time from the request to the first chunk of a stream",
+            list(ENDPOINT_LABELS), buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
+            ["adaptor", *ENDPOINT_LABELS, "kind"], registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported by backends", [*ENDPOINT_LABELS, "kind"], registry=registry
+        )
+        self.auth_cache = Counter(
+            "gateway_auth_cache_lookups", "Token outcome lookups by result: hit or miss", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.introspection_seconds = Histogram(
+            "gateway_auth_introspection_duration_seconds", "Globus token introspection and groups lookup",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.compute_tasks_in_flight = Gauge(
+            "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.compute_poll_seconds = Histogram(
+            "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.relay_chunks = Counter(
+            "gateway_relay_chunks", "Stream chunks received from remote functions", registry=registry
+        )
+
+    def exposition(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+            return generate_latest(combined)
+        return generate_latest(self.registry)
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+def metrics_handler(allowed: Iterable[str]) -> Handler:
+    """`/metrics` needs no token, but only the configured networks may read it."""
+    networks = [ipaddress.ip_network(network, strict=False) for network in allowed]
+
+    async def serve(request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        address = ipaddress.ip_address(peer[0]) if peer else None
+        if address is None or not any(address in network for network in networks):
+            raise ApiError(403, "Metrics are not served to this address.", code="permission_denied")
+        body = request.app[METRICS].exposition()
+        response = web.Response(body=body)
+        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+        return response
+
+    return serve

@@ -1,0 +1,215 @@
+"""Request ids, Prometheus metrics and exact token usage, over HTTP against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.backend import REQUESTS
+from tests.support import (
+    CHAT_MODEL,
+    TOKENS,
+    USERS,
+    Server,
+    auth,
+    chat,
+    free_port,
+    start_gateway,
+    write_gateway_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by name and sorted labels (parsed by prometheus-client)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples(text).items() if n == name and set(labels.items()) <= set(ls))
+
+
+async def scrape(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        return await response.text()
+
+
+def chat_url(gateway: Server) -> str:
+    return f"{gateway.url}/local/vllm/v1/chat/completions"
+
+
+async def test_request_ids(gateway: Server, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.url}/health", headers={"X-Request-ID": "abc-123"}) as response:
+        assert response.headers["X-Request-ID"] == "abc-123"
+    async with http.get(f"{gateway.url}/whoami", headers={"X-Request-ID": "bad id\twith spaces"}) as response:
+        assert response.status == 401
+        generated = response.headers["X-Request-ID"]
+        assert len(generated) == 32 and generated != "bad id\twith spaces"
+    async with http.post(chat_url(gateway), json=chat(stream=True), headers=auth()) as response:
+        assert len(response.headers["X-Request-ID"]) == 32
+        await response.read()
+
+
+async def test_metrics_move_when_requests_flow(gateway: Server, http: aiohttp.ClientSession) -> None:
+    metrics_url = gateway.url.removesuffix("/resource_server") + "/metrics"
+    before = await scrape(http, metrics_url)
+    async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+        assert response.status == 200
+    async with http.post(
+        chat_url(gateway), json=chat("[[chunks=4]]", stream=True), headers=auth()
+    ) as response:
+        await response.read()
+    async with http.post(chat_url(gateway), json=chat("[[status=500]]"), headers=auth()) as response:
+        assert response.status == 502
+    after = await scrape(http, metrics_url)
+    route = "/resource_server/{cluster}/{framework}/v1/{openai_path}"
+    labels = {"route": route, "cluster": "local", "framework": "vllm", "model": CHAT_MODEL}
+
+    def grew(name: str, by: float, **extra: str) -> None:
+        assert value(after, name, **extra) - value(before, name, **extra) == by, name
+
+    grew("gateway_requests_total", 2, **labels, status_class="2xx")
+    grew("gateway_requests_total", 1, **labels, status_class="5xx")
+    adaptor = {"adaptor": "DirectAPIEndpoint", "cluster": "local", "model": CHAT_MODEL}
+    grew("gateway_adaptor_duration_seconds_count", 2, **adaptor, outcome="ok")
+    grew("gateway_adaptor_duration_seconds_count", 1, **adaptor, outcome="backend_error")
+    grew("gateway_stream_first_chunk_seconds_count", 1, model=CHAT_MODEL)
+    for phase in ("authentication", "total"):
+        grew("gateway_phase_duration_seconds_count", 3, **adaptor, phase=phase)
+    grew("gateway_phase_duration_seconds_count", 1, **adaptor, phase="first_byte")
+    assert value(after, "gateway_tokens_total", model=CHAT_MODEL, kind="completion") > value(
+        before, "gateway_tokens_total", model=CHAT_MODEL, kind="completion"
+    )
+    assert value(after, "gateway_requests_in_flight") == 1, "only the scrape itself is in flight"
+    label_values = {v for _, labels in samples(after) for _, v in labels}
+    assert not label_values & {TOKENS["alice"], USERS["alice"]["id"], USERS["alice"]["username"]}
+
+
+async def test_stream_usage_is_exact_without_changing_the_clients_stream(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        chat_url(gateway), json=chat("[[chunks=3]]", stream=True), headers=auth()
+    ) as response:
+        events = (await response.read()).decode().split("\n\n")
+    assert backend.app[REQUESTS][-1]["body"]["stream_options"] == {"include_usage": True}
+    assert not any('"usage"' in event for event in events), "the client did not ask for usage"
+    assert events[-2] == "data: [DONE]"
+    asked = chat("[[chunks=3]]", stream=True, stream_options={"include_usage": True})
+    async with http.post(chat_url(gateway), json=asked, headers=auth()) as response:
+        events = (await response.read()).decode().split("\n\n")
+    usage = [json.loads(e.removeprefix("data: ")) for e in events if '"usage"' in e]
+    assert usage and usage[-1]["choices"] == [] and usage[-1]["usage"]["completion_tokens"] == 3
+
+
+async def configured_gateway(backend: Server, tmp_path: Path, **settings: Any) -> tuple[Any, Server]:
+    path = write_gateway_config(tmp_path, backend.url)
+    document = yaml.safe_load(path.read_text()) | settings
+    path.write_text(yaml.safe_dump(document))
+    return await start_gateway(path)
+
+
+async def test_metrics_only_for_allowed_networks(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    runner, gateway = await configured_gateway(backend, tmp_path, metrics={"allow": ["10.0.0.0/8"]})
+    try:
+        async with http.get(gateway.url.removesuffix("/resource_server") + "/metrics") as response:
+            assert response.status == 403
+            assert (await response.json())["error"]["type"] == "permission_error"
+    finally:
+        await runner.cleanup()
+
+
+async def test_metrics_on_their_own_port(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    runner, gateway = await configured_gateway(backend, tmp_path, metrics={"port": port, "path": "/prom"})
+    try:
+        async with http.get(gateway.url.removesuffix("/resource_server") + "/prom") as response:
+            assert response.status == 404
+        assert "gateway_requests_total" in await scrape(http, f"http://127.0.0.1:{port}/prom")
+    finally:
+        await runner.cleanup()
+
+
+async def wait_until_serving(http: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(200):
+        try:
+            async with http.get(url) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} did not come up")
+
+
+async def test_two_worker_processes_are_summed(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Prometheus' multiprocess mode: a scrape of either process sees both processes' requests."""
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    processes, urls = [], []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        port = free_port()
+        config = write_gateway_config(tmp_path / name, backend.url, port=port)
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "proxy",
+                "--config",
+                str(config),
+                cwd=ROOT,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc)},
+            )
+        )
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        for url in urls:
+            await wait_until_serving(http, f"{url}/resource_server/health")
+        for url, count in zip(urls, (3, 5), strict=True):
+            for _ in range(count):
+                async with http.post(
+                    f"{url}/resource_server/local/vllm/v1/chat/completions", json=chat(), headers=auth()
+                ) as response:
+                    assert response.status == 200
+        for url in urls:
+            text = await scrape(http, f"{url}/metrics")
+            assert value(text, "gateway_requests_total", model=CHAT_MODEL, status_class="2xx") == 8
+    finally:
+        for process in processes:
+            process.terminate()
+            await process.wait()
+
+
+@pytest.mark.parametrize("path", ["/resource_server/health", "/resource_server/status"])
+async def test_health_checks_never_reach_a_backend(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession, path: str
+) -> None:
+    before = len(backend.app[REQUESTS])
+    async with http.get(gateway.url.removesuffix("/resource_server") + path) as response:
+        assert response.status == 200
+    assert len(backend.app[REQUESTS]) == before
