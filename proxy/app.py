@@ -51,6 +51,7 @@ def create_app(
         middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
     )
     app[METRICS] = metrics
+    authenticator.instrument(metrics)
     app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
     app[RELAY] = build_relay(settings)

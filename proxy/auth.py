@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.errors import ApiError
+from proxy.metrics import Metrics
 from proxy.settings import ConfigError, describe_validation_error, load_document
 
 
@@ -44,6 +45,10 @@ class Authenticator(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Hands over the metrics the provider may report (cache hits, introspection time)."""
+        ...
 
 
 def unauthorized(message: str) -> ApiError:
@@ -145,3 +150,6 @@ class StaticAuthenticator:
 
     async def close(self) -> None:
         """Nothing to release: the tokens live in memory."""
+
+    def instrument(self, metrics: Metrics) -> None:
+        """Static tokens need no cache, so there is nothing to report."""

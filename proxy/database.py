@@ -76,6 +76,42 @@ MIGRATIONS: list[Migration] = [
             "CREATE INDEX batches_status_created ON batches (status, created_at)",
         ],
     ),
+    (
+        2,
+        "requests",
+        [
+            # request_id is the key so that re-sending a batch whose commit went unacknowledged (the
+            # connection dropped after COMMIT) inserts nothing twice: see proxy/usage_store.py.
+            """CREATE TABLE requests (
+                request_id TEXT PRIMARY KEY,
+                started_at DOUBLE PRECISION NOT NULL,
+                duration_ms DOUBLE PRECISION NOT NULL,
+                ttfc_ms DOUBLE PRECISION,
+                method TEXT NOT NULL,
+                route TEXT NOT NULL,
+                path TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                user_id TEXT,
+                username TEXT,
+                cluster TEXT,
+                framework TEXT,
+                model TEXT,
+                endpoint_slug TEXT,
+                stream INTEGER NOT NULL,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                total_tokens INTEGER,
+                task_id TEXT,
+                client_ip TEXT,
+                error TEXT,
+                prompt TEXT,
+                result TEXT
+            )""",
+            "CREATE INDEX requests_started ON requests (started_at)",
+            "CREATE INDEX requests_username_started ON requests (username, started_at)",
+            "CREATE INDEX requests_model_started ON requests (model, started_at)",
+        ],
+    ),
 ]
 
 _SCHEMA_MIGRATIONS = (

@@ -23,6 +23,7 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from proxy.auth import User, unauthorized
 from proxy.auth_cache import RedisStore, TokenCache, token_key
 from proxy.errors import ApiError
+from proxy.metrics import Metrics
 from proxy.settings import ConfigError, GlobusAuthSettings
 
 log = logging.getLogger(__name__)
@@ -160,17 +161,35 @@ class GlobusAuthenticator:
         self._settings = settings
         self._executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="globus")
         self._slots = asyncio.Semaphore(settings.threads)
+        self._metrics: Metrics | None = None
         self._local = threading.local()
         store = RedisStore(redis_url) if redis_url else None
         self._cache: TokenCache[User | Refusal] = TokenCache(
             settings.cache_size, store, OutcomeCodec() if store else None
         )
 
+    def instrument(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
     async def authenticate(self, token: str) -> User:
+        introspected = False
+
+        async def introspect() -> tuple[User | Refusal, float]:
+            nonlocal introspected
+            introspected, started = True, time.monotonic()
+            try:
+                return await self._resolve(token)
+            finally:
+                if self._metrics is not None:
+                    self._metrics.introspection_seconds.observe(time.monotonic() - started)
+
         try:
-            outcome = await self._cache.get(token_key(token), lambda: self._resolve(token))
+            outcome = await self._cache.get(token_key(token), introspect)
         except GlobusUnavailable as exc:
             raise ApiError(503, str(exc), code="auth_unavailable") from None
+        finally:
+            if self._metrics is not None:
+                self._metrics.auth_cache.labels("miss" if introspected else "hit").inc()
         if isinstance(outcome, User):
             return outcome
         if outcome.status == 401:

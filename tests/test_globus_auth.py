@@ -402,3 +402,13 @@ async def test_live_globus_setup(http: aiohttp.ClientSession, backend: Server) -
         assert status == 200, document
     finally:
         await runner.cleanup()
+
+
+async def test_auth_cache_metrics(gateway: Server, http: aiohttp.ClientSession) -> None:
+    for _ in range(4):
+        assert (await whoami(http, gateway, "alice-globus-token"))[0] == 200
+    async with http.get(gateway.url.removesuffix("/resource_server") + "/metrics") as response:
+        text = await response.text()
+    assert 'gateway_auth_cache_lookups_total{result="miss"} 1.0' in text
+    assert 'gateway_auth_cache_lookups_total{result="hit"} 3.0' in text
+    assert "gateway_auth_introspection_duration_seconds_count 1.0" in text

@@ -1,0 +1,102 @@
+"""Per-request records in the durable store (the ``requests`` table of migration 2), and usage reports.
+
+An allocation committee asks who used how many tokens on which model over a period: the gateway keeps one
+row per request (written in batches by ``proxy.request_log.RecordSink``) and ``usage`` sums them per user
+or per model, in the database, over an indexed time range.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, fields
+from typing import Any, Final, Literal
+
+from proxy.database import Database, Row
+from proxy.request_log import RequestRecord
+
+UsageBy = Literal["user", "model"]
+
+_COLUMNS: Final = tuple(field.name for field in fields(RequestRecord))
+_ROW_SQL: Final = f"({', '.join('?' * len(_COLUMNS))})"
+_GROUP_COLUMN: Final[dict[str, str]] = {"user": "username", "model": "model"}
+
+# Bound parameters per statement: SQLite before 3.32 allows 999, later SQLite 32766, PostgreSQL 32767.
+_MAX_PARAMETERS: Final = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_MAX_ROWS_PER_STATEMENT: Final = _MAX_PARAMETERS // len(_COLUMNS)
+
+# A backend that reports prompt and completion tokens but no total still used tokens: count their sum.
+_TOTAL_SQL: Final = "COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0))"
+
+
+def _insert_sql(rows: int) -> str:
+    """One multi-row INSERT; ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch
+    whose commit was never acknowledged harmless instead of a primary-key error."""
+    values = ", ".join([_ROW_SQL] * rows)
+    return f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"
+
+
+def _params(record: RequestRecord) -> tuple[Any, ...]:
+    """The record as column values; ``stream`` as 0/1, the one boolean type both databases share."""
+    values = list(astuple(record))
+    values[_COLUMNS.index("stream")] = int(record.stream)
+    return tuple(values)
+
+
+def _chunks(records: Sequence[RequestRecord], size: int) -> Iterator[Sequence[RequestRecord]]:
+    for start in range(0, len(records), size):
+        yield records[start : start + size]
+
+
+def _usage_sql(by: UsageBy, bounded: bool) -> str:
+    column = _GROUP_COLUMN[by]
+    until = " AND started_at < ?" if bounded else ""
+    return (
+        f"SELECT {column} AS {by}, COUNT(*) AS requests,"
+        " COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
+        " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
+        f" COALESCE(SUM({_TOTAL_SQL}), 0) AS total_tokens"
+        f" FROM requests WHERE started_at >= ?{until}"
+        f" GROUP BY {column}"
+        # NULL sorts first in SQLite and last in PostgreSQL: "IS NULL" first makes ties read the same.
+        f" ORDER BY COALESCE(SUM({_TOTAL_SQL}), 0) DESC, {column} IS NULL, {column}"
+    )
+
+
+def _usage_row(row: Row) -> dict[str, Any]:
+    """Plain ints whatever the driver returned for COUNT and SUM (PostgreSQL: bigint)."""
+    return {key: value if key in _GROUP_COLUMN else int(value) for key, value in row.items()}
+
+
+class UsageStore:
+    def __init__(self, database: Database) -> None:
+        self._db = database
+
+    async def add_many(self, records: Sequence[RequestRecord]) -> None:
+        """Insert ``records`` all or nothing: one multi-row INSERT, split only where a batch would exceed
+        the databases' limit on bound parameters, inside one transaction. Records already stored (same
+        request_id) are skipped, so a retry after an unacknowledged commit adds nothing twice."""
+        if not records:
+            return
+        if len(records) <= _MAX_ROWS_PER_STATEMENT:
+            await self._db.execute(_insert_sql(len(records)), *self._flat(records))
+            return
+        async with self._db.transaction() as tx:
+            for chunk in _chunks(records, _MAX_ROWS_PER_STATEMENT):
+                await tx.execute(_insert_sql(len(chunk)), *self._flat(chunk))
+
+    @staticmethod
+    def _flat(records: Sequence[RequestRecord]) -> list[Any]:
+        return [value for record in records for value in _params(record)]
+
+    async def usage(self, since: float, until: float | None = None, by: UsageBy = "user") -> list[dict[str, Any]]:
+        """Requests and tokens per user (``username``) or per model for requests started in
+        [since, until), most total tokens first. Requests without a user or model form one group whose
+        key is None. A missing total_tokens counts as prompt + completion tokens."""
+        if by not in _GROUP_COLUMN:
+            raise ValueError(f"usage by {by!r}: expected 'user' or 'model'")
+        if until is None:
+            rows = await self._db.fetch(_usage_sql(by, bounded=False), since)
+        else:
+            rows = await self._db.fetch(_usage_sql(by, bounded=True), since, until)
+        return [_usage_row(row) for row in rows]
