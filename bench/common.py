@@ -30,6 +30,8 @@ LOADGEN_CPU: Final = "0"
 GATEWAY_CPU: Final = "1"
 START_SECONDS: Final = 30.0
 STATIC_AUTH: Final = {"provider": "static", "static": {"tokens_file": "tokens.yaml"}}
+NO_LIMITS: Final = {"requests_per_second": 0, "concurrent_per_user": 0}
+"""The load generator is one user sending thousands of requests a second: per-user limits off."""
 BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 

@@ -35,6 +35,7 @@ from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
     MODEL,
+    NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
     Service,
@@ -100,6 +101,7 @@ def write_compute_config(workdir: Path, port: int, fake: dict[str, Any]) -> Path
         "gateway-compute.yaml": {
             "server": {"host": "127.0.0.1", "port": port, "adaptor_threads": ADAPTOR_THREADS},
             "auth": STATIC_AUTH,
+            "limits": NO_LIMITS,
             "endpoints_file": "endpoints-compute.yaml",
             "clusters_file": "clusters-compute.yaml",
             "database_url": f"sqlite:///{workdir / 'gateway-compute.db'}",

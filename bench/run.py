@@ -41,6 +41,7 @@ from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
     MODEL,
+    NO_LIMITS,
     ROOT,
     STATIC_AUTH,
     TOKEN,
@@ -111,6 +112,7 @@ def write_gateway_config(
         name: {
             "server": {"host": "127.0.0.1", "port": gateway_port},
             "auth": auth,
+            "limits": NO_LIMITS,
             "endpoints_file": "endpoints.yaml",
             "clusters_file": "clusters.yaml",
         },

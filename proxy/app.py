@@ -13,8 +13,10 @@ from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batches import BATCH_SETTINGS, add_batch_routes, batch_lifecycle
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
+from proxy.dispatch import LIMITER
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
+from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.metrics import METRICS, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import add_request_id, observe_middleware
@@ -51,6 +53,8 @@ def create_app(
         middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
     )
     app[METRICS] = metrics
+    app[LIMITER] = build_limiter(settings)
+    app.on_cleanup.append(lambda app: app[LIMITER].close())
     authenticator.instrument(metrics)
     app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
@@ -95,6 +99,15 @@ def _serve_separately(
             await runner.cleanup()
 
     return lifecycle
+
+
+def build_limiter(settings: GatewaySettings) -> Limiter:
+    """In-process by default; in Redis, every process and host enforces one limit."""
+    limits = settings.limits
+    rates = (limits.requests_per_second, limits.burst, limits.concurrent_per_user)
+    if settings.redis_url:
+        return RedisLimiter(*rates, url=settings.redis_url)
+    return LocalLimiter(*rates)
 
 
 def build_relay(settings: GatewaySettings) -> Relay:

@@ -6,18 +6,54 @@ submission (until the adaptor answers or its stream starts), first byte and tota
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from adaptors import BaseEndpoint, SubmitTaskResponse
-from proxy.auth import AUTH_SECONDS
+from proxy.auth import AUTH_SECONDS, USER
 from proxy.errors import ApiError, adaptor_failed
+from proxy.limits import Limited, Limiter
 from proxy.metrics import METRICS, Metrics
 from proxy.observe import INFO, RequestInfo
+from proxy.registry import REGISTRY, TokenLimits
 from proxy.streaming import relay
 from proxy.usage import UsageScanner, ask_for_usage, usage_of_answer
+
+LIMITER = web.AppKey("limiter", Limiter)
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
+    """The rate limits around one request: admitted before the adaptor, released at the end of the
+    response (the last chunk of a stream), with the tokens it used counted against its windows."""
+    limiter, user = request.app[LIMITER], request[USER]
+    limits = request.app[REGISTRY].token_limits.get(endpoint.endpoint_slug, TokenLimits(None, None))
+    try:
+        lease = await limiter.admit(user.id)
+    except Limited as exc:
+        raise _too_many(exc) from None
+    try:
+        await limiter.check_tokens(endpoint.endpoint_slug, user.id, limits.model, limits.user)
+    except Limited as exc:
+        await lease.release()
+        raise _too_many(exc) from None
+    try:
+        yield
+    finally:
+        await lease.release()
+        usage = request[INFO].usage
+        if usage is not None and usage.total_tokens:
+            await limiter.record_tokens(endpoint.endpoint_slug, user.id, usage.total_tokens)
+
+
+def _too_many(exc: Limited) -> ApiError:
+    retry_after = str(max(1, math.ceil(exc.retry_after)))
+    return ApiError(429, exc.message, code="rate_limit_exceeded", headers={"Retry-After": retry_after})
 
 
 async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]) -> web.Response:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,9 +63,17 @@ class ClusterEntry(_Entry):
 
 
 @dataclass(frozen=True)
+class TokenLimits:
+    model: int | None
+    user: int | None
+
+
+@dataclass(frozen=True)
 class Registry:
     clusters: dict[str, BaseCluster]
     endpoints: dict[str, BaseEndpoint]
+    token_limits: dict[str, TokenLimits] = field(default_factory=dict)
+    """endpoint slug → the entry's `tpm_model` / `tpm_user` (tokens per minute; None or 0: no limit)"""
 
     def adaptors(self) -> Iterator[BaseEndpoint | BaseCluster]:
         yield from self.clusters.values()
@@ -99,9 +107,9 @@ REGISTRY = web.AppKey("registry", Registry)
 def load_registry(endpoints_file: Path, clusters_file: Path) -> Registry:
     problems = _Problems()
     clusters = _load_clusters(_records(clusters_file, "cluster_name"), problems)
-    endpoints = _load_endpoints(_records(endpoints_file, "model"), clusters, problems)
+    endpoints, token_limits = _load_endpoints(_records(endpoints_file, "model"), clusters, problems)
     problems.raise_if_any()
-    return Registry(clusters=clusters, endpoints=endpoints)
+    return Registry(clusters=clusters, endpoints=endpoints, token_limits=token_limits)
 
 
 def _records(path: Path, name_field: str) -> list[_Record]:
@@ -147,8 +155,9 @@ def _load_clusters(records: list[_Record], problems: _Problems) -> dict[str, Bas
 
 def _load_endpoints(
     records: list[_Record], clusters: dict[str, BaseCluster], problems: _Problems
-) -> dict[str, BaseEndpoint]:
+) -> tuple[dict[str, BaseEndpoint], dict[str, TokenLimits]]:
     endpoints: dict[str, BaseEndpoint] = {}
+    token_limits: dict[str, TokenLimits] = {}
     defined_at: dict[str, str] = {}
     for record in records:
         entry = _validate(EndpointEntry, record, problems)
@@ -177,7 +186,8 @@ def _load_endpoints(
         )  # fmt: skip
         if endpoint is not None:
             endpoints[slug] = endpoint
-    return endpoints
+            token_limits[slug] = TokenLimits(entry.tpm_model, entry.tpm_user)
+    return endpoints, token_limits
 
 
 def _fits_cluster(

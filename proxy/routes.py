@@ -11,7 +11,7 @@ from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
 from proxy.authz import allowed, may_use
 from proxy.bodies import read_json
-from proxy.dispatch import run_stream, run_task
+from proxy.dispatch import admitted, run_stream, run_task
 from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
@@ -138,9 +138,10 @@ async def inference(request: web.Request) -> web.StreamResponse:
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
     check_access(request[USER], endpoint, cluster)
     data = {"model_params": {**body, "openai_endpoint": openai_path}}
-    if body.get("stream") is True and openai_path in STREAMING_PATHS:
-        return await run_stream(request, endpoint, data)
-    return await run_task(request, endpoint, data)
+    async with admitted(request, endpoint):
+        if body.get("stream") is True and openai_path in STREAMING_PATHS:
+            return await run_stream(request, endpoint, data)
+        return await run_task(request, endpoint, data)
 
 
 def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:

@@ -161,6 +161,14 @@ class MetricsSettings(_Strict):
     )
 
 
+class LimitSettings(_Strict):
+    """Per user; 0 turns a limit off. Tokens per minute come from each endpoint's tpm_model/tpm_user."""
+
+    requests_per_second: float = Field(default=10, ge=0)
+    burst: int = Field(default=20, ge=0)
+    concurrent_per_user: int = Field(default=32, ge=0)
+
+
 class BatchSettings(_Strict):
     max_active_per_user: int = Field(default=2, ge=1)
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
@@ -179,6 +187,7 @@ class GatewaySettings(_Strict):
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
     metrics: MetricsSettings = MetricsSettings()
+    limits: LimitSettings = LimitSettings()
     database_url: str = Field(
         default="sqlite:///gateway.db",
         pattern=r"^(sqlite:///\S+|postgres(ql)?://\S+)$",

@@ -122,6 +122,7 @@ def write_gateway_config(directory: Path, backend_url: str, **server: Any) -> Pa
         {
             "server": {"host": "127.0.0.1", "port": 0, **server},
             "timeouts": {"jobs_cache_seconds": 60},
+            "limits": {"requests_per_second": 0, "concurrent_per_user": 0},
             "auth": {"provider": "static", "static": {"tokens_file": "tokens.yaml"}},
             "endpoints_file": "endpoints.yaml",
             "clusters_file": "clusters.yaml",

@@ -230,3 +230,64 @@ def test_the_dashboard_queries_metrics_the_gateway_exports() -> None:
         for name in re.findall(r"gateway_[a-z_]+", target["expr"])
     }
     assert {name.removesuffix("_bucket").removesuffix("_count") for name in used} <= exported
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_rate_limits_answer_429_with_retry_after(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, redis_url: str, shared: bool
+) -> None:
+    settings: dict[str, Any] = {"limits": {"requests_per_second": 1, "burst": 2, "concurrent_per_user": 0}}
+    if shared:
+        settings["redis_url"] = redis_url
+    runner, gateway = await configured_gateway(backend, tmp_path, **settings)
+    try:
+        statuses = []
+        for _ in range(3):
+            async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+                statuses.append(response.status)
+                retry_after = response.headers.get("Retry-After")
+                document = await response.json()
+        assert statuses == [200, 200, 429]
+        assert retry_after == "1" and document["error"]["type"] == "rate_limit_error"
+        async with http.post(chat_url(gateway), json=chat(), headers=auth("bob")) as response:
+            assert response.status == 200, "limits are per user"
+    finally:
+        await runner.cleanup()
+
+
+async def test_tokens_per_minute_from_the_endpoint_fields(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    path = write_gateway_config(tmp_path, backend.url)
+    endpoints = yaml.safe_load((tmp_path / "endpoints.yaml").read_text())
+    endpoints[0]["tpm_user"] = 20
+    (tmp_path / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
+    runner, gateway = await start_gateway(path)
+    try:
+        statuses = []
+        for _ in range(4):
+            async with http.post(chat_url(gateway), json=chat(max_tokens=16), headers=auth()) as response:
+                statuses.append(response.status)
+        assert statuses[0] == 200 and statuses[-1] == 429
+        async with http.post(chat_url(gateway), json=chat(), headers=auth("bob")) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_concurrent_streams_per_user(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    limits = {"requests_per_second": 0, "concurrent_per_user": 1}
+    runner, gateway = await configured_gateway(backend, tmp_path, limits=limits)
+    try:
+        body = chat("[[chunks=5]][[chunk_delay=0.1]]", stream=True)
+        async with http.post(chat_url(gateway), json=body, headers=auth()) as first:
+            await first.content.readany()
+            async with http.post(chat_url(gateway), json=chat(), headers=auth()) as second:
+                assert second.status == 429
+            await first.read()
+        async with http.post(chat_url(gateway), json=chat(), headers=auth()) as third:
+            assert third.status == 200, "the stream's slot was released at its end"
+    finally:
+        await runner.cleanup()
