@@ -17,6 +17,7 @@ from proxy.dispatch import LIMITER
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
+from proxy.maintenance import MAINTENANCE, Maintenance
 from proxy.metrics import METRICS, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import add_request_id, observe_middleware
@@ -58,6 +59,7 @@ def create_app(
     authenticator.instrument(metrics)
     app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
+    app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
     app[BASE_PATH] = settings.server.base_path

@@ -24,6 +24,7 @@ from proxy.bodies import read_json
 from proxy.database import Database, DatabaseUnavailable
 from proxy.errors import ApiError, adaptor_failed
 from proxy.lookup import check_access, check_framework, find_cluster, find_endpoint
+from proxy.maintenance import MAINTENANCE
 from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
 from proxy.settings import BatchSettings
@@ -62,6 +63,7 @@ async def create(request: web.Request) -> web.Response:
     validate_request("batches", body)
     registry, user = request.app[REGISTRY], request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"])
+    request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from proxy.app import create_app, load_parts
+from proxy.maintenance import read_state, write_state
 from proxy.settings import ConfigError, GatewaySettings, load_settings
 
 log = logging.getLogger("proxy")
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["maintenance"]:
+        return maintenance_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -86,3 +90,31 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def maintenance_main(argv: list[str]) -> int:
+    """`inference-gateway maintenance on CLUSTER --message ... | off CLUSTER | list`: takes effect in
+    running gateways within a second, without a restart."""
+    parser = argparse.ArgumentParser(prog="inference-gateway maintenance")
+    parser.add_argument("--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)))
+    parser.add_argument("action", choices=["on", "off", "list"])
+    parser.add_argument("cluster", nargs="?")
+    parser.add_argument("--message", default="The cluster is under maintenance; please try again later.")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    state = read_state(settings.maintenance_file)
+    if args.action != "list":
+        if args.cluster is None:
+            parser.error(f"'{args.action}' needs a cluster name")
+        if args.action == "on":
+            state[args.cluster] = args.message
+        else:
+            state.pop(args.cluster, None)
+        write_state(settings.maintenance_file, state)
+    for cluster, message in sorted({**settings.maintenance, **state}.items()):
+        print(f"{cluster}: {message}")
+    return 0

@@ -15,6 +15,7 @@ from proxy.dispatch import admitted, run_stream, run_task
 from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
+from proxy.maintenance import MAINTENANCE
 from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
 
@@ -44,10 +45,16 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """Public clusters only: naming a restricted cluster would tell strangers it exists."""
+    """Public clusters only: naming a restricted cluster would tell strangers it exists.
+    False means under maintenance."""
     clusters = request.app[REGISTRY].clusters.values()
+    maintenance = request.app[MAINTENANCE]
     return web.json_response(
-        {c.cluster_name: True for c in clusters if not c.allowed_globus_groups and not c.allowed_domains}
+        {
+            c.cluster_name: maintenance.message(c.cluster_name) is None
+            for c in clusters
+            if not c.allowed_globus_groups and not c.allowed_domains
+        }
     )
 
 
@@ -119,6 +126,12 @@ async def jobs(request: web.Request) -> web.Response:
     cluster = find_cluster(registry, request.match_info["cluster"])
     if not allowed(user, cluster):
         raise ApiError(403, f"You may not use cluster '{cluster.cluster_name}'.", code="permission_denied")
+    if request.app[MAINTENANCE].message(cluster.cluster_name) is not None:
+        models = [
+            (e.framework, e.model) for e, owner in _usable_endpoints(registry, user) if owner is cluster
+        ]
+        stopped = request.app[MAINTENANCE].stopped_jobs(cluster, models)
+        return web.json_response(stopped.model_dump(mode="json"))
     report = await request.app[JOBS].get(cluster)
     if report.jobs is None:
         adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
@@ -132,6 +145,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     validate_request(openai_path, body)
     registry = request.app[REGISTRY]
     cluster = find_cluster(registry, request.match_info["cluster"])
+    request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     check_openai_path(cluster, openai_path)

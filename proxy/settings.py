@@ -188,6 +188,8 @@ class GatewaySettings(_Strict):
     batches: BatchSettings = BatchSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
+    maintenance: dict[str, str] = Field(default_factory=dict, description="cluster → message for users")
+    maintenance_file: Path = Path("maintenance.yaml")
     database_url: str = Field(
         default="sqlite:///gateway.db",
         pattern=r"^(sqlite:///\S+|postgres(ql)?://\S+)$",
@@ -203,6 +205,7 @@ class GatewaySettings(_Strict):
             "endpoints_file": base / self.endpoints_file,
             "clusters_file": base / self.clusters_file,
             "database_url": _sqlite_relative_to(self.database_url, base),
+            "maintenance_file": base / self.maintenance_file,
         }
         if self.auth.static is not None:
             static = self.auth.static.model_copy(update={"tokens_file": base / self.auth.static.tokens_file})

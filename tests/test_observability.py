@@ -291,3 +291,53 @@ async def test_concurrent_streams_per_user(
             assert third.status == 200, "the stream's slot was released at its end"
     finally:
         await runner.cleanup()
+
+
+async def test_maintenance_without_a_restart(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    path = write_gateway_config(tmp_path, backend.url)
+    runner, gateway = await start_gateway(path)
+    cli = [sys.executable, "-m", "proxy", "maintenance", "--config", str(path)]
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *cli,
+            "on",
+            "local",
+            "--message",
+            "GPU upgrade until Monday",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        output, _ = await process.communicate()
+        assert process.returncode == 0 and b"local: GPU upgrade until Monday" in output
+        await asyncio.sleep(1.1)
+        async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["message"] == "GPU upgrade until Monday"
+        async with http.get(f"{gateway.url}/status") as response:
+            assert (await response.json())["local"] is False
+        async with http.get(f"{gateway.url}/local/jobs", headers=auth()) as response:
+            jobs = await response.json()
+        assert jobs["running"] == [] and {job["Model Status"] for job in jobs["stopped"]} == {"stopped"}
+        assert CHAT_MODEL in {job["Models"] for job in jobs["stopped"]}
+        process = await asyncio.create_subprocess_exec(*cli, "off", "local", cwd=ROOT)
+        assert await process.wait() == 0
+        await asyncio.sleep(1.1)
+        async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+
+
+async def test_maintenance_from_the_configuration(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    runner, gateway = await configured_gateway(backend, tmp_path, maintenance={"local": "Down for a week"})
+    try:
+        async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+            assert (
+                response.status == 503 and (await response.json())["error"]["code"] == "cluster_maintenance"
+            )
+    finally:
+        await runner.cleanup()
