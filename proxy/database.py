@@ -80,10 +80,11 @@ MIGRATIONS: list[Migration] = [
         2,
         "requests",
         [
-            # request_id is the key so that re-sending a batch whose commit went unacknowledged (the
-            # connection dropped after COMMIT) inserts nothing twice: see proxy/usage_store.py.
+            # (request_id, started_at) is the key so that re-sending a batch whose commit went
+            # unacknowledged (the connection dropped after COMMIT) inserts nothing twice, see
+            # proxy/usage_store.py; request_id alone is not unique, a client may choose its X-Request-ID.
             """CREATE TABLE requests (
-                request_id TEXT PRIMARY KEY,
+                request_id TEXT NOT NULL,
                 started_at DOUBLE PRECISION NOT NULL,
                 duration_ms DOUBLE PRECISION NOT NULL,
                 ttfc_ms DOUBLE PRECISION,
@@ -105,7 +106,8 @@ MIGRATIONS: list[Migration] = [
                 client_ip TEXT,
                 error TEXT,
                 prompt TEXT,
-                result TEXT
+                result TEXT,
+                PRIMARY KEY (request_id, started_at)
             )""",
             "CREATE INDEX requests_started ON requests (started_at)",
             "CREATE INDEX requests_username_started ON requests (username, started_at)",

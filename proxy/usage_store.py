@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, fields
+from dataclasses import fields
 from typing import Any, Final, Literal
 
 from proxy.database import Database, Row
@@ -31,16 +31,19 @@ _TOTAL_SQL: Final = "COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + COALESC
 
 def _insert_sql(rows: int) -> str:
     """One multi-row INSERT; ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch
-    whose commit was never acknowledged harmless instead of a primary-key error."""
+    whose commit was never acknowledged harmless instead of a primary-key error. The key is
+    (request_id, started_at): a client may send the same X-Request-ID with every request, and those are
+    still different requests."""
     values = ", ".join([_ROW_SQL] * rows)
-    return f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"
+    return (
+        f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {values}"
+        " ON CONFLICT (request_id, started_at) DO NOTHING"
+    )
 
 
 def _params(record: RequestRecord) -> tuple[Any, ...]:
     """The record as column values; ``stream`` as 0/1, the one boolean type both databases share."""
-    values = list(astuple(record))
-    values[_COLUMNS.index("stream")] = int(record.stream)
-    return tuple(values)
+    return tuple(int(record.stream) if name == "stream" else getattr(record, name) for name in _COLUMNS)
 
 
 def _chunks(records: Sequence[RequestRecord], size: int) -> Iterator[Sequence[RequestRecord]]:
@@ -89,7 +92,9 @@ class UsageStore:
     def _flat(records: Sequence[RequestRecord]) -> list[Any]:
         return [value for record in records for value in _params(record)]
 
-    async def usage(self, since: float, until: float | None = None, by: UsageBy = "user") -> list[dict[str, Any]]:
+    async def usage(
+        self, since: float, until: float | None = None, by: UsageBy = "user"
+    ) -> list[dict[str, Any]]:
         """Requests and tokens per user (``username``) or per model for requests started in
         [since, until), most total tokens first. Requests without a user or model form one group whose
         key is None. A missing total_tokens counts as prompt + completion tokens."""

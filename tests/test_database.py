@@ -73,16 +73,17 @@ async def test_migrations_apply_once_and_are_recorded(database_url: str) -> None
 async def test_new_migrations_apply_in_order_and_a_failing_one_leaves_nothing(database_url: str) -> None:
     db = await Database.connect(database_url)
     try:
+        shipped = [version for version, _, _ in MIGRATIONS]
         later = [
-            (3, "third", ["ALTER TABLE second ADD COLUMN note TEXT"]),
-            (2, "second", ["CREATE TABLE second (id INTEGER PRIMARY KEY)"]),
+            (101, "third", ["ALTER TABLE second ADD COLUMN note TEXT"]),
+            (100, "second", ["CREATE TABLE second (id INTEGER PRIMARY KEY)"]),
         ]
-        assert await db.migrate([*MIGRATIONS, *later]) == [2, 3]
-        broken = (4, "broken", ["CREATE TABLE fourth (id INTEGER)", "INSERT INTO nowhere (id) VALUES (1)"])
+        assert await db.migrate([*MIGRATIONS, *later]) == [100, 101]
+        broken = (102, "broken", ["CREATE TABLE fourth (id INTEGER)", "INSERT INTO nowhere (id) VALUES (1)"])
         with pytest.raises(Exception, match=r"no such table|does not exist"):
             await db.migrate([*MIGRATIONS, *later, broken])
         versions = await db.fetch("SELECT version FROM schema_migrations ORDER BY version")
-        assert [row["version"] for row in versions] == [1, 2, 3]
+        assert [row["version"] for row in versions] == [*shipped, 100, 101]
         assert await db.execute("CREATE TABLE fourth (id INTEGER)") == 0  # the failed migration left none
     finally:
         await db.close()
