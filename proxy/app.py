@@ -11,8 +11,10 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
-from proxy.batches import BATCH_SETTINGS, add_batch_routes, batch_lifecycle
+from proxy.batch_store import BatchStore
+from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
+from proxy.database import Database
 from proxy.dispatch import LIMITER
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
@@ -20,11 +22,13 @@ from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
 from proxy.metrics import METRICS, Metrics, metrics_handler
 from proxy.middleware import openai_errors
-from proxy.observe import add_request_id, observe_middleware
+from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
 from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
+from proxy.request_log import LineWriter, RecordSink
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
+from proxy.usage_store import UsageStore
 
 
 def build_authenticator(settings: GatewaySettings) -> Authenticator:
@@ -54,6 +58,11 @@ def create_app(
         middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
     )
     app[METRICS] = metrics
+    logging_settings = settings.request_log
+    writer = LineWriter() if logging_settings.stdout else None
+    app[REQUEST_LOG] = RequestLog(
+        writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
+    )
     app[LIMITER] = build_limiter(settings)
     app.on_cleanup.append(lambda app: app[LIMITER].close())
     authenticator.instrument(metrics)
@@ -70,10 +79,34 @@ def create_app(
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
-    app.cleanup_ctx.append(batch_lifecycle(settings.database_url))
+    app.cleanup_ctx.append(_database_lifecycle(settings))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
     return app
+
+
+def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """One connection pool for batches and request records, open for the life of the gateway."""
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        database = await Database.connect(settings.database_url)
+        app[BATCHES] = BatchStore(database)
+        advancer = asyncio.create_task(advance_forever(app))
+        request_log = app[REQUEST_LOG]
+        if settings.request_log.store:
+            request_log.sink = RecordSink(
+                UsageStore(database), max_buffered=settings.request_log.buffer_records
+            )
+            request_log.sink.start()
+        try:
+            yield
+        finally:
+            advancer.cancel()
+            if request_log.sink is not None:
+                await request_log.sink.close()
+            await database.close()
+
+    return lifecycle
 
 
 def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:

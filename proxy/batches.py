@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from adaptors import BaseEndpoint
 from proxy.auth import USER
 from proxy.batch_store import BatchRecord, BatchStore
 from proxy.bodies import read_json
-from proxy.database import Database, DatabaseUnavailable
+from proxy.database import DatabaseUnavailable
 from proxy.errors import ApiError, adaptor_failed
 from proxy.lookup import check_access, check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
@@ -42,20 +42,6 @@ def add_batch_routes(app: web.Application, base_path: str) -> None:
     app.router.add_get(f"{base_path}/v1/batches", list_batches)
     app.router.add_get(f"{base_path}/v1/batches/{{batch_id}}", batch_status)
     app.router.add_get(f"{base_path}/v1/batches/{{batch_id}}/result", batch_result)
-
-
-def batch_lifecycle(database_url: str) -> Any:
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        database = await Database.connect(database_url)
-        app[BATCHES] = BatchStore(database)
-        advancer = asyncio.create_task(_advance_forever(app))
-        try:
-            yield
-        finally:
-            advancer.cancel()
-            await database.close()
-
-    return lifecycle
 
 
 async def create(request: web.Request) -> web.Response:
@@ -187,7 +173,8 @@ def _iso(moment: float | None) -> str | None:
     return None if moment is None else datetime.fromtimestamp(moment, UTC).isoformat()
 
 
-async def _advance_forever(app: web.Application) -> None:
+async def advance_forever(app: web.Application) -> None:
+    """Runs for the life of the gateway; a database outage only delays it."""
     interval = app[BATCH_SETTINGS].poll_seconds
     while True:
         try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy import usage_cli
 from proxy.app import create_app, load_parts
 from proxy.maintenance import read_state, write_state
 from proxy.settings import ConfigError, GatewaySettings, load_settings
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["maintenance"]:
         return maintenance_main(argv[1:])
+    if argv[:1] == ["usage"]:
+        return usage_cli.main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

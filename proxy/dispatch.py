@@ -19,7 +19,7 @@ from proxy.auth import AUTH_SECONDS, USER
 from proxy.errors import ApiError, adaptor_failed
 from proxy.limits import Limited, Limiter
 from proxy.metrics import METRICS, Metrics
-from proxy.observe import INFO, RequestInfo
+from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
 from proxy.streaming import relay
 from proxy.usage import UsageScanner, ask_for_usage, usage_of_answer
@@ -64,7 +64,7 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
         task = await endpoint.submit_task(data)
         info.task_id = task.task_id
         outcome = _outcome(task.error_code)
-        return _answer(task, info)
+        return _answer(task, info, request.app[REQUEST_LOG])
     finally:
         _measured(metrics, info, started, outcome, first_byte=None)
 
@@ -106,10 +106,12 @@ def _describe(request: web.Request, endpoint: BaseEndpoint, stream: bool) -> tup
     return info, metrics
 
 
-def _answer(task: SubmitTaskResponse, info: RequestInfo) -> web.Response:
+def _answer(task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog) -> web.Response:
     if task.error_code is not None or task.result is None:
         adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
     info.usage = usage_of_answer(task.result)
+    if request_log.store_prompts:
+        info.result = task.result
     return web.Response(body=task.result.encode(), content_type="application/json")
 
 

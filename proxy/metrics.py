@@ -87,6 +87,10 @@ class Metrics:
             "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.log_records_dropped = Counter(
+            "gateway_log_records_dropped", "Request records dropped because the database buffer was full",
+            registry=registry,
+        )  # fmt: skip
         self.relay_chunks = Counter(
             "gateway_relay_chunks", "Stream chunks received from remote functions", registry=registry
         )

@@ -1,21 +1,29 @@
-"""What every request leaves behind: an X-Request-ID, metrics, and (once issue 5 lands the sinks)
-a request record. The routes fill `RequestInfo` as they learn things; the outermost middleware
-turns it into metrics when the response, streams included, has ended."""
+"""What every request leaves behind: an X-Request-ID, metrics, and a request record (a JSON line on
+stdout and a row in the database). The routes fill `RequestInfo` as they learn things; the
+outermost middleware turns it into metrics and a record when the response, streams included, has
+ended."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from proxy.auth import USER
 from proxy.metrics import Metrics, status_class
+from proxy.request_log import LineWriter, RecordSink, RequestRecord
 from proxy.usage import Usage
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+QUIET_ROUTES = frozenset({"/metrics"})
+"""Scrapes every few seconds would drown the records of real requests."""
 
 
 @dataclass
@@ -33,6 +41,10 @@ class RequestInfo:
     first_chunk: float | None = None
     usage: Usage | None = None
     task_id: str | None = None
+    error: str | None = None
+    prompt: str | None = None
+    result: str | None = None
+    """Kept only when the operator configures `request_log.store_prompts`."""
 
     @property
     def endpoint_labels(self) -> tuple[str, str, str]:
@@ -40,6 +52,80 @@ class RequestInfo:
 
 
 INFO = web.RequestKey("info", RequestInfo)
+
+
+class RequestLog:
+    """Where records go: stdout lines at once, the database through a buffered sink that the
+    database's lifecycle attaches once connected."""
+
+    def __init__(
+        self, writer: LineWriter | None, trusted_proxies: Iterable[str], metrics: Metrics, store_prompts: bool
+    ) -> None:
+        self.writer = writer
+        self.store_prompts = store_prompts
+        self.sink: RecordSink | None = None
+        self._trusted = [ipaddress.ip_network(network, strict=False) for network in trusted_proxies]
+        self._metrics = metrics
+        self._dropped = 0
+
+    def emit(self, request: web.Request, info: RequestInfo, status: int) -> None:
+        record = self._record(request, info, status)
+        if self.writer is not None:
+            self.writer.write(record)
+        if self.sink is not None:
+            self.sink.submit(record)
+            if self.sink.dropped > self._dropped:
+                self._metrics.log_records_dropped.inc(self.sink.dropped - self._dropped)
+                self._dropped = self.sink.dropped
+
+    def client_ip(self, request: web.Request) -> str | None:
+        """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        hops = [peer[0]] if peer else []
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + hops
+        while len(hops) > 1 and self._is_trusted(hops[-1]):
+            hops.pop()
+        return hops[-1][:64] if hops else None
+
+    def _is_trusted(self, hop: str) -> bool:
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+    def _record(self, request: web.Request, info: RequestInfo, status: int) -> RequestRecord:
+        user = request.get(USER)
+        usage = info.usage or Usage()
+        return RequestRecord(
+            request_id=info.request_id,
+            started_at=info.started_at,
+            duration_ms=round((time.monotonic() - info.started) * 1000, 3),
+            ttfc_ms=None if info.first_chunk is None else round((info.first_chunk - info.started) * 1000, 3),
+            method=request.method,
+            route=info.route,
+            path=request.path[:512],
+            status=status,
+            user_id=user.id if user else None,
+            username=user.username if user else None,
+            cluster=info.cluster or None,
+            framework=info.framework or None,
+            model=info.model or None,
+            endpoint_slug=info.endpoint_slug or None,
+            stream=info.stream,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            task_id=info.task_id,
+            client_ip=self.client_ip(request),
+            error=info.error,
+            prompt=info.prompt,
+            result=info.result,
+        )
+
+
+REQUEST_LOG = web.AppKey("request_log", RequestLog)
 
 
 def observe_middleware(metrics: Metrics) -> Middleware:
@@ -58,6 +144,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         try:
             response = await handler(request)
             status = response.status
+            if status >= 400 and isinstance(response, web.Response):
+                info.error = _error_message(response)
             return response
         except web.HTTPException as exc:
             status = exc.status
@@ -65,6 +153,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         finally:
             in_flight.dec()
             metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
+            if info.route not in QUIET_ROUTES:
+                request.app[REQUEST_LOG].emit(request, info, status)
 
     return observe
 
@@ -74,6 +164,13 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     info = request.get(INFO)
     if info is not None:
         response.headers["X-Request-ID"] = info.request_id
+
+
+def _error_message(response: web.Response) -> str | None:
+    try:
+        return str(json.loads(response.body)["error"]["message"])[:1000]  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _request_id(request: web.Request) -> str:

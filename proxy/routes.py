@@ -3,6 +3,7 @@ body → cluster → framework → OpenAI path → endpoint → permission → a
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +17,7 @@ from proxy.errors import ApiError, adaptor_failed
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
+from proxy.observe import INFO, REQUEST_LOG
 from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
 
@@ -151,6 +153,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
     check_openai_path(cluster, openai_path)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
     check_access(request[USER], endpoint, cluster)
+    if request.app[REQUEST_LOG].store_prompts:
+        request[INFO].prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
     data = {"model_params": {**body, "openai_endpoint": openai_path}}
     async with admitted(request, endpoint):
         if body.get("stream") is True and openai_path in STREAMING_PATHS:

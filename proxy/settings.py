@@ -169,6 +169,17 @@ class LimitSettings(_Strict):
     concurrent_per_user: int = Field(default=32, ge=0)
 
 
+class RequestLogSettings(_Strict):
+    stdout: bool = Field(default=True, description="one JSON line per request on stdout")
+    store: bool = Field(default=True, description="the same records in the database")
+    store_prompts: bool = Field(default=False, description="also keep prompts and (non-streamed) results")
+    trusted_proxies: CommaList = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"],
+        description="peers whose X-Forwarded-For is believed (nginx on the same host)",
+    )
+    buffer_records: int = Field(default=10_000, ge=1)
+
+
 class BatchSettings(_Strict):
     max_active_per_user: int = Field(default=2, ge=1)
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
@@ -188,6 +199,7 @@ class GatewaySettings(_Strict):
     batches: BatchSettings = BatchSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
+    request_log: RequestLogSettings = RequestLogSettings()
     maintenance: dict[str, str] = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Path("maintenance.yaml")
     database_url: str = Field(

@@ -16,6 +16,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.backend import REQUESTS
+from proxy.database import Database
+from proxy.usage_store import UsageStore
 from tests.support import (
     CHAT_MODEL,
     TOKENS,
@@ -341,3 +343,54 @@ async def test_maintenance_from_the_configuration(
             )
     finally:
         await runner.cleanup()
+
+
+async def test_each_request_leaves_a_json_line_and_a_stored_record(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runner, gateway = await configured_gateway(
+        backend, tmp_path, request_log={"store_prompts": True, "trusted_proxies": ["127.0.0.1/32"]}
+    )
+    try:
+        headers = {**auth(), "X-Request-ID": "req-42", "X-Forwarded-For": "198.51.100.7, 127.0.0.1"}
+        async with http.post(chat_url(gateway), json=chat("Count me"), headers=headers) as response:
+            answer = await response.json()
+        async with http.post(chat_url(gateway), json=chat(stream=True), headers=auth("bob")) as response:
+            await response.read()
+        async with http.get(f"{gateway.url}/whoami", headers={"Authorization": "Bearer wrong"}) as response:
+            assert response.status == 401
+    finally:
+        await runner.cleanup()
+    lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    chat_line = next(line for line in lines if line["request_id"] == "req-42")
+    assert chat_line["username"] == "alice@uni.edu" and chat_line["status"] == 200
+    assert chat_line["client_ip"] == "198.51.100.7" and chat_line["model"] == CHAT_MODEL
+    assert chat_line["total_tokens"] == answer["usage"]["total_tokens"]
+    assert "Count me" in chat_line["prompt"] and chat_line["result"]
+    stream_line = next(line for line in lines if line["username"] == "bob@other.org")
+    assert stream_line["stream"] is True and stream_line["completion_tokens"] and stream_line["ttfc_ms"] > 0
+    refused = next(line for line in lines if line["status"] == 401)
+    assert refused["error"] == "Invalid or expired access token." and "wrong" not in json.dumps(refused)
+    database = await Database.connect(f"sqlite:///{tmp_path / 'gateway.db'}")
+    try:
+        by_user = {row["user"]: row for row in await UsageStore(database).usage(since=0, by="user")}
+    finally:
+        await database.close()
+    assert by_user["alice@uni.edu"]["total_tokens"] == answer["usage"]["total_tokens"]
+    assert by_user["bob@other.org"]["requests"] == 1
+
+
+async def test_forwarded_for_is_ignored_from_untrusted_peers(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runner, gateway = await configured_gateway(
+        backend, tmp_path, request_log={"trusted_proxies": ["10.0.0.1/32"]}
+    )
+    try:
+        headers = {"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "spoof"}
+        async with http.get(f"{gateway.url}/health", headers=headers) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+    line = next(json.loads(x) for x in capfd.readouterr().out.splitlines() if '"spoof"' in x)
+    assert line["client_ip"] == "127.0.0.1"
