@@ -14,6 +14,7 @@ from aiohttp import web
 
 from adaptors.remote_errors import remote_error
 from proxy.errors import ApiError
+from proxy.metrics import METRICS
 from proxy.relay import Delivery, Event, Relay, sse_lines
 
 RELAY = web.AppKey("relay", Relay)
@@ -41,7 +42,9 @@ async def data(request: web.Request) -> web.Response:
     chunk = body.get("data")
     if not isinstance(chunk, str):
         raise ApiError(400, "'data' must be a string of SSE lines.", param="data")
-    return await _deliver(request, body, Event("data", sse_lines(chunk)))
+    response = await _deliver(request, body, Event("data", sse_lines(chunk)))
+    request.app[METRICS].relay_chunks.inc()
+    return response
 
 
 async def error(request: web.Request) -> web.Response:

@@ -30,7 +30,6 @@ LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
 )  # fmt: skip
 ENDPOINT_LABELS = ("cluster", "framework", "model")
-PHASES = ("authentication", "queue", "submission", "first_byte", "total")
 
 
 class Metrics:
@@ -56,17 +55,12 @@ class Metrics:
         )  # fmt: skip
         self.phase_seconds = Histogram(
             "gateway_phase_duration_seconds",
-            "Where a request's time goes: authentication, queue (waiting for the backend), "
-            "submission, first byte, total",
+            "Where a request's time goes: authentication, submission, first byte, total",
             ["adaptor", *ENDPOINT_LABELS, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.first_chunk_seconds = Histogram(
             "gateway_stream_first_chunk_seconds", "Time from the request to the first chunk of a stream",
             list(ENDPOINT_LABELS), buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
-            ["adaptor", *ENDPOINT_LABELS, "kind"], registry=registry,
         )  # fmt: skip
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by backends", [*ENDPOINT_LABELS, "kind"], registry=registry
@@ -77,14 +71,6 @@ class Metrics:
         )  # fmt: skip
         self.introspection_seconds = Histogram(
             "gateway_auth_introspection_duration_seconds", "Globus token introspection and groups lookup",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.compute_tasks_in_flight = Gauge(
-            "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
-            registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.compute_poll_seconds = Histogram(
-            "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
             buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.log_records_dropped = Counter(

@@ -18,6 +18,7 @@ import yaml
 
 from adaptors import StreamError
 from proxy.callbacks import RELAY
+from proxy.metrics import METRICS
 from proxy.relay import RelayedStream
 from tests.conftest import Server, start_gateway, write_gateway_config
 
@@ -104,6 +105,7 @@ async def test_chunks_arrive_in_order_and_done_ends_the_stream(
     assert text == 'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: {"n": 3}\n\ndata: [DONE]\n\n'
     status, answer = await post(http, receiver, "data", {**body, "data": sse("late")}, stream.token)
     assert status == 410 and answer["error"]["code"] == "stream_gone"
+    assert b"gateway_relay_chunks_total 3.0" in receiver.app[METRICS].exposition()
 
 
 async def test_keepalives_while_waiting_for_the_first_chunk(
