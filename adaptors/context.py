@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adaptors.relay import StreamRelay
+from adaptors.telemetry import NoTelemetry, Telemetry
 
 
 @dataclass(frozen=True)
@@ -14,8 +15,10 @@ class AdaptorContext:
 
     `executor` is a bounded thread pool for blocking libraries (SDKs built on `requests`):
     running them on the event loop would freeze every other request. `relay` carries streams of
-    backends that call back (see adaptors/relay.py).
+    backends that call back (see adaptors/relay.py). `telemetry` takes what adaptors report about
+    their backends (adaptors/telemetry.py).
     """
 
     executor: Executor
     relay: StreamRelay
+    telemetry: Telemetry = field(default_factory=NoTelemetry)

@@ -19,6 +19,7 @@ from adaptors.endpoint import (
     SubmitStreamingTaskResponse,
     SubmitTaskResponse,
 )
+from adaptors.telemetry import ErrorKind, NoTelemetry, Telemetry
 
 _HTTP_URL = r"^https?://\S+$"
 
@@ -64,9 +65,11 @@ class DirectAPIEndpoint(BaseEndpoint):
         if self.config.api_key_env_name:
             self._headers["Authorization"] = f"Bearer {_api_key(self.config.api_key_env_name)}"
         self._session: aiohttp.ClientSession | None = None
+        self._telemetry: Telemetry = NoTelemetry()
 
     async def startup(self, context: AdaptorContext) -> None:
         self._session = _new_session(self.config.max_connections)
+        self._telemetry = context.telemetry
 
     async def shutdown(self) -> None:
         if self._session is not None:
@@ -81,9 +84,10 @@ class DirectAPIEndpoint(BaseEndpoint):
             ) as response:
                 text = await response.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            code, message = _transport_failure(exc, self.config.api_request_timeout)
+            code, message = self._failed(exc, self.config.api_request_timeout)
             return SubmitTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
+            self._refused(response.status)
             return SubmitTaskResponse(
                 error_code=_status(response.status), error_message=_upstream_message(text)
             )
@@ -100,15 +104,24 @@ class DirectAPIEndpoint(BaseEndpoint):
         try:
             response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            code, message = _transport_failure(exc, silence)
+            code, message = self._failed(exc, silence)
             return SubmitStreamingTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
+            self._refused(response.status)
             async with response:
                 text = await response.text()
             return SubmitStreamingTaskResponse(
                 error_code=_status(response.status), error_message=_upstream_message(text)
             )
         return SubmitStreamingTaskResponse(response=_chunks(response, silence))
+
+    def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
+        kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
+        self._telemetry.upstream_error(self.endpoint_slug, kind)
+        return _transport_failure(exc, timeout)
+
+    def _refused(self, status: int) -> None:
+        self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
 
     def _request(self, data: dict[str, Any]) -> tuple[str, str]:
         params = dict(data["model_params"])

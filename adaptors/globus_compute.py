@@ -38,6 +38,7 @@ from adaptors.endpoint import (
 )
 from adaptors.relay import RelayStream, StreamRelay
 from adaptors.remote_errors import remote_error
+from adaptors.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class TaskFailed(Exception):
 class _Pending:
     future: asyncio.Future[Any]
     deadline: float
+    submitted: float
+    on_started: Callable[[float], None] | None
+    started: bool = False
 
 
 @dataclass
@@ -109,6 +113,7 @@ class ComputeService:
 
     access: ComputeAccess
     executor: Executor
+    telemetry: Telemetry
     users: int = 0
     _clients: tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3] | None = None
     _pending: dict[str, _Pending] = field(default_factory=dict)
@@ -129,15 +134,21 @@ class ComputeService:
 
         return await self._blocking(send)
 
-    async def result(self, task_id: str, timeout: float) -> Any:
-        """The task's return value. A timeout gives up waiting; the task itself keeps running."""
+    async def result(
+        self, task_id: str, timeout: float, on_started: Callable[[float], None] | None = None
+    ) -> Any:
+        """The task's return value. A timeout gives up waiting; the task itself keeps running.
+        `on_started` gets the seconds the task waited for the endpoint (to a poll's resolution)."""
         future = asyncio.get_running_loop().create_future()
-        self._pending[task_id] = _Pending(future, time.monotonic() + timeout)
+        now = time.monotonic()
+        self._pending[task_id] = _Pending(future, now + timeout, now, on_started)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
+        self.telemetry.tasks_in_flight(1)
         try:
             return await future
         finally:
+            self.telemetry.tasks_in_flight(-1)
             self._pending.pop(task_id, None)
 
     async def endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]:
@@ -155,7 +166,9 @@ class ComputeService:
             if not task_ids:
                 continue
             try:
+                asked = time.monotonic()
                 documents = await self.statuses(task_ids)
+                self.telemetry.poll(time.monotonic() - asked)
             except globus_sdk.GlobusError as exc:
                 log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
                 continue
@@ -184,6 +197,10 @@ class ComputeService:
         if pending is None or pending.future.done():
             return
         status = str(document.get("status", "")).lower()
+        if status in ("running", "success", "failed") and not pending.started:
+            pending.started = True
+            if pending.on_started is not None:
+                pending.on_started(time.monotonic() - pending.submitted)
         if status == "success" and "result" in document:
             try:
                 pending.future.set_result(self.value(document))
@@ -243,13 +260,13 @@ def _json_serializer() -> ComputeSerializer:
 _services: dict[tuple[Any, ...], ComputeService] = {}
 
 
-def _acquire(access: ComputeAccess, executor: Executor) -> ComputeService:
+def _acquire(access: ComputeAccess, context: AdaptorContext) -> ComputeService:
     """One service (and so one poller) per process for each credentials and URLs."""
     client_id, secret = access.credentials()
     key = (client_id, secret, access.compute_url, access.auth_url)
     service = _services.get(key)
     if service is None:
-        service = _services[key] = ComputeService(access, executor)
+        service = _services[key] = ComputeService(access, context.executor, context.telemetry)
     service.users += 1
     return service
 
@@ -290,13 +307,15 @@ class GlobusComputeEndpoint(BaseEndpoint):
         self.config.credentials()
         self._service: ComputeService | None = None
         self._relay: StreamRelay | None = None
+        self._telemetry: Telemetry = NoTelemetry()
         self._status: tuple[float, dict[str, Any]] | None = None
         self._status_call: asyncio.Future[dict[str, Any] | None] | None = None
         self._triggered_at: float | None = None
 
     async def startup(self, context: AdaptorContext) -> None:
-        self._service = _acquire(self.config, context.executor)
+        self._service = _acquire(self.config, context)
         self._relay = context.relay
+        self._telemetry = context.telemetry
 
     async def shutdown(self) -> None:
         if self._service is not None:
@@ -311,14 +330,16 @@ class GlobusComputeEndpoint(BaseEndpoint):
         try:
             task_id = await self._submit(service, params)
         except globus_sdk.GlobusError as exc:
+            self._telemetry.upstream_error(self.endpoint_slug, "connect")
             return SubmitTaskResponse(error_code=503, error_message=_submit_failure(exc))
         try:
-            value = await service.result(task_id, self.config.task_timeout_seconds)
+            value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
             return SubmitTaskResponse(result=_unwrap(value), task_id=task_id)
         except TimeoutError:
+            self._telemetry.upstream_error(self.endpoint_slug, "timeout")
             return SubmitTaskResponse(error_code=504, error_message=self._timeout(task_id), task_id=task_id)
         except TaskFailed as exc:
-            code, message = remote_error(str(exc))
+            code, message = self._task_failed(exc)
             return SubmitTaskResponse(error_code=code, error_message=message, task_id=task_id)
         except ValueError:
             return SubmitTaskResponse(
@@ -388,13 +409,21 @@ class GlobusComputeEndpoint(BaseEndpoint):
     async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
         """The task's own end also ends the stream: a failure before any callback is not a silence."""
         try:
-            await service.result(task_id, self.config.task_timeout_seconds)
+            await service.result(task_id, self.config.task_timeout_seconds, self._queued)
         except TaskFailed as exc:
-            await stream.fail(*remote_error(str(exc)))
+            await stream.fail(*self._task_failed(exc))
         except TimeoutError:
             return
         else:
             await stream.finish()
+
+    def _queued(self, seconds: float) -> None:
+        self._telemetry.phase(self.endpoint_slug, "queue", seconds)
+
+    def _task_failed(self, exc: TaskFailed) -> tuple[int, str]:
+        code, message = remote_error(str(exc))
+        self._telemetry.upstream_error(self.endpoint_slug, "4xx" if code < 500 else "5xx")
+        return code, message
 
     async def _submit(self, service: ComputeService, params: dict[str, Any]) -> str:
         task_id = await service.submit(
@@ -514,7 +543,7 @@ class GlobusComputeCluster(BaseCluster):
         self._service: ComputeService | None = None
 
     async def startup(self, context: AdaptorContext) -> None:
-        self._service = _acquire(self.config, context.executor)
+        self._service = _acquire(self.config, context)
 
     async def shutdown(self) -> None:
         if self._service is not None:

@@ -20,7 +20,7 @@ from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
-from proxy.metrics import METRICS, Metrics, metrics_handler
+from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
 from proxy.registry import REGISTRY, Registry, load_registry
@@ -83,6 +83,16 @@ def create_app(
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
     return app
+
+
+def _labels_of(registry: Registry) -> Callable[[str], tuple[str, str, str, str]]:
+    def labels(endpoint_slug: str) -> tuple[str, str, str, str]:
+        endpoint = registry.endpoints.get(endpoint_slug)
+        if endpoint is None:
+            return ("", "", "", "")
+        return (type(endpoint).__name__, endpoint.cluster, endpoint.framework, endpoint.model)
+
+    return labels
 
 
 def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -155,7 +165,8 @@ def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterato
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         adaptors = list(app[REGISTRY].adaptors())
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
-            context = AdaptorContext(executor=executor, relay=app[RELAY])
+            telemetry = AdaptorTelemetry(app[METRICS], _labels_of(app[REGISTRY]))
+            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry)
             await asyncio.gather(*(adaptor.startup(context) for adaptor in adaptors))
             try:
                 yield

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -55,7 +55,8 @@ class Metrics:
         )  # fmt: skip
         self.phase_seconds = Histogram(
             "gateway_phase_duration_seconds",
-            "Where a request's time goes: authentication, submission, first byte, total",
+            "Where a request's time goes: authentication, queue (waiting for the backend to start), "
+            "submission, first byte, total",
             ["adaptor", *ENDPOINT_LABELS, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
         self.first_chunk_seconds = Histogram(
@@ -77,6 +78,18 @@ class Metrics:
             "gateway_log_records_dropped", "Request records dropped because the database buffer was full",
             registry=registry,
         )  # fmt: skip
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
+            ["adaptor", *ENDPOINT_LABELS, "kind"], registry=registry,
+        )  # fmt: skip
+        self.compute_tasks_in_flight = Gauge(
+            "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
+            registry=registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.compute_poll_seconds = Histogram(
+            "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
         self.relay_chunks = Counter(
             "gateway_relay_chunks", "Stream chunks received from remote functions", registry=registry
         )
@@ -87,6 +100,26 @@ class Metrics:
             multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
             return generate_latest(combined)
         return generate_latest(self.registry)
+
+
+class AdaptorTelemetry:
+    """Adaptors' reports, labelled like the gateway's own metrics for the same endpoint."""
+
+    def __init__(self, metrics: Metrics, labels: Callable[[str], tuple[str, str, str, str]]) -> None:
+        self._metrics = metrics
+        self._labels = labels
+
+    def phase(self, endpoint_slug: str, phase: str, seconds: float) -> None:
+        self._metrics.phase_seconds.labels(*self._labels(endpoint_slug), phase).observe(seconds)
+
+    def upstream_error(self, endpoint_slug: str, kind: str) -> None:
+        self._metrics.upstream_errors.labels(*self._labels(endpoint_slug), kind).inc()
+
+    def tasks_in_flight(self, delta: int) -> None:
+        self._metrics.compute_tasks_in_flight.inc(delta)
+
+    def poll(self, seconds: float) -> None:
+        self._metrics.compute_poll_seconds.observe(seconds)
 
 
 def status_class(status: int) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app, load_parts
 from proxy.settings import load_settings
@@ -145,3 +146,16 @@ def auth(user: str = "alice") -> dict[str, str]:
 
 def chat(content: str = "Hello", model: str = CHAT_MODEL, **fields: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by name and sorted labels (parsed by prometheus-client)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples(text).items() if n == name and set(labels.items()) <= set(ls))

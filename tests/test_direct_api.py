@@ -10,7 +10,9 @@ import aiohttp
 import pytest
 
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
+from proxy.metrics import METRICS
 from tests.conftest import CHAT_MODEL, Server, auth, chat
+from tests.support import value
 from tests.test_routes import assert_openai_error, call
 
 
@@ -182,3 +184,17 @@ async def test_a_slow_reader_holds_back_the_backend_and_loses_nothing(
         received += await response.read()
     assert received.endswith(b"data: [DONE]\n\n")
     assert received.count(b'"index":7') >= 20000
+
+
+async def test_backend_errors_by_kind_in_metrics(gateway: Server, http: aiohttp.ClientSession) -> None:
+    cases = [
+        ("dead/model", "Hi", "connect"),
+        ("slow/model", "[[delay=3]]", "timeout"),
+        (CHAT_MODEL, "[[status=404]]", "4xx"),
+        (CHAT_MODEL, "[[status=500]]", "5xx"),
+    ]
+    for model, prompt, _ in cases:
+        await call(http, "POST", chat_url(gateway), json=chat(prompt, model=model), headers=auth())
+    text = gateway.app[METRICS].exposition().decode()
+    for model, _, kind in cases:
+        assert value(text, "gateway_upstream_errors_total", model=model, kind=kind) == 1, (model, kind)

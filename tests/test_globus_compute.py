@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bench.backend import DISCONNECTS, REQUESTS
+from proxy.metrics import METRICS
 from tests.compute_setup import (
     ENDPOINT,
     LEGACY_MODEL,
@@ -36,6 +37,7 @@ from tests.conftest import (
 )
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
+from tests.support import value
 from tests.test_routes import assert_openai_error, call
 
 
@@ -303,3 +305,14 @@ async def wait_until_serving(port: int) -> None:
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError("the second gateway did not start")
+
+
+async def test_compute_telemetry(gateway: Server, http: aiohttp.ClientSession) -> None:
+    for prompt in ("Hi", "[[status=400]]"):
+        await call(http, "POST", f"{hpc(gateway)}/chat/completions", json=chat(prompt), headers=auth())
+    text = gateway.app[METRICS].exposition().decode()
+    endpoint = {"adaptor": "GlobusComputeEndpoint", "cluster": "hpc", "model": CHAT_MODEL}
+    assert value(text, "gateway_phase_duration_seconds_count", **endpoint, phase="queue") == 2
+    assert value(text, "gateway_upstream_errors_total", **endpoint, kind="4xx") == 1
+    assert value(text, "gateway_compute_tasks_in_flight") == 0
+    assert value(text, "gateway_compute_poll_duration_seconds_count") > 0

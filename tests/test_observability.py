@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.backend import REQUESTS
 from proxy.database import Database
@@ -26,24 +25,13 @@ from tests.support import (
     auth,
     chat,
     free_port,
+    samples,
     start_gateway,
+    value,
     write_gateway_config,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels (parsed by prometheus-client)."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples(text).items() if n == name and set(labels.items()) <= set(ls))
 
 
 async def scrape(http: aiohttp.ClientSession, url: str) -> str:
