@@ -22,8 +22,8 @@ from proxy.request_log import LineWriter, RecordSink, RequestRecord
 from proxy.usage import Usage
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-QUIET_ROUTES = frozenset({"/metrics"})
-"""Scrapes every few seconds would drown the records of real requests."""
+QUIET_ROUTES = frozenset({"metrics", "health"})
+"""Route names of scrapes and health probes: every few seconds, they would drown real requests."""
 
 
 @dataclass
@@ -153,7 +153,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         finally:
             in_flight.dec()
             metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
-            if info.route not in QUIET_ROUTES:
+            if request.match_info.route.name not in QUIET_ROUTES:
                 request.app[REQUEST_LOG].emit(request, info, status)
 
     return observe

@@ -376,9 +376,13 @@ async def test_forwarded_for_is_ignored_from_untrusted_peers(
     )
     try:
         headers = {"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "spoof"}
-        async with http.get(f"{gateway.url}/health", headers=headers) as response:
+        async with http.get(f"{gateway.url}/status", headers=headers) as response:
+            assert response.status == 200
+        async with http.get(f"{gateway.url}/health", headers={"X-Request-ID": "probe"}) as response:
             assert response.status == 200
     finally:
         await runner.cleanup()
-    line = next(json.loads(x) for x in capfd.readouterr().out.splitlines() if '"spoof"' in x)
+    output = capfd.readouterr().out
+    line = next(json.loads(x) for x in output.splitlines() if '"spoof"' in x)
     assert line["client_ip"] == "127.0.0.1"
+    assert '"probe"' not in output, "health probes leave no record"
