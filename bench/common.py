@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -100,15 +100,20 @@ class Service:
                 continue
 
 
-def start_service(name: str, cpu: str, args: list[str], workdir: Path) -> Service:
+def start_service(
+    name: str, cpu: str, args: list[str], workdir: Path, *, stdout: Path | None = None
+) -> Service:
+    """Start `args` under Python on `cpu`; its output goes to a log in `workdir`, or only its stderr if
+    `stdout` names another file for its standard output."""
     log = workdir / f"{name}.log"
-    with log.open("wb") as output:
+    with ExitStack() as files:
+        output = files.enter_context(log.open("wb"))
         process = subprocess.Popen(
             ["taskset", "-c", cpu, sys.executable, *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
+            stdout=files.enter_context(stdout.open("wb")) if stdout else output,
+            stderr=output if stdout else subprocess.STDOUT,
             start_new_session=True,
         )
     return Service(name, process, log)

@@ -1,6 +1,7 @@
 """One benchmark run: the fake backend directly against the same backend through the gateway.
 
     python -m bench.run [--seconds S] [--streams N] [--auth-seconds S] [--auth-rounds R]
+        [--observability-seconds S] [--observability-rounds R] [--only SECTION ...] [--skip-compute]
         [--direct-only] [--output FILE]
 
 The backend and the load generator share CPU 0 and the gateway has CPU 1 to itself, so that the
@@ -11,9 +12,18 @@ Then comes the cost of authentication: a gateway with the `static` provider agai
 `globus` provider and a warm cache, each started alone on CPU 1 in turn (static, globus, static,
 globus, ...), with a local fake of Globus on CPU 0.
 
+Then the cost of request records and metrics, built the same way: a gateway as deployed (the defaults:
+a JSON line per request on its stdout, sent to a file as to journald, the same records in its SQLite
+database, metrics on) against one with `request_log: {stdout: false, store: false}`, alternating. Metrics
+cannot be switched off in the gateway, so the second still has them.
+
 It ends with the Globus Compute path (bench/compute.py): a fake Globus Compute on CPU 0, a client that
 does the gateway's SDK work alone on CPU 1 against a gateway with a compute endpoint on CPU 1, and the
 gateway's stream relay fed by the fake's function.
+
+Sections: overhead (direct against gateway, streams, slow streams), auth, observability, compute; `--only`
+runs the ones named (each needs only the backend it starts itself) and `--skip-compute` leaves out the
+slowest.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import os
 import platform
 import resource
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -93,6 +104,19 @@ and cache the user, so the measures see only the warm path."""
 GLOBUS_C64_RPS_RATIO: Final = "globus_c64_rps_ratio"
 GLOBUS_INTROSPECTIONS: Final = "globus_introspections_per_gateway"
 GATEWAY_PATH: Final = "/resource_server/local/vllm/v1/chat/completions"
+OBSERVABILITY_MODES: Final = ("deployed", "records_off")
+"""Records to stdout and the database with metrics (the defaults), then records off with metrics still on."""
+OBSERVABILITY_LABELS: Final = {
+    "deployed": "as deployed (records to stdout file and SQLite, metrics)",
+    "records_off": "records off (metrics still on)",
+}
+OBSERVABILITY_CONCURRENCIES: Final = (16, 64)
+OBSERVABILITY_SECONDS: Final = 4.0
+OBSERVABILITY_ROUNDS: Final = 3
+OBSERVABILITY_DATABASE: Final = "obs.db"
+RECORDS_OFF: Final = {"stdout": False, "store": False}
+RECORDS_C64_RPS_RATIO: Final = "records_c64_rps_ratio"
+SECTIONS: Final = ("overhead", "auth", "observability", "compute")
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
@@ -105,8 +129,10 @@ def write_gateway_config(
     *,
     auth: dict[str, Any] = STATIC_AUTH,
     name: str = "gateway.yaml",
+    settings: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a gateway configuration as `name`; every gateway of a run shares the other documents."""
+    """Write a gateway configuration as `name`, with `settings` added to its top level; every gateway of a
+    run shares the other documents."""
     backend = f"http://127.0.0.1:{backend_port}"
     documents: dict[str, Any] = {
         name: {
@@ -115,6 +141,7 @@ def write_gateway_config(
             "limits": NO_LIMITS,
             "endpoints_file": "endpoints.yaml",
             "clusters_file": "clusters.yaml",
+            **(settings or {}),
         },
         "tokens.yaml": tokens_document(),
         "endpoints.yaml": [
@@ -291,7 +318,9 @@ class AuthBench:
             url = f"http://127.0.0.1:{port}{GATEWAY_PATH}"
             warm(url, AUTH_WARM_REQUESTS)
             ours = [self.backend_pid, gateway.process.pid] + ([fake.process.pid] if fake else [])
-            measured = {str(level): self._measure(url, level, ours) for level in AUTH_CONCURRENCIES}
+            measured = {
+                str(level): measure_chat(url, level, self.seconds, ours) for level in AUTH_CONCURRENCIES
+            }
             if gateway.process.poll() is not None:
                 raise RuntimeError(f"the {gateway.name} stopped during the run:\n{gateway.log_tail()}")
             gateway.stop()
@@ -311,18 +340,24 @@ class AuthBench:
         wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
         return gateway, port
 
-    def _measure(self, url: str, level: int, ours: list[int]) -> dict[str, Any]:
-        """The same body, warm-up and duration for both providers, as in the non-streaming measures."""
-        options = ["--duration", str(self.seconds), "--concurrency", str(level)]
-        options += ["--warmup", str(max(100, level * 20))]
-        with other_cpu_use(ours) as disturbance:
-            summary = loadgen(url, chat_body(), *options, token=TOKEN, limit=self.seconds + 90)
-        return summary | disturbance
+
+def warmup_requests(level: int) -> int:
+    return max(100, level * 20)
 
 
-def best_of(runs: list[dict[str, Any]], provider: str, level: str) -> dict[str, Any]:
+def measure_chat(url: str, level: int, seconds: float, ours: list[int]) -> dict[str, Any]:
+    """The same body, warm-up and duration for every gateway compared, as in the non-streaming measures;
+    with the share of CPUs 0-1 that processes other than `ours` took meanwhile."""
+    options = ["--duration", str(seconds), "--concurrency", str(level)]
+    options += ["--warmup", str(warmup_requests(level))]
+    with other_cpu_use(ours) as disturbance:
+        summary = loadgen(url, chat_body(), *options, token=TOKEN, limit=seconds + 90)
+    return summary | disturbance
+
+
+def best_of(runs: list[dict[str, Any]], side: str, level: str, key: str = "provider") -> dict[str, Any]:
     """The run with the most requests/s, since noise (other processes, CPU frequency) only slows a run."""
-    measured = [run["by_concurrency"][level] for run in runs if run["provider"] == provider]
+    measured = [run["by_concurrency"][level] for run in runs if run[key] == side]
     best = dict(max(measured, key=lambda summary: float(summary["rps"])))
     rps = [summary["rps"] for summary in measured]
     return best | {"rps_runs": rps, "rps_median": statistics.median(rps)}
@@ -357,6 +392,112 @@ def summarize_auth(runs: list[dict[str, Any]], seconds: float, rounds: int) -> d
     }
 
 
+class ObservabilityBench:
+    """Request records and metrics as deployed against records off: one gateway at a time on the gateway's
+    CPU, alternating, as AuthBench does. Both write to the same SQLite database in the run's directory."""
+
+    def __init__(
+        self, workdir: Path, backend: Service, backend_port: int, seconds: float, rounds: int
+    ) -> None:
+        self.workdir = workdir
+        self.backend_pid = backend.process.pid
+        self.backend_port = backend_port
+        self.seconds = seconds
+        self.rounds = rounds
+        self.database = workdir / OBSERVABILITY_DATABASE
+
+    def compare(self) -> dict[str, Any]:
+        runs = []
+        for round_number in range(1, self.rounds + 1):
+            for mode in OBSERVABILITY_MODES:
+                runs.append({"mode": mode, "round": round_number, **self._run(mode, round_number)})
+                print(f"observability ({mode}), round {round_number}: done", file=sys.stderr)
+        return summarize_observability(runs, self.seconds, self.rounds)
+
+    def _run(self, mode: str, round_number: int) -> dict[str, Any]:
+        """Start a fresh gateway for one run, measure each concurrency, stop it (which flushes its database
+        sink), then count the records it left on stdout and in the database."""
+        settings: dict[str, Any] = {"database_url": f"sqlite:///{self.database}"}
+        if mode == "records_off":
+            settings["request_log"] = RECORDS_OFF
+        stdout = self.workdir / f"gateway-{mode}-{round_number}.stdout"
+        stored_before = stored_records(self.database)
+        with ExitStack() as services:
+            port = free_port()
+            config = write_gateway_config(
+                self.workdir, port, self.backend_port, name=f"gateway-{mode}.yaml", settings=settings
+            )
+            args = ["-m", "proxy", "--config", str(config)]
+            gateway = start_service(f"gateway-{mode}", GATEWAY_CPU, args, self.workdir, stdout=stdout)
+            services.callback(gateway.stop)
+            wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
+            url = f"http://127.0.0.1:{port}{GATEWAY_PATH}"
+            warm(url, AUTH_WARM_REQUESTS)
+            ours = [self.backend_pid, gateway.process.pid]
+            measured = {
+                str(level): measure_chat(url, level, self.seconds, ours)
+                for level in OBSERVABILITY_CONCURRENCIES
+            }
+            if gateway.process.poll() is not None:
+                raise RuntimeError(f"the {gateway.name} stopped during the run:\n{gateway.log_tail()}")
+            gateway.stop()
+        sent = AUTH_WARM_REQUESTS + sum(
+            warmup_requests(int(level)) + summary["requests"] for level, summary in measured.items()
+        )
+        records = {
+            "requests_sent": sent,
+            "stdout_lines": count_lines(stdout),
+            "stored": stored_records(self.database) - stored_before,
+        }
+        return {"by_concurrency": measured, "records": records}
+
+
+def stored_records(database: Path) -> int:
+    """Rows in the gateway's table of request records, 0 before the first gateway has created it."""
+    if not database.exists():
+        return 0
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        try:
+            return int(connection.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as lines:
+        return sum(1 for _ in lines)
+
+
+def summarize_observability(runs: list[dict[str, Any]], seconds: float, rounds: int) -> dict[str, Any]:
+    """Compare the best (and the median) run of each mode per concurrency; every run stays in the figures."""
+    by_concurrency = {}
+    for level in map(str, OBSERVABILITY_CONCURRENCIES):
+        on, off = (best_of(runs, mode, level, key="mode") for mode in OBSERVABILITY_MODES)
+        by_concurrency[level] = {
+            "deployed": on,
+            "records_off": off,
+            "rps_ratio": round(on["rps"] / off["rps"], 3) if off["rps"] else None,
+            "median_rps_ratio": (
+                round(on["rps_median"] / off["rps_median"], 3) if off["rps_median"] else None
+            ),
+            "added_p50_ms": difference(on["p50_ms"], off["p50_ms"]),
+            "added_p99_ms": difference(on["p99_ms"], off["p99_ms"]),
+        }
+    return {
+        "comparison": f"best of {rounds} alternating runs",
+        "seconds_per_measure": seconds,
+        "rounds": rounds,
+        "modes": {
+            "deployed": "defaults: request records on stdout (to a file) and in SQLite, metrics on",
+            "records_off": f"request_log: {RECORDS_OFF}, metrics still on (they cannot be switched off)",
+        },
+        "order": [f"{run['mode']} {run['round']}" for run in runs],
+        "warm_requests": AUTH_WARM_REQUESTS,
+        "by_concurrency": by_concurrency,
+        "runs": runs,
+    }
+
+
 def machine() -> dict[str, Any]:
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False)
     cpu = "unknown"
@@ -378,18 +519,24 @@ def machine() -> dict[str, Any]:
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each target with its figure; a target without a gateway figure stays unjudged (None)."""
-    plain = results["non_streaming"]
-    streams = results["streaming"]["paced"]
+    plain = results.get("non_streaming") or {}
+    streams = (results.get("streaming") or {}).get("paced") or {}
     slow = results.get("slow_streams") or {}
     auth = results.get("auth") or {}
     auth_c64 = auth.get("by_concurrency", {}).get("64", {})
+    records_c64 = (results.get("observability") or {}).get("by_concurrency", {}).get("64", {})
     checks: dict[str, tuple[float | None, str, Callable[[float], bool]]] = {
-        C1_ADDED_P50: (plain["1"].get("added_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
-        C64_RPS_RATIO: (plain["64"].get("rps_ratio"), "≥ 30% of direct", lambda v: v >= 0.3),
+        C1_ADDED_P50: (plain.get("1", {}).get("added_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
+        C64_RPS_RATIO: (plain.get("64", {}).get("rps_ratio"), "≥ 30% of direct", lambda v: v >= 0.3),
         TTFC_ADDED_P50: (streams.get("added_ttfc_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
         SLOW_STREAMS_RSS: (slow.get("peak_rss_mb"), "< 200 MB", lambda v: v < 200),
         GLOBUS_C64_RPS_RATIO: (auth_c64.get("rps_ratio"), "≥ 95% of static", lambda v: v >= 0.95),
         GLOBUS_INTROSPECTIONS: (auth.get("introspections_per_gateway"), "1 (warm cache)", lambda v: v == 1),
+        RECORDS_C64_RPS_RATIO: (
+            records_c64.get("rps_ratio"),
+            "records and metrics cost at most 10% of throughput",
+            lambda v: v >= 0.9,
+        ),
         **compute_checks(results.get("compute") or {}),
     }
     return {
@@ -416,7 +563,7 @@ def markdown(results: dict[str, Any]) -> str:
     ) -> None:
         lines.append(table_row(measure, direct, gateway, difference, unit, check))
 
-    for level, pair in results["non_streaming"].items():
+    for level, pair in results.get("non_streaming", {}).items():
         direct, gateway = pair["direct"], pair.get("gateway", {})
         ratio = pair.get("rps_ratio")
         share = show(ratio * 100, "% of direct") if ratio is not None else "—"
@@ -437,7 +584,7 @@ def markdown(results: dict[str, Any]) -> str:
                 " ms",
                 judged.get(f"c{level}_added_{rank}_ms"),
             )
-    for kind, pair in results["streaming"].items():
+    for kind, pair in results.get("streaming", {}).items():
         direct, gateway = pair["direct"], pair.get("gateway", {})
         for rank in ("p50", "p99"):
             add(
@@ -467,6 +614,10 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             judged[GLOBUS_INTROSPECTIONS],
         )
+    observability = results.get("observability")
+    if observability:
+        for level, pair in observability["by_concurrency"].items():
+            lines.extend(observability_rows(level, pair, observability, judged))
     compute = results.get("compute")
     if compute:
         lines.extend(compute_rows(compute, judged))
@@ -501,13 +652,110 @@ def auth_rows(level: str, pair: dict[str, Any], comparison: str, judged: dict[st
     return rows
 
 
+def observability_rows(
+    level: str, pair: dict[str, Any], observability: dict[str, Any], judged: dict[str, Any]
+) -> list[str]:
+    """Records off and as deployed one under the other in the Gateway column, best run and median."""
+    off, on = pair["records_off"], pair["deployed"]
+    prefix = f"records c={level}, {observability['comparison']}"
+    ratio, median_ratio = pair.get("rps_ratio"), pair.get("median_rps_ratio")
+    share = "—"
+    if ratio is not None and median_ratio is not None:
+        share = f"{show(ratio * 100, '%')} of records off (median {show(median_ratio * 100, '%')})"
+
+    def rps(summary: dict[str, Any]) -> str:
+        return f"{show(summary['rps'])} (median {show(summary['rps_median'])})"
+
+    off_label, on_label = (OBSERVABILITY_LABELS[mode] for mode in ("records_off", "deployed"))
+    rows = [
+        table_row(f"{prefix}: {off_label} requests/s", None, rps(off), "—", ""),
+        table_row(
+            f"{prefix}: {on_label} requests/s",
+            None,
+            rps(on),
+            share,
+            "",
+            judged.get(f"records_c{level}_rps_ratio"),
+        ),
+    ]
+    for rank in ("p50", "p99"):
+        added = show(pair.get(f"added_{rank}_ms"), " ms vs records off")
+        rows.append(table_row(f"{prefix}: records off {rank}", None, off[f"{rank}_ms"], "—", " ms"))
+        rows.append(table_row(f"{prefix}: as deployed {rank}", None, on[f"{rank}_ms"], added, " ms"))
+    shares = f"{on['other_cpu_share']:.0%} / {off['other_cpu_share']:.0%}"
+    rows.append(
+        table_row(
+            f"{prefix}: CPUs 0-1 taken by other processes, as deployed / records off", None, shares, "—", ""
+        )
+    )
+    if level == str(OBSERVABILITY_CONCURRENCIES[-1]):
+        written = [
+            f"{run['records']['stdout_lines']:,} / {run['records']['stored']:,} of "
+            f"{run['records']['requests_sent']:,}"
+            for run in observability["runs"]
+            if run["mode"] == "deployed"
+        ]
+        rows.append(
+            table_row(
+                "records: as deployed, lines on stdout / rows in SQLite of requests sent, per gateway run",
+                None,
+                "; ".join(written),
+                "—",
+                "",
+            )
+        )
+    return rows
+
+
 def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
-    """Start the servers (stopped by `services`), measure, and gather every figure."""
-    backend_port = free_port()
-    backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
-    backend = start_service("backend", LOADGEN_CPU, backend_args, workdir)
-    services.callback(backend.stop)
-    wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")
+    """Start the servers (stopped by `services`), measure the sections asked for, and gather every figure."""
+    sections, gateways = args.sections, not args.direct_only
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "sections": list(sections),
+            "seconds_per_measure": args.seconds,
+            "cpus": {"backend": LOADGEN_CPU, "loadgen": LOADGEN_CPU, "gateway": GATEWAY_CPU},
+            "body": json.loads(chat_body()),
+            "slow_streams": args.streams,
+            "auth_seconds_per_measure": args.auth_seconds,
+            "auth_rounds": args.auth_rounds,
+            "observability_seconds_per_measure": args.observability_seconds,
+            "observability_rounds": args.observability_rounds,
+            "compute_seconds_per_measure": args.seconds,
+        },
+    }
+    if {"overhead", "auth", "observability"} & set(sections):
+        backend_port = free_port()
+        backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+        backend = start_service("backend", LOADGEN_CPU, backend_args, workdir)
+        services.callback(backend.stop)
+        wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")
+        if "overhead" in sections:
+            results |= overhead(workdir, services, backend, backend_port, args)
+        # Each later gateway has CPU 1 to itself, as the overhead section's had.
+        if gateways and "auth" in sections:
+            auth = AuthBench(workdir, backend, backend_port, args.auth_seconds, args.auth_rounds)
+            results["auth"] = auth.compare()
+            check_running(backend)
+        if gateways and "observability" in sections:
+            observability = ObservabilityBench(
+                workdir, backend, backend_port, args.observability_seconds, args.observability_rounds
+            )
+            results["observability"] = observability.compare()
+            check_running(backend)
+    # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
+    if "compute" in sections:
+        results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateways).run()
+    results["targets"] = targets(results)
+    return results
+
+
+def overhead(
+    workdir: Path, services: ExitStack, backend: Service, backend_port: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """The backend directly against through one gateway, which is stopped at the end to free CPU 1."""
     gateway: Service | None = None
     gateway_port: int | None = None
     if not args.direct_only:
@@ -517,43 +765,25 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{gateway_port}/resource_server/health")
     bench = Bench(backend_port, gateway_port, args.seconds)
-    results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "settings": {
-            "seconds_per_measure": args.seconds,
-            "cpus": {"backend": LOADGEN_CPU, "loadgen": LOADGEN_CPU, "gateway": GATEWAY_CPU},
-            "body": json.loads(chat_body()),
-            "slow_streams": args.streams,
-            "auth_seconds_per_measure": args.auth_seconds,
-            "auth_rounds": args.auth_rounds,
-            "compute_seconds_per_measure": args.seconds,
-        },
-        "non_streaming": bench.non_streaming(),
-        "streaming": bench.streaming(),
-    }
+    results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
     if gateway is not None:
         results["slow_streams"] = bench.slow_streams(gateway.process.pid, args.streams)
         for service in (backend, gateway):
-            if service.process.poll() is not None:
-                raise RuntimeError(f"the {service.name} stopped during the run:\n{service.log_tail()}")
-        # The auth gateways must have CPU 1 to themselves, as this one had.
+            check_running(service)
         gateway.stop()
-        auth = AuthBench(workdir, backend, backend_port, args.auth_seconds, args.auth_rounds)
-        results["auth"] = auth.compare()
-        if backend.process.poll() is not None:
-            raise RuntimeError(f"the backend stopped during the run:\n{backend.log_tail()}")
-    # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
-    results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateway is not None).run()
-    results["targets"] = targets(results)
     return results
+
+
+def check_running(service: Service) -> None:
+    if service.process.poll() is not None:
+        raise RuntimeError(f"the {service.name} stopped during the run:\n{service.log_tail()}")
 
 
 def failed_runs(results: dict[str, Any]) -> list[str]:
     """Measurements with errors, since their figures would be misleading if read alone."""
     found = []
     for kind in ("non_streaming", "streaming"):
-        for level, pair in results[kind].items():
+        for level, pair in results.get(kind, {}).items():
             for side in ("direct", "gateway"):
                 if pair.get(side, {}).get("errors"):
                     found.append(f"{kind} c={level} {side}: {pair[side]['status_counts']}")
@@ -564,17 +794,41 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         for level, summary in run["by_concurrency"].items():
             if summary.get("errors"):
                 found.append(f"auth {run['provider']} {run['round']} c={level}: {summary['status_counts']}")
+    for run in (results.get("observability") or {}).get("runs", []):
+        for level, summary in run["by_concurrency"].items():
+            if summary.get("errors"):
+                found.append(
+                    f"observability {run['mode']} {run['round']} c={level}: {summary['status_counts']}"
+                )
     return found + compute_failures(results.get("compute") or {})
 
 
-def disturbed_runs(results: dict[str, Any]) -> list[str]:
-    """Auth and compute measures that other processes disturbed enough to blur a 5% difference."""
+def missing_records(results: dict[str, Any]) -> list[str]:
+    """Gateway runs as deployed that did not record every request (the database sink drops records when
+    its buffer is full), or runs with records off that recorded some: either would make the comparison
+    measure something else."""
     found = []
-    for run in (results.get("auth") or {}).get("runs", []):
-        for level, summary in run["by_concurrency"].items():
-            share = summary["other_cpu_share"]
-            if share > OTHER_CPU_WARNING:
-                found.append(f"auth {run['provider']} {run['round']} c={level}: {share:.0%}")
+    for run in (results.get("observability") or {}).get("runs", []):
+        records = run["records"]
+        expected = records["requests_sent"] if run["mode"] == "deployed" else 0
+        if records["stdout_lines"] != expected or records["stored"] != expected:
+            found.append(
+                f"observability {run['mode']} {run['round']}: {records['requests_sent']:,} requests sent, "
+                f"{records['stdout_lines']:,} lines on stdout, {records['stored']:,} rows stored"
+            )
+    return found
+
+
+def disturbed_runs(results: dict[str, Any]) -> list[str]:
+    """Auth, observability and compute measures that other processes disturbed enough to blur a 5%
+    difference."""
+    found = []
+    for section, key in (("auth", "provider"), ("observability", "mode")):
+        for run in (results.get(section) or {}).get("runs", []):
+            for level, summary in run["by_concurrency"].items():
+                share = summary["other_cpu_share"]
+                if share > OTHER_CPU_WARNING:
+                    found.append(f"{section} {run[key]} {run['round']} c={level}: {share:.0%}")
     return found + compute_disturbances(results.get("compute") or {}, OTHER_CPU_WARNING)
 
 
@@ -599,13 +853,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--auth-rounds", type=int, default=AUTH_ROUNDS, help="static/globus pairs of gateway runs"
     )
-    parser.add_argument("--direct-only", action="store_true", help="measure the backend alone")
+    parser.add_argument(
+        "--observability-seconds",
+        type=float,
+        default=OBSERVABILITY_SECONDS,
+        help="length of each records on/off measure",
+    )
+    parser.add_argument(
+        "--observability-rounds",
+        type=int,
+        default=OBSERVABILITY_ROUNDS,
+        help="records on/off pairs of gateway runs",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--skip-compute", action="store_true", help="leave out the (slow) compute section")
+    parser.add_argument(
+        "--direct-only", action="store_true", help="measure the backend alone (no auth or observability)"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
+    chosen = set(args.only or SECTIONS) - ({"compute"} if args.skip_compute else set())
+    args.sections = [section for section in SECTIONS if section in chosen]
+    if not args.sections:
+        parser.error("no section left to run")
     if not 0 < args.seconds <= 60 or not 0 < args.streams <= 5000:
         parser.error("--seconds must be in (0, 60] and --streams in (0, 5000]")
     if not 0 < args.auth_seconds <= 60 or not 1 <= args.auth_rounds <= 5:
         parser.error("--auth-seconds must be in (0, 60] and --auth-rounds in [1, 5]")
+    if not 0 < args.observability_seconds <= 60 or not 1 <= args.observability_rounds <= 5:
+        parser.error("--observability-seconds must be in (0, 60] and --observability-rounds in [1, 5]")
     return args
 
 
@@ -625,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results))
     for problem in failed_runs(results):
         print(f"\nwarning: errors in {problem}")
+    for problem in missing_records(results):
+        print(f"\nwarning: request records do not match the requests in {problem}")
     disturbed = disturbed_runs(results)
     if disturbed:
         print(f"\nwarning: other processes took this share of CPUs 0-1 during {'; '.join(disturbed)}")
