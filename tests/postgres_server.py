@@ -28,13 +28,14 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import asyncpg
 import pytest
+
+from tests.processes import became_ready, exited
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -159,9 +160,9 @@ class PostgresServer:
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGINT)
-        if not await self._exited(process, STOP_TIMEOUT):
+        if not await exited(process, STOP_TIMEOUT):
             process.kill()
-            await self._exited(process, STOP_TIMEOUT)
+            await exited(process, STOP_TIMEOUT)
 
     async def restart(self) -> None:
         """PostgreSQL goes away and comes back on the same port, with its data."""
@@ -251,25 +252,11 @@ class PostgresServer:
                 **_run_as(),
             )
         self._process, self.port = process, port
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            if await _accepts_queries(port):
-                return
-            await asyncio.sleep(0.02)
+        if await became_ready(process, lambda: _accepts_queries(port), READY_TIMEOUT):
+            return
         await self.stop()
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"postgres on port {port} did not accept queries; its log:\n{tail}")
-
-    @staticmethod
-    async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while process.poll() is None:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
 
 
 async def start_postgres(tmp_dir: Path) -> PostgresServer:

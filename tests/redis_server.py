@@ -18,11 +18,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
 import pytest
+
+from tests.processes import became_ready, exited
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -104,9 +105,9 @@ class RedisServer:
         if process is None or process.poll() is not None:
             return
         process.send_signal(signal.SIGTERM)
-        if not await self._exited(process, STOP_TIMEOUT):
+        if not await exited(process, STOP_TIMEOUT):
             process.kill()
-            await self._exited(process, STOP_TIMEOUT)
+            await exited(process, STOP_TIMEOUT)
 
     async def restart(self) -> None:
         """Redis goes away and comes back on the same port, empty."""
@@ -132,25 +133,11 @@ class RedisServer:
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         self._process, self.port = process, port
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            if await _answers_ping(port):
-                return
-            await asyncio.sleep(0.02)
+        if await became_ready(process, lambda: _answers_ping(port), READY_TIMEOUT):
+            return
         await self.stop()
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"redis-server on port {port} did not answer PING; its log:\n{tail}")
-
-    @staticmethod
-    async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while process.poll() is None:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
 
 
 async def start_redis(tmp_dir: Path) -> RedisServer:
