@@ -65,6 +65,7 @@ class RequestLog:
         self.store_prompts = store_prompts
         self.sink: RecordSink | None = None
         self._trusted = [ipaddress.ip_network(network, strict=False) for network in trusted_proxies]
+        self._trusted_hops: dict[str, bool] = {}
         self._metrics = metrics
         self._dropped = 0
 
@@ -89,11 +90,18 @@ class RequestLog:
         return hops[-1][:64] if hops else None
 
     def _is_trusted(self, hop: str) -> bool:
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
-            return False
-        return any(address in network for network in self._trusted)
+        """Cached: nearly every request comes from the same few proxies."""
+        trusted = self._trusted_hops.get(hop)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                trusted = False
+            else:
+                trusted = any(address in network for network in self._trusted)
+            if len(self._trusted_hops) < 4096:
+                self._trusted_hops[hop] = trusted
+        return trusted
 
     def _record(self, request: web.Request, info: RequestInfo, status: int) -> RequestRecord:
         user = request.get(USER)

@@ -41,6 +41,10 @@ LOG_EVERY: Final = 1000  # repeated failures are logged the first time and then 
 FIRST_RETRY_SECONDS: Final = 0.05
 
 
+_LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+"""Built once: json.dumps with options builds a new encoder on every call."""
+
+
 @dataclass
 class RequestRecord:
     request_id: str  # with started_at, the database key (a client may reuse its X-Request-ID)
@@ -71,7 +75,7 @@ class RequestRecord:
         """Compact JSON ending in one newline. json escapes every control character, so the only newline is
         the last byte; text stays readable UTF-8, and a lone surrogate (undecodable client input) becomes
         the JSON escape ``\\udcXX`` instead of an encoding error."""
-        text = json.dumps(vars(self), ensure_ascii=False, separators=(",", ":"))
+        text = _LINE_ENCODER.encode(vars(self))
         return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
