@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.processes import became_ready, exited
+from tests.processes import became_ready, stop
 
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -157,12 +157,7 @@ class PostgresServer:
     async def stop(self) -> None:
         """Fast shutdown (SIGINT): sessions are cut, committed data is kept, the port refuses connections."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        if not await exited(process, STOP_TIMEOUT):
-            process.kill()
-            await exited(process, STOP_TIMEOUT)
+        await stop(process, signal.SIGINT, STOP_TIMEOUT)
 
     async def restart(self) -> None:
         """PostgreSQL goes away and comes back on the same port, with its data."""

@@ -23,7 +23,7 @@ from types import TracebackType
 
 import pytest
 
-from tests.processes import became_ready, exited
+from tests.processes import became_ready, stop
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -102,12 +102,7 @@ class RedisServer:
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL if it lingers: Redis is gone and its port refuses connections."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        if not await exited(process, STOP_TIMEOUT):
-            process.kill()
-            await exited(process, STOP_TIMEOUT)
+        await stop(process, signal.SIGTERM, STOP_TIMEOUT)
 
     async def restart(self) -> None:
         """Redis goes away and comes back on the same port, empty."""

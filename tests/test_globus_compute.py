@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from tests.conftest import (
 )
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
+from tests.processes import wait_until_serving
 from tests.support import value
 from tests.test_routes import assert_openai_error, call
 
@@ -280,7 +280,8 @@ async def test_redis_relay_across_two_gateway_processes(
     holder_config.write_text(yaml.safe_dump(document))
     runner, holder = await start_gateway(holder_config)
     try:
-        await wait_until_serving(receiver_port)
+        async with aiohttp.ClientSession() as http:
+            await wait_until_serving(http, f"http://127.0.0.1:{receiver_port}/resource_server/health")
         async with client(holder) as api:
             stream = await api.chat.completions.create(
                 model=CHAT_MODEL, messages=[{"role": "user", "content": "[[chunks=10]]"}], stream=True
@@ -291,20 +292,6 @@ async def test_redis_relay_across_two_gateway_processes(
         await runner.cleanup()
         process.terminate()
         await process.wait()
-
-
-async def wait_until_serving(port: int) -> None:
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(f"http://127.0.0.1:{port}/resource_server/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("the second gateway did not start")
 
 
 async def test_compute_telemetry(gateway: Server, http: aiohttp.ClientSession) -> None:

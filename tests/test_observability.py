@@ -17,6 +17,7 @@ import yaml
 from bench.backend import REQUESTS
 from proxy.database import Database
 from proxy.usage_store import UsageStore
+from tests.processes import wait_until_serving
 from tests.support import (
     CHAT_MODEL,
     TOKENS,
@@ -141,18 +142,6 @@ async def test_metrics_on_their_own_port(
         await runner.cleanup()
 
 
-async def wait_until_serving(http: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(200):
-        try:
-            async with http.get(url) as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} did not come up")
-
-
 async def test_two_worker_processes_are_summed(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
@@ -180,7 +169,7 @@ async def test_two_worker_processes_are_summed(
         urls.append(f"http://127.0.0.1:{port}")
     try:
         for url in urls:
-            await wait_until_serving(http, f"{url}/resource_server/health")
+            await wait_until_serving(http, f"{url}/resource_server/health", timeout=10)
         for url, count in zip(urls, (3, 5), strict=True):
             for _ in range(count):
                 async with http.post(
