@@ -91,8 +91,6 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitTaskResponse(
                 error_code=_status(response.status), error_message=_upstream_message(text)
             )
-        if not _is_json(text):
-            return SubmitTaskResponse(error_code=502, error_message="The backend answered with invalid JSON.")
         return SubmitTaskResponse(result=text)
 
     async def submit_streaming_task(
@@ -240,11 +238,3 @@ def _upstream_message(text: str) -> str:
             if isinstance(document.get(key), str):
                 return str(document[key])
     return text.strip()[:500]
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True

@@ -7,6 +7,7 @@ submission (until the adaptor answers or its stream starts), first byte and tota
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from proxy.metrics import METRICS, Metrics
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
 from proxy.streaming import relay
-from proxy.usage import UsageScanner, ask_for_usage, usage_of_answer
+from proxy.usage import Usage, UsageScanner, ask_for_usage
 
 LIMITER = web.AppKey("limiter", Limiter)
 
@@ -63,8 +64,12 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     try:
         task = await endpoint.submit_task(data)
         info.task_id = task.task_id
-        outcome = _outcome(task.error_code)
-        return _answer(task, info, request.app[REQUEST_LOG])
+        response = _answer(task, info, request.app[REQUEST_LOG])
+        outcome = "ok"
+        return response
+    except ApiError as exc:
+        outcome = _outcome(exc.status)
+        raise
     finally:
         _measured(metrics, info, started, outcome, first_byte=None)
 
@@ -107,9 +112,14 @@ def _describe(request: web.Request, endpoint: BaseEndpoint, stream: bool) -> tup
 
 
 def _answer(task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog) -> web.Response:
+    """Every adaptor's result is checked here, once: it must be JSON, and its usage is read from it."""
     if task.error_code is not None or task.result is None:
         adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
-    info.usage = usage_of_answer(task.result)
+    try:
+        document = json.loads(task.result)
+    except ValueError:
+        raise ApiError(502, "The backend answered with invalid JSON.", code="backend_error") from None
+    info.usage = Usage.of(document)
     if request_log.store_prompts:
         info.result = task.result
     return web.Response(body=task.result.encode(), content_type="application/json")

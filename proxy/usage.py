@@ -30,13 +30,6 @@ class Usage:
         return cls(**counts) if counts else None
 
 
-def usage_of_answer(text: str) -> Usage | None:
-    try:
-        return Usage.of(json.loads(text))
-    except ValueError:
-        return None
-
-
 def ask_for_usage(model_params: dict[str, Any]) -> bool:
     """Adds `include_usage` to a stream request; True when the client had not asked for it."""
     options = model_params.get("stream_options")
