@@ -25,6 +25,7 @@ from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
 from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
+from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
@@ -71,6 +72,7 @@ def create_app(
     app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
+    app[RELOADER] = Reloader(registry, app[JOBS], settings.endpoints_file, settings.clusters_file)
     app[BASE_PATH] = settings.server.base_path
     app[STARTED_AT] = int(time.time())
     add_routes(app, settings.server.base_path)
@@ -134,10 +136,12 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
 def _serve_separately(
     app: web.Application, host: str, port: int
 ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """Every worker binds the port (reuse_port); whichever answers a scrape reports all of them."""
+
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, reuse_port=True).start()
         try:
             yield
         finally:
@@ -163,14 +167,16 @@ def build_relay(settings: GatewaySettings) -> Relay:
 
 def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        adaptors = list(app[REGISTRY].adaptors())
+        registry, reloader = app[REGISTRY], app[RELOADER]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
-            telemetry = AdaptorTelemetry(app[METRICS], _labels_of(app[REGISTRY]))
+            telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
             context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry)
-            await asyncio.gather(*(adaptor.startup(context) for adaptor in adaptors))
+            await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
+            reloader.context = context
             try:
                 yield
             finally:
-                await asyncio.gather(*(adaptor.shutdown() for adaptor in adaptors), return_exceptions=True)
+                await reloader.close()
+                await shut_down(registry)
 
     return lifecycle

@@ -31,15 +31,30 @@ LIMITER = web.AppKey("limiter", Limiter)
 @contextlib.asynccontextmanager
 async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
     """The rate limits around one request: admitted before the adaptor, released at the end of the
-    response (the last chunk of a stream), with the tokens it used counted against its windows."""
+    response (the last chunk of a stream), with the tokens it used counted against its windows.
+    The request also holds the adaptors' generation, so that a reload cannot shut it down now."""
+    registry = request.app[REGISTRY]
+    if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
+        raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
+    generation = registry.leases
+    generation.take()
+    try:
+        async with _rate_limited(request, endpoint.endpoint_slug):
+            yield
+    finally:
+        generation.release()
+
+
+@contextlib.asynccontextmanager
+async def _rate_limited(request: web.Request, slug: str) -> AsyncIterator[None]:
     limiter, user = request.app[LIMITER], request[USER]
-    limits = request.app[REGISTRY].token_limits.get(endpoint.endpoint_slug, TokenLimits(None, None))
+    limits = request.app[REGISTRY].token_limits.get(slug, TokenLimits(None, None))
     try:
         lease = await limiter.admit(user.id)
     except Limited as exc:
         raise _too_many(exc) from None
     try:
-        await limiter.check_tokens(endpoint.endpoint_slug, user.id, limits.model, limits.user)
+        await limiter.check_tokens(slug, user.id, limits.model, limits.user)
     except Limited as exc:
         await lease.release()
         raise _too_many(exc) from None
@@ -49,7 +64,7 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
         await lease.release()
         usage = request[INFO].usage
         if usage is not None and usage.total_tokens:
-            await limiter.record_tokens(endpoint.endpoint_slug, user.id, usage.total_tokens)
+            await limiter.record_tokens(slug, user.id, usage.total_tokens)
 
 
 def _too_many(exc: Limited) -> ApiError:

@@ -27,6 +27,10 @@ class JobsCache:
         """cluster name → (expires at, report)"""
         self._pending: dict[str, asyncio.Task[GetJobsResponse]] = {}
 
+    def clear(self) -> None:
+        """After a reload: a cluster of the same name may now be a different one."""
+        self._reports.clear()
+
     async def get(self, cluster: BaseCluster) -> GetJobsResponse:
         name = cluster.cluster_name
         cached = self._reports.get(name)

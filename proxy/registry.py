@@ -7,6 +7,7 @@ start-up, not silently open an endpoint to everyone.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,16 +69,47 @@ class TokenLimits:
     user: int | None
 
 
-@dataclass(frozen=True)
+class Leases:
+    """Requests still using one generation of adaptors: a reload shuts the old generation down
+    only once the last of them has ended, so nothing in flight loses its backend connection."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def take(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
+@dataclass
 class Registry:
     clusters: dict[str, BaseCluster]
     endpoints: dict[str, BaseEndpoint]
     token_limits: dict[str, TokenLimits] = field(default_factory=dict)
     """endpoint slug → the entry's `tpm_model` / `tpm_user` (tokens per minute; None or 0: no limit)"""
+    leases: Leases = field(default_factory=Leases)
 
     def adaptors(self) -> Iterator[BaseEndpoint | BaseCluster]:
         yield from self.clusters.values()
         yield from self.endpoints.values()
+
+    def replace(self, new: Registry) -> Registry:
+        """Serve `new` from now on, in place (every holder of this object sees it at once); returns
+        the previous generation, for retiring."""
+        old = Registry(self.clusters, self.endpoints, self.token_limits, self.leases)
+        self.clusters, self.endpoints = new.clusters, new.endpoints
+        self.token_limits, self.leases = new.token_limits, new.leases
+        return old
 
 
 @dataclass(frozen=True)

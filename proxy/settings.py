@@ -74,11 +74,15 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(default=16, ge=1, le=512)
+    workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port")
+    pid_file: Path | None = Field(default=None, description="for `inference-gateway reload`")
 
 
 class TimeoutSettings(_Strict):
     keepalive_seconds: float = Field(default=75.0, gt=0)
-    shutdown_seconds: float = Field(default=30.0, ge=0)
+    shutdown_seconds: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long in-flight requests and streams may still run"
+    )
     jobs_cache_seconds: float = Field(default=60.0, ge=0)
 
 
@@ -219,6 +223,8 @@ class GatewaySettings(_Strict):
             "database_url": _sqlite_relative_to(self.database_url, base),
             "maintenance_file": base / self.maintenance_file,
         }
+        if self.server.pid_file is not None:
+            update["server"] = self.server.model_copy(update={"pid_file": base / self.server.pid_file})
         if self.auth.static is not None:
             static = self.auth.static.model_copy(update={"tokens_file": base / self.auth.static.tokens_file})
             update["auth"] = self.auth.model_copy(update={"static": static})

@@ -1,0 +1,223 @@
+"""The gateway as operators run it: `inference-gateway` processes, several workers on one port,
+SIGTERM draining in-flight streams, SIGHUP (or `inference-gateway reload`) re-reading endpoints
+and clusters without dropping anything, and refusing a broken file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.processes import exited, stop, wait_until_serving
+from tests.support import (
+    CHAT_MODEL,
+    Server,
+    auth,
+    chat,
+    endpoint,
+    free_port,
+    value,
+    write_gateway_config,
+    write_yaml,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = "/resource_server/local/vllm/v1/chat/completions"
+
+
+class Gateway:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        found: list[int] = []
+        for task in tasks.iterdir():
+            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return found
+
+
+@asynccontextmanager
+async def gateway_process(config: Path, http: aiohttp.ClientSession, *args: str) -> AsyncIterator[Gateway]:
+    port = yaml.safe_load(config.read_text())["server"]["port"]
+    log = config.parent / f"gateway-{time.monotonic_ns()}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        )
+    gateway = Gateway(process, f"http://127.0.0.1:{port}", log)
+    try:
+        await wait_until_serving(http, f"{gateway.url}/resource_server/health")
+        yield gateway
+    finally:
+        await stop(process, signal.SIGKILL if process.poll() is None else signal.SIGTERM, 10)
+        for child in _orphans(gateway):
+            os.kill(child, signal.SIGKILL)
+
+
+def _orphans(gateway: Gateway) -> list[int]:
+    try:
+        return gateway.children()
+    except OSError:
+        return []
+
+
+def configured(tmp_path: Path, backend: Server, **server: object) -> Path:
+    return write_gateway_config(tmp_path, backend.url, port=free_port(), **server)
+
+
+async def complete(http: aiohttp.ClientSession, url: str, model: str = CHAT_MODEL) -> int:
+    async with http.post(f"{url}{CHAT}", json=chat(model=model), headers=auth()) as response:
+        await response.read()
+        return response.status
+
+
+async def open_stream(
+    http: aiohttp.ClientSession, url: str, chunks: int, delay: float
+) -> aiohttp.ClientResponse:
+    body = chat(f"[[chunks={chunks}]] [[chunk_delay={delay}]]", stream=True)
+    response = await http.post(f"{url}{CHAT}", json=body, headers=auth())
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"data: ")
+    return response
+
+
+async def test_two_workers_share_the_port_and_their_metrics(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+        assert len(gateway.children()) == 2
+        fresh = [aiohttp.ClientSession() for _ in range(40)]
+        try:
+            statuses = await asyncio.gather(*(complete(client, gateway.url) for client in fresh))
+        finally:
+            await asyncio.gather(*(client.close() for client in fresh))
+        assert statuses == [200] * 40
+        async with http.get(f"{gateway.url}/metrics") as response:
+            text = await response.text()
+        assert value(text, "gateway_requests_total", model=CHAT_MODEL, status_class="2xx") == 40
+
+
+async def test_a_dead_worker_is_replaced(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+        victim = gateway.children()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            children = gateway.children()
+            if len(children) == 2 and victim not in children:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the dead worker was not replaced")
+        await asyncio.sleep(1.5)
+        assert [await complete(http, gateway.url) for _ in range(10)] == [200] * 10
+        assert "starting a new one" in gateway.log_text()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_drains_in_flight_streams_then_exits_0(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
+) -> None:
+    async with gateway_process(configured(tmp_path, backend), http, "--workers", workers) as gateway:
+        response = await open_stream(http, gateway.url, chunks=8, delay=0.25)
+        gateway.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as fresh:
+                await complete(fresh, gateway.url)
+        rest = await response.read()
+        assert rest.rstrip().endswith(b"data: [DONE]"), "the stream ran to its end"
+        assert await exited(gateway.process, 10)
+        assert gateway.process.returncode == 0
+
+
+async def test_drain_timeout_bounds_the_wait(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    config = configured(tmp_path, backend)
+    document = yaml.safe_load(config.read_text())
+    document["timeouts"]["shutdown_seconds"] = 1
+    write_yaml(config, document)
+    async with gateway_process(config, http) as gateway:
+        response = await open_stream(http, gateway.url, chunks=100, delay=0.2)
+        started = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        assert await exited(gateway.process, 10)
+        assert gateway.process.returncode == 0
+        assert time.monotonic() - started < 6
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+
+
+def add_endpoint(config: Path, model: str, api_url: str) -> None:
+    endpoints = config.parent / "endpoints.yaml"
+    entries = yaml.safe_load(endpoints.read_text())
+    write_yaml(endpoints, [*entries, endpoint("local", model, api_url)])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_reload_serves_new_endpoints_without_dropping_a_stream(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
+) -> None:
+    config = configured(tmp_path, backend, pid_file="gateway.pid")
+    async with gateway_process(config, http, "--workers", workers) as gateway:
+        assert await complete(http, gateway.url, model="new/Model-1") == 404
+        response = await open_stream(http, gateway.url, chunks=10, delay=0.2)
+        add_endpoint(config, "new/Model-1", f"{backend.url}/v1")
+        reload = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "reload", "--config", str(config), cwd=ROOT
+        )
+        assert await reload.wait() == 0
+        await _until(lambda: gateway.log_text().count("reloaded:") == int(workers))
+        for _ in range(6):
+            assert await complete(http, gateway.url, model="new/Model-1") == 200
+        rest = await response.read()
+        assert rest.rstrip().endswith(b"data: [DONE]"), "the stream begun before the reload ended normally"
+        assert await complete(http, gateway.url) == 200
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_broken_reload_is_refused_and_the_old_configuration_stays(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
+) -> None:
+    config = configured(tmp_path, backend)
+    async with gateway_process(config, http, "--workers", workers) as gateway:
+        endpoints = config.parent / "endpoints.yaml"
+        entries = yaml.safe_load(endpoints.read_text())
+        entries[0]["endpoint_adapter"] = "adaptors.nowhere.Endpoint"
+        write_yaml(endpoints, entries)
+        gateway.process.send_signal(signal.SIGHUP)
+        await _until(lambda: "reload refused" in gateway.log_text())
+        log = gateway.log_text()
+        assert "endpoints.yaml, entry 1" in log and "endpoint_adapter" in log
+        assert await complete(http, gateway.url) == 200
+        assert gateway.process.poll() is None
+
+
+async def _until(condition: object, timeout: float = 15) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        await asyncio.sleep(0.05)
