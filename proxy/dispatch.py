@@ -105,7 +105,9 @@ async def run_stream(
             outcome = _outcome(opened.error_code or 502)
             adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
         ended = await relay(request, scanner.scan(opened.response), on_first_chunk=lambda: _first(info))
-        outcome = "ok" if ended.completed else "client_gone"
+        if ended.error is not None:
+            info.error = ended.error.message
+        outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"
         return ended.response
     except ApiError as exc:
         outcome = _outcome(exc.status)

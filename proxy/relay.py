@@ -14,21 +14,28 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from adaptors import StreamError
 from adaptors.relay import CallbackTarget
+from proxy.errors import ApiError
 from proxy.settings import StreamingSettings
+
+log = logging.getLogger(__name__)
 
 EventKind = Literal["data", "done", "error"]
 
@@ -68,6 +75,24 @@ def sse_lines(data: str) -> bytes:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class RelayUnavailable(ApiError):
+    """Redis, which holds the relay's streams, does not answer: new streams and callbacks are
+    refused with a 503 until it does, instead of failing as an internal error."""
+
+    def __init__(self) -> None:
+        message = "The stream relay is unavailable right now; please try again shortly."
+        super().__init__(503, message, code="relay_unavailable")
+
+
+@contextlib.contextmanager
+def _redis_answers() -> Iterator[None]:
+    """Around every call to Redis: its client's errors say nothing to a client or a function."""
+    try:
+        yield
+    except RedisError as exc:
+        raise RelayUnavailable() from exc
 
 
 class Relay(ABC):
@@ -126,7 +151,10 @@ class RelayedStream:
                 now = loop.time()
                 if now >= deadline:
                     raise StreamError(message, 504)
-                events = await self._relay._next(self.stream_id, min(keepalive, deadline - now))
+                try:
+                    events = await self._relay._next(self.stream_id, min(keepalive, deadline - now))
+                except RelayUnavailable as exc:
+                    raise StreamError(exc.message, exc.status) from exc
                 if not events:
                     yield b": waiting for the model\n\n" if first else b": keep-alive\n\n"
                 for event in events:
@@ -139,7 +167,10 @@ class RelayedStream:
                         raise StreamError(event.data.decode(errors="replace"), event.code)
                     return
         finally:
-            await self._relay._release(self.stream_id, finished)
+            try:
+                await self._relay._release(self.stream_id, finished)
+            except RelayUnavailable:
+                log.warning("relay stream %s not released: Redis does not answer", self.stream_id)
 
     def _deadline(self, started: float, last: float, first: bool) -> tuple[float, str]:
         """The nearest limit: the whole stream's, and the first chunk's or the silence's."""
@@ -243,7 +274,10 @@ class RedisRelay(Relay):
 
     def __init__(self, settings: StreamingSettings, url: str) -> None:
         super().__init__(settings)
-        self._redis = redis.asyncio.Redis.from_url(url, max_connections=settings.max_streams + 64)
+        # As for the limits: one immediate retry reconnects a pooled connection a Redis restart closed.
+        self._redis = redis.asyncio.Redis.from_url(
+            url, max_connections=settings.max_streams + 64, retry=Retry(NoBackoff(), 1)
+        )
         self._cursors: dict[str, str] = {}
 
     def _keys(self, stream_id: str) -> tuple[str, str]:
@@ -251,18 +285,19 @@ class RedisRelay(Relay):
 
     async def deliver(self, stream_id: str, token: str, event: Event) -> Delivery:
         state_key, events_key = self._keys(stream_id)
-        state: Any = await self._redis.hgetall(state_key)
-        if not state:
-            return Delivery.UNKNOWN
-        if not hmac.compare_digest(state[b"token"], _digest(token).encode()):
-            return Delivery.BAD_TOKEN
-        if state[b"state"] != b"open":
-            return Delivery.GONE
-        if event.kind == "data":
-            await self._append(events_key, event, count_post=True)
-        else:
-            await self._end(stream_id, event)
-        return Delivery.ACCEPTED
+        with _redis_answers():
+            state: Any = await self._redis.hgetall(state_key)
+            if not state:
+                return Delivery.UNKNOWN
+            if not hmac.compare_digest(state[b"token"], _digest(token).encode()):
+                return Delivery.BAD_TOKEN
+            if state[b"state"] != b"open":
+                return Delivery.GONE
+            if event.kind == "data":
+                await self._append(events_key, event, count_post=True)
+            else:
+                await self._end(stream_id, event)
+            return Delivery.ACCEPTED
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -270,16 +305,20 @@ class RedisRelay(Relay):
     async def _register(self, stream_id: str, token_digest: str) -> None:
         state_key, _ = self._keys(stream_id)
         ttl = int(self.settings.total_timeout_seconds + self.settings.gone_memory_seconds)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(state_key, mapping={"token": token_digest, "state": "open", "data_posts": 0})
-            pipe.expire(state_key, ttl)
-            await pipe.execute()
+        with _redis_answers():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(state_key, mapping={"token": token_digest, "state": "open", "data_posts": 0})
+                pipe.expire(state_key, ttl)
+                await pipe.execute()
         self._cursors[stream_id] = "0-0"
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
         _, events_key = self._keys(stream_id)
         cursor = self._cursors[stream_id]
-        answer: Any = await self._redis.xread({events_key: cursor}, count=100, block=max(1, int(wait * 1000)))
+        with _redis_answers():
+            answer: Any = await self._redis.xread(
+                {events_key: cursor}, count=100, block=max(1, int(wait * 1000))
+            )
         events = []
         for _, entries in answer:
             for entry_id, fields in entries:
@@ -289,8 +328,9 @@ class RedisRelay(Relay):
 
     async def _push(self, stream_id: str, event: Event) -> None:
         state_key, _ = self._keys(stream_id)
-        if await self._redis.hget(state_key, "state") == b"open":
-            await self._end(stream_id, event)
+        with _redis_answers():
+            if await self._redis.hget(state_key, "state") == b"open":
+                await self._end(stream_id, event)
 
     async def _end(self, stream_id: str, event: Event) -> None:
         state_key, events_key = self._keys(stream_id)
@@ -315,8 +355,9 @@ class RedisRelay(Relay):
     async def _release(self, stream_id: str, finished: bool) -> None:
         state_key, events_key = self._keys(stream_id)
         self._cursors.pop(stream_id, None)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(state_key, "state", "finished" if finished else "gone")
-            pipe.expire(state_key, int(self.settings.gone_memory_seconds))
-            pipe.delete(events_key)
-            await pipe.execute()
+        with _redis_answers():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(state_key, "state", "finished" if finished else "gone")
+                pipe.expire(state_key, int(self.settings.gone_memory_seconds))
+                pipe.delete(events_key)
+                await pipe.execute()

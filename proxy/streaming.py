@@ -34,6 +34,9 @@ class Relayed:
     response: web.StreamResponse
     completed: bool
     """False when the client went away before the end."""
+    error: ApiError | None = None
+    """The error the stream ended with, after its first byte (sent as an event, with status 200), so
+    that the request's record and metrics do not count it as a success."""
 
 
 async def relay(
@@ -41,6 +44,7 @@ async def relay(
 ) -> Relayed:
     response = web.StreamResponse(headers=SSE_HEADERS)
     completed = False
+    error = None
     try:
         async for chunk in chunks:
             if not response.prepared:
@@ -55,13 +59,15 @@ async def relay(
     except ConnectionResetError:
         log.info("client went away during a stream; closing the upstream side")
     except StreamError as exc:
+        error = ApiError(exc.code, exc.message)
         completed = await _fail(request, response, exc.code, exc.message)
     except Exception:
         log.exception("stream failed")
-        completed = await _fail(request, response, 502, "The stream failed inside the gateway.")
+        error = ApiError(502, "The stream failed inside the gateway.")
+        completed = await _fail(request, response, error.status, error.message)
     finally:
         await _close(chunks)
-    return Relayed(response, completed)
+    return Relayed(response, completed, error)
 
 
 async def _fail(request: web.Request, response: web.StreamResponse, status: int, message: str) -> bool:

@@ -8,6 +8,7 @@ client's stream is what it asked for and the accounting is still exact.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,19 @@ def ask_for_usage(model_params: dict[str, Any]) -> bool:
     return True
 
 
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+"""A blank line ends an event, in any of SSE's line endings (sse-starlette, for one, sends CRLF)."""
+_EVENT_END = re.compile(b"(" + b"|".join(re.escape(end) for end in EVENT_ENDS) + b")")
+MAX_HELD_BYTES = 1 << 20
+"""A longer unfinished event is passed on unscanned: a backend whose event never ends must not make
+the gateway hold everything it sends."""
+
+
+def _end_of_last_event(data: bytes) -> int:
+    """Where the last complete event in `data` ends; 0 when none has ended yet."""
+    return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
+
+
 class UsageScanner:
     """Reads usage out of an SSE stream as it passes, without holding back complete events.
 
@@ -66,14 +80,20 @@ class UsageScanner:
 
     def _feed(self, chunk: bytes) -> bytes:
         data = self._tail + chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
+        end = _end_of_last_event(data)
+        if end == 0:
+            if len(data) > MAX_HELD_BYTES:
+                self._tail = b""
+                return data
             self._tail = data
             return b""
-        complete, self._tail = data[: end + 2], data[end + 2 :]
+        complete, self._tail = data[:end], data[end:]
         if b'"usage"' not in complete:
             return complete
-        return b"".join(self._event(event + b"\n\n") for event in complete[:-2].split(b"\n\n"))
+        pieces = _EVENT_END.split(complete)
+        return b"".join(
+            self._event(event + end) for event, end in zip(pieces[::2], pieces[1::2], strict=False)
+        )
 
     def _event(self, event: bytes) -> bytes:
         payload = event.strip()
