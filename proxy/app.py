@@ -52,7 +52,7 @@ def load_parts(settings: GatewaySettings) -> tuple[Registry, Authenticator]:
 def create_app(
     settings: GatewaySettings, registry: Registry, authenticator: Authenticator
 ) -> web.Application:
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics.enabled)
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -123,6 +123,8 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
 
 def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
     """On the main port, or alone on its own port so that it need not be exposed with the API."""
+    if not settings.metrics.enabled:
+        return
     handler = metrics_handler(settings.metrics.allow)
     if settings.metrics.port is None:
         app.router.add_get(settings.metrics.path, handler, name="metrics")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -31,68 +32,119 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 ENDPOINT_LABELS = ("cluster", "framework", "model")
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Family(Generic[M]):
+    """A labelled metric whose children are found with one dict look-up: prometheus-client's own
+    `labels()` converts, validates and takes a lock on every call, which every request pays
+    several times. Label sets come from configuration, so the cache stays small."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+class _Unmeasured:
+    """Every metric and child when metrics are switched off: each call does nothing."""
+
+    def labels(self, *values: str) -> _Unmeasured:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_UNMEASURED = _Unmeasured()
+
 
 class Metrics:
-    def __init__(self) -> None:
+    """With `enabled` False (`metrics.enabled: false`) nothing is measured and nothing is served."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.registry = CollectorRegistry(auto_describe=True)
-        registry = self.registry
-        self.requests = Counter(
-            "gateway_requests", "HTTP requests answered", ["route", *ENDPOINT_LABELS, "status_class"],
-            registry=registry,
+        endpoint_labels = list(ENDPOINT_LABELS)
+        self.requests = self._family(
+            Counter, "gateway_requests", "HTTP requests answered", ["route", *endpoint_labels, "status_class"]
+        )
+        self.in_flight = self._family(
+            Gauge, "gateway_requests_in_flight", "Requests being handled", ["route"],
+            multiprocess_mode="livesum",
         )  # fmt: skip
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight", "Requests being handled", ["route"],
-            registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.streams_in_flight = Gauge(
-            "gateway_streams_in_flight", "Streams being relayed to clients",
-            registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.adaptor_seconds = Histogram(
-            "gateway_adaptor_duration_seconds",
+        self.streams_in_flight = self._metric(
+            Gauge,
+            "gateway_streams_in_flight",
+            "Streams being relayed to clients",
+            multiprocess_mode="livesum",
+        )
+        self.adaptor_seconds = self._family(
+            Histogram, "gateway_adaptor_duration_seconds",
             "Time from handing a request to its adaptor to the end of its response (last chunk of a stream)",
-            ["adaptor", *ENDPOINT_LABELS, "outcome"], buckets=LATENCY_BUCKETS, registry=registry,
+            ["adaptor", *endpoint_labels, "outcome"], buckets=LATENCY_BUCKETS,
         )  # fmt: skip
-        self.phase_seconds = Histogram(
-            "gateway_phase_duration_seconds",
+        self.phase_seconds = self._family(
+            Histogram, "gateway_phase_duration_seconds",
             "Where a request's time goes: authentication, queue (waiting for the backend to start), "
             "submission, first byte, total",
-            ["adaptor", *ENDPOINT_LABELS, "phase"], buckets=LATENCY_BUCKETS, registry=registry,
+            ["adaptor", *endpoint_labels, "phase"], buckets=LATENCY_BUCKETS,
         )  # fmt: skip
-        self.first_chunk_seconds = Histogram(
-            "gateway_stream_first_chunk_seconds", "Time from the request to the first chunk of a stream",
-            list(ENDPOINT_LABELS), buckets=LATENCY_BUCKETS, registry=registry,
+        self.first_chunk_seconds = self._family(
+            Histogram, "gateway_stream_first_chunk_seconds",
+            "Time from the request to the first chunk of a stream", endpoint_labels, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
-        self.tokens = Counter(
-            "gateway_tokens", "Tokens reported by backends", [*ENDPOINT_LABELS, "kind"], registry=registry
+        self.tokens = self._family(
+            Counter, "gateway_tokens", "Tokens reported by backends", [*endpoint_labels, "kind"]
         )
-        self.auth_cache = Counter(
-            "gateway_auth_cache_lookups", "Token outcome lookups by result: hit or miss", ["result"],
-            registry=registry,
-        )  # fmt: skip
-        self.introspection_seconds = Histogram(
-            "gateway_auth_introspection_duration_seconds", "Globus token introspection and groups lookup",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.log_records_dropped = Counter(
-            "gateway_log_records_dropped", "Request records dropped because the database buffer was full",
-            registry=registry,
-        )  # fmt: skip
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
-            ["adaptor", *ENDPOINT_LABELS, "kind"], registry=registry,
-        )  # fmt: skip
-        self.compute_tasks_in_flight = Gauge(
-            "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
-            registry=registry, multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.compute_poll_seconds = Histogram(
-            "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.relay_chunks = Counter(
-            "gateway_relay_chunks", "Stream chunks received from remote functions", registry=registry
+        self.auth_cache = self._family(
+            Counter, "gateway_auth_cache_lookups", "Token outcome lookups by result: hit or miss", ["result"]
         )
+        self.introspection_seconds = self._metric(
+            Histogram, "gateway_auth_introspection_duration_seconds",
+            "Globus token introspection and groups lookup", buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.log_records_dropped = self._metric(
+            Counter,
+            "gateway_log_records_dropped",
+            "Request records dropped because the database buffer was full",
+        )
+        self.upstream_errors = self._family(
+            Counter, "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
+            ["adaptor", *endpoint_labels, "kind"],
+        )  # fmt: skip
+        self.compute_tasks_in_flight = self._metric(
+            Gauge, "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.compute_poll_seconds = self._metric(
+            Histogram, "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.relay_chunks = self._metric(
+            Counter, "gateway_relay_chunks", "Stream chunks received from remote functions"
+        )
+
+    def _metric(self, kind: type[M], name: str, documentation: str, **options: Any) -> M:
+        if not self.enabled:
+            return cast(M, _UNMEASURED)
+        return kind(name, documentation, registry=self.registry, **options)
+
+    def _family(
+        self, kind: type[M], name: str, documentation: str, labels: list[str], **options: Any
+    ) -> Family[M]:
+        return Family(self._metric(kind, name, documentation, labelnames=labels, **options))
 
     def exposition(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -183,7 +183,7 @@ def _error_message(response: web.Response) -> str | None:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if _VALID_REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _VALID_REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 def _route(request: web.Request) -> str:

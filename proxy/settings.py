@@ -158,6 +158,7 @@ class StreamingSettings(_Strict):
 
 
 class MetricsSettings(_Strict):
+    enabled: bool = Field(default=True, description="false: nothing measured, no metrics route")
     path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_./-]*$")
     port: int | None = Field(default=None, ge=1, le=65535, description="serve metrics on this port only")
     allow: CommaList = Field(

@@ -7,9 +7,11 @@ or per model, in the database, over an indexed time range.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
+from itertools import chain
 from typing import Any, Final, Literal
 
 from proxy.database import Database, Row
@@ -41,9 +43,15 @@ def _insert_sql(rows: int) -> str:
     )
 
 
-def _params(record: RequestRecord) -> tuple[Any, ...]:
+_values: Final = operator.attrgetter(*_COLUMNS)
+_STREAM: Final = _COLUMNS.index("stream")
+
+
+def _params(record: RequestRecord) -> list[Any]:
     """The record as column values; ``stream`` as 0/1, the one boolean type both databases share."""
-    return tuple(int(record.stream) if name == "stream" else getattr(record, name) for name in _COLUMNS)
+    values = list(_values(record))
+    values[_STREAM] = int(record.stream)
+    return values
 
 
 def _chunks(records: Sequence[RequestRecord], size: int) -> Iterator[Sequence[RequestRecord]]:
@@ -90,7 +98,7 @@ class UsageStore:
 
     @staticmethod
     def _flat(records: Sequence[RequestRecord]) -> list[Any]:
-        return [value for record in records for value in _params(record)]
+        return list(chain.from_iterable(map(_params, records)))
 
     async def usage(
         self, since: float, until: float | None = None, by: UsageBy = "user"

@@ -142,6 +142,21 @@ async def test_metrics_on_their_own_port(
         await runner.cleanup()
 
 
+async def test_metrics_switched_off(backend: Server, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """For sites that do not scrape, and for the benchmark's comparison with everything off."""
+    runner, gateway = await configured_gateway(backend, tmp_path, metrics={"enabled": False})
+    try:
+        async with http.post(chat_url(gateway), json=chat(stream=True), headers=auth()) as response:
+            assert response.status == 200
+            await response.read()
+        async with http.post(chat_url(gateway), json=chat(), headers=auth()) as response:
+            assert response.status == 200
+        async with http.get(gateway.url.removesuffix("/resource_server") + "/metrics") as response:
+            assert response.status == 404
+    finally:
+        await runner.cleanup()
+
+
 async def test_two_worker_processes_are_summed(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
