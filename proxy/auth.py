@@ -65,6 +65,8 @@ def bearer_token(request: web.Request) -> str:
     token = token.strip()
     if not token:
         raise unauthorized("The bearer token is empty.")
+    if not token.isascii():  # aiohttp keeps bytes that are not UTF-8 as surrogates, which hashing refuses
+        raise unauthorized("Invalid or expired access token.")
     return token
 
 

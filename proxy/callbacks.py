@@ -76,10 +76,13 @@ async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
     secret = request.app[RELAY].settings.internal_secret
     if secret is None:
         raise ApiError(503, "Streaming callbacks are not configured on this gateway.", code="not_configured")
-    given = request.headers.get("X-Internal-Secret", "")
-    if not hmac.compare_digest(given.encode(), secret.encode()):
+    # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoded back, they are what was sent.
+    given = request.headers.get("X-Internal-Secret", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, secret.encode()):
         raise ApiError(401, "Invalid internal secret.", code="invalid_secret")
     token = request.headers.get("X-Stream-Task-Token", "")
+    if not token.isascii():  # the gateway issues URL-safe tokens
+        raise ApiError(401, "Malformed X-Stream-Task-Token.", code="invalid_stream_token")
     if not token:
         raise ApiError(401, "Missing X-Stream-Task-Token.", code="invalid_stream_token")
     request[TOKEN] = token

@@ -1,14 +1,19 @@
-"""Waiting on the real servers the tests start (Redis, PostgreSQL): up, or gone."""
+"""Waiting on the real servers the tests start (Redis, PostgreSQL, gateways as processes): up, or gone."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def became_ready(
@@ -56,3 +61,27 @@ async def wait_until_serving(http: aiohttp.ClientSession, url: str, timeout: flo
             pass
         await asyncio.sleep(0.05)
     raise AssertionError(f"{url} did not come up")
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(
+    config: Path, port: int, stdout: int = asyncio.subprocess.DEVNULL
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`python -m proxy --config CONFIG` as deployed, serving on `port` once its health route
+    answers; stopped with SIGTERM (its graceful shutdown) when the block ends."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--config", str(config), "--port", str(port),
+        cwd=ROOT, stdout=stdout, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_until_serving(http, f"http://127.0.0.1:{port}/resource_server/health")
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
