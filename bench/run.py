@@ -21,7 +21,8 @@ It ends with the Globus Compute path (bench/compute.py): a fake Globus Compute o
 does the gateway's SDK work alone on CPU 1 against a gateway with a compute endpoint on CPU 1, and the
 gateway's stream relay fed by the fake's function.
 
-Sections: overhead (direct against gateway, streams, slow streams), auth, observability, compute; `--only`
+Sections: overhead (direct against gateway, streams, slow streams), auth, observability, federation
+(bench/federation.py: the cluster-explicit route against the federated one), compute; `--only`
 runs the ones named (each needs only the backend it starts itself) and `--skip-compute` leaves out the
 slowest.
 """
@@ -77,6 +78,7 @@ from bench.compute import (
     compute_failures,
     compute_rows,
 )
+from bench.federation import FederationBench, federation_checks, federation_failures, federation_rows
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
 CONCURRENCIES: Final = (1, 16, 64)
@@ -116,7 +118,7 @@ OBSERVABILITY_ROUNDS: Final = 3
 OBSERVABILITY_DATABASE: Final = "obs.db"
 RECORDS_OFF: Final = {"stdout": False, "store": False}
 RECORDS_C64_RPS_RATIO: Final = "records_c64_rps_ratio"
-SECTIONS: Final = ("overhead", "auth", "observability", "compute")
+SECTIONS: Final = ("overhead", "auth", "observability", "federation", "compute")
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
@@ -538,6 +540,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             lambda v: v >= 0.9,
         ),
         **compute_checks(results.get("compute") or {}),
+        **federation_checks(results.get("federation") or {}),
     }
     return {
         key: {"figure": figure, "target": target, "met": None if figure is None else passes(figure)}
@@ -618,6 +621,9 @@ def markdown(results: dict[str, Any]) -> str:
     if observability:
         for level, pair in observability["by_concurrency"].items():
             lines.extend(observability_rows(level, pair, observability, judged))
+    federation = results.get("federation")
+    if federation:
+        lines.extend(federation_rows(federation, judged))
     compute = results.get("compute")
     if compute:
         lines.extend(compute_rows(compute, judged))
@@ -745,6 +751,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             )
             results["observability"] = observability.compare()
             check_running(backend)
+    if gateways and "federation" in sections:
+        results["federation"] = FederationBench(workdir, args.seconds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
     if "compute" in sections:
         results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateways).run()
@@ -800,7 +808,11 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
                 found.append(
                     f"observability {run['mode']} {run['round']} c={level}: {summary['status_counts']}"
                 )
-    return found + compute_failures(results.get("compute") or {})
+    return (
+        found
+        + compute_failures(results.get("compute") or {})
+        + federation_failures(results.get("federation") or {})
+    )
 
 
 def missing_records(results: dict[str, Any]) -> list[str]:

@@ -16,6 +16,7 @@ from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_for
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.database import Database
 from proxy.dispatch import LIMITER
+from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
@@ -72,6 +73,8 @@ def create_app(
     app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
+    app[FEDERATION] = Federation(registry, app[JOBS], app[MAINTENANCE], settings.federation)
+    app.on_response_prepare.append(name_serving_endpoint)
     app[RELOADER] = Reloader(registry, app[JOBS], settings.endpoints_file, settings.clusters_file)
     app[BASE_PATH] = settings.server.base_path
     app[STARTED_AT] = int(time.time())

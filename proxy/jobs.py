@@ -27,15 +27,22 @@ class JobsCache:
         """cluster name → (expires at, report)"""
         self._pending: dict[str, asyncio.Task[GetJobsResponse]] = {}
 
+    def cached(self, cluster: BaseCluster) -> GetJobsResponse | None:
+        """The unexpired report, without a coroutine: federated routing reads several per request."""
+        cached = self._reports.get(cluster.cluster_name)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        return None
+
     def clear(self) -> None:
         """After a reload: a cluster of the same name may now be a different one."""
         self._reports.clear()
 
     async def get(self, cluster: BaseCluster) -> GetJobsResponse:
         name = cluster.cluster_name
-        cached = self._reports.get(name)
-        if cached is not None and time.monotonic() < cached[0]:
-            return cached[1]
+        cached = self.cached(cluster)
+        if cached is not None:
+            return cached
         task = self._pending.get(name)
         if task is None:
             task = asyncio.ensure_future(cluster.get_jobs())
@@ -54,12 +61,16 @@ def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluste
     for list_name in _JOB_LISTS:
         kept = []
         for job in getattr(jobs, list_name):
-            models = [m.strip() for m in job.Models.split(",") if m.strip()]
-            shown = [m for m in models if _may_see(user, registry, cluster, job.Framework, m)]
+            shown = [m for m in job_models(job) if _may_see(user, registry, cluster, job.Framework, m)]
             if shown:
                 kept.append(JobInfo.model_validate({**job.model_dump(), "Models": ",".join(shown)}))
         visible[list_name] = kept
     return Jobs(**visible, cluster_status=jobs.cluster_status)
+
+
+def job_models(job: JobInfo) -> list[str]:
+    """A job may serve several models, listed with commas."""
+    return [model.strip() for model in job.Models.split(",") if model.strip()]
 
 
 def _may_see(user: User, registry: Registry, cluster: BaseCluster, framework: str, model: str) -> bool:

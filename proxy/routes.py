@@ -4,6 +4,7 @@ body → cluster → framework → OpenAI path → endpoint → permission → a
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from proxy.authz import allowed, may_use
 from proxy.bodies import read_json
 from proxy.dispatch import admitted, run_stream, run_task
 from proxy.errors import ApiError, adaptor_failed
+from proxy.federation import FEDERATION
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
@@ -40,6 +42,7 @@ def add_routes(app: web.Application, base_path: str) -> None:
     app.router.add_get(f"{base_path}/{{cluster}}/jobs", jobs)
     app.router.add_get(f"{base_path}/{{cluster}}/{{framework}}/v1/models", cluster_models)
     app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/v1/{inference_path}", inference)
+    app.router.add_post(f"{base_path}/v1/{inference_path}", federated_inference)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -153,6 +156,25 @@ async def inference(request: web.Request) -> web.StreamResponse:
     check_openai_path(cluster, openai_path)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
     check_access(request[USER], endpoint, cluster)
+    return await _serve(request, endpoint, openai_path, body)
+
+
+async def federated_inference(request: web.Request) -> web.StreamResponse:
+    """No cluster in the path: proxy/federation.py chooses the endpoint and fails over."""
+    openai_path = request.match_info["openai_path"]
+    body = await read_json(request)
+    validate_request(openai_path, body)
+
+    def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
+        return _serve(request, endpoint, openai_path, body)
+
+    return await request.app[FEDERATION].serve(request, openai_path, body["model"], attempt)
+
+
+async def _serve(
+    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
+) -> web.StreamResponse:
+    """A checked request to the endpoint chosen, whichever route chose it."""
     if request.app[REQUEST_LOG].store_prompts:
         request[INFO].prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
     data = {"model_params": {**body, "openai_endpoint": openai_path}}

@@ -185,6 +185,15 @@ class RequestLogSettings(_Strict):
     buffer_records: int = Field(default=10_000, ge=1)
 
 
+class FederationSettings(_Strict):
+    """Requests without a cluster in the path (`/v1/chat/completions`): proxy/federation.py picks one."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10, description="endpoints tried before answering 503")
+    jobs_wait_seconds: float = Field(
+        default=1.0, gt=0, description="longest wait for clusters' job reports; slower ones rank last"
+    )
+
+
 class BatchSettings(_Strict):
     max_active_per_user: int = Field(default=2, ge=1)
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
@@ -202,6 +211,7 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
+    federation: FederationSettings = FederationSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()

@@ -350,8 +350,26 @@ async def test_redis_going_away_does_not_fail_requests(
     gateway_factory: Any, fake: FakeGlobus, http: aiohttp.ClientSession, redis_server: Any
 ) -> None:
     gateway = await gateway_factory(redis_url=redis_server.url)
-    await redis_server.stop()
+    other = await gateway_factory(redis_url=redis_server.url)
+    fake.add_token("carol-globus-token", FakeUser.single("carol@uni.edu"))
     assert (await whoami(http, gateway, "alice-globus-token"))[0] == 200
+    await redis_server.stop()
+    assert (await whoami(http, gateway, "bob-globus-token"))[0] == 200
+    await redis_server.start()
+    assert (await whoami(http, gateway, "carol-globus-token"))[0] == 200
+    assert (await whoami(http, other, "carol-globus-token"))[0] == 200
+    assert fake.count("/token/introspect") == 3, "the cache is not shared again once Redis is back"
+
+
+async def test_cached_users_are_served_while_globus_is_down(
+    gateway: Server, fake: FakeGlobus, http: aiohttp.ClientSession
+) -> None:
+    assert (await whoami(http, gateway, "alice-globus-token"))[0] == 200
+    await fake.stop()
+    assert (await whoami(http, gateway, "alice-globus-token"))[0] == 200
+    assert (await whoami(http, gateway, "bob-globus-token"))[0] == 503
+    await fake.start()
+    assert (await whoami(http, gateway, "bob-globus-token"))[0] == 200
 
 
 async def run_check_config(config: Path) -> tuple[int, str]:
