@@ -1,8 +1,10 @@
 """A fake OpenAI-compatible inference backend (like vLLM) for tests, `make run` and benchmarks.
 
 It answers at once with realistic response shapes, so that a benchmark measures the gateway and
-not the backend. Faults are injected through directives in the prompt text (the last chat
-message, a string `prompt` or a string embeddings `input`):
+not the backend. Like vLLM, it also serves OpenAI's Responses API and Anthropic's Messages API,
+streams included, with their named events. Faults are injected through directives in the prompt
+text (the last chat, Anthropic or Responses input message, a string `prompt`, or a string
+embeddings or Responses `input`):
 
     [[status=N]]        answer status N with a vLLM-style error body
     [[delay=S]]         wait S seconds before sending the headers
@@ -35,6 +37,7 @@ import struct
 import time
 import warnings
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -108,6 +111,13 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response(_error_body(status, message), status=status)
 
 
+def anthropic_error_response(status: int, message: str) -> web.Response:
+    """vLLM answers its Messages route's errors in Anthropic's format."""
+    kind = "api_error" if status >= 500 else "invalid_request_error"
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.json_response(body, status=status)
+
+
 def _bounded_int(value: Any, default: int, upper: int) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return min(value, upper)
@@ -168,6 +178,103 @@ def _usage(prompt: int, completion: int) -> str:
     )
 
 
+def _stream_length(faults: Faults, max_tokens: int) -> tuple[int, bool]:
+    """How many content chunks a stream sends, and whether they end it early (at max_tokens)."""
+    if faults.chunks is not None:
+        return faults.chunks, False
+    chunks = min(max_tokens, _STREAM_CHUNKS)
+    return chunks, chunks < _STREAM_CHUNKS
+
+
+class _Died(Exception):
+    """The stream cut its connection on purpose (`[[die_after=N]]`)."""
+
+
+async def _paced(request: web.Request, faults: Faults, chunks: int) -> AsyncIterator[int]:
+    """The positions of a stream's content chunks, `chunk_delay` apart. With `die_after` the
+    connection is cut after that many, or after the last one, and `_Died` ends the writer."""
+    for position in range(chunks):
+        if faults.die_after is not None and position >= faults.die_after:
+            break
+        if position and faults.chunk_delay:
+            await asyncio.sleep(faults.chunk_delay)
+        yield position
+    if faults.die_after is not None:
+        _abort(request)
+        raise _Died
+
+
+def _named_event(kind: str, payload: dict[str, Any]) -> bytes:
+    """The framing of the Responses and Messages streams: each event names its type."""
+    return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _reply(max_tokens: int) -> tuple[str, int]:
+    """A non-streaming answer's text and its completion tokens."""
+    tokens = min(max_tokens, len(_REPLY))
+    return "".join(_REPLY[:tokens]), tokens
+
+
+def _response_object(
+    response_id: str, model: Any, status: str, output: list[Any], usage: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A Responses API `response`, in the shape OpenAI's SDK reads."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": output,
+        "usage": usage,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": None,
+        "parallel_tool_calls": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+    }
+
+
+def _output_message(item_id: str, text: str | None) -> dict[str, Any]:
+    """The Responses output item of the reply; `None` while it is still being generated."""
+    if text is None:
+        return {"id": item_id, "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": text, "annotations": []}
+    return {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+
+
+def _responses_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def _message_object(
+    message_id: str, model: Any, text: str | None, stop_reason: str | None, usage: dict[str, int]
+) -> dict[str, Any]:
+    """An Anthropic Messages `message`; `text` is None in `message_start`, before any content."""
+    content = [] if text is None else [{"type": "text", "text": text}]
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
 def _add(app: web.Application, key: web.AppKey[int], delta: int) -> None:
     """Change a live counter; aiohttp deprecates changing a running app's state in general."""
     with warnings.catch_warnings():
@@ -186,6 +293,10 @@ class _Generation:
     prompt_tokens: int
     faults: Faults
     include_usage: bool
+
+
+_EventWriter = Callable[[web.Request, web.StreamResponse, _Generation], Awaitable[None]]
+_ErrorResponse = Callable[[int, str], web.Response]
 
 
 class _Backend:
@@ -251,7 +362,7 @@ class _Backend:
             include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         )
         if body.get("stream") is True:
-            return await self._stream(request, generation)
+            return await self._stream(request, generation, self._write_events)
         faults = generation.faults
         if faults is not NO_FAULTS:
             early = await self._apply_faults(request, faults)
@@ -267,12 +378,14 @@ class _Backend:
         return web.Response(body=answer.encode(), headers=_JSON_HEADERS)
 
     @staticmethod
-    async def _apply_faults(request: web.Request, faults: Faults) -> web.StreamResponse | None:
+    async def _apply_faults(
+        request: web.Request, faults: Faults, error: _ErrorResponse = error_response
+    ) -> web.StreamResponse | None:
         """The answer that replaces a normal non-streaming one, if the directives ask for it."""
         if faults.delay:
             await asyncio.sleep(faults.delay)
         if faults.status is not None:
-            return error_response(faults.status, f"fake backend error {faults.status}")
+            return error(faults.status, f"fake backend error {faults.status}")
         if faults.die_after is not None:
             _abort(request)
             return web.Response()
@@ -280,7 +393,13 @@ class _Backend:
             return web.Response(body=_GARBAGE_BODY, headers=_JSON_HEADERS)
         return None
 
-    async def _stream(self, request: web.Request, generation: _Generation) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        generation: _Generation,
+        write_events: _EventWriter,
+        error: _ErrorResponse = error_response,
+    ) -> web.StreamResponse:
         """Send server-sent events, each written on its own so that it leaves at once."""
         faults = generation.faults
         response = web.StreamResponse(headers=_SSE_HEADERS)
@@ -289,13 +408,15 @@ class _Backend:
             if faults.delay:
                 await asyncio.sleep(faults.delay)
             if faults.status is not None:
-                return error_response(faults.status, f"fake backend error {faults.status}")
+                return error(faults.status, f"fake backend error {faults.status}")
             await response.prepare(request)
             if faults.garbage:
                 for event in _GARBAGE_STREAM:
                     await response.write(event)
             else:
-                await self._write_events(request, response, generation)
+                await write_events(request, response, generation)
+            return response
+        except _Died:
             return response
         except ConnectionResetError:
             _add(self._app, DISCONNECTS, 1)
@@ -316,28 +437,123 @@ class _Backend:
             f'data: {{"id":"{self._next_id(prefix)}","object":"{kind}",'
             f'"created":{int(time.time())},"model":{generation.model_json},"choices":['
         ).encode()
-        chunks = faults.chunks if faults.chunks is not None else generation.max_tokens
-        if faults.chunks is None:
-            chunks = min(chunks, _STREAM_CHUNKS)
+        chunks, cut_short = _stream_length(faults, generation.max_tokens)
         choices = range(generation.n)
-        for position in range(chunks):
-            if faults.die_after is not None and position >= faults.die_after:
-                _abort(request)
-                return
-            if position and faults.chunk_delay:
-                await asyncio.sleep(faults.chunk_delay)
+        async for position in _paced(request, faults, chunks):
             for index in choices:
                 await response.write(head + _chunk_choice(chat, index, position, None) + b"]}\n\n")
-        if faults.die_after is not None:
-            _abort(request)
-            return
-        finish = "length" if faults.chunks is None and chunks < _STREAM_CHUNKS else "stop"
+        finish = "length" if cut_short else "stop"
         for index in choices:
             await response.write(head + _chunk_choice(chat, index, chunks, finish) + b"]}\n\n")
         if generation.include_usage:
             usage = _usage(generation.prompt_tokens, chunks * generation.n)
             await response.write(head + f'],"usage":{usage}}}\n\n'.encode())
         await response.write(_DONE)
+        await response.write_eof()
+
+    def _generation(self, body: dict[str, Any], max_tokens: Any, text: str, chars: int) -> _Generation:
+        """One reply of the Responses and Messages APIs, which have no `n` and always report usage."""
+        return _Generation(
+            chat=True,
+            model_json=json.dumps(body.get("model")),
+            n=1,
+            max_tokens=_bounded_int(max_tokens, len(_REPLY), len(_REPLY)),
+            prompt_tokens=_prompt_tokens(chars),
+            faults=parse_faults(text),
+            include_usage=False,
+        )
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_json(request)
+        given = body.get("input")
+        text, chars = (given, len(given)) if isinstance(given, str) else _chat_prompt(given)
+        generation = self._generation(body, body.get("max_output_tokens"), text, chars)
+        if body.get("stream") is True:
+            return await self._stream(request, generation, self._write_response_events)
+        early = await self._apply_faults(request, generation.faults)
+        if early is not None:
+            return early
+        reply, tokens = _reply(generation.max_tokens)
+        status = "completed" if tokens == len(_REPLY) else "incomplete"
+        output = [_output_message(self._next_id("msg_"), reply)]
+        usage = _responses_usage(generation.prompt_tokens, tokens)
+        answer = _response_object(
+            self._next_id("resp_"), json.loads(generation.model_json), status, output, usage
+        )
+        return web.json_response(answer)
+
+    async def _write_response_events(
+        self, request: web.Request, response: web.StreamResponse, generation: _Generation
+    ) -> None:
+        """The events OpenAI's Responses API streams for a text reply, in its order."""
+        sequence = itertools.count()
+
+        async def send(kind: str, **fields: Any) -> None:
+            payload = {"type": kind, "sequence_number": next(sequence), **fields}
+            await response.write(_named_event(kind, payload))
+
+        response_id, item_id = self._next_id("resp_"), self._next_id("msg_")
+        model = json.loads(generation.model_json)
+        started = _response_object(response_id, model, "in_progress", [], None)
+        await send("response.created", response=started)
+        await send("response.in_progress", response=started)
+        await send("response.output_item.added", output_index=0, item=_output_message(item_id, None))
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        await send("response.content_part.added", **where, part=part)
+        chunks, cut_short = _stream_length(generation.faults, generation.max_tokens)
+        tokens = []
+        async for position in _paced(request, generation.faults, chunks):
+            tokens.append(_REPLY[position % len(_REPLY)])
+            await send("response.output_text.delta", **where, delta=tokens[-1], logprobs=[])
+        item = _output_message(item_id, "".join(tokens))
+        await send("response.output_text.done", **where, text=item["content"][0]["text"], logprobs=[])
+        await send("response.content_part.done", **where, part=item["content"][0])
+        await send("response.output_item.done", output_index=0, item=item)
+        status = "incomplete" if cut_short else "completed"
+        usage = _responses_usage(generation.prompt_tokens, chunks)
+        await send(f"response.{status}", response=_response_object(response_id, model, status, [item], usage))
+        await response.write_eof()
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_json(request)
+        text, chars = _chat_prompt(body.get("messages"))
+        generation = self._generation(body, body.get("max_tokens"), text, chars)
+        if body.get("stream") is True:
+            return await self._stream(
+                request, generation, self._write_message_events, anthropic_error_response
+            )
+        early = await self._apply_faults(request, generation.faults, anthropic_error_response)
+        if early is not None:
+            return early
+        reply, tokens = _reply(generation.max_tokens)
+        stop_reason = "end_turn" if tokens == len(_REPLY) else "max_tokens"
+        usage = {"input_tokens": generation.prompt_tokens, "output_tokens": tokens}
+        model = json.loads(generation.model_json)
+        return web.json_response(_message_object(self._next_id("msg_"), model, reply, stop_reason, usage))
+
+    async def _write_message_events(
+        self, request: web.Request, response: web.StreamResponse, generation: _Generation
+    ) -> None:
+        """The events Anthropic's Messages API streams for a text reply: input tokens come with
+        `message_start`, the output count with `message_delta`."""
+
+        async def send(kind: str, **fields: Any) -> None:
+            await response.write(_named_event(kind, {"type": kind, **fields}))
+
+        model = json.loads(generation.model_json)
+        usage = {"input_tokens": generation.prompt_tokens, "output_tokens": 1}
+        await send("message_start", message=_message_object(self._next_id("msg_"), model, None, None, usage))
+        await send("content_block_start", index=0, content_block={"type": "text", "text": ""})
+        await send("ping")
+        chunks, cut_short = _stream_length(generation.faults, generation.max_tokens)
+        async for position in _paced(request, generation.faults, chunks):
+            delta = {"type": "text_delta", "text": _REPLY[position % len(_REPLY)]}
+            await send("content_block_delta", index=0, delta=delta)
+        await send("content_block_stop", index=0)
+        stop = {"stop_reason": "max_tokens" if cut_short else "end_turn", "stop_sequence": None}
+        await send("message_delta", delta=stop, usage={"output_tokens": chunks})
+        await send("message_stop")
         await response.write_eof()
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -424,6 +640,8 @@ def create_backend_app(*, cluster: str = "local", models: list[str] | None = Non
     app.router.add_post("/v1/chat/completions", backend.chat_completions)
     app.router.add_post("/v1/completions", backend.completions)
     app.router.add_post("/v1/embeddings", backend.embeddings)
+    app.router.add_post("/v1/responses", backend.responses)
+    app.router.add_post("/v1/messages", backend.messages)
     app.router.add_get("/v1/models", backend.models)
     app.router.add_get("/health", backend.health)
     app.router.add_get("/jobs", backend.jobs)

@@ -247,6 +247,13 @@ def vllm_inference(parameters):
             yield group
 
     # ---- streaming ---------------------------------------------------------------------------
+    # The line each API sends last, which tells a finished stream from a broken one: OpenAI's chat
+    # and completions end with [DONE]; the Responses and Messages APIs with a closing event.
+    last_lines = {
+        "responses": ("event: response.completed", "event: response.incomplete", "event: response.failed"),
+        "messages": ("event: message_stop",),
+    }.get(endpoint, ("data: [DONE]",))
+
     def pump(response, inbox):
         """Read vLLM's lines in a thread of their own: the main thread must be free to send a
         pending batch on time while vLLM is silent, and to stop the stream at any moment."""
@@ -310,7 +317,7 @@ def vllm_inference(parameters):
                     line = value.decode("utf-8", "replace").rstrip("\r\n")
                     if line:
                         pending.append(line)
-                        saw_done = saw_done or line == "data: [DONE]"
+                        saw_done = saw_done or line in last_lines
                         if '"completion_tokens"' in line:  # the usage chunk, when the client asked for it
                             with contextlib.suppress(ValueError):
                                 state["tokens"] = completion_tokens(json.loads(line[5:])) or state["tokens"]
@@ -339,8 +346,9 @@ def vllm_inference(parameters):
             stop_vllm(connection, sock, response, reader)
         if not saw_done:
             # http.client reads a connection cut between two chunks as a clean end: only the missing
-            # [DONE], which vLLM always sends last, tells a finished stream from a broken one.
-            raise RuntimeError(f"vLLM's stream broke off after {state['lines']} lines, before data: [DONE]")
+            # last line, which vLLM always sends, tells a finished stream from a broken one.
+            lines = state["lines"]
+            raise RuntimeError(f"vLLM's stream broke off after {lines} lines, before {last_lines[0]}")
         return True, state
 
     def run_stream():

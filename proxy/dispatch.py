@@ -23,7 +23,7 @@ from proxy.metrics import METRICS, Metrics
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
 from proxy.streaming import relay
-from proxy.usage import Usage, UsageScanner, ask_for_usage
+from proxy.usage import Usage, scanner_for
 
 LIMITER = web.AppKey("limiter", Limiter)
 
@@ -79,7 +79,7 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     try:
         task = await endpoint.submit_task(data)
         info.task_id = task.task_id
-        response = _answer(task, info, request.app[REQUEST_LOG])
+        response = _answer(task, info, request.app[REQUEST_LOG], data["model_params"]["openai_endpoint"])
         outcome = "ok"
         return response
     except ApiError as exc:
@@ -93,7 +93,7 @@ async def run_stream(
     request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]
 ) -> web.StreamResponse:
     info, metrics = _describe(request, endpoint, stream=True)
-    scanner = UsageScanner(strip_usage_event=ask_for_usage(data["model_params"]))
+    scanner = scanner_for(data["model_params"])
     started = time.monotonic()
     outcome = "cancelled"
     metrics.streams_in_flight.inc()
@@ -128,7 +128,9 @@ def _describe(request: web.Request, endpoint: BaseEndpoint, stream: bool) -> tup
     return info, metrics
 
 
-def _answer(task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog) -> web.Response:
+def _answer(
+    task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog, openai_path: str
+) -> web.Response:
     """Every adaptor's result is checked here, once: it must be JSON, and its usage is read from it."""
     if task.error_code is not None or task.result is None:
         adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
@@ -136,7 +138,7 @@ def _answer(task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog
         document = json.loads(task.result)
     except ValueError:
         raise ApiError(502, "The backend answered with invalid JSON.", code="backend_error") from None
-    info.usage = Usage.of(document)
+    info.usage = Usage.of(document, openai_path)
     if request_log.store_prompts:
         info.result = task.result
     return web.Response(body=task.result.encode(), content_type="application/json")

@@ -1,4 +1,5 @@
-"""The outermost middleware: whatever goes wrong below it leaves as an OpenAI-shaped error."""
+"""The outermost middleware: whatever goes wrong below it leaves as an error in the route's envelope
+(OpenAI's, or Anthropic's on the Messages route)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import ApiError
+from proxy.errors import ApiError, envelope_of
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +18,15 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        failure = exc
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _from_http_exception(request, exc).response()
+        failure = _from_http_exception(request, exc)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
-        return ApiError(500, "The gateway failed to handle this request.", code="internal_error").response()
+        failure = ApiError(500, "The gateway failed to handle this request.", code="internal_error")
+    return failure.response(envelope_of(request))
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:

@@ -69,8 +69,11 @@ def callback_target(url: str) -> CallbackTarget:
 
 
 def sse_lines(data: str) -> bytes:
-    """The function sends SSE lines joined by newlines; each becomes one event for the client."""
-    return b"".join(line.strip().encode() + b"\n\n" for line in data.split("\n") if line.strip())
+    """The function sends SSE lines joined by newlines, without the blank lines between events, so
+    each `data:` line ends an event here. The lines before it (the `event:` line of a Responses or
+    Messages event) stay in its event, even when the function posted them in an earlier batch."""
+    lines = [line.strip().encode() for line in data.split("\n") if line.strip()]
+    return b"".join(line + (b"\n\n" if line.startswith(b"data:") else b"\n") for line in lines)
 
 
 def _digest(token: str) -> str:

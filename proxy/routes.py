@@ -27,8 +27,9 @@ JOBS = web.AppKey("jobs", JobsCache)
 STARTED_AT = web.AppKey("started_at", int)
 BASE_PATH = web.AppKey("base_path", str)
 
-OPENAI_PATHS = ("chat/completions", "completions", "embeddings")
-STREAMING_PATHS = frozenset({"chat/completions", "completions"})
+OPENAI_PATHS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+"""`messages` is Anthropic's Messages API, which vLLM serves beside OpenAI's."""
+STREAMING_PATHS = frozenset({"chat/completions", "completions", "responses", "messages"})
 PUBLIC_ROUTES = frozenset({"health", "status"})
 
 

@@ -580,6 +580,294 @@ class _EmbeddingRequest(_EmbeddingFields, _VllmEmbeddingExtras, total=False):
     """POST /v1/embeddings"""
 
 
+# The Responses API
+
+
+@_lenient
+class _Typed(TypedDict):
+    """An object of one of many kinds that backends check themselves; here only its tag is."""
+
+    type: str
+
+
+_ResponsesContent: TypeAlias = Annotated[
+    Annotated[str, _STRING] | Annotated[list[_Typed], _ARRAY],
+    _either("a string or an array of content parts"),
+]
+
+
+@_lenient
+class _InputMessage(TypedDict, total=False):
+    role: Required[Literal["user", "assistant", "system", "developer"]]
+    content: Required[_ResponsesContent]
+    type: Literal["message"]
+
+
+def _input_item_kind(value: Any) -> str:
+    """A message may leave out its `type`; every other input item names its kind in `type`."""
+    return "<message>" if isinstance(value, dict) and "role" in value else "<item>"
+
+
+_InputItem: TypeAlias = Annotated[
+    Annotated[_InputMessage, Tag("<message>")] | Annotated[_Typed, Tag("<item>")],
+    Discriminator(_input_item_kind),
+]
+
+
+@_lenient
+class _Reasoning(TypedDict, total=False):
+    effort: _Str
+    summary: _Str
+    generate_summary: _Str
+
+
+@_lenient
+class _TextConfig(TypedDict, total=False):
+    format: _Typed | None
+    verbosity: Literal["low", "medium", "high"] | None
+
+
+@_lenient
+class _PromptTemplate(TypedDict, total=False):
+    id: Required[str]
+    variables: _Object
+    version: _Str
+
+
+@_lenient
+class _ConversationRef(TypedDict):
+    id: str
+
+
+@_lenient
+class _ResponsesStreamOptions(TypedDict, total=False):
+    include_obfuscation: _Bool
+
+
+class _ResponsesFields(TypedDict, total=False):
+    """OpenAI's fields, as its Python SDK sends them."""
+
+    model: Required[_Model]
+    input: Required[
+        Annotated[
+            Annotated[_Text, _STRING] | Annotated[list[_InputItem], Field(min_length=1), _ARRAY],
+            _either("a string or an array of input items"),
+        ]
+    ]
+    access_programs: _Object
+    background: _Bool
+    background_options: _Object
+    context_management: list[_Typed] | None
+    conversation: (
+        Annotated[
+            Annotated[str, _STRING] | Annotated[_ConversationRef, _OBJECT],
+            _either("a string or an object with an id"),
+        ]
+        | None
+    )
+    image: _Object
+    include: list[str] | None
+    instructions: _Str
+    max_output_tokens: _Count
+    max_tool_calls: _Count
+    metadata: dict[str, str] | None
+    moderation: _Object
+    parallel_tool_calls: _Bool
+    previous_response_id: _Str
+    prompt: _PromptTemplate | None
+    prompt_cache_key: _Str
+    prompt_cache_options: _Object
+    prompt_cache_retention: Literal["in_memory", "24h"] | None
+    reasoning: _Reasoning | None
+    safety_identifier: _Str
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None
+    store: _Bool
+    stream: _Bool
+    stream_options: _ResponsesStreamOptions | None
+    temperature: _Temperature
+    text: _TextConfig | None
+    tool_choice: (
+        Annotated[
+            Annotated[_ToolChoiceMode, _STRING] | Annotated[_Typed, _OBJECT],
+            _either("'none', 'auto', 'required' or an object naming a tool"),
+        ]
+        | None
+    )
+    tools: list[_Typed] | None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None
+    top_p: _Probability
+    truncation: Literal["auto", "disabled"] | None
+    user: _Str
+
+
+class _VllmResponsesExtras(TypedDict, total=False):
+    """Fields vLLM backends accept on responses beyond OpenAI's."""
+
+    cache_salt: Annotated[str, Field(min_length=1)] | None
+    chat_template_kwargs: _Object
+    enable_response_messages: _Bool
+    frequency_penalty: _Penalty
+    ignore_eos: _Bool
+    include_reasoning: _Bool
+    include_stop_str_in_output: _Bool
+    kv_transfer_params: _Object
+    logit_bias: _LogitBias
+    mm_processor_kwargs: _Object
+    presence_penalty: _Penalty
+    previous_input_messages: list[dict[str, Any]] | None
+    priority: _Int64
+    repetition_penalty: Annotated[float, Field(gt=0)] | None
+    request_id: _Str
+    seed: _Int64
+    skip_special_tokens: _Bool
+    stop: _Stop
+    structured_outputs: _Object
+    top_k: Annotated[int, Field(ge=-1)] | None
+    vllm_xargs: dict[str, _ExtraArg] | None
+
+
+@_top_level
+class _ResponsesRequest(_ResponsesFields, _VllmResponsesExtras, total=False):
+    """POST /v1/responses"""
+
+
+# Anthropic's Messages API: its fields may not be null unless its SDK says so.
+
+
+_Blocks: TypeAlias = Annotated[
+    Annotated[str, _STRING] | Annotated[list[_Typed], _ARRAY],
+    _either("a string or an array of content blocks"),
+]
+
+
+@_lenient
+class _AnthropicMessage(TypedDict):
+    role: Literal["user", "assistant", "system"]
+    content: _Blocks
+
+
+@_lenient
+class _TextBlock(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+@_lenient
+class _AnthropicMetadata(TypedDict, total=False):
+    user_id: _Str
+
+
+@_lenient
+class _NamedTool(TypedDict):
+    """Every Anthropic tool has a name, whatever its type."""
+
+    name: str
+
+
+@_lenient
+class _ToolMode(TypedDict, total=False):
+    disable_parallel_tool_use: bool
+
+
+@_lenient
+class _ChosenTool(TypedDict, total=False):
+    name: Required[str]
+    disable_parallel_tool_use: bool
+
+
+_AnthropicToolChoiceType: TypeAlias = Literal["auto", "any", "tool", "none"]
+
+
+@_lenient
+class _AnyAnthropicToolChoice(TypedDict):
+    type: _AnthropicToolChoiceType
+
+
+_AnthropicToolChoice: TypeAlias = Annotated[
+    Annotated[_ToolMode, Tag("<auto>")]
+    | Annotated[_ToolMode, Tag("<any>")]
+    | Annotated[_ChosenTool, Tag("<tool>")]
+    | Annotated[_ToolMode, Tag("<none>")]
+    | Annotated[_AnyAnthropicToolChoice, _INVALID],
+    _by_field("type", get_args(_AnthropicToolChoiceType)),
+]
+
+
+@_lenient
+class _ThinkingBudget(TypedDict, total=False):
+    budget_tokens: Required[Annotated[int, Field(ge=1)]]
+    display: Literal["summarized", "omitted"] | None
+
+
+@_lenient
+class _ThinkingDisplay(TypedDict, total=False):
+    display: Literal["summarized", "omitted"] | None
+
+
+@_lenient
+class _TagOnly(TypedDict):
+    """An object with nothing to check beyond its tag."""
+
+
+_ThinkingType: TypeAlias = Literal["enabled", "disabled", "adaptive", "between_tools"]
+
+
+@_lenient
+class _AnyThinking(TypedDict):
+    type: _ThinkingType
+
+
+_Thinking: TypeAlias = Annotated[
+    Annotated[_ThinkingBudget, Tag("<enabled>")]
+    | Annotated[_TagOnly, Tag("<disabled>")]
+    | Annotated[_ThinkingDisplay, Tag("<adaptive>")]
+    | Annotated[_TagOnly, Tag("<between_tools>")]
+    | Annotated[_AnyThinking, _INVALID],
+    _by_field("type", get_args(_ThinkingType)),
+]
+
+
+class _MessagesFields(TypedDict, total=False):
+    """Anthropic's fields: those of its Python SDK, and the sampling ones its API documents."""
+
+    model: Required[_Model]
+    messages: Required[Annotated[list[_AnthropicMessage], Field(min_length=1)]]
+    max_tokens: Required[Annotated[int, Field(ge=1)]]
+    cache_control: _Object
+    container: (
+        Annotated[
+            Annotated[str, _STRING] | Annotated[dict[str, Any], _OBJECT],
+            _either("a string or an object"),
+        ]
+        | None
+    )
+    diagnostics: _Object
+    inference_geo: _Str
+    metadata: _AnthropicMetadata
+    output_config: dict[str, Any]
+    service_tier: Literal["auto", "standard_only"]
+    speed: Literal["standard", "fast"] | None
+    stop_sequences: list[str]
+    stream: bool
+    system: Annotated[
+        Annotated[str, _STRING] | Annotated[list[_TextBlock], _ARRAY],
+        _either("a string or an array of text blocks"),
+    ]
+    temperature: Annotated[float, Field(ge=0, le=1)]
+    thinking: _Thinking
+    tool_choice: _AnthropicToolChoice
+    tools: list[_NamedTool]
+    top_k: Annotated[int, Field(ge=0)]
+    top_p: Annotated[float, Field(ge=0, le=1)]
+    user_profile_id: str
+    workspace_id: str
+
+
+@_top_level
+class _MessagesRequest(_MessagesFields, total=False):
+    """POST /v1/messages"""
+
+
 _Path: TypeAlias = Annotated[str, Field(min_length=1, max_length=4096)]
 
 
@@ -614,10 +902,18 @@ def _check_completion(body: Mapping[str, Any]) -> None:
         raise _invalid("best_of", "Input should be greater than or equal to n")
 
 
+def _check_messages(body: Mapping[str, Any]) -> None:
+    thinking = body.get("thinking", {})
+    if thinking.get("type") == "enabled" and thinking["budget_tokens"] >= body["max_tokens"]:
+        raise _invalid("thinking.budget_tokens", "Input should be less than max_tokens")
+
+
 _ROUTES: dict[str, tuple[TypeAdapter[Any], Callable[[Mapping[str, Any]], None]]] = {
     "chat/completions": (TypeAdapter(_ChatRequest), _check_chat),
     "completions": (TypeAdapter(_CompletionRequest), _check_completion),
     "embeddings": (TypeAdapter(_EmbeddingRequest), _check_common),
+    "responses": (TypeAdapter(_ResponsesRequest), lambda _: None),
+    "messages": (TypeAdapter(_MessagesRequest), _check_messages),
     "batches": (TypeAdapter(_BatchRequest), lambda _: None),
 }
 

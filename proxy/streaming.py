@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from adaptors import StreamError
-from proxy.errors import ApiError, error_body
+from proxy.errors import ApiError, Envelope, anthropic_error_body, envelope_of, error_body
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,10 @@ SSE_HEADERS = {
 }
 
 
-def sse_error_event(status: int, message: str) -> bytes:
+def sse_error_event(status: int, message: str, envelope: Envelope = "openai") -> bytes:
+    """Anthropic clients act only on named events, so theirs is an `error` event."""
+    if envelope == "anthropic":
+        return f"event: error\ndata: {json.dumps(anthropic_error_body(status, message))}\n\n".encode()
     return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
 
 
@@ -76,7 +79,7 @@ async def _fail(request: web.Request, response: web.StreamResponse, status: int,
     if not response.prepared:
         raise ApiError(status, message, code="backend_error" if status >= 500 else None)
     try:
-        await response.write(sse_error_event(status, message))
+        await response.write(sse_error_event(status, message, envelope_of(request)))
         await response.write_eof()
     except ConnectionResetError:
         return False

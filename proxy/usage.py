@@ -1,19 +1,30 @@
 """Token usage from backends' own `usage`, never estimated.
 
-For a stream the gateway asks the backend to report usage (`stream_options.include_usage`); when
-the client did not ask for it, the usage-only event is taken out of what the client sees, so the
-client's stream is what it asked for and the accounting is still exact.
+Chat and completions streams report usage only when asked (`stream_options.include_usage`): the
+gateway asks, and when the client did not, takes the usage-only event out of what the client sees,
+so the client's stream is what it asked for and the accounting is still exact. Responses and
+Messages streams always report usage, as input and output tokens: nothing is added to those
+requests or taken out of those streams.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+REPORTS_USAGE = frozenset({"responses", "messages"})
+"""The APIs whose streams report usage unasked, in input and output tokens."""
+
+_OPENAI_NAMES = {field: field for field in TOKEN_FIELDS}
+_INPUT_OUTPUT_NAMES = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "total_tokens": "total_tokens",
+}
 
 
 @dataclass
@@ -23,12 +34,41 @@ class Usage:
     total_tokens: int | None = None
 
     @classmethod
-    def of(cls, document: Any) -> Usage | None:
+    def of(cls, document: Any, openai_path: str) -> Usage | None:
+        """From a whole answer: every API puts `usage` at its top."""
         usage = document.get("usage") if isinstance(document, dict) else None
-        if not isinstance(usage, dict):
+        return cls.counted(_counts(usage, _names(openai_path)))
+
+    @classmethod
+    def counted(cls, counts: Mapping[str, int]) -> Usage | None:
+        """Anthropic reports no total, and the rate limits count totals: it is the sum then."""
+        if not counts:
             return None
-        counts = {key: usage[key] for key in TOKEN_FIELDS if isinstance(usage.get(key), int)}
-        return cls(**counts) if counts else None
+        usage = cls(**counts)
+        if usage.total_tokens is None and usage.prompt_tokens is not None:
+            usage.total_tokens = usage.prompt_tokens + (usage.completion_tokens or 0)
+        return usage
+
+
+def _names(openai_path: str) -> Mapping[str, str]:
+    return _INPUT_OUTPUT_NAMES if openai_path in REPORTS_USAGE else _OPENAI_NAMES
+
+
+def _counts(usage: Any, names: Mapping[str, str]) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        return {}
+    return {
+        ours: count
+        for theirs, ours in names.items()
+        if isinstance(count := usage.get(theirs), int) and not isinstance(count, bool)
+    }
+
+
+def scanner_for(model_params: dict[str, Any]) -> UsageScanner:
+    """The scanner of a stream about to be requested; asks chat and completions for their usage."""
+    openai_path = model_params["openai_endpoint"]
+    strip = openai_path not in REPORTS_USAGE and ask_for_usage(model_params)
+    return UsageScanner(_names(openai_path), strip_usage_event=strip)
 
 
 def ask_for_usage(model_params: dict[str, Any]) -> bool:
@@ -57,11 +97,14 @@ class UsageScanner:
     """Reads usage out of an SSE stream as it passes, without holding back complete events.
 
     Only an event still incomplete at the end of a read is held until its end arrives; the client
-    could not use half an event anyway.
+    could not use half an event anyway. Counts from later events replace earlier ones: Anthropic
+    sends input tokens at the start and the output so far with each `message_delta`.
     """
 
-    def __init__(self, strip_usage_event: bool) -> None:
+    def __init__(self, names: Mapping[str, str], *, strip_usage_event: bool) -> None:
         self.usage: Usage | None = None
+        self._names = names
+        self._counts: dict[str, int] = {}
         self._strip = strip_usage_event
         self._tail = b""
 
@@ -96,16 +139,35 @@ class UsageScanner:
         )
 
     def _event(self, event: bytes) -> bytes:
-        payload = event.strip()
-        if not payload.startswith(b"data:") or b'"usage"' not in payload:
+        payload = _data_of(event)
+        if payload is None or b'"usage"' not in payload:
             return event
         try:
-            document = json.loads(payload[5:])
+            document = json.loads(payload)
         except ValueError:
             return event
-        usage = Usage.of(document)
-        if usage is None:
+        if not isinstance(document, dict):
             return event
-        self.usage = usage
-        usage_only = isinstance(document, dict) and not document.get("choices")
+        counts = _counts(_streamed_usage(document), self._names)
+        if not counts:
+            return event
+        self._counts.update(counts)
+        self.usage = Usage.counted(self._counts)
+        usage_only = not document.get("choices")
         return b"" if self._strip and usage_only else event
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The payload of an event's `data:` lines; Responses and Messages events name themselves in
+    an `event:` line first."""
+    lines = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _streamed_usage(document: dict[str, Any]) -> Any:
+    """Chat chunks and Anthropic's `message_delta` carry `usage` at their top; the Responses final
+    event and Anthropic's `message_start` carry it in the object they describe."""
+    for holder in (document, document.get("response"), document.get("message")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            return holder["usage"]
+    return None

@@ -147,7 +147,7 @@ def compute_config(
         "cluster_name": "hpc",
         "cluster_adapter": "resource_server_async.clusters.globus_compute.GlobusComputeCluster",
         "frameworks": ["vllm"],
-        "openai_endpoints": ["chat/completions", "completions", "embeddings"],
+        "openai_endpoints": ["chat/completions", "completions", "embeddings", "responses", "messages"],
         "config": {
             "qstat_endpoint_uuid": ENDPOINT,
             "qstat_function_uuid": QSTAT,

@@ -80,7 +80,7 @@ def endpoint(cluster: str, model: str, api_url: str, **extra: Any) -> dict[str, 
 
 def write_gateway_config(directory: Path, backend_url: str, **server: Any) -> Path:
     api = f"{backend_url}/v1"
-    everything = ["chat/completions", "completions", "embeddings"]
+    everything = ["chat/completions", "completions", "embeddings", "responses", "messages"]
     clusters = [
         {
             "cluster_name": "local",

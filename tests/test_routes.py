@@ -91,7 +91,7 @@ async def test_list_endpoints_shows_what_the_caller_may_use(
 ) -> None:
     _, alice, _ = await call(http, "GET", f"{gateway.url}/list-endpoints", headers=auth("alice"))
     _, bob, _ = await call(http, "GET", f"{gateway.url}/list-endpoints", headers=auth("bob"))
-    paths = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    paths = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"]
     assert alice["clusters"]["local"] == {
         "base_url": "/resource_server/local",
         "frameworks": {
