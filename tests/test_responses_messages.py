@@ -277,6 +277,23 @@ async def test_messages_stream_true_with_the_anthropic_client(gateway: Server) -
     assert events[-2].type == "message_delta" and events[-2].usage.output_tokens == 4
 
 
+async def test_both_apis_without_a_cluster(gateway: Server) -> None:
+    """On the route where the gateway chooses the endpoint, the envelope is the same."""
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, auth_token=TOKENS["alice"], max_retries=0
+    ) as api:
+        async with api.messages.stream(**ask()) as stream:
+            assert (await stream.get_final_message()).usage.output_tokens == 5
+        with pytest.raises(anthropic.NotFoundError) as unknown:
+            await api.messages.create(**ask(model="no/such-model"))
+        assert unknown.value.type == "not_found_error"
+    async with openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/v1", api_key=TOKENS["alice"], max_retries=0
+    ) as api:
+        answer = await api.responses.create(model=CHAT_MODEL, input="Hello")
+    assert answer.output_text == REPLY
+
+
 async def test_curl_passes_named_events_through_as_they_come(gateway: Server) -> None:
     process = await asyncio.create_subprocess_exec(
         "curl", "-sS", "-N", "--fail-with-body",
