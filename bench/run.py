@@ -14,15 +14,16 @@ globus, ...), with a local fake of Globus on CPU 0.
 
 Then the cost of request records and metrics, built the same way: a gateway as deployed (the defaults:
 a JSON line per request on its stdout, sent to a file as to journald, the same records in its SQLite
-database, metrics on) against one with `request_log: {stdout: false, store: false}`, alternating. Metrics
-cannot be switched off in the gateway, so the second still has them.
+database, metrics on) against one with both off (`request_log: {stdout: false, store: false}`,
+`metrics: {enabled: false}`), alternating.
 
 It ends with the Globus Compute path (bench/compute.py): a fake Globus Compute on CPU 0, a client that
 does the gateway's SDK work alone on CPU 1 against a gateway with a compute endpoint on CPU 1, and the
 gateway's stream relay fed by the fake's function.
 
 Sections: overhead (direct against gateway, streams, slow streams), auth, observability, federation
-(bench/federation.py: the cluster-explicit route against the federated one), compute; `--only`
+(bench/federation.py: the cluster-explicit route against the federated one), deployment
+(bench/deployment.py: nginx, one and two workers, 5,000 held streams), compute; `--only`
 runs the ones named (each needs only the backend it starts itself) and `--skip-compute` leaves out the
 slowest.
 """
@@ -78,6 +79,7 @@ from bench.compute import (
     compute_failures,
     compute_rows,
 )
+from bench.deployment import DeploymentBench, deployment_checks, deployment_failures, deployment_rows
 from bench.federation import FederationBench, federation_checks, federation_failures, federation_rows
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
@@ -106,19 +108,20 @@ and cache the user, so the measures see only the warm path."""
 GLOBUS_C64_RPS_RATIO: Final = "globus_c64_rps_ratio"
 GLOBUS_INTROSPECTIONS: Final = "globus_introspections_per_gateway"
 GATEWAY_PATH: Final = "/resource_server/local/vllm/v1/chat/completions"
-OBSERVABILITY_MODES: Final = ("deployed", "records_off")
-"""Records to stdout and the database with metrics (the defaults), then records off with metrics still on."""
+OBSERVABILITY_MODES: Final = ("deployed", "all_off")
+"""Records to stdout and the database with metrics (the defaults), then records and metrics off."""
 OBSERVABILITY_LABELS: Final = {
     "deployed": "as deployed (records to stdout file and SQLite, metrics)",
-    "records_off": "records off (metrics still on)",
+    "all_off": "records and metrics off",
 }
 OBSERVABILITY_CONCURRENCIES: Final = (16, 64)
 OBSERVABILITY_SECONDS: Final = 4.0
 OBSERVABILITY_ROUNDS: Final = 3
 OBSERVABILITY_DATABASE: Final = "obs.db"
 RECORDS_OFF: Final = {"stdout": False, "store": False}
+METRICS_OFF: Final = {"enabled": False}
 RECORDS_C64_RPS_RATIO: Final = "records_c64_rps_ratio"
-SECTIONS: Final = ("overhead", "auth", "observability", "federation", "compute")
+SECTIONS: Final = ("overhead", "auth", "observability", "federation", "deployment", "compute")
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
@@ -420,8 +423,8 @@ class ObservabilityBench:
         """Start a fresh gateway for one run, measure each concurrency, stop it (which flushes its database
         sink), then count the records it left on stdout and in the database."""
         settings: dict[str, Any] = {"database_url": f"sqlite:///{self.database}"}
-        if mode == "records_off":
-            settings["request_log"] = RECORDS_OFF
+        if mode == "all_off":
+            settings |= {"request_log": RECORDS_OFF, "metrics": METRICS_OFF}
         stdout = self.workdir / f"gateway-{mode}-{round_number}.stdout"
         stored_before = stored_records(self.database)
         with ExitStack() as services:
@@ -477,7 +480,7 @@ def summarize_observability(runs: list[dict[str, Any]], seconds: float, rounds: 
         on, off = (best_of(runs, mode, level, key="mode") for mode in OBSERVABILITY_MODES)
         by_concurrency[level] = {
             "deployed": on,
-            "records_off": off,
+            "all_off": off,
             "rps_ratio": round(on["rps"] / off["rps"], 3) if off["rps"] else None,
             "median_rps_ratio": (
                 round(on["rps_median"] / off["rps_median"], 3) if off["rps_median"] else None
@@ -491,7 +494,7 @@ def summarize_observability(runs: list[dict[str, Any]], seconds: float, rounds: 
         "rounds": rounds,
         "modes": {
             "deployed": "defaults: request records on stdout (to a file) and in SQLite, metrics on",
-            "records_off": f"request_log: {RECORDS_OFF}, metrics still on (they cannot be switched off)",
+            "all_off": f"request_log: {RECORDS_OFF}, metrics: {METRICS_OFF}",
         },
         "order": [f"{run['mode']} {run['round']}" for run in runs],
         "warm_requests": AUTH_WARM_REQUESTS,
@@ -541,6 +544,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         **compute_checks(results.get("compute") or {}),
         **federation_checks(results.get("federation") or {}),
+        **deployment_checks(results.get("deployment") or {}),
     }
     return {
         key: {"figure": figure, "target": target, "met": None if figure is None else passes(figure)}
@@ -624,6 +628,9 @@ def markdown(results: dict[str, Any]) -> str:
     federation = results.get("federation")
     if federation:
         lines.extend(federation_rows(federation, judged))
+    deployment = results.get("deployment")
+    if deployment:
+        lines.extend(deployment_rows(deployment, judged))
     compute = results.get("compute")
     if compute:
         lines.extend(compute_rows(compute, judged))
@@ -661,18 +668,18 @@ def auth_rows(level: str, pair: dict[str, Any], comparison: str, judged: dict[st
 def observability_rows(
     level: str, pair: dict[str, Any], observability: dict[str, Any], judged: dict[str, Any]
 ) -> list[str]:
-    """Records off and as deployed one under the other in the Gateway column, best run and median."""
-    off, on = pair["records_off"], pair["deployed"]
+    """All off and as deployed one under the other in the Gateway column, best run and median."""
+    off, on = pair["all_off"], pair["deployed"]
     prefix = f"records c={level}, {observability['comparison']}"
     ratio, median_ratio = pair.get("rps_ratio"), pair.get("median_rps_ratio")
     share = "—"
     if ratio is not None and median_ratio is not None:
-        share = f"{show(ratio * 100, '%')} of records off (median {show(median_ratio * 100, '%')})"
+        share = f"{show(ratio * 100, '%')} of all off (median {show(median_ratio * 100, '%')})"
 
     def rps(summary: dict[str, Any]) -> str:
         return f"{show(summary['rps'])} (median {show(summary['rps_median'])})"
 
-    off_label, on_label = (OBSERVABILITY_LABELS[mode] for mode in ("records_off", "deployed"))
+    off_label, on_label = (OBSERVABILITY_LABELS[mode] for mode in ("all_off", "deployed"))
     rows = [
         table_row(f"{prefix}: {off_label} requests/s", None, rps(off), "—", ""),
         table_row(
@@ -685,13 +692,13 @@ def observability_rows(
         ),
     ]
     for rank in ("p50", "p99"):
-        added = show(pair.get(f"added_{rank}_ms"), " ms vs records off")
-        rows.append(table_row(f"{prefix}: records off {rank}", None, off[f"{rank}_ms"], "—", " ms"))
+        added = show(pair.get(f"added_{rank}_ms"), " ms vs all off")
+        rows.append(table_row(f"{prefix}: all off {rank}", None, off[f"{rank}_ms"], "—", " ms"))
         rows.append(table_row(f"{prefix}: as deployed {rank}", None, on[f"{rank}_ms"], added, " ms"))
     shares = f"{on['other_cpu_share']:.0%} / {off['other_cpu_share']:.0%}"
     rows.append(
         table_row(
-            f"{prefix}: CPUs 0-1 taken by other processes, as deployed / records off", None, shares, "—", ""
+            f"{prefix}: CPUs 0-1 taken by other processes, as deployed / all off", None, shares, "—", ""
         )
     )
     if level == str(OBSERVABILITY_CONCURRENCIES[-1]):
@@ -753,6 +760,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             check_running(backend)
     if gateways and "federation" in sections:
         results["federation"] = FederationBench(workdir, args.seconds).run()
+    if gateways and "deployment" in sections:
+        results["deployment"] = DeploymentBench(workdir, args.seconds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
     if "compute" in sections:
         results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateways).run()
@@ -812,6 +821,7 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         found
         + compute_failures(results.get("compute") or {})
         + federation_failures(results.get("federation") or {})
+        + deployment_failures(results.get("deployment") or {})
     )
 
 

@@ -1,0 +1,317 @@
+"""The benchmark's deployment section: the gateway as it runs in production, in one run.
+
+Five ways to the same fake backend, each measured at the same concurrencies: directly, through nginx
+alone (the shipped proxying rules in front of the backend), through the gateway with one worker and
+with two, and through nginx in front of the two-worker gateway. Nothing is pinned here: two workers
+need both CPUs, so every process (load generator and backend included) may run on either, and the
+figures show what this 2-CPU machine can do as a whole. Each measure is taken in every round, in
+turn, and the best round counts (noise only ever slows a run).
+
+Then resident memory of the two-worker gateway (supervisor and workers summed) while it holds 1,000
+and then 5,000 slow streams at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from bench.common import (
+    MODEL,
+    NO_LIMITS,
+    STATIC_AUTH,
+    TOKEN,
+    Service,
+    chat_body,
+    difference,
+    free_port,
+    run_client,
+    show,
+    start_service,
+    table_row,
+    tokens_document,
+    wait_ready,
+    warm,
+)
+from bench.nginx import run_nginx
+
+ANY_CPU: Final = "0,1"
+PATHS: Final = {
+    "direct": "/v1/chat/completions",
+    "gateway": "/resource_server/local/vllm/v1/chat/completions",
+}
+WAYS: Final = ("direct", "nginx", "gateway_1", "gateway_2", "nginx_gateway_2")
+LABELS: Final = {
+    "direct": "direct to the backend",
+    "nginx": "nginx alone",
+    "gateway_1": "gateway, 1 worker",
+    "gateway_2": "gateway, 2 workers",
+    "nginx_gateway_2": "nginx + gateway, 2 workers",
+}
+CONCURRENCIES: Final = (16, 64)
+PACED_STREAM: Final = "[[chunks=20]][[chunk_delay=0.02]]"
+SLOW_STREAM: Final = "[[chunks=20]][[chunk_delay=1]]"
+HELD_STREAMS: Final = (1000, 5000)
+HOLD_SECONDS: Final = 120.0
+ROUNDS: Final = 2
+WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
+NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
+STREAMS_5000_RSS: Final = "streams_5000_rss_mb"
+Check = tuple[float | None, str, Callable[[float], bool]]
+
+
+def write_config(workdir: Path, port: int, backend_port: int, workers: int) -> Path:
+    name = f"gateway-workers-{workers}.yaml"
+    documents: dict[str, Any] = {
+        name: {
+            "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+            "auth": STATIC_AUTH,
+            "limits": NO_LIMITS,
+            "database_url": f"sqlite:///deployment-{workers}.db",
+            "endpoints_file": "endpoints.yaml",
+            "clusters_file": "clusters.yaml",
+        },
+        "tokens.yaml": tokens_document(),
+        "endpoints.yaml": [
+            {
+                "cluster": "local",
+                "framework": "vllm",
+                "model": MODEL,
+                "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
+                "config": {"api_url": f"http://127.0.0.1:{backend_port}/v1"},
+            }
+        ],
+        "clusters.yaml": [
+            {
+                "cluster_name": "local",
+                "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
+                "frameworks": ["vllm"],
+                "openai_endpoints": ["chat/completions"],
+                "config": {"status_url": f"http://127.0.0.1:{backend_port}/jobs"},
+            }
+        ],
+    }
+    for filename, document in documents.items():
+        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    return workdir / name
+
+
+def family_rss_kb(pid: int) -> int:
+    """VmRSS of a process and its children (the workers); shared pages count once per process, so
+    the sum errs high."""
+    pids = [pid, *_children(pid)]
+    total = 0
+    for each in pids:
+        try:
+            with open(f"/proc/{each}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[list[int]]:
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(family_rss_kb(pid))
+            stop.wait(0.25)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+class DeploymentBench:
+    def __init__(self, workdir: Path, seconds: float) -> None:
+        self.workdir = workdir
+        self.seconds = seconds
+
+    def run(self) -> dict[str, Any]:
+        with ExitStack() as services:
+            backend_port = free_port()
+            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend = self._start(services, "backend", backend_args)
+            wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")
+            gateways = {workers: self._gateway(services, backend_port, workers) for workers in (1, 2)}
+            return asyncio.run(self._measure(backend_port, gateways))
+
+    def _start(self, services: ExitStack, name: str, args: list[str]) -> Service:
+        service = start_service(name, ANY_CPU, args, self.workdir)
+        services.callback(service.stop)
+        return service
+
+    def _gateway(self, services: ExitStack, backend_port: int, workers: int) -> tuple[Service, int]:
+        port = free_port()
+        config = write_config(self.workdir, port, backend_port, workers)
+        gateway = self._start(services, f"gateway-{workers}", ["-m", "proxy", "--config", str(config)])
+        wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
+        return gateway, port
+
+    async def _measure(self, backend_port: int, gateways: dict[int, tuple[Service, int]]) -> dict[str, Any]:
+        nginx_dir = self.workdir / "nginx"
+        backend = f"127.0.0.1:{backend_port}"
+        two = f"127.0.0.1:{gateways[2][1]}"
+        async with (
+            run_nginx(nginx_dir / "alone", [backend], port=free_port()) as alone,
+            run_nginx(nginx_dir / "front", [two], port=free_port()) as front,
+        ):
+            urls = {
+                "direct": f"http://{backend}{PATHS['direct']}",
+                "nginx": f"{alone.url}{PATHS['direct']}",
+                "gateway_1": f"http://127.0.0.1:{gateways[1][1]}{PATHS['gateway']}",
+                "gateway_2": f"http://{two}{PATHS['gateway']}",
+                "nginx_gateway_2": f"{front.url}{PATHS['gateway']}",
+            }
+            for way in WAYS:
+                warm(urls[way], 20)
+            measures = await asyncio.to_thread(self._throughput, urls)
+            held = await asyncio.to_thread(self._held_streams, gateways[2][0], urls["gateway_2"])
+        return summarize(measures, held, self.seconds)
+
+    def _throughput(self, urls: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+        runs: dict[str, list[dict[str, Any]]] = {}
+        plain, paced = chat_body(), chat_body(f"Say hello {PACED_STREAM}", stream=True)
+        for round_number in range(1, ROUNDS + 1):
+            for way in WAYS:
+                for level in CONCURRENCIES:
+                    options = ["--concurrency", str(level), "--warmup", str(level * 10)]
+                    runs.setdefault(f"{way} c{level}", []).append(self._load(urls[way], plain, options))
+                options = ["--concurrency", "16", "--warmup", "32", "--stream"]
+                runs.setdefault(f"{way} stream", []).append(self._load(urls[way], paced, options))
+                print(f"deployment ({LABELS[way]}), round {round_number}: done", file=sys.stderr)
+        return runs
+
+    def _load(self, url: str, body: str, options: list[str]) -> dict[str, Any]:
+        args = ["--url", url, "--body", body, "--duration", str(self.seconds), "--token", TOKEN, *options]
+        return run_client("load generator", ANY_CPU, "bench.loadgen", args, self.seconds + 120)
+
+    def _held_streams(self, gateway: Service, url: str) -> dict[str, Any]:
+        body = chat_body(f"Say hello {SLOW_STREAM}", stream=True)
+        results = {}
+        for streams in HELD_STREAMS:
+            before = family_rss_kb(gateway.process.pid)
+            args = ["--url", url, "--body", body, "--token", TOKEN]
+            args += ["--hold-streams", str(streams), "--hold-seconds", str(HOLD_SECONDS)]
+            with peak_rss(gateway.process.pid) as samples:
+                held = run_client("load generator", ANY_CPU, "bench.loadgen", args, HOLD_SECONDS + 60)
+            results[str(streams)] = {
+                "completed": held["completed"],
+                "status_counts": held.get("status_counts"),
+                "rss_before_mb": round(before / 1024, 1),
+                "peak_rss_mb": round(max(samples, default=before) / 1024, 1),
+            }
+            print(f"deployment: {streams} held streams: done", file=sys.stderr)
+        return results
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], held: dict[str, Any], seconds: float) -> dict[str, Any]:
+    best = {key: max(measured, key=lambda summary: float(summary["rps"])) for key, measured in runs.items()}
+    one, two = best["gateway_1 c64"]["rps"], best["gateway_2 c64"]["rps"]
+    nginx, front = best["nginx c16"], best["nginx_gateway_2 c16"]
+    return {
+        "comparison": f"best of {ROUNDS} rounds, {seconds:g} s per measure, no CPU pinning",
+        "best": best,
+        "rps_runs": {key: [summary["rps"] for summary in measured] for key, measured in runs.items()},
+        WORKERS_RATIO: round(two / one, 3) if one else None,
+        NGINX_ADDED_P99: difference(front["p99_ms"], nginx["p99_ms"]),
+        "held_streams": held,
+        STREAMS_5000_RSS: held.get("5000", {}).get("peak_rss_mb"),
+    }
+
+
+def deployment_checks(results: dict[str, Any]) -> dict[str, Check]:
+    return {
+        WORKERS_RATIO: (results.get(WORKERS_RATIO), "2 workers ≥ 1.6x 1 worker (c=64)", lambda v: v >= 1.6),
+        NGINX_ADDED_P99: (
+            results.get(NGINX_ADDED_P99),
+            "≤ 3 ms at p99 over nginx alone (c=16)",
+            lambda v: v <= 3,
+        ),
+        STREAMS_5000_RSS: (results.get(STREAMS_5000_RSS), "< 1 GB for 5,000 streams", lambda v: v < 1024),
+    }
+
+
+def deployment_failures(results: dict[str, Any]) -> list[str]:
+    found = [
+        f"deployment {key}: {summary.get('status_counts')}"
+        for key, summary in results.get("best", {}).items()
+        if summary.get("errors")
+    ]
+    for streams, held in results.get("held_streams", {}).items():
+        if held["completed"] != int(streams):
+            found.append(f"deployment {streams} held streams: {held['status_counts']}")
+    return found
+
+
+def deployment_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    best = results["best"]
+    rows = []
+    for level in CONCURRENCIES:
+        for way in WAYS:
+            summary = best[f"{way} c{level}"]
+            rows.append(
+                table_row(
+                    f"deployment c={level}: {LABELS[way]}, requests/s (p50 / p99 ms: "
+                    f"{show(summary['p50_ms'])} / {show(summary['p99_ms'])})",
+                    None,
+                    summary["rps"],
+                    "—",
+                    "",
+                    judged.get(WORKERS_RATIO) if (way, level) == ("gateway_2", 64) else None,
+                )
+            )
+    for way in WAYS:
+        summary = best[f"{way} stream"]
+        rows.append(
+            table_row(
+                f"deployment paced streams c=16: {LABELS[way]}, first chunk p50 / p99",
+                None,
+                f"{show(summary['ttfc_p50_ms'])} / {show(summary['ttfc_p99_ms'])}",
+                "—",
+                " ms",
+            )
+        )
+    rows.append(
+        table_row(
+            "deployment c=16: nginx + gateway (2 workers) p99 minus nginx alone p99",
+            None,
+            results[NGINX_ADDED_P99],
+            "—",
+            " ms",
+            judged.get(NGINX_ADDED_P99),
+        )
+    )
+    for streams, held in results["held_streams"].items():
+        rows.append(
+            table_row(
+                f"deployment: {streams} slow streams held, gateway (2 workers) peak RSS",
+                None,
+                held["peak_rss_mb"],
+                f"{held['completed']} completed",
+                " MB",
+                judged.get(STREAMS_5000_RSS) if streams == "5000" else None,
+            )
+        )
+    return rows
