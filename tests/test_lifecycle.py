@@ -5,6 +5,7 @@ and clusters without dropping anything, and refusing a broken file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -221,3 +222,58 @@ async def _until(condition: object, timeout: float = 15) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         await asyncio.sleep(0.05)
+
+
+async def test_workers_enforce_one_rate_limit_through_redis(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, redis_url: str
+) -> None:
+    """Alone, each worker would admit its own burst; with Redis the two admit one between them."""
+    config = configured(tmp_path, backend)
+    document = yaml.safe_load(config.read_text())
+    document["redis_url"] = redis_url
+    document["limits"] = {"requests_per_second": 0.01, "burst": 6, "concurrent_per_user": 0}
+    write_yaml(config, document)
+    async with gateway_process(config, http, "--workers", "2") as gateway:
+        await _until(lambda: gateway.log_text().count("serving on") == 2)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        clients, first, served_by = [], [], set()
+        try:
+            while (len(served_by) < 2 or len(clients) < 10) and len(clients) < 200:
+                client = aiohttp.ClientSession()
+                clients.append(client)
+                first.append(await complete(client, gateway.url))
+                served_by.add(serving_process(port, client_port(client), gateway.children()))
+            again = await asyncio.gather(*(complete(client, gateway.url) for client in clients))
+        finally:
+            await asyncio.gather(*(client.close() for client in clients))
+        assert len(served_by) == 2, "both workers took connections"
+        assert first.count(200) == 6, "one burst of 6, spent across both workers"
+        assert set(again) == {429}
+
+
+def client_port(client: aiohttp.ClientSession) -> int:
+    """The local port of the client's one kept-alive connection."""
+    connector = client.connector
+    assert connector is not None
+    (protocols,) = connector._conns.values()  # aiohttp has no public view of idle connections
+    transport = protocols[0][0].transport
+    assert transport is not None
+    port: int = transport.get_extra_info("sockname")[1]
+    return port
+
+
+def serving_process(server_port: int, peer_port: int, pids: list[int]) -> int:
+    """Which process holds the server side of a loopback connection, from /proc."""
+    wanted = f":{server_port:04X} "
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(wanted.strip()) and fields[2].endswith(f":{peer_port:04X}"):
+            inode = fields[9]
+    assert inode is not None, "the connection is not in /proc/net/tcp"
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError("no worker holds the connection")
