@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp import web
@@ -137,7 +138,7 @@ async def federated_gateway(
 ) -> tuple[web.AppRunner, Server]:
     """Clusters c1, c2, c3 each serve the chat model with their own backend (c2 also the embedding
     model); `private`, open to uni.edu only and to chat only, serves SECRET_MODEL."""
-    everything = ["chat/completions", "completions", "embeddings"]
+    everything = ["chat/completions", "completions", "embeddings", "responses", "messages"]
     clusters: list[dict[str, Any]] = [
         {
             "cluster_name": name,
@@ -444,6 +445,31 @@ async def test_the_openai_client_without_a_cluster(gateway_of: Any, board: JobsB
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     card = next(model for model in models.data if model.id == CHAT_MODEL)
     assert card.model_extra == {"clusters": list(CLUSTERS)}
+
+
+async def test_responses_and_messages_are_federated(
+    gateway_of: Any, board: JobsBoard, backends: list[Backend]
+) -> None:
+    board.states = {"c3": "running"}
+    gateway = await gateway_of()
+    base_url = f"{gateway.url}/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key=TOKENS["alice"], max_retries=0) as api:
+        raw = await api.responses.with_raw_response.create(model=CHAT_MODEL, input="Hello")
+    assert raw.headers["X-Gateway-Endpoint"] == slug("c3") and raw.parse().output_text
+    messages = [{"role": "user", "content": "Hello"}]
+    async with anthropic.AsyncAnthropic(
+        base_url=gateway.url, auth_token=TOKENS["alice"], max_retries=0
+    ) as claude:
+        answer = await claude.messages.with_raw_response.create(
+            model=CHAT_MODEL,
+            max_tokens=16,
+            messages=messages,
+        )
+        assert answer.headers["X-Gateway-Endpoint"] == slug("c3") and (await answer.parse()).content
+        with pytest.raises(anthropic.NotFoundError) as unknown:
+            await claude.messages.create(model="no/such-model", max_tokens=16, messages=messages)
+    assert unknown.value.type == "not_found_error"
+    assert served_by(backends) == [0, 0, 2]
 
 
 def test_max_attempts_is_checked(tmp_path: Path) -> None:
