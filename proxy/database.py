@@ -352,6 +352,11 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
     return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
 
+SQLITE_CACHED_STATEMENTS = 16
+"""Prepared statements kept per connection. The request records' multi-row INSERT of each batch size is
+a statement of its own, of about a megabyte prepared: sqlite3's default of 128 held some 100 MB of them."""
+
+
 class _SqliteWorker:
     """The one sqlite3 connection and the one thread that ever touches it.
 
@@ -410,7 +415,9 @@ class _SqliteWorker:
 
     def _open(self) -> None:
         # isolation_level=None: no implicit BEGIN, transactions are explicit; timeout is busy_timeout.
-        connection = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        connection = sqlite3.connect(
+            self.path, timeout=self._timeout, isolation_level=None, cached_statements=SQLITE_CACHED_STATEMENTS
+        )
         try:
             connection.row_factory = _dict_row
             self._use_wal(connection)
