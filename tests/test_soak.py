@@ -113,7 +113,8 @@ async def backend_process() -> AsyncIterator[str]:
             await wait_until_serving(http, f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await process.wait()
 
 
