@@ -20,7 +20,13 @@ from proxy.maintenance import read_state, write_state
 from proxy.registry import Registry, load_registry
 from proxy.reload import reload_on_sighup, signal_reload
 from proxy.settings import ConfigError, GatewaySettings, load_settings
-from proxy.workers import Supervisor, exit_with_parent, listening_socket, metrics_directory, worker_command
+from proxy.workers import (
+    Supervisor,
+    exit_with_supervisor,
+    listening_socket,
+    metrics_directory,
+    worker_command,
+)
 
 log = logging.getLogger("proxy")
 
@@ -126,7 +132,7 @@ def _still_valid(config: Path) -> bool:
 
 
 async def _exit_with_supervisor(app: web.Application) -> None:
-    watcher = exit_with_parent(os.getppid())
+    watcher = exit_with_supervisor()
     app.on_cleanup.append(lambda _: _cancel(watcher))
 
 

@@ -28,6 +28,9 @@ RESTART_DELAY_SECONDS = 1.0
 EARLY_DEATH_SECONDS = 5.0
 """A worker that dies sooner than this after starting probably cannot start at all."""
 MAX_EARLY_DEATHS = 5
+SUPERVISOR_ENV = "INFERENCE_GATEWAY_SUPERVISOR"
+"""Tells a worker its supervisor's pid: a worker started just as the supervisor died already has
+another parent, and must not take that one for its supervisor."""
 
 
 def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -68,7 +71,11 @@ class Supervisor:
         self._count = count
         self._command = [*command, "--listen-fd", str(sock.fileno())]
         self._sock = sock
-        self._env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self._env = {
+            **os.environ,
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            SUPERVISOR_ENV: str(os.getpid()),
+        }
         self._metrics_dir = metrics_dir
         self._config_is_valid = config_is_valid
         self._workers: dict[int, Worker] = {}
@@ -168,14 +175,15 @@ def worker_command(argv: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "proxy", *kept]
 
 
-def exit_with_parent(parent: int) -> asyncio.Task[None]:
+def exit_with_supervisor() -> asyncio.Task[None]:
     """A worker whose supervisor vanished (killed with SIGKILL) drains and exits instead of
     serving on, unsupervised, forever."""
+    supervisor = int(os.environ.get(SUPERVISOR_ENV, os.getppid()))
 
     async def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == supervisor:
             await asyncio.sleep(1.0)
-        log.warning("supervisor %d is gone; draining and exiting", parent)
+        log.warning("supervisor %d is gone; draining and exiting", supervisor)
         os.kill(os.getpid(), signal.SIGTERM)
 
     return asyncio.ensure_future(watch())

@@ -68,12 +68,14 @@ async def gateway_process(config: Path, http: aiohttp.ClientSession, *args: str)
         await wait_until_serving(http, f"{gateway.url}/resource_server/health")
         yield gateway
     finally:
+        workers = _workers(gateway)
         await stop(process, signal.SIGKILL if process.poll() is None else signal.SIGTERM, 10)
-        for child in _orphans(gateway):
-            os.kill(child, signal.SIGKILL)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
-def _orphans(gateway: Gateway) -> list[int]:
+def _workers(gateway: Gateway) -> list[int]:
     try:
         return gateway.children()
     except OSError:
@@ -133,6 +135,17 @@ async def test_a_dead_worker_is_replaced(
         await asyncio.sleep(1.5)
         assert [await complete(http, gateway.url) for _ in range(10)] == [200] * 10
         assert "starting a new one" in gateway.log_text()
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+        await _until(lambda: gateway.log_text().count("serving on") == 2)
+        workers = gateway.children()
+        gateway.process.kill()
+        await _until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), timeout=20)
+        assert gateway.log_text().count("is gone; draining and exiting") == 2
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
