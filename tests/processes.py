@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ async def gateway_process(
     try:
         async with aiohttp.ClientSession() as http:
             await wait_until_serving(http, f"http://127.0.0.1:{port}/resource_server/health")
+        assert process.returncode is None, f"the gateway exited: was port {port} taken meanwhile?"
         yield process
     finally:
         if process.returncode is None:
@@ -85,3 +87,34 @@ async def gateway_process(
             except TimeoutError:
                 process.kill()
                 await process.wait()
+
+
+_BACKEND = """
+import socket, sys
+from aiohttp import web
+from bench.backend import create_backend_app, new_event_loop
+listener = socket.socket(fileno=int(sys.argv[1]))
+web.run_app(create_backend_app(models=sys.argv[2:]), sock=listener, access_log=None, print=None,
+            handler_cancellation=True, loop=new_event_loop())
+"""
+
+
+@contextlib.asynccontextmanager
+async def backend_process(*models: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """The fake backend (bench.backend) in a process of its own, on a socket bound here and handed
+    over: a port picked free and bound later could be taken meanwhile by another test's server."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    port = listener.getsockname()[1]
+    with listener:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _BACKEND, str(listener.fileno()), *models, pass_fds=[listener.fileno()],
+            cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+            await wait_until_serving(http, f"http://127.0.0.1:{port}/health")
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 import time
 from collections.abc import AsyncIterator, Collection
 from pathlib import Path
@@ -29,12 +28,11 @@ from tests.compute_setup import SECRET, compute_config
 from tests.conftest import Server, auth, chat, endpoint, free_port, start, start_gateway
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
-from tests.processes import wait_until_serving
+from tests.processes import backend_process
 from tests.redis_server import RedisServer
 from tests.support import write_gateway_config, write_yaml
 from tests.test_routes import assert_openai_error, call
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 0.5
 """The faulty endpoints' `api_request_timeout`."""
 
@@ -149,16 +147,8 @@ class RawServer:
 async def test_backend_process_killed_mid_stream(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.backend", "--port", str(port), "--model", "killable/model",
-        cwd=ROOT, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        await wait_until_serving(http, f"http://127.0.0.1:{port}/health")
-        runner, gateway = await start_faulty_gateway(
-            tmp_path, backend, {"killable/model": f"http://127.0.0.1:{port}/v1"}
-        )
+    async with backend_process("killable/model") as (process, url):
+        runner, gateway = await start_faulty_gateway(tmp_path, backend, {"killable/model": f"{url}/v1"})
         try:
             body = chat("[[chunks=2000]][[chunk_delay=0.01]]", model="killable/model", stream=True)
             async with http.post(chat_url(gateway), json=body, headers=with_id("killed")) as response:
@@ -173,10 +163,6 @@ async def test_backend_process_killed_mid_stream(
             records = await stored(tmp_path / "gateway.db", {"killed", "after-kill"})
         finally:
             await runner.cleanup()
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
     assert records["killed"]["status"] == 200 and records["killed"]["stream"] == 1
     assert records["killed"]["error"] == error["message"], "the record hides that the stream failed"
     assert records["after-kill"]["status"] == 200

@@ -12,7 +12,6 @@ import asyncio
 import os
 import random
 import sqlite3
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.processes import ROOT, gateway_process, wait_until_serving
+from tests.processes import backend_process, gateway_process
 from tests.support import CHAT_MODEL, EMBED_MODEL, auth, chat, free_port, write_gateway_config
 
 CLIENTS = 300
@@ -100,22 +99,10 @@ async def run_load(base: str, seconds: float, load: Load, seed: int) -> None:
 
 
 @pytest.fixture
-async def backend_process() -> AsyncIterator[str]:
+async def backend() -> AsyncIterator[str]:
     """The fake backend in its own process, so that it does not share the load generator's loop."""
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.backend", "--port", str(port), "--model", CHAT_MODEL,
-        "--model", EMBED_MODEL, cwd=ROOT, stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        async with aiohttp.ClientSession() as http:
-            await wait_until_serving(http, f"http://127.0.0.1:{port}/health")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
+    async with backend_process(CHAT_MODEL, EMBED_MODEL) as (_, url):
+        yield url
 
 
 def stored_requests(database: Path) -> int:
@@ -143,9 +130,9 @@ async def settled_fds(pid: int, limit: int, timeout: float = 40) -> int:
 
 
 @pytest.mark.timeout(300)
-async def test_soak(backend_process: str, tmp_path: Path) -> None:
+async def test_soak(backend: str, tmp_path: Path) -> None:
     port = free_port()
-    config = write_gateway_config(tmp_path, backend_process)
+    config = write_gateway_config(tmp_path, backend)
     document = yaml.safe_load(config.read_text())
     document["request_log"] = {"stdout": False, "store": True}
     document["database_url"] = "sqlite:///soak.db"
