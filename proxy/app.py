@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -62,6 +62,8 @@ def create_app(
     app[METRICS] = metrics
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
+    if writer is not None:
+        app.on_cleanup.append(_closing(writer))
     app[REQUEST_LOG] = RequestLog(
         writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
     )
@@ -88,6 +90,15 @@ def create_app(
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
     return app
+
+
+def _closing(writer: LineWriter) -> Callable[[web.Application], Awaitable[None]]:
+    """The last records of a stopping gateway are written, not left pending."""
+
+    async def close(_: web.Application) -> None:
+        writer.close()
+
+    return close
 
 
 def _labels_of(registry: Registry) -> Callable[[str], tuple[str, str, str, str]]:

@@ -184,6 +184,12 @@ class Database(Queries):
     def __init__(self) -> None:
         self._transaction_tasks: set[asyncio.Task[Any]] = set()
 
+    @abstractmethod
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement once per row of parameters, all rows or none. The statement is prepared
+        once: far cheaper than one statement with a VALUES list per row, which is parsed anew for
+        each batch size."""
+
     @classmethod
     async def connect(
         cls,
@@ -377,6 +383,9 @@ class _SqliteWorker:
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         return await self._call(self._execute, sql, params)
 
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._call(self._execute_many, sql, rows)
+
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         return await self._call(self._fetch, sql, params)
 
@@ -453,6 +462,16 @@ class _SqliteWorker:
         with closing(self._db().execute(sql, params)) as cursor:
             return max(cursor.rowcount, 0)
 
+    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        connection = self._db()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            connection.executemany(sql, rows)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
     def _fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         with closing(self._db().execute(sql, params)) as cursor:
             rows: list[Row] = cursor.fetchall()
@@ -518,6 +537,11 @@ class _SqliteDatabase(Database):
         self._refuse_inside_transaction()
         async with self._lock:
             return await self._worker.execute(sql, params)
+
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._refuse_inside_transaction()
+        async with self._lock:
+            await self._worker.execute_many(sql, rows)
 
     async def fetch(self, sql: str, *params: Any) -> list[Row]:
         self._refuse_inside_transaction()
@@ -619,6 +643,12 @@ class _PostgresDatabase(Database):
         self._refuse_inside_transaction()
         async with self._connection() as connection:
             return await _PostgresTransaction(connection).execute(sql, *params)
+
+    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """asyncpg's executemany is atomic: one implicit transaction for all rows."""
+        self._refuse_inside_transaction()
+        async with self._connection() as connection:
+            await connection.executemany(postgres_sql(sql), rows)
 
     async def fetch(self, sql: str, *params: Any) -> list[Row]:
         self._refuse_inside_transaction()

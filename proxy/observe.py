@@ -6,6 +6,7 @@ ended."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,10 @@ from proxy.request_log import LineWriter, RecordSink, RequestRecord
 from proxy.usage import Usage
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+"""Request ids: random per process, then counted, so that ids are unique across processes and
+hosts without a system call per request."""
 QUIET_ROUTES = frozenset({"metrics", "health"})
 """Route names of scrapes and health probes: every few seconds, they would drown real requests."""
 
@@ -183,7 +188,7 @@ def _error_message(response: web.Response) -> str | None:
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if _VALID_REQUEST_ID.match(given) else os.urandom(16).hex()
+    return given if _VALID_REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 def _route(request: web.Request) -> str:

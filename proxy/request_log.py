@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Final
 
+import orjson
+
 from proxy.database import DatabaseUnavailable
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ FIRST_RETRY_SECONDS: Final = 0.05
 
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-"""Built once: json.dumps with options builds a new encoder on every call."""
+"""For the rare line orjson refuses; built once, as json.dumps with options builds one per call."""
 
 
 @dataclass
@@ -72,11 +74,15 @@ class RequestRecord:
     result: str | None = None
 
     def as_json_line(self) -> bytes:
-        """Compact JSON ending in one newline. json escapes every control character, so the only newline is
-        the last byte; text stays readable UTF-8, and a lone surrogate (undecodable client input) becomes
-        the JSON escape ``\\udcXX`` instead of an encoding error."""
-        text = _LINE_ENCODER.encode(vars(self))
-        return text.encode("utf-8", "backslashreplace") + b"\n"
+        """Compact JSON ending in one newline. JSON escapes every control character, so the only newline
+        is the last byte; text stays readable UTF-8. orjson writes it ten times faster than the standard
+        library, which a busy gateway notices; it refuses a lone surrogate (undecodable client input),
+        which the standard library then writes as the JSON escape ``\\udcXX``."""
+        try:
+            return orjson.dumps(vars(self), option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:
+            text = _LINE_ENCODER.encode(vars(self))
+            return text.encode("utf-8", "backslashreplace") + b"\n"
 
 
 # --- stdout -------------------------------------------------------------------------------------------
@@ -108,6 +114,7 @@ class LineWriter:
         self._lock_pid = 0
         self._threads = threading.Lock()
         self._warned_unlocked = False
+        self._pending: list[bytes] = []
 
     @property
     def lock_path(self) -> str:
@@ -116,12 +123,35 @@ class LineWriter:
         return self._lock_path
 
     def write(self, record: RequestRecord) -> None:
+        """On an event loop, lines wait for the end of the loop's turn and leave together, a few
+        per write: one system call per request is a visible share of a busy gateway's time."""
         try:
             line = record.as_json_line()
         except Exception as exc:  # a field of a type json cannot encode: the caller's bug, not a crash
             self._failed(exc)
             return
-        self.write_line(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.write_line(line)
+            return
+        self._pending.append(line)
+        if len(self._pending) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Pending lines in pieces of at most PIPE_BUF, each written whole (one longer line alone)."""
+        pending, self._pending = self._pending, []
+        piece: list[bytes] = []
+        size = 0
+        for line in pending:
+            if piece and size + len(line) > ATOMIC_WRITE_BYTES:
+                self.write_line(b"".join(piece))
+                piece, size = [], 0
+            piece.append(line)
+            size += len(line)
+        if piece:
+            self.write_line(b"".join(piece))
 
     def write_line(self, line: bytes) -> None:
         """Write ``line`` (which should end in a newline) as one piece, however large. A line within
@@ -138,7 +168,9 @@ class LineWriter:
             self._failed(exc)
 
     def close(self) -> None:
-        """Release the lock file; the file descriptor written to is the caller's and stays open."""
+        """Write what is pending and release the lock file; the file descriptor written to is the
+        caller's and stays open."""
+        self.flush()
         with self._threads:
             if self._lock_fd is not None and self._lock_pid == os.getpid():
                 _close_quietly(self._lock_fd)

@@ -8,10 +8,8 @@ or per model, in the database, over an indexed time range.
 from __future__ import annotations
 
 import operator
-import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
-from itertools import chain
 from typing import Any, Final, Literal
 
 from proxy.database import Database, Row
@@ -23,24 +21,17 @@ _COLUMNS: Final = tuple(field.name for field in fields(RequestRecord))
 _ROW_SQL: Final = f"({', '.join('?' * len(_COLUMNS))})"
 _GROUP_COLUMN: Final[dict[str, str]] = {"user": "username", "model": "model"}
 
-# Bound parameters per statement: SQLite before 3.32 allows 999, later SQLite 32766, PostgreSQL 32767.
-_MAX_PARAMETERS: Final = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-_MAX_ROWS_PER_STATEMENT: Final = _MAX_PARAMETERS // len(_COLUMNS)
-
 # A backend that reports prompt and completion tokens but no total still used tokens: count their sum.
 _TOTAL_SQL: Final = "COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0))"
 
 
-def _insert_sql(rows: int) -> str:
-    """One multi-row INSERT; ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch
-    whose commit was never acknowledged harmless instead of a primary-key error. The key is
-    (request_id, started_at): a client may send the same X-Request-ID with every request, and those are
-    still different requests."""
-    values = ", ".join([_ROW_SQL] * rows)
-    return (
-        f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {values}"
-        " ON CONFLICT (request_id, started_at) DO NOTHING"
-    )
+_INSERT_SQL: Final = (
+    f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {_ROW_SQL}"
+    " ON CONFLICT (request_id, started_at) DO NOTHING"
+)
+"""ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch whose commit was never
+acknowledged harmless instead of a primary-key error. The key is (request_id, started_at): a client
+may send the same X-Request-ID with every request, and those are still different requests."""
 
 
 _values: Final = operator.attrgetter(*_COLUMNS)
@@ -52,11 +43,6 @@ def _params(record: RequestRecord) -> list[Any]:
     values = list(_values(record))
     values[_STREAM] = int(record.stream)
     return values
-
-
-def _chunks(records: Sequence[RequestRecord], size: int) -> Iterator[Sequence[RequestRecord]]:
-    for start in range(0, len(records), size):
-        yield records[start : start + size]
 
 
 def _usage_sql(by: UsageBy, bounded: bool) -> str:
@@ -84,21 +70,10 @@ class UsageStore:
         self._db = database
 
     async def add_many(self, records: Sequence[RequestRecord]) -> None:
-        """Insert ``records`` all or nothing: one multi-row INSERT, split only where a batch would exceed
-        the databases' limit on bound parameters, inside one transaction. Records already stored (same
-        request_id) are skipped, so a retry after an unacknowledged commit adds nothing twice."""
-        if not records:
-            return
-        if len(records) <= _MAX_ROWS_PER_STATEMENT:
-            await self._db.execute(_insert_sql(len(records)), *self._flat(records))
-            return
-        async with self._db.transaction() as tx:
-            for chunk in _chunks(records, _MAX_ROWS_PER_STATEMENT):
-                await tx.execute(_insert_sql(len(chunk)), *self._flat(chunk))
-
-    @staticmethod
-    def _flat(records: Sequence[RequestRecord]) -> list[Any]:
-        return list(chain.from_iterable(map(_params, records)))
+        """Insert ``records`` all or nothing. Records already stored (same key) are skipped, so a retry
+        after an unacknowledged commit adds nothing twice."""
+        if records:
+            await self._db.execute_many(_INSERT_SQL, [_params(record) for record in records])
 
     async def usage(
         self, since: float, until: float | None = None, by: UsageBy = "user"
