@@ -57,9 +57,10 @@ LABELS: Final = {
 }
 CONCURRENCIES: Final = (16, 64)
 PACED_STREAM: Final = "[[chunks=20]][[chunk_delay=0.02]]"
-SLOW_STREAM: Final = "[[chunks=20]][[chunk_delay=1]]"
+SLOW_STREAM: Final = "[[chunks=10]][[chunk_delay=3]]"
+"""Held streams, as in real use: a chunk every few seconds (5,000 of them still send 1,700 a second)."""
 HELD_STREAMS: Final = (1000, 5000)
-HOLD_SECONDS: Final = 120.0
+HOLD_SECONDS: Final = 180.0
 ROUNDS: Final = 2
 WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
@@ -218,7 +219,10 @@ class DeploymentBench:
                 held = run_client("load generator", ANY_CPU, "bench.loadgen", args, HOLD_SECONDS + 60)
             results[str(streams)] = {
                 "completed": held["completed"],
+                "unfinished": held["unfinished"],
+                "errors": held["errors"],
                 "status_counts": held.get("status_counts"),
+                "ttfc_p99_ms": held.get("ttfc_p99_ms"),
                 "rss_before_mb": round(before / 1024, 1),
                 "peak_rss_mb": round(max(samples, default=before) / 1024, 1),
             }
