@@ -61,6 +61,9 @@ SLOW_STREAM: Final = "[[chunks=10]][[chunk_delay=3]]"
 """Held streams, as in real use: a chunk every few seconds (5,000 of them still send 1,700 a second)."""
 HELD_STREAMS: Final = (1000, 5000)
 HOLD_SECONDS: Final = 180.0
+OPENED_PER_SECOND: Final = 1000
+"""Held streams are opened over a few seconds: 5,000 connections in one instant overflow this
+machine's accept queue (net.core.somaxconn = 4096) whatever server listens."""
 ROUNDS: Final = 2
 WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
@@ -215,6 +218,7 @@ class DeploymentBench:
             before = family_rss_kb(gateway.process.pid)
             args = ["--url", url, "--body", body, "--token", TOKEN]
             args += ["--hold-streams", str(streams), "--hold-seconds", str(HOLD_SECONDS)]
+            args += ["--ramp-seconds", str(streams / OPENED_PER_SECOND)]
             with peak_rss(gateway.process.pid) as samples:
                 held = run_client("load generator", ANY_CPU, "bench.loadgen", args, HOLD_SECONDS + 60)
             results[str(streams)] = {

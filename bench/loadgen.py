@@ -2,12 +2,12 @@
 
     python -m bench.loadgen --url URL [--token T] [--body JSON|@FILE] [--concurrency C]
         [--requests N] [--duration S] [--warmup N] [--stream]
-    python -m bench.loadgen --url URL --body JSON --hold-streams N [--hold-seconds S]
+    python -m bench.loadgen --url URL --body JSON --hold-streams N [--hold-seconds S] [--ramp-seconds S]
 
 It prints one JSON object. The first form keeps C requests in flight until N requests are done or
 S seconds have passed, whichever comes first; with `--stream` it also times the first body bytes
-(time to first chunk). The second form opens N streams at once, reads each to its end and reports
-how many completed, for measuring what idle streams cost the gateway.
+(time to first chunk). The second form opens N streams (at once, or over a ramp), reads each to its
+end and reports how many completed, for measuring what idle streams cost the gateway.
 """
 
 from __future__ import annotations
@@ -179,12 +179,19 @@ async def measure(
     return {"concurrency": concurrency, **summarize(tally, elapsed, stream)}
 
 
-async def hold_streams(target: Target, *, streams: int, seconds: float) -> dict[str, Any]:
-    """Open all streams at once and read them to their end; unfinished ones count as failed."""
+async def hold_streams(target: Target, *, streams: int, seconds: float, ramp: float = 0.0) -> dict[str, Any]:
+    """Open the streams (all at once, or evenly over `ramp` seconds) and read them to their end;
+    unfinished ones count as failed. A ramp keeps thousands of connections from arriving in the
+    same instant, which overflows the kernel's accept queue (net.core.somaxconn) of any server."""
     tally = Tally()
     async with new_session(seconds) as session:
         started = time.perf_counter()
-        tasks = [asyncio.create_task(send(session, target, True, tally)) for _ in range(streams)]
+
+        async def one(index: int) -> None:
+            await asyncio.sleep(ramp * index / streams)
+            await send(session, target, True, tally)
+
+        tasks = [asyncio.create_task(one(index)) for index in range(streams)]
         _, pending = await asyncio.wait(tasks, timeout=seconds)
         for task in pending:
             task.cancel()
@@ -237,6 +244,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=positive_float, default=60.0, help="per request")
     parser.add_argument("--hold-streams", type=int_at_least(1), help="open this many slow streams")
     parser.add_argument("--hold-seconds", type=positive_float, default=60.0, help="their limit")
+    parser.add_argument(
+        "--ramp-seconds", type=float, default=0.0, help="open the held streams over this time"
+    )
     return parser.parse_args(argv)
 
 
@@ -247,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         headers["Authorization"] = f"Bearer {args.token}"
     target = Target(URL(args.url), headers, read_body(args.body))
     if args.hold_streams:
-        work = hold_streams(target, streams=args.hold_streams, seconds=args.hold_seconds)
+        work = hold_streams(
+            target, streams=args.hold_streams, seconds=args.hold_seconds, ramp=args.ramp_seconds
+        )
     else:
         work = measure(
             target,
