@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import yaml
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 MODEL: Final = "bench/model"
 TOKEN: Final = "bench-token"
@@ -275,3 +277,49 @@ def table_row(
     goal = check["target"] if check else ""
     met = {True: "yes", False: "**no**", None: "—"}[check["met"]] if check else ""
     return f"| {measure} | {show(direct, unit)} | {show(gateway, unit)} | {difference} | {goal} | {met} |"
+
+
+def write_gateway_config(
+    workdir: Path,
+    gateway_port: int,
+    backend_port: int,
+    *,
+    auth: dict[str, Any] = STATIC_AUTH,
+    name: str = "gateway.yaml",
+    settings: dict[str, Any] | None = None,
+) -> Path:
+    """Write a gateway configuration as `name`, with `settings` added to its top level; every gateway of a
+    run shares the other documents."""
+    backend = f"http://127.0.0.1:{backend_port}"
+    documents: dict[str, Any] = {
+        name: {
+            "server": {"host": "127.0.0.1", "port": gateway_port},
+            "auth": auth,
+            "limits": NO_LIMITS,
+            "endpoints_file": "endpoints.yaml",
+            "clusters_file": "clusters.yaml",
+            **(settings or {}),
+        },
+        "tokens.yaml": tokens_document(),
+        "endpoints.yaml": [
+            {
+                "cluster": "local",
+                "framework": "vllm",
+                "model": MODEL,
+                "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
+                "config": {"api_url": f"{backend}/v1"},
+            }
+        ],
+        "clusters.yaml": [
+            {
+                "cluster_name": "local",
+                "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
+                "frameworks": ["vllm"],
+                "openai_endpoints": ["chat/completions", "completions", "embeddings"],
+                "config": {"status_url": f"{backend}/jobs"},
+            }
+        ],
+    }
+    for filename, document in documents.items():
+        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    return workdir / name

@@ -21,12 +21,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from bench.common import (
     MODEL,
-    NO_LIMITS,
-    STATIC_AUTH,
     TOKEN,
     Service,
     chat_body,
@@ -36,9 +32,9 @@ from bench.common import (
     show,
     start_service,
     table_row,
-    tokens_document,
     wait_ready,
     warm,
+    write_gateway_config,
 )
 from bench.nginx import run_nginx
 
@@ -69,42 +65,6 @@ WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
 STREAMS_5000_RSS: Final = "streams_5000_rss_mb"
 Check = tuple[float | None, str, Callable[[float], bool]]
-
-
-def write_config(workdir: Path, port: int, backend_port: int, workers: int) -> Path:
-    name = f"gateway-workers-{workers}.yaml"
-    documents: dict[str, Any] = {
-        name: {
-            "server": {"host": "127.0.0.1", "port": port, "workers": workers},
-            "auth": STATIC_AUTH,
-            "limits": NO_LIMITS,
-            "database_url": f"sqlite:///deployment-{workers}.db",
-            "endpoints_file": "endpoints.yaml",
-            "clusters_file": "clusters.yaml",
-        },
-        "tokens.yaml": tokens_document(),
-        "endpoints.yaml": [
-            {
-                "cluster": "local",
-                "framework": "vllm",
-                "model": MODEL,
-                "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
-                "config": {"api_url": f"http://127.0.0.1:{backend_port}/v1"},
-            }
-        ],
-        "clusters.yaml": [
-            {
-                "cluster_name": "local",
-                "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
-                "frameworks": ["vllm"],
-                "openai_endpoints": ["chat/completions"],
-                "config": {"status_url": f"http://127.0.0.1:{backend_port}/jobs"},
-            }
-        ],
-    }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
-    return workdir / name
 
 
 def family_rss_kb(pid: int) -> int:
@@ -168,7 +128,16 @@ class DeploymentBench:
 
     def _gateway(self, services: ExitStack, backend_port: int, workers: int) -> tuple[Service, int]:
         port = free_port()
-        config = write_config(self.workdir, port, backend_port, workers)
+        config = write_gateway_config(
+            self.workdir,
+            port,
+            backend_port,
+            name=f"gateway-workers-{workers}.yaml",
+            settings={
+                "server": {"host": "127.0.0.1", "port": port, "workers": workers},
+                "database_url": f"sqlite:///deployment-{workers}.db",
+            },
+        )
         gateway = self._start(services, f"gateway-{workers}", ["-m", "proxy", "--config", str(config)])
         wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
         return gateway, port

@@ -48,13 +48,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
     MODEL,
-    NO_LIMITS,
     ROOT,
     STATIC_AUTH,
     TOKEN,
@@ -68,9 +65,9 @@ from bench.common import (
     show,
     start_service,
     table_row,
-    tokens_document,
     wait_ready,
     warm,
+    write_gateway_config,
 )
 from bench.compute import (
     ComputeBench,
@@ -125,52 +122,6 @@ SECTIONS: Final = ("overhead", "auth", "observability", "federation", "deploymen
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
-
-
-def write_gateway_config(
-    workdir: Path,
-    gateway_port: int,
-    backend_port: int,
-    *,
-    auth: dict[str, Any] = STATIC_AUTH,
-    name: str = "gateway.yaml",
-    settings: dict[str, Any] | None = None,
-) -> Path:
-    """Write a gateway configuration as `name`, with `settings` added to its top level; every gateway of a
-    run shares the other documents."""
-    backend = f"http://127.0.0.1:{backend_port}"
-    documents: dict[str, Any] = {
-        name: {
-            "server": {"host": "127.0.0.1", "port": gateway_port},
-            "auth": auth,
-            "limits": NO_LIMITS,
-            "endpoints_file": "endpoints.yaml",
-            "clusters_file": "clusters.yaml",
-            **(settings or {}),
-        },
-        "tokens.yaml": tokens_document(),
-        "endpoints.yaml": [
-            {
-                "cluster": "local",
-                "framework": "vllm",
-                "model": MODEL,
-                "endpoint_adapter": "adaptors.direct_api.DirectAPIEndpoint",
-                "config": {"api_url": f"{backend}/v1"},
-            }
-        ],
-        "clusters.yaml": [
-            {
-                "cluster_name": "local",
-                "cluster_adapter": "adaptors.direct_api.DirectAPICluster",
-                "frameworks": ["vllm"],
-                "openai_endpoints": ["chat/completions", "completions", "embeddings"],
-                "config": {"status_url": f"{backend}/jobs"},
-            }
-        ],
-    }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
-    return workdir / name
 
 
 def memory_kb(pid: int) -> dict[str, int]:

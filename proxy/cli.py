@@ -35,12 +35,7 @@ DEFAULT_CONFIG = "conf/gateway.yaml"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="inference-gateway", description=__doc__)
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
-        help=f"main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
-    )
+    _add_config_option(parser)
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
@@ -168,19 +163,34 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
+        help=f"main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def _settings_or_report(path: Path) -> GatewaySettings | None:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return None
+
+
 def maintenance_main(argv: list[str]) -> int:
     """`inference-gateway maintenance on CLUSTER --message ... | off CLUSTER | list`: takes effect in
     running gateways within a second, without a restart."""
     parser = argparse.ArgumentParser(prog="inference-gateway maintenance")
-    parser.add_argument("--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)))
+    _add_config_option(parser)
     parser.add_argument("action", choices=["on", "off", "list"])
     parser.add_argument("cluster", nargs="?")
     parser.add_argument("--message", default="The cluster is under maintenance; please try again later.")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+    settings = _settings_or_report(args.config)
+    if settings is None:
         return 2
     state = read_state(settings.maintenance_file)
     if args.action != "list":
@@ -200,12 +210,10 @@ def reload_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="inference-gateway reload", description="re-read endpoints and clusters in a running gateway"
     )
-    parser.add_argument("--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)))
+    _add_config_option(parser)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+    settings = _settings_or_report(args.config)
+    if settings is None:
         return 2
     if settings.server.pid_file is None:
         print(
