@@ -25,9 +25,11 @@ from bench.common import (
     MODEL,
     TOKEN,
     Service,
+    busy_shares,
     chat_body,
     difference,
     free_port,
+    process_cpu_seconds,
     run_client,
     show,
     start_service,
@@ -79,6 +81,12 @@ def family_rss_kb(pid: int) -> int:
         except (OSError, StopIteration):
             continue
     return total
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children so far; warm-up requests count too, so the figure
+    per measured request errs high."""
+    return sum(process_cpu_seconds(each) for each in [pid, *_children(pid)])
 
 
 def _children(pid: int) -> list[int]:
@@ -159,26 +167,40 @@ class DeploymentBench:
             }
             for way in WAYS:
                 warm(urls[way], 20)
-            measures = await asyncio.to_thread(self._throughput, urls)
+            pids = {
+                "gateway_1": gateways[1][0].process.pid,
+                "gateway_2": gateways[2][0].process.pid,
+                "nginx_gateway_2": gateways[2][0].process.pid,
+            }
+            measures = await asyncio.to_thread(self._throughput, urls, pids)
             held = await asyncio.to_thread(self._held_streams, gateways[2][0], urls["gateway_2"])
         return summarize(measures, held, self.seconds)
 
-    def _throughput(self, urls: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
+    def _throughput(self, urls: dict[str, str], pids: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
         runs: dict[str, list[dict[str, Any]]] = {}
         plain, paced = chat_body(), chat_body(f"Say hello {PACED_STREAM}", stream=True)
         for round_number in range(1, ROUNDS + 1):
             for way in WAYS:
                 for level in CONCURRENCIES:
                     options = ["--concurrency", str(level), "--warmup", str(level * 10)]
-                    runs.setdefault(f"{way} c{level}", []).append(self._load(urls[way], plain, options))
+                    measured = self._load(urls[way], plain, options, pids.get(way))
+                    runs.setdefault(f"{way} c{level}", []).append(measured)
                 options = ["--concurrency", "16", "--warmup", "32", "--stream"]
-                runs.setdefault(f"{way} stream", []).append(self._load(urls[way], paced, options))
+                runs.setdefault(f"{way} stream", []).append(self._load(urls[way], paced, options, None))
                 print(f"deployment ({LABELS[way]}), round {round_number}: done", file=sys.stderr)
         return runs
 
-    def _load(self, url: str, body: str, options: list[str]) -> dict[str, Any]:
+    def _load(self, url: str, body: str, options: list[str], gateway: int | None) -> dict[str, Any]:
+        """With how busy both CPUs were and, for a gateway, its CPU time per request (all its
+        processes): together they show whether the gateway or the machine was the limit."""
         args = ["--url", url, "--body", body, "--duration", str(self.seconds), "--token", TOKEN, *options]
-        return run_client("load generator", ANY_CPU, "bench.loadgen", args, self.seconds + 120)
+        spent = family_cpu_seconds(gateway) if gateway else 0.0
+        with busy_shares() as busy:
+            summary = run_client("load generator", ANY_CPU, "bench.loadgen", args, self.seconds + 120)
+        if gateway and summary["requests"]:
+            used = family_cpu_seconds(gateway) - spent
+            summary["gateway_cpu_ms_per_request"] = round(used * 1000 / summary["requests"], 3)
+        return summary | busy
 
     def _held_streams(self, gateway: Service, url: str) -> dict[str, Any]:
         body = chat_body(f"Say hello {SLOW_STREAM}", stream=True)
@@ -270,6 +292,18 @@ def deployment_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str
                 " ms",
             )
         )
+    one, two = best["gateway_1 c64"], best["gateway_2 c64"]
+    rows.append(
+        table_row(
+            "deployment c=64: gateway CPU per request, 1 worker / 2 workers (CPU 0, CPU 1 busy)",
+            None,
+            f"{show(one.get('gateway_cpu_ms_per_request'))} ms ({one['cpu0_busy_share']:.0%}, "
+            f"{one['cpu1_busy_share']:.0%}) / {show(two.get('gateway_cpu_ms_per_request'))} ms "
+            f"({two['cpu0_busy_share']:.0%}, {two['cpu1_busy_share']:.0%})",
+            "—",
+            "",
+        )
+    )
     rows.append(
         table_row(
             "deployment c=16: nginx + gateway (2 workers) p99 minus nginx alone p99",
