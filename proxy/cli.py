@@ -16,6 +16,7 @@ from aiohttp import web
 from proxy import usage_cli
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
+from proxy.logs import configure_logging
 from proxy.maintenance import read_state, write_state
 from proxy.registry import Registry, load_registry
 from proxy.reload import reload_on_sighup, signal_reload
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = _with_overrides(load_settings(args.config), args)
         registry, authenticator = load_parts(settings)

@@ -394,7 +394,7 @@ async def test_slowloris_neither_stops_others_nor_holds_connections_forever(
     document["timeouts"]["keepalive_seconds"] = KEEPALIVE_SECONDS
     config.write_text(yaml.safe_dump(document))
     url = f"http://127.0.0.1:{port}/resource_server"
-    async with gateway_process(config, port), aiohttp.ClientSession() as http:
+    async with gateway_process(config, port=port), aiohttp.ClientSession() as http:
         closed: list[float] = []
         started = time.monotonic()
         slow = [asyncio.ensure_future(dribble(port, closed)) for _ in range(SLOW_CLIENTS)]
@@ -407,3 +407,33 @@ async def test_slowloris_neither_stops_others_nor_holds_connections_forever(
         await asyncio.wait_for(asyncio.gather(*slow), KEEPALIVE_SECONDS + 10)
     assert len(closed) == SLOW_CLIENTS
     assert all(moment - started >= KEEPALIVE_SECONDS - 0.5 for moment in closed)
+
+
+MALFORMED_HEADS = [
+    b"Authorization: Bearer leaked-token-0001\x01x\r\n",
+    b"Authorization Bearer leaked-token-0002\r\n",
+    b"X Bad: leaked-token-0003\r\n",
+]
+
+
+@pytest.mark.parametrize("head", MALFORMED_HEADS)
+async def test_requests_aiohttp_cannot_parse_leave_no_token_in_the_log(
+    backend: Server, tmp_path: Path, head: bytes
+) -> None:
+    """aiohttp would log the offending line, token and all, with a traceback, for every such request."""
+    port = free_port()
+    config = write_gateway_config(tmp_path, backend.url)
+    async with gateway_process(config, port=port) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /resource_server/local/vllm/v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + head + b"\r\n"
+        )
+        answer = await reader.read(200)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+        deadline = time.monotonic() + 5
+        while "refused a malformed request" not in gateway.log_text() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log = gateway.log_text()
+    assert "refused a malformed request from 127.0.0.1" in log
+    assert "leaked-token" not in log and "Traceback" not in log
