@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,29 +66,63 @@ async def wait_until_serving(http: aiohttp.ClientSession, url: str, timeout: flo
     raise AssertionError(f"{url} did not come up")
 
 
+class GatewayProcess:
+    """`python -m proxy` as deployed; its stderr (the gateway's own log) kept in a file."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        """Its workers, with `--workers N`."""
+        found: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return found
+
+
 @contextlib.asynccontextmanager
-async def gateway_process(
-    config: Path, port: int, stdout: int = asyncio.subprocess.DEVNULL
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`python -m proxy --config CONFIG` as deployed, serving on `port` once its health route
-    answers; stopped with SIGTERM (its graceful shutdown) when the block ends."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config), "--port", str(port),
-        cwd=ROOT, stdout=stdout, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+async def gateway_process(config: Path, *args: str, port: int | None = None) -> AsyncIterator[GatewayProcess]:
+    """Serving once its health route answers (on `port`, or the configuration's); stopped with
+    SIGTERM, its graceful shutdown, when the block ends, and any worker left behind killed."""
+    if port is None:
+        port = int(yaml.safe_load(config.read_text())["server"]["port"])
+    else:
+        args = (*args, "--port", str(port))
+    log = config.parent / f"gateway-{time.monotonic_ns()}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config), *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=output,
+            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
+        )
+    gateway = GatewayProcess(process, f"http://127.0.0.1:{port}", log)
     try:
         async with aiohttp.ClientSession() as http:
-            await wait_until_serving(http, f"http://127.0.0.1:{port}/resource_server/health")
-        assert process.returncode is None, f"the gateway exited: was port {port} taken meanwhile?"
-        yield process
+            await wait_until_serving(http, f"{gateway.url}/resource_server/health")
+        assert process.poll() is None, f"the gateway exited: was port {port} taken meanwhile?"
+        yield gateway
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        workers = _workers(gateway)
+        await stop(process, signal.SIGTERM, 30)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _workers(gateway: GatewayProcess) -> list[int]:
+    try:
+        return gateway.children()
+    except OSError:
+        return []
 
 
 _BACKEND = """

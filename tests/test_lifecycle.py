@@ -8,18 +8,15 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
-from tests.processes import exited, stop, wait_until_serving
+from tests.processes import exited, gateway_process
 from tests.support import (
     CHAT_MODEL,
     Server,
@@ -34,52 +31,6 @@ from tests.support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = "/resource_server/local/vllm/v1/chat/completions"
-
-
-class Gateway:
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def children(self) -> list[int]:
-        tasks = Path(f"/proc/{self.process.pid}/task")
-        found: list[int] = []
-        for task in tasks.iterdir():
-            found += [int(pid) for pid in (task / "children").read_text().split()]
-        return found
-
-
-@asynccontextmanager
-async def gateway_process(config: Path, http: aiohttp.ClientSession, *args: str) -> AsyncIterator[Gateway]:
-    port = yaml.safe_load(config.read_text())["server"]["port"]
-    log = config.parent / f"gateway-{time.monotonic_ns()}.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(config), *args],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=output,
-            env={k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-        )
-    gateway = Gateway(process, f"http://127.0.0.1:{port}", log)
-    try:
-        await wait_until_serving(http, f"{gateway.url}/resource_server/health")
-        yield gateway
-    finally:
-        workers = _workers(gateway)
-        await stop(process, signal.SIGKILL if process.poll() is None else signal.SIGTERM, 10)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _workers(gateway: Gateway) -> list[int]:
-    try:
-        return gateway.children()
-    except OSError:
-        return []
 
 
 def configured(tmp_path: Path, backend: Server, **server: object) -> Path:
@@ -105,7 +56,7 @@ async def open_stream(
 async def test_two_workers_share_the_port_and_their_metrics(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+    async with gateway_process(configured(tmp_path, backend), "--workers", "2") as gateway:
         assert len(gateway.children()) == 2
         fresh = [aiohttp.ClientSession() for _ in range(40)]
         try:
@@ -121,7 +72,7 @@ async def test_two_workers_share_the_port_and_their_metrics(
 async def test_a_dead_worker_is_replaced(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+    async with gateway_process(configured(tmp_path, backend), "--workers", "2") as gateway:
         victim = gateway.children()[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 20
@@ -140,7 +91,7 @@ async def test_a_dead_worker_is_replaced(
 async def test_workers_exit_when_the_supervisor_is_killed(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    async with gateway_process(configured(tmp_path, backend), http, "--workers", "2") as gateway:
+    async with gateway_process(configured(tmp_path, backend), "--workers", "2") as gateway:
         await _until(lambda: gateway.log_text().count("serving on") == 2)
         workers = gateway.children()
         gateway.process.kill()
@@ -152,7 +103,7 @@ async def test_workers_exit_when_the_supervisor_is_killed(
 async def test_sigterm_drains_in_flight_streams_then_exits_0(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
 ) -> None:
-    async with gateway_process(configured(tmp_path, backend), http, "--workers", workers) as gateway:
+    async with gateway_process(configured(tmp_path, backend), "--workers", workers) as gateway:
         response = await open_stream(http, gateway.url, chunks=8, delay=0.25)
         gateway.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
@@ -172,7 +123,7 @@ async def test_drain_timeout_bounds_the_wait(
     document = yaml.safe_load(config.read_text())
     document["timeouts"]["shutdown_seconds"] = 1
     write_yaml(config, document)
-    async with gateway_process(config, http) as gateway:
+    async with gateway_process(config) as gateway:
         response = await open_stream(http, gateway.url, chunks=100, delay=0.2)
         started = time.monotonic()
         gateway.process.send_signal(signal.SIGTERM)
@@ -194,7 +145,7 @@ async def test_reload_serves_new_endpoints_without_dropping_a_stream(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
 ) -> None:
     config = configured(tmp_path, backend, pid_file="gateway.pid")
-    async with gateway_process(config, http, "--workers", workers) as gateway:
+    async with gateway_process(config, "--workers", workers) as gateway:
         assert await complete(http, gateway.url, model="new/Model-1") == 404
         response = await open_stream(http, gateway.url, chunks=10, delay=0.2)
         add_endpoint(config, "new/Model-1", f"{backend.url}/v1")
@@ -215,7 +166,7 @@ async def test_a_broken_reload_is_refused_and_the_old_configuration_stays(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession, workers: str
 ) -> None:
     config = configured(tmp_path, backend)
-    async with gateway_process(config, http, "--workers", workers) as gateway:
+    async with gateway_process(config, "--workers", workers) as gateway:
         endpoints = config.parent / "endpoints.yaml"
         entries = yaml.safe_load(endpoints.read_text())
         entries[0]["endpoint_adapter"] = "adaptors.nowhere.Endpoint"
@@ -246,7 +197,7 @@ async def test_workers_enforce_one_rate_limit_through_redis(
     document["redis_url"] = redis_url
     document["limits"] = {"requests_per_second": 0.01, "burst": 6, "concurrent_per_user": 0}
     write_yaml(config, document)
-    async with gateway_process(config, http, "--workers", "2") as gateway:
+    async with gateway_process(config, "--workers", "2") as gateway:
         await _until(lambda: gateway.log_text().count("serving on") == 2)
         port = int(gateway.url.rsplit(":", 1)[1])
         clients, first, served_by = [], [], set()

@@ -138,7 +138,7 @@ async def test_soak(backend: str, tmp_path: Path) -> None:
     document["database_url"] = "sqlite:///soak.db"
     config.write_text(yaml.safe_dump(document))
     base = f"http://127.0.0.1:{port}/resource_server"
-    async with gateway_process(config, port) as gateway:
+    async with gateway_process(config, port=port) as gateway:
         rss_start, fds_start = process_status(gateway.pid)
         load = Load()
         await run_load(base, WARM_UP_SECONDS, load, seed=0)
