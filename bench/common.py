@@ -7,6 +7,7 @@ gateway's figures are not disturbed by the processes that feed it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import resource
@@ -14,10 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ START_SECONDS: Final = 30.0
 STATIC_AUTH: Final = {"provider": "static", "static": {"tokens_file": "tokens.yaml"}}
 NO_LIMITS: Final = {"requests_per_second": 0, "concurrent_per_user": 0}
 """The load generator is one user sending thousands of requests a second: per-user limits off."""
+RSS_SAMPLE_SECONDS: Final = 0.2
 BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
@@ -323,3 +326,56 @@ def write_gateway_config(
     for filename, document in documents.items():
         (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
     return workdir / name
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak) of a process, in kB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+@contextmanager
+def rss_sampler(measure: Callable[[], int]) -> Iterator[list[int]]:
+    """Sample resident memory (`measure`, in kB) in the background while the block runs, until the
+    block ends or the process is gone."""
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            try:
+                samples.append(measure())
+            except (OSError, KeyError):
+                return
+            stop.wait(RSS_SAMPLE_SECONDS)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+
+
+def children(pid: int) -> list[int]:
+    """A process's children (a supervisor's workers), from /proc."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+async def exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether `process` ended within `timeout` seconds, waited for without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,9 +26,12 @@ from bench.common import (
     Service,
     busy_shares,
     chat_body,
+    children,
     difference,
     free_port,
+    memory_kb,
     process_cpu_seconds,
+    rss_sampler,
     run_client,
     show,
     start_service,
@@ -72,47 +74,17 @@ Check = tuple[float | None, str, Callable[[float], bool]]
 def family_rss_kb(pid: int) -> int:
     """VmRSS of a process and its children (the workers); shared pages count once per process, so
     the sum errs high."""
-    pids = [pid, *_children(pid)]
     total = 0
-    for each in pids:
-        try:
-            with open(f"/proc/{each}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
+    for each in [pid, *children(pid)]:
+        with suppress(OSError, KeyError):
+            total += memory_kb(each)["VmRSS"]
     return total
 
 
 def family_cpu_seconds(pid: int) -> float:
     """CPU time of a process and its children so far; warm-up requests count too, so the figure
     per measured request errs high."""
-    return sum(process_cpu_seconds(each) for each in [pid, *_children(pid)])
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-@contextmanager
-def peak_rss(pid: int) -> Iterator[list[int]]:
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            samples.append(family_rss_kb(pid))
-            stop.wait(0.25)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield samples
-    finally:
-        stop.set()
-        thread.join()
+    return sum(process_cpu_seconds(each) for each in [pid, *children(pid)])
 
 
 class DeploymentBench:
@@ -210,7 +182,7 @@ class DeploymentBench:
             args = ["--url", url, "--body", body, "--token", TOKEN]
             args += ["--hold-streams", str(streams), "--hold-seconds", str(HOLD_SECONDS)]
             args += ["--ramp-seconds", str(streams / OPENED_PER_SECOND)]
-            with peak_rss(gateway.process.pid) as samples:
+            with rss_sampler(lambda: family_rss_kb(gateway.process.pid)) as samples:
                 held = run_client("load generator", ANY_CPU, "bench.loadgen", args, HOLD_SECONDS + 60)
             results[str(streams)] = {
                 "completed": held["completed"],

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from bench.common import exited
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 SHIPPED_LOCATIONS: Final = ROOT / "deploy" / "nginx" / "gateway-locations.conf"
 SHIPPED_SITE: Final = ROOT / "deploy" / "nginx" / "inference-gateway.conf"
@@ -190,16 +192,7 @@ async def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGQUIT)
-    if not await _exited(process, STOP_TIMEOUT):
+    if not await exited(process, STOP_TIMEOUT):
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        await _exited(process, STOP_TIMEOUT)
-
-
-async def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+        await exited(process, STOP_TIMEOUT)

@@ -42,9 +42,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,8 +59,10 @@ from bench.common import (
     difference,
     free_port,
     loadgen,
+    memory_kb,
     other_cpu_use,
     read_announcement,
+    rss_sampler,
     show,
     start_service,
     table_row,
@@ -90,7 +91,6 @@ STREAM_KINDS: Final = {
 """Paced streams generate like a model (50 tokens/s), so the time to first chunk is the gateway's
 own delay; saturated streams send everything at once and measure queueing at full load."""
 HOLD_LIMIT_SECONDS: Final = 60.0
-RSS_SAMPLE_SECONDS: Final = 0.2
 C1_ADDED_P50: Final = "c1_added_p50_ms"
 C64_RPS_RATIO: Final = "c64_rps_ratio"
 TTFC_ADDED_P50: Final = f"ttfc{STREAM_CONCURRENCY}_added_p50_ms"
@@ -122,40 +122,6 @@ SECTIONS: Final = ("overhead", "auth", "observability", "federation", "deploymen
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (the peak) of a process, in kB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
-
-
-@contextmanager
-def rss_sampler(pid: int) -> Iterator[list[int]]:
-    """Sample a process's VmRSS in the background while the block runs."""
-    samples: list[int] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            try:
-                samples.append(memory_kb(pid)["VmRSS"])
-            except (OSError, KeyError):
-                return
-            stop.wait(RSS_SAMPLE_SECONDS)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield samples
-    finally:
-        stop.set()
-        thread.join()
 
 
 class Bench:
@@ -208,7 +174,7 @@ class Bench:
         before = memory_kb(gateway_pid)
         body = chat_body(f"Say hello {SLOW_STREAM_DIRECTIVES}", stream=True)
         options = ["--hold-streams", str(streams), "--hold-seconds", str(HOLD_LIMIT_SECONDS)]
-        with rss_sampler(gateway_pid) as samples:
+        with rss_sampler(lambda: memory_kb(gateway_pid)["VmRSS"]) as samples:
             held = loadgen(self.gateway_url, body, *options, token=TOKEN, limit=HOLD_LIMIT_SECONDS + 30)
         after = memory_kb(gateway_pid)
         print(f"{streams} slow streams: done", file=sys.stderr)

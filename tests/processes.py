@@ -16,6 +16,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
+from bench.common import children, exited
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,15 +33,6 @@ async def became_ready(
             return True
         await asyncio.sleep(0.02)
     return False
-
-
-async def exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 async def stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> None:
@@ -81,10 +74,7 @@ class GatewayProcess:
 
     def children(self) -> list[int]:
         """Its workers, with `--workers N`."""
-        found: list[int] = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            found += [int(pid) for pid in (task / "children").read_text().split()]
-        return found
+        return children(self.process.pid)
 
 
 @contextlib.asynccontextmanager
