@@ -39,16 +39,16 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
     generation = registry.leases
     generation.take()
     try:
-        async with _rate_limited(request, endpoint.endpoint_slug):
+        limits = registry.token_limits.get(endpoint.endpoint_slug, TokenLimits(None, None))
+        async with _rate_limited(request, endpoint.endpoint_slug, limits):
             yield
     finally:
         generation.release()
 
 
 @contextlib.asynccontextmanager
-async def _rate_limited(request: web.Request, slug: str) -> AsyncIterator[None]:
+async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) -> AsyncIterator[None]:
     limiter, user = request.app[LIMITER], request[USER]
-    limits = request.app[REGISTRY].token_limits.get(slug, TokenLimits(None, None))
     try:
         lease = await limiter.admit(user.id)
     except Limited as exc:

@@ -33,7 +33,14 @@ class Reloader:
         self.context: AdaptorContext | None = None
         """Set once the adaptors have started; the new generation starts with the same one."""
         self._retiring: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Task[bool]] = set()
         self._lock = asyncio.Lock()
+
+    def reload_soon(self) -> None:
+        """For a signal handler: the reload runs as a task, kept until it ends."""
+        task = asyncio.ensure_future(self.reload())
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
 
     async def reload(self) -> bool:
         async with self._lock:
@@ -91,9 +98,7 @@ RELOADER = web.AppKey("reloader", Reloader)
 async def reload_on_sighup(app: web.Application) -> None:
     """Installed by the command line only: tests and embedders keep their own signal handling."""
     reloader = app[RELOADER]
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload())
-    )
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
 
 
 def signal_reload(pid_file: Path) -> int:

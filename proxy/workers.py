@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client import multiprocess
+
 log = logging.getLogger("proxy.workers")
 
 RESTART_DELAY_SECONDS = 1.0
@@ -153,8 +155,6 @@ class Supervisor:
 
     def _forget(self, pid: int) -> None:
         """A dead worker's gauges must not be summed into later scrapes."""
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
 
     def _pids(self) -> str:

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -179,8 +180,7 @@ async def test_a_broken_reload_is_refused_and_the_old_configuration_stays(
         assert gateway.process.poll() is None
 
 
-async def _until(condition: object, timeout: float = 15) -> None:
-    assert callable(condition)
+async def _until(condition: Callable[[], bool], timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
