@@ -19,7 +19,7 @@ from adaptors import BaseEndpoint, SubmitTaskResponse
 from proxy.auth import AUTH_SECONDS, USER
 from proxy.errors import ApiError, adaptor_failed
 from proxy.limits import Limited, Limiter
-from proxy.metrics import METRICS, Metrics
+from proxy.metrics import METRICS, EndpointMeters
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
 from proxy.streaming import relay
@@ -73,7 +73,7 @@ def _too_many(exc: Limited) -> ApiError:
 
 
 async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]) -> web.Response:
-    info, metrics = _describe(request, endpoint, stream=False)
+    info, meters = _describe(request, endpoint, stream=False)
     started = time.monotonic()
     outcome = "cancelled"
     try:
@@ -86,21 +86,22 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
         outcome = _outcome(exc.status)
         raise
     finally:
-        _measured(metrics, info, started, outcome, first_byte=None)
+        _measured(meters, info, started, outcome, first_byte=None)
 
 
 async def run_stream(
     request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]
 ) -> web.StreamResponse:
-    info, metrics = _describe(request, endpoint, stream=True)
+    info, meters = _describe(request, endpoint, stream=True)
     scanner = scanner_for(data["model_params"])
     started = time.monotonic()
     outcome = "cancelled"
-    metrics.streams_in_flight.inc()
+    streams_in_flight = request.app[METRICS].streams_in_flight
+    streams_in_flight.inc()
     try:
         opened = await endpoint.submit_streaming_task(data, info.request_id)
         info.task_id = opened.task_id
-        _phase(metrics, info, "submission", time.monotonic() - started)
+        meters.phase("submission").observe(time.monotonic() - started)
         if opened.error_code is not None or opened.response is None:
             outcome = _outcome(opened.error_code or 502)
             adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
@@ -113,19 +114,21 @@ async def run_stream(
         outcome = _outcome(exc.status)
         raise
     finally:
-        metrics.streams_in_flight.dec()
+        streams_in_flight.dec()
         info.usage = scanner.usage
         first = None if info.first_chunk is None else info.first_chunk - started
-        _measured(metrics, info, started, outcome, first_byte=first)
+        _measured(meters, info, started, outcome, first_byte=first)
 
 
-def _describe(request: web.Request, endpoint: BaseEndpoint, stream: bool) -> tuple[RequestInfo, Metrics]:
+def _describe(
+    request: web.Request, endpoint: BaseEndpoint, stream: bool
+) -> tuple[RequestInfo, EndpointMeters]:
     info = request[INFO]
     info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
     info.endpoint_slug, info.adaptor, info.stream = endpoint.endpoint_slug, type(endpoint).__name__, stream
-    metrics = request.app[METRICS]
-    _phase(metrics, info, "authentication", request.get(AUTH_SECONDS, 0.0))
-    return info, metrics
+    meters = request.app[METRICS].endpoint(info.adaptor, *info.endpoint_labels)
+    meters.phase("authentication").observe(request.get(AUTH_SECONDS, 0.0))
+    return info, meters
 
 
 def _answer(
@@ -154,24 +157,19 @@ def _outcome(code: int | None) -> str:
     return "client_error" if code < 500 else "backend_error"
 
 
-def _phase(metrics: Metrics, info: RequestInfo, phase: str, seconds: float) -> None:
-    metrics.phase_seconds.labels(info.adaptor, *info.endpoint_labels, phase).observe(seconds)
-
-
 def _measured(
-    metrics: Metrics, info: RequestInfo, started: float, outcome: str, first_byte: float | None
+    meters: EndpointMeters, info: RequestInfo, started: float, outcome: str, first_byte: float | None
 ) -> None:
     """Called once the response has ended, whatever the way it ended."""
     total = time.monotonic() - started
-    metrics.adaptor_seconds.labels(info.adaptor, *info.endpoint_labels, outcome).observe(total)
-    _phase(metrics, info, "total", total)
+    meters.outcome(outcome).observe(total)
+    meters.phase("total").observe(total)
     if first_byte is not None:
-        _phase(metrics, info, "first_byte", first_byte)
-        metrics.first_chunk_seconds.labels(*info.endpoint_labels).observe(first_byte)
-    if info.usage is not None:
-        for kind, count in (
-            ("prompt", info.usage.prompt_tokens),
-            ("completion", info.usage.completion_tokens),
-        ):
-            if count:
-                metrics.tokens.labels(*info.endpoint_labels, kind).inc(count)
+        meters.phase("first_byte").observe(first_byte)
+        meters.first_chunk().observe(first_byte)
+    usage = info.usage
+    if usage is not None:
+        if usage.prompt_tokens:
+            meters.tokens("prompt").inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            meters.tokens("completion").inc(usage.completion_tokens)

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -75,6 +76,8 @@ class RequestLog:
         self._dropped = 0
 
     def emit(self, request: web.Request, info: RequestInfo, status: int) -> None:
+        if self.writer is None and self.sink is None:
+            return
         record = self._record(request, info, status)
         if self.writer is not None:
             self.writer.write(record)
@@ -87,9 +90,10 @@ class RequestLog:
     def client_ip(self, request: web.Request) -> str | None:
         """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
         peer = request.transport.get_extra_info("peername") if request.transport else None
-        hops = [peer[0]] if peer else []
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + hops
+        forwarded = request.headers.get("X-Forwarded-For")
+        if not forwarded:
+            return str(peer[0])[:64] if peer else None
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer[0]] if peer else [])
         while len(hops) > 1 and self._is_trusted(hops[-1]):
             hops.pop()
         return hops[-1][:64] if hops else None
@@ -110,7 +114,7 @@ class RequestLog:
 
     def _record(self, request: web.Request, info: RequestInfo, status: int) -> RequestRecord:
         user = request.get(USER)
-        usage = info.usage or Usage()
+        usage = info.usage or _NO_USAGE
         return RequestRecord(
             request_id=info.request_id,
             started_at=info.started_at,
@@ -138,6 +142,7 @@ class RequestLog:
         )
 
 
+_NO_USAGE: Final = Usage()
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from aiohttp import web
@@ -159,3 +161,22 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples(text).items() if n == name and set(labels.items()) <= set(ls))
+
+
+class CapturedOutput(Protocol):
+    def readouterr(self) -> Any: ...
+
+
+async def stdout_lines(
+    capfd: CapturedOutput, until: Callable[[list[str]], bool], timeout: float = 2.0
+) -> list[str]:
+    """What the gateway has written to stdout once ``until`` holds (or ``timeout`` passes): request
+    records leave in batches, up to ``LINE_DELAY_SECONDS`` after their request has ended."""
+    output = ""
+    deadline = time.monotonic() + timeout
+    while True:
+        output += capfd.readouterr().out
+        lines = output.splitlines()
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)

@@ -34,6 +34,7 @@ from tests.support import (
     endpoint,
     start,
     start_gateway,
+    stdout_lines,
     value,
     write_yaml,
 )
@@ -285,8 +286,12 @@ async def test_refused_connection_fails_over_and_records_the_endpoint_used(
     assert value(metrics, "gateway_requests_total", route=FEDERATED_ROUTE, cluster="c1") == 0
     failed = {"cluster": "c1", "outcome": "backend_error"}
     assert value(metrics, "gateway_adaptor_duration_seconds_count", **failed) == 2
-    records = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
-    chats = [record for record in records if record["route"] == FEDERATED_ROUTE]
+
+    def federated(lines: list[str]) -> list[dict[str, Any]]:
+        records = (json.loads(line) for line in lines if line.startswith("{"))
+        return [record for record in records if record["route"] == FEDERATED_ROUTE]
+
+    chats = federated(await stdout_lines(capfd, until=lambda lines: len(federated(lines)) >= 2))
     assert [(r["cluster"], r["endpoint_slug"], r["stream"]) for r in chats] == [
         ("c2", slug("c2"), False),
         ("c2", slug("c2"), True),

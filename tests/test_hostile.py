@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from bench.backend import REQUESTS
 from tests.conftest import CHAT_MODEL, PRIVATE_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.processes import gateway_process
-from tests.support import write_gateway_config
+from tests.support import stdout_lines, write_gateway_config
 from tests.test_corpus_http import with_served_model
 from tests.test_schemas import VALID, json_values, paths, replaced
 
@@ -252,7 +252,7 @@ async def test_cr_and_lf_in_a_model_reach_no_header_and_no_log_line(
         answer = await send(gateway, post(path, json.dumps(body).encode()))
         assert answer.status == 404 and answer.error()["param"] == "model"
         assert b"X-Injected" not in answer.raw_head and answer.raw_head.count(b"HTTP/1.1") == 1
-    lines = capfd.readouterr().out.splitlines()
+    lines = await stdout_lines(capfd, until=lambda lines: len(lines) >= 2)
     assert len(lines) == 2 and all(json.loads(line)["status"] == 404 for line in lines)
     assert not any("\n" in record.getMessage() or "\r" in record.getMessage() for record in caplog.records)
 

@@ -39,6 +39,7 @@ from tests.support import (
     chat,
     free_port,
     start_gateway,
+    stdout_lines,
     write_gateway_config,
 )
 
@@ -94,10 +95,10 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def records(output: str) -> dict[str, dict[str, Any]]:
+def records(lines: list[str]) -> dict[str, dict[str, Any]]:
     """The gateway's request records on stdout, by request id."""
-    lines = (json.loads(line) for line in output.splitlines() if line.startswith("{"))
-    return {line["request_id"]: line for line in lines if "request_id" in line}
+    documents = (json.loads(line) for line in lines if line.startswith("{"))
+    return {document["request_id"]: document for document in documents if "request_id" in document}
 
 
 async def stream_timings(client: aiohttp.ClientSession, url: str) -> tuple[list[float], float]:
@@ -161,7 +162,7 @@ async def test_the_record_names_the_client_and_the_request_id_comes_back(
     async with client.post(proxied.chat_url, json=chat(stream=True), headers=auth()) as response:
         await response.read()
         generated = response.headers["X-Request-ID"]
-    seen = records(capfd.readouterr().out)
+    seen = records(await stdout_lines(capfd, until=lambda lines: len(records(lines)) >= 2))
     assert seen["through-nginx-1"]["client_ip"] == CLIENT_ADDRESS
     assert seen[generated]["client_ip"] == CLIENT_ADDRESS and seen[generated]["stream"] is True
 
@@ -179,7 +180,9 @@ async def test_a_forged_forwarded_for_is_not_believed(
         local.post(proxied.chat_url, json=chat(), headers={**forged, "X-Request-ID": "forged-2"}),
     ):
         pass
-    seen = records(capfd.readouterr().out)
+    seen = records(
+        await stdout_lines(capfd, until=lambda lines: {"forged-1", "forged-2"} <= set(records(lines)))
+    )
     assert seen["forged-1"]["client_ip"] == CLIENT_ADDRESS
     assert seen["forged-2"]["client_ip"] == "127.0.0.1"
 

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import select
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy import request_log
 from proxy.database import Database, DatabaseUnavailable
 from proxy.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
 from proxy.usage_cli import main, parse_time
@@ -215,6 +217,20 @@ async def test_sink_writes_full_batches_then_the_rest_on_time_or_at_close(db: Da
     assert await count(db) == 26
 
 
+async def test_a_sink_cancelled_as_it_wakes_stops() -> None:
+    """asyncio.wait_for in Python 3.11 swallows a cancellation that arrives as the awaited event fires:
+    the writer then ran on, and shutting down waited for it forever."""
+    sink = RecordSink(FakeStore(), batch_size=1, flush_seconds=60)
+    sink.start()
+    await asyncio.sleep(0.01)  # the writer now waits for a full batch
+    (task,) = [task for task in asyncio.all_tasks() if task.get_name() == "request-record-sink"]
+    sink.submit(record(1))  # wakes it...
+    await asyncio.sleep(0)
+    task.cancel()  # ...in the same turn as it is cancelled
+    done, _ = await asyncio.wait({task}, timeout=1)
+    assert done == {task} and task.cancelled()
+
+
 async def test_close_flushes_what_was_submitted(db: Database) -> None:
     sink = RecordSink(UsageStore(db), batch_size=1000, flush_seconds=60)
     sink.start()
@@ -336,6 +352,34 @@ def test_two_processes_write_only_whole_lines_to_one_pipe(
     assert {document["request_id"] for document in documents} == {"parent"} | {
         f"{child}-{number}" for child in range(2) for number in range(LINES_PER_PROCESS)
     }
+
+
+async def test_lines_wait_to_fill_atomic_writes_for_at_most_their_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    real_write = request_log._write_once
+
+    def counted(fd: int, data: bytes) -> int:
+        writes.append(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(request_log, "_write_once", counted)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    writer = LineWriter(write_end, lock_path=tmp_path / "log.lock", delay_seconds=0.2)
+    lines = [record(number).as_json_line() for number in range(40)]
+    for number in range(40):
+        writer.write(record(number))
+    longest = max(map(len, lines))
+    assert writes and all(select.PIPE_BUF - longest < len(data) <= select.PIPE_BUF for data in writes)
+    assert os.read(read_end, 1 << 20) == b"".join(writes)  # the rest waits...
+    await asyncio.sleep(0.3)
+    assert b"".join(writes) == b"".join(lines)  # ...no longer than its delay, in order
+    assert os.read(read_end, 1 << 20) == writes[-1]
+    writer.close()
+    for fd in (read_end, write_end):
+        os.close(fd)
 
 
 def test_line_writer_counts_failures_instead_of_raising(tmp_path: Path) -> None:
