@@ -382,6 +382,19 @@ async def test_lines_wait_to_fill_atomic_writes_for_at_most_their_delay(
         os.close(fd)
 
 
+async def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    writer = LineWriter(fd, lock_path=tmp_path / "log.lock", delay_seconds=0.1)
+    for number in range(40):  # about 18 kB: more than PIPE_BUF, less than one piece to a file
+        writer.write(record(number))
+    assert path.read_bytes() == b""
+    await asyncio.sleep(0.2)
+    assert path.read_bytes() == b"".join(record(number).as_json_line() for number in range(40))
+    writer.close()
+    os.close(fd)
+
+
 def test_line_writer_counts_failures_instead_of_raising(tmp_path: Path) -> None:
     read_end, write_end = os.pipe()
     other_read, other_write = os.pipe()
