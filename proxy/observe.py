@@ -89,11 +89,11 @@ class RequestLog:
 
     def client_ip(self, request: web.Request) -> str | None:
         """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        peer = request.remote  # aiohttp asks the socket once per connection
         forwarded = request.headers.get("X-Forwarded-For")
         if not forwarded:
-            return str(peer[0])[:64] if peer else None
-        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer[0]] if peer else [])
+            return peer[:64] if peer else None
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer] if peer else [])
         while len(hops) > 1 and self._is_trusted(hops[-1]):
             hops.pop()
         return hops[-1][:64] if hops else None
