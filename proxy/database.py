@@ -27,7 +27,7 @@ import logging
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing, contextmanager
 from functools import lru_cache, partial
@@ -195,10 +195,11 @@ class Database(Queries):
         self._transaction_tasks: set[asyncio.Task[Any]] = set()
 
     @abstractmethod
-    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per row of parameters, all rows or none. The statement is prepared
         once: far cheaper than one statement with a VALUES list per row, which is parsed anew for
-        each batch size."""
+        each batch size. With SQLite, ``rows`` is iterated on the database's thread, so a lazy
+        iterable keeps building the parameters off the event loop."""
 
     @classmethod
     async def connect(
@@ -393,7 +394,7 @@ class _SqliteWorker:
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         return await self._call(self._execute, sql, params)
 
-    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         await self._call(self._execute_many, sql, rows)
 
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
@@ -472,7 +473,7 @@ class _SqliteWorker:
         with closing(self._db().execute(sql, params)) as cursor:
             return max(cursor.rowcount, 0)
 
-    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def _execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         connection = self._db()
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -548,7 +549,7 @@ class _SqliteDatabase(Database):
         async with self._lock:
             return await self._worker.execute(sql, params)
 
-    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._refuse_inside_transaction()
         async with self._lock:
             await self._worker.execute_many(sql, rows)
@@ -654,7 +655,7 @@ class _PostgresDatabase(Database):
         async with self._connection() as connection:
             return await _PostgresTransaction(connection).execute(sql, *params)
 
-    async def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """asyncpg's executemany is atomic: one implicit transaction for all rows."""
         self._refuse_inside_transaction()
         async with self._connection() as connection:

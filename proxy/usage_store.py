@@ -73,7 +73,7 @@ class UsageStore:
         """Insert ``records`` all or nothing. Records already stored (same key) are skipped, so a retry
         after an unacknowledged commit adds nothing twice."""
         if records:
-            await self._db.execute_many(_INSERT_SQL, [_params(record) for record in records])
+            await self._db.execute_many(_INSERT_SQL, map(_params, records))
 
     async def usage(
         self, since: float, until: float | None = None, by: UsageBy = "user"
