@@ -61,6 +61,7 @@ from bench.common import (
     loadgen,
     memory_kb,
     other_cpu_use,
+    process_cpu_seconds,
     read_announcement,
     rss_sampler,
     show,
@@ -267,13 +268,23 @@ def warmup_requests(level: int) -> int:
     return max(100, level * 20)
 
 
-def measure_chat(url: str, level: int, seconds: float, ours: list[int]) -> dict[str, Any]:
+def measure_chat(
+    url: str, level: int, seconds: float, ours: list[int], gateway: int | None = None
+) -> dict[str, Any]:
     """The same body, warm-up and duration for every gateway compared, as in the non-streaming measures;
-    with the share of CPUs 0-1 that processes other than `ours` took meanwhile."""
+    with the share of CPUs 0-1 that processes other than `ours` took meanwhile and, given the
+    `gateway` pid, its CPU time per request (warm-up included): unlike requests/s, that hardly moves
+    when the machine is busy elsewhere."""
     options = ["--duration", str(seconds), "--concurrency", str(level)]
     options += ["--warmup", str(warmup_requests(level))]
+    spent = process_cpu_seconds(gateway) if gateway else 0.0
     with other_cpu_use(ours) as disturbance:
         summary = loadgen(url, chat_body(), *options, token=TOKEN, limit=seconds + 90)
+    if gateway and summary["requests"]:
+        used = process_cpu_seconds(gateway) - spent
+        summary["gateway_cpu_us_per_request"] = round(
+            used * 1e6 / (summary["requests"] + warmup_requests(level)), 1
+        )
     return summary | disturbance
 
 
@@ -357,7 +368,7 @@ class ObservabilityBench:
             warm(url, AUTH_WARM_REQUESTS)
             ours = [self.backend_pid, gateway.process.pid]
             measured = {
-                str(level): measure_chat(url, level, self.seconds, ours)
+                str(level): measure_chat(url, level, self.seconds, ours, gateway.process.pid)
                 for level in OBSERVABILITY_CONCURRENCIES
             }
             if gateway.process.poll() is not None:
@@ -404,6 +415,7 @@ def summarize_observability(runs: list[dict[str, Any]], seconds: float, rounds: 
             ),
             "added_p50_ms": difference(on["p50_ms"], off["p50_ms"]),
             "added_p99_ms": difference(on["p99_ms"], off["p99_ms"]),
+            **cpu_per_request(runs, level),
         }
     return {
         "comparison": f"best of {rounds} alternating runs",
@@ -417,6 +429,25 @@ def summarize_observability(runs: list[dict[str, Any]], seconds: float, rounds: 
         "warm_requests": AUTH_WARM_REQUESTS,
         "by_concurrency": by_concurrency,
         "runs": runs,
+    }
+
+
+def cpu_per_request(runs: list[dict[str, Any]], level: str) -> dict[str, Any]:
+    """The gateway's CPU time per request, median of each mode's runs, and the throughput it allows
+    as deployed against all off: on its one CPU, a gateway at full load serves 1/CPU per request."""
+    medians = {}
+    for mode in OBSERVABILITY_MODES:
+        figures = [
+            run["by_concurrency"][level].get("gateway_cpu_us_per_request")
+            for run in runs
+            if run["mode"] == mode
+        ]
+        known = [figure for figure in figures if figure is not None]
+        medians[mode] = statistics.median(known) if known else None
+    on, off = medians["deployed"], medians["all_off"]
+    return {
+        "cpu_us_per_request": medians,
+        "cpu_rps_ratio": round(off / on, 3) if on and off else None,
     }
 
 
@@ -612,6 +643,17 @@ def observability_rows(
         added = show(pair.get(f"added_{rank}_ms"), " ms vs all off")
         rows.append(table_row(f"{prefix}: all off {rank}", None, off[f"{rank}_ms"], "—", " ms"))
         rows.append(table_row(f"{prefix}: as deployed {rank}", None, on[f"{rank}_ms"], added, " ms"))
+    cpu = pair.get("cpu_us_per_request") or {}
+    if cpu.get("deployed") and cpu.get("all_off") and pair.get("cpu_rps_ratio"):
+        rows.append(
+            table_row(
+                f"{prefix}: gateway CPU per request, all off / as deployed (median of runs)",
+                None,
+                f"{show(cpu['all_off'])} / {show(cpu['deployed'])} µs",
+                f"{show(pair['cpu_rps_ratio'] * 100, '%')} of all off's requests/s at full load",
+                "",
+            )
+        )
     shares = f"{on['other_cpu_share']:.0%} / {off['other_cpu_share']:.0%}"
     rows.append(
         table_row(
