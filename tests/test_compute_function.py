@@ -4,9 +4,7 @@ fake vLLM and a recording stand-in for the gateway's streaming callback routes."
 from __future__ import annotations
 
 import asyncio
-import datetime
 import importlib.util
-import ipaddress
 import json
 import re
 import subprocess
@@ -24,6 +22,7 @@ from aiohttp import web
 from adaptors.remote_errors import remote_error
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, Server, chat, closed_port_url, start
+from tests.support import self_signed_certificate
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "compute-functions" / "vllm_inference.py"
 SECRET = "internal-secret-for-tests"
@@ -410,39 +409,6 @@ async def test_a_keepalive_connection_closed_by_the_gateway_is_retried(backend: 
     assert len(receiver.lines()) == 5
     assert receiver.routes()[-1] == "done"
     assert "error" not in receiver.routes()
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test gateway")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "gateway.pem", directory / "gateway.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
 
 
 async def test_https_callbacks_verify_the_certificate(

@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,6 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bench.backend import REQUESTS
 from bench.nginx import SHIPPED_LOCATIONS, SHIPPED_SITE, RunningNginx, nginx_binary, run_nginx
@@ -38,6 +33,7 @@ from tests.support import (
     auth,
     chat,
     free_port,
+    self_signed_certificate,
     start_gateway,
     stdout_lines,
     write_gateway_config,
@@ -215,31 +211,6 @@ async def test_a_gateway_that_is_down_answers_502_in_openai_shape(tmp_path: Path
         assert response.status == 502
         error = (await response.json())["error"]
     assert error["type"] == "upstream_error" and error["code"] == "gateway_unreachable"
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """With `cryptography`, which globus-sdk requires, so the check needs no other tool."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    certificate_path, key_path = directory / "certificate.pem", directory / "key.pem"
-    certificate_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return certificate_path, key_path
 
 
 def test_the_shipped_site_passes_nginx_t(tmp_path: Path) -> None:
