@@ -137,7 +137,7 @@ class LineWriter:
 
     def write(self, record: RequestRecord) -> None:
         """On an event loop, lines wait (at most ``delay_seconds``) until they fill one atomic write:
-        a write system call per request was a tenth of a busy gateway's time."""
+        a write system call per request was a visible share of a busy gateway's time."""
         try:
             line = record.as_json_line()
         except Exception as exc:  # a field of a type json cannot encode: the caller's bug, not a crash
@@ -235,7 +235,7 @@ FILE_WRITE_BYTES: Final = 1 << 16
 def atomic_write_bytes(fd: int) -> int:
     """How much one write to ``fd`` puts down whole whoever else writes there: PIPE_BUF on a pipe,
     socket or terminal; Linux writes to a regular file under its inode lock, so there lines can
-    leave in larger pieces (a write to a file cost 16 µs of a busy gateway's CPU, whatever its size)."""
+    leave in larger pieces (a 4 kB write to a file cost a busy gateway about 16 µs of CPU)."""
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
