@@ -1,7 +1,8 @@
 """What adaptors may report about their backends, so that operators see where time goes.
 
 The server hands an implementation to adaptors in `AdaptorContext.telemetry` (Prometheus metrics in
-this gateway); adaptors never import the server. Endpoints are named by their slug.
+this gateway); adaptors never import the server. Endpoints are named by their slug. Call it on the
+event loop's thread, as adaptors' coroutines run: the gateway's metrics take no lock.
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
     """On the main port, or alone on its own port so that it need not be exposed with the API."""
     if not settings.metrics.enabled:
         return
+    app.cleanup_ctx.append(_shared_metrics)
     handler = metrics_handler(settings.metrics.allow)
     if settings.metrics.port is None:
         app.router.add_get(settings.metrics.path, handler, name="metrics")
@@ -147,6 +148,21 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
     separate[METRICS] = app[METRICS]
     separate.router.add_get(settings.metrics.path, handler)
     app.cleanup_ctx.append(_serve_separately(separate, settings.server.host, settings.metrics.port))
+
+
+async def _shared_metrics(app: web.Application) -> AsyncIterator[None]:
+    """With other workers (a shared metrics directory), this one's values reach them every second;
+    its last values, written as it stops, stay in their sums."""
+    tallies = app[METRICS].tallies
+    if tallies.directory is None:
+        yield
+        return
+    sharing = asyncio.create_task(tallies.share_forever())
+    try:
+        yield
+    finally:
+        sharing.cancel()
+        tallies.share(gauges=False)
 
 
 def _serve_separately(

@@ -1,9 +1,9 @@
 """Prometheus metrics: what operators graph and alert on.
 
 Label values come from configuration (route templates, the cluster, framework and model of a
-configured endpoint, status classes), never from users, so cardinality stays bounded. With
-PROMETHEUS_MULTIPROC_DIR set (several worker processes), every process writes its values there
-and a scrape of any worker sums them all.
+configured endpoint, status classes), never from users, so cardinality stays bounded. Values are
+kept by `proxy.tally`, on the event loop's thread; with PROMETHEUS_MULTIPROC_DIR set (several
+worker processes), a scrape of any worker sums them all.
 """
 
 from __future__ import annotations
@@ -11,44 +11,23 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Generic, TypeVar, cast
+from pathlib import Path
+from typing import Final, Generic, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.errors import ApiError
+from proxy.tally import CounterValue, Family, GaugeValue, HistogramValue, Tallies
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
 )  # fmt: skip
 ENDPOINT_LABELS = ("cluster", "framework", "model")
+SHARED_DIRECTORY_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
-M = TypeVar("M", Counter, Gauge, Histogram)
-
-
-class Family(Generic[M]):
-    """A labelled metric whose children are found with one dict look-up: prometheus-client's own
-    `labels()` converts, validates and takes a lock on every call, which every request pays
-    several times. Label sets come from configuration, so the cache stays small."""
-
-    def __init__(self, metric: M) -> None:
-        self._metric: M = metric
-        self._children: dict[tuple[str, ...], M] = {}
-
-    def labels(self, *values: str) -> M:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*values)
-        return child
+M = TypeVar("M", CounterValue, GaugeValue, HistogramValue)
 
 
 class Bound(Generic[M]):
@@ -78,7 +57,7 @@ class EndpointMeters:
         self._first_chunk = Bound(metrics.first_chunk_seconds, cluster, framework)
         self._model = model
 
-    def first_chunk(self) -> Histogram:
+    def first_chunk(self) -> HistogramValue:
         """Found on first use: endpoints that never stream export no empty histogram."""
         return self._first_chunk(self._model)
 
@@ -107,66 +86,82 @@ class Metrics:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.registry = CollectorRegistry(auto_describe=True)
+        shared = os.environ.get(SHARED_DIRECTORY_ENV)
+        self.tallies = Tallies(Path(shared) if shared and enabled else None)
+        self.registry = CollectorRegistry()
+        self.registry.register(self.tallies)
+        tallies = self.tallies
         endpoint_labels = list(ENDPOINT_LABELS)
-        self.requests = self._family(
-            Counter, "gateway_requests", "HTTP requests answered", ["route", *endpoint_labels, "status_class"]
+        self.requests = self._use(
+            tallies.counter(
+                "gateway_requests", "HTTP requests answered", ["route", *endpoint_labels, "status_class"]
+            )
         )
-        self.in_flight = self._family(
-            Gauge, "gateway_requests_in_flight", "Requests being handled", ["route"],
-            multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.streams_in_flight = self._metric(
-            Gauge,
-            "gateway_streams_in_flight",
-            "Streams being relayed to clients",
-            multiprocess_mode="livesum",
+        self.in_flight = self._use(
+            tallies.gauge("gateway_requests_in_flight", "Requests being handled", ["route"])
         )
-        self.adaptor_seconds = self._family(
-            Histogram, "gateway_adaptor_duration_seconds",
-            "Time from handing a request to its adaptor to the end of its response (last chunk of a stream)",
-            ["adaptor", *endpoint_labels, "outcome"], buckets=LATENCY_BUCKETS,
+        self.streams_in_flight = self._use(
+            tallies.gauge("gateway_streams_in_flight", "Streams being relayed to clients")
+        ).labels()
+        self.adaptor_seconds = self._use(
+            tallies.histogram(
+                "gateway_adaptor_duration_seconds",
+                "Time from handing a request to its adaptor to the end of its response "
+                "(last chunk of a stream)",
+                LATENCY_BUCKETS, ["adaptor", *endpoint_labels, "outcome"],
+            )
         )  # fmt: skip
-        self.phase_seconds = self._family(
-            Histogram, "gateway_phase_duration_seconds",
-            "Where a request's time goes: authentication, queue (waiting for the backend to start), "
-            "submission, first byte, total",
-            ["adaptor", *endpoint_labels, "phase"], buckets=LATENCY_BUCKETS,
+        self.phase_seconds = self._use(
+            tallies.histogram(
+                "gateway_phase_duration_seconds",
+                "Where a request's time goes: authentication, queue (waiting for the backend to start), "
+                "submission, first byte, total",
+                LATENCY_BUCKETS, ["adaptor", *endpoint_labels, "phase"],
+            )
         )  # fmt: skip
-        self.first_chunk_seconds = self._family(
-            Histogram, "gateway_stream_first_chunk_seconds",
-            "Time from the request to the first chunk of a stream", endpoint_labels, buckets=LATENCY_BUCKETS,
+        self.first_chunk_seconds = self._use(
+            tallies.histogram(
+                "gateway_stream_first_chunk_seconds",
+                "Time from the request to the first chunk of a stream", LATENCY_BUCKETS, endpoint_labels,
+            )
         )  # fmt: skip
-        self.tokens = self._family(
-            Counter, "gateway_tokens", "Tokens reported by backends", [*endpoint_labels, "kind"]
+        self.tokens = self._use(
+            tallies.counter("gateway_tokens", "Tokens reported by backends", [*endpoint_labels, "kind"])
         )
-        self.auth_cache = self._family(
-            Counter, "gateway_auth_cache_lookups", "Token outcome lookups by result: hit or miss", ["result"]
+        self.auth_cache = self._use(
+            tallies.counter(
+                "gateway_auth_cache_lookups", "Token outcome lookups by result: hit or miss", ["result"]
+            )
         )
-        self.introspection_seconds = self._metric(
-            Histogram, "gateway_auth_introspection_duration_seconds",
-            "Globus token introspection and groups lookup", buckets=LATENCY_BUCKETS,
+        self.introspection_seconds = self._use(
+            tallies.histogram(
+                "gateway_auth_introspection_duration_seconds",
+                "Globus token introspection and groups lookup", LATENCY_BUCKETS,
+            )
+        ).labels()  # fmt: skip
+        self.log_records_dropped = self._use(
+            tallies.counter(
+                "gateway_log_records_dropped", "Request records dropped because the database buffer was full"
+            )
+        ).labels()
+        self.upstream_errors = self._use(
+            tallies.counter(
+                "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
+                ["adaptor", *endpoint_labels, "kind"],
+            )
         )  # fmt: skip
-        self.log_records_dropped = self._metric(
-            Counter,
-            "gateway_log_records_dropped",
-            "Request records dropped because the database buffer was full",
-        )
-        self.upstream_errors = self._family(
-            Counter, "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",
-            ["adaptor", *endpoint_labels, "kind"],
-        )  # fmt: skip
-        self.compute_tasks_in_flight = self._metric(
-            Gauge, "gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for",
-            multiprocess_mode="livesum",
-        )  # fmt: skip
-        self.compute_poll_seconds = self._metric(
-            Histogram, "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
-            buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
-        self.relay_chunks = self._metric(
-            Counter, "gateway_relay_chunks", "Stream chunks received from remote functions"
-        )
+        self.compute_tasks_in_flight = self._use(
+            tallies.gauge("gateway_compute_tasks_in_flight", "Globus Compute tasks being waited for")
+        ).labels()
+        self.compute_poll_seconds = self._use(
+            tallies.histogram(
+                "gateway_compute_poll_duration_seconds", "One status request for all tasks in flight",
+                LATENCY_BUCKETS,
+            )
+        ).labels()  # fmt: skip
+        self.relay_chunks = self._use(
+            tallies.counter("gateway_relay_chunks", "Stream chunks received from remote functions")
+        ).labels()
 
         self._endpoints: dict[tuple[str, str, str, str], EndpointMeters] = {}
 
@@ -177,21 +172,11 @@ class Metrics:
             meters = self._endpoints[key] = EndpointMeters(self, *key)
         return meters
 
-    def _metric(self, kind: type[M], name: str, documentation: str, **options: Any) -> M:
-        if not self.enabled:
-            return cast(M, _UNMEASURED)
-        return kind(name, documentation, registry=self.registry, **options)
-
-    def _family(
-        self, kind: type[M], name: str, documentation: str, labels: list[str], **options: Any
-    ) -> Family[M]:
-        return Family(self._metric(kind, name, documentation, labelnames=labels, **options))
+    def _use(self, family: Family[M]) -> Family[M]:
+        """Switched off, every metric is one that does nothing."""
+        return family if self.enabled else cast(Family[M], _UNMEASURED)
 
     def exposition(self) -> bytes:
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            combined = CollectorRegistry()
-            multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
-            return generate_latest(combined)
         return generate_latest(self.registry)
 
 

@@ -2,8 +2,8 @@
 
 The supervisor binds the socket once and hands it to each worker, so the kernel gives each
 connection to whichever worker accepts first: a busy worker simply accepts less. Workers are
-fresh interpreters (not forks), so each one imports prometheus-client after
-PROMETHEUS_MULTIPROC_DIR is set and a scrape of any worker sums them all. The supervisor serves
+fresh interpreters (not forks) and share their metrics through the directory in
+PROMETHEUS_MULTIPROC_DIR, so a scrape of any worker sums them all. The supervisor serves
 nothing itself: it forwards SIGTERM (drain and exit) and SIGHUP (reload), replaces a worker that
 dies, and gives up when workers keep dying at start-up.
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import multiprocess
+from proxy import tally
 
 log = logging.getLogger("proxy.workers")
 
@@ -46,12 +46,11 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 def metrics_directory() -> Path:
-    """Shared by the workers; emptied at start, as prometheus-client requires between runs."""
+    """Shared by the workers; emptied at start, or an earlier run's counts would be added in."""
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     directory = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
+    tally.clear(directory)
     return directory
 
 
@@ -155,7 +154,7 @@ class Supervisor:
 
     def _forget(self, pid: int) -> None:
         """A dead worker's gauges must not be summed into later scrapes."""
-        multiprocess.mark_process_dead(pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
+        tally.forget_gauges(self._metrics_dir, pid)
 
     def _pids(self) -> str:
         return ", ".join(str(w.process.pid) for w in self._workers.values())

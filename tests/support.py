@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import aiohttp
 import yaml
 from aiohttp import web
 from cryptography import x509
@@ -167,6 +168,21 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(text: str, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples(text).items() if n == name and set(labels.items()) <= set(ls))
+
+
+async def summed_value(
+    http: aiohttp.ClientSession, url: str, name: str, expected: float, timeout: float = 5.0, **labels: str
+) -> float:
+    """A metric scraped from ``url`` once it reaches ``expected`` (or ``timeout`` passes): worker
+    processes share their values with each other once a second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with http.get(url) as response:
+            assert response.status == 200
+            found = value(await response.text(), name, **labels)
+        if found == expected or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.1)
 
 
 class CapturedOutput(Protocol):

@@ -25,7 +25,7 @@ from tests.support import (
     chat,
     endpoint,
     free_port,
-    value,
+    summed_value,
     write_gateway_config,
     write_yaml,
 )
@@ -65,9 +65,10 @@ async def test_two_workers_share_the_port_and_their_metrics(
         finally:
             await asyncio.gather(*(client.close() for client in fresh))
         assert statuses == [200] * 40
-        async with http.get(f"{gateway.url}/metrics") as response:
-            text = await response.text()
-        assert value(text, "gateway_requests_total", model=CHAT_MODEL, status_class="2xx") == 40
+        total = await summed_value(
+            http, f"{gateway.url}/metrics", "gateway_requests_total", 40, model=CHAT_MODEL, status_class="2xx"
+        )
+        assert total == 40
 
 
 async def test_a_dead_worker_is_replaced(
