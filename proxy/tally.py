@@ -20,6 +20,7 @@ import bisect
 import logging
 import math
 import os
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar, cast
@@ -175,6 +176,8 @@ class Tallies:
         self.directory = directory
         self._families: dict[str, Family[CounterValue] | Family[GaugeValue] | Family[HistogramValue]] = {}
         self._written: bytes | None = None
+        self._file: Path | None = None
+        self._file_pid = 0
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Family[CounterValue]:
         return self._add(Family("counter", name, documentation, labelnames, CounterValue))
@@ -214,10 +217,11 @@ class Tallies:
                 section = document[GAUGES if family.kind == GAUGE else TOTALS]
                 section[name] = [[list(labels), value] for labels, value in family.shared()]
         data = orjson.dumps(document)
+        path = self._own_file(self.directory)
         if data == self._written:
             return
         try:
-            _replace(self.directory / f"{FILE_PREFIX}{os.getpid()}.json", data)
+            _replace(path, data)
         except OSError as exc:
             log.warning("metrics not shared with the other workers: %s", exc)
             return
@@ -227,6 +231,15 @@ class Tallies:
         while True:
             await asyncio.sleep(SHARE_SECONDS)
             self.share()
+
+    def _own_file(self, directory: Path) -> Path:
+        """Named by pid and a random part: a new worker that gets a dead one's pid must not
+        replace the dead one's totals."""
+        pid = os.getpid()
+        if self._file is None or self._file_pid != pid:
+            self._file = directory / f"{FILE_PREFIX}{pid}-{secrets.token_hex(4)}.json"
+            self._file_pid, self._written = pid, None
+        return self._file
 
     def _add_up(self, totals: dict[str, dict[tuple[str, ...], Shared]], document: Document) -> None:
         for name, series in document.items():
@@ -247,9 +260,8 @@ class Tallies:
 
     def _other_workers(self) -> Iterator[Document]:
         assert self.directory is not None
-        own = f"{FILE_PREFIX}{os.getpid()}.json"
         for path in self.directory.glob(f"{FILE_PREFIX}*.json"):
-            if path.name != own:
+            if path != self._file:
                 document = _read(path)
                 if document is not None:
                     yield document.get(GAUGES, {})
@@ -262,14 +274,14 @@ def _is_number(value: object) -> bool:
 
 def forget_gauges(directory: Path, pid: int) -> None:
     """A dead worker's requests are no longer in flight; its counters and histograms still count."""
-    path = directory / f"{FILE_PREFIX}{pid}.json"
-    document = _read(path)
-    if document is None or not document.get(GAUGES):
-        return
-    try:
-        _replace(path, orjson.dumps({GAUGES: {}, TOTALS: document.get(TOTALS, {})}))
-    except OSError as exc:
-        log.warning("the gauges of worker %d stay in the metrics: %s", pid, exc)
+    for path in directory.glob(f"{FILE_PREFIX}{pid}-*.json"):
+        document = _read(path)
+        if document is None or not document.get(GAUGES):
+            continue
+        try:
+            _replace(path, orjson.dumps({GAUGES: {}, TOTALS: document.get(TOTALS, {})}))
+        except OSError as exc:
+            log.warning("the gauges of worker %d stay in the metrics: %s", pid, exc)
 
 
 def clear(directory: Path) -> None:

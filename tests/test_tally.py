@@ -112,7 +112,7 @@ def test_a_scrape_sums_every_worker_sharing_the_directory(tmp_path: Path) -> Non
 def test_a_dead_workers_gauges_are_forgotten_and_its_counts_kept(tmp_path: Path) -> None:
     in_another_process(tmp_path, busy_worker)
     (dead,) = tmp_path.glob(f"{tally.FILE_PREFIX}*.json")
-    pid = int(dead.stem.removeprefix(tally.FILE_PREFIX))
+    pid = int(dead.stem.removeprefix(tally.FILE_PREFIX).split("-")[0])
     scraped = Tallies(tmp_path)
     defined(scraped)
     assert value(exposition(scraped), "busy") == 2
@@ -127,7 +127,7 @@ def test_a_worker_rewrites_its_file_only_when_its_values_changed(tmp_path: Path)
     tallies = Tallies(tmp_path)
     answered, _ = defined(tallies)
     tallies.share()
-    path = tmp_path / f"{tally.FILE_PREFIX}{os.getpid()}.json"
+    (path,) = tmp_path.glob(f"{tally.FILE_PREFIX}{os.getpid()}-*.json")
     path.unlink()
     tallies.share()
     assert not path.exists()
@@ -139,8 +139,8 @@ def test_a_worker_rewrites_its_file_only_when_its_values_changed(tmp_path: Path)
 def test_unreadable_files_and_unknown_metrics_are_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (tmp_path / f"{tally.FILE_PREFIX}1.json").write_text("{not json")
-    (tmp_path / f"{tally.FILE_PREFIX}2.json").write_text(
+    (tmp_path / f"{tally.FILE_PREFIX}1-a.json").write_text("{not json")
+    (tmp_path / f"{tally.FILE_PREFIX}2-b.json").write_text(
         '{"gauges": {}, "totals": {"renamed": [[[], 4]], "latency_seconds": [[[], [1, 2]]],'
         ' "answered": [[["2xx"], 2], [["2xx", "x"], 1], "oops", [["5xx"], true], [[5], 1]]}}'
     )
@@ -155,6 +155,17 @@ def test_unreadable_files_and_unknown_metrics_are_left_out(
     assert "renamed" not in text
     assert value(text, "latency_seconds_count") == 1  # other bucket bounds: not added
     assert "left out" in caplog.text
+
+
+def test_a_worker_with_a_dead_workers_pid_keeps_the_dead_ones_totals(tmp_path: Path) -> None:
+    in_another_process(tmp_path, busy_worker)
+    (dead,) = tmp_path.glob(f"{tally.FILE_PREFIX}*.json")
+    dead.rename(tmp_path / f"{tally.FILE_PREFIX}{os.getpid()}-0.json")
+    scraped = Tallies(tmp_path)
+    answered, _ = defined(scraped)
+    answered.labels("2xx").inc()
+    scraped.share()
+    assert value(exposition(scraped), "answered_total") == 6
 
 
 def test_clearing_removes_an_earlier_runs_files(tmp_path: Path) -> None:
