@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.auth import USER
@@ -90,7 +90,7 @@ class RequestLog:
     def client_ip(self, request: web.Request) -> str | None:
         """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
         peer = request.remote  # aiohttp asks the socket once per connection
-        forwarded = request.headers.get("X-Forwarded-For")
+        forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
         if not forwarded:
             return peer[:64] if peer else None
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer] if peer else [])
@@ -118,8 +118,8 @@ class RequestLog:
         return RequestRecord(
             request_id=info.request_id,
             started_at=info.started_at,
-            duration_ms=round((time.monotonic() - info.started) * 1000, 3),
-            ttfc_ms=None if info.first_chunk is None else round((info.first_chunk - info.started) * 1000, 3),
+            duration_ms=_milliseconds(time.monotonic() - info.started),
+            ttfc_ms=None if info.first_chunk is None else _milliseconds(info.first_chunk - info.started),
             method=request.method,
             route=info.route,
             path=request.path[:512],
@@ -140,6 +140,11 @@ class RequestLog:
             prompt=info.prompt,
             result=info.result,
         )
+
+
+def _milliseconds(seconds: float) -> float:
+    """To the microsecond; round() to a number of digits takes more than twice as long."""
+    return round(seconds * 1_000_000) / 1000
 
 
 _NO_USAGE: Final = Usage()
