@@ -127,7 +127,7 @@ def _describe(
     info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
     info.endpoint_slug, info.adaptor, info.stream = endpoint.endpoint_slug, type(endpoint).__name__, stream
     meters = request.app[METRICS].endpoint(info.adaptor, *info.endpoint_labels)
-    meters.phase("authentication").observe(request.get(AUTH_SECONDS, 0.0))
+    meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
     return info, meters
 
 
@@ -163,7 +163,7 @@ def _measured(
     """Called once the response has ended, whatever the way it ended."""
     total = time.monotonic() - started
     meters.outcome(outcome).observe(total)
-    meters.phase("total").observe(total)
+    meters.total.observe(total)
     if first_byte is not None:
         meters.phase("first_byte").observe(first_byte)
         meters.first_chunk().observe(first_byte)

@@ -51,6 +51,7 @@ class EndpointMeters:
 
     def __init__(self, metrics: Metrics, adaptor: str, cluster: str, framework: str, model: str) -> None:
         self.phase = Bound(metrics.phase_seconds, adaptor, cluster, framework, model)
+        self.authentication, self.total = self.phase("authentication"), self.phase("total")
         self.outcome = Bound(metrics.adaptor_seconds, adaptor, cluster, framework, model)
         self.upstream_error = Bound(metrics.upstream_errors, adaptor, cluster, framework, model)
         self.tokens = Bound(metrics.tokens, cluster, framework, model)

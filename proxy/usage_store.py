@@ -34,15 +34,9 @@ acknowledged harmless instead of a primary-key error. The key is (request_id, st
 may send the same X-Request-ID with every request, and those are still different requests."""
 
 
-_values: Final = operator.attrgetter(*_COLUMNS)
-_STREAM: Final = _COLUMNS.index("stream")
-
-
-def _params(record: RequestRecord) -> list[Any]:
-    """The record as column values; ``stream`` as 0/1, the one boolean type both databases share."""
-    values = list(_values(record))
-    values[_STREAM] = int(record.stream)
-    return values
+_params: Final = operator.attrgetter(*_COLUMNS)
+"""The record as column values, in one call: SQLite and asyncpg both write ``stream``, a bool, as
+the 0 or 1 of its INTEGER column."""
 
 
 def _usage_sql(by: UsageBy, bounded: bool) -> str:

@@ -191,6 +191,8 @@ async def test_add_many_beyond_one_statement_and_retried_batches_add_nothing_twi
         "SELECT stream, prompt FROM requests WHERE request_id = ? AND started_at = ?", "req-00007", T0 + 7
     )
     assert row == {"stream": 0, "prompt": "p" * 50}
+    await store.add_many([record(9, started_at=T0 - 9, stream=True)])
+    assert await db.fetchone("SELECT stream FROM requests WHERE started_at = ?", T0 - 9) == {"stream": 1}
 
 
 # --- the sink -------------------------------------------------------------------------------------
