@@ -6,11 +6,12 @@ thread updates, so it needs no lock, and prometheus-client's collector interface
 into its exposition format when they are scraped.
 
 Worker processes share a directory (``PROMETHEUS_MULTIPROC_DIR``). Each worker writes its values
-to its own file there once a second and when it stops; a scrape of any worker adds its own live
-values to the other workers' files, which are at most a second old. Counters and histograms of
-workers that have ended stay in the sum, so totals never go back. Gauges count running workers
-only: a stopping worker leaves them out of its last file, and the supervisor removes those of a
-worker that died.
+to its own file there once a second, when it is scraped and when it stops; a scrape of any worker
+adds its own values to the other workers' files, which are at most a second old. Counters and
+histograms of workers that have ended stay in the sum, so totals never go back (a killed worker
+loses at most its last second, which no scrape has shown). Gauges count running workers only: a
+stopping worker leaves them out of its last file, and the supervisor removes those of a worker
+that died.
 """
 
 from __future__ import annotations
@@ -200,8 +201,11 @@ class Tallies:
         return family
 
     def collect(self) -> Iterable[Metric]:
+        """This worker's values are shared before they are shown: whatever a scrape has seen of a
+        worker is in its file, and stays in the totals if the worker is killed."""
         totals = {name: dict(family.shared()) for name, family in self._families.items()}
         if self.directory is not None:
+            self.share()
             for others in self._other_workers():
                 self._add_up(totals, others)
         return [family.exposed(totals[name]) for name, family in self._families.items()]

@@ -90,6 +90,33 @@ async def test_a_dead_worker_is_replaced(
         assert "starting a new one" in gateway.log_text()
 
 
+async def test_a_killed_workers_requests_still_count_and_its_streams_end(
+    backend: Server, tmp_path: Path
+) -> None:
+    """Totals never go back when a worker dies; what it had in flight no longer is."""
+    async with gateway_process(configured(tmp_path, backend), "--workers", "2") as gateway:
+        await _until(lambda: gateway.log_text().count("serving on") == 2)
+        port = int(gateway.url.rsplit(":", 1)[1])
+        metrics = f"{gateway.url}/metrics"
+        async with (
+            aiohttp.ClientSession() as client,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as scraper,
+        ):
+            assert await complete(client, gateway.url) == 200
+            victim = serving_process(port, client_port(client), gateway.children())
+            stream = await open_stream(client, gateway.url, chunks=300, delay=0.1)  # on the same connection
+            assert await summed_value(scraper, metrics, "gateway_streams_in_flight", 1) == 1
+            os.kill(victim, signal.SIGKILL)
+            replaced = lambda: len(gateway.children()) == 2 and victim not in gateway.children()  # noqa: E731
+            await _until(replaced, timeout=20)
+            stream.close()
+            assert await summed_value(scraper, metrics, "gateway_streams_in_flight", 0) == 0
+            finished = await summed_value(
+                scraper, metrics, "gateway_requests_total", 1, model=CHAT_MODEL, status_class="2xx"
+            )
+            assert finished == 1, "the dead worker's answered request still counts"
+
+
 async def test_workers_exit_when_the_supervisor_is_killed(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

@@ -123,6 +123,17 @@ def test_a_dead_workers_gauges_are_forgotten_and_its_counts_kept(tmp_path: Path)
     assert value(text, "answered_total") == 5
 
 
+def test_what_a_scrape_shows_of_a_worker_is_in_its_file(tmp_path: Path) -> None:
+    """Had the worker been killed before its next share, its totals would otherwise go back."""
+    worker = Tallies(tmp_path)
+    answered, _ = defined(worker)
+    answered.labels("2xx").inc(7)
+    assert value(exposition(worker), "answered_total") == 7
+    other = Tallies(tmp_path)  # another worker, as far as files go
+    defined(other)
+    assert value(exposition(other), "answered_total") == 7
+
+
 def test_a_worker_rewrites_its_file_only_when_its_values_changed(tmp_path: Path) -> None:
     tallies = Tallies(tmp_path)
     answered, _ = defined(tallies)
