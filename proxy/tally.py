@@ -56,20 +56,13 @@ class CounterValue:
         return self.value
 
 
-class GaugeValue:
-    __slots__ = ("value",)
+class GaugeValue(CounterValue):
+    """A counter that may also go down."""
 
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1) -> None:
-        self.value += amount
+    __slots__ = ()
 
     def dec(self, amount: float = 1) -> None:
         self.value -= amount
-
-    def shared(self) -> float:
-        return self.value
 
 
 class HistogramValue:
