@@ -241,7 +241,7 @@ class Tallies:
     def _add_up(self, totals: dict[str, dict[tuple[str, ...], Shared]], document: Document) -> None:
         for name, series in document.items():
             family = self._families.get(name)
-            if family is None:
+            if family is None or not isinstance(series, list):
                 continue
             known = totals[name]
             for entry in series:
@@ -261,8 +261,9 @@ class Tallies:
             if path != self._file:
                 document = _read(path)
                 if document is not None:
-                    yield document.get(GAUGES, {})
-                    yield document.get(TOTALS, {})
+                    for section in (document.get(GAUGES), document.get(TOTALS)):
+                        if isinstance(section, dict):
+                            yield section
 
 
 def _is_number(value: object) -> bool:

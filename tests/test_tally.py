@@ -151,6 +151,7 @@ def test_unreadable_files_and_unknown_metrics_are_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / f"{tally.FILE_PREFIX}1-a.json").write_text("{not json")
+    (tmp_path / f"{tally.FILE_PREFIX}3-c.json").write_text('{"gauges": [], "totals": {"answered": 5}}')
     (tmp_path / f"{tally.FILE_PREFIX}2-b.json").write_text(
         '{"gauges": {}, "totals": {"renamed": [[[], 4]], "latency_seconds": [[[], [1, 2]]],'
         ' "answered": [[["2xx"], 2], [["2xx", "x"], 1], "oops", [["5xx"], true], [[5], 1]]}}'
