@@ -19,13 +19,12 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.errors import ApiError
-from proxy.tally import CounterValue, Family, GaugeValue, HistogramValue, Tallies
+from proxy.tally import SHARED_DIRECTORY_ENV, CounterValue, Family, GaugeValue, HistogramValue, Tallies
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800,
 )  # fmt: skip
 ENDPOINT_LABELS = ("cluster", "framework", "model")
-SHARED_DIRECTORY_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 M = TypeVar("M", CounterValue, GaugeValue, HistogramValue)
 

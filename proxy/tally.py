@@ -36,6 +36,8 @@ from prometheus_client.metrics_core import (
 
 log = logging.getLogger(__name__)
 
+SHARED_DIRECTORY_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+"""The variable prometheus-client's multiprocess mode reads: deployments already set it."""
 SHARE_SECONDS: Final = 1.0
 FILE_PREFIX: Final = "tally-"
 GAUGE: Final = "gauge"

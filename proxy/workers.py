@@ -47,7 +47,7 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 def metrics_directory() -> Path:
     """Shared by the workers; emptied at start, or an earlier run's counts would be added in."""
-    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    configured = os.environ.get(tally.SHARED_DIRECTORY_ENV)
     directory = Path(configured) if configured else Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)
     tally.clear(directory)
@@ -74,7 +74,7 @@ class Supervisor:
         self._sock = sock
         self._env = {
             **os.environ,
-            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+            tally.SHARED_DIRECTORY_ENV: str(metrics_dir),
             SUPERVISOR_ENV: str(os.getpid()),
         }
         self._metrics_dir = metrics_dir
