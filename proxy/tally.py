@@ -198,9 +198,9 @@ class Tallies:
     def collect(self) -> Iterable[Metric]:
         """This worker's values are shared before they are shown: whatever a scrape has seen of a
         worker is in its file, and stays in the totals if the worker is killed."""
-        totals = {name: dict(family.shared()) for name, family in self._families.items()}
+        totals = self._own_values()
         if self.directory is not None:
-            self.share()
+            self._write(self.directory, totals, gauges=True)
             for others in self._other_workers():
                 self._add_up(totals, others)
         return [family.exposed(totals[name]) for name, family in self._families.items()]
@@ -208,15 +208,20 @@ class Tallies:
     def share(self, gauges: bool = True) -> None:
         """Write this worker's values to its file (replaced whole, so readers never see half of
         it); `gauges` False when stopping, as a stopped worker has nothing in flight."""
-        if self.directory is None:
-            return
+        if self.directory is not None:
+            self._write(self.directory, self._own_values(), gauges)
+
+    def _own_values(self) -> dict[str, dict[tuple[str, ...], Shared]]:
+        return {name: dict(family.shared()) for name, family in self._families.items()}
+
+    def _write(self, directory: Path, values: dict[str, dict[tuple[str, ...], Shared]], gauges: bool) -> None:
         document: dict[str, Document] = {GAUGES: {}, TOTALS: {}}
         for name, family in self._families.items():
             if gauges or family.kind != GAUGE:
                 section = document[GAUGES if family.kind == GAUGE else TOTALS]
-                section[name] = [[list(labels), value] for labels, value in family.shared()]
+                section[name] = [[list(labels), value] for labels, value in values[name].items()]
         data = orjson.dumps(document)
-        path = self._own_file(self.directory)
+        path = self._own_file(directory)
         if data == self._written:
             return
         try:
