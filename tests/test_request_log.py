@@ -195,6 +195,29 @@ async def test_add_many_beyond_one_statement_and_retried_batches_add_nothing_twi
     assert await db.fetchone("SELECT stream FROM requests WHERE started_at = ?", T0 - 9) == {"stream": 1}
 
 
+async def test_records_of_every_shape_in_one_batch_are_stored_as_they_are(db: Database) -> None:
+    """The store writes each combination of NULL columns with its own statement: every value, NULLs
+    included, must still land in its own column."""
+    often_null = {
+        "ttfc_ms": 3.25,
+        "task_id": "task-1",
+        "error": "upstream 502",
+        "prompt": "hi",
+        "result": "yo",
+    }
+    records = [
+        record(
+            number,
+            stream=bool(number & 32),
+            **{name: value for bit, (name, value) in enumerate(often_null.items()) if number >> bit & 1},
+        )
+        for number in range(64)
+    ]
+    await UsageStore(db).add_many(records[1::2] + records[::2])
+    stored = await db.fetch("SELECT * FROM requests ORDER BY started_at")
+    assert stored == [dataclasses.asdict(item) | {"stream": int(item.stream)} for item in records]
+
+
 # --- the sink -------------------------------------------------------------------------------------
 
 
