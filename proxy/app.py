@@ -62,11 +62,10 @@ def create_app(
     app[METRICS] = metrics
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
-    if writer is not None:
-        app.on_cleanup.append(_closing(writer))
     app[REQUEST_LOG] = RequestLog(
         writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
     )
+    app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)
     app.on_cleanup.append(lambda app: app[LIMITER].close())
     authenticator.instrument(metrics)
@@ -92,11 +91,13 @@ def create_app(
     return app
 
 
-def _closing(writer: LineWriter) -> Callable[[web.Application], Awaitable[None]]:
+def _closing(request_log: RequestLog) -> Callable[[web.Application], Awaitable[None]]:
     """The last records of a stopping gateway are written, not left pending."""
 
     async def close(_: web.Application) -> None:
-        writer.close()
+        request_log.close()
+        if request_log.writer is not None:
+            request_log.writer.close()
 
     return close
 
@@ -129,6 +130,7 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
         finally:
             advancer.cancel()
             if request_log.sink is not None:
+                request_log.close()  # its waiting records reach the sink before the sink closes
                 await request_log.sink.close()
             await database.close()
 

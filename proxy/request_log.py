@@ -5,9 +5,9 @@ Both paths sit next to the request path, so neither may slow it down much or fai
 - ``LineWriter`` writes each record as one line to a file descriptor (stdout by default). Several gateway
   worker processes usually share that stdout pipe, and a write to a pipe is only atomic up to PIPE_BUF
   (4 kB on Linux) while a record carrying a prompt can be far larger; so lines leave together in writes
-  of at most PIPE_BUF (64 kB to a regular file), waiting at most 50 ms to fill one, and a longer line
-  goes alone under an exclusive ``flock`` on a lock file all the processes open: lines never tear
-  into each other.
+  of at most PIPE_BUF (64 kB to a regular file) when the caller flushes them (``proxy.observe.RequestLog``
+  does every ``RECORD_DELAY_SECONDS``), and a longer line goes alone under an exclusive ``flock`` on a
+  lock file all the processes open: lines never tear into each other.
 - ``RecordSink`` hands records to a background task that writes them in batches through
   ``proxy.usage_store.UsageStore``. ``submit`` only appends to a bounded in-memory buffer; while the
   database is unavailable the records wait there, and they are written, oldest first, when it returns.
@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from itertools import islice
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 STDOUT: Final = 1
 LOG_EVERY: Final = 1000  # repeated failures are logged the first time and then every LOG_EVERY times
 FIRST_RETRY_SECONDS: Final = 0.05
-LINE_DELAY_SECONDS: Final = 0.05
+RECORD_DELAY_SECONDS: Final = 0.05
+"""How long a record may wait for others to be built and written with it."""
 
 
 _LINE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -110,12 +111,7 @@ class LineWriter:
     ``failures`` and logged, never raised: the request it describes has already been served.
     """
 
-    def __init__(
-        self,
-        fd: int = STDOUT,
-        lock_path: str | os.PathLike[str] | None = None,
-        delay_seconds: float = LINE_DELAY_SECONDS,
-    ) -> None:
+    def __init__(self, fd: int = STDOUT, lock_path: str | os.PathLike[str] | None = None) -> None:
         self.fd = fd
         self.failures = 0
         self._lock_path = None if lock_path is None else os.fspath(lock_path)
@@ -123,11 +119,9 @@ class LineWriter:
         self._lock_pid = 0
         self._threads = threading.Lock()
         self._warned_unlocked = False
-        self._delay = delay_seconds
         self._atomic_bytes = atomic_write_bytes(fd)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def lock_path(self) -> str:
@@ -136,8 +130,8 @@ class LineWriter:
         return self._lock_path
 
     def write(self, record: RequestRecord) -> None:
-        """On an event loop, lines wait (at most ``delay_seconds``) until they fill one atomic write:
-        a write system call per request was a visible share of a busy gateway's time."""
+        """Lines wait until they fill one atomic write or ``flush`` is called: a write system call per
+        request was a visible share of a busy gateway's time."""
         try:
             line = record.as_json_line()
         except Exception as exc:  # a field of a type json cannot encode: the caller's bug, not a crash
@@ -147,11 +141,6 @@ class LineWriter:
             self.flush()
         self._pending.append(line)
         self._pending_bytes += len(line)
-        if self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(self._delay, self._flush_due)
-            except RuntimeError:
-                self.flush()
 
     def flush(self) -> None:
         """Write the pending lines now: what one write puts down whole, or one longer line alone."""
@@ -159,19 +148,11 @@ class LineWriter:
             pending, self._pending, self._pending_bytes = self._pending, [], 0
             self.write_line(b"".join(pending))
 
-    def _flush_due(self) -> None:
-        self._timer = None
-        self.flush()
-
     def write_line(self, line: bytes) -> None:
-        """Write ``line`` (which should end in a newline) as one piece, however large. A line within
-        PIPE_BUF goes out in one write, which POSIX makes atomic on a pipe (and a regular file takes
-        any write whole): only longer lines need the lock, and most lines are short."""
+        """Write ``line`` (which should end in a newline) as one piece, however large. Even a write
+        within PIPE_BUF, which POSIX makes atomic on a pipe, takes the lock: unlocked, it could land
+        between the pieces of another process's longer line."""
         try:
-            if len(line) <= self._atomic_bytes:
-                line = line[_write_once(self.fd, line) :]
-                if not line:
-                    return
             with self._threads, self._locked():
                 _write_all(self.fd, line)
         except Exception as exc:
@@ -180,9 +161,6 @@ class LineWriter:
     def close(self) -> None:
         """Write what is pending and release the lock file; the file descriptor written to is the
         caller's and stays open."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         self.flush()
         with self._threads:
             if self._lock_fd is not None and self._lock_pid == os.getpid():
@@ -243,14 +221,6 @@ def atomic_write_bytes(fd: int) -> int:
     return FILE_WRITE_BYTES if regular else select.PIPE_BUF
 
 
-def _write_once(fd: int, data: bytes) -> int:
-    """How much one write took; on a partial write the caller writes the rest under the lock."""
-    try:
-        return os.write(fd, data)
-    except BlockingIOError:
-        return 0
-
-
 def _write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is out: a pipe takes a large write in pieces. A non-blocking ``fd``
     (someone set O_NONBLOCK on a shared stdout) is waited on rather than given up."""
@@ -277,7 +247,7 @@ def _close_quietly(fd: int) -> None:
 class RecordSink:
     """Records go to the database in batches, from a buffer that outlives database outages.
 
-    ``submit`` appends to a buffer of at most ``max_buffered`` records (call it on the event loop's
+    ``submit`` appends records to a buffer of at most ``max_buffered`` (call it on the event loop's
     thread). A background task writes full batches of ``batch_size`` as soon as they fill up, and
     whatever is buffered every ``flush_seconds``. While the database is unavailable the task retries with
     a backoff growing to ``retry_seconds``, and records keep accumulating; once the buffer is full, new
@@ -325,12 +295,13 @@ class RecordSink:
         """Records waiting to be written (including a batch being written right now)."""
         return len(self._buffer)
 
-    def submit(self, record: RequestRecord) -> None:
-        """Queue ``record`` for the database; never blocks, never raises."""
-        if self._closing or len(self._buffer) >= self._max_buffered:
-            self._drop()
-            return
-        self._buffer.append(record)
+    def submit(self, records: Sequence[RequestRecord]) -> None:
+        """Queue ``records`` for the database; never blocks, never raises."""
+        room = 0 if self._closing else self._max_buffered - len(self._buffer)
+        if len(records) > room:
+            self._drop(len(records) - room)
+            records = records[:room]
+        self._buffer.extend(records)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
 
@@ -356,8 +327,8 @@ class RecordSink:
             self.dropped += len(self._buffer)
             self._buffer.clear()
 
-    def _drop(self) -> None:
-        self.dropped += 1
+    def _drop(self, count: int) -> None:
+        self.dropped += count
         if not self._dropping:
             self._dropping = True
             log.warning(

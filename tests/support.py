@@ -193,7 +193,7 @@ async def stdout_lines(
     capfd: CapturedOutput, until: Callable[[list[str]], bool], timeout: float = 2.0
 ) -> list[str]:
     """What the gateway has written to stdout once ``until`` holds (or ``timeout`` passes): request
-    records leave in batches, up to ``LINE_DELAY_SECONDS`` after their request has ended."""
+    records leave in batches, up to ``RECORD_DELAY_SECONDS`` after their request has ended."""
     output = ""
     deadline = time.monotonic() + timeout
     while True:

@@ -17,9 +17,12 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp.test_utils import make_mocked_request
 
 from proxy import request_log
 from proxy.database import Database, DatabaseUnavailable
+from proxy.metrics import Metrics
+from proxy.observe import RequestInfo, RequestLog
 from proxy.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
 from proxy.usage_cli import main, parse_time
 from proxy.usage_store import UsageStore
@@ -225,8 +228,8 @@ async def test_sink_writes_full_batches_then_the_rest_on_time_or_at_close(db: Da
     store = RecordingStore(db)
     sink = RecordSink(store, batch_size=10, flush_seconds=60)
     sink.start()
-    for number in range(25):
-        sink.submit(record(number))
+    sink.submit([record(number) for number in range(12)])
+    sink.submit([record(number) for number in range(12, 25)])
     await eventually(lambda: sink.written == 20)
     assert [len(batch) for batch in store.batches] == [10, 10] and sink.buffered == 5
     await sink.close()
@@ -236,7 +239,7 @@ async def test_sink_writes_full_batches_then_the_rest_on_time_or_at_close(db: Da
 
     timed = RecordSink(store, batch_size=1000, flush_seconds=0.05)
     timed.start()
-    timed.submit(record(100))
+    timed.submit([record(100)])
     await eventually(lambda: timed.written == 1)  # a partial batch goes out once flush_seconds pass
     await timed.close()
     assert await count(db) == 26
@@ -249,7 +252,7 @@ async def test_a_sink_cancelled_as_it_wakes_stops() -> None:
     sink.start()
     await asyncio.sleep(0.01)  # the writer now waits for a full batch
     (task,) = [task for task in asyncio.all_tasks() if task.get_name() == "request-record-sink"]
-    sink.submit(record(1))  # wakes it...
+    sink.submit([record(1)])  # wakes it...
     await asyncio.sleep(0)
     task.cancel()  # ...in the same turn as it is cancelled
     done, _ = await asyncio.wait({task}, timeout=1)
@@ -259,19 +262,20 @@ async def test_a_sink_cancelled_as_it_wakes_stops() -> None:
 async def test_close_flushes_what_was_submitted(db: Database) -> None:
     sink = RecordSink(UsageStore(db), batch_size=1000, flush_seconds=60)
     sink.start()
-    for number in range(7):
-        sink.submit(record(number))
+    sink.submit([record(number) for number in range(7)])
     await sink.close()
     assert await count(db) == 7 and sink.written == 7 and sink.dropped == 0
-    sink.submit(record(8))  # after close: dropped, not raised
-    assert sink.dropped == 1
+    sink.submit([record(8), record(9)])  # after close: dropped, not raised
+    assert sink.dropped == 2
 
 
 async def test_full_buffer_drops_new_records_and_counts_them(db: Database) -> None:
     sink = RecordSink(UsageStore(db), max_buffered=5, batch_size=100, flush_seconds=60)
-    for number in range(8):  # not started: nothing drains the buffer
-        sink.submit(record(number))
+    sink.submit([record(number) for number in range(4)])  # not started: nothing drains the buffer
+    sink.submit([record(number) for number in range(4, 8)])
     assert sink.buffered == 5 and sink.dropped == 3
+    sink.submit([record(9)])
+    assert sink.buffered == 5 and sink.dropped == 4
     await sink.close()  # close writes what is buffered even without start()
     rows = await db.fetch("SELECT request_id FROM requests ORDER BY started_at")
     assert [row["request_id"] for row in rows] == [f"req-{n:05d}" for n in range(5)]  # the oldest kept
@@ -284,12 +288,11 @@ async def test_postgres_going_away_and_coming_back_loses_no_record(postgres_serv
     sink = RecordSink(store, batch_size=4, flush_seconds=0.05, retry_seconds=0.2)
     sink.start()
     try:
-        for number in range(5):
-            sink.submit(record(number))
+        sink.submit([record(number) for number in range(5)])
         await eventually(lambda: sink.written == 5)
         await postgres_server.stop()
         for number in range(5, 30):
-            sink.submit(record(number))
+            sink.submit([record(number)])
         await asyncio.sleep(0.5)  # several attempts fail meanwhile
         assert sink.buffered == 25 and sink.written == 5
     finally:
@@ -312,8 +315,7 @@ async def test_close_gives_up_after_its_timeout_while_postgres_is_down(
     sink.start()
     await postgres_server.stop()
     try:
-        for number in range(3):
-            sink.submit(record(number))
+        sink.submit([record(number) for number in range(3)])
         started = time.monotonic()
         await sink.close(timeout=0.3)
         assert time.monotonic() - started < 2
@@ -328,8 +330,7 @@ async def test_outages_keep_order_and_a_refused_record_costs_only_itself() -> No
     store = FakeStore(outages=3, bad=frozenset({"req-00004"}))
     sink = RecordSink(store, batch_size=3, flush_seconds=0.02, retry_seconds=0.02)
     sink.start()
-    for number in range(10):
-        sink.submit(record(number))
+    sink.submit([record(number) for number in range(10)])
     await sink.close()
     assert store.ids == [f"req-{n:05d}" for n in range(10) if n != 4]
     assert sink.written == 9 and sink.rejected == 1 and sink.dropped == 0
@@ -346,17 +347,23 @@ def _write_many(writer: LineWriter, child: int) -> None:
     for number in range(LINES_PER_PROCESS):
         payload = chr(ord("a") + child) * LINE_BYTES
         writer.write(record(number, request_id=f"{child}-{number}", prompt=payload))
+        if number % 3 == 0:
+            writer.write(record(number, request_id=f"{child}-short-{number}"))
+    writer.flush()
     raise SystemExit(min(writer.failures, 100))
 
 
 def test_two_processes_write_only_whole_lines_to_one_pipe(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Long lines take several writes to a pipe, and short ones from the other process must not land
+    between them."""
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the default lock file, keyed by the pipe
     read_end, write_end = os.pipe()
     writer = LineWriter(write_end)
     assert writer.lock_path == default_lock_path(write_end) and writer.lock_path.startswith(str(tmp_path))
-    writer.write(record(0, request_id="parent"))  # opens the lock file before the fork
+    writer.write(record(0, request_id="parent"))
+    writer.flush()  # opens the lock file before the fork
     context = multiprocessing.get_context("fork")
     children = [context.Process(target=_write_many, args=(writer, number)) for number in range(2)]
     for process in children:
@@ -370,53 +377,81 @@ def test_two_processes_write_only_whole_lines_to_one_pipe(
     lines = data.split(b"\n")
     assert lines.pop() == b""
     documents = [json.loads(line) for line in lines]  # a torn line would not parse
-    assert len(documents) == 1 + 2 * LINES_PER_PROCESS
-    for document in documents[1:]:
-        writer_number = int(document["request_id"].split("-")[0])
-        assert document["prompt"] == chr(ord("a") + writer_number) * LINE_BYTES
-    assert {document["request_id"] for document in documents} == {"parent"} | {
-        f"{child}-{number}" for child in range(2) for number in range(LINES_PER_PROCESS)
-    }
+    long_ids = {f"{child}-{number}" for child in range(2) for number in range(LINES_PER_PROCESS)}
+    short_ids = {f"{child}-short-{number}" for child in range(2) for number in range(0, LINES_PER_PROCESS, 3)}
+    assert len(documents) == 1 + len(long_ids) + len(short_ids)
+    assert {document["request_id"] for document in documents} == {"parent"} | long_ids | short_ids
+    for document in documents:
+        if document["request_id"] in long_ids:
+            writer_number = int(document["request_id"].split("-")[0])
+            assert document["prompt"] == chr(ord("a") + writer_number) * LINE_BYTES
 
 
-async def test_lines_wait_to_fill_atomic_writes_for_at_most_their_delay(
+def test_lines_leave_in_atomic_writes_and_the_rest_on_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[bytes] = []
-    real_write = request_log._write_once
+    real_write = request_log._write_all
 
-    def counted(fd: int, data: bytes) -> int:
+    def counted(fd: int, data: bytes) -> None:
         writes.append(data)
-        return real_write(fd, data)
+        real_write(fd, data)
 
-    monkeypatch.setattr(request_log, "_write_once", counted)
+    monkeypatch.setattr(request_log, "_write_all", counted)
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
-    writer = LineWriter(write_end, lock_path=tmp_path / "log.lock", delay_seconds=0.2)
+    writer = LineWriter(write_end, lock_path=tmp_path / "log.lock")
     lines = [record(number).as_json_line() for number in range(40)]
     for number in range(40):
         writer.write(record(number))
     longest = max(map(len, lines))
     assert writes and all(select.PIPE_BUF - longest < len(data) <= select.PIPE_BUF for data in writes)
     assert os.read(read_end, 1 << 20) == b"".join(writes)  # the rest waits...
-    await asyncio.sleep(0.3)
-    assert b"".join(writes) == b"".join(lines)  # ...no longer than its delay, in order
+    writer.flush()
+    assert b"".join(writes) == b"".join(lines)  # ...for the flush, in order
     assert os.read(read_end, 1 << 20) == writes[-1]
     writer.close()
     for fd in (read_end, write_end):
         os.close(fd)
 
 
-async def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
+def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    writer = LineWriter(fd, lock_path=tmp_path / "log.lock", delay_seconds=0.1)
+    writer = LineWriter(fd, lock_path=tmp_path / "log.lock")
     for number in range(40):  # about 18 kB: more than PIPE_BUF, less than one piece to a file
         writer.write(record(number))
     assert path.read_bytes() == b""
-    await asyncio.sleep(0.2)
+    writer.flush()
     assert path.read_bytes() == b"".join(record(number).as_json_line() for number in range(40))
     writer.close()
+    os.close(fd)
+
+
+async def test_records_wait_together_for_their_delay_and_after_close_leave_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "records.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    log = RequestLog(LineWriter(fd, lock_path=tmp_path / "log.lock"), [], Metrics(enabled=False), False, 0.2)
+    log.sink = RecordSink(FakeStore())  # not started: records stay in its buffer
+
+    def end(request_id: str) -> None:
+        info = RequestInfo(request_id, started=time.monotonic(), started_at=time.time(), route="/r")
+        log.emit(make_mocked_request("POST", "/r"), info, 200)
+
+    def written() -> list[str]:
+        return [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]
+
+    for number in range(3):
+        end(f"r{number}")
+        await asyncio.sleep(0.05)
+    assert written() == [] and log.sink.buffered == 0
+    await eventually(lambda: written() == ["r0", "r1", "r2"], timeout=0.3)  # 0.2 s after the first
+    assert log.sink.buffered == 3
+    end("r3")
+    log.close()  # what waits leaves now...
+    assert written() == ["r0", "r1", "r2", "r3"] and log.sink.buffered == 4
+    end("r4")  # ...and so does each later record
+    assert written()[-1] == "r4" and log.sink.buffered == 5
     os.close(fd)
 
 
@@ -428,6 +463,8 @@ def test_line_writer_counts_failures_instead_of_raising(tmp_path: Path) -> None:
     writer = LineWriter(write_end, lock_path=tmp_path / "log.lock")
     writer.write(record(1))
     writer.write(record(2, prompt=object()))  # not JSON: counted too
+    assert writer.failures == 1
+    writer.flush()
     assert writer.failures == 2
     writer.close()
     for fd in (write_end, other_read, other_write):
