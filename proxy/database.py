@@ -41,8 +41,6 @@ log = logging.getLogger(__name__)
 Dialect = Literal["sqlite", "postgresql"]
 Row = dict[str, Any]
 Migration = tuple[int, str, list[str]]
-Batch = tuple[str, Iterable[Sequence[Any]]]
-"""A statement and the rows of parameters to run it with, once per row."""
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
@@ -197,11 +195,11 @@ class Database(Queries):
         self._transaction_tasks: set[asyncio.Task[Any]] = set()
 
     @abstractmethod
-    async def execute_batches(self, batches: Iterable[Batch]) -> None:
-        """Run each statement once per row of its parameters, in one transaction: all rows or none.
-        Each statement is prepared once: far cheaper than one statement with a VALUES list per row,
-        which is parsed anew for each batch size. With SQLite, ``batches`` and their rows are iterated
-        on the database's thread, so lazy iterables keep building the parameters off the event loop."""
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run one statement once per row of parameters, all rows or none. The statement is prepared
+        once: far cheaper than one statement with a VALUES list per row, which is parsed anew for
+        each batch size. With SQLite, ``rows`` is iterated on the database's thread, so a lazy
+        iterable keeps building the parameters off the event loop."""
 
     @classmethod
     async def connect(
@@ -396,8 +394,8 @@ class _SqliteWorker:
     async def execute(self, sql: str, params: Sequence[Any]) -> int:
         return await self._call(self._execute, sql, params)
 
-    async def execute_batches(self, batches: Iterable[Batch]) -> None:
-        await self._call(self._execute_batches, batches)
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._call(self._execute_many, sql, rows)
 
     async def fetch(self, sql: str, params: Sequence[Any]) -> list[Row]:
         return await self._call(self._fetch, sql, params)
@@ -475,12 +473,11 @@ class _SqliteWorker:
         with closing(self._db().execute(sql, params)) as cursor:
             return max(cursor.rowcount, 0)
 
-    def _execute_batches(self, batches: Iterable[Batch]) -> None:
+    def _execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         connection = self._db()
         connection.execute("BEGIN IMMEDIATE")
         try:
-            for sql, rows in batches:
-                connection.executemany(sql, rows)
+            connection.executemany(sql, rows)
         except BaseException:
             connection.execute("ROLLBACK")
             raise
@@ -552,10 +549,10 @@ class _SqliteDatabase(Database):
         async with self._lock:
             return await self._worker.execute(sql, params)
 
-    async def execute_batches(self, batches: Iterable[Batch]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._refuse_inside_transaction()
         async with self._lock:
-            await self._worker.execute_batches(batches)
+            await self._worker.execute_many(sql, rows)
 
     async def fetch(self, sql: str, *params: Any) -> list[Row]:
         self._refuse_inside_transaction()
@@ -626,9 +623,6 @@ class _PostgresTransaction(Transaction):
     async def lock(self, key: str) -> None:
         await self._connection.execute("SELECT pg_advisory_xact_lock($1)", lock_key(key))
 
-    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        await self._connection.executemany(postgres_sql(sql), rows)
-
 
 class _PostgresDatabase(Database):
     """An asyncpg pool; connections the server dropped are replaced when next acquired, so the Database
@@ -661,11 +655,11 @@ class _PostgresDatabase(Database):
         async with self._connection() as connection:
             return await _PostgresTransaction(connection).execute(sql, *params)
 
-    async def execute_batches(self, batches: Iterable[Batch]) -> None:
+    async def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """asyncpg's executemany is atomic: one implicit transaction for all rows."""
         self._refuse_inside_transaction()
-        async with self._transaction() as tx:
-            for sql, rows in batches:
-                await tx.execute_many(sql, rows)
+        async with self._connection() as connection:
+            await connection.executemany(postgres_sql(sql), rows)
 
     async def fetch(self, sql: str, *params: Any) -> list[Row]:
         self._refuse_inside_transaction()
@@ -682,7 +676,7 @@ class _PostgresDatabase(Database):
         return self._transaction()
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[_PostgresTransaction]:
+    async def _transaction(self) -> AsyncIterator[Transaction]:
         with self._in_transaction():
             async with self._connection() as connection:
                 transaction = connection.transaction()

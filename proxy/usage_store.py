@@ -8,60 +8,35 @@ or per model, in the database, over an indexed time range.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
-from functools import cache
 from typing import Any, Final, Literal
 
-from proxy.database import Batch, Database, Row
+from proxy.database import Database, Row
 from proxy.request_log import RequestRecord
 
 UsageBy = Literal["user", "model"]
 
 _COLUMNS: Final = tuple(field.name for field in fields(RequestRecord))
+_ROW_SQL: Final = f"({', '.join('?' * len(_COLUMNS))})"
 _GROUP_COLUMN: Final[dict[str, str]] = {"user": "username", "model": "model"}
 
 # A backend that reports prompt and completion tokens but no total still used tokens: count their sum.
 _TOTAL_SQL: Final = "COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0))"
 
 
-_OFTEN_NULL: Final = ("ttfc_ms", "task_id", "error", "prompt", "result")
-_often_null_values: Final = operator.attrgetter(*_OFTEN_NULL)
-_NONES: Final = (None,) * len(_OFTEN_NULL)
-
-Shape = tuple[bool, tuple[bool, ...]]
-"""A record's ``stream``, and which of the often-NULL columns it fills."""
-
-
-def _batches(records: Sequence[RequestRecord]) -> Iterator[Batch]:
-    """One INSERT per shape of record, leaving out its NULL columns and writing ``stream`` as a literal.
-    Python's sqlite3 binds None and bool through a lookup for adapters that it does not do for str, int
-    or float: a row of 23 values with five NULLs and a bool took half again as long to write."""
-    by_shape: dict[Shape, list[RequestRecord]] = {}
-    for record in records:
-        filled = tuple(map(operator.is_not, _often_null_values(record), _NONES))
-        by_shape.setdefault((record.stream, filled), []).append(record)
-    for shape, group in by_shape.items():
-        sql, params = _insert(shape)
-        yield sql, map(params, group)
+_INSERT_SQL: Final = (
+    f"INSERT INTO requests ({', '.join(_COLUMNS)}) VALUES {_ROW_SQL}"
+    " ON CONFLICT (request_id, started_at) DO NOTHING"
+)
+"""ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch whose commit was never
+acknowledged harmless instead of a primary-key error. The key is (request_id, started_at): a client
+may send the same X-Request-ID with every request, and those are still different requests."""
 
 
-@cache
-def _insert(shape: Shape) -> tuple[str, Callable[[RequestRecord], tuple[Any, ...]]]:
-    """The statement for records of one shape, and how to take their values.
-
-    ON CONFLICT DO NOTHING (SQLite and PostgreSQL both) makes re-sending a batch whose commit was never
-    acknowledged harmless instead of a primary-key error. The key is (request_id, started_at): a client
-    may send the same X-Request-ID with every request, and those are still different requests."""
-    stream, filled = shape
-    left_out = {"stream"} | {column for column, full in zip(_OFTEN_NULL, filled, strict=True) if not full}
-    columns = [column for column in _COLUMNS if column not in left_out]
-    placeholders = ", ".join("?" * len(columns))
-    sql = (
-        f"INSERT INTO requests ({', '.join(columns)}, stream) VALUES ({placeholders}, {int(stream)})"
-        " ON CONFLICT (request_id, started_at) DO NOTHING"
-    )
-    return sql, operator.attrgetter(*columns)
+_params: Final = operator.attrgetter(*_COLUMNS)
+"""The record as column values, in one call: SQLite and asyncpg both write ``stream``, a bool, as
+the 0 or 1 of its INTEGER column."""
 
 
 def _usage_sql(by: UsageBy, bounded: bool) -> str:
@@ -92,7 +67,7 @@ class UsageStore:
         """Insert ``records`` all or nothing. Records already stored (same key) are skipped, so a retry
         after an unacknowledged commit adds nothing twice."""
         if records:
-            await self._db.execute_batches(_batches(records))
+            await self._db.execute_many(_INSERT_SQL, map(_params, records))
 
     async def usage(
         self, since: float, until: float | None = None, by: UsageBy = "user"

@@ -137,20 +137,17 @@ async def test_transaction_commits_or_rolls_back(db: Database) -> None:
     assert await db.fetch("SELECT id FROM things") == [{"id": 1}]
 
 
-async def test_execute_batches_is_all_or_nothing(db: Database) -> None:
+async def test_execute_many_is_all_or_nothing(db: Database) -> None:
     await db.execute("CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT)")
     insert = "INSERT INTO things (id, name) VALUES (?, ?)"
-    insert_unnamed = "INSERT INTO things (id) VALUES (?)"
-    await db.execute_batches([(insert, [(1, "one"), (2, "two")]), (insert_unnamed, [(3,)])])
+    await db.execute_many(insert, [(1, "one"), (2, "two")])
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
-        await db.execute_batches([(insert, [(4, "four")]), (insert_unnamed, [(5,), (1,)])])
+        await db.execute_many(insert, [(3, "three"), (1, "again")])
     assert await db.fetch("SELECT id, name FROM things ORDER BY id") == [
         {"id": 1, "name": "one"},
         {"id": 2, "name": "two"},
-        {"id": 3, "name": None},
     ]
-    await db.execute_batches([])
-    await db.execute_batches([(insert, [])])
+    await db.execute_many(insert, [])
 
 
 async def test_the_database_refuses_use_inside_its_own_transaction(db: Database) -> None:
