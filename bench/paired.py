@@ -45,14 +45,15 @@ from bench.common import (
     warm,
     write_gateway_config,
 )
+from bench.run import AUTH_WARM_REQUESTS, GATEWAY_PATH, METRICS_OFF, RECORDS_OFF
 
 MODES: Final[dict[str, dict[str, Any]]] = {
     "deployed": {},
-    "all_off": {"request_log": {"stdout": False, "store": False}, "metrics": {"enabled": False}},
+    "all_off": {"request_log": RECORDS_OFF, "metrics": METRICS_OFF},
 }
+"""The settings of bench.run's observability section, as deployed and with both off."""
 CONCURRENCY: Final = 64
 WARM_REQUESTS: Final = 2000
-GATEWAY_PATH: Final = "/resource_server/local/vllm/v1/chat/completions"
 
 
 @dataclass
@@ -89,7 +90,7 @@ def start_gateway(side: Side, workdir: Path, backend_port: int, services: ExitSt
     base = f"http://127.0.0.1:{port}"
     wait_ready(side.gateway, f"{base}/resource_server/health")
     side.url = f"{base}{GATEWAY_PATH}"
-    warm(side.url, 5)
+    warm(side.url, AUTH_WARM_REQUESTS)
 
 
 def start_load(url: str, *options: str) -> subprocess.Popen[bytes]:
