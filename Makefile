@@ -19,7 +19,9 @@ run: install
 	backend=$$!; trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/inference-gateway --config conf/gateway.yaml
 
+# The Debian packages the tests use are installed first (scripts/test-deps says how when it cannot).
 test: install
+	scripts/test-deps
 	$(PY) -m pytest
 
 lint: install
