@@ -2,8 +2,9 @@
 
 Validation only checks: the gateway forwards the client's original body, so nothing here may
 rewrite it or add defaults. The top level is strict, as OpenAI is, so a misspelt parameter is
-reported instead of silently ignored. Nested objects tolerate unknown keys, because OpenAI SDKs
-and vLLM add fields there faster than a gateway is updated. Types are strict JSON types: `"1"`
+reported instead of silently ignored. Chat messages are strict too (`_MESSAGE_KEYS`); other nested
+objects tolerate unknown keys, because OpenAI SDKs and vLLM add fields there faster than a gateway
+is updated. Types are strict JSON types: `"1"`
 is not a number and `1.0` is not an integer.
 
 Unions pick their branch up front (by JSON type or by a tag field such as `role`), so a bad value
@@ -889,6 +890,47 @@ def _check_common(body: Mapping[str, Any]) -> None:
         raise _invalid("truncate_prompt_tokens", "Input should be -1 or at least 1")
 
 
+_MESSAGE_KEYS = frozenset(
+    {
+        # OpenAI's message types, every role
+        "role",
+        "content",
+        "name",
+        "refusal",
+        "tool_calls",
+        "tool_call_id",
+        "function_call",
+        "audio",
+        # vLLM's own message type (any role) and what its chat templates read back
+        "reasoning",
+        "reasoning_content",
+        "tools",
+        "task",
+    }
+)
+"""Keys a chat message may carry: those of OpenAI's message types and of vLLM's.
+
+A message is the one nested object where an unknown key is refused rather than ignored. OpenAI refuses
+it too ("Additional properties are not allowed"), while vLLM silently drops it, so a misspelt
+`tool_call_id` or `contents` would reach the model as a different conversation than the client meant.
+Elsewhere (content parts, tools, formats) vLLM and the SDKs add keys faster than a gateway is updated.
+"""
+
+
+def _check_message_keys(body: Mapping[str, Any]) -> None:
+    """Runs before the types are checked: a misspelt key usually explains a missing one."""
+    messages = body.get("messages")
+    for index, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue
+        unknown = sorted(key for key in message if key not in _MESSAGE_KEYS)
+        if unknown:
+            param = f"messages.{index}.{_clip(unknown[0])}"
+            raise ApiError(
+                400, f"Unrecognized message key supplied: {param}", param=param, code="unknown_parameter"
+            )
+
+
 def _check_chat(body: Mapping[str, Any]) -> None:
     _check_common(body)
     if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
@@ -918,6 +960,9 @@ _ROUTES: dict[str, tuple[TypeAdapter[Any], Callable[[Mapping[str, Any]], None]]]
 }
 
 
+_KEY_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {"chat/completions": _check_message_keys}
+
+
 def validate_request(openai_path: str, body: object) -> None:
     """Raise the 400 `ApiError` OpenAI would answer for this body; return if it is acceptable."""
     if openai_path not in _ROUTES:
@@ -925,6 +970,8 @@ def validate_request(openai_path: str, body: object) -> None:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_body")
     adapter, check = _ROUTES[openai_path]
+    if openai_path in _KEY_CHECKS:
+        _KEY_CHECKS[openai_path](body)
     try:
         adapter.validate_python(body)
     except ValidationError as exc:

@@ -193,3 +193,28 @@ def test_valid_body_with_a_nested_value_changed(
     route, body = case
     path = data.draw(st.sampled_from(paths(body)))
     accepts_or_rejects_with_400(route, replaced(body, path, value))
+
+
+def test_a_message_with_an_unknown_key_is_refused_naming_it() -> None:
+    body = chat(messages=[{"role": "user", "content": "x"}, {"role": "user", "contents": "y"}])
+    error = rejection("chat/completions", body)
+    assert (error.status, error.code, error.param) == (400, "unknown_parameter", "messages.1.contents")
+    assert error.message == "Unrecognized message key supplied: messages.1.contents"
+
+
+def test_message_keys_of_openai_and_vllm_are_accepted() -> None:
+    assistant = {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "thought",
+        "reasoning": "thought",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    }
+    tool = {"role": "tool", "content": "42", "tool_call_id": "c1", "name": "f"}
+    developer = {"role": "developer", "content": "be brief", "name": "ops", "tools": []}
+    validate_request("chat/completions", chat(messages=[developer, assistant, tool]))
+
+
+def test_nested_objects_other_than_messages_still_tolerate_unknown_keys() -> None:
+    part = {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}
+    validate_request("chat/completions", chat(messages=[{"role": "user", "content": [part]}]))
