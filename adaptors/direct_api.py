@@ -82,16 +82,22 @@ class DirectAPIEndpoint(BaseEndpoint):
             async with self._client().post(
                 url, data=body, headers=self._headers, timeout=timeout
             ) as response:
-                text = await response.text()
+                raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, self.config.api_request_timeout)
             return SubmitTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
             self._refused(response.status)
             return SubmitTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
+                error_code=_status(response.status), error_message=_upstream_message(_text(raw))
             )
-        return SubmitTaskResponse(result=text)
+        try:
+            return SubmitTaskResponse(result=raw.decode())
+        except UnicodeDecodeError:
+            self._refused(502)
+            return SubmitTaskResponse(
+                error_code=502, error_message="The backend answered with bytes that are not UTF-8."
+            )
 
     async def submit_streaming_task(
         self, data: dict[str, Any], request_log_id: str
@@ -106,10 +112,13 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitStreamingTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
             self._refused(response.status)
-            async with response:
-                text = await response.text()
+            try:
+                async with response:
+                    raw = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raw = f"({type(exc).__name__} while reading the error)".encode()
             return SubmitStreamingTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
+                error_code=_status(response.status), error_message=_upstream_message(_text(raw))
             )
         return SubmitStreamingTaskResponse(response=_chunks(response, silence))
 
@@ -166,7 +175,7 @@ class DirectAPICluster(BaseCluster):
         timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
         try:
             async with self._session.get(self.config.status_url, timeout=timeout) as response:
-                text = await response.text()
+                text = _text(await response.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = _transport_failure(exc, self.config.api_request_timeout)
             return GetJobsResponse(error_code=code, error_message=message)
@@ -174,7 +183,7 @@ class DirectAPICluster(BaseCluster):
             return GetJobsResponse(error_code=_status(response.status), error_message=_upstream_message(text))
         try:
             return GetJobsResponse(jobs=self.jobs_from(json.loads(text)))
-        except ValueError:
+        except (ValueError, RecursionError):
             return GetJobsResponse(
                 error_code=502, error_message="The cluster's status document is not a jobs report."
             )
@@ -225,10 +234,15 @@ def _status(upstream_status: int) -> int:
     return 502
 
 
+def _text(raw: bytes) -> str:
+    """A backend's error or status text is shown or parsed, never trusted to be UTF-8."""
+    return raw.decode(errors="replace")
+
+
 def _upstream_message(text: str) -> str:
     try:
         document = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text.strip()[:500] or "The backend failed without a message."
     if isinstance(document, dict):
         error = document.get("error")

@@ -18,7 +18,13 @@ async def read_json(request: web.Request) -> Any:
             f"Content-Type '{request.content_type}' is not supported; send 'application/json'.",
             code="unsupported_media_type",
         )
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:
+        # aiohttp decodes Content-Encoding as it reads: a body that is not what its header says.
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity")[:20]
+        message = f"The request body could not be decoded as Content-Encoding '{encoding}'."
+        raise ApiError(400, message, code="invalid_body") from None
     if not raw:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:

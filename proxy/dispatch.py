@@ -139,7 +139,7 @@ def _answer(
         adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
     try:
         document = json.loads(task.result)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(502, "The backend answered with invalid JSON.", code="backend_error") from None
     info.usage = Usage.of(document, openai_path)
     if request_log.store_prompts:
