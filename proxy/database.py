@@ -124,6 +124,11 @@ MIGRATIONS: list[Migration] = [
             "DROP INDEX requests_model_started",
         ],
     ),
+    (
+        4,
+        "requests_usage_estimated",
+        ["ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0"],
+    ),
 ]
 
 _SCHEMA_MIGRATIONS = (

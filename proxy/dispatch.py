@@ -115,7 +115,7 @@ async def run_stream(
         raise
     finally:
         streams_in_flight.dec()
-        info.usage = scanner.usage
+        info.usage = scanner.final_usage(data["model_params"])
         first = None if info.first_chunk is None else info.first_chunk - started
         _measured(meters, info, started, outcome, first_byte=first)
 

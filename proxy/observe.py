@@ -181,6 +181,7 @@ def _record(info: RequestInfo) -> RequestRecord:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
+        usage_estimated=usage.estimated,
         task_id=info.task_id,
         client_ip=info.client_ip,
         error=info.error,

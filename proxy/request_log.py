@@ -77,6 +77,7 @@ class RequestRecord:
     error: str | None
     prompt: str | None = None  # only when the operator configures storing prompts and results
     result: str | None = None
+    usage_estimated: bool = False  # the stream ended before the backend reported its usage
 
     def as_json_line(self) -> bytes:
         """Compact JSON ending in one newline. JSON escapes every control character, so the only newline

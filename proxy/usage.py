@@ -1,10 +1,16 @@
-"""Token usage from backends' own `usage`, never estimated.
+"""Token usage from backends' own `usage`; estimated only for a stream that ended without it.
 
 Chat and completions streams report usage only when asked (`stream_options.include_usage`): the
 gateway asks, and when the client did not, takes the usage-only event out of what the client sees,
 so the client's stream is what it asked for and the accounting is still exact. Responses and
 Messages streams always report usage, as input and output tokens: nothing is added to those
 requests or taken out of those streams.
+
+A stream cut short (the client hung up, the backend broke off) never reaches its usage event, yet its
+tokens were generated and delivered: otherwise a client could escape every token limit by hanging up
+before the last chunk. Such a stream is charged an estimate, marked as one (`Usage.estimated`): one
+token per event delivered (vLLM sends a token or a few per event), and a prompt of a token per four
+bytes of its JSON.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    estimated: bool = False
+    """True when some count was estimated because the backend never reported it."""
 
     @classmethod
     def of(cls, document: Any, openai_path: str) -> Usage | None:
@@ -107,6 +115,22 @@ class UsageScanner:
         self._counts: dict[str, int] = {}
         self._strip = strip_usage_event
         self._tail = b""
+        self.events = 0
+        """Events passed to the client that carried data, the measure of a stream cut short."""
+
+    def final_usage(self, request_body: Mapping[str, Any]) -> Usage | None:
+        """The backend's usage when it reported all of it; else an estimate, if anything was delivered."""
+        counts = self._counts
+        if self.events == 0 or ("prompt_tokens" in counts and "completion_tokens" in counts):
+            return self.usage
+        estimated = dict(counts)
+        estimated.setdefault("completion_tokens", self.events)
+        estimated.setdefault("prompt_tokens", estimate_prompt_tokens(request_body))
+        estimated.pop("total_tokens", None)
+        usage = Usage.counted(estimated)
+        if usage is not None:
+            usage.estimated = True
+        return usage
 
     async def scan(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
@@ -131,6 +155,7 @@ class UsageScanner:
             self._tail = data
             return b""
         complete, self._tail = data[:end], data[end:]
+        self.events += _data_events(complete)
         if b'"usage"' not in complete:
             return complete
         pieces = _EVENT_END.split(complete)
@@ -155,6 +180,22 @@ class UsageScanner:
         self.usage = Usage.counted(self._counts)
         usage_only = not document.get("choices")
         return b"" if self._strip and usage_only else event
+
+
+def _data_events(complete: bytes) -> int:
+    """Events with a data line, other than the final `[DONE]`. JSON escapes newlines in strings, so a
+    line that starts with `data:` is always a field, never text inside one."""
+    count = complete.count(b"\ndata:") + complete.startswith(b"data:")
+    return count - complete.count(b"data: [DONE]")
+
+
+def estimate_prompt_tokens(request_body: Mapping[str, Any]) -> int:
+    """A token per four bytes of what the prompt holds, the usual ratio for English text."""
+    prompt = {key: value for key, value in request_body.items() if key in _PROMPT_FIELDS}
+    return max(1, len(json.dumps(prompt, ensure_ascii=False).encode()) // 4)
+
+
+_PROMPT_FIELDS = frozenset({"messages", "prompt", "input", "instructions", "system", "tools"})
 
 
 def _data_of(event: bytes) -> bytes | None:
