@@ -48,11 +48,16 @@ class Usage:
         return cls.counted(_counts(usage, _names(openai_path)))
 
     @classmethod
-    def counted(cls, counts: Mapping[str, int]) -> Usage | None:
+    def counted(cls, counts: Mapping[str, int], *, estimated: bool = False) -> Usage | None:
         """Anthropic reports no total, and the rate limits count totals: it is the sum then."""
         if not counts:
             return None
-        usage = cls(**counts)
+        usage = cls(
+            counts.get("prompt_tokens"),
+            counts.get("completion_tokens"),
+            counts.get("total_tokens"),
+            estimated,
+        )
         if usage.total_tokens is None and usage.prompt_tokens is not None:
             usage.total_tokens = usage.prompt_tokens + (usage.completion_tokens or 0)
         return usage
@@ -127,10 +132,7 @@ class UsageScanner:
         estimated.setdefault("completion_tokens", self.events)
         estimated.setdefault("prompt_tokens", estimate_prompt_tokens(request_body))
         estimated.pop("total_tokens", None)
-        usage = Usage.counted(estimated)
-        if usage is not None:
-            usage.estimated = True
-        return usage
+        return Usage.counted(estimated, estimated=True)
 
     async def scan(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
