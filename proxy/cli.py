@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import usage_cli
+from proxy import token_cli, usage_cli
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
 from proxy.logs import configure_logging
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return usage_cli.main(argv[1:])
     if argv[:1] == ["reload"]:
         return reload_main(argv[1:])
+    if argv[:1] == ["token"]:
+        return token_main(argv)
     args = parse_args(argv)
     configure_logging()
     try:
@@ -73,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     _write_pid_file(settings)
     sock = listening_socket(settings.server.host, settings.server.port, settings.server.backlog)
     return serve(settings, registry, authenticator, sock, supervised=False)
+
+
+def token_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="inference-gateway")
+    token_cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    return token_cli.run(parser.parse_args(argv))
 
 
 def serve(

@@ -31,6 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_globus_login import NativeLogins
+
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
 # globus_sdk.ComputeClientV2.scopes.all and .resource_server (globus-sdk 4.9): Compute breaks the usual
@@ -199,6 +201,8 @@ class FakeGlobus:
         self._policies: dict[str, dict[str, Any]] = {}
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self.logins = NativeLogins(self)
+        """Researchers' native-app logins: register the login app in ``logins.native_clients``."""
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -259,6 +263,12 @@ class FakeGlobus:
             "required_mfa": False,
         }
 
+    def revoke(self, token: str) -> None:
+        """A revoked token introspects as inactive from now on."""
+        record = self._tokens.get(token)
+        if record is not None:
+            record.active = False
+
     def count(self, path_suffix: str) -> int:
         """How many requests hit a path ending with ``path_suffix``."""
         return sum(1 for r in self.requests if r.path.endswith(path_suffix))
@@ -317,6 +327,7 @@ class FakeGlobus:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_post("/auth/v2/oauth2/token/introspect", self._introspect)
         app.router.add_post("/auth/v2/oauth2/token", self._token)
+        app.router.add_post("/auth/v2/oauth2/token/revoke", self._revoke)
         app.router.add_get("/auth/v2/api/policies/{policy_id}", self._policy)
         app.router.add_get("/groups/v2/groups/my_groups", self._my_groups)
         return app
@@ -438,7 +449,12 @@ class FakeGlobus:
         }
         return {"session_id": record.session_id, "authentications": authentications}
 
+    async def _revoke(self, request: web.Request) -> web.Response:
+        return self.logins.revoke({k: str(v) for k, v in (await request.post()).items()})
+
     async def _token(self, request: web.Request) -> web.Response:
+        if "Authorization" not in request.headers:
+            return self.logins.token({k: str(v) for k, v in (await request.post()).items()})
         client_id = self._known_client(request)
         if client_id is None:
             return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
