@@ -26,14 +26,17 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.compute_tasks import start_task, task_result
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
     BaseEndpoint,
     BatchStatusEnum,
     GetBatchStatusResponse,
+    GetTaskResultResponse,
     StreamError,
     SubmitBatchResponse,
     SubmitStreamingTaskResponse,
+    SubmitTaskAsyncResponse,
     SubmitTaskResponse,
 )
 from adaptors.relay import RelayStream, StreamRelay
@@ -374,6 +377,19 @@ class GlobusComputeEndpoint(BaseEndpoint):
             return SubmitStreamingTaskResponse(error_code=503, error_message=_submit_failure(exc))
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
         return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
+
+    async def submit_task_async(self, data: dict[str, Any]) -> SubmitTaskAsyncResponse:
+        """See adaptors/compute_tasks.py."""
+        refusal = await self._unavailable()
+        if refusal is not None:
+            return SubmitTaskAsyncResponse(error_code=503, error_message=refusal)
+        started = await start_task(self._ready(), self.config.endpoint_uuid, self.config.function_uuid, data)
+        if started.task_id is not None:
+            self._triggered_at = time.monotonic()
+        return started
+
+    async def get_task_result(self, task_id: str) -> GetTaskResultResponse:
+        return await task_result(self._ready(), task_id)
 
     def has_batch_enabled(self) -> bool:
         return bool(self.config.batch_endpoint_uuid and self.config.batch_function_uuid)

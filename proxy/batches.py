@@ -48,7 +48,7 @@ async def create(request: web.Request) -> web.Response:
     body = await read_json(request)
     validate_request("batches", body)
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)

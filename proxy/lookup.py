@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import User
-from proxy.authz import may_use
+from proxy.authz import allowed, may_use
 from proxy.errors import ApiError
 from proxy.registry import Registry
 from proxy.slug import endpoint_slug
 
 
-def find_cluster(registry: Registry, name: str) -> BaseCluster:
+def find_cluster(registry: Registry, name: str, user: User) -> BaseCluster:
+    """A cluster the caller may not use answers exactly as one that does not exist: its name, its
+    frameworks, its maintenance and its jobs are nobody else's business."""
     cluster = registry.clusters.get(name)
-    if cluster is None:
+    if cluster is None or not allowed(user, cluster):
         raise ApiError(404, f"Cluster '{name[:100]}' does not exist.", code="cluster_not_found")
     return cluster
 

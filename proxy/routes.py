@@ -116,7 +116,7 @@ async def all_models(request: web.Request) -> web.Response:
 async def cluster_models(request: web.Request) -> web.Response:
     """What OpenAI clients' `models.list()` calls under a cluster and framework base URL."""
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework = request.match_info["framework"]
     models = sorted(
         endpoint.model
@@ -129,7 +129,7 @@ async def cluster_models(request: web.Request) -> web.Response:
 
 async def jobs(request: web.Request) -> web.Response:
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     if not allowed(user, cluster):
         raise ApiError(403, f"You may not use cluster '{cluster.cluster_name}'.", code="permission_denied")
     if request.app[MAINTENANCE].message(cluster.cluster_name) is not None:
@@ -149,14 +149,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
     openai_path = request.match_info["openai_path"]
     body = await read_json(request)
     validate_request(openai_path, body)
-    registry = request.app[REGISTRY]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    registry, user = request.app[REGISTRY], request[USER]
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     check_openai_path(cluster, openai_path)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
-    check_access(request[USER], endpoint, cluster)
+    check_access(user, endpoint, cluster)
     return await _serve(request, endpoint, openai_path, body)
 
 

@@ -199,6 +199,13 @@ class BatchSettings(_Strict):
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
 
 
+class TaskSettings(_Strict):
+    """Asynchronous tasks (`/{cluster}/{framework}/process`): whose each task is, kept in memory."""
+
+    max_remembered: int = Field(default=100_000, ge=1, description="the oldest are forgotten beyond this")
+    lifetime_seconds: float = Field(default=24 * 3600, gt=0, description="how long a result may be read")
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -211,6 +218,7 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
+    tasks: TaskSettings = TaskSettings()
     federation: FederationSettings = FederationSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
