@@ -42,16 +42,23 @@ def check_openai_path(cluster: BaseCluster, openai_path: str) -> None:
         )
 
 
-def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+def endpoint_named(registry: Registry, cluster: str, framework: str, model: str) -> BaseEndpoint | None:
     """By slug, as the existing gateway does, but the slug drops and folds characters: a different
     name with the same slug (`a/b` and `ab`) is a different model, which the backend might serve
     outside the endpoint's access lists. Case does not count, as the slug lowercases the model."""
-    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
+    endpoint = registry.endpoints.get(endpoint_slug(cluster, framework, model))
     if (
         endpoint is None
-        or (endpoint.cluster, endpoint.framework) != (cluster.cluster_name, framework)
+        or (endpoint.cluster, endpoint.framework) != (cluster, framework)
         or endpoint.model.lower() != model.lower()
     ):
+        return None
+    return endpoint
+
+
+def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+    endpoint = endpoint_named(registry, cluster.cluster_name, framework, model)
+    if endpoint is None:
         raise ApiError(
             404,
             f"Model '{model[:200]}' is not served by framework '{framework[:100]}' on cluster "
