@@ -18,6 +18,7 @@ from proxy.database import Database
 from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
+from proxy.headers import single_authorization
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
@@ -58,7 +59,12 @@ def create_app(
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
+        middlewares=[
+            observe_middleware(metrics),
+            openai_errors,
+            single_authorization,
+            auth_middleware(authenticator, public),
+        ],
     )
     app[METRICS] = metrics
     logging_settings = settings.request_log
