@@ -31,6 +31,7 @@ from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
+from proxy.staging import add_staging_routes
 from proxy.tasks import add_task_routes
 from proxy.usage_store import UsageStore
 
@@ -90,6 +91,7 @@ def create_app(
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
     add_task_routes(app, settings.server.base_path, settings.tasks)
+    add_staging_routes(app, settings.server.base_path, settings.data_staging)
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
