@@ -90,7 +90,7 @@ def create_app(
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
-    add_task_routes(app, settings.server.base_path, settings.tasks)
+    add_task_routes(app, settings.server.base_path, settings.tasks, settings.redis_url)
     add_staging_routes(app, settings.server.base_path, settings.data_staging)
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches

@@ -3,15 +3,12 @@
 client's JSON object and answers its task id at once; `GET /{cluster}/{framework}/tasks/{task_id}`
 answers the result, or 202 while the task runs.
 
-The gateway remembers who started each task, so that only they may read it: anyone else is told
-that it does not exist. The book is bounded in size (the oldest are forgotten first) and in time.
+The gateway remembers who started each task (proxy/task_book.py), so that only they may read it:
+anyone else is told that it does not exist.
 """
 
 from __future__ import annotations
 
-import time
-from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,61 +24,22 @@ from proxy.maintenance import MAINTENANCE
 from proxy.observe import INFO
 from proxy.registry import REGISTRY, Registry
 from proxy.settings import TaskSettings
+from proxy.task_book import TaskBook, build_task_book
 
 PENDING = "task_accepted_and_pending"
 RETRY_AFTER_SECONDS = 2
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    user_id: str
-    endpoint_slug: str
-    cluster: str
-    framework: str
-    expires: float
-    """time.monotonic() after which the task is forgotten"""
-
-
-class TaskBook:
-    """Whose each task is, in this process's memory; ordered oldest first."""
-
-    def __init__(self, settings: TaskSettings) -> None:
-        self._max = settings.max_remembered
-        self._lifetime = settings.lifetime_seconds
-        self._entries: OrderedDict[str, TaskEntry] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def add(self, task_id: str, user: User, endpoint: BaseEndpoint) -> None:
-        expires = time.monotonic() + self._lifetime
-        self._entries[task_id] = TaskEntry(
-            user.id, endpoint.endpoint_slug, endpoint.cluster, endpoint.framework, expires
-        )
-        self._entries.move_to_end(task_id)
-        self._forget_expired()
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def get(self, task_id: str) -> TaskEntry | None:
-        self._forget_expired()
-        return self._entries.get(task_id)
-
-    def _forget_expired(self) -> None:
-        """Every entry lives equally long, so the expired ones are the oldest, at the front."""
-        now = time.monotonic()
-        while self._entries:
-            oldest = next(iter(self._entries.values()))
-            if oldest.expires > now:
-                return
-            self._entries.popitem(last=False)
-
-
 TASKS = web.AppKey("tasks", TaskBook)
 
 
-def add_task_routes(app: web.Application, base_path: str, settings: TaskSettings) -> None:
-    app[TASKS] = TaskBook(settings)
+def add_task_routes(
+    app: web.Application, base_path: str, settings: TaskSettings, redis_url: str | None
+) -> None:
+    book = app[TASKS] = build_task_book(settings, redis_url)
+
+    async def close(_: web.Application) -> None:
+        await book.close()
+
+    app.on_cleanup.append(close)
     app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/process", process)
     app.router.add_get(f"{base_path}/{{cluster}}/{{framework}}/tasks/{{task_id}}", task_result)
 
@@ -104,7 +62,7 @@ async def process(request: web.Request) -> web.Response:
     if started.error_code is not None or started.task_id is None:
         adaptor_failed(started.error_code, started.error_message or "The task was not accepted.")
     info.task_id = started.task_id
-    request.app[TASKS].add(started.task_id, user, endpoint)
+    await request.app[TASKS].add(started.task_id, user, endpoint)
     return web.json_response({"task_id": started.task_id})
 
 
@@ -113,7 +71,7 @@ async def task_result(request: web.Request) -> web.Response:
     registry, user = request.app[REGISTRY], request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework, task_id = request.match_info["framework"], request.match_info["task_id"]
-    entry = request.app[TASKS].get(task_id)
+    entry = await request.app[TASKS].get(task_id)
     endpoint = None if entry is None else registry.endpoints.get(entry.endpoint_slug)
     if (
         entry is None

@@ -19,6 +19,7 @@ from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_co
 from tests.conftest import Server, auth, free_port, start_gateway, write_yaml
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
+from tests.redis_server import RedisServer
 from tests.test_routes import assert_openai_error, call
 
 SEGMENT = "11111111-aaaa-4bbb-8ccc-000000000010"
@@ -156,17 +157,12 @@ async def test_a_failed_task_is_a_502_with_the_remote_error(
     assert "no weights in /models/sam3" in assert_openai_error(document)["message"]
 
 
-async def test_tasks_are_remembered_in_bounded_number_and_time(
-    backend: Server,
-    compute: FakeCompute,
-    globus: FakeGlobus,
-    release: threading.Event,
-    tmp_path: Path,
-    http: aiohttp.ClientSession,
+async def bounded(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, directory: Path, redis_url: str | None
 ) -> None:
-    config = tasks_config(
-        tmp_path, backend, compute, globus, tasks={"max_remembered": 2, "lifetime_seconds": 1.5}
-    )
+    http = aiohttp.ClientSession()
+    bounds = {"max_remembered": 2, "lifetime_seconds": 1.5}
+    config = tasks_config(directory, backend, compute, globus, tasks=bounds, redis_url=redis_url)
     runner, gateway = await start_gateway(config)
     try:
         first, second, third = [await submit(http, gateway, f"image-{n}") for n in range(3)]
@@ -177,6 +173,53 @@ async def test_tasks_are_remembered_in_bounded_number_and_time(
         assert (await result(http, gateway, third))[0] == 404, "forgotten after its lifetime"
     finally:
         await runner.cleanup()
+        await http.close()
+
+
+async def test_tasks_are_remembered_in_bounded_number_and_time(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, release: threading.Event, tmp_path: Path
+) -> None:
+    await bounded(backend, compute, globus, tmp_path, None)
+
+
+async def test_in_redis_too(
+    backend: Server,
+    compute: FakeCompute,
+    globus: FakeGlobus,
+    release: threading.Event,
+    tmp_path: Path,
+    redis_url: str,
+) -> None:
+    await bounded(backend, compute, globus, tmp_path, redis_url)
+
+
+async def test_with_redis_any_gateway_process_reads_a_task(
+    backend: Server,
+    compute: FakeCompute,
+    globus: FakeGlobus,
+    release: threading.Event,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,
+) -> None:
+    redis_url = redis_server.url
+    gateways = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        gateways.append(
+            await start_gateway(tasks_config(tmp_path / name, backend, compute, globus, redis_url=redis_url))
+        )
+    try:
+        (_, one), (_, two) = gateways
+        task_id = await submit(http, one, "image")
+        assert (await finished(http, two, task_id))[0] == 200
+        assert (await result(http, two, task_id, user="bob"))[0] == 404
+        await redis_server.stop()
+        status, document, _ = await result(http, two, task_id)
+        assert status == 503 and assert_openai_error(document)["code"] == "tasks_unavailable"
+    finally:
+        for runner, _ in gateways:
+            await runner.cleanup()
 
 
 async def test_process_refusals(gateway: Server, http: aiohttp.ClientSession) -> None:
