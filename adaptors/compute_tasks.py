@@ -25,11 +25,23 @@ UNREACHABLE = "Globus Compute did not answer; try again shortly."
 
 
 async def start_task(
-    service: ComputeService, endpoint_uuid: str, function_uuid: str, data: dict[str, Any]
+    service: ComputeService,
+    endpoint_uuid: str,
+    function_uuid: str,
+    data: dict[str, Any],
+    config_fields: dict[str, str],
 ) -> SubmitTaskAsyncResponse:
-    """The client's object is the function's one argument, as the existing gateway sends it."""
+    """The client's object is the function's one argument, as the existing gateway sends it, less
+    the fields that configure the endpoint rather than the call (`config_fields`: the existing
+    SAM3 service's `weights_dir_override` becomes the endpoint template's `sam3_weights_dir`)."""
+    argument = {key: value for key, value in data.items() if key not in config_fields}
+    endpoint_config = {
+        config_fields[key]: value for key, value in data.items() if key in config_fields and value is not None
+    }
     try:
-        task_id = await service.submit(endpoint_uuid, function_uuid, data)
+        task_id = await service.submit(
+            endpoint_uuid, function_uuid, argument, endpoint_config=endpoint_config
+        )
     except globus_sdk.GlobusError as exc:
         log.warning("Globus Compute refused an asynchronous task: %s", type(exc).__name__)
         return SubmitTaskAsyncResponse(error_code=503, error_message=UNREACHABLE)

@@ -89,6 +89,10 @@ class GlobusComputeEndpointConfig(ComputeAccess):
     task_timeout_seconds: float = Field(default=600, gt=0)
     status_cache_seconds: float = Field(default=60, ge=0)
     cold_start_seconds: float = Field(default=1800, ge=0)
+    endpoint_config_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="asynchronous tasks: body field → user_endpoint_config key it moves to",
+    )
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
@@ -123,13 +127,22 @@ class ComputeService:
     _poller: asyncio.Task[None] | None = None
     _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
 
-    async def submit(self, endpoint_uuid: str, function_uuid: str, *args: Any) -> str:
+    async def submit(
+        self,
+        endpoint_uuid: str,
+        function_uuid: str,
+        *args: Any,
+        endpoint_config: dict[str, Any] | None = None,
+    ) -> str:
+        """`endpoint_config` is the task's `user_endpoint_config`, which the endpoint's template reads."""
+
         def send() -> str:
             batch = Batch(
                 task_group_id=None,
                 serializer=self._serializer,
                 result_serializers=RESULT_SERIALIZERS,
                 request_queue=False,
+                user_endpoint_config=endpoint_config or None,
             )
             batch.add(function_uuid, args=args)
             answer = self._sdk()[1].submit(endpoint_uuid, batch.prepare())
@@ -383,7 +396,10 @@ class GlobusComputeEndpoint(BaseEndpoint):
         refusal = await self._unavailable()
         if refusal is not None:
             return SubmitTaskAsyncResponse(error_code=503, error_message=refusal)
-        started = await start_task(self._ready(), self.config.endpoint_uuid, self.config.function_uuid, data)
+        config = self.config
+        started = await start_task(
+            self._ready(), config.endpoint_uuid, config.function_uuid, data, config.endpoint_config_fields
+        )
         if started.task_id is not None:
             self._triggered_at = time.monotonic()
         return started

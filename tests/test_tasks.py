@@ -59,6 +59,7 @@ def tasks_config(
                 "client_secret": SERVICE_SECRET,
                 "compute_url": compute.url,
                 "auth_url": globus.auth_url,
+                "endpoint_config_fields": {"weights_dir_override": "sam3_weights_dir"},
             },
         }
     )
@@ -126,7 +127,11 @@ async def test_pending_then_result_for_the_submitter_only(
     gateway: Server, compute: FakeCompute, release: threading.Event, http: aiohttp.ClientSession
 ) -> None:
     task_id = await submit(http, gateway, "hold")
-    assert compute.task(task_id).args == [segment_request("hold")]
+    expected = segment_request("hold")
+    del expected["weights_dir_override"]
+    assert compute.task(task_id).args == [expected]
+    submitted = [r.json for r in compute.requests if r.path.endswith("/submit")]
+    assert "user_endpoint_config" not in submitted[-1]
     status, document, response = await result(http, gateway, task_id)
     assert (status, document) == (202, {"status": "task_accepted_and_pending", "task_id": task_id})
     assert response.headers["Retry-After"] == "2"
@@ -146,6 +151,20 @@ async def test_pending_then_result_for_the_submitter_only(
     assert (await result(http, gateway, task_id, user="bob"))[0] == 404
     status, _, _ = await call(http, "GET", f"{gateway.url}/hpc/vllm/tasks/{task_id}", headers=auth())
     assert status == 404, "a task is read under the framework that started it"
+
+
+async def test_configuration_fields_go_to_the_endpoint_config(
+    gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    """The existing client's `weights_dir_override` reaches the SAM3 endpoint's template, not the function."""
+    body = {**segment_request("image"), "weights_dir_override": "/eagle/sam3-weights"}
+    status, document, _ = await call(
+        http, "POST", f"{gateway.url}/hpc/sam3service/process", json=body, headers=auth()
+    )
+    assert status == 200
+    assert "weights_dir_override" not in compute.task(document["task_id"]).args[0]
+    submit = [r.json for r in compute.requests if r.path.endswith("/submit")][-1]
+    assert submit["user_endpoint_config"] == {"sam3_weights_dir": "/eagle/sam3-weights"}
 
 
 async def test_a_failed_task_is_a_502_with_the_remote_error(
