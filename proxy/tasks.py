@@ -67,7 +67,8 @@ async def process(request: web.Request) -> web.Response:
 
 
 async def task_result(request: web.Request) -> web.Response:
-    """Readable during maintenance: the result is kept by the compute service, not the cluster."""
+    """Readable during maintenance: the result is kept by the compute service, not the cluster.
+    Each call asks the compute service, so the caller's rate limits apply to it."""
     registry, user = request.app[REGISTRY], request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework, task_id = request.match_info["framework"], request.match_info["task_id"]
@@ -81,7 +82,8 @@ async def task_result(request: web.Request) -> web.Response:
         or not may_use(user, endpoint, cluster)
     ):
         raise ApiError(404, f"Task '{task_id[:64]}' does not exist.", code="task_not_found")
-    report = await endpoint.get_task_result(task_id)
+    async with admitted(request, endpoint):
+        report = await endpoint.get_task_result(task_id)
     if report.error_code is not None:
         adaptor_failed(report.error_code, report.error_message or "The task failed.")
     if not report.done:

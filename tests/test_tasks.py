@@ -263,3 +263,18 @@ async def test_process_refusals(gateway: Server, http: aiohttp.ClientSession) ->
         http, "POST", f"{gateway.url}/local/vllm/process", json=body, headers=auth()
     )
     assert status == 400 and "asynchronous tasks" in assert_openai_error(document)["message"]
+
+
+async def test_reading_a_task_counts_against_the_rate_limit(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, release: threading.Event, tmp_path: Path
+) -> None:
+    """Every read asks Globus Compute: a client polling in a tight loop is slowed like any other."""
+    limits = {"requests_per_second": 1, "burst": 3, "concurrent_per_user": 0}
+    runner, gateway = await start_gateway(tasks_config(tmp_path, backend, compute, globus, limits=limits))
+    try:
+        async with aiohttp.ClientSession() as http:
+            task_id = await submit(http, gateway, "hold")
+            statuses = [(await result(http, gateway, task_id))[0] for _ in range(4)]
+    finally:
+        await runner.cleanup()
+    assert statuses[0] == 202 and statuses[-1] == 429
