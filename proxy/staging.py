@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 MKDIR_EXISTS = "ExternalError.MkdirFailed.Exists"
 RULE_EXISTS = "Exists"
 THREADS = 4
+MAX_PREPARING = 64
+"""Users being prepared at once; beyond, 503 rather than a queue that outgrows every deadline."""
 
 
 class StagingArea(BaseModel):
@@ -40,8 +42,11 @@ class StagingArea(BaseModel):
 
 
 class Stager:
-    def __init__(self, settings: DataStagingSettings, collection_id: str) -> None:
+    def __init__(
+        self, settings: DataStagingSettings, collection_id: str, max_preparing: int = MAX_PREPARING
+    ) -> None:
         self._settings = settings
+        self._max_preparing = max_preparing
         self._collection = collection_id
         self._client: globus_sdk.TransferClient | None = None
         self._pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="transfer")
@@ -50,6 +55,8 @@ class Stager:
     async def prepare(self, principal: str) -> StagingArea:
         future = self._preparing.get(principal)
         if future is None:
+            if len(self._preparing) >= self._max_preparing:
+                raise StagingFailed("too many preparations at once")
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self._pool, self._prepare, principal)
             self._preparing[principal] = future
@@ -133,7 +140,8 @@ def _retries() -> RetryConfig:
 
 
 class StagingFailed(Exception):
-    """Transfer answered something that makes no sense for the steps taken."""
+    """No preparation now: too many at once, or Transfer answered something that makes no sense
+    for the steps taken."""
 
 
 STAGER = web.AppKey("stager", Stager)

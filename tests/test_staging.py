@@ -12,8 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from proxy.settings import ConfigError, load_settings
+from proxy.staging import Stager, StagingFailed
 from tests.compute_setup import SERVICE_ID, SERVICE_SECRET
 from tests.conftest import TOKENS, USERS, Server, auth, start_gateway, write_gateway_config
 from tests.fake_globus import FakeGlobus
@@ -175,3 +177,23 @@ def test_staging_without_credentials_fails_at_start_up(
         load_settings(path)
     assert str(path) in str(error.value) and "data_staging" in str(error.value)
     assert "SERVICE_ACCOUNT_ID" in str(error.value)
+
+
+async def test_preparations_at_once_are_bounded(
+    globus: FakeGlobus, transfer: FakeTransfer, tmp_path: Path
+) -> None:
+    """A slow Transfer cannot pile up work: beyond the bound, callers are refused at once."""
+    settings = load_settings(
+        staging_config(tmp_path, Server("http://127.0.0.1:9", web.Application()), globus, transfer)
+    )
+    stager = Stager(settings.data_staging, COLLECTION, max_preparing=1)
+    transfer.delay = 0.3
+    try:
+        first = asyncio.ensure_future(stager.prepare(ALICE))
+        await asyncio.sleep(0.05)
+        with pytest.raises(StagingFailed):
+            await stager.prepare(USERS["bob"]["id"])
+        same = await stager.prepare(ALICE)
+        assert same == await first
+    finally:
+        stager.close()
