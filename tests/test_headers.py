@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import aiohttp
+import pytest
 from multidict import CIMultiDict
 
-from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat
+from bench.nginx import nginx_binary, run_nginx
+from tests.conftest import (
+    CHAT_MODEL,
+    TOKENS,
+    Server,
+    auth,
+    chat,
+    free_port,
+    start_gateway,
+    write_gateway_config,
+)
 from tests.test_routes import assert_openai_error, call
 
 
@@ -52,3 +64,27 @@ async def test_curl_sending_two_headers_is_refused(gateway: Server) -> None:
     output, _ = await asyncio.wait_for(process.communicate(), 10)
     assert output.decode().rsplit("\n", 1)[1] == "400"
     assert b"duplicate_authorization" in output
+
+
+async def test_behind_the_shipped_nginx_too(backend: Server, tmp_path: Path) -> None:
+    """nginx refuses a second Authorization header itself: in the same OpenAI shape, while the
+    gateway's own 400s still pass through unchanged."""
+    if nginx_binary() is None:
+        pytest.skip("nginx is not installed")
+    runner, gateway = await start_gateway(write_gateway_config(tmp_path, backend.url))
+    try:
+        upstream = gateway.url.removeprefix("http://").removesuffix("/resource_server")
+        nginx_dir = tmp_path / "nginx"
+        async with (
+            run_nginx(nginx_dir, [upstream], port=free_port()) as nginx,
+            aiohttp.ClientSession() as http,
+        ):
+            url = f"{nginx.url}/resource_server/whoami"
+            status, document, _ = await call(http, "GET", url, headers=two(TOKENS["alice"], TOKENS["bob"]))
+            assert status == 400 and assert_openai_error(document)["code"] == "bad_request"
+            assert (await call(http, "GET", url, headers=auth()))[0] == 200
+            chat_url = f"{nginx.url}/resource_server/local/vllm/v1/chat/completions"
+            status, document, _ = await call(http, "POST", chat_url, headers=auth(), json=chat(temperature=7))
+            assert status == 400 and assert_openai_error(document, "temperature")["code"] != "bad_request"
+    finally:
+        await runner.cleanup()
