@@ -6,9 +6,11 @@ from adaptors.endpoint import (
     BaseEndpoint,
     BatchStatusEnum,
     GetBatchStatusResponse,
+    GetTaskResultResponse,
     StreamError,
     SubmitBatchResponse,
     SubmitStreamingTaskResponse,
+    SubmitTaskAsyncResponse,
     SubmitTaskResponse,
 )
 
@@ -19,10 +21,12 @@ __all__ = [
     "BatchStatusEnum",
     "GetBatchStatusResponse",
     "GetJobsResponse",
+    "GetTaskResultResponse",
     "JobInfo",
     "Jobs",
     "StreamError",
     "SubmitBatchResponse",
     "SubmitStreamingTaskResponse",
+    "SubmitTaskAsyncResponse",
     "SubmitTaskResponse",
 ]

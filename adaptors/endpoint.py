@@ -57,6 +57,23 @@ class GetBatchStatusResponse(BaseModel):
     error_code: int | None = None
 
 
+class SubmitTaskAsyncResponse(BaseModel):
+    """A task accepted to run on its own; the client asks for its result later by `task_id`."""
+
+    task_id: str | None = None
+    error_message: str | None = None
+    error_code: int | None = None
+
+
+class GetTaskResultResponse(BaseModel):
+    """`done` with the function's return value in `result`, not yet done, or an error."""
+
+    done: bool = False
+    result: Any = None
+    error_message: str | None = None
+    error_code: int | None = None
+
+
 class StreamError(Exception):
     """Raised by a stream's iterator once bytes were sent: the gateway ends the stream with an
     SSE error event carrying this message instead of truncating it silently."""
@@ -68,6 +85,7 @@ class StreamError(Exception):
 
 
 BATCH_NOT_ENABLED = "Batch is not enabled for this endpoint."
+TASKS_NOT_SUPPORTED = "This endpoint does not run asynchronous tasks."
 
 
 class BaseEndpoint(ABC):
@@ -109,6 +127,15 @@ class BaseEndpoint(ABC):
 
     async def get_batch_status(self, batch: Any) -> GetBatchStatusResponse:
         return GetBatchStatusResponse(error_message=BATCH_NOT_ENABLED, error_code=400)
+
+    async def submit_task_async(self, data: dict[str, Any]) -> SubmitTaskAsyncResponse:
+        """Start the endpoint's function on `data` (the client's JSON object) without waiting for it:
+        for services that are not OpenAI-shaped, whose work outlasts an HTTP request."""
+        return SubmitTaskAsyncResponse(error_message=TASKS_NOT_SUPPORTED, error_code=400)
+
+    async def get_task_result(self, task_id: str) -> GetTaskResultResponse:
+        """Where a task started by `submit_task_async` is; asked again until `done` or an error."""
+        return GetTaskResultResponse(error_message=TASKS_NOT_SUPPORTED, error_code=400)
 
     async def startup(self, context: AdaptorContext) -> None:
         """Open connections and pools; called once the event loop runs."""

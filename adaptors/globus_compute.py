@@ -26,14 +26,17 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.compute_tasks import start_task, task_result
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
     BaseEndpoint,
     BatchStatusEnum,
     GetBatchStatusResponse,
+    GetTaskResultResponse,
     StreamError,
     SubmitBatchResponse,
     SubmitStreamingTaskResponse,
+    SubmitTaskAsyncResponse,
     SubmitTaskResponse,
 )
 from adaptors.relay import RelayStream, StreamRelay
@@ -86,6 +89,10 @@ class GlobusComputeEndpointConfig(ComputeAccess):
     task_timeout_seconds: float = Field(default=600, gt=0)
     status_cache_seconds: float = Field(default=60, ge=0)
     cold_start_seconds: float = Field(default=1800, ge=0)
+    endpoint_config_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="asynchronous tasks: body field → user_endpoint_config key it moves to",
+    )
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
@@ -120,13 +127,22 @@ class ComputeService:
     _poller: asyncio.Task[None] | None = None
     _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
 
-    async def submit(self, endpoint_uuid: str, function_uuid: str, *args: Any) -> str:
+    async def submit(
+        self,
+        endpoint_uuid: str,
+        function_uuid: str,
+        *args: Any,
+        endpoint_config: dict[str, Any] | None = None,
+    ) -> str:
+        """`endpoint_config` is the task's `user_endpoint_config`, which the endpoint's template reads."""
+
         def send() -> str:
             batch = Batch(
                 task_group_id=None,
                 serializer=self._serializer,
                 result_serializers=RESULT_SERIALIZERS,
                 request_queue=False,
+                user_endpoint_config=endpoint_config or None,
             )
             batch.add(function_uuid, args=args)
             answer = self._sdk()[1].submit(endpoint_uuid, batch.prepare())
@@ -374,6 +390,22 @@ class GlobusComputeEndpoint(BaseEndpoint):
             return SubmitStreamingTaskResponse(error_code=503, error_message=_submit_failure(exc))
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
         return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
+
+    async def submit_task_async(self, data: dict[str, Any]) -> SubmitTaskAsyncResponse:
+        """See adaptors/compute_tasks.py."""
+        refusal = await self._unavailable()
+        if refusal is not None:
+            return SubmitTaskAsyncResponse(error_code=503, error_message=refusal)
+        config = self.config
+        started = await start_task(
+            self._ready(), config.endpoint_uuid, config.function_uuid, data, config.endpoint_config_fields
+        )
+        if started.task_id is not None:
+            self._triggered_at = time.monotonic()
+        return started
+
+    async def get_task_result(self, task_id: str) -> GetTaskResultResponse:
+        return await task_result(self._ready(), task_id)
 
     def has_batch_enabled(self) -> bool:
         return bool(self.config.batch_endpoint_uuid and self.config.batch_function_uuid)

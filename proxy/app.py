@@ -18,6 +18,7 @@ from proxy.database import Database
 from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
+from proxy.headers import single_authorization
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
@@ -30,6 +31,8 @@ from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
+from proxy.staging import add_staging_routes
+from proxy.tasks import add_task_routes
 from proxy.usage_store import UsageStore
 
 
@@ -57,7 +60,12 @@ def create_app(
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
+        middlewares=[
+            observe_middleware(metrics),
+            openai_errors,
+            single_authorization,
+            auth_middleware(authenticator, public),
+        ],
     )
     app[METRICS] = metrics
     logging_settings = settings.request_log
@@ -82,6 +90,8 @@ def create_app(
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
+    add_task_routes(app, settings.server.base_path, settings.tasks, settings.redis_url)
+    add_staging_routes(app, settings.server.base_path, settings.data_staging)
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
     app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))

@@ -48,14 +48,14 @@ async def create(request: web.Request) -> web.Response:
     body = await read_json(request)
     validate_request("batches", body)
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
+    check_access(user, endpoint, cluster)
     if not endpoint.has_batch_enabled():
         raise ApiError(400, f"Batch is not enabled for {endpoint.endpoint_slug}.", code="batch_not_enabled")
-    check_access(user, endpoint, cluster)
     record = _new_record(body, endpoint, user.id, user.username)
     await _reserve(request.app, record)
     submitted = await endpoint.submit_batch({**body, "batch_id": record.id}, user.username)

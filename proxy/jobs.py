@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from adaptors import BaseCluster, GetJobsResponse, JobInfo, Jobs
 from proxy.auth import User
 from proxy.authz import may_use
+from proxy.lookup import endpoint_named
 from proxy.registry import Registry
-from proxy.slug import endpoint_slug
 
 _JOB_LISTS = ("running", "queued", "stopped", "others", "private_batch_running", "private_batch_queued")
 
@@ -57,7 +58,7 @@ class JobsCache:
 
 def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluster) -> Jobs:
     """Keep only the models the caller may use; a job listing several models keeps the visible ones."""
-    visible = {}
+    visible: dict[str, list[JobInfo]] = {}
     for list_name in _JOB_LISTS:
         kept = []
         for job in getattr(jobs, list_name):
@@ -65,7 +66,31 @@ def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluste
             if shown:
                 kept.append(JobInfo.model_validate({**job.model_dump(), "Models": ",".join(shown)}))
         visible[list_name] = kept
-    return Jobs(**visible, cluster_status=jobs.cluster_status)
+    return Jobs(**visible, cluster_status=_visible_status(jobs.cluster_status, visible))
+
+
+def _visible_status(status: dict[str, Any], visible: dict[str, list[JobInfo]]) -> dict[str, Any]:
+    """Counts of models (`total_models`, `live_models`, ...) would count the hidden ones too: those
+    the gateway knows are counted again from what the caller sees, other `*_models` fields are
+    dropped. The rest (free nodes, the cluster's name) is the cluster's and stays."""
+
+    def count(*lists: str) -> int:
+        return len(
+            {(job.Framework, model) for name in lists for job in visible[name] for model in job_models(job)}
+        )
+
+    recounted = {
+        "total_models": lambda: count(*_JOB_LISTS),
+        "live_models": lambda: count("running"),
+        "stopped_models": lambda: count("stopped"),
+    }
+    shown: dict[str, Any] = {}
+    for key, value in status.items():
+        if key in recounted:
+            shown[key] = recounted[key]()
+        elif not key.endswith("_models"):
+            shown[key] = value
+    return shown
 
 
 def job_models(job: JobInfo) -> list[str]:
@@ -74,5 +99,6 @@ def job_models(job: JobInfo) -> list[str]:
 
 
 def _may_see(user: User, registry: Registry, cluster: BaseCluster, framework: str, model: str) -> bool:
-    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
+    """A job's model whose name only shares its slug with an endpoint's is not that endpoint's."""
+    endpoint = endpoint_named(registry, cluster.cluster_name, framework, model)
     return endpoint is not None and may_use(user, endpoint, cluster)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import User
-from proxy.authz import may_use
+from proxy.authz import allowed, may_use
 from proxy.errors import ApiError
 from proxy.registry import Registry
 from proxy.slug import endpoint_slug
 
 
-def find_cluster(registry: Registry, name: str) -> BaseCluster:
+def find_cluster(registry: Registry, name: str, user: User) -> BaseCluster:
+    """A cluster the caller may not use answers exactly as one that does not exist: its name, its
+    frameworks, its maintenance and its jobs are nobody else's business."""
     cluster = registry.clusters.get(name)
-    if cluster is None:
+    if cluster is None or not allowed(user, cluster):
         raise ApiError(404, f"Cluster '{name[:100]}' does not exist.", code="cluster_not_found")
     return cluster
 
@@ -40,16 +42,23 @@ def check_openai_path(cluster: BaseCluster, openai_path: str) -> None:
         )
 
 
-def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+def endpoint_named(registry: Registry, cluster: str, framework: str, model: str) -> BaseEndpoint | None:
     """By slug, as the existing gateway does, but the slug drops and folds characters: a different
     name with the same slug (`a/b` and `ab`) is a different model, which the backend might serve
     outside the endpoint's access lists. Case does not count, as the slug lowercases the model."""
-    endpoint = registry.endpoints.get(endpoint_slug(cluster.cluster_name, framework, model))
+    endpoint = registry.endpoints.get(endpoint_slug(cluster, framework, model))
     if (
         endpoint is None
-        or (endpoint.cluster, endpoint.framework) != (cluster.cluster_name, framework)
+        or (endpoint.cluster, endpoint.framework) != (cluster, framework)
         or endpoint.model.lower() != model.lower()
     ):
+        return None
+    return endpoint
+
+
+def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+    endpoint = endpoint_named(registry, cluster.cluster_name, framework, model)
+    if endpoint is None:
         raise ApiError(
             404,
             f"Model '{model[:200]}' is not served by framework '{framework[:100]}' on cluster "

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
-from proxy.authz import allowed, may_use
+from proxy.authz import may_use
 from proxy.bodies import read_json
 from proxy.dispatch import admitted, run_stream, run_task
-from proxy.errors import ApiError, adaptor_failed
+from proxy.errors import adaptor_failed
 from proxy.federation import FEDERATION
 from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
@@ -116,7 +116,7 @@ async def all_models(request: web.Request) -> web.Response:
 async def cluster_models(request: web.Request) -> web.Response:
     """What OpenAI clients' `models.list()` calls under a cluster and framework base URL."""
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework = request.match_info["framework"]
     models = sorted(
         endpoint.model
@@ -129,9 +129,7 @@ async def cluster_models(request: web.Request) -> web.Response:
 
 async def jobs(request: web.Request) -> web.Response:
     registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"])
-    if not allowed(user, cluster):
-        raise ApiError(403, f"You may not use cluster '{cluster.cluster_name}'.", code="permission_denied")
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     if request.app[MAINTENANCE].message(cluster.cluster_name) is not None:
         models = [
             (e.framework, e.model) for e, owner in _usable_endpoints(registry, user) if owner is cluster
@@ -149,14 +147,14 @@ async def inference(request: web.Request) -> web.StreamResponse:
     openai_path = request.match_info["openai_path"]
     body = await read_json(request)
     validate_request(openai_path, body)
-    registry = request.app[REGISTRY]
-    cluster = find_cluster(registry, request.match_info["cluster"])
+    registry, user = request.app[REGISTRY], request[USER]
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
     request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     check_openai_path(cluster, openai_path)
     endpoint = find_endpoint(registry, cluster, framework, body["model"])
-    check_access(request[USER], endpoint, cluster)
+    check_access(user, endpoint, cluster)
     return await _serve(request, endpoint, openai_path, body)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -199,6 +199,45 @@ class BatchSettings(_Strict):
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
 
 
+class TaskSettings(_Strict):
+    """Asynchronous tasks (`/{cluster}/{framework}/process`): whose each task is, kept in memory."""
+
+    max_remembered: int = Field(default=100_000, ge=1, description="the oldest are forgotten beyond this")
+    lifetime_seconds: float = Field(default=24 * 3600, gt=0, description="how long a result may be read")
+
+
+class DataStagingSettings(_Strict):
+    """`PUT /data/staging`: a folder per user on a Globus guest collection the gateway manages. Off
+    while `collection_id` is unset. Credentials default to SERVICE_ACCOUNT_ID / SERVICE_ACCOUNT_SECRET,
+    as in the existing gateway; the account must be an access manager of the collection."""
+
+    collection_id: Annotated[str | None, BeforeValidator(_empty_is_none)] = Field(
+        default=None, pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
+    )
+    root: str = Field(default="/user-staging/", pattern=r"^/([A-Za-z0-9_.~-]+/)*$")
+    client_id: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
+    client_secret: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
+    transfer_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
+    auth_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
+    timeout_seconds: float = Field(default=30, gt=0, description="the whole preparation, every call included")
+
+    @model_validator(mode="after")
+    def _credentials_known(self) -> DataStagingSettings:
+        if self.collection_id is not None:
+            self.credentials()
+        return self
+
+    def credentials(self) -> tuple[str, str]:
+        client_id = self.client_id or os.environ.get("SERVICE_ACCOUNT_ID")
+        secret = self.client_secret or os.environ.get("SERVICE_ACCOUNT_SECRET")
+        if not client_id or not secret:
+            raise ValueError(
+                "client_id and client_secret: not configured, and SERVICE_ACCOUNT_ID / "
+                "SERVICE_ACCOUNT_SECRET are not set"
+            )
+        return client_id, secret
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -211,6 +250,8 @@ class GatewaySettings(_Strict):
     auth: AuthSettings
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
+    tasks: TaskSettings = TaskSettings()
+    data_staging: DataStagingSettings = DataStagingSettings()
     federation: FederationSettings = FederationSettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()

@@ -52,7 +52,7 @@ def no_production_globus(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Globus client built without a base URL would reach the real cloud: send it to a closed port
     instead, unless a site runs the opt-in live check on purpose."""
     if not os.environ.get("GATEWAY_LIVE_GLOBUS_TOKEN"):
-        for service in ("AUTH", "GROUPS", "COMPUTE"):
+        for service in ("AUTH", "GROUPS", "COMPUTE", "TRANSFER"):
             monkeypatch.setenv(f"GLOBUS_SDK_SERVICE_URL_{service}", "http://127.0.0.1:9/")
 
 

@@ -39,6 +39,8 @@ GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_m
 # convention, its resource server is a service name rather than a hostname or client id.
 COMPUTE_RESOURCE_SERVER = "funcx_service"
 COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
+TRANSFER_RESOURCE_SERVER = "transfer.api.globus.org"
+TRANSFER_SCOPE = "urn:globus:auth:scope:transfer.api.globus.org:all"
 DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"
 CLIENT_CREDENTIALS_GRANT = "client_credentials"
 ISSUER = "https://auth.globus.org"
@@ -381,6 +383,7 @@ class FakeGlobus:
         """Which resource server a scope string belongs to; None for scopes this fake does not know."""
         known = {
             COMPUTE_SCOPE: COMPUTE_RESOURCE_SERVER,
+            TRANSFER_SCOPE: TRANSFER_RESOURCE_SERVER,
             GROUPS_SCOPE: GROUPS_RESOURCE_SERVER,
             self.scope: self.client_id,
         }

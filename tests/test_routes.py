@@ -117,8 +117,8 @@ async def test_models_in_openai_list_format(gateway: Server, http: aiohttp.Clien
     assert chat_card["clusters"] == ["local", "chatonly"]
     _, alice, _ = await call(http, "GET", f"{gateway.url}/uni/vllm/v1/models", headers=auth("alice"))
     assert [model["id"] for model in alice["data"]] == [CHAT_MODEL]
-    _, bob, _ = await call(http, "GET", f"{gateway.url}/uni/vllm/v1/models", headers=auth("bob"))
-    assert bob["data"] == []
+    status, bob, _ = await call(http, "GET", f"{gateway.url}/uni/vllm/v1/models", headers=auth("bob"))
+    assert status == 404 and assert_openai_error(bob)["code"] == "cluster_not_found"
 
 
 async def test_jobs_are_filtered_for_the_caller(gateway: Server, http: aiohttp.ClientSession) -> None:
@@ -128,8 +128,8 @@ async def test_jobs_are_filtered_for_the_caller(gateway: Server, http: aiohttp.C
     assert document["running"][0]["Model Status"] == "running"
     assert set(document) >= {"running", "queued", "stopped", "others", "cluster_status"}
     status, document, _ = await call(http, "GET", f"{gateway.url}/uni/jobs", headers=auth("bob"))
-    assert status == 403
-    assert assert_openai_error(document)["type"] == "permission_error"
+    assert status == 404
+    assert assert_openai_error(document)["code"] == "cluster_not_found"
     status, document, _ = await call(http, "GET", f"{gateway.url}/uni/jobs", headers=auth("alice"))
     assert [job["Models"] for job in document["running"]] == [CHAT_MODEL]
 
@@ -155,7 +155,7 @@ async def test_inference_checks_in_order(gateway: Server, http: aiohttp.ClientSe
         ("/chatonly/sglang/v1/chat/completions", chat(), 404, "model_not_found", "model"),
         ("/local/vllm/v1/chat/completions", chat(model="no/such-model"), 404, "model_not_found", "model"),
         ("/local/vllm/v1/chat/completions", chat(model=PRIVATE_MODEL), 403, "permission_denied", None),
-        ("/uni/vllm/v1/chat/completions", chat(), 403, "permission_denied", None),
+        ("/uni/vllm/v1/chat/completions", chat(), 404, "cluster_not_found", None),
     ]
     for path, body, expected, code, param in cases:
         status, document, _ = await call(http, "POST", base + path, json=body, headers=auth("bob"))
