@@ -23,7 +23,7 @@ from proxy.batch_store import BatchRecord, BatchStore
 from proxy.bodies import read_json
 from proxy.database import DatabaseUnavailable
 from proxy.errors import ApiError, adaptor_failed
-from proxy.lookup import check_access, check_framework, find_cluster, find_endpoint
+from proxy.lookup import check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
 from proxy.registry import REGISTRY, Registry
 from proxy.schemas import validate_request
@@ -52,8 +52,7 @@ async def create(request: web.Request) -> web.Response:
     request.app[MAINTENANCE].check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
-    endpoint = find_endpoint(registry, cluster, framework, body["model"])
-    check_access(user, endpoint, cluster)
+    endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
     if not endpoint.has_batch_enabled():
         raise ApiError(400, f"Batch is not enabled for {endpoint.endpoint_slug}.", code="batch_not_enabled")
     record = _new_record(body, endpoint, user.id, user.username)

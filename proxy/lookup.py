@@ -56,9 +56,13 @@ def endpoint_named(registry: Registry, cluster: str, framework: str, model: str)
     return endpoint
 
 
-def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, model: str) -> BaseEndpoint:
+def find_endpoint(
+    registry: Registry, cluster: BaseCluster, framework: str, model: str, user: User
+) -> BaseEndpoint:
+    """A model the caller may not use answers exactly as one that is not served: a 404 with the same
+    message, so access lists do not reveal which restricted models a cluster has."""
     endpoint = endpoint_named(registry, cluster.cluster_name, framework, model)
-    if endpoint is None:
+    if endpoint is None or not may_use(user, endpoint, cluster):
         raise ApiError(
             404,
             f"Model '{model[:200]}' is not served by framework '{framework[:100]}' on cluster "
@@ -67,12 +71,3 @@ def find_endpoint(registry: Registry, cluster: BaseCluster, framework: str, mode
             code="model_not_found",
         )
     return endpoint
-
-
-def check_access(user: User, endpoint: BaseEndpoint, cluster: BaseCluster) -> None:
-    if not may_use(user, endpoint, cluster):
-        raise ApiError(
-            403,
-            f"You may not use model '{endpoint.model}' on cluster '{cluster.cluster_name}'.",
-            code="permission_denied",
-        )

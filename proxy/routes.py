@@ -17,7 +17,7 @@ from proxy.dispatch import admitted, run_stream, run_task
 from proxy.errors import adaptor_failed
 from proxy.federation import FEDERATION
 from proxy.jobs import JobsCache, visible_jobs
-from proxy.lookup import check_access, check_framework, check_openai_path, find_cluster, find_endpoint
+from proxy.lookup import check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
 from proxy.observe import INFO, REQUEST_LOG
 from proxy.registry import REGISTRY, Registry
@@ -153,8 +153,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     check_openai_path(cluster, openai_path)
-    endpoint = find_endpoint(registry, cluster, framework, body["model"])
-    check_access(user, endpoint, cluster)
+    endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
     return await _serve(request, endpoint, openai_path, body)
 
 

@@ -19,7 +19,7 @@ from proxy.authz import may_use
 from proxy.bodies import read_json
 from proxy.dispatch import admitted
 from proxy.errors import ApiError, adaptor_failed
-from proxy.lookup import check_access, check_framework, find_cluster, find_endpoint
+from proxy.lookup import check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
 from proxy.observe import INFO
 from proxy.registry import REGISTRY, Registry
@@ -99,8 +99,7 @@ def _task_endpoint(
     if model is not None:
         if not isinstance(model, str):
             raise ApiError(400, "'model' must be a string.", param="model", code="invalid_type")
-        endpoint = find_endpoint(registry, cluster, framework, model)
-        check_access(user, endpoint, cluster)
+        endpoint = find_endpoint(registry, cluster, framework, model, user)
         return endpoint
     usable = [
         endpoint

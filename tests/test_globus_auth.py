@@ -214,7 +214,7 @@ async def test_endpoint_and_cluster_access_lists_use_globus_groups_and_domains(
 ) -> None:
     cases = [
         ("alice-globus-token", "/local", PRIVATE_MODEL, 200),
-        ("bob-globus-token", "/local", PRIVATE_MODEL, 403),
+        ("bob-globus-token", "/local", PRIVATE_MODEL, 404),
         ("alice-globus-token", "/uni", CHAT_MODEL, 200),
         ("bob-globus-token", "/uni", CHAT_MODEL, 404),
     ]

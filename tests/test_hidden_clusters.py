@@ -105,7 +105,7 @@ async def test_a_batch_names_no_endpoint_before_the_permission_check(
     body = {"model": PRIVATE_MODEL, "input_file": "/data/in.jsonl"}
     url = f"{gateway.url}/local/vllm/v1/batches"
     status, document, _ = await call(http, "POST", url, json=body, headers=auth("bob"))
-    assert status == 403
+    assert status == 404 and document["error"]["code"] == "model_not_found"
     assert "local-vllm-privatemodel-g" not in document["error"]["message"]
     status, document, _ = await call(http, "POST", url, json=body, headers=auth("alice"))
     assert status == 400 and assert_openai_error(document)["code"] == "batch_not_enabled"
@@ -148,3 +148,15 @@ async def test_job_reports_hide_lookalikes_and_recount_models(
     _, alice, _ = await call(http, "GET", f"{reported.url}/local/jobs", headers=auth("alice"))
     assert [j["Models"] for j in alice["running"]] == [CHAT_MODEL, PRIVATE_MODEL]
     assert (alice["cluster_status"]["total_models"], alice["cluster_status"]["live_models"]) == (3, 2)
+
+
+async def test_a_restricted_model_answers_as_one_that_is_not_served(gateway: Server) -> None:
+    """bob may use the cluster but not the model: he cannot tell it from a model the cluster lacks."""
+    answers = []
+    async with aiohttp.ClientSession() as http:
+        for model in (PRIVATE_MODEL, "no/such-model"):
+            url = f"{gateway.url}/local/vllm/v1/chat/completions"
+            async with http.post(url, json=chat(model=model), headers=auth("bob")) as response:
+                error = (await response.json())["error"]
+                answers.append((response.status, error["code"], error["message"].replace(model, "MODEL")))
+    assert answers[0] == answers[1] == (404, "model_not_found", answers[0][2])

@@ -154,7 +154,7 @@ async def test_inference_checks_in_order(gateway: Server, http: aiohttp.ClientSe
         ),
         ("/chatonly/sglang/v1/chat/completions", chat(), 404, "model_not_found", "model"),
         ("/local/vllm/v1/chat/completions", chat(model="no/such-model"), 404, "model_not_found", "model"),
-        ("/local/vllm/v1/chat/completions", chat(model=PRIVATE_MODEL), 403, "permission_denied", None),
+        ("/local/vllm/v1/chat/completions", chat(model=PRIVATE_MODEL), 404, "model_not_found", "model"),
         ("/uni/vllm/v1/chat/completions", chat(), 404, "cluster_not_found", None),
     ]
     for path, body, expected, code, param in cases:
