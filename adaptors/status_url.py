@@ -4,10 +4,14 @@
 `{"model", "description", "status": "Live" | "Stopped" | ..., "model_version", ...}`, and reports
 it in the gateway's jobs shape. Fields that only operators should see (keys, URLs, endpoint ids)
 are not copied.
+
+Its `status_url` may come from the existing gateway's `METIS_STATUS_URL` environment variable
+instead of the entry's `config` (the existing gateway's fixtures leave `config` empty).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from adaptors.cluster import JobInfo, Jobs
@@ -17,6 +21,12 @@ _LISTS = {"Live": "running", "Stopped": "stopped"}
 
 
 class MetisCluster(DirectAPICluster):
+    def __init__(self, *args: Any, config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        config = dict(config or {})
+        if "status_url" not in config and os.environ.get("METIS_STATUS_URL"):
+            config["status_url"] = os.environ["METIS_STATUS_URL"]
+        super().__init__(*args, config=config, **kwargs)
+
     def jobs_from(self, document: Any) -> Jobs:
         if not isinstance(document, dict) or not all(isinstance(m, dict) for m in document.values()):
             raise ValueError("a Metis status document maps names to model descriptions")

@@ -18,7 +18,7 @@ from proxy.database import Database
 from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
-from proxy.jobs import JobsCache
+from proxy.jobs import JobsCache, jobs_reader
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
@@ -204,7 +204,8 @@ def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterato
         registry, reloader = app[REGISTRY], app[RELOADER]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
             telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
-            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry)
+            jobs = jobs_reader(registry, app[JOBS])
+            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry, jobs=jobs)
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context
             try:

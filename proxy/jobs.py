@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from adaptors import BaseCluster, GetJobsResponse, JobInfo, Jobs
+from adaptors.context import ClusterJobs
 from proxy.auth import User
 from proxy.authz import may_use
 from proxy.registry import Registry
@@ -53,6 +54,16 @@ class JobsCache:
         ttl = min(self._ttl, FAILURE_TTL_SECONDS) if failed else self._ttl
         self._reports[name] = (time.monotonic() + ttl, report)
         return report
+
+
+def jobs_reader(registry: Registry, cache: JobsCache) -> ClusterJobs:
+    """What adaptors get as `AdaptorContext.jobs`: the current generation's cluster, through the cache."""
+
+    async def read(cluster_name: str) -> GetJobsResponse | None:
+        cluster = registry.clusters.get(cluster_name)
+        return None if cluster is None else await cache.get(cluster)
+
+    return read
 
 
 def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluster) -> Jobs:

@@ -33,6 +33,7 @@ EXISTING_GATEWAY_ADAPTORS = {
         "adaptors.globus_compute.GlobusComputeCluster"
     ),
     "resource_server_async.clusters.metis.MetisCluster": "adaptors.status_url.MetisCluster",
+    "resource_server_async.endpoints.metis.MetisEndpoint": "adaptors.metis.MetisEndpoint",
 }
 """The existing gateway's own adaptors, so that its fixture files load without edits."""
 Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)
