@@ -7,15 +7,17 @@ start-up, not silently open an endpoint to everyone.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.settings import ConfigError, describe_validation_error, load_document
@@ -38,13 +40,34 @@ EXISTING_GATEWAY_ADAPTORS = {
 """The existing gateway's own adaptors, so that its fixture files load without edits."""
 Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)
 
+DJANGO_TPM_DEFAULTS = (100_000, 60_000)
+"""The existing gateway's model defaults for `tpm_model` and `tpm_user`, which its fixture records
+get when they leave the fields out."""
+
+
+def _config_text(value: Any) -> Any:
+    """`manage.py dumpdata` writes `config` (a text column there) as a string: JSON, or the Python
+    literal the existing gateway reads with `ast.literal_eval`. Parsed as a literal, never run."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return {}
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError("is a string that is neither JSON nor a Python literal") from None
+
 
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     allowed_globus_groups: AccessList = None
     allowed_domains: AccessList = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: Annotated[dict[str, Any], BeforeValidator(_config_text)] = Field(default_factory=dict)
 
 
 class EndpointEntry(_Entry):
@@ -118,6 +141,9 @@ class _Record:
     where: str
     id: str
     fields: dict[str, Any]
+    django: bool
+    """A Django fixture record (`{"model", "pk", "fields"}`): the existing gateway's model
+    defaults apply to the fields it leaves out."""
 
 
 class _Problems:
@@ -153,7 +179,8 @@ def _records(path: Path, name_field: str) -> list[_Record]:
     for index, item in enumerate(document, start=1):
         if not isinstance(item, dict):
             raise ConfigError(f"{path}, entry {index}: must be a mapping")
-        fields = item["fields"] if "fields" in item and "model" in item else item
+        django = "fields" in item and "model" in item
+        fields = item["fields"] if django else item
         if not isinstance(fields, dict):
             raise ConfigError(f"{path}, entry {index}: field 'fields': must be a mapping")
         fields = dict(fields)
@@ -161,7 +188,7 @@ def _records(path: Path, name_field: str) -> list[_Record]:
         label = f"{path}, entry {index}"
         if isinstance(fields.get(name_field), str):
             label += f" ({fields[name_field]})"
-        records.append(_Record(where=label, id=str(record_id), fields=fields))
+        records.append(_Record(where=label, id=str(record_id), fields=fields, django=django))
     return records
 
 
@@ -219,8 +246,17 @@ def _load_endpoints(
         )  # fmt: skip
         if endpoint is not None:
             endpoints[slug] = endpoint
-            token_limits[slug] = TokenLimits(entry.tpm_model, entry.tpm_user)
+            token_limits[slug] = _token_limits(entry, record)
     return endpoints, token_limits
+
+
+def _token_limits(entry: EndpointEntry, record: _Record) -> TokenLimits:
+    """YAML entries without a limit have none; fixture records get the existing gateway's defaults."""
+    if not record.django:
+        return TokenLimits(entry.tpm_model, entry.tpm_user)
+    model = entry.tpm_model if "tpm_model" in record.fields else DJANGO_TPM_DEFAULTS[0]
+    user = entry.tpm_user if "tpm_user" in record.fields else DJANGO_TPM_DEFAULTS[1]
+    return TokenLimits(model, user)
 
 
 def _fits_cluster(

@@ -7,15 +7,18 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 from aiohttp import web
 
+from adaptors.globus_compute import GlobusComputeEndpoint
 from bench.backend import REQUESTS
-from tests.conftest import Server, auth, chat, start, start_gateway, write_gateway_config
+from proxy.registry import REGISTRY, Registry, TokenLimits, load_registry
+from proxy.settings import ConfigError
+from tests.conftest import Server, auth, chat, start, start_gateway, write_gateway_config, write_yaml
+from tests.test_config import CLUSTER, ENDPOINT
 
 SITE = Path(__file__).resolve().parent / "site"
 METIS_HOST = "https://metis.alcf.anl.gov"
@@ -69,14 +72,14 @@ def site_environment(monkeypatch: pytest.MonkeyPatch, metis_status: Server) -> N
     monkeypatch.setenv("SERVICE_ACCOUNT_SECRET", "service-secret")
 
 
-def site_config(tmp_path: Path, backend_url: str, endpoints: str = "endpoints.json") -> Path:
+def site_config(tmp_path: Path, backend_url: str, prefix: str = "") -> Path:
     """The gateway configuration of the test suite, with the site's fixture files as they are."""
     config = write_gateway_config(tmp_path, backend_url)
-    for name in (endpoints, "clusters.json"):
+    for name in (f"{prefix}endpoints.json", f"{prefix}clusters.json"):
         text = (SITE / name).read_text().replace(METIS_HOST, backend_url)
         (tmp_path / name).write_text(text)
     document = yaml.safe_load(config.read_text())
-    document.update(endpoints_file=endpoints, clusters_file="clusters.json")
+    document.update(endpoints_file=f"{prefix}endpoints.json", clusters_file=f"{prefix}clusters.json")
     config.write_text(yaml.safe_dump(document))
     return config
 
@@ -146,13 +149,66 @@ async def test_metis_status_is_read_once_per_cache_period(
     assert metis_status.app[CALLS] == ["/status"]
 
 
-def load_site(tmp_path: Path, backend_url: str, endpoints: str = "endpoints.json") -> Any:
-    from proxy.registry import load_registry
-
-    site_config(tmp_path, backend_url, endpoints)
-    return load_registry(tmp_path / endpoints, tmp_path / "clusters.json")
+def load_site(tmp_path: Path, backend_url: str, prefix: str = "") -> Registry:
+    site_config(tmp_path, backend_url, prefix)
+    return load_registry(tmp_path / f"{prefix}endpoints.json", tmp_path / f"{prefix}clusters.json")
 
 
-def fixture_entries(name: str) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = json.loads((SITE / name).read_text())
-    return entries
+@pytest.mark.usefixtures("site_environment")
+async def test_a_dumpdata_export_with_python_literal_configs_loads_and_serves(
+    tmp_path: Path, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    export = json.loads((SITE / "dumpdata-endpoints.json").read_text())
+    assert export[0]["fields"]["config"].startswith("{'api_port': 8000")
+    runner, gateway = await start_gateway(site_config(tmp_path, backend.url, "dumpdata-"))
+    try:
+        body = chat("Hi", model="gpt-oss-120b-128k", max_tokens=1)
+        async with http.post(metis_url(gateway), json=body, headers=auth()) as response:
+            assert response.status == 200, await response.text()
+        registry = gateway.app[REGISTRY]
+        sophia = registry.endpoints["sophia-vllm-meta-llamameta-llama-31-70b-instruct"]
+        assert isinstance(sophia, GlobusComputeEndpoint) and sophia.config.api_port == 8000
+        assert registry.token_limits["sophia-vllm-meta-llamameta-llama-31-8b-instruct"] == TokenLimits(
+            250_000, 0
+        )
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.usefixtures("site_environment")
+def test_fixture_records_without_tpm_get_the_existing_defaults(tmp_path: Path) -> None:
+    registry = load_site(tmp_path, "http://127.0.0.1:9")
+    assert len(registry.endpoints) == 12
+    assert set(registry.token_limits.values()) == {TokenLimits(100_000, 60_000)}
+
+
+def test_yaml_entries_without_tpm_have_no_token_limit(tmp_path: Path) -> None:
+    write_yaml(tmp_path / "clusters.yaml", [CLUSTER])
+    second = {k: v for k, v in ENDPOINT.items() if k != "endpoint_slug"} | {"model": "m2", "tpm_user": 500}
+    write_yaml(tmp_path / "endpoints.yaml", [ENDPOINT, second])
+    registry = load_registry(tmp_path / "endpoints.yaml", tmp_path / "clusters.yaml")
+    assert list(registry.token_limits.values()) == [TokenLimits(None, None), TokenLimits(None, 500)]
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("{'api_url': 'http://127.0.0.1:9/v1'", "field 'config': Value error, is a string that is neither"),
+        ("__import__('os').system('touch pwned')", "field 'config': Value error, is a string that is"),
+        ("['http://127.0.0.1:9/v1']", "field 'config': Input should be a valid dictionary"),
+        ("{'api_url': 'http://127.0.0.1:9/v1', 'timeout': 3}", "field 'config.timeout': Extra inputs"),
+    ],
+)
+def test_a_config_string_that_is_not_a_mapping_literal_is_refused(
+    tmp_path: Path, config: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    record = {"model": "resource_server_async.endpoint", "pk": 4, "fields": {**ENDPOINT, "config": config}}
+    (tmp_path / "endpoints.json").write_text(json.dumps([record]))
+    write_yaml(tmp_path / "clusters.yaml", [CLUSTER])
+    with pytest.raises(ConfigError) as error:
+        load_registry(tmp_path / "endpoints.json", tmp_path / "clusters.yaml")
+    message = str(error.value)
+    assert f"{tmp_path / 'endpoints.json'}, entry 1 (meta-llama/Meta-Llama-3.1-8B-Instruct): " in message
+    assert expected in message
+    assert not (tmp_path / "pwned").exists()
