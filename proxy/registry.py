@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.settings import ConfigError, describe_validation_error, load_document
@@ -39,6 +39,12 @@ EXISTING_GATEWAY_ADAPTORS = {
 }
 """The existing gateway's own adaptors, so that its fixture files load without edits."""
 Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)
+
+SERVED_PATHS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+"""The OpenAI paths (and Anthropic's `messages`) a cluster may offer under `/{cluster}/{framework}/v1/`."""
+MONITOR_PATHS = ("health", "metrics")
+"""Also listed in the existing gateway's fixtures, for its health monitor, which calls the compute
+functions itself: accepted, and served by no route."""
 
 DJANGO_TPM_DEFAULTS = (100_000, 60_000)
 """The existing gateway's model defaults for `tpm_model` and `tpm_user`, which its fixture records
@@ -85,6 +91,19 @@ class ClusterEntry(_Entry):
     cluster_adapter: str = Field(min_length=1)
     frameworks: list[str] = Field(min_length=1)
     openai_endpoints: list[str]
+
+    @field_validator("openai_endpoints")
+    @classmethod
+    def _known_paths(cls, paths: list[str]) -> list[str]:
+        """A typo would pass start-up and then refuse every request of that path."""
+        normalized = [path.strip("/").removeprefix("v1/") for path in paths]
+        unknown = [path for path in normalized if path not in SERVED_PATHS + MONITOR_PATHS]
+        if unknown:
+            raise ValueError(
+                f"unknown {', '.join(repr(path) for path in unknown)}; the gateway serves "
+                f"{', '.join(SERVED_PATHS)} (and accepts {' and '.join(MONITOR_PATHS)})"
+            )
+        return normalized
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from bench.backend import REQUESTS
 from proxy.registry import REGISTRY, Registry, TokenLimits, load_registry
 from proxy.settings import ConfigError
 from tests.conftest import Server, auth, chat, start, start_gateway, write_gateway_config, write_yaml
-from tests.test_config import CLUSTER, ENDPOINT
+from tests.test_config import CLUSTER, ENDPOINT, run_cli, write_main
 
 SITE = Path(__file__).resolve().parent / "site"
 METIS_HOST = "https://metis.alcf.anl.gov"
@@ -212,3 +212,42 @@ def test_a_config_string_that_is_not_a_mapping_literal_is_refused(
     assert f"{tmp_path / 'endpoints.json'}, entry 1 (meta-llama/Meta-Llama-3.1-8B-Instruct): " in message
     assert expected in message
     assert not (tmp_path / "pwned").exists()
+
+
+async def test_clusters_listing_health_and_metrics_load_and_list_only_served_paths(
+    site_gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    registry = site_gateway.app[REGISTRY]
+    assert "health" in registry.clusters["sophia"].openai_endpoints
+    async with http.get(f"{site_gateway.url}/list-endpoints", headers=auth()) as response:
+        listing = await response.json()
+    assert listing["clusters"]["sophia"]["frameworks"]["vllm"]["endpoints"] == [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+    ]
+
+
+def test_a_typo_in_openai_endpoints_fails_check_config_naming_file_entry_and_field(tmp_path: Path) -> None:
+    cluster = {**CLUSTER, "openai_endpoints": ["chat/completion", "completions", "health"]}
+    (tmp_path / "clusters.json").write_text(
+        json.dumps([{"model": "resource_server_async.cluster", "pk": 1, "fields": cluster}])
+    )
+    write_yaml(tmp_path / "endpoints.yaml", [ENDPOINT])
+    config = yaml.safe_load(write_main(tmp_path, {}).read_text())
+    config["clusters_file"] = "clusters.json"
+    write_yaml(tmp_path / "gateway.yaml", config)
+    result = run_cli("--config", str(tmp_path / "gateway.yaml"), "--check-config")
+    assert result.returncode == 2
+    assert (
+        f"{tmp_path / 'clusters.json'}, entry 1 (sophia): field 'openai_endpoints': Value error, "
+        "unknown 'chat/completion'; the gateway serves chat/completions," in result.stderr
+    )
+
+
+def test_openai_endpoints_written_with_the_v1_prefix_load(tmp_path: Path) -> None:
+    cluster = {**CLUSTER, "openai_endpoints": ["/v1/chat/completions/", "/v1/embeddings"]}
+    write_yaml(tmp_path / "clusters.yaml", [cluster])
+    write_yaml(tmp_path / "endpoints.yaml", [ENDPOINT])
+    registry = load_registry(tmp_path / "endpoints.yaml", tmp_path / "clusters.yaml")
+    assert registry.clusters["sophia"].openai_endpoints == ["chat/completions", "embeddings"]
