@@ -51,9 +51,7 @@ class MetisEndpoint(DirectAPIEndpoint):
         if report is None or report.jobs is None:
             reason = report.error_message if report is not None and report.error_message else "no status"
             return 503, f"Cannot tell whether '{self.model}' is live on {self.cluster}: {reason}"
-        live = {
-            name.strip() for job in report.jobs.running for name in job.Models.split(",") if name.strip()
-        }
+        live = {name.strip() for job in report.jobs.running for name in job.Models.split(",") if name.strip()}
         if self.model not in live:
             return 503, f"'{self.model}' is not currently live on {self.cluster}."
         return None

@@ -21,6 +21,7 @@ from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache, jobs_reader
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
+from proxy.maintenance_redis import maintenance_from_redis
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
@@ -72,6 +73,8 @@ def create_app(
     app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
     app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
+    if settings.redis_url:
+        app.cleanup_ctx.append(maintenance_from_redis(settings.redis_url))
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
     app[FEDERATION] = Federation(registry, app[JOBS], app[MAINTENANCE], settings.federation)

@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from proxy.env_values import GroupsPerDomain, JsonMapping, TextList, empty_is_none
+from proxy.env_values import (
+    GroupsPerDomain,
+    JsonMapping,
+    TextList,
+    check_callback_url,
+    empty_is_none,
+    warn_if_short,
+)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -118,13 +125,13 @@ class GlobusAuthSettings(_Strict):
 class StreamingSettings(_Strict):
     """The callback relay for backends that stream by calling back (Globus Compute functions)."""
 
-    callback_url: str = Field(
+    callback_url: Annotated[str, AfterValidator(check_callback_url)] = Field(
         default="http://127.0.0.1:8000",
         pattern=r"^https?://[^/\s]+/?$",
         description="scheme://host[:port] where remote functions reach this gateway",
     )
-    internal_secret: Annotated[str | None, BeforeValidator(empty_is_none)] = Field(
-        default=None, min_length=16
+    internal_secret: Annotated[str | None, BeforeValidator(empty_is_none), AfterValidator(warn_if_short)] = (
+        None
     )
     first_chunk_timeout_seconds: float = Field(default=900, gt=0)
     silence_timeout_seconds: float = Field(default=300, gt=0)

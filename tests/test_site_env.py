@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from adaptors.globus_compute import GlobusComputeEndpoint
+from proxy.registry import load_registry
 from proxy.settings import ConfigError, GatewaySettings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+SITE = ROOT / "tests" / "site"
 
 SITE_ENV = """\
 # --- Globus Credentials ---
@@ -112,3 +116,71 @@ def test_a_malformed_list_is_a_configuration_error(
         site_settings(tmp_path, monkeypatch, f"{SITE_ENV}{line}\n")
     assert str(error.value).startswith(str(ROOT / "conf" / "gateway.globus.yaml"))
     assert expected in str(error.value)
+
+
+def test_the_existing_gateways_other_variables_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = (
+        'MAINTENANCE_ERROR_NOTICES=\'{"sophia": "Sophia is down for maintenance until Monday."}\'\n'
+        "RATE_LIMIT_PER_SEC_PER_USER=3\n"
+        "MAX_BATCHES_PER_USER=4\n"
+        'STREAMING_SERVER_HOST="localhost:8080"\n'
+        'INTERNAL_STREAMING_SECRET="short-secret"\n'
+    )
+    with caplog.at_level("WARNING", logger="proxy.settings"):
+        settings = site_settings(tmp_path, monkeypatch, SITE_ENV + lines)
+    assert settings.maintenance == {"sophia": "Sophia is down for maintenance until Monday."}
+    assert settings.limits.requests_per_second == 3
+    assert settings.batches.max_active_per_user == 4
+    assert settings.streaming.callback_url == "https://localhost:8080"
+    assert settings.streaming.internal_secret == "short-secret"
+    assert "INTERNAL_STREAMING_SECRET) has 12 characters" in caplog.text
+    assert "short-secret" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "host, port, expected",
+    [
+        ("gateway.example.org", "8443", "https://gateway.example.org:8443"),
+        ("gateway.example.org:8080", "443", "https://gateway.example.org:8080"),
+        ("gateway.example.org:80a", "443", "field 'streaming.callback_url': Value error, 'gateway.example"),
+        ("gateway.example.org", "eighty", "field 'streaming.callback_url': Value error,"),
+    ],
+)
+def test_the_streaming_host_is_checked_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str, port: str, expected: str
+) -> None:
+    text = f'{SITE_ENV}STREAMING_SERVER_HOST="{host}"\nSTREAMING_SERVER_PORT={port}\n'
+    if expected.startswith("https://"):
+        assert site_settings(tmp_path, monkeypatch, text).streaming.callback_url == expected
+        return
+    with pytest.raises(ConfigError) as error:
+        site_settings(tmp_path, monkeypatch, text)
+    assert expected in str(error.value)
+
+
+def test_endpoint_credentials_overrides_choose_the_compute_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = {"client_id": "other-project", "client_secret": "other-secret"}
+    overrides = {"3f0c5a1e-8d2b-4c6f-9a7e-1b2c3d4e5f60": other}
+    monkeypatch.setenv("GLOBUS_ENDPOINT_CREDENTIALS_OVERRIDES", json.dumps(overrides))
+    monkeypatch.setenv("SERVICE_ACCOUNT_ID", "service-account")
+    monkeypatch.setenv("SERVICE_ACCOUNT_SECRET", "service-secret")
+    monkeypatch.setenv("METIS_STATUS_URL", "http://127.0.0.1:9/status")
+    monkeypatch.setenv("METIS_GPT_OSS_120B_API_KEY", "k")
+    monkeypatch.setenv("METIS_MAVERICK_API_KEY", "k")
+    registry = load_registry(SITE / "endpoints.json", SITE / "clusters.json")
+    endpoints = registry.endpoints
+    on_overridden = endpoints["sophia-vllm-meta-llamameta-llama-31-70b-instruct"]
+    elsewhere = endpoints["sophia-vllm-mgoinnemotron-4-340b-instruct-hf"]
+    assert isinstance(on_overridden, GlobusComputeEndpoint) and isinstance(elsewhere, GlobusComputeEndpoint)
+    assert on_overridden.config.credentials() == ("other-project", "other-secret")
+    assert elsewhere.config.credentials() == ("service-account", "service-secret")
+
+    monkeypatch.setenv("GLOBUS_ENDPOINT_CREDENTIALS_OVERRIDES", '{"3f0c5a1e": "not an object"}')
+    with pytest.raises(ConfigError) as error:
+        load_registry(SITE / "endpoints.json", SITE / "clusters.json")
+    assert f"{SITE / 'clusters.json'}, entry 1 (sophia): field 'config': GLOBUS_ENDPOINT" in str(error.value)
+    assert "other-secret" not in str(error.value)

@@ -85,9 +85,7 @@ def site_config(tmp_path: Path, backend_url: str, prefix: str = "") -> Path:
 
 
 @pytest.fixture
-async def site_gateway(
-    tmp_path: Path, backend: Server, site_environment: None
-) -> AsyncIterator[Server]:
+async def site_gateway(tmp_path: Path, backend: Server, site_environment: None) -> AsyncIterator[Server]:
     runner, gateway = await start_gateway(site_config(tmp_path, backend.url))
     yield gateway
     await runner.cleanup()
