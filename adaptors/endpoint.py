@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -31,12 +31,22 @@ class SubmitTaskResponse(BaseModel):
     error_code: int | None = None
 
 
+@runtime_checkable
+class StreamingContent(Protocol):
+    """What the existing gateway's adaptors return: Django's `StreamingHttpResponse`, whose
+    `streaming_content` iterates (synchronously or not) over `str` or `bytes`."""
+
+    @property
+    def streaming_content(self) -> Any: ...
+
+
 class SubmitStreamingTaskResponse(BaseModel):
-    """`response` yields the bytes of the event stream, written to the client as they come."""
+    """`response` yields the bytes of the event stream, written to the client as they come (or
+    carries them in `streaming_content`, as a Django `StreamingHttpResponse` does)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    response: AsyncIterator[bytes] | None = None
+    response: AsyncIterator[bytes] | StreamingContent | None = None
     task_id: str | None = None
     error_message: str | None = None
     error_code: int | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import importlib
+import inspect
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -256,8 +257,10 @@ def _load_endpoints(
             )
             continue
         defined_at[slug] = record.where
+        limits = _token_limits(entry, record)
         endpoint = _instantiate(
             entry.endpoint_adapter, "endpoint_adapter", BaseEndpoint, record, problems,
+            if_named={"tpm_model": limits.model or 0, "tpm_user": limits.user or 0},
             id=record.id, endpoint_slug=slug, cluster=entry.cluster, framework=entry.framework,
             model=entry.model, endpoint_adapter=entry.endpoint_adapter,
             allowed_globus_groups=entry.allowed_globus_groups,
@@ -265,7 +268,7 @@ def _load_endpoints(
         )  # fmt: skip
         if endpoint is not None:
             endpoints[slug] = endpoint
-            token_limits[slug] = _token_limits(entry, record)
+            token_limits[slug] = limits
     return endpoints, token_limits
 
 
@@ -309,13 +312,18 @@ def _instantiate(
     base: type[Adaptor],
     record: _Record,
     problems: _Problems,
+    if_named: dict[str, Any] | None = None,
     **arguments: Any,
 ) -> Adaptor | None:
+    """`if_named` arguments are passed only to constructors that name them: the existing gateway's
+    current adaptors take `tpm_model` and `tpm_user`, those of its documentation do not."""
     try:
         adaptor_class = import_adaptor(dotted_path, base)
     except ConfigError as exc:
         problems.add(record.where, f"field '{field}': {exc}")
         return None
+    named = inspect.signature(adaptor_class).parameters
+    arguments.update({name: value for name, value in (if_named or {}).items() if name in named})
     try:
         return adaptor_class(**arguments)
     except ValidationError as exc:

@@ -138,7 +138,7 @@ async def jobs(request: web.Request) -> web.Response:
         ]
         stopped = request.app[MAINTENANCE].stopped_jobs(cluster, models)
         return web.json_response(stopped.model_dump(mode="json"))
-    report = await request.app[JOBS].get(cluster)
+    report = await request.app[JOBS].get(cluster, user)
     if report.jobs is None:
         adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
     shown = visible_jobs(report.jobs, user, registry, cluster)
