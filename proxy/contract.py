@@ -21,7 +21,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from adaptors import BaseCluster, BaseEndpoint, GetJobsResponse, Jobs, StreamError
-from adaptors.endpoint import SubmitStreamingTaskResponse, SubmitTaskResponse
+from adaptors.endpoint import (
+    GetBatchStatusResponse,
+    SubmitBatchResponse,
+    SubmitStreamingTaskResponse,
+    SubmitTaskResponse,
+)
 from adaptors.errors import AdaptorError
 from proxy.auth import User
 
@@ -146,3 +151,47 @@ async def get_jobs(cluster: BaseCluster, user: User | None) -> GetJobsResponse:
         return GetJobsResponse(jobs=Jobs.model_validate(document))
     except ValidationError:
         return GetJobsResponse(error_code=502, error_message="The cluster adaptor returned no job report.")
+
+
+class BatchData(dict[str, Any]):
+    """A batch request, read as a mapping (the guide's `batch_data: dict`) or by attribute (the
+    current code's `BatchSubmit`: `batch_data.input_file`)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+async def submit_batch(endpoint: BaseEndpoint, body: dict[str, Any], username: str) -> SubmitBatchResponse:
+    try:
+        submitted: Any = await endpoint.submit_batch(BatchData(body), username)
+    except AdaptorError as exc:
+        return SubmitBatchResponse(error_code=status_of(exc), error_message=exc.message)
+    if isinstance(submitted, SubmitBatchResponse):
+        return submitted
+    try:
+        return SubmitBatchResponse.model_validate(_fields(submitted, SubmitBatchResponse))
+    except ValidationError:
+        return SubmitBatchResponse(
+            error_code=502, error_message="The adaptor's batch answer is not understood."
+        )
+
+
+async def get_batch_status(endpoint: BaseEndpoint, record: Any) -> GetBatchStatusResponse:
+    try:
+        report: Any = await endpoint.get_batch_status(record)
+    except AdaptorError as exc:
+        return GetBatchStatusResponse(error_code=status_of(exc), error_message=exc.message)
+    if isinstance(report, GetBatchStatusResponse):
+        return report
+    try:
+        return GetBatchStatusResponse.model_validate(_fields(report, GetBatchStatusResponse))
+    except ValidationError:
+        return GetBatchStatusResponse(error_message="The adaptor's batch status is not understood.")
+
+
+def _fields(value: Any, model: type[BaseModel]) -> dict[str, Any]:
+    """The attributes of `value` that `model` has (the current code's result types lack some)."""
+    return {name: getattr(value, name) for name in model.model_fields if hasattr(value, name)}

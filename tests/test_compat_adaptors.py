@@ -15,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from proxy.batches import BATCHES, advance_batches
 from proxy.registry import REGISTRY
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.site.current_adaptors import CurrentEndpoint
@@ -119,3 +120,22 @@ async def test_get_jobs_with_the_user_is_called_and_cached_per_user(
     async with http.get(f"{site.url}/current/jobs", headers=auth("bob")) as response:
         assert response.status == 503
         assert (await response.json())["error"]["message"] == "The scheduler is down."
+
+
+async def test_batches_of_the_current_contract(site: Server, http: aiohttp.ClientSession) -> None:
+    url = f"{site.url}/current/api/v1/batches"
+    body = {"model": "current-1", "input_file": "/data/prompts.jsonl"}
+    async with http.post(url, json=body, headers=auth()) as response:
+        assert response.status == 200, await response.text()
+        submitted = await response.json()
+    assert (submitted["status"], submitted["task_ids"]) == ("pending", "task-of-alice@uni.edu")
+    missing = {"model": "current-1", "input_file": "/data/prompts.missing"}
+    async with http.post(url, json=missing, headers=auth("bob")) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["message"] == "/data/prompts.missing does not exist."
+
+    assert await advance_batches(site.app[BATCHES], site.app[REGISTRY]) == 1
+    async with http.get(f"{site.url}/v1/batches/{submitted['batch_id']}", headers=auth()) as response:
+        assert await response.json() == "completed"
+    async with http.get(f"{site.url}/v1/batches/{submitted['batch_id']}/result", headers=auth()) as response:
+        assert await response.json() == {"num_responses": 2}

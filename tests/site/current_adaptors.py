@@ -14,8 +14,14 @@ from django.http import StreamingHttpResponse
 from resource_server_async.clusters.cluster import BaseCluster
 from resource_server_async.endpoints.endpoint import BaseEndpoint
 from resource_server_async.errors import EndpointError, GetJobsError
+from resource_server_async.schemas.batch import BatchStatus
 from resource_server_async.schemas.clusters import JobInfo, JobsByStatus
-from resource_server_async.schemas.endpoints import SubmitStreamingTaskResponse, SubmitTaskResult
+from resource_server_async.schemas.endpoints import (
+    BatchStatusResult,
+    SubmitBatchResult,
+    SubmitStreamingTaskResponse,
+    SubmitTaskResult,
+)
 
 
 class CurrentEndpoint(BaseEndpoint):
@@ -59,6 +65,19 @@ class CurrentEndpoint(BaseEndpoint):
 
         response = StreamingHttpResponse(streaming_content=events(), content_type="text/event-stream")
         return SubmitStreamingTaskResponse(response=response, task_id=None)
+
+    def has_batch_enabled(self) -> bool:
+        return True
+
+    async def submit_batch(self, batch_data: Any, username: str) -> SubmitBatchResult:
+        if batch_data.input_file.endswith(".missing"):
+            raise EndpointError(f"{batch_data.input_file} does not exist.", status_code=400)
+        return SubmitBatchResult(
+            input_file=batch_data.input_file, task_ids=f"task-of-{username}", status=BatchStatus.pending
+        )
+
+    async def get_batch_status(self, batch: Any) -> BatchStatusResult:
+        return BatchStatusResult(status=BatchStatus.completed, result='{"num_responses": 2}')
 
 
 class CurrentCluster(BaseCluster):
