@@ -17,7 +17,16 @@ from adaptors.globus_compute import GlobusComputeEndpoint
 from bench.backend import REQUESTS
 from proxy.registry import REGISTRY, Registry, TokenLimits, load_registry
 from proxy.settings import ConfigError
-from tests.conftest import Server, auth, chat, start, start_gateway, write_gateway_config, write_yaml
+from tests.conftest import (
+    Server,
+    auth,
+    chat,
+    free_port,
+    start,
+    start_gateway,
+    write_gateway_config,
+    write_yaml,
+)
 from tests.test_config import CLUSTER, ENDPOINT, run_cli, write_main
 
 SITE = Path(__file__).resolve().parent / "site"
@@ -249,3 +258,20 @@ def test_openai_endpoints_written_with_the_v1_prefix_load(tmp_path: Path) -> Non
     write_yaml(tmp_path / "endpoints.yaml", [ENDPOINT])
     registry = load_registry(tmp_path / "endpoints.yaml", tmp_path / "clusters.yaml")
     assert registry.clusters["sophia"].openai_endpoints == ["chat/completions", "embeddings"]
+
+
+@pytest.mark.usefixtures("site_environment")
+async def test_without_the_metis_status_a_metis_model_is_a_503(
+    tmp_path: Path, backend: Server, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METIS_STATUS_URL", f"http://127.0.0.1:{free_port()}/status")
+    runner, gateway = await start_gateway(site_config(tmp_path, backend.url))
+    try:
+        body = chat("Hi", model="gpt-oss-120b-128k")
+        async with http.post(metis_url(gateway), json=body, headers=auth()) as response:
+            assert response.status == 503
+            message = (await response.json())["error"]["message"]
+    finally:
+        await runner.cleanup()
+    assert message.startswith("Cannot tell whether 'gpt-oss-120b-128k' is live on metis: Cannot reach")
+    assert not backend.app[REQUESTS]
