@@ -6,11 +6,17 @@ import json
 import subprocess
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
 
 from adaptors.globus_compute import GlobusComputeEndpoint
 from proxy.registry import load_registry
 from proxy.settings import ConfigError, GatewaySettings, load_settings
+from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config
+from tests.conftest import Server, auth, chat, free_port, start_gateway, write_yaml
+from tests.fake_compute import FakeCompute
+from tests.fake_globus import FakeGlobus
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "tests" / "site"
@@ -184,3 +190,33 @@ def test_endpoint_credentials_overrides_choose_the_compute_credentials(
         load_registry(SITE / "endpoints.json", SITE / "clusters.json")
     assert f"{SITE / 'clusters.json'}, entry 1 (sophia): field 'config': GLOBUS_ENDPOINT" in str(error.value)
     assert "other-secret" not in str(error.value)
+
+
+async def test_compute_tasks_of_an_overridden_endpoint_use_its_credentials(
+    tmp_path: Path,
+    backend: Server,
+    compute: FakeCompute,
+    globus: FakeGlobus,
+    monkeypatch: pytest.MonkeyPatch,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The service account is unknown to Globus; only the override for ENDPOINT can submit."""
+    monkeypatch.setenv("SERVICE_ACCOUNT_ID", "0d1e2f3a-4b5c-4d6e-8f7a-8b9c0d1e2f3a")
+    monkeypatch.setenv("SERVICE_ACCOUNT_SECRET", "not-registered")
+    overrides = {ENDPOINT: {"client_id": SERVICE_ID, "client_secret": SERVICE_SECRET}}
+    monkeypatch.setenv("GLOBUS_ENDPOINT_CREDENTIALS_OVERRIDES", json.dumps(overrides))
+    config = compute_config(tmp_path, backend, compute, globus, free_port())
+    endpoints = yaml.safe_load((tmp_path / "endpoints.yaml").read_text())
+    for entry in endpoints:
+        if entry["cluster"] == "hpc":
+            entry["config"].pop("client_id")
+            entry["config"].pop("client_secret")
+    write_yaml(tmp_path / "endpoints.yaml", endpoints)
+    runner, gateway = await start_gateway(config)
+    try:
+        url = f"{gateway.url}/hpc/vllm/v1/chat/completions"
+        async with http.post(url, json=chat(), headers=auth()) as response:
+            assert response.status == 200, await response.text()
+    finally:
+        await runner.cleanup()
+    assert set(globus.issued_tokens.values()) == {SERVICE_ID}
