@@ -1,7 +1,8 @@
 """The endpoint adaptor contract: what the gateway calls to run one model on one backend.
 
-It mirrors the existing gateway's `BaseEndpoint` so that a site's adaptor moves with an import
-change; the one difference aiohttp forces is the streaming response (see docs/adaptors.md).
+It mirrors the existing gateway's `BaseEndpoint`; with the `resource_server_async` compatibility
+package a site's adaptor moves unchanged, Django's `StreamingHttpResponse` included (see
+docs/adaptors.md).
 """
 
 from __future__ import annotations

@@ -35,8 +35,10 @@ class Maintenance:
 
     def message(self, cluster: str) -> str | None:
         self._refresh()
-        found = self._from_file.get(cluster) or self.reported.get(cluster)
-        return found if found is not None else self._configured.get(cluster)
+        for source in (self._from_file, self.reported, self._configured):
+            if cluster in source:
+                return source[cluster]
+        return None
 
     def check(self, cluster: BaseCluster) -> None:
         message = self.message(cluster.cluster_name)

@@ -322,7 +322,10 @@ def _instantiate(
     except ConfigError as exc:
         problems.add(record.where, f"field '{field}': {exc}")
         return None
-    named = inspect.signature(adaptor_class).parameters
+    try:
+        named = set(inspect.signature(adaptor_class).parameters)
+    except (TypeError, ValueError):
+        named = set()
     arguments.update({name: value for name, value in (if_named or {}).items() if name in named})
     try:
         return adaptor_class(**arguments)
