@@ -1,7 +1,8 @@
 """The endpoint adaptor contract: what the gateway calls to run one model on one backend.
 
-It mirrors the existing gateway's `BaseEndpoint` so that a site's adaptor moves with an import
-change; the one difference aiohttp forces is the streaming response (see docs/adaptors.md).
+It mirrors the existing gateway's `BaseEndpoint`; with the `resource_server_async` compatibility
+package a site's adaptor moves unchanged, Django's `StreamingHttpResponse` included (see
+docs/adaptors.md).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -31,12 +32,22 @@ class SubmitTaskResponse(BaseModel):
     error_code: int | None = None
 
 
+@runtime_checkable
+class StreamingContent(Protocol):
+    """What the existing gateway's adaptors return: Django's `StreamingHttpResponse`, whose
+    `streaming_content` iterates (synchronously or not) over `str` or `bytes`."""
+
+    @property
+    def streaming_content(self) -> Any: ...
+
+
 class SubmitStreamingTaskResponse(BaseModel):
-    """`response` yields the bytes of the event stream, written to the client as they come."""
+    """`response` yields the bytes of the event stream, written to the client as they come (or
+    carries them in `streaming_content`, as a Django `StreamingHttpResponse` does)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    response: AsyncIterator[bytes] | None = None
+    response: AsyncIterator[bytes] | StreamingContent | None = None
     task_id: str | None = None
     error_message: str | None = None
     error_code: int | None = None

@@ -26,6 +26,7 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.compute_credentials import with_endpoint_credentials
 from adaptors.compute_tasks import start_task, task_result
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
@@ -319,7 +320,9 @@ class GlobusComputeEndpoint(BaseEndpoint):
             id, endpoint_slug, cluster, framework, model, endpoint_adapter,
             allowed_globus_groups, allowed_domains,
         )  # fmt: skip
-        self.config = GlobusComputeEndpointConfig.model_validate(config or {})
+        self.config = GlobusComputeEndpointConfig.model_validate(
+            with_endpoint_credentials(config or {}, "endpoint_uuid")
+        )
         self.config.credentials()
         self._service: ComputeService | None = None
         self._relay: StreamRelay | None = None
@@ -570,7 +573,9 @@ class GlobusComputeCluster(BaseCluster):
             id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
             allowed_globus_groups, allowed_domains,
         )  # fmt: skip
-        self.config = GlobusComputeClusterConfig.model_validate(config or {})
+        self.config = GlobusComputeClusterConfig.model_validate(
+            with_endpoint_credentials(config or {}, "qstat_endpoint_uuid")
+        )
         self.config.credentials()
         self._service: ComputeService | None = None
 

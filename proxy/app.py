@@ -19,9 +19,10 @@ from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
 from proxy.headers import single_authorization
-from proxy.jobs import JobsCache
+from proxy.jobs import JobsCache, jobs_reader
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
+from proxy.maintenance_redis import maintenance_from_redis
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
@@ -80,6 +81,8 @@ def create_app(
     app.on_response_prepare.append(add_request_id)
     app[REGISTRY] = registry
     app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
+    if settings.redis_url:
+        app.cleanup_ctx.append(maintenance_from_redis(settings.redis_url))
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
     app[FEDERATION] = Federation(registry, app[JOBS], app[MAINTENANCE], settings.federation)
@@ -214,7 +217,8 @@ def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterato
         registry, reloader = app[REGISTRY], app[RELOADER]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
             telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
-            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry)
+            jobs = jobs_reader(registry, app[JOBS])
+            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry, jobs=jobs)
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context
             try:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from adaptors import BaseEndpoint
+from proxy import contract
 from proxy.auth import USER
 from proxy.batch_store import BatchRecord, BatchStore
 from proxy.bodies import read_json
@@ -57,7 +58,7 @@ async def create(request: web.Request) -> web.Response:
         raise ApiError(400, f"Batch is not enabled for {endpoint.endpoint_slug}.", code="batch_not_enabled")
     record = _new_record(body, endpoint, user.id, user.username)
     await _reserve(request.app, record)
-    submitted = await endpoint.submit_batch({**body, "batch_id": record.id}, user.username)
+    submitted = await contract.submit_batch(endpoint, {**body, "batch_id": record.id}, user.username)
     if submitted.error_code is not None or submitted.status is None:
         await request.app[BATCHES].discard(record.id)
         adaptor_failed(submitted.error_code, submitted.error_message or "The batch was not accepted.")
@@ -192,7 +193,7 @@ async def advance_batches(store: BatchStore, registry: Registry) -> int:
         endpoint = registry.endpoints.get(record.endpoint_slug)
         if endpoint is None:
             continue
-        report = await endpoint.get_batch_status(record)
+        report = await contract.get_batch_status(endpoint, record)
         if report.status is None:
             log.warning("status of batch %s unknown: %s", record.id, report.error_message)
             continue

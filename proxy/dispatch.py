@@ -11,11 +11,12 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 from adaptors import BaseEndpoint, SubmitTaskResponse
+from proxy import contract
 from proxy.auth import AUTH_SECONDS, USER
 from proxy.errors import ApiError, adaptor_failed
 from proxy.limits import Limited, Limiter
@@ -77,7 +78,7 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     started = time.monotonic()
     outcome = "cancelled"
     try:
-        task = await endpoint.submit_task(data)
+        task = await contract.submit_task(endpoint, data)
         info.task_id = task.task_id
         response = _answer(task, info, request.app[REQUEST_LOG], data["model_params"]["openai_endpoint"])
         outcome = "ok"
@@ -99,13 +100,14 @@ async def run_stream(
     streams_in_flight = request.app[METRICS].streams_in_flight
     streams_in_flight.inc()
     try:
-        opened = await endpoint.submit_streaming_task(data, info.request_id)
+        opened = await contract.submit_streaming_task(endpoint, data, info.request_id)
         info.task_id = opened.task_id
         meters.phase("submission").observe(time.monotonic() - started)
         if opened.error_code is not None or opened.response is None:
             outcome = _outcome(opened.error_code or 502)
             adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
-        ended = await relay(request, scanner.scan(opened.response), on_first_chunk=lambda: _first(info))
+        stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
+        ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(info))
         if ended.error is not None:
             info.error = ended.error.message
         outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"

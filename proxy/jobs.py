@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 from adaptors import BaseCluster, GetJobsResponse, JobInfo, Jobs
+from adaptors.context import ClusterJobs
+from proxy import contract
 from proxy.auth import User
 from proxy.authz import may_use
 from proxy.lookup import endpoint_named
@@ -15,6 +17,8 @@ from proxy.registry import Registry
 _JOB_LISTS = ("running", "queued", "stopped", "others", "private_batch_running", "private_batch_queued")
 
 
+MAX_REPORTS = 10_000
+"""Reports kept at once: adaptors whose `get_jobs` takes the user have one per user."""
 FAILURE_TTL_SECONDS = 10.0
 """A failing cluster is asked again soon, but not by every request (a qstat is a remote task)."""
 
@@ -28,9 +32,9 @@ class JobsCache:
         """cluster name → (expires at, report)"""
         self._pending: dict[str, asyncio.Task[GetJobsResponse]] = {}
 
-    def cached(self, cluster: BaseCluster) -> GetJobsResponse | None:
+    def cached(self, cluster: BaseCluster, user: User | None = None) -> GetJobsResponse | None:
         """The unexpired report, without a coroutine: federated routing reads several per request."""
-        cached = self._reports.get(cluster.cluster_name)
+        cached = self._reports.get(_key(cluster, user))
         if cached is not None and time.monotonic() < cached[0]:
             return cached[1]
         return None
@@ -39,21 +43,43 @@ class JobsCache:
         """After a reload: a cluster of the same name may now be a different one."""
         self._reports.clear()
 
-    async def get(self, cluster: BaseCluster) -> GetJobsResponse:
-        name = cluster.cluster_name
-        cached = self.cached(cluster)
+    async def get(self, cluster: BaseCluster, user: User | None = None) -> GetJobsResponse:
+        """`user` reaches adaptors whose `get_jobs` takes one; their reports are cached per user."""
+        name = _key(cluster, user)
+        cached = self.cached(cluster, user)
         if cached is not None:
             return cached
         task = self._pending.get(name)
         if task is None:
-            task = asyncio.ensure_future(cluster.get_jobs())
+            task = asyncio.ensure_future(contract.get_jobs(cluster, user))
             self._pending[name] = task
             task.add_done_callback(lambda _: self._pending.pop(name, None))
         report = await asyncio.shield(task)
         failed = report.jobs is None or report.error_code is not None
         ttl = min(self._ttl, FAILURE_TTL_SECONDS) if failed else self._ttl
+        if len(self._reports) >= MAX_REPORTS:
+            now = time.monotonic()
+            self._reports = {k: v for k, v in self._reports.items() if v[0] > now}
+            if len(self._reports) >= MAX_REPORTS:
+                self._reports.clear()
         self._reports[name] = (time.monotonic() + ttl, report)
         return report
+
+
+def _key(cluster: BaseCluster, user: User | None) -> str:
+    if user is None or not contract.wants_user(cluster):
+        return cluster.cluster_name
+    return f"{cluster.cluster_name}\0{user.id}"
+
+
+def jobs_reader(registry: Registry, cache: JobsCache) -> ClusterJobs:
+    """What adaptors get as `AdaptorContext.jobs`: the current generation's cluster, through the cache."""
+
+    async def read(cluster_name: str) -> GetJobsResponse | None:
+        cluster = registry.clusters.get(cluster_name)
+        return None if cluster is None else await cache.get(cluster)
+
+    return read
 
 
 def visible_jobs(jobs: Jobs, user: User, registry: Registry, cluster: BaseCluster) -> Jobs:

@@ -1,8 +1,10 @@
 """Clusters under maintenance: their routes answer 503 with the operator's message.
 
-Set in the configuration (`maintenance: {cluster: message}`), or at run time in the maintenance
-file that `inference-gateway maintenance on|off` edits; the file is re-read when it changes, so
-no restart is needed.
+Set in the configuration (`maintenance: {cluster: message}`, the existing gateway's
+MAINTENANCE_ERROR_NOTICES), reported down by the existing gateway's cron job through Redis
+(proxy/maintenance_redis.py), or at run time in the maintenance file that
+`inference-gateway maintenance on|off` edits; the file is re-read when it changes, so no restart
+is needed. The file wins, then the cron job's report, then the configuration.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ class Maintenance:
         self._from_file: dict[str, str] = {}
         self._seen: float | None = None
         self._checked = 0.0
+        self.reported: dict[str, str] = {}
+        """cluster → message, for clusters the cron job reports down (replaced whole by its reader)"""
 
     def message(self, cluster: str) -> str | None:
         self._refresh()
-        return self._from_file.get(cluster, self._configured.get(cluster))
+        for source in (self._from_file, self.reported, self._configured):
+            if cluster in source:
+                return source[cluster]
+        return None
 
     def check(self, cluster: BaseCluster) -> None:
         message = self.message(cluster.cluster_name)

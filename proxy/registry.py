@@ -7,15 +7,18 @@ start-up, not silently open an endpoint to everyone.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
+import inspect
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.settings import ConfigError, describe_validation_error, load_document
@@ -33,9 +36,37 @@ EXISTING_GATEWAY_ADAPTORS = {
         "adaptors.globus_compute.GlobusComputeCluster"
     ),
     "resource_server_async.clusters.metis.MetisCluster": "adaptors.status_url.MetisCluster",
+    "resource_server_async.endpoints.metis.MetisEndpoint": "adaptors.metis.MetisEndpoint",
 }
 """The existing gateway's own adaptors, so that its fixture files load without edits."""
 Adaptor = TypeVar("Adaptor", BaseEndpoint, BaseCluster)
+
+SERVED_PATHS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+"""The OpenAI paths (and Anthropic's `messages`) a cluster may offer under `/{cluster}/{framework}/v1/`."""
+MONITOR_PATHS = ("health", "metrics")
+"""Also listed in the existing gateway's fixtures, for its health monitor, which calls the compute
+functions itself: accepted, and served by no route."""
+
+DJANGO_TPM_DEFAULTS = (100_000, 60_000)
+"""The existing gateway's model defaults for `tpm_model` and `tpm_user`, which its fixture records
+get when they leave the fields out."""
+
+
+def _config_text(value: Any) -> Any:
+    """`manage.py dumpdata` writes `config` (a text column there) as a string: JSON, or the Python
+    literal the existing gateway reads with `ast.literal_eval`. Parsed as a literal, never run."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return {}
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError("is a string that is neither JSON nor a Python literal") from None
 
 
 class _Entry(BaseModel):
@@ -43,7 +74,7 @@ class _Entry(BaseModel):
 
     allowed_globus_groups: AccessList = None
     allowed_domains: AccessList = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: Annotated[dict[str, Any], BeforeValidator(_config_text)] = Field(default_factory=dict)
 
 
 class EndpointEntry(_Entry):
@@ -61,6 +92,19 @@ class ClusterEntry(_Entry):
     cluster_adapter: str = Field(min_length=1)
     frameworks: list[str] = Field(min_length=1)
     openai_endpoints: list[str]
+
+    @field_validator("openai_endpoints")
+    @classmethod
+    def _known_paths(cls, paths: list[str]) -> list[str]:
+        """A typo would pass start-up and then refuse every request of that path."""
+        normalized = [path.strip("/").removeprefix("v1/") for path in paths]
+        unknown = [path for path in normalized if path not in SERVED_PATHS + MONITOR_PATHS]
+        if unknown:
+            raise ValueError(
+                f"unknown {', '.join(repr(path) for path in unknown)}; the gateway serves "
+                f"{', '.join(SERVED_PATHS)} (and accepts {' and '.join(MONITOR_PATHS)})"
+            )
+        return normalized
 
 
 @dataclass(frozen=True)
@@ -117,6 +161,9 @@ class _Record:
     where: str
     id: str
     fields: dict[str, Any]
+    django: bool
+    """A Django fixture record (`{"model", "pk", "fields"}`): the existing gateway's model
+    defaults apply to the fields it leaves out."""
 
 
 class _Problems:
@@ -152,7 +199,8 @@ def _records(path: Path, name_field: str) -> list[_Record]:
     for index, item in enumerate(document, start=1):
         if not isinstance(item, dict):
             raise ConfigError(f"{path}, entry {index}: must be a mapping")
-        fields = item["fields"] if "fields" in item and "model" in item else item
+        django = "fields" in item and "model" in item
+        fields = item["fields"] if django else item
         if not isinstance(fields, dict):
             raise ConfigError(f"{path}, entry {index}: field 'fields': must be a mapping")
         fields = dict(fields)
@@ -160,7 +208,7 @@ def _records(path: Path, name_field: str) -> list[_Record]:
         label = f"{path}, entry {index}"
         if isinstance(fields.get(name_field), str):
             label += f" ({fields[name_field]})"
-        records.append(_Record(where=label, id=str(record_id), fields=fields))
+        records.append(_Record(where=label, id=str(record_id), fields=fields, django=django))
     return records
 
 
@@ -209,8 +257,10 @@ def _load_endpoints(
             )
             continue
         defined_at[slug] = record.where
+        limits = _token_limits(entry, record)
         endpoint = _instantiate(
             entry.endpoint_adapter, "endpoint_adapter", BaseEndpoint, record, problems,
+            if_named={"tpm_model": limits.model or 0, "tpm_user": limits.user or 0},
             id=record.id, endpoint_slug=slug, cluster=entry.cluster, framework=entry.framework,
             model=entry.model, endpoint_adapter=entry.endpoint_adapter,
             allowed_globus_groups=entry.allowed_globus_groups,
@@ -218,8 +268,17 @@ def _load_endpoints(
         )  # fmt: skip
         if endpoint is not None:
             endpoints[slug] = endpoint
-            token_limits[slug] = TokenLimits(entry.tpm_model, entry.tpm_user)
+            token_limits[slug] = limits
     return endpoints, token_limits
+
+
+def _token_limits(entry: EndpointEntry, record: _Record) -> TokenLimits:
+    """YAML entries without a limit have none; fixture records get the existing gateway's defaults."""
+    if not record.django:
+        return TokenLimits(entry.tpm_model, entry.tpm_user)
+    model = entry.tpm_model if "tpm_model" in record.fields else DJANGO_TPM_DEFAULTS[0]
+    user = entry.tpm_user if "tpm_user" in record.fields else DJANGO_TPM_DEFAULTS[1]
+    return TokenLimits(model, user)
 
 
 def _fits_cluster(
@@ -253,13 +312,21 @@ def _instantiate(
     base: type[Adaptor],
     record: _Record,
     problems: _Problems,
+    if_named: dict[str, Any] | None = None,
     **arguments: Any,
 ) -> Adaptor | None:
+    """`if_named` arguments are passed only to constructors that name them: the existing gateway's
+    current adaptors take `tpm_model` and `tpm_user`, those of its documentation do not."""
     try:
         adaptor_class = import_adaptor(dotted_path, base)
     except ConfigError as exc:
         problems.add(record.where, f"field '{field}': {exc}")
         return None
+    try:
+        named = set(inspect.signature(adaptor_class).parameters)
+    except (TypeError, ValueError):
+        named = set()
+    arguments.update({name: value for name, value in (if_named or {}).items() if name in named})
     try:
         return adaptor_class(**arguments)
     except ValidationError as exc:

@@ -20,14 +20,14 @@ from proxy.jobs import JobsCache, visible_jobs
 from proxy.lookup import check_framework, check_openai_path, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
 from proxy.observe import INFO, REQUEST_LOG
-from proxy.registry import REGISTRY, Registry
+from proxy.registry import REGISTRY, SERVED_PATHS, Registry
 from proxy.schemas import validate_request
 
 JOBS = web.AppKey("jobs", JobsCache)
 STARTED_AT = web.AppKey("started_at", int)
 BASE_PATH = web.AppKey("base_path", str)
 
-OPENAI_PATHS = ("chat/completions", "completions", "embeddings", "responses", "messages")
+OPENAI_PATHS = SERVED_PATHS
 """`messages` is Anthropic's Messages API, which vLLM serves beside OpenAI's."""
 STREAMING_PATHS = frozenset({"chat/completions", "completions", "responses", "messages"})
 PUBLIC_ROUTES = frozenset({"health", "status"})
@@ -89,7 +89,7 @@ async def list_endpoints(request: web.Request) -> web.Response:
         )
         framework = entry["frameworks"].setdefault(
             endpoint.framework,
-            {"models": [], "endpoints": [f"/v1/{path}" for path in cluster.openai_endpoints]},
+            {"models": [], "endpoints": [f"/v1/{p}" for p in cluster.openai_endpoints if p in OPENAI_PATHS]},
         )
         framework["models"].append(endpoint.model)
     for entry in clusters.values():
@@ -136,7 +136,7 @@ async def jobs(request: web.Request) -> web.Response:
         ]
         stopped = request.app[MAINTENANCE].stopped_jobs(cluster, models)
         return web.json_response(stopped.model_dump(mode="json"))
-    report = await request.app[JOBS].get(cluster)
+    report = await request.app[JOBS].get(cluster, user)
     if report.jobs is None:
         adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
     shown = visible_jobs(report.jobs, user, registry, cluster)

@@ -13,7 +13,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from proxy.env_values import (
+    GroupsPerDomain,
+    JsonMapping,
+    TextList,
+    check_callback_url,
+    empty_is_none,
+    warn_if_short,
+)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -86,31 +103,7 @@ class TimeoutSettings(_Strict):
     jobs_cache_seconds: float = Field(default=60.0, ge=0)
 
 
-def _comma_list(value: Any) -> Any:
-    """The existing gateway's environment variables hold comma-separated lists."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-def _json_mapping(value: Any) -> Any:
-    """AUTHORIZED_GROUPS_PER_IDP is a JSON object in an environment variable."""
-    if isinstance(value, str):
-        try:
-            return json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"not a JSON object: {exc.msg}") from exc
-    return value
-
-
-def _empty_is_none(value: Any) -> Any:
-    """`${NAME:-}` leaves an empty string where an optional setting is meant to be absent."""
-    return None if value == "" else value
-
-
-CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
-OptionalUrl = Annotated[str | None, BeforeValidator(_empty_is_none)]
-GroupsPerDomain = Annotated[dict[str, CommaList], BeforeValidator(_json_mapping)]
+OptionalUrl = Annotated[str | None, BeforeValidator(empty_is_none)]
 
 
 class StaticAuthSettings(_Strict):
@@ -121,11 +114,11 @@ class GlobusAuthSettings(_Strict):
     client_id: str = Field(min_length=1)
     client_secret: str = Field(min_length=1)
     scope: str = Field(min_length=1, description="the gateway's scope, required in every token")
-    authorized_idp_domains: CommaList = Field(min_length=1)
-    policies: CommaList = Field(default_factory=list)
-    groups: CommaList = Field(default_factory=list)
+    authorized_idp_domains: TextList = Field(min_length=1)
+    policies: TextList = Field(default_factory=list)
+    groups: TextList = Field(default_factory=list)
     groups_per_idp: GroupsPerDomain = Field(default_factory=dict)
-    service_usernames: CommaList = Field(default_factory=list)
+    service_usernames: TextList = Field(default_factory=list)
     auth_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
     groups_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
     cache_seconds: float = Field(default=600, ge=0)
@@ -140,13 +133,13 @@ class GlobusAuthSettings(_Strict):
 class StreamingSettings(_Strict):
     """The callback relay for backends that stream by calling back (Globus Compute functions)."""
 
-    callback_url: str = Field(
+    callback_url: Annotated[str, AfterValidator(check_callback_url)] = Field(
         default="http://127.0.0.1:8000",
         pattern=r"^https?://[^/\s]+/?$",
         description="scheme://host[:port] where remote functions reach this gateway",
     )
-    internal_secret: Annotated[str | None, BeforeValidator(_empty_is_none)] = Field(
-        default=None, min_length=16
+    internal_secret: Annotated[str | None, BeforeValidator(empty_is_none), AfterValidator(warn_if_short)] = (
+        None
     )
     first_chunk_timeout_seconds: float = Field(default=900, gt=0)
     silence_timeout_seconds: float = Field(default=300, gt=0)
@@ -161,7 +154,7 @@ class MetricsSettings(_Strict):
     enabled: bool = Field(default=True, description="false: nothing measured, no metrics route")
     path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_./-]*$")
     port: int | None = Field(default=None, ge=1, le=65535, description="serve metrics on this port only")
-    allow: CommaList = Field(
+    allow: TextList = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="networks that may scrape"
     )
 
@@ -178,7 +171,7 @@ class RequestLogSettings(_Strict):
     stdout: bool = Field(default=True, description="one JSON line per request on stdout")
     store: bool = Field(default=True, description="the same records in the database")
     store_prompts: bool = Field(default=False, description="also keep prompts and (non-streamed) results")
-    trusted_proxies: CommaList = Field(
+    trusted_proxies: TextList = Field(
         default_factory=lambda: ["127.0.0.1/32", "::1/128"],
         description="peers whose X-Forwarded-For is believed (nginx on the same host)",
     )
@@ -211,12 +204,12 @@ class DataStagingSettings(_Strict):
     while `collection_id` is unset. Credentials default to SERVICE_ACCOUNT_ID / SERVICE_ACCOUNT_SECRET,
     as in the existing gateway; the account must be an access manager of the collection."""
 
-    collection_id: Annotated[str | None, BeforeValidator(_empty_is_none)] = Field(
+    collection_id: Annotated[str | None, BeforeValidator(empty_is_none)] = Field(
         default=None, pattern=r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$"
     )
     root: str = Field(default="/user-staging/", pattern=r"^/([A-Za-z0-9_.~-]+/)*$")
-    client_id: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
-    client_secret: Annotated[str | None, BeforeValidator(_empty_is_none)] = None
+    client_id: Annotated[str | None, BeforeValidator(empty_is_none)] = None
+    client_secret: Annotated[str | None, BeforeValidator(empty_is_none)] = None
     transfer_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
     auth_url: OptionalUrl = Field(default=None, pattern=r"^https?://\S+$")
     timeout_seconds: float = Field(default=30, gt=0, description="the whole preparation, every call included")
@@ -256,7 +249,7 @@ class GatewaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()
-    maintenance: dict[str, str] = Field(default_factory=dict, description="cluster → message for users")
+    maintenance: JsonMapping = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Path("maintenance.yaml")
     database_url: str = Field(
         default="sqlite:///gateway.db",

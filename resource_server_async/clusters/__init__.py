@@ -1,0 +1,1 @@
+"""`resource_server_async.clusters.*` of the existing gateway."""

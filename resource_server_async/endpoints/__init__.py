@@ -1,0 +1,1 @@
+"""`resource_server_async.endpoints.*` of the existing gateway."""

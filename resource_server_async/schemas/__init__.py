@@ -1,0 +1,1 @@
+"""`resource_server_async.schemas.*` of the existing gateway: its current response models."""

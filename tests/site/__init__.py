@@ -1,0 +1,1 @@
+"""A site of the existing gateway, as it moves: its fixtures and its own adaptors."""
