@@ -88,9 +88,7 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
             self._refused(response.status)
-            return SubmitTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
-            )
+            return SubmitTaskResponse(**_refusal(response, text))
         return SubmitTaskResponse(result=text)
 
     async def submit_streaming_task(
@@ -108,9 +106,7 @@ class DirectAPIEndpoint(BaseEndpoint):
             self._refused(response.status)
             async with response:
                 text = await response.text()
-            return SubmitStreamingTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
-            )
+            return SubmitStreamingTaskResponse(**_refusal(response, text))
         return SubmitStreamingTaskResponse(response=_chunks(response, silence))
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
@@ -216,6 +212,25 @@ def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
     if isinstance(exc, asyncio.TimeoutError):
         return 504, f"The backend did not answer within {timeout:g} seconds."
     return 502, f"Cannot reach the backend ({type(exc).__name__})."
+
+
+def _refusal(response: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
+    """The error fields of an answer for the backend's error status. A backend that failed the
+    request (a 5xx other than busy) would fail it again or repeat its work: not retryable. A busy
+    backend's own `Retry-After` (in seconds) is passed on."""
+    status = _status(response.status)
+    retry_after = None
+    if status in (429, 503):
+        try:
+            retry_after = float(response.headers.get("Retry-After", ""))
+        except ValueError:
+            retry_after = None
+    return {
+        "error_code": status,
+        "error_message": _upstream_message(text),
+        "retryable": False if status == 502 else None,
+        "retry_after": retry_after if retry_after is not None and 0 < retry_after < 86400 else None,
+    }
 
 
 def _status(upstream_status: int) -> int:

@@ -104,7 +104,12 @@ async def run_stream(
         meters.phase("submission").observe(time.monotonic() - started)
         if opened.error_code is not None or opened.response is None:
             outcome = _outcome(opened.error_code or 502)
-            adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
+            adaptor_failed(
+                opened.error_code,
+                opened.error_message or "The backend sent no stream.",
+                opened.retryable,
+                opened.retry_after,
+            )
         ended = await relay(request, scanner.scan(opened.response), on_first_chunk=lambda: _first(info))
         if ended.error is not None:
             info.error = ended.error.message
@@ -136,11 +141,17 @@ def _answer(
 ) -> web.Response:
     """Every adaptor's result is checked here, once: it must be JSON, and its usage is read from it."""
     if task.error_code is not None or task.result is None:
-        adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
+        adaptor_failed(
+            task.error_code,
+            task.error_message or "The backend sent no result.",
+            task.retryable,
+            task.retry_after,
+        )
     try:
         document = json.loads(task.result)
     except ValueError:
-        raise ApiError(502, "The backend answered with invalid JSON.", code="backend_error") from None
+        message = "The backend answered with invalid JSON."
+        raise ApiError(502, message, code="backend_error", retryable=False) from None
     info.usage = Usage.of(document, openai_path)
     if request_log.store_prompts:
         info.result = task.result
