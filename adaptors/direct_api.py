@@ -19,6 +19,7 @@ from adaptors.endpoint import (
     SubmitStreamingTaskResponse,
     SubmitTaskResponse,
 )
+from adaptors.keepalive import until_first_chunk
 from adaptors.telemetry import ErrorKind, NoTelemetry, Telemetry
 
 _HTTP_URL = r"^https?://\S+$"
@@ -31,6 +32,9 @@ class DirectAPIEndpointConfig(BaseModel):
     api_key_env_name: str | None = None
     api_request_timeout: float = Field(default=120, gt=0)
     max_connections: int = Field(default=4096, ge=0, description="0: no limit")
+    keepalive_seconds: float = Field(
+        default=15, gt=0, description="a stream waiting for its first chunk sends a comment this often"
+    )
 
 
 class DirectAPIClusterConfig(BaseModel):
@@ -94,20 +98,41 @@ class DirectAPIEndpoint(BaseEndpoint):
     async def submit_streaming_task(
         self, data: dict[str, Any], request_log_id: str
     ) -> SubmitStreamingTaskResponse:
+        """A backend that answers within `keepalive_seconds` is answered as it answered (an error
+        status stays a plain error, which the route without a cluster may fail over). One that
+        takes longer gets the stream started, with comments while it waits: a failure then
+        becomes the stream's error."""
         url, body = self._request(data)
-        silence = self.config.api_request_timeout
+        silence, every = self.config.api_request_timeout, self.config.keepalive_seconds
+        opening = asyncio.ensure_future(self._open(url, body, silence))
+        try:
+            answered, _ = await asyncio.wait({opening}, timeout=every)
+        except asyncio.CancelledError:
+            await _abandon(opening)
+            raise
+        if not answered:
+            return SubmitStreamingTaskResponse(
+                response=until_first_chunk(_late(opening, silence), every, at_once=True)
+            )
+        opened = opening.result()
+        if isinstance(opened, dict):
+            return SubmitStreamingTaskResponse(**opened)
+        return SubmitStreamingTaskResponse(response=until_first_chunk(_chunks(opened, silence), every))
+
+    async def _open(self, url: str, body: str, silence: float) -> aiohttp.ClientResponse | dict[str, Any]:
+        """The backend's streaming response, or the error fields for its failure."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
         try:
             response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, silence)
-            return SubmitStreamingTaskResponse(error_code=code, error_message=message)
+            return {"error_code": code, "error_message": message}
         if response.status >= 400:
             self._refused(response.status)
             async with response:
                 text = await response.text()
-            return SubmitStreamingTaskResponse(**_refusal(response, text))
-        return SubmitStreamingTaskResponse(response=_chunks(response, silence))
+            return _refusal(response, text)
+        return response
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
         kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -178,6 +203,33 @@ class DirectAPICluster(BaseCluster):
     def jobs_from(self, document: Any) -> Jobs:
         """Here the status document is a jobs report already; subclasses map their own formats."""
         return Jobs.model_validate(document)
+
+
+async def _late(
+    opening: asyncio.Future[aiohttp.ClientResponse | dict[str, Any]], silence: float
+) -> AsyncIterator[bytes]:
+    """The stream of a backend that had not answered yet; closed while waiting, it cancels the
+    request (awaiting a task passes the cancellation on)."""
+    opened = await opening
+    if isinstance(opened, dict):
+        raise StreamError(
+            opened["error_message"],
+            opened["error_code"],
+            retryable=opened.get("retryable"),
+            retry_after=opened.get("retry_after"),
+        )
+    async for chunk in _chunks(opened, silence):
+        yield chunk
+
+
+async def _abandon(opening: asyncio.Future[aiohttp.ClientResponse | dict[str, Any]]) -> None:
+    """The client left while the request was being opened: cancel it, or close what it opened."""
+    opening.cancel()
+    await asyncio.wait({opening})
+    if not opening.cancelled() and opening.exception() is None:
+        opened = opening.result()
+        if isinstance(opened, aiohttp.ClientResponse):
+            opened.close()
 
 
 async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncIterator[bytes]:
