@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -98,41 +99,37 @@ class DirectAPIEndpoint(BaseEndpoint):
     async def submit_streaming_task(
         self, data: dict[str, Any], request_log_id: str
     ) -> SubmitStreamingTaskResponse:
-        """A backend that answers within `keepalive_seconds` is answered as it answered (an error
-        status stays a plain error, which the route without a cluster may fail over). One that
-        takes longer gets the stream started, with comments while it waits: a failure then
-        becomes the stream's error."""
+        """The request is sent as the client's stream starts: while the backend has sent nothing,
+        the client gets comments every `keepalive_seconds`. A backend that refuses before that
+        still gets a plain error status to the client (which the route without a cluster may fail
+        over); after it, the stream's error event."""
         url, body = self._request(data)
-        silence, every = self.config.api_request_timeout, self.config.keepalive_seconds
-        opening = asyncio.ensure_future(self._open(url, body, silence))
-        try:
-            answered, _ = await asyncio.wait({opening}, timeout=every)
-        except asyncio.CancelledError:
-            await _abandon(opening)
-            raise
-        if not answered:
-            return SubmitStreamingTaskResponse(
-                response=until_first_chunk(_late(opening, silence), every, at_once=True)
-            )
-        opened = opening.result()
-        if isinstance(opened, dict):
-            return SubmitStreamingTaskResponse(**opened)
-        return SubmitStreamingTaskResponse(response=until_first_chunk(_chunks(opened, silence), every))
+        stream = self._stream(url, body, self.config.api_request_timeout)
+        return SubmitStreamingTaskResponse(response=until_first_chunk(stream, self.config.keepalive_seconds))
 
-    async def _open(self, url: str, body: str, silence: float) -> aiohttp.ClientResponse | dict[str, Any]:
-        """The backend's streaming response, or the error fields for its failure."""
+    async def _stream(self, url: str, body: str, silence: float) -> AsyncIterator[bytes]:
+        """Opens the request and reads its first chunk in one go, so that nothing the backend sent
+        waits between the two; closing it early (client gone) drops the upstream connection."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
         try:
             response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, silence)
-            return {"error_code": code, "error_message": message}
+            raise StreamError(message, code) from None
         if response.status >= 400:
             self._refused(response.status)
             async with response:
                 text = await response.text()
-            return _refusal(response, text)
-        return response
+            refusal = _refusal(response, text)
+            raise StreamError(
+                refusal["error_message"],
+                refusal["error_code"],
+                retryable=refusal["retryable"],
+                retry_after=refusal["retry_after"],
+            )
+        async with contextlib.aclosing(_chunks(response, silence)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
         kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -203,33 +200,6 @@ class DirectAPICluster(BaseCluster):
     def jobs_from(self, document: Any) -> Jobs:
         """Here the status document is a jobs report already; subclasses map their own formats."""
         return Jobs.model_validate(document)
-
-
-async def _late(
-    opening: asyncio.Future[aiohttp.ClientResponse | dict[str, Any]], silence: float
-) -> AsyncIterator[bytes]:
-    """The stream of a backend that had not answered yet; closed while waiting, it cancels the
-    request (awaiting a task passes the cancellation on)."""
-    opened = await opening
-    if isinstance(opened, dict):
-        raise StreamError(
-            opened["error_message"],
-            opened["error_code"],
-            retryable=opened.get("retryable"),
-            retry_after=opened.get("retry_after"),
-        )
-    async for chunk in _chunks(opened, silence):
-        yield chunk
-
-
-async def _abandon(opening: asyncio.Future[aiohttp.ClientResponse | dict[str, Any]]) -> None:
-    """The client left while the request was being opened: cancel it, or close what it opened."""
-    opening.cancel()
-    await asyncio.wait({opening})
-    if not opening.cancelled() and opening.exception() is None:
-        opened = opening.result()
-        if isinstance(opened, aiohttp.ClientResponse):
-            opened.close()
 
 
 async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncIterator[bytes]:

@@ -23,14 +23,10 @@ class _End:
 _END = _End()
 
 
-async def until_first_chunk(
-    chunks: AsyncIterator[bytes], every: float, at_once: bool = False
-) -> AsyncIterator[bytes]:
-    """Yields `chunks`, and `WAITING` every `every` seconds until the first of them arrives (and
-    once at the start when `at_once`: the caller has already waited). Closing it closes `chunks`."""
+async def until_first_chunk(chunks: AsyncIterator[bytes], every: float) -> AsyncIterator[bytes]:
+    """Yields `chunks`, and `WAITING` every `every` seconds until the first of them arrives.
+    Closing it closes `chunks`."""
     try:
-        if at_once:
-            yield WAITING
         first = asyncio.ensure_future(_next(chunks))
         try:
             while not (await asyncio.wait({first}, timeout=every))[0]:
