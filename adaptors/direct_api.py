@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -202,7 +202,7 @@ class DirectAPICluster(BaseCluster):
         return Jobs.model_validate(document)
 
 
-async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncIterator[bytes]:
+async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncGenerator[bytes, None]:
     """Yields bytes as they arrive; closing early (client gone) drops the upstream connection."""
     try:
         async for chunk in response.content.iter_any():
