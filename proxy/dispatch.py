@@ -22,6 +22,7 @@ from proxy.limits import Limited, Limiter
 from proxy.metrics import METRICS, EndpointMeters
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
+from proxy.retry_join import RETRY_JOINS, joining_of
 from proxy.streaming import relay
 from proxy.usage import Usage, scanner_for
 
@@ -76,8 +77,9 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     info, meters = _describe(request, endpoint, stream=False)
     started = time.monotonic()
     outcome = "cancelled"
+    joining = joining_of(request, request[USER].id, endpoint.endpoint_slug, data["model_params"])
     try:
-        task = await endpoint.submit_task(data)
+        task, _ = await request.app[RETRY_JOINS].run(joining, lambda: endpoint.submit_task(data))
         info.task_id = task.task_id
         response = _answer(task, info, request.app[REQUEST_LOG], data["model_params"]["openai_endpoint"])
         outcome = "ok"
