@@ -68,8 +68,8 @@ SHOULD_RETRY = "x-should-retry"
 """Not a standard header, but the one the openai and anthropic SDKs obey before their own rules
 (which retry 408, 409, 429 and every 5xx, twice by default)."""
 UNAVAILABLE_RETRY_AFTER_SECONDS = 10
-"""A 503 without an estimate of its own: the SDKs wait this long before trying again, instead of
-half a second, which would only find the same endpoint down."""
+"""A 503 or 429 without an estimate of its own: the SDKs wait this long before trying again,
+instead of half a second, which would only find the same endpoint down or busy."""
 
 
 def retry_advice(
@@ -80,11 +80,11 @@ def retry_advice(
     A 504 is never worth retrying: the gateway's timeouts are long, the work may still be running
     (a Globus Compute task cannot be called back) and a retry would queue it again. `retryable`
     False says the same of other failures (a task that failed, a configuration the backend refused).
-    A 503 says when to come back."""
+    A 503 or 429 says when to come back."""
     advice = {}
     if retryable is False or (retryable is None and status == 504):
         advice[SHOULD_RETRY] = "false"
-    if retry_after is None and status == 503:
+    if retry_after is None and status in (429, 503):
         retry_after = UNAVAILABLE_RETRY_AFTER_SECONDS
     if retry_after is not None:
         advice["Retry-After"] = str(max(1, math.ceil(retry_after)))

@@ -143,6 +143,10 @@ async def test_direct_api_answers(gateway: Server, backend: Server, http: aiohtt
         http, "POST", f"{base}/chat/completions", json=chat("[[status=503]]"), headers=auth()
     )
     assert status == 503 and busy.headers["Retry-After"] == "10"
+    status, _, limited = await call(
+        http, "POST", f"{base}/chat/completions", json=chat("[[status=429]]"), headers=auth()
+    )
+    assert status == 429 and limited.headers["Retry-After"] == "10"
     status, _, unreachable = await call(
         http, "POST", f"{base}/chat/completions", json=chat(model="dead/model"), headers=auth()
     )
