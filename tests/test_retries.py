@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 import yaml
@@ -172,3 +173,16 @@ async def test_maintenance_says_when_to_come_back_and_not_to_retry(
     assert status == 503 and assert_openai_error(document)["code"] == "cluster_maintenance"
     assert response.headers["x-should-retry"] == "false"
     assert response.headers["Retry-After"] == "600"
+
+
+async def test_the_anthropic_client_obeys_too(hpc_gateway: Server, compute: FakeCompute) -> None:
+    async with anthropic.AsyncAnthropic(
+        base_url=f"{hpc_gateway.url}/hpc/vllm", auth_token=TOKENS["alice"], timeout=30
+    ) as claude:
+        with pytest.raises(anthropic.InternalServerError) as failed:
+            await claude.messages.create(
+                model=SLOW_MODEL, max_tokens=8, messages=[{"role": "user", "content": "[[delay=1.5]]"}]
+            )
+    assert failed.value.status_code == 504
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert len(compute.tasks) == 1
