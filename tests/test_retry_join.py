@@ -5,6 +5,7 @@ vLLM, whose counts show how much work was submitted."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -123,7 +124,7 @@ async def test_memory_is_bounded_and_abandoned_work_is_cancelled() -> None:
 
     # A result that finished with nobody waiting is kept for keep_seconds, within max_kept_bytes.
     for n, text in enumerate(["12345678", "abcdefgh"], start=2):
-        gone = asyncio.ensure_future(joins.run(key(n), lambda text=text: slow(text, 0.05)))  # type: ignore[misc]
+        gone = asyncio.ensure_future(joins.run(key(n), functools.partial(slow, text, 0.05)))
         await asyncio.sleep(0.01)
         gone.cancel()
     await asyncio.sleep(0.1)
@@ -134,7 +135,9 @@ async def test_memory_is_bounded_and_abandoned_work_is_cancelled() -> None:
     assert len(joins) == 0 and joins.kept_bytes == 0
 
     # Entries beyond max_entries push the oldest out; the work itself goes on for its waiter.
-    runs = [asyncio.ensure_future(joins.run(key(n), lambda n=n: slow(str(n), 0.1))) for n in range(4, 7)]  # type: ignore[misc]
+    runs = [
+        asyncio.ensure_future(joins.run(key(n), functools.partial(slow, str(n), 0.1))) for n in range(4, 7)
+    ]
     await asyncio.sleep(0.01)
     assert len(joins) == 2
     assert [run[0].result for run in await asyncio.gather(*runs)] == ["4", "5", "6"]
