@@ -130,9 +130,8 @@ async def _reserve(app: web.Application, record: BatchRecord) -> None:
         message = f"You already have {limit} active batches; wait for one to finish."
         raise ApiError(429, message, code="batch_quota", retryable=False)
     if outcome == "duplicate":
-        raise ApiError(
-            409, f"Input file {record.input_file} is already used by an active batch.", code="batch_ongoing"
-        )
+        message = f"Input file {record.input_file} is already used by an active batch."
+        raise ApiError(409, message, code="batch_ongoing", retryable=False)
 
 
 async def _owned(request: web.Request) -> BatchRecord:

@@ -19,6 +19,7 @@ from tests.compute_setup import ENDPOINT, SLOW_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
+from tests.test_batches import BATCH, batch_function, input_file
 from tests.test_routes import assert_openai_error, call
 
 
@@ -186,3 +187,33 @@ async def test_the_anthropic_client_obeys_too(hpc_gateway: Server, compute: Fake
     assert failed.value.status_code == 504
     assert failed.value.response.headers["x-should-retry"] == "false"
     assert len(compute.tasks) == 1
+
+
+async def test_batch_conflicts_are_not_retried(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """409 and 429 are retried by the SDKs, but an active batch does not end within seconds."""
+    compute.register_function(BATCH, batch_function)
+    compute.queue_delay = 5
+    config = compute_config(
+        tmp_path,
+        backend,
+        compute,
+        globus,
+        free_port(),
+        database_url=f"sqlite:///{tmp_path / 'gateway.db'}",
+        batches={"max_active_per_user": 1},
+        chat_config={"batch_endpoint_uuid": ENDPOINT, "batch_function_uuid": BATCH},
+    )
+    runner, gateway = await start_gateway(config)
+    url = f"{gateway.url}/hpc/vllm/v1/batches"
+    try:
+        first = {"input_file": input_file(tmp_path, "a.jsonl"), "model": CHAT_MODEL}
+        assert (await call(http, "POST", url, json=first, headers=auth()))[0] == 200
+        status, _, ongoing = await call(http, "POST", url, json=first, headers=auth())
+        assert status == 409 and ongoing.headers["x-should-retry"] == "false"
+        second = {"input_file": input_file(tmp_path, "b.jsonl"), "model": CHAT_MODEL}
+        status, _, quota = await call(http, "POST", url, json=second, headers=auth())
+        assert status == 429 and quota.headers["x-should-retry"] == "false"
+    finally:
+        await runner.cleanup()
