@@ -40,7 +40,7 @@ def impatient_client(base_url: str, timeout: float) -> openai.AsyncOpenAI:
 async def test_a_call_and_its_retries_run_one_compute_task(hpc_gateway: Server, compute: FakeCompute) -> None:
     async with impatient_client(f"{hpc_gateway.url}/hpc/vllm/v1", timeout=1.0) as api:
         response = await api.chat.completions.with_raw_response.create(
-            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[delay=2.5]]"}]
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[delay=2]]"}]
         )
     assert response.retries_taken >= 1, "the client did time out and retry"
     assert response.parse().choices[0].message.content
