@@ -63,7 +63,8 @@ def joining_of(
         return None
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     digest.update(b"\0" + idempotency_key.encode())
-    retry = count is not None and count.strip().isdigit() and int(count) >= 1
+    attempt = (count or "").strip()
+    retry = attempt.isascii() and attempt.isdigit() and attempt.strip("0") != ""
     return Joining((user_id, endpoint_slug, digest.hexdigest()), may_join=retry or bool(idempotency_key))
 
 

@@ -78,6 +78,10 @@ async def test_only_the_same_users_retries_join(
     ids = await asyncio.gather(first, sampled_again, bobs, alices_retry)
     assert len(compute.tasks) == 3, "a second first attempt and another user's request run their own tasks"
     assert ids[3] == ids[1] and len(set(ids)) == 3
+    body = chat()
+    for count in ("\u00b2", "9" * 5000, "-1", ""):
+        await post("alice", count)
+    assert len(compute.tasks) == 7, "a count that is not a number is a first attempt"
 
 
 async def test_one_idempotency_key_runs_once(
