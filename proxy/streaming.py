@@ -45,15 +45,19 @@ class Relayed:
 async def relay(
     request: web.Request, chunks: AsyncIterator[bytes], on_first_chunk: Callable[[], None] | None = None
 ) -> Relayed:
+    """The headers leave with the first item, a keep-alive comment included; `on_first_chunk` is
+    called at the first item that is not a comment, the model's first output."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     completed = False
     error = None
+    first = on_first_chunk
     try:
         async for chunk in chunks:
             if not response.prepared:
-                if on_first_chunk is not None:
-                    on_first_chunk()
                 await response.prepare(request)
+            if first is not None and not chunk.startswith(b":"):
+                first()
+                first = None
             await response.write(chunk)
         if not response.prepared:
             await response.prepare(request)
