@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
@@ -127,9 +126,18 @@ class DirectAPIEndpoint(BaseEndpoint):
                 retryable=refusal["retryable"],
                 retry_after=refusal["retry_after"],
             )
-        async with contextlib.aclosing(_chunks(response, silence)) as chunks:
-            async for chunk in chunks:
+        try:
+            async for chunk in response.content.iter_any():
                 yield chunk
+        except TimeoutError:
+            raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
+        except aiohttp.ClientError:
+            raise StreamError("The backend closed the stream before it finished.", 502) from None
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release()
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
         kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -200,22 +208,6 @@ class DirectAPICluster(BaseCluster):
     def jobs_from(self, document: Any) -> Jobs:
         """Here the status document is a jobs report already; subclasses map their own formats."""
         return Jobs.model_validate(document)
-
-
-async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncGenerator[bytes, None]:
-    """Yields bytes as they arrive; closing early (client gone) drops the upstream connection."""
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except TimeoutError:
-        raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
-    except aiohttp.ClientError:
-        raise StreamError("The backend closed the stream before it finished.", 502) from None
-    except BaseException:
-        response.close()
-        raise
-    finally:
-        response.release()
 
 
 def _new_session(max_connections: int) -> aiohttp.ClientSession:
