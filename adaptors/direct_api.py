@@ -19,6 +19,7 @@ from adaptors.endpoint import (
     SubmitStreamingTaskResponse,
     SubmitTaskResponse,
 )
+from adaptors.keepalive import until_first_chunk
 from adaptors.telemetry import ErrorKind, NoTelemetry, Telemetry
 
 _HTTP_URL = r"^https?://\S+$"
@@ -31,6 +32,9 @@ class DirectAPIEndpointConfig(BaseModel):
     api_key_env_name: str | None = None
     api_request_timeout: float = Field(default=120, gt=0)
     max_connections: int = Field(default=4096, ge=0, description="0: no limit")
+    keepalive_seconds: float = Field(
+        default=15, gt=0, description="a stream waiting for its first chunk sends a comment this often"
+    )
 
 
 class DirectAPIClusterConfig(BaseModel):
@@ -88,28 +92,34 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitTaskResponse(error_code=code, error_message=message)
         if response.status >= 400:
             self._refused(response.status)
-            return SubmitTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(_text(raw))
-            )
+            return SubmitTaskResponse(**_refusal(response, _text(raw)))
         try:
             return SubmitTaskResponse(result=raw.decode())
         except UnicodeDecodeError:
             self._refused(502)
-            return SubmitTaskResponse(
-                error_code=502, error_message="The backend answered with bytes that are not UTF-8."
-            )
+            message = "The backend answered with bytes that are not UTF-8."
+            return SubmitTaskResponse(error_code=502, error_message=message, retryable=False)
 
     async def submit_streaming_task(
         self, data: dict[str, Any], request_log_id: str
     ) -> SubmitStreamingTaskResponse:
+        """The request is sent as the client's stream starts: while the backend has sent nothing,
+        the client gets comments every `keepalive_seconds`. A backend that refuses before that
+        still gets a plain error status to the client (which the route without a cluster may fail
+        over); after it, the stream's error event."""
         url, body = self._request(data)
-        silence = self.config.api_request_timeout
+        stream = self._stream(url, body, self.config.api_request_timeout)
+        return SubmitStreamingTaskResponse(response=until_first_chunk(stream, self.config.keepalive_seconds))
+
+    async def _stream(self, url: str, body: str, silence: float) -> AsyncIterator[bytes]:
+        """Opens the request and reads its first chunk in one go, so that nothing the backend sent
+        waits between the two; closing it early (client gone) drops the upstream connection."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
         try:
             response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, silence)
-            return SubmitStreamingTaskResponse(error_code=code, error_message=message)
+            raise StreamError(message, code) from None
         if response.status >= 400:
             self._refused(response.status)
             try:
@@ -117,10 +127,25 @@ class DirectAPIEndpoint(BaseEndpoint):
                     raw = await response.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raw = f"({type(exc).__name__} while reading the error)".encode()
-            return SubmitStreamingTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(_text(raw))
+            refusal = _refusal(response, _text(raw))
+            raise StreamError(
+                refusal["error_message"],
+                refusal["error_code"],
+                retryable=refusal["retryable"],
+                retry_after=refusal["retry_after"],
             )
-        return SubmitStreamingTaskResponse(response=_chunks(response, silence))
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except TimeoutError:
+            raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
+        except aiohttp.ClientError:
+            raise StreamError("The backend closed the stream before it finished.", 502) from None
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release()
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
         kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -193,22 +218,6 @@ class DirectAPICluster(BaseCluster):
         return Jobs.model_validate(document)
 
 
-async def _chunks(response: aiohttp.ClientResponse, silence: float) -> AsyncIterator[bytes]:
-    """Yields bytes as they arrive; closing early (client gone) drops the upstream connection."""
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except TimeoutError:
-        raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
-    except aiohttp.ClientError:
-        raise StreamError("The backend closed the stream before it finished.", 502) from None
-    except BaseException:
-        response.close()
-        raise
-    finally:
-        response.release()
-
-
 def _new_session(max_connections: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, auto_decompress=True)
@@ -225,6 +234,25 @@ def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
     if isinstance(exc, asyncio.TimeoutError):
         return 504, f"The backend did not answer within {timeout:g} seconds."
     return 502, f"Cannot reach the backend ({type(exc).__name__})."
+
+
+def _refusal(response: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
+    """The error fields of an answer for the backend's error status. A backend that failed the
+    request (a 5xx other than busy) would fail it again or repeat its work: not retryable. A busy
+    backend's own `Retry-After` (in seconds) is passed on."""
+    status = _status(response.status)
+    retry_after = None
+    if status in (429, 503):
+        try:
+            retry_after = float(response.headers.get("Retry-After", ""))
+        except ValueError:
+            retry_after = None
+    return {
+        "error_code": status,
+        "error_message": _upstream_message(text),
+        "retryable": False if status == 502 else None,
+        "retry_after": retry_after if retry_after is not None and 0 < retry_after < 86400 else None,
+    }
 
 
 def _status(upstream_status: int) -> int:

@@ -26,10 +26,18 @@ class BatchStatusEnum(str, Enum):
 
 
 class SubmitTaskResponse(BaseModel):
+    """On failure, two hints for the client's retries. `retryable` False: a retry would repeat
+    work that is still running, or fail the same way (a task that failed, a configuration the
+    backend refused); the client is told not to retry. A 504 is never retried whatever this says.
+    `retry_after`: seconds until a retry may succeed (a model loading, a busy backend); a 503
+    without it gets a short default."""
+
     result: str | None = None
     task_id: str | None = None
     error_message: str | None = None
     error_code: int | None = None
+    retryable: bool | None = None
+    retry_after: float | None = None
 
 
 @runtime_checkable
@@ -43,7 +51,8 @@ class StreamingContent(Protocol):
 
 class SubmitStreamingTaskResponse(BaseModel):
     """`response` yields the bytes of the event stream, written to the client as they come (or
-    carries them in `streaming_content`, as a Django `StreamingHttpResponse` does)."""
+    carries them in `streaming_content`, as a Django `StreamingHttpResponse` does). `retryable` and
+    `retry_after` as in `SubmitTaskResponse`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -51,6 +60,8 @@ class SubmitStreamingTaskResponse(BaseModel):
     task_id: str | None = None
     error_message: str | None = None
     error_code: int | None = None
+    retryable: bool | None = None
+    retry_after: float | None = None
 
 
 class SubmitBatchResponse(BaseModel):
@@ -74,6 +85,8 @@ class SubmitTaskAsyncResponse(BaseModel):
     task_id: str | None = None
     error_message: str | None = None
     error_code: int | None = None
+    retry_after: float | None = None
+    """As in `SubmitTaskResponse`: for a refusal that will pass, such as a cold start."""
 
 
 class GetTaskResultResponse(BaseModel):
@@ -87,12 +100,22 @@ class GetTaskResultResponse(BaseModel):
 
 class StreamError(Exception):
     """Raised by a stream's iterator once bytes were sent: the gateway ends the stream with an
-    SSE error event carrying this message instead of truncating it silently."""
+    SSE error event carrying this message instead of truncating it silently. Raised before the
+    first byte, it is a plain error status with the retry hints of `SubmitTaskResponse`."""
 
-    def __init__(self, message: str, code: int = 502) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: int = 502,
+        *,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.retryable = retryable
+        self.retry_after = retry_after
 
 
 BATCH_NOT_ENABLED = "Batch is not enabled for this endpoint."

@@ -51,6 +51,7 @@ HTTP_URL = r"^https?://\S+$"
 RESULT_SERIALIZERS = ["globus_compute_sdk.serialize.JSONData"]
 MAX_TASKS_PER_POLL = 1000
 HTTP_POOL_SIZE = 64
+MIN_RETRY_AFTER_SECONDS = 10
 Result = TypeVar("Result")
 
 
@@ -94,6 +95,7 @@ class GlobusComputeEndpointConfig(ComputeAccess):
         default_factory=dict,
         description="asynchronous tasks: body field → user_endpoint_config key it moves to",
     )
+    loading_estimate_seconds: float = Field(default=300, gt=0)
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
@@ -344,13 +346,13 @@ class GlobusComputeEndpoint(BaseEndpoint):
         service = self._ready()
         refusal = await self._unavailable()
         if refusal is not None:
-            return SubmitTaskResponse(error_code=503, error_message=refusal)
+            return SubmitTaskResponse(**refusal)
         params = {**data["model_params"], "api_port": self.config.api_port}
         try:
             task_id = await self._submit(service, params)
         except globus_sdk.GlobusError as exc:
             self._telemetry.upstream_error(self.endpoint_slug, "connect")
-            return SubmitTaskResponse(error_code=503, error_message=_submit_failure(exc))
+            return SubmitTaskResponse(**_submit_refused(exc))
         try:
             value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
             return SubmitTaskResponse(result=_unwrap(value), task_id=task_id)
@@ -359,10 +361,15 @@ class GlobusComputeEndpoint(BaseEndpoint):
             return SubmitTaskResponse(error_code=504, error_message=self._timeout(task_id), task_id=task_id)
         except TaskFailed as exc:
             code, message = self._task_failed(exc)
-            return SubmitTaskResponse(error_code=code, error_message=message, task_id=task_id)
+            return SubmitTaskResponse(
+                error_code=code, error_message=message, task_id=task_id, retryable=False
+            )
         except ValueError:
             return SubmitTaskResponse(
-                error_code=502, error_message="The task's result is not JSON.", task_id=task_id
+                error_code=502,
+                error_message="The task's result is not JSON.",
+                task_id=task_id,
+                retryable=False,
             )
 
     async def submit_streaming_task(
@@ -373,7 +380,7 @@ class GlobusComputeEndpoint(BaseEndpoint):
             raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
         refusal = await self._unavailable()
         if refusal is not None:
-            return SubmitStreamingTaskResponse(error_code=503, error_message=refusal)
+            return SubmitStreamingTaskResponse(**refusal)
         stream = await relay.open()
         target = relay.callback
         params = {
@@ -388,9 +395,10 @@ class GlobusComputeEndpoint(BaseEndpoint):
         try:
             task_id = await self._submit(service, params)
         except globus_sdk.GlobusError as exc:
-            await stream.fail(503, _submit_failure(exc))
+            refused = _submit_refused(exc)
+            await stream.fail(refused["error_code"], refused["error_message"])
             await _drain(stream)
-            return SubmitStreamingTaskResponse(error_code=503, error_message=_submit_failure(exc))
+            return SubmitStreamingTaskResponse(**refused)
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
         return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
 
@@ -398,7 +406,7 @@ class GlobusComputeEndpoint(BaseEndpoint):
         """See adaptors/compute_tasks.py."""
         refusal = await self._unavailable()
         if refusal is not None:
-            return SubmitTaskAsyncResponse(error_code=503, error_message=refusal)
+            return SubmitTaskAsyncResponse(**refusal)
         config = self.config
         started = await start_task(
             self._ready(), config.endpoint_uuid, config.function_uuid, data, config.endpoint_config_fields
@@ -467,20 +475,28 @@ class GlobusComputeEndpoint(BaseEndpoint):
         self._triggered_at = time.monotonic()
         return task_id
 
-    async def _unavailable(self) -> str | None:
-        """Why not to submit now: the endpoint is offline, or its model is still loading."""
+    async def _unavailable(self) -> dict[str, Any] | None:
+        """Why not to submit now (the error fields of a 503): the endpoint is offline, or its model
+        is still loading, in which case the client is told to come back when it should be loaded."""
         status = await self._endpoint_status()
         if status is None:
             return None
         if status.get("status") != "online":
-            return f"The compute endpoint of {self.cluster} is offline; try again later."
+            return {
+                "error_code": 503,
+                "error_message": f"The compute endpoint of {self.cluster} is offline; try again later.",
+            }
         managers = (status.get("details") or {}).get("managers")
-        recently = (
-            self._triggered_at is not None
-            and time.monotonic() - self._triggered_at < self.config.cold_start_seconds
-        )
-        if managers == 0 and recently:
-            return f"The model {self.model} is starting on {self.cluster}; try again in a few minutes."
+        since = None if self._triggered_at is None else time.monotonic() - self._triggered_at
+        if managers == 0 and since is not None and since < self.config.cold_start_seconds:
+            wait = max(MIN_RETRY_AFTER_SECONDS, self.config.loading_estimate_seconds - since)
+            return {
+                "error_code": 503,
+                "error_message": (
+                    f"The model {self.model} is starting on {self.cluster}; try again in {wait:.0f} seconds."
+                ),
+                "retry_after": wait,
+            }
         return None
 
     async def _endpoint_status(self) -> dict[str, Any] | None:
@@ -514,9 +530,15 @@ class GlobusComputeEndpoint(BaseEndpoint):
 
 
 async def _with_watcher(stream: RelayStream, watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
+    """A failure before the first chunk is the task's (it failed, or it is still running after the
+    first-chunk limit): a retry would run it again. Only an unavailable relay (503) is worth one."""
     try:
         async for chunk in stream.events():
             yield chunk
+    except StreamError as exc:
+        if exc.code == 503:
+            raise
+        raise StreamError(exc.message, exc.code, retryable=False) from exc
     finally:
         watcher.cancel()
 
@@ -548,6 +570,20 @@ def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> G
         return GetBatchStatusResponse(status=BatchStatusEnum.completed, result=result)
     running = any(state in ("running", "success") for state in states)
     return GetBatchStatusResponse(status=BatchStatusEnum.running if running else BatchStatusEnum.pending)
+
+
+def _submit_refused(exc: globus_sdk.GlobusError) -> dict[str, Any]:
+    """The error fields for a submission Globus did not take. Refused outright (a 4xx other than
+    429: an unknown endpoint or function, no permission, bad credentials), it is the gateway's
+    configuration: retrying cannot help. Otherwise (unreachable, 5xx, 429) it is worth a retry."""
+    status = exc.http_status if isinstance(exc, globus_sdk.GlobusAPIError) else None
+    if status is not None and 400 <= status < 500 and status != 429:
+        log.warning("Globus Compute refused the task: %s %s", status, type(exc).__name__)
+        message = (
+            "Globus Compute refused the task: the gateway's configuration of this endpoint needs fixing."
+        )
+        return {"error_code": 502, "error_message": message, "retryable": False}
+    return {"error_code": 503, "error_message": _submit_failure(exc)}
 
 
 def _submit_failure(exc: globus_sdk.GlobusError) -> str:

@@ -30,6 +30,7 @@ from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
 from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
+from proxy.retry_join import RETRY_JOINS, RetryJoins
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
 from proxy.staging import add_staging_routes
@@ -86,6 +87,8 @@ def create_app(
     app[RELAY] = build_relay(settings)
     app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
     app[FEDERATION] = Federation(registry, app[JOBS], app[MAINTENANCE], settings.federation)
+    app[RETRY_JOINS] = RetryJoins(settings.retries)
+    app.on_cleanup.append(lambda app: app[RETRY_JOINS].close())
     app.on_response_prepare.append(name_serving_endpoint)
     app[RELOADER] = Reloader(registry, app[JOBS], settings.endpoints_file, settings.clusters_file)
     app[BASE_PATH] = settings.server.base_path

@@ -128,11 +128,10 @@ async def _reserve(app: web.Application, record: BatchRecord) -> None:
     outcome = await _store_call(app[BATCHES].reserve(record, limit))
     if outcome == "quota":
         message = f"You already have {limit} active batches; wait for one to finish."
-        raise ApiError(429, message, code="batch_quota")
+        raise ApiError(429, message, code="batch_quota", retryable=False)
     if outcome == "duplicate":
-        raise ApiError(
-            409, f"Input file {record.input_file} is already used by an active batch.", code="batch_ongoing"
-        )
+        message = f"Input file {record.input_file} is already used by an active batch."
+        raise ApiError(409, message, code="batch_ongoing", retryable=False)
 
 
 async def _owned(request: web.Request) -> BatchRecord:

@@ -23,6 +23,7 @@ from proxy.limits import Limited, Limiter
 from proxy.metrics import METRICS, EndpointMeters
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
+from proxy.retry_join import RETRY_JOINS, joining_of
 from proxy.streaming import relay
 from proxy.usage import Usage, scanner_for
 
@@ -77,8 +78,9 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     info, meters = _describe(request, endpoint, stream=False)
     started = time.monotonic()
     outcome = "cancelled"
+    joining = joining_of(request, request[USER].id, endpoint.endpoint_slug, data["model_params"])
     try:
-        task = await contract.submit_task(endpoint, data)
+        task, _ = await request.app[RETRY_JOINS].run(joining, lambda: contract.submit_task(endpoint, data))
         info.task_id = task.task_id
         response = _answer(task, info, request.app[REQUEST_LOG], data["model_params"]["openai_endpoint"])
         outcome = "ok"
@@ -105,7 +107,12 @@ async def run_stream(
         meters.phase("submission").observe(time.monotonic() - started)
         if opened.error_code is not None or opened.response is None:
             outcome = _outcome(opened.error_code or 502)
-            adaptor_failed(opened.error_code, opened.error_message or "The backend sent no stream.")
+            adaptor_failed(
+                opened.error_code,
+                opened.error_message or "The backend sent no stream.",
+                opened.retryable,
+                opened.retry_after,
+            )
         stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
         ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(info))
         if ended.error is not None:
@@ -138,11 +145,17 @@ def _answer(
 ) -> web.Response:
     """Every adaptor's result is checked here, once: it must be JSON, and its usage is read from it."""
     if task.error_code is not None or task.result is None:
-        adaptor_failed(task.error_code, task.error_message or "The backend sent no result.")
+        adaptor_failed(
+            task.error_code,
+            task.error_message or "The backend sent no result.",
+            task.retryable,
+            task.retry_after,
+        )
     try:
         document = json.loads(task.result)
     except (ValueError, RecursionError):
-        raise ApiError(502, "The backend answered with invalid JSON.", code="backend_error") from None
+        message = "The backend answered with invalid JSON."
+        raise ApiError(502, message, code="backend_error", retryable=False) from None
     info.usage = Usage.of(document, openai_path)
     if request_log.store_prompts:
         info.result = task.result

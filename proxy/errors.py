@@ -4,6 +4,7 @@ Anthropic Messages route, whose clients understand only Anthropic's shape."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, NoReturn
 
@@ -63,8 +64,36 @@ def envelope_of(request: web.Request) -> Envelope:
     return "anthropic" if request.match_info.get("openai_path") == "messages" else "openai"
 
 
+SHOULD_RETRY = "x-should-retry"
+"""Not a standard header, but the one the openai and anthropic SDKs obey before their own rules
+(which retry 408, 409, 429 and every 5xx, twice by default)."""
+UNAVAILABLE_RETRY_AFTER_SECONDS = 10
+"""A 503 or 429 without an estimate of its own: the SDKs wait this long before trying again,
+instead of half a second, which would only find the same endpoint down or busy."""
+
+
+def retry_advice(
+    status: int, retryable: bool | None = None, retry_after: float | None = None
+) -> dict[str, str]:
+    """What a client's retry logic needs to know about an error.
+
+    A 504 is never worth retrying: the gateway's timeouts are long, the work may still be running
+    (a Globus Compute task cannot be called back) and a retry would queue it again. `retryable`
+    False says the same of other failures (a task that failed, a configuration the backend refused).
+    A 503 or 429 says when to come back."""
+    advice = {}
+    if retryable is False or (retryable is None and status == 504):
+        advice[SHOULD_RETRY] = "false"
+    if retry_after is None and status in (429, 503):
+        retry_after = UNAVAILABLE_RETRY_AFTER_SECONDS
+    if retry_after is not None:
+        advice["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return advice
+
+
 class ApiError(Exception):
-    """Raised anywhere on the request path; the error middleware renders it."""
+    """Raised anywhere on the request path; the error middleware renders it. Its headers include
+    the retry advice for its status (`retry_advice`); `headers` given here take precedence."""
 
     def __init__(
         self,
@@ -74,13 +103,20 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.headers = dict(headers or {})
+        self.headers = {**retry_advice(status, retryable, retry_after), **(headers or {})}
+
+    @property
+    def retryable(self) -> bool:
+        """False when the client was told not to retry."""
+        return self.headers.get(SHOULD_RETRY) != "false"
 
     def response(self, envelope: Envelope = "openai") -> web.Response:
         if envelope == "anthropic":
@@ -95,7 +131,16 @@ class ApiError(Exception):
         )
 
 
-def adaptor_failed(code: int | None, message: str) -> NoReturn:
-    """An adaptor's error code becomes the status, if it is an error status at all."""
+def adaptor_failed(
+    code: int | None, message: str, retryable: bool | None = None, retry_after: float | None = None
+) -> NoReturn:
+    """An adaptor's error code becomes the status, if it is an error status at all; its retry
+    hints become the answer's retry advice."""
     status = code if code is not None and 400 <= code <= 599 else 502
-    raise ApiError(status, message, code="backend_error" if status >= 500 else None)
+    raise ApiError(
+        status,
+        message,
+        code="backend_error" if status >= 500 else None,
+        retryable=retryable,
+        retry_after=retry_after,
+    )

@@ -93,9 +93,11 @@ class Federation:
         """Rate limits apply per attempt, with the endpoint tried: its token limits are its own,
         and the tokens a request used count against the endpoint that served it. So a request that
         fails over counts once per attempt against the caller's request rate; each attempt did
-        send work to a backend, and `max_attempts` bounds them. A 429 is never retried."""
+        send work to a backend, and `max_attempts` bounds them. A 429 is never retried. When an
+        attempt told the client not to retry (its task may still run), so does the final 503."""
         candidates, reasons = self._open(self._candidates(request[USER], openai_path, model))
         ranked = await self._ranked(candidates)
+        retryable = True
         for candidate in ranked[: self._max_attempts]:
             slug = candidate.endpoint.endpoint_slug
             request[SERVED_BY] = slug
@@ -107,6 +109,7 @@ class Federation:
                     raise
                 log.info("federated request: %s answered %d, trying the next endpoint", slug, exc.status)
                 reasons.append(f"{candidate.name}: {exc.message[:MAX_REASON_CHARS]}")
+                retryable = retryable and exc.retryable
             finally:
                 self._in_flight[slug] -= 1
         request.pop(SERVED_BY, None)
@@ -114,6 +117,7 @@ class Federation:
             503,
             f"No endpoint could serve model '{model[:200]}' now: {'; '.join(reasons)}",
             code="model_unavailable",
+            retryable=None if retryable else False,
         )
 
     def _candidates(self, user: User, openai_path: str, model: str) -> list[Candidate]:

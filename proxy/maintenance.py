@@ -21,6 +21,9 @@ from adaptors.cluster import JobInfo
 from proxy.errors import ApiError
 
 RECHECK_SECONDS = 1.0
+RETRY_AFTER_SECONDS = 600
+"""What a refused client is told (`Retry-After`), with `x-should-retry: false`: maintenance
+outlasts the SDKs' automatic retries, which would only repeat the refusal."""
 
 
 class Maintenance:
@@ -43,7 +46,9 @@ class Maintenance:
     def check(self, cluster: BaseCluster) -> None:
         message = self.message(cluster.cluster_name)
         if message is not None:
-            raise ApiError(503, message, code="cluster_maintenance")
+            raise ApiError(
+                503, message, code="cluster_maintenance", retryable=False, retry_after=RETRY_AFTER_SECONDS
+            )
 
     def stopped_jobs(self, cluster: BaseCluster, models: list[tuple[str, str]]) -> Jobs:
         """What /jobs shows meanwhile: every model of the cluster, stopped."""

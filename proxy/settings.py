@@ -187,6 +187,17 @@ class FederationSettings(_Strict):
     )
 
 
+class RetrySettings(_Strict):
+    """Retries of non-streamed requests join the work still running for them (proxy/retry_join.py)."""
+
+    join_seconds: float = Field(
+        default=30, ge=0, description="how long work whose client left waits for its retry; 0: no joining"
+    )
+    keep_seconds: float = Field(default=60, ge=0, description="how long a result nobody received is kept")
+    max_entries: int = Field(default=10_000, ge=1)
+    max_kept_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
+
 class BatchSettings(_Strict):
     max_active_per_user: int = Field(default=2, ge=1)
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
@@ -246,6 +257,7 @@ class GatewaySettings(_Strict):
     tasks: TaskSettings = TaskSettings()
     data_staging: DataStagingSettings = DataStagingSettings()
     federation: FederationSettings = FederationSettings()
+    retries: RetrySettings = RetrySettings()
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()

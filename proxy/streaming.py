@@ -45,15 +45,19 @@ class Relayed:
 async def relay(
     request: web.Request, chunks: AsyncIterator[bytes], on_first_chunk: Callable[[], None] | None = None
 ) -> Relayed:
+    """The headers leave with the first item, a keep-alive comment included; `on_first_chunk` is
+    called at the first item that is not a comment, the model's first output."""
     response = web.StreamResponse(headers=SSE_HEADERS)
     completed = False
     error = None
+    first = on_first_chunk
     try:
         async for chunk in chunks:
             if not response.prepared:
-                if on_first_chunk is not None:
-                    on_first_chunk()
                 await response.prepare(request)
+            if first is not None and not chunk.startswith(b":"):
+                first()
+                first = None
             await response.write(chunk)
         if not response.prepared:
             await response.prepare(request)
@@ -62,24 +66,30 @@ async def relay(
     except ConnectionResetError:
         log.info("client went away during a stream; closing the upstream side")
     except StreamError as exc:
-        error = ApiError(exc.code, exc.message)
-        completed = await _fail(request, response, exc.code, exc.message)
+        error = ApiError(
+            exc.code,
+            exc.message,
+            code="backend_error" if exc.code >= 500 else None,
+            retryable=exc.retryable,
+            retry_after=exc.retry_after,
+        )
+        completed = await _fail(request, response, error)
     except Exception:
         log.exception("stream failed")
-        error = ApiError(502, "The stream failed inside the gateway.")
-        completed = await _fail(request, response, error.status, error.message)
+        error = ApiError(502, "The stream failed inside the gateway.", code="backend_error")
+        completed = await _fail(request, response, error)
     finally:
         await _close(chunks)
     return Relayed(response, completed, error)
 
 
-async def _fail(request: web.Request, response: web.StreamResponse, status: int, message: str) -> bool:
-    """Before the first byte the client still gets a plain error status; after it, an event.
-    Returns whether the client was still there to receive it."""
+async def _fail(request: web.Request, response: web.StreamResponse, error: ApiError) -> bool:
+    """Before the first byte the client still gets a plain error status (with its retry advice);
+    after it, an event. Returns whether the client was still there to receive it."""
     if not response.prepared:
-        raise ApiError(status, message, code="backend_error" if status >= 500 else None)
+        raise error
     try:
-        await response.write(sse_error_event(status, message, envelope_of(request)))
+        await response.write(sse_error_event(error.status, error.message, envelope_of(request)))
         await response.write_eof()
     except ConnectionResetError:
         return False

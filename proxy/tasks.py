@@ -60,7 +60,8 @@ async def process(request: web.Request) -> web.Response:
     async with admitted(request, endpoint):
         started = await endpoint.submit_task_async(body)
     if started.error_code is not None or started.task_id is None:
-        adaptor_failed(started.error_code, started.error_message or "The task was not accepted.")
+        message = started.error_message or "The task was not accepted."
+        adaptor_failed(started.error_code, message, retry_after=started.retry_after)
     info.task_id = started.task_id
     await request.app[TASKS].add(started.task_id, user, endpoint)
     return web.json_response({"task_id": started.task_id})

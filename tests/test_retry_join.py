@@ -1,0 +1,148 @@
+"""A client's retry joins the work still running for its earlier attempt (proxy/retry_join.py): the
+real openai client, with a timeout shorter than the work, against the fakes of Globus Compute and
+vLLM, whose counts show how much work was submitted."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from adaptors import SubmitTaskResponse
+from bench.backend import REQUESTS
+from proxy.retry_join import Joining, RetryJoins
+from proxy.settings import RetrySettings
+from tests.compute_setup import compute_config
+from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
+from tests.fake_compute import FakeCompute
+from tests.fake_globus import FakeGlobus
+
+
+@pytest.fixture
+async def hpc_gateway(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path
+) -> AsyncIterator[Server]:
+    runner, server = await start_gateway(compute_config(tmp_path, backend, compute, globus, free_port()))
+    yield server
+    await runner.cleanup()
+
+
+def impatient_client(base_url: str, timeout: float) -> openai.AsyncOpenAI:
+    """A client timeout shorter than the work, with the SDK's default two retries."""
+    return openai.AsyncOpenAI(base_url=base_url, api_key=TOKENS["alice"], timeout=timeout)
+
+
+async def test_a_call_and_its_retries_run_one_compute_task(hpc_gateway: Server, compute: FakeCompute) -> None:
+    async with impatient_client(f"{hpc_gateway.url}/hpc/vllm/v1", timeout=1.0) as api:
+        response = await api.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[delay=2]]"}]
+        )
+    assert response.retries_taken >= 1, "the client did time out and retry"
+    assert response.parse().choices[0].message.content
+    assert len(compute.tasks) == 1, "one task for the call and its retries"
+
+
+async def test_a_direct_api_retry_joins_the_request_still_running(gateway: Server, backend: Server) -> None:
+    async with impatient_client(f"{gateway.url}/local/vllm/v1", timeout=0.6) as api:
+        response = await api.chat.completions.with_raw_response.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[delay=1.2]]"}]
+        )
+    assert response.retries_taken >= 1 and response.parse().choices[0].message.content
+    assert len(backend.app[REQUESTS]) == 1
+
+
+async def test_only_the_same_users_retries_join(
+    hpc_gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    url = f"{hpc_gateway.url}/hpc/vllm/v1/chat/completions"
+    body = chat("[[delay=1]]")
+
+    async def post(user: str, retry_count: str) -> str:
+        headers = {**auth(user), "x-stainless-retry-count": retry_count}
+        async with http.post(url, json=body, headers=headers) as response:
+            assert response.status == 200
+            answer: str = (await response.json())["id"]
+            return answer
+
+    first = asyncio.ensure_future(post("alice", "0"))
+    await asyncio.sleep(0.3)
+    sampled_again = asyncio.ensure_future(post("alice", "0"))
+    await asyncio.sleep(0.3)
+    bobs = asyncio.ensure_future(post("bob", "1"))
+    alices_retry = asyncio.ensure_future(post("alice", "1"))
+    ids = await asyncio.gather(first, sampled_again, bobs, alices_retry)
+    assert len(compute.tasks) == 3, "a second first attempt and another user's request run their own tasks"
+    assert ids[3] == ids[1] and len(set(ids)) == 3
+    body = chat()
+    for count in ("\u00b2", "9" * 5000, "-1", ""):
+        await post("alice", count)
+    assert len(compute.tasks) == 7, "a count that is not a number is a first attempt"
+
+
+async def test_one_idempotency_key_runs_once(
+    hpc_gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    url = f"{hpc_gateway.url}/hpc/vllm/v1/chat/completions"
+    headers = {**auth(), "Idempotency-Key": "run-42"}
+
+    async def post() -> int:
+        async with http.post(url, json=chat("[[delay=0.5]]"), headers=headers) as response:
+            return response.status
+
+    assert await asyncio.gather(post(), post()) == [200, 200]
+    assert len(compute.tasks) == 1
+
+
+def answer(text: str) -> SubmitTaskResponse:
+    return SubmitTaskResponse(result=text)
+
+
+async def test_memory_is_bounded_and_abandoned_work_is_cancelled() -> None:
+    joins = RetryJoins(RetrySettings(join_seconds=0.2, keep_seconds=0.3, max_entries=2, max_kept_bytes=10))
+    cancelled = []
+
+    async def slow(text: str, seconds: float) -> SubmitTaskResponse:
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            cancelled.append(text)
+            raise
+        return answer(text)
+
+    def key(n: int, may_join: bool = False) -> Joining:
+        return Joining(("user", "endpoint", str(n)), may_join)
+
+    # A client leaves: its work goes on for join_seconds, then is cancelled when no retry came.
+    leaving = asyncio.ensure_future(joins.run(key(1), lambda: slow("one", 5)))
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    await asyncio.sleep(0.1)
+    assert len(joins) == 1 and not cancelled
+    await asyncio.sleep(0.2)
+    assert cancelled == ["one"] and len(joins) == 0
+
+    # A result that finished with nobody waiting is kept for keep_seconds, within max_kept_bytes.
+    for n, text in enumerate(["12345678", "abcdefgh"], start=2):
+        gone = asyncio.ensure_future(joins.run(key(n), functools.partial(slow, text, 0.05)))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+    await asyncio.sleep(0.1)
+    assert len(joins) == 1 and joins.kept_bytes == 8, "the older result made room for the newer"
+    retried, joined = await joins.run(key(3, may_join=True), lambda: slow("again", 0.01))
+    assert (retried.result, joined) == ("abcdefgh", True)
+    await asyncio.sleep(0.35)
+    assert len(joins) == 0 and joins.kept_bytes == 0
+
+    # Entries beyond max_entries push the oldest out; the work itself goes on for its waiter.
+    runs = [
+        asyncio.ensure_future(joins.run(key(n), functools.partial(slow, str(n), 0.1))) for n in range(4, 7)
+    ]
+    await asyncio.sleep(0.01)
+    assert len(joins) == 2
+    assert [run[0].result for run in await asyncio.gather(*runs)] == ["4", "5", "6"]
+    assert len(joins) == 0, "results delivered to their waiters are not kept"

@@ -1,0 +1,109 @@
+"""A direct-API stream whose backend is slow to answer: the client gets the headers and SSE comments
+while it waits, as Globus Compute streams do, instead of nothing until the first chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from bench.backend import ACTIVE_STREAMS, DISCONNECTS
+from proxy.metrics import METRICS
+from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
+from tests.support import value
+
+WAITING = b": waiting for the model\n\n"
+
+
+@pytest.fixture
+async def quick_keepalives(backend: Server, tmp_path: Path) -> AsyncIterator[Server]:
+    """The chat endpoint sends its comments every 0.2 s instead of 15 s."""
+    path = write_gateway_config(tmp_path, backend.url)
+    endpoints = yaml.safe_load((tmp_path / "endpoints.yaml").read_text())
+    endpoints[0]["config"]["keepalive_seconds"] = 0.2
+    (tmp_path / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
+    runner, server = await start_gateway(path)
+    yield server
+    await runner.cleanup()
+
+
+def chat_url(gateway: Server) -> str:
+    return f"{gateway.url}/local/vllm/v1/chat/completions"
+
+
+async def test_headers_and_a_comment_arrive_while_the_backend_waits(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    """With the defaults as deployed: the first comment after 15 s of silence."""
+    started = time.monotonic()
+    body = chat("[[delay=17]][[chunks=2]]", stream=True)
+    async with http.post(chat_url(gateway), json=body, headers=auth()) as response:
+        headed = time.monotonic() - started
+        assert response.status == 200 and response.content_type == "text/event-stream"
+        assert await response.content.readuntil(b"\n\n") == WAITING
+        commented = time.monotonic() - started
+        rest = await response.content.read()
+    assert 14.5 < headed < 16.5 and commented < 16.5, "headers and a comment, long before the first chunk"
+    assert rest.startswith(b"data: {") and rest.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_comments_repeat_and_clients_ignore_them(
+    quick_keepalives: Server, http: aiohttp.ClientSession
+) -> None:
+    body = chat("[[delay=1]][[chunks=3]]", stream=True)
+    async with http.post(chat_url(quick_keepalives), json=body, headers=auth()) as response:
+        events = (await response.read()).split(b"\n\n")
+    kinds = [event[:5] for event in events if event]
+    first_data = kinds.index(b"data:")
+    assert 3 <= first_data <= 6 and set(kinds[:first_data]) == {WAITING[:5]}
+    exposition = quick_keepalives.app[METRICS].exposition().decode()
+    assert value(exposition, "gateway_stream_first_chunk_seconds_sum") >= 0.9, "the first data, not a comment"
+    async with openai.AsyncOpenAI(
+        base_url=f"{quick_keepalives.url}/local/vllm/v1", api_key=TOKENS["alice"], max_retries=0
+    ) as api:
+        stream = await api.chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "[[delay=0.7]][[chunks=3]]"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text
+
+
+async def test_a_quick_refusal_is_still_a_plain_status_and_a_late_one_an_event(
+    quick_keepalives: Server, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(
+        chat_url(quick_keepalives), json=chat("[[status=400]]", stream=True), headers=auth()
+    ) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["message"] == "fake backend error 400"
+    async with http.post(
+        chat_url(quick_keepalives), json=chat("[[delay=0.5]][[status=400]]", stream=True), headers=auth()
+    ) as response:
+        assert response.status == 200
+        body = await response.read()
+    assert body.startswith(WAITING)
+    last = json.loads(body.rstrip().rsplit(b"\n\n", 1)[-1].removeprefix(b"data: "))
+    assert last["error"]["message"] == "fake backend error 400"
+
+
+async def test_a_client_leaving_while_the_backend_waits_ends_the_request(
+    quick_keepalives: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    response = await http.post(
+        chat_url(quick_keepalives), json=chat("[[delay=30]]", stream=True), headers=auth()
+    )
+    assert await response.content.readuntil(b"\n\n") == WAITING
+    response.close()
+    deadline = time.monotonic() + 5
+    while backend.app[ACTIVE_STREAMS] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert backend.app[ACTIVE_STREAMS] == 0 and backend.app[DISCONNECTS] == 1, (
+        "the backend request was dropped"
+    )
