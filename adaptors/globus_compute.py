@@ -26,6 +26,13 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.compute_streams import (
+    CallbackProtocol,
+    client_events,
+    close,
+    stream_failure,
+    unsupported_stream,
+)
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
     BaseEndpoint,
@@ -86,6 +93,7 @@ class GlobusComputeEndpointConfig(ComputeAccess):
     task_timeout_seconds: float = Field(default=600, gt=0)
     status_cache_seconds: float = Field(default=60, ge=0)
     cold_start_seconds: float = Field(default=1800, ge=0)
+    callback_protocol: CallbackProtocol = "existing"
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
@@ -352,6 +360,10 @@ class GlobusComputeEndpoint(BaseEndpoint):
         service, relay = self._ready(), self._relay
         if relay is None:
             raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
+        openai_endpoint = str(data["model_params"].get("openai_endpoint", ""))
+        unsupported = unsupported_stream(self.config.callback_protocol, openai_endpoint)
+        if unsupported is not None:
+            return SubmitStreamingTaskResponse(error_code=400, error_message=unsupported)
         refusal = await self._unavailable()
         if refusal is not None:
             return SubmitStreamingTaskResponse(error_code=503, error_message=refusal)
@@ -373,7 +385,8 @@ class GlobusComputeEndpoint(BaseEndpoint):
             await _drain(stream)
             return SubmitStreamingTaskResponse(error_code=503, error_message=_submit_failure(exc))
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
-        return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
+        events = client_events(stream, openai_endpoint)
+        return SubmitStreamingTaskResponse(response=_with_watcher(events, watcher), task_id=task_id)
 
     def has_batch_enabled(self) -> bool:
         return bool(self.config.batch_endpoint_uuid and self.config.batch_function_uuid)
@@ -407,15 +420,21 @@ class GlobusComputeEndpoint(BaseEndpoint):
         return _batch_status(service, [documents.get(task_id, {}) for task_id in task_ids])
 
     async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
-        """The task's own end also ends the stream: a failure before any callback is not a silence."""
+        """The task's own end also ends the stream: a failure before any callback is not a silence,
+        and a result that reports a failed stream (the existing function's way) is a failure."""
         try:
-            await service.result(task_id, self.config.task_timeout_seconds, self._queued)
+            value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
         except TaskFailed as exc:
             await stream.fail(*self._task_failed(exc))
         except TimeoutError:
             return
         else:
-            await stream.finish()
+            failure = stream_failure(value)
+            if failure is None:
+                await stream.finish()
+            else:
+                self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure[0] < 500 else "5xx")
+                await stream.fail(*failure)
 
     def _queued(self, seconds: float) -> None:
         self._telemetry.phase(self.endpoint_slug, "queue", seconds)
@@ -478,12 +497,13 @@ class GlobusComputeEndpoint(BaseEndpoint):
         return self._service
 
 
-async def _with_watcher(stream: RelayStream, watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
+async def _with_watcher(events: AsyncIterator[bytes], watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
     try:
-        async for chunk in stream.events():
+        async for chunk in events:
             yield chunk
     finally:
         watcher.cancel()
+        await close(events)
 
 
 async def _drain(stream: RelayStream) -> None:

@@ -1,0 +1,153 @@
+"""A site of the existing gateway moves over unchanged: its streaming function (imitated faithfully
+in tests/existing_function.py) and its qstat function, through the real SDKs, the fake Compute
+service and the relay, next to our own function (compute-functions/vllm_inference.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from proxy.metrics import METRICS
+from tests.compute_setup import LEGACY_MODEL, compute_config
+from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
+from tests.fake_compute import FakeCompute
+from tests.fake_globus import FakeGlobus
+from tests.support import value
+from tests.test_routes import assert_openai_error
+
+MODELS = [LEGACY_MODEL, CHAT_MODEL]
+"""The existing function, and ours."""
+
+
+@pytest.fixture
+async def gateway(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path
+) -> AsyncIterator[Server]:
+    runner, server = await start_gateway(compute_config(tmp_path, backend, compute, globus, free_port()))
+    yield server
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def unreachable(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path
+) -> AsyncIterator[Server]:
+    """A gateway whose callback_url no function can reach (nothing listens there)."""
+    path = compute_config(tmp_path, backend, compute, globus, free_port())
+    document = yaml.safe_load(path.read_text())
+    document["streaming"]["callback_url"] = f"http://127.0.0.1:{free_port()}"
+    path.write_text(yaml.safe_dump(document))
+    runner, server = await start_gateway(path)
+    yield server
+    await runner.cleanup()
+
+
+def url(gateway: Server, path: str = "chat/completions") -> str:
+    return f"{gateway.url}/hpc/vllm/v1/{path}"
+
+
+async def sse(http: aiohttp.ClientSession, address: str, body: dict[str, Any]) -> tuple[int, list[str]]:
+    """The status and the events of a stream, comments left out."""
+    async with http.post(address, json=body, headers=auth()) as response:
+        text = (await response.read()).decode()
+    return response.status, [event for event in text.split("\n\n") if event and not event.startswith(":")]
+
+
+def outcomes(gateway: Server, model: str, outcome: str) -> float:
+    text = gateway.app[METRICS].exposition().decode()
+    return value(text, "gateway_adaptor_duration_seconds_count", model=model, outcome=outcome)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("path", ["chat/completions", "completions"])
+async def test_streams_end_with_exactly_one_done(
+    gateway: Server, http: aiohttp.ClientSession, model: str, path: str
+) -> None:
+    """The existing function never forwards [DONE]; ours forwards vLLM's. Both end with one."""
+    body: dict[str, Any] = {"model": model, "stream": True}
+    body |= {"messages": [{"role": "user", "content": "[[chunks=30]]"}]} if path == "chat/completions" else {}
+    body |= {"prompt": "[[chunks=30]]"} if path == "completions" else {}
+    status, events = await sse(http, url(gateway, path), body)
+    assert status == 200
+    assert events.count("data: [DONE]") == 1 and events[-1] == "data: [DONE]"
+    assert len(events) == 32, "30 tokens, the finish chunk, [DONE]: no line lost in the batches"
+
+
+async def test_the_openai_client_reads_the_existing_functions_stream(gateway: Server) -> None:
+    async with openai.AsyncOpenAI(base_url=url(gateway, ""), api_key=TOKENS["alice"], max_retries=0) as api:
+        stream = await api.chat.completions.create(
+            model=LEGACY_MODEL,
+            messages=[{"role": "user", "content": "[[chunks=25]][[chunk_delay=0.03]]"}],
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) == 26 and text.startswith("Hello! This is")
+
+
+@pytest.mark.parametrize("model", MODELS)
+async def test_refused_callbacks_fail_the_stream_within_seconds(
+    gateway: Server, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """The site's INTERNAL_STREAMING_SECRET differs from the gateway's: the first refused callback
+    ends the stream with the reason, long before the first-chunk limit (900 s)."""
+    monkeypatch.setenv("INTERNAL_STREAMING_SECRET", "not-the-gateways-secret")
+    started = time.monotonic()
+    body = chat("[[chunks=30]]", model=model, stream=True)
+    async with http.post(url(gateway), json=body, headers=auth()) as response:
+        status, document = response.status, await response.json()
+    assert time.monotonic() - started < 5
+    assert status == 502
+    message = assert_openai_error(document)["message"]
+    assert "callbacks were refused: check INTERNAL_STREAMING_SECRET" in message
+    assert outcomes(gateway, model, "backend_error") == 1
+
+
+async def test_a_result_that_relayed_nothing_is_a_502_not_an_empty_stream(
+    unreachable: Server, http: aiohttp.ClientSession
+) -> None:
+    """The existing function's callbacks cannot reach the gateway: it still returns `completed`,
+    with `chunks_sent_to_server: 0` and a warning, which the gateway reads."""
+    async with http.post(url(unreachable), json=chat("[[chunks=3]]", model=LEGACY_MODEL, stream=True),
+                         headers=auth()) as response:  # fmt: skip
+        status, document = response.status, await response.json()
+    assert status == 502
+    message = assert_openai_error(document)["message"]
+    assert "None of the model's output reached the gateway (5 chunks failed to send" in message
+    assert "streaming.callback_url" in message
+    assert outcomes(unreachable, LEGACY_MODEL, "backend_error") == 1
+    assert outcomes(unreachable, LEGACY_MODEL, "ok") == 0
+
+
+async def test_an_error_result_carries_vllms_status_and_message(
+    unreachable: Server, http: aiohttp.ClientSession
+) -> None:
+    """vLLM refuses the request and the /error/ callbacks do not arrive: the result says why."""
+    async with http.post(url(unreachable), json=chat("[[status=400]]", model=LEGACY_MODEL, stream=True),
+                         headers=auth()) as response:  # fmt: skip
+        status, document = response.status, await response.json()
+    assert status == 400
+    assert assert_openai_error(document)["message"] == "fake backend error 400"
+
+
+async def test_an_error_after_some_output_is_an_error_event(
+    gateway: Server, http: aiohttp.ClientSession, compute: FakeCompute
+) -> None:
+    """vLLM breaks off mid-stream: the existing function posts /error/ and returns status error."""
+    body = chat("[[chunks=50]][[chunk_delay=0.02]][[die_after=40]]", model=LEGACY_MODEL, stream=True)
+    status, events = await sse(http, url(gateway), body)
+    assert status == 200
+    assert events[0].startswith("data: {") and "data: [DONE]" not in events
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["message"] == "The model's backend failed: Response ended prematurely"
+    assert outcomes(gateway, LEGACY_MODEL, "backend_error") == 1
+    task = await compute.settled(next(iter(compute.tasks)))
+    assert json.loads(task.value)["status"] == "error"
