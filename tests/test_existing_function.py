@@ -15,6 +15,7 @@ import openai
 import pytest
 import yaml
 
+from adaptors.remote_errors import remote_error
 from proxy.metrics import METRICS
 from tests.compute_setup import LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
@@ -151,3 +152,55 @@ async def test_an_error_after_some_output_is_an_error_event(
     assert outcomes(gateway, LEGACY_MODEL, "backend_error") == 1
     task = await compute.settled(next(iter(compute.tasks)))
     assert json.loads(task.value)["status"] == "error"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize(
+    "status, expected",
+    [
+        (400, (400, "fake backend error 400")),
+        (500, (502, "The model's backend failed: fake backend error 500")),
+    ],
+)
+async def test_a_vllm_error_comes_back_with_vllms_status_and_message(
+    gateway: Server, http: aiohttp.ClientSession, model: str, status: int, expected: tuple[int, str]
+) -> None:
+    """The existing function's error text holds vLLM's JSON, then the headers as a Python dict
+    (braces too) and the time; the endpoint wraps it all in tracebacks."""
+    async with http.post(
+        url(gateway), json=chat(f"[[status={status}]]", model=model), headers=auth()
+    ) as response:
+        got = response.status, assert_openai_error(await response.json())["message"]
+    assert got == expected
+
+
+def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
+    """A body that is not JSON, and a failure that is not vLLM's, as the endpoint reports them."""
+    text = (
+        "Traceback (most recent call last):\n"
+        '  File "/home/site/function.py", line 170, in handle\n'
+        "    raise Exception(error_msg)\n"
+        "Exception: API request failed with status code: 503\nResponse text: Service Unavailable\n"
+        "Response headers: {'Content-Type': 'text/plain', 'Server': 'uvicorn'}\n\n"
+        "During handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n"
+        '  File "/home/site/function.py", line 420, in vllm_inference_function\n'
+        "    raise Exception(error_msg)\n"
+        "Exception: Unexpected error of type Exception: API request failed with status code: 503\n"
+        "Response text: Service Unavailable\n"
+        "Response headers: {'Content-Type': 'text/plain', 'Server': 'uvicorn'}\n"
+        "Response time: 0.0123\n"
+    )
+    assert remote_error(text) == (
+        502,
+        "The model's backend failed: API request failed with status code: 503\nResponse text: Service Unavailable",
+    )
+    unreachable = (
+        "Traceback (most recent call last):\n"
+        '  File "/home/site/function.py", line 10, in run\n'
+        "RuntimeError: vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)\n"
+    )
+    assert remote_error(unreachable) == (
+        502,
+        "The model's backend failed: vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)",
+    )
