@@ -193,7 +193,8 @@ def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
     )
     assert remote_error(text) == (
         502,
-        "The model's backend failed: API request failed with status code: 503\nResponse text: Service Unavailable",
+        "The model's backend failed: API request failed with status code: 503\n"
+        "Response text: Service Unavailable",
     )
     unreachable = (
         "Traceback (most recent call last):\n"
@@ -202,5 +203,6 @@ def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
     )
     assert remote_error(unreachable) == (
         502,
-        "The model's backend failed: vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)",
+        "The model's backend failed: "
+        "vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)",
     )
