@@ -25,7 +25,8 @@ from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, J
 from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
+from adaptors.compute_jobs import StatusReader, mark_disconnected
 from adaptors.compute_streams import (
     CallbackProtocol,
     client_events,
@@ -294,6 +295,10 @@ def _unwrap(value: Any) -> str:
     return json.dumps(value)
 
 
+_serving: dict[tuple[str, str, str], GlobusComputeEndpoint] = {}
+"""(cluster, framework, model) → the started endpoint, for the cluster's job report."""
+
+
 class GlobusComputeEndpoint(BaseEndpoint):
     def __init__(
         self,
@@ -324,10 +329,17 @@ class GlobusComputeEndpoint(BaseEndpoint):
         self._service = _acquire(self.config, context)
         self._relay = context.relay
         self._telemetry = context.telemetry
+        _serving[(self.cluster, self.framework, self.model)] = self
 
     async def shutdown(self) -> None:
+        if _serving.get((self.cluster, self.framework, self.model)) is self:
+            del _serving[(self.cluster, self.framework, self.model)]
         if self._service is not None:
             await _release(self._service)
+
+    async def endpoint_status(self) -> dict[str, Any] | None:
+        """The Compute endpoint's status (cached), None when it cannot be read."""
+        return await self._endpoint_status()
 
     async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
         service = self._ready()
@@ -587,8 +599,16 @@ class GlobusComputeCluster(BaseCluster):
                 error_code=502, error_message=f"The cluster's status task failed: {exc}"[:500]
             )
         try:
-            return GetJobsResponse(jobs=Jobs.model_validate_json(_unwrap(value)))
+            jobs = Jobs.model_validate_json(_unwrap(value))
         except (ValueError, ValidationError):
             return GetJobsResponse(
                 error_code=502, error_message="The cluster's status task returned no jobs report."
             )
+        await mark_disconnected(jobs, self._status_reader)
+        return GetJobsResponse(jobs=jobs)
+
+    def _status_reader(self, job: JobInfo) -> StatusReader | None:
+        """The existing gateway looks up a job's first model."""
+        model = job.Models.split(",")[0].strip()
+        endpoint = _serving.get((self.cluster_name, job.Framework, model))
+        return None if endpoint is None else endpoint.endpoint_status

@@ -40,18 +40,26 @@ def load_function() -> Callable[[dict[str, Any]], str]:
 
 
 def qstat() -> str:
+    """The existing qstat function's answer: jobs by state, the private batch lists spelled with
+    hyphens, no `stopped` list, and the free nodes."""
+
+    def job(models: str, job_id: str, state: str, model_status: str) -> dict[str, str]:
+        return {
+            "Models": models, "Framework": "vllm", "Cluster": "hpc", "Model Status": model_status,
+            "Job ID": job_id, "Job State": state, "Host Name": "x1000c0s0b0n0/0*64",
+            "Job Comments": "Job run at Thu Dec 03 at 09:12", "Nodes Reserved": "1",
+        }  # fmt: skip
+
     return json.dumps(
         {
-            "running": [
-                {"Models": f"{CHAT_MODEL},{SLOW_MODEL}", "Framework": "vllm", "Cluster": "hpc", "Job ID": "1"}
-            ],
-            "queued": [{"Models": "hidden/model", "Framework": "vllm", "Cluster": "hpc"}],
-            "stopped": [],
+            "running": [job(f"{CHAT_MODEL},{SLOW_MODEL}", "1", "R", "running")],
+            "queued": [job("hidden/model", "2", "Q", "queued")],
             "others": [],
-            "private_batch_running": [],
-            "private_batch_queued": [],
-            "cluster_status": {"cluster": "hpc", "total_models": 3},
-        }
+            "private-batch-running": [job(CHAT_MODEL, "3", "R", "running")],
+            "private-batch-queued": [job(CHAT_MODEL, "4", "Q", "queued")],
+            "cluster_status": {"free_nodes": 3},
+        },
+        indent=4,
     )
 
 

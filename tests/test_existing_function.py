@@ -17,7 +17,7 @@ import yaml
 
 from adaptors.remote_errors import remote_error
 from proxy.metrics import METRICS
-from tests.compute_setup import LEGACY_MODEL, compute_config
+from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
@@ -206,3 +206,30 @@ def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
         "The model's backend failed: "
         "vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)",
     )
+
+
+async def test_jobs_from_the_existing_qstat_function(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Its private batch lists are spelled with hyphens; a running model whose Compute endpoint
+    lost its managers is disconnected."""
+    config = compute_config(
+        tmp_path, backend, compute, globus, free_port(),
+        timeouts={"jobs_cache_seconds": 0}, chat_config={"status_cache_seconds": 0},
+    )  # fmt: skip
+    runner, gateway = await start_gateway(config)
+    try:
+        async with http.get(f"{gateway.url}/hpc/jobs", headers=auth()) as response:
+            assert response.status == 200
+            report = await response.json()
+        assert [job["Job ID"] for job in report["private_batch_running"]] == ["3"]
+        assert [job["Job ID"] for job in report["private_batch_queued"]] == ["4"]
+        assert report["running"][0]["Model Status"] == "running"
+        assert report["cluster_status"] == {"free_nodes": 3}
+        compute.set_endpoint(ENDPOINT, managers=0)
+        async with http.get(f"{gateway.url}/hpc/jobs", headers=auth()) as response:
+            report = await response.json()
+        assert report["running"][0]["Model Status"] == "disconnected"
+        assert report["private_batch_running"][0]["Model Status"] == "running", "as the existing gateway does"
+    finally:
+        await runner.cleanup()
