@@ -17,6 +17,8 @@ import yaml
 
 from adaptors.remote_errors import remote_error
 from proxy.metrics import METRICS
+from proxy.registry import load_registry
+from proxy.settings import ConfigError
 from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute
@@ -233,3 +235,70 @@ async def test_jobs_from_the_existing_qstat_function(
         assert report["private_batch_running"][0]["Model Status"] == "running", "as the existing gateway does"
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("path", ["responses", "messages"])
+async def test_named_event_streams_need_our_function(
+    gateway: Server, http: aiohttp.ClientSession, compute: FakeCompute, path: str
+) -> None:
+    """The existing function would cut these streams short (it flushes only on [DONE]): a 400 that
+    names the fix, in the route's own error shape, and no task is submitted."""
+    body: dict[str, Any] = {"model": LEGACY_MODEL, "stream": True}
+    if path == "responses":
+        body["input"] = "Hello"
+    else:
+        body |= {"max_tokens": 50, "messages": [{"role": "user", "content": "Hello"}]}
+    async with http.post(url(gateway, path), json=body, headers=auth()) as response:
+        status, document = response.status, await response.json()
+    assert status == 400
+    if path == "messages":
+        assert document["type"] == "error" and document["error"]["type"] == "invalid_request_error"
+        message = document["error"]["message"]
+    else:
+        message = assert_openai_error(document)["message"]
+    assert "compute-functions/vllm_inference.py" in message and "callback_protocol: gateway" in message
+    assert not compute.tasks
+    body["stream"] = False
+    async with http.post(url(gateway, path), json=body, headers=auth()) as response:
+        assert response.status == 200, "not streamed, the existing function serves these APIs"
+
+
+def test_fixture_endpoints_speak_the_existing_protocol(tmp_path: Path) -> None:
+    """A fixture of the existing gateway has no callback_protocol; a wrong one stops start-up."""
+    cluster = {
+        "cluster_name": "sophia",
+        "cluster_adapter": "resource_server_async.clusters.direct_api.DirectAPICluster",
+        "frameworks": ["vllm"],
+        "openai_endpoints": ["chat/completions", "responses"],
+        "config": {"status_url": "http://127.0.0.1:9/jobs"},
+    }
+    config = {
+        "api_port": 8000,
+        "endpoint_uuid": "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a",
+        "function_uuid": "11111111-aaaa-4bbb-8ccc-000000000003",
+        "client_id": "service-id",
+        "client_secret": "service-secret",
+    }
+    endpoint = {
+        "cluster": "sophia",
+        "framework": "vllm",
+        "model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+        "endpoint_adapter": "resource_server_async.endpoints.globus_compute.GlobusComputeEndpoint",
+        "config": config,
+    }
+
+    def load(config: dict[str, Any]) -> Any:
+        records = [
+            {"model": "resource_server_async.endpoint", "pk": 1, "fields": {**endpoint, "config": config}}
+        ]
+        (tmp_path / "endpoints.json").write_text(json.dumps(records))
+        cluster_records = [{"model": "resource_server_async.cluster", "pk": 1, "fields": cluster}]
+        (tmp_path / "clusters.json").write_text(json.dumps(cluster_records))
+        return load_registry(tmp_path / "endpoints.json", tmp_path / "clusters.json")
+
+    (loaded,) = load(config).endpoints.values()
+    assert loaded.config.callback_protocol == "existing"
+    (loaded,) = load({**config, "callback_protocol": "gateway"}).endpoints.values()
+    assert loaded.config.callback_protocol == "gateway"
+    with pytest.raises(ConfigError, match=r"endpoints\.json, entry 1 .*config\.callback_protocol"):
+        load({**config, "callback_protocol": "ours"})
