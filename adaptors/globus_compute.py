@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
 from adaptors.compute_jobs import StatusReader, mark_disconnected
+from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.compute_streams import (
     CallbackProtocol,
     client_events,
@@ -95,12 +96,15 @@ class GlobusComputeEndpointConfig(ComputeAccess):
     status_cache_seconds: float = Field(default=60, ge=0)
     cold_start_seconds: float = Field(default=1800, ge=0)
     callback_protocol: CallbackProtocol = "existing"
+    accept_dill_results: bool = False
+    """Trust the site's own Compute endpoint with results in dill (older endpoints ignore JSON)."""
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
     qstat_endpoint_uuid: str = Field(pattern=UUID)
     qstat_function_uuid: str = Field(pattern=UUID)
     task_timeout_seconds: float = Field(default=60, gt=0)
+    accept_dill_results: bool = False
 
 
 class TaskFailed(Exception):
@@ -113,6 +117,7 @@ class _Pending:
     deadline: float
     submitted: float
     on_started: Callable[[float], None] | None
+    accept_dill: bool
     started: bool = False
 
 
@@ -144,13 +149,18 @@ class ComputeService:
         return await self._blocking(send)
 
     async def result(
-        self, task_id: str, timeout: float, on_started: Callable[[float], None] | None = None
+        self,
+        task_id: str,
+        timeout: float,
+        on_started: Callable[[float], None] | None = None,
+        accept_dill: bool = False,
     ) -> Any:
         """The task's return value. A timeout gives up waiting; the task itself keeps running.
-        `on_started` gets the seconds the task waited for the endpoint (to a poll's resolution)."""
+        `on_started` gets the seconds the task waited for the endpoint (to a poll's resolution).
+        Raises `TaskFailed`, `UnreadableResult` or `TimeoutError`."""
         future = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self._pending[task_id] = _Pending(future, now + timeout, now, on_started)
+        self._pending[task_id] = _Pending(future, now + timeout, now, on_started, accept_dill)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         self.telemetry.tasks_in_flight(1)
@@ -197,9 +207,9 @@ class ComputeService:
 
         return await self._blocking(ask)
 
-    def value(self, document: dict[str, Any]) -> Any:
-        """A finished task's return value; it must have come back as JSON."""
-        return self._serializer.deserialize(document["result"])
+    def value(self, document: dict[str, Any], accept_dill: bool = False) -> Any:
+        """A finished task's return value: JSON, or with `accept_dill` plain data pickled by dill."""
+        return read_result(self._serializer, str(document["result"]), accept_dill)
 
     def _settle(self, task_id: str, document: dict[str, Any]) -> None:
         pending = self._pending.get(task_id)
@@ -212,9 +222,9 @@ class ComputeService:
                 pending.on_started(time.monotonic() - pending.submitted)
         if status == "success" and "result" in document:
             try:
-                pending.future.set_result(self.value(document))
-            except Exception as exc:
-                pending.future.set_exception(TaskFailed(f"unreadable task result ({type(exc).__name__})"))
+                pending.future.set_result(self.value(document, pending.accept_dill))
+            except UnreadableResult as exc:
+                pending.future.set_exception(exc)
         elif status == "failed" or "exception" in document:
             pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
 
@@ -353,7 +363,7 @@ class GlobusComputeEndpoint(BaseEndpoint):
             self._telemetry.upstream_error(self.endpoint_slug, "connect")
             return SubmitTaskResponse(error_code=503, error_message=_submit_failure(exc))
         try:
-            value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
+            value = await self._result(service, task_id)
             return SubmitTaskResponse(result=_unwrap(value), task_id=task_id)
         except TimeoutError:
             self._telemetry.upstream_error(self.endpoint_slug, "timeout")
@@ -361,6 +371,9 @@ class GlobusComputeEndpoint(BaseEndpoint):
         except TaskFailed as exc:
             code, message = self._task_failed(exc)
             return SubmitTaskResponse(error_code=code, error_message=message, task_id=task_id)
+        except UnreadableResult as exc:
+            self._telemetry.upstream_error(self.endpoint_slug, "5xx")
+            return SubmitTaskResponse(error_code=502, error_message=str(exc), task_id=task_id)
         except ValueError:
             return SubmitTaskResponse(
                 error_code=502, error_message="The task's result is not JSON.", task_id=task_id
@@ -429,15 +442,18 @@ class GlobusComputeEndpoint(BaseEndpoint):
             documents = await service.statuses(task_ids)
         except globus_sdk.GlobusError as exc:
             return GetBatchStatusResponse(error_code=503, error_message=_submit_failure(exc))
-        return _batch_status(service, [documents.get(task_id, {}) for task_id in task_ids])
+        documents_in_order = [documents.get(task_id, {}) for task_id in task_ids]
+        return _batch_status(service, documents_in_order, self.config.accept_dill_results)
 
     async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
         """The task's own end also ends the stream: a failure before any callback is not a silence,
         and a result that reports a failed stream (the existing function's way) is a failure."""
         try:
-            value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
+            value = await self._result(service, task_id)
         except TaskFailed as exc:
             await stream.fail(*self._task_failed(exc))
+        except UnreadableResult as exc:
+            await stream.fail(502, str(exc))
         except TimeoutError:
             return
         else:
@@ -447,6 +463,10 @@ class GlobusComputeEndpoint(BaseEndpoint):
             else:
                 self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure[0] < 500 else "5xx")
                 await stream.fail(*failure)
+
+    async def _result(self, service: ComputeService, task_id: str) -> Any:
+        timeout, accept_dill = self.config.task_timeout_seconds, self.config.accept_dill_results
+        return await service.result(task_id, timeout, self._queued, accept_dill)
 
     def _queued(self, seconds: float) -> None:
         self._telemetry.phase(self.endpoint_slug, "queue", seconds)
@@ -528,7 +548,9 @@ async def _drain(stream: RelayStream) -> None:
         pass
 
 
-def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> GetBatchStatusResponse:
+def _batch_status(
+    service: ComputeService, documents: list[dict[str, Any]], accept_dill: bool
+) -> GetBatchStatusResponse:
     states = [str(document.get("status", "")).lower() for document in documents]
     if "failed" in states:
         failed = documents[states.index("failed")]
@@ -536,7 +558,9 @@ def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> G
         return GetBatchStatusResponse(status=BatchStatusEnum.failed, error_message=message[-2000:])
     if states and all(state == "success" for state in states):
         try:
-            values = [_unwrap(service.value(document)) for document in documents]
+            values = [_unwrap(service.value(document, accept_dill)) for document in documents]
+        except UnreadableResult as exc:
+            return GetBatchStatusResponse(status=BatchStatusEnum.failed, error_message=str(exc))
         except ValueError:
             return GetBatchStatusResponse(
                 status=BatchStatusEnum.failed, error_message="Unreadable batch result."
@@ -587,7 +611,9 @@ class GlobusComputeCluster(BaseCluster):
         config = self.config
         try:
             task_id = await self._service.submit(config.qstat_endpoint_uuid, config.qstat_function_uuid)
-            value = await self._service.result(task_id, config.task_timeout_seconds)
+            value = await self._service.result(
+                task_id, config.task_timeout_seconds, accept_dill=config.accept_dill_results
+            )
         except globus_sdk.GlobusError as exc:
             return GetJobsResponse(error_code=503, error_message=_submit_failure(exc))
         except TimeoutError:
@@ -598,6 +624,8 @@ class GlobusComputeCluster(BaseCluster):
             return GetJobsResponse(
                 error_code=502, error_message=f"The cluster's status task failed: {exc}"[:500]
             )
+        except UnreadableResult as exc:
+            return GetJobsResponse(error_code=502, error_message=str(exc))
         try:
             jobs = Jobs.model_validate_json(_unwrap(value))
         except (ValueError, ValidationError):

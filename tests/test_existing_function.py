@@ -14,7 +14,9 @@ import aiohttp
 import openai
 import pytest
 import yaml
+from globus_compute_sdk.serialize import ComputeSerializer
 
+from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.remote_errors import remote_error
 from proxy.metrics import METRICS
 from proxy.registry import load_registry
@@ -302,3 +304,62 @@ def test_fixture_endpoints_speak_the_existing_protocol(tmp_path: Path) -> None:
     assert loaded.config.callback_protocol == "gateway"
     with pytest.raises(ConfigError, match=r"endpoints\.json, entry 1 .*config\.callback_protocol"):
         load({**config, "callback_protocol": "ours"})
+
+
+OLD_ENDPOINT = "3d8b6e1a-9f5c-4a4d-9e0f-7b8c9d0e1f2a"
+"""A Compute endpoint older than `result_serializers`: it answers in dill whatever was asked."""
+
+
+@pytest.mark.parametrize("accept", [False, True])
+async def test_results_of_an_older_compute_endpoint(
+    backend: Server,
+    compute: FakeCompute,
+    globus: FakeGlobus,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    accept: bool,
+) -> None:
+    """Refused by default with the cause and the fix; read (as plain data) when the site opts in."""
+    compute.add_endpoint(OLD_ENDPOINT, honours_result_serializers=False)
+    config = compute_config(tmp_path, backend, compute, globus, free_port())
+    endpoints = yaml.safe_load((tmp_path / "endpoints.yaml").read_text())
+    legacy = next(entry for entry in endpoints if entry["model"] == LEGACY_MODEL)
+    legacy["config"] |= {"endpoint_uuid": OLD_ENDPOINT, "accept_dill_results": accept}
+    (tmp_path / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
+    clusters = yaml.safe_load((tmp_path / "clusters.yaml").read_text())
+    hpc = next(entry for entry in clusters if entry["cluster_name"] == "hpc")
+    hpc["config"] |= {"qstat_endpoint_uuid": OLD_ENDPOINT, "accept_dill_results": accept}
+    (tmp_path / "clusters.yaml").write_text(yaml.safe_dump(clusters))
+    runner, gateway = await start_gateway(config)
+    try:
+        async with http.post(url(gateway), json=chat(model=LEGACY_MODEL), headers=auth()) as response:
+            status, document = response.status, await response.json()
+        async with http.get(f"{gateway.url}/hpc/jobs", headers=auth()) as response:
+            jobs_status, jobs = response.status, await response.json()
+    finally:
+        await runner.cleanup()
+    assert all(task.result and task.result.startswith("00\n") for task in compute.tasks.values())
+    if accept:
+        assert status == 200 and document["choices"][0]["message"]["content"]
+        assert jobs_status == 200 and jobs["running"]
+        return
+    for code, answer in ((status, document), (jobs_status, jobs)):
+        message = assert_openai_error(answer)["message"]
+        assert code == 502 and "serialized with dill" in message
+        assert "Upgrade globus-compute-endpoint" in message and "accept_dill_results: true" in message
+
+
+def test_only_plain_data_is_read_from_a_dill_result() -> None:
+    """Even from a trusted endpoint: a pickle that names a class or function is not loaded."""
+    serializer = ComputeSerializer()
+    assert (
+        read_result(serializer, serializer.serialize('{"a": [1, 2.5, null]}'), True)
+        == '{"a": [1, 2.5, null]}'
+    )
+    assert read_result(serializer, serializer.serialize({"n": (1, "x")}), True) == {"n": (1, "x")}
+    with pytest.raises(UnreadableResult, match="not plain data"):
+        read_result(serializer, serializer.serialize(Path("/etc")), True)
+    with pytest.raises(UnreadableResult, match="does not read"):  # a function, pickled as code
+        read_result(serializer, serializer.serialize(print), True)
+    with pytest.raises(UnreadableResult, match="serialized with dill"):
+        read_result(serializer, serializer.serialize("{}"), False)
