@@ -244,11 +244,11 @@ def existing_vllm_function(parameters: dict[str, Any]) -> str:
         message = f"Network error occurred: {exc}"
         if started is not None:
             message += f"\nResponse time: {time.time() - started}"
-        raise Exception(message) from exc
+        raise Exception(message)  # noqa: B904 (chained implicitly, as the real one is)
     except KeyError as exc:
-        raise Exception(f"Missing required parameter: {exc}") from exc
+        raise Exception(f"Missing required parameter: {exc}")  # noqa: B904
     except Exception as exc:
         message = f"Unexpected error of type {type(exc).__name__}: {exc}"
         if started is not None:
             message += f"\nResponse time: {time.time() - started}"
-        raise Exception(message) from exc
+        raise Exception(message)  # noqa: B904 (chained implicitly, as the real one is)
