@@ -5,6 +5,7 @@ service and the relay, next to our own function (compute-functions/vllm_inferenc
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -363,3 +364,28 @@ def test_only_plain_data_is_read_from_a_dill_result() -> None:
         read_result(serializer, serializer.serialize(print), True)
     with pytest.raises(UnreadableResult, match="serialized with dill"):
         read_result(serializer, serializer.serialize("{}"), False)
+
+
+async def test_a_stream_the_existing_function_cut_short_ends_with_an_error(
+    backend: Server, compute: FakeCompute, globus: FakeGlobus, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """Misconfigured as `gateway`, the existing function streams a Responses answer: its last batch
+    never leaves (no [DONE]), and its result says so; the client gets an error, not a clean end."""
+    config = compute_config(tmp_path, backend, compute, globus, free_port())
+    endpoints = yaml.safe_load((tmp_path / "endpoints.yaml").read_text())
+    next(e for e in endpoints if e["model"] == LEGACY_MODEL)["config"]["callback_protocol"] = "gateway"
+    (tmp_path / "endpoints.yaml").write_text(yaml.safe_dump(endpoints))
+    runner, gateway = await start_gateway(config)
+    try:
+        body = {"model": LEGACY_MODEL, "stream": True, "input": "[[chunks=30]]"}
+        status, events = await sse(http, url(gateway, "responses"), body)
+    finally:
+        await runner.cleanup()
+    assert status == 200 and events[0].startswith("event: response.created")
+    assert not any("response.completed" in event for event in events)
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert re.fullmatch(
+        r"The stream is incomplete: the compute function relayed \d+ of 76 lines and never sent the rest "
+        r"\(the existing function sends its last lines only on 'data: \[DONE\]'\)\.",
+        error["message"],
+    )
