@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from adaptors._access import access_list
 from adaptors.context import AdaptorContext
@@ -21,12 +21,19 @@ class JobInfo(BaseModel):
 
 
 class Jobs(BaseModel):
+    """The existing qstat function names the private batch lists with hyphens
+    (`private-batch-running`); both spellings are read, the underscore one is written."""
+
     running: list[JobInfo] = Field(default_factory=list)
     queued: list[JobInfo] = Field(default_factory=list)
     stopped: list[JobInfo] = Field(default_factory=list)
     others: list[JobInfo] = Field(default_factory=list)
-    private_batch_running: list[JobInfo] = Field(default_factory=list)
-    private_batch_queued: list[JobInfo] = Field(default_factory=list)
+    private_batch_running: list[JobInfo] = Field(
+        default_factory=list, validation_alias=AliasChoices("private_batch_running", "private-batch-running")
+    )
+    private_batch_queued: list[JobInfo] = Field(
+        default_factory=list, validation_alias=AliasChoices("private_batch_queued", "private-batch-queued")
+    )
     cluster_status: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import globus_sdk
 
+from adaptors.compute_results import UnreadableResult
 from adaptors.endpoint import GetTaskResultResponse, SubmitTaskAsyncResponse
 from adaptors.remote_errors import remote_error
 
@@ -61,6 +62,8 @@ async def task_result(service: ComputeService, task_id: str) -> GetTaskResultRes
     if status == "success" and "result" in document:
         try:
             return GetTaskResultResponse(done=True, result=_decoded(service.value(document)))
+        except UnreadableResult as exc:
+            return GetTaskResultResponse(error_code=502, error_message=str(exc))
         except Exception as exc:
             message = f"The task's result is unreadable ({type(exc).__name__})."
             return GetTaskResultResponse(error_code=502, error_message=message)

@@ -25,8 +25,17 @@ from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, J
 from globus_sdk.transport import RequestsTransport, RetryConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
 from adaptors.compute_credentials import with_endpoint_credentials
+from adaptors.compute_jobs import StatusReader, mark_disconnected
+from adaptors.compute_results import UnreadableResult, read_result
+from adaptors.compute_streams import (
+    CallbackProtocol,
+    client_events,
+    close,
+    stream_failure,
+    unsupported_stream,
+)
 from adaptors.compute_tasks import start_task, task_result
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
@@ -96,12 +105,16 @@ class GlobusComputeEndpointConfig(ComputeAccess):
         description="asynchronous tasks: body field → user_endpoint_config key it moves to",
     )
     loading_estimate_seconds: float = Field(default=300, gt=0)
+    callback_protocol: CallbackProtocol = "existing"
+    accept_dill_results: bool = False
+    """Trust the site's own Compute endpoint with results in dill (older endpoints ignore JSON)."""
 
 
 class GlobusComputeClusterConfig(ComputeAccess):
     qstat_endpoint_uuid: str = Field(pattern=UUID)
     qstat_function_uuid: str = Field(pattern=UUID)
     task_timeout_seconds: float = Field(default=60, gt=0)
+    accept_dill_results: bool = False
 
 
 class TaskFailed(Exception):
@@ -114,6 +127,7 @@ class _Pending:
     deadline: float
     submitted: float
     on_started: Callable[[float], None] | None
+    accept_dill: bool
     started: bool = False
 
 
@@ -154,13 +168,18 @@ class ComputeService:
         return await self._blocking(send)
 
     async def result(
-        self, task_id: str, timeout: float, on_started: Callable[[float], None] | None = None
+        self,
+        task_id: str,
+        timeout: float,
+        on_started: Callable[[float], None] | None = None,
+        accept_dill: bool = False,
     ) -> Any:
         """The task's return value. A timeout gives up waiting; the task itself keeps running.
-        `on_started` gets the seconds the task waited for the endpoint (to a poll's resolution)."""
+        `on_started` gets the seconds the task waited for the endpoint (to a poll's resolution).
+        Raises `TaskFailed`, `UnreadableResult` or `TimeoutError`."""
         future = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self._pending[task_id] = _Pending(future, now + timeout, now, on_started)
+        self._pending[task_id] = _Pending(future, now + timeout, now, on_started, accept_dill)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         self.telemetry.tasks_in_flight(1)
@@ -207,9 +226,9 @@ class ComputeService:
 
         return await self._blocking(ask)
 
-    def value(self, document: dict[str, Any]) -> Any:
-        """A finished task's return value; it must have come back as JSON."""
-        return self._serializer.deserialize(document["result"])
+    def value(self, document: dict[str, Any], accept_dill: bool = False) -> Any:
+        """A finished task's return value: JSON, or with `accept_dill` plain data pickled by dill."""
+        return read_result(self._serializer, str(document["result"]), accept_dill)
 
     def _settle(self, task_id: str, document: dict[str, Any]) -> None:
         pending = self._pending.get(task_id)
@@ -222,9 +241,9 @@ class ComputeService:
                 pending.on_started(time.monotonic() - pending.submitted)
         if status == "success" and "result" in document:
             try:
-                pending.future.set_result(self.value(document))
-            except Exception as exc:
-                pending.future.set_exception(TaskFailed(f"unreadable task result ({type(exc).__name__})"))
+                pending.future.set_result(self.value(document, pending.accept_dill))
+            except UnreadableResult as exc:
+                pending.future.set_exception(exc)
         elif status == "failed" or "exception" in document:
             pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
 
@@ -305,6 +324,10 @@ def _unwrap(value: Any) -> str:
     return json.dumps(value)
 
 
+_serving: dict[tuple[str, str, str], GlobusComputeEndpoint] = {}
+"""(cluster, framework, model) → the started endpoint, for the cluster's job report."""
+
+
 class GlobusComputeEndpoint(BaseEndpoint):
     def __init__(
         self,
@@ -337,10 +360,17 @@ class GlobusComputeEndpoint(BaseEndpoint):
         self._service = _acquire(self.config, context)
         self._relay = context.relay
         self._telemetry = context.telemetry
+        _serving[(self.cluster, self.framework, self.model)] = self
 
     async def shutdown(self) -> None:
+        if _serving.get((self.cluster, self.framework, self.model)) is self:
+            del _serving[(self.cluster, self.framework, self.model)]
         if self._service is not None:
             await _release(self._service)
+
+    async def endpoint_status(self) -> dict[str, Any] | None:
+        """The Compute endpoint's status (cached), None when it cannot be read."""
+        return await self._endpoint_status()
 
     async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
         service = self._ready()
@@ -354,7 +384,7 @@ class GlobusComputeEndpoint(BaseEndpoint):
             self._telemetry.upstream_error(self.endpoint_slug, "connect")
             return SubmitTaskResponse(**_submit_refused(exc))
         try:
-            value = await service.result(task_id, self.config.task_timeout_seconds, self._queued)
+            value = await self._result(service, task_id)
             return SubmitTaskResponse(result=_unwrap(value), task_id=task_id)
         except TimeoutError:
             self._telemetry.upstream_error(self.endpoint_slug, "timeout")
@@ -363,6 +393,11 @@ class GlobusComputeEndpoint(BaseEndpoint):
             code, message = self._task_failed(exc)
             return SubmitTaskResponse(
                 error_code=code, error_message=message, task_id=task_id, retryable=False
+            )
+        except UnreadableResult as exc:
+            self._telemetry.upstream_error(self.endpoint_slug, "5xx")
+            return SubmitTaskResponse(
+                error_code=502, error_message=str(exc), task_id=task_id, retryable=False
             )
         except ValueError:
             return SubmitTaskResponse(
@@ -378,6 +413,10 @@ class GlobusComputeEndpoint(BaseEndpoint):
         service, relay = self._ready(), self._relay
         if relay is None:
             raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
+        openai_endpoint = str(data["model_params"].get("openai_endpoint", ""))
+        unsupported = unsupported_stream(self.config.callback_protocol, openai_endpoint)
+        if unsupported is not None:
+            return SubmitStreamingTaskResponse(error_code=400, error_message=unsupported)
         refusal = await self._unavailable()
         if refusal is not None:
             return SubmitStreamingTaskResponse(**refusal)
@@ -400,7 +439,8 @@ class GlobusComputeEndpoint(BaseEndpoint):
             await _drain(stream)
             return SubmitStreamingTaskResponse(**refused)
         watcher = asyncio.create_task(self._watch(service, task_id, stream))
-        return SubmitStreamingTaskResponse(response=_with_watcher(stream, watcher), task_id=task_id)
+        events = client_events(stream, openai_endpoint)
+        return SubmitStreamingTaskResponse(response=_with_watcher(events, watcher), task_id=task_id)
 
     async def submit_task_async(self, data: dict[str, Any]) -> SubmitTaskAsyncResponse:
         """See adaptors/compute_tasks.py."""
@@ -447,18 +487,31 @@ class GlobusComputeEndpoint(BaseEndpoint):
             documents = await service.statuses(task_ids)
         except globus_sdk.GlobusError as exc:
             return GetBatchStatusResponse(error_code=503, error_message=_submit_failure(exc))
-        return _batch_status(service, [documents.get(task_id, {}) for task_id in task_ids])
+        documents_in_order = [documents.get(task_id, {}) for task_id in task_ids]
+        return _batch_status(service, documents_in_order, self.config.accept_dill_results)
 
     async def _watch(self, service: ComputeService, task_id: str, stream: RelayStream) -> None:
-        """The task's own end also ends the stream: a failure before any callback is not a silence."""
+        """The task's own end also ends the stream: a failure before any callback is not a silence,
+        and a result that reports a failed stream (the existing function's way) is a failure."""
         try:
-            await service.result(task_id, self.config.task_timeout_seconds, self._queued)
+            value = await self._result(service, task_id)
         except TaskFailed as exc:
             await stream.fail(*self._task_failed(exc))
+        except UnreadableResult as exc:
+            await stream.fail(502, str(exc))
         except TimeoutError:
             return
         else:
-            await stream.finish()
+            failure = stream_failure(value)
+            if failure is None:
+                await stream.finish()
+            else:
+                self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure[0] < 500 else "5xx")
+                await stream.fail(*failure)
+
+    async def _result(self, service: ComputeService, task_id: str) -> Any:
+        timeout, accept_dill = self.config.task_timeout_seconds, self.config.accept_dill_results
+        return await service.result(task_id, timeout, self._queued, accept_dill)
 
     def _queued(self, seconds: float) -> None:
         self._telemetry.phase(self.endpoint_slug, "queue", seconds)
@@ -529,11 +582,11 @@ class GlobusComputeEndpoint(BaseEndpoint):
         return self._service
 
 
-async def _with_watcher(stream: RelayStream, watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
+async def _with_watcher(events: AsyncIterator[bytes], watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
     """A failure before the first chunk is the task's (it failed, or it is still running after the
     first-chunk limit): a retry would run it again. Only an unavailable relay (503) is worth one."""
     try:
-        async for chunk in stream.events():
+        async for chunk in events:
             yield chunk
     except StreamError as exc:
         if exc.code == 503:
@@ -541,6 +594,7 @@ async def _with_watcher(stream: RelayStream, watcher: asyncio.Task[None]) -> Asy
         raise StreamError(exc.message, exc.code, retryable=False) from exc
     finally:
         watcher.cancel()
+        await close(events)
 
 
 async def _drain(stream: RelayStream) -> None:
@@ -553,7 +607,9 @@ async def _drain(stream: RelayStream) -> None:
         pass
 
 
-def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> GetBatchStatusResponse:
+def _batch_status(
+    service: ComputeService, documents: list[dict[str, Any]], accept_dill: bool
+) -> GetBatchStatusResponse:
     states = [str(document.get("status", "")).lower() for document in documents]
     if "failed" in states:
         failed = documents[states.index("failed")]
@@ -561,7 +617,9 @@ def _batch_status(service: ComputeService, documents: list[dict[str, Any]]) -> G
         return GetBatchStatusResponse(status=BatchStatusEnum.failed, error_message=message[-2000:])
     if states and all(state == "success" for state in states):
         try:
-            values = [_unwrap(service.value(document)) for document in documents]
+            values = [_unwrap(service.value(document, accept_dill)) for document in documents]
+        except UnreadableResult as exc:
+            return GetBatchStatusResponse(status=BatchStatusEnum.failed, error_message=str(exc))
         except ValueError:
             return GetBatchStatusResponse(
                 status=BatchStatusEnum.failed, error_message="Unreadable batch result."
@@ -628,7 +686,9 @@ class GlobusComputeCluster(BaseCluster):
         config = self.config
         try:
             task_id = await self._service.submit(config.qstat_endpoint_uuid, config.qstat_function_uuid)
-            value = await self._service.result(task_id, config.task_timeout_seconds)
+            value = await self._service.result(
+                task_id, config.task_timeout_seconds, accept_dill=config.accept_dill_results
+            )
         except globus_sdk.GlobusError as exc:
             return GetJobsResponse(error_code=503, error_message=_submit_failure(exc))
         except TimeoutError:
@@ -639,9 +699,19 @@ class GlobusComputeCluster(BaseCluster):
             return GetJobsResponse(
                 error_code=502, error_message=f"The cluster's status task failed: {exc}"[:500]
             )
+        except UnreadableResult as exc:
+            return GetJobsResponse(error_code=502, error_message=str(exc))
         try:
-            return GetJobsResponse(jobs=Jobs.model_validate_json(_unwrap(value)))
+            jobs = Jobs.model_validate_json(_unwrap(value))
         except (ValueError, ValidationError):
             return GetJobsResponse(
                 error_code=502, error_message="The cluster's status task returned no jobs report."
             )
+        await mark_disconnected(jobs, self._status_reader)
+        return GetJobsResponse(jobs=jobs)
+
+    def _status_reader(self, job: JobInfo) -> StatusReader | None:
+        """The existing gateway looks up a job's first model."""
+        model = job.Models.split(",")[0].strip()
+        endpoint = _serving.get((self.cluster_name, job.Framework, model))
+        return None if endpoint is None else endpoint.endpoint_status

@@ -1,42 +1,68 @@
-"""Failures reported by compute functions, turned into the status the client should see.
+"""Failures reported by compute functions, turned into the status and message the client should see.
 
-The existing gateway's functions report a vLLM error as text containing
-`API request failed with status code: N` and `Response text: <vLLM's JSON>`. A client error from
-vLLM (a prompt too long, a bad parameter) must reach the client as that 4xx, not as a gateway fault.
+Both functions report a vLLM error as text containing `API request failed with status code: N` and
+`Response text: <vLLM's body>`. The existing gateway's function goes on with
+`Response headers: {...}` and `Response time: ...`, and the endpoint wraps a raised error in its
+traceback. A client error from vLLM (a prompt too long, a bad parameter) must reach the client as
+that 4xx with vLLM's message; no traceback or header dump reaches a client.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 _STATUS = re.compile(r"status code:?\s*(\d{3})")
-_RESPONSE_TEXT = re.compile(r"Response text:?\s*(\{.*\})", re.DOTALL)
+_RESPONSE_TEXT = re.compile(r"Response text:?[ \t]*")
+_TRACEBACK = "Traceback (most recent call last):"
+_NOISE = re.compile(r"\n(Response headers|Response time):.*", re.DOTALL)
+_EXCEPTION_PREFIX = re.compile(r"^(?:[\w.]*(?:Error|Exception): )?(?:Unexpected error of type \w+: )?")
 _LONGEST_MESSAGE = 1000
+_DECODER = json.JSONDecoder()
 
 
 def remote_error(text: str) -> tuple[int, str]:
     """(HTTP status, message) for a function's error text."""
     match = _STATUS.search(text)
     status = int(match.group(1)) if match else None
-    message = _backend_message(text) or text.strip()[:_LONGEST_MESSAGE] or "The remote task failed."
+    message = _backend_message(text) or _plain(text) or "The remote task failed."
     if status is not None and 400 <= status < 500:
         return status, message
     return 502, f"The model's backend failed: {message}"
 
 
 def _backend_message(text: str) -> str | None:
-    match = _RESPONSE_TEXT.search(text)
-    if match is None:
-        return None
-    try:
-        document = json.loads(match.group(1))
-    except ValueError:
-        return None
+    """vLLM's own message: the JSON object right after `Response text:`, whatever follows it."""
+    for match in _RESPONSE_TEXT.finditer(text):
+        try:
+            document, _ = _DECODER.raw_decode(text, match.end())
+        except ValueError:
+            continue
+        message = _message_of(document)
+        if message:
+            return message[:_LONGEST_MESSAGE]
+    return None
+
+
+def _message_of(document: Any) -> str | None:
     if not isinstance(document, dict):
         return None
     error = document.get("error")
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return str(error["message"])[:_LONGEST_MESSAGE]
+        return str(error["message"])
+    if isinstance(error, str):
+        return error
     message = document.get("message")
-    return str(message)[:_LONGEST_MESSAGE] if isinstance(message, str) else None
+    return message if isinstance(message, str) else None
+
+
+def _plain(text: str) -> str:
+    """The last exception's own text, without the traceback around it, the exception's type, or
+    the response headers and timing the existing function appends."""
+    if _TRACEBACK in text:
+        lines = text[text.rindex(_TRACEBACK) + len(_TRACEBACK) :].split("\n")
+        first = next((n for n, line in enumerate(lines) if line and not line[0].isspace()), len(lines))
+        text = "\n".join(lines[first:])
+    text = _NOISE.sub("", text.strip())
+    return _EXCEPTION_PREFIX.sub("", text, count=1).strip()[:_LONGEST_MESSAGE]

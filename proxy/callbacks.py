@@ -6,8 +6,10 @@ They sit outside bearer authentication: the shared `X-Internal-Secret` and the p
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +17,9 @@ from aiohttp import web
 from adaptors.remote_errors import remote_error
 from proxy.errors import ApiError
 from proxy.metrics import METRICS
-from proxy.relay import Delivery, Event, Relay, sse_lines
+from proxy.relay import Delivery, Event, Relay, RelayUnavailable, sse_lines
+
+log = logging.getLogger(__name__)
 
 RELAY = web.AppKey("relay", Relay)
 TOKEN = web.RequestKey("stream_token", str)
@@ -23,6 +27,13 @@ TOKEN = web.RequestKey("stream_token", str)
 DATA_LIMIT = 150_000
 CONTROL_LIMIT = 15_000
 CALLBACK_ROUTES = frozenset({"stream-data", "stream-error", "stream-done"})
+
+REFUSED_SECRET = (
+    "The compute function's callbacks were refused: check INTERNAL_STREAMING_SECRET (the compute "
+    "endpoint's value differs from this gateway's streaming.internal_secret)."
+)
+REFUSED_TOKEN = "The compute function's callbacks were refused: its stream token does not match this stream."
+_LONGEST_STREAM_ID = 64
 
 _ANSWERS = {
     Delivery.BAD_TOKEN: "The stream token does not match this stream.",
@@ -67,6 +78,8 @@ async def done(request: web.Request) -> web.Response:
 
 async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> web.Response:
     delivery = await request.app[RELAY].deliver(body["task_id"], request[TOKEN], event)
+    if delivery is Delivery.BAD_TOKEN:
+        await _note_refusal(request, body["task_id"], REFUSED_TOKEN)
     if delivery is not Delivery.ACCEPTED:
         raise ApiError(int(delivery), _ANSWERS[delivery], code="stream_" + delivery.name.lower())
     return web.json_response({"status": "received", "task_id": body["task_id"]})
@@ -79,11 +92,14 @@ async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
     # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoded back, they are what was sent.
     given = request.headers.get("X-Internal-Secret", "").encode("utf-8", "surrogateescape")
     if not hmac.compare_digest(given, secret.encode()):
+        await _refuse_sender(request, limit, REFUSED_SECRET)
         raise ApiError(401, "Invalid internal secret.", code="invalid_secret")
     token = request.headers.get("X-Stream-Task-Token", "")
     if not token.isascii():  # the gateway issues URL-safe tokens
+        await _refuse_sender(request, limit, REFUSED_TOKEN)
         raise ApiError(401, "Malformed X-Stream-Task-Token.", code="invalid_stream_token")
     if not token:
+        await _refuse_sender(request, limit, REFUSED_TOKEN)
         raise ApiError(401, "Missing X-Stream-Task-Token.", code="invalid_stream_token")
     request[TOKEN] = token
     body = await _read_capped(request, limit)
@@ -94,6 +110,26 @@ async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("task_id"), str):
         raise ApiError(400, "The callback body needs a string 'task_id'.", param="task_id")
     return document
+
+
+async def _refuse_sender(request: web.Request, limit: int, message: str) -> None:
+    """A function whose callbacks are refused keeps posting to nowhere (the existing one never
+    stops): its stream, if the refused body names one, ends now with the reason."""
+    try:
+        document = json.loads(await _read_capped(request, limit))
+    except (ApiError, ValueError, RecursionError):
+        return
+    stream_id = document.get("task_id") if isinstance(document, dict) else None
+    if isinstance(stream_id, str):
+        await _note_refusal(request, stream_id, message)
+
+
+async def _note_refusal(request: web.Request, stream_id: str, message: str) -> None:
+    if not 0 < len(stream_id) <= _LONGEST_STREAM_ID:
+        return
+    log.warning("a callback for stream %r was refused: %s", stream_id, message)
+    with contextlib.suppress(RelayUnavailable):  # the callback still gets its 401 or 403
+        await request.app[RELAY].refused(stream_id, message)
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:

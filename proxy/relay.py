@@ -108,6 +108,12 @@ class Relay(ABC):
         await self._register(stream_id, _digest(token))
         return RelayedStream(self, stream_id, token)
 
+    async def refused(self, stream_id: str, message: str) -> None:
+        """A callback for this stream was refused (wrong secret or token): every later one will be
+        too, so the waiting client gets the reason now instead of after the first-chunk limit.
+        Nothing happens for a stream that does not exist or has ended."""
+        await self._push(stream_id, Event("error", message.encode(), 502))
+
     @abstractmethod
     async def deliver(self, stream_id: str, token: str, event: Event) -> Delivery:
         """Called by the callback routes; `done` waits for data callbacks already being handled."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,9 @@ QSTAT = "11111111-aaaa-4bbb-8ccc-000000000002"
 LEGACY = "11111111-aaaa-4bbb-8ccc-000000000003"
 SLOW_MODEL = "slow/Compute-Model"
 LEGACY_MODEL = "legacy/Compute-Model"
+"""Served by tests/existing_function.py, the existing gateway's function, with the default protocol."""
+OURS = {"callback_protocol": "gateway"}
+"""The config of endpoints that run compute-functions/vllm_inference.py."""
 
 
 def load_function() -> Callable[[dict[str, Any]], str]:
@@ -39,65 +40,27 @@ def load_function() -> Callable[[dict[str, Any]], str]:
 
 
 def qstat() -> str:
+    """The existing qstat function's answer: jobs by state, the private batch lists spelled with
+    hyphens, no `stopped` list, and the free nodes."""
+
+    def job(models: str, job_id: str, state: str, model_status: str) -> dict[str, str]:
+        return {
+            "Models": models, "Framework": "vllm", "Cluster": "hpc", "Model Status": model_status,
+            "Job ID": job_id, "Job State": state, "Host Name": "x1000c0s0b0n0/0*64",
+            "Job Comments": "Job run at Thu Dec 03 at 09:12", "Nodes Reserved": "1",
+        }  # fmt: skip
+
     return json.dumps(
         {
-            "running": [
-                {"Models": f"{CHAT_MODEL},{SLOW_MODEL}", "Framework": "vllm", "Cluster": "hpc", "Job ID": "1"}
-            ],
-            "queued": [{"Models": "hidden/model", "Framework": "vllm", "Cluster": "hpc"}],
-            "stopped": [],
+            "running": [job(f"{CHAT_MODEL},{SLOW_MODEL}", "1", "R", "running")],
+            "queued": [job("hidden/model", "2", "Q", "queued")],
             "others": [],
-            "private_batch_running": [],
-            "private_batch_queued": [],
-            "cluster_status": {"cluster": "hpc", "total_models": 3},
-        }
+            "private-batch-running": [job(CHAT_MODEL, "3", "R", "running")],
+            "private-batch-queued": [job(CHAT_MODEL, "4", "Q", "queued")],
+            "cluster_status": {"free_nodes": 3},
+        },
+        indent=4,
     )
-
-
-class Callback:
-    """POSTs to the gateway's callback routes the way the existing function does."""
-
-    def __init__(self, gateway: dict[str, Any]) -> None:
-        base = f"{gateway['streaming_server_protocol']}://{gateway['streaming_server_host']}"
-        self.url = f"{base}:{gateway['streaming_server_port']}/resource_server/api/streaming/"
-        self.task_id = gateway["stream_task_id"]
-        self.token = gateway["stream_task_token"]
-
-    def post(self, route: str, body: dict[str, Any], token: str | None = None) -> int:
-        request = urllib.request.Request(
-            self.url + route + "/",
-            data=json.dumps({"task_id": self.task_id, **body}).encode(),
-            headers={
-                "Content-Type": "application/json",
-                "X-Internal-Secret": SECRET,
-                "X-Stream-Task-Token": token or self.token,
-            },
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                return int(answer.status)
-        except urllib.error.HTTPError as error:
-            return int(error.code)
-
-
-def legacy_function(parameters: dict[str, Any]) -> str:
-    """Behaves like the existing gateway's function, steered by the prompt: data in batches of
-    lines, then done; or an error; or a forged token. It never looks at 410."""
-    params = parameters["model_params"]
-    callback = Callback(params)
-    prompt = params["messages"][-1]["content"]
-    if prompt == "forged":
-        status = callback.post("data", {"data": "data: {}", "type": "data"}, token="forged")
-        raise RuntimeError(f"the gateway answered {status}")
-    if prompt == "error":
-        callback.post("error", {"error": "CUDA out of memory (status code: 500)"})
-        raise RuntimeError("CUDA out of memory")
-    lines = [f'data: {{"choices": [{{"index": 0, "delta": {{"content": "w{n} "}}}}]}}' for n in range(45)]
-    for start in range(0, len(lines), 20):
-        callback.post("data", {"data": "\n".join(lines[start : start + 20]), "type": "data"})
-    callback.post("data", {"data": "data: [DONE]", "type": "data"})
-    callback.post("done", {"type": "done"})
-    return json.dumps({"streamed": True})
 
 
 def compute_endpoint(
@@ -161,8 +124,8 @@ def compute_config(
     clusters = [*yaml.safe_load((directory / "clusters.yaml").read_text()), cluster]
     endpoints = [
         *yaml.safe_load((directory / "endpoints.yaml").read_text()),
-        compute_endpoint(CHAT_MODEL, INFER, backend, compute, globus, **chat_config),
-        compute_endpoint(SLOW_MODEL, INFER, backend, compute, globus, task_timeout_seconds=0.5),
+        compute_endpoint(CHAT_MODEL, INFER, backend, compute, globus, **{**OURS, **chat_config}),
+        compute_endpoint(SLOW_MODEL, INFER, backend, compute, globus, **OURS, task_timeout_seconds=0.5),
         compute_endpoint(LEGACY_MODEL, LEGACY, backend, compute, globus),
     ]
     write_yaml(directory / "clusters.yaml", clusters)

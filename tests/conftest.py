@@ -20,10 +20,10 @@ from tests.compute_setup import (
     SECRET,
     SERVICE_ID,
     SERVICE_SECRET,
-    legacy_function,
     load_function,
     qstat,
 )
+from tests.existing_function import existing_vllm_function
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus
 from tests.postgres_server import PostgresServer
@@ -140,5 +140,5 @@ async def compute(globus: FakeGlobus, monkeypatch: pytest.MonkeyPatch) -> AsyncI
         fake.add_endpoint(ENDPOINT)
         fake.register_function(INFER, load_function())
         fake.register_function(QSTAT, qstat)
-        fake.register_function(LEGACY, legacy_function)
+        fake.register_function(LEGACY, existing_vllm_function)
         yield fake

@@ -25,6 +25,9 @@ Verified against the installed SDKs (globus-sdk 4.9.1, globus-compute-sdk 4.19.0
   service adds the registered function's code);
 - results: the endpoint worker (``globus_compute_endpoint.engines.helper.execute_task``) answers
   ``ComputeSerializer.serialize_from_list(value, result_serializers)``; the default data strategy is dill;
+  an older endpoint (``add_endpoint(..., honours_result_serializers=False)``) ignores the task's
+  ``result_serializers`` and answers ``ComputeSerializer().serialize(value)``: ``00\n`` and the base64 of
+  a dill pickle (``DillDataBase64``), whatever the submitter asked for;
 - exceptions: the worker sends plain text, not a serialized object: ``traceback.format_exception`` without
   its own two innermost frames (``exception_handling.get_error_string``), or ``repr(exc)`` for its internal
   errors such as ``MaxResultSizeExceeded``. The SDK wraps that text in ``TaskExecutionFailed``.
@@ -87,6 +90,8 @@ class FakeEndpoint:
     endpoint_id: str
     status: str
     managers: int
+    honours_result_serializers: bool = True
+    """False: an older globus-compute-endpoint, which serializes every result with its default (dill)."""
     # Replaced (and the old one set) on every change, so waiters wake up and look again.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -222,11 +227,18 @@ class FakeCompute:
 
     # -- setup -------------------------------------------------------------------------------------------
 
-    def add_endpoint(self, endpoint_id: str, *, status: str = ONLINE, managers: int = 1) -> None:
+    def add_endpoint(
+        self,
+        endpoint_id: str,
+        *,
+        status: str = ONLINE,
+        managers: int = 1,
+        honours_result_serializers: bool = True,
+    ) -> None:
         """Register an endpoint (a UUID, as the service requires) that tasks may be submitted to."""
         _check_status(status)
         endpoint_id = str(uuid.UUID(endpoint_id))
-        self._endpoints[endpoint_id] = FakeEndpoint(endpoint_id, status, managers)
+        self._endpoints[endpoint_id] = FakeEndpoint(endpoint_id, status, managers, honours_result_serializers)
 
     def set_endpoint(
         self, endpoint_id: str, *, status: str | None = None, managers: int | None = None
@@ -495,7 +507,10 @@ class FakeCompute:
             if task.payload_error is not None:
                 raise task.payload_error
             value = function(*task.args, **task.kwargs)
-            result = ComputeSerializer.serialize_from_list(value, task.result_serializers)
+            if self._endpoints[task.endpoint_id].honours_result_serializers:
+                result = ComputeSerializer.serialize_from_list(value, task.result_serializers)
+            else:
+                result = ComputeSerializer().serialize(value)
             if len(result) > self.result_size_limit:
                 raise MaxResultSizeExceeded(len(result), self.result_size_limit)
         except BaseException as exc:

@@ -35,6 +35,7 @@ T = TypeVar("T")
 SERVICE_ID = "5e7d1f4c-2b3a-4c5d-8e9f-0a1b2c3d4e5f"
 SERVICE_SECRET = "service-account-secret"
 ENDPOINT = "1b6f4c9e-7d3a-4e2b-9c8d-5f6e7a8b9c0d"
+OLD_ENDPOINT = "2c7a5d0f-8e4b-4f3c-8d9e-6a7b8c9d0e1f"
 OTHER_ENDPOINT = "2c7a5d0f-8e4b-4f3c-ad9e-6a7b8c9d0e1f"
 GENERATE = "3d8b6e1a-9f5c-4a4d-be0f-7b8c9d0e1f2a"
 BROKEN = "4e9c7f2b-0a6d-4b5e-8f1a-8c9d0e1f2a3b"
@@ -241,6 +242,20 @@ async def test_default_result_serializer_is_dill(compute: FakeCompute, clients: 
     assert json.loads(ComputeSerializer().deserialize(document["result"]))["choices"][0]["text"] == "olleH"
     with pytest.raises(Exception, match="disabled"):
         RESULT_READER.deserialize(document["result"])
+
+
+async def test_an_older_endpoint_ignores_the_requested_result_serializer(
+    compute: FakeCompute, clients: Clients
+) -> None:
+    """The gateway asks for JSON; an endpoint older than `result_serializers` answers dill anyway."""
+    compute.add_endpoint(OLD_ENDPOINT, honours_result_serializers=False)
+    [task_id] = await submit(clients, gateway_batch(), OLD_ENDPOINT)
+
+    document = (await poll(clients, [task_id]))[task_id]
+
+    assert compute.task(task_id).result_serializers == JSON_RESULTS
+    assert document["result"].startswith("00\n")  # DillDataBase64, as if nothing had been asked
+    assert json.loads(ComputeSerializer().deserialize(document["result"]))["choices"][0]["text"] == "olleH"
 
 
 async def test_the_compute_sdks_own_readers_accept_the_documents(

@@ -20,7 +20,6 @@ from bench.backend import DISCONNECTS, REQUESTS
 from proxy.metrics import METRICS
 from tests.compute_setup import (
     ENDPOINT,
-    LEGACY_MODEL,
     ROOT,
     SLOW_MODEL,
     compute_config,
@@ -221,34 +220,6 @@ async def test_client_disconnect_stops_the_remote_generation(
     task = await compute.settled(next(iter(compute.tasks)), timeout=10)
     assert json.loads(task.value)["cancelled"] is True
     assert backend.app[DISCONNECTS] == 1
-
-
-async def test_the_existing_functions_callbacks_are_accepted(
-    gateway: Server, http: aiohttp.ClientSession
-) -> None:
-    async with http.post(
-        f"{hpc(gateway)}/chat/completions", json=chat(model=LEGACY_MODEL, stream=True), headers=auth()
-    ) as response:
-        events = [e for e in (await response.read()).decode().split("\n\n") if e and not e.startswith(":")]
-    assert len(events) == 46 and events[-1] == "data: [DONE]"
-    assert events[0].startswith('data: {"choices"') and "w44 " in events[-2]
-
-
-@pytest.mark.parametrize(
-    "prompt, fragment", [("error", "CUDA out of memory"), ("forged", "the gateway answered 403")]
-)
-async def test_function_errors_end_the_stream(
-    gateway: Server, http: aiohttp.ClientSession, prompt: str, fragment: str
-) -> None:
-    status, document, _ = await call(
-        http,
-        "POST",
-        f"{hpc(gateway)}/chat/completions",
-        json=chat(prompt, model=LEGACY_MODEL, stream=True),
-        headers=auth(),
-    )
-    assert status == 502
-    assert fragment in assert_openai_error(document)["message"]
 
 
 async def test_jobs_from_the_qstat_function(gateway: Server, http: aiohttp.ClientSession) -> None:

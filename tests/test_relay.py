@@ -260,3 +260,29 @@ async def test_limits_end_the_stream_with_an_error(
         assert error is not None and error.code == 504 and fragment in error.message
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "secret, token, fragment",
+    [
+        ("wrong-secret-0123456789", None, "check INTERNAL_STREAMING_SECRET"),
+        (SECRET, "forged", "stream token"),
+    ],
+)
+async def test_a_refused_callback_ends_its_stream_with_the_reason(
+    gateways: tuple[Server, Server],
+    http: aiohttp.ClientSession,
+    secret: str,
+    token: str | None,
+    fragment: str,
+) -> None:
+    """Every later callback would be refused too: the client learns why now, not at a time limit."""
+    holder, receiver = gateways
+    stream = await holder.app[RELAY].open()
+    client = asyncio.ensure_future(collect(stream))
+    body = {"task_id": stream.stream_id, "data": sse("x")}
+    assert (await post(http, receiver, "data", body, token or stream.token, secret))[0] in (401, 403)
+    received, error = await asyncio.wait_for(client, 5)
+    assert error is not None and error.code == 502
+    assert "callbacks were refused" in error.message and fragment in error.message
+    assert [chunk for chunk in received if not chunk.startswith(b":")] == []
