@@ -6,6 +6,7 @@ submission (until the adaptor answers or its stream starts), first byte and tota
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -85,6 +86,9 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
     except ApiError as exc:
         outcome = _outcome(exc.status)
         raise
+    except asyncio.CancelledError:
+        outcome = _cancelled(request)
+        raise
     finally:
         _measured(meters, info, started, outcome, first_byte=None)
 
@@ -109,9 +113,13 @@ async def run_stream(
         if ended.error is not None:
             info.error = ended.error.message
         outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"
+        info.client_closed = not ended.completed
         return ended.response
     except ApiError as exc:
         outcome = _outcome(exc.status)
+        raise
+    except asyncio.CancelledError:
+        outcome = _cancelled(request)
         raise
     finally:
         streams_in_flight.dec()
@@ -155,6 +163,12 @@ def _outcome(code: int | None) -> str:
     if code is None:
         return "ok"
     return "client_error" if code < 500 else "backend_error"
+
+
+def _cancelled(request: web.Request) -> str:
+    """aiohttp cancels the handler of a client that went away (its connection is gone); otherwise
+    the gateway itself gave up on the request, stopping."""
+    return "client_gone" if request.transport is None else "cancelled"
 
 
 def _measured(

@@ -31,6 +31,9 @@ _ID_COUNTER = itertools.count()
 hosts without a system call per request."""
 QUIET_ROUTES = frozenset({"metrics", "health"})
 """Route names of scrapes and health probes: every few seconds, they would drown real requests."""
+CLIENT_CLOSED: Final = 499
+"""nginx's status for a request whose client went away before its answer: not the gateway's error."""
+CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
 
 
 @dataclass
@@ -52,6 +55,8 @@ class RequestInfo:
     prompt: str | None = None
     result: str | None = None
     """Kept only when the operator configures `request_log.store_prompts`."""
+    client_closed: bool = False
+    """Set when a stream's client went away before its end (the handler still returns)."""
     ended: float = 0.0
     status: int = 0
     user: User | None = None
@@ -216,9 +221,15 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             status = response.status
             if status >= 400 and isinstance(response, web.Response):
                 info.error = _error_message(response)
+            elif info.client_closed:
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            if request.transport is None:  # aiohttp cancels the handler of a connection that was lost
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             raise
         finally:
             in_flight.dec()

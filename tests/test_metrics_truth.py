@@ -1,0 +1,70 @@
+"""Metrics and records tell the truth: clients that hang up, scrapes, fast phases (issues 15.5, 19.11)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support import (
+    CHAT_MODEL,
+    Server,
+    auth,
+    chat,
+    start_gateway,
+    stdout_lines,
+    value,
+    write_gateway_config,
+)
+
+
+def metrics_url(gateway: Server) -> str:
+    return gateway.url.removesuffix("/resource_server") + "/metrics"
+
+
+async def scrape(http: aiohttp.ClientSession, gateway: Server) -> str:
+    async with http.get(metrics_url(gateway)) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def hang_up(url: str, body: dict[str, object], after_first_chunk: bool) -> None:
+    """A client that goes away: after the stream's first chunk, or before any answer."""
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(url, json=body, headers=auth())
+        if after_first_chunk:
+            await response.content.readany()
+        response.close()
+
+
+async def test_a_client_that_hangs_up_is_a_499_not_a_500(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession, capfd: pytest.CaptureFixture[str]
+) -> None:
+    runner, gateway = await start_gateway(write_gateway_config(tmp_path, backend.url))
+    url = f"{gateway.url}/local/vllm/v1/chat/completions"
+    try:
+        before = await scrape(http, gateway)
+        await hang_up(url, chat("[[chunks=20]][[chunk_delay=0.1]]", stream=True), after_first_chunk=True)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await hang_up(url, chat("[[delay=2]]"), after_first_chunk=False)
+        await asyncio.sleep(0.5)
+        after = await scrape(http, gateway)
+        lines = await stdout_lines(capfd, lambda lines: sum('"route"' in line for line in lines) >= 2)
+    finally:
+        await runner.cleanup()
+    labels = {"cluster": "local", "model": CHAT_MODEL}
+    for status_class in ("5xx", "4xx"):
+        grew = value(after, "gateway_requests_total", **labels, status_class=status_class) - value(
+            before, "gateway_requests_total", **labels, status_class=status_class
+        )
+        assert grew == (2 if status_class == "4xx" else 0), status_class
+    records = [json.loads(line) for line in lines if line.startswith('{"request_id"')]
+    assert [record["status"] for record in records] == [499, 499]
+    assert all(record["error"] == "The client closed the connection." for record in records)
+    adaptor = {"adaptor": "DirectAPIEndpoint", **labels}
+    assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="client_gone") == 2
+    assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="backend_error") == 0
