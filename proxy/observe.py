@@ -30,7 +30,8 @@ _ID_COUNTER = itertools.count()
 """Request ids: random per process, then counted, so that ids are unique across processes and
 hosts without a system call per request."""
 QUIET_ROUTES = frozenset({"metrics", "health"})
-"""Route names of scrapes and health probes: every few seconds, they would drown real requests."""
+"""Route names of scrapes and health probes: every few seconds, they would drown real requests in
+records and request rates, and a scrape would count itself in flight. They get only a request id."""
 CLIENT_CLOSED: Final = 499
 """nginx's status for a request whose client went away before its answer: not the gateway's error."""
 CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
@@ -213,6 +214,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             route=_route(request),
         )
         request[INFO] = info
+        if request.match_info.route.name in QUIET_ROUTES:
+            return await handler(request)
         in_flight = metrics.in_flight.labels(info.route)
         in_flight.inc()
         status = 500
@@ -234,8 +237,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         finally:
             in_flight.dec()
             metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
-            if request.match_info.route.name not in QUIET_ROUTES:
-                request.app[REQUEST_LOG].emit(request, info, status)
+            request.app[REQUEST_LOG].emit(request, info, status)
 
     return observe
 

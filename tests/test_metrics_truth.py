@@ -16,6 +16,7 @@ from tests.support import (
     chat,
     start_gateway,
     stdout_lines,
+    samples,
     value,
     write_gateway_config,
 )
@@ -68,3 +69,40 @@ async def test_a_client_that_hangs_up_is_a_499_not_a_500(
     adaptor = {"adaptor": "DirectAPIEndpoint", **labels}
     assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="client_gone") == 2
     assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="backend_error") == 0
+
+
+async def test_scrapes_and_probes_are_neither_in_flight_nor_requests(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    for _ in range(3):
+        async with http.get(f"{gateway.url}/health") as response:
+            assert response.status == 200
+        await scrape(http, gateway)
+    async with http.post(
+        f"{gateway.url}/local/vllm/v1/chat/completions", json=chat(), headers=auth()
+    ) as response:
+        assert response.status == 200
+    text = await scrape(http, gateway)
+    assert value(text, "gateway_requests_in_flight") == 0, "nothing is in flight at rest"
+    routes = {
+        dict(labels).get("route") for (name, labels) in samples(text) if name == "gateway_requests_total"
+    }
+    assert routes == {"/resource_server/{cluster}/{framework}/v1/{openai_path}"}
+
+
+async def test_fast_phases_have_buckets_from_100_microseconds(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    for _ in range(3):
+        async with http.post(
+            f"{gateway.url}/local/vllm/v1/chat/completions", json=chat(), headers=auth()
+        ) as response:
+            assert response.status == 200
+    text = await scrape(http, gateway)
+    authentication = {"model": CHAT_MODEL, "phase": "authentication"}
+    assert value(text, "gateway_phase_duration_seconds_count", **authentication) == 3
+    within = value(text, "gateway_phase_duration_seconds_bucket", **authentication, le="0.001")
+    assert within == 3, "a token looked up in the static table takes microseconds, not milliseconds"
+    assert ("gateway_phase_duration_seconds_bucket", "0.0001") in {
+        (name, dict(labels).get("le")) for name, labels in samples(text)
+    }
