@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.auth import USER, User
 from proxy.metrics import Metrics, status_class
 from proxy.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSink, RequestRecord
+from proxy.storable import stored_text
 from proxy.usage import Usage
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -94,7 +95,7 @@ class RequestLog:
         self.store_prompts = store_prompts
         self.sink: RecordSink | None = None
         self._trusted = [ipaddress.ip_network(network, strict=False) for network in trusted_proxies]
-        self._trusted_hops: dict[str, bool] = {}
+        self._hops: dict[str, str] = {}
         self._metrics = metrics
         self._dropped = 0
         self._delay = delay_seconds
@@ -140,29 +141,38 @@ class RequestLog:
         self.flush()
 
     def client_ip(self, request: web.Request) -> str | None:
-        """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
+        """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop.
+        A hop that is no address (undecodable bytes, a name, garbage) stops the walk: the farthest
+        address believed is then the nearest hop, a trusted one."""
         peer = request.remote  # aiohttp asks the socket once per connection
         forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
         if not forwarded:
             return peer[:64] if peer else None
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer] if peer else [])
-        while len(hops) > 1 and self._is_trusted(hops[-1]):
+        while len(hops) > 1 and self._hop(hops[-1]) is _TRUSTED and self._hop(hops[-2]) is not _NO_ADDRESS:
             hops.pop()
-        return hops[-1][:64] if hops else None
+        return hops[-1][:64] if hops and self._hop(hops[-1]) is not _NO_ADDRESS else None
 
-    def _is_trusted(self, hop: str) -> bool:
+    def _hop(self, hop: str) -> str:
         """Cached: nearly every request comes from the same few proxies."""
-        trusted = self._trusted_hops.get(hop)
-        if trusted is None:
+        kind = self._hops.get(hop)
+        if kind is None:
             try:
-                address = ipaddress.ip_address(hop)
+                address = ipaddress.ip_address(hop) if len(hop) <= 64 else None
             except ValueError:
-                trusted = False
+                address = None
+            if address is None:
+                kind = _NO_ADDRESS
             else:
-                trusted = any(address in network for network in self._trusted)
-            if len(self._trusted_hops) < 4096:
-                self._trusted_hops[hop] = trusted
-        return trusted
+                kind = _TRUSTED if any(address in network for network in self._trusted) else _UNTRUSTED
+            if len(self._hops) < 4096:
+                self._hops[hop] = kind
+        return kind
+
+
+_TRUSTED: Final = "trusted"
+_UNTRUSTED: Final = "untrusted"
+_NO_ADDRESS: Final = "no address"
 
 
 def _record(info: RequestInfo) -> RequestRecord:
@@ -175,7 +185,7 @@ def _record(info: RequestInfo) -> RequestRecord:
         ttfc_ms=None if info.first_chunk is None else _milliseconds(info.first_chunk - info.started),
         method=info.method,
         route=info.route,
-        path=info.path[:512],
+        path=stored_text(info.path[:512]),
         status=info.status,
         user_id=user.id if user else None,
         username=user.username if user else None,
@@ -187,11 +197,11 @@ def _record(info: RequestInfo) -> RequestRecord:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
-        task_id=info.task_id,
+        task_id=stored_text(info.task_id),
         client_ip=info.client_ip,
-        error=info.error,
-        prompt=info.prompt,
-        result=info.result,
+        error=stored_text(info.error),
+        prompt=stored_text(info.prompt),
+        result=stored_text(info.result),
     )
 
 

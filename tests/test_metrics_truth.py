@@ -14,9 +14,9 @@ from tests.support import (
     Server,
     auth,
     chat,
+    samples,
     start_gateway,
     stdout_lines,
-    samples,
     value,
     write_gateway_config,
 )
