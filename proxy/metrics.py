@@ -19,6 +19,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.errors import ApiError
+from proxy.process_metrics import ProcessMetrics
 from proxy.tally import SHARED_DIRECTORY_ENV, CounterValue, Family, GaugeValue, HistogramValue, Tallies
 
 LATENCY_BUCKETS = (
@@ -166,6 +167,8 @@ class Metrics:
             tallies.counter("gateway_relay_chunks", "Stream chunks received from remote functions")
         ).labels()
 
+        if enabled:
+            ProcessMetrics(tallies)
         self._endpoints: dict[tuple[str, str, str, str], EndpointMeters] = {}
 
     def endpoint(self, adaptor: str, cluster: str, framework: str, model: str) -> EndpointMeters:
