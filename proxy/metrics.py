@@ -148,6 +148,12 @@ class Metrics:
                 "gateway_log_records_dropped", "Request records dropped because the database buffer was full"
             )
         ).labels()
+        self.log_records_sampled_out = self._use(
+            tallies.counter(
+                "gateway_log_records_sampled_out",
+                "Records of requests without a user left out of the database (unauthenticated_per_minute)",
+            )
+        ).labels()
         self.upstream_errors = self._use(
             tallies.counter(
                 "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",

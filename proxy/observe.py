@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.auth import USER, User
 from proxy.metrics import Metrics, status_class
+from proxy.record_keeping import UnauthenticatedSampler
 from proxy.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSink, RequestRecord
 from proxy.storable import stored_text
 from proxy.usage import Usage
@@ -90,6 +91,7 @@ class RequestLog:
         metrics: Metrics,
         store_prompts: bool,
         delay_seconds: float = RECORD_DELAY_SECONDS,
+        unauthenticated_per_minute: int = 60,
     ) -> None:
         self.writer = writer
         self.store_prompts = store_prompts
@@ -102,6 +104,7 @@ class RequestLog:
         self._ended: list[RequestInfo] = []
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._sampler = UnauthenticatedSampler(unauthenticated_per_minute)
 
     def emit(self, request: web.Request, info: RequestInfo, status: int) -> None:
         if self.writer is None and self.sink is None:
@@ -130,7 +133,10 @@ class RequestLog:
                 self.writer.write(record)
             self.writer.flush()
         if self.sink is not None:
-            self.sink.submit(records)
+            stored = self._sampler.kept(records)
+            if len(stored) < len(records):
+                self._metrics.log_records_sampled_out.inc(len(records) - len(stored))
+            self.sink.submit(stored)
             if self.sink.dropped > self._dropped:
                 self._metrics.log_records_dropped.inc(self.sink.dropped - self._dropped)
                 self._dropped = self.sink.dropped
