@@ -53,12 +53,12 @@ async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) ->
     try:
         lease = await limiter.admit(user.id)
     except Limited as exc:
-        raise _too_many(exc) from None
+        raise _too_many(request, exc) from None
     try:
         await limiter.check_tokens(slug, user.id, limits.model, limits.user)
     except Limited as exc:
         await lease.release()
-        raise _too_many(exc) from None
+        raise _too_many(request, exc) from None
     try:
         yield
     finally:
@@ -68,7 +68,8 @@ async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) ->
             await limiter.record_tokens(slug, user.id, usage.total_tokens)
 
 
-def _too_many(exc: Limited) -> ApiError:
+def _too_many(request: web.Request, exc: Limited) -> ApiError:
+    request.app[METRICS].rate_limited(exc.kind).inc()
     retry_after = str(max(1, math.ceil(exc.retry_after)))
     return ApiError(429, exc.message, code="rate_limit_exceeded", headers={"Retry-After": retry_after})
 

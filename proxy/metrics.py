@@ -154,6 +154,15 @@ class Metrics:
                 "Records of requests without a user left out of the database (unauthenticated_per_minute)",
             )
         ).labels()
+        self.rate_limited = Bound(
+            self._use(
+                tallies.counter(
+                    "gateway_rate_limited",
+                    "Requests answered 429 by which limit: requests, concurrency, tokens_model, tokens_user",
+                    ["kind"],
+                )
+            )
+        )
         self.upstream_errors = self._use(
             tallies.counter(
                 "gateway_upstream_errors", "Backend failures by kind: connect, timeout, 4xx, 5xx",

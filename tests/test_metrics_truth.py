@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.support import (
     CHAT_MODEL,
@@ -106,3 +107,25 @@ async def test_fast_phases_have_buckets_from_100_microseconds(
     assert ("gateway_phase_duration_seconds_bucket", "0.0001") in {
         (name, dict(labels).get("le")) for name, labels in samples(text)
     }
+
+
+async def test_429s_are_counted_by_the_limit_reached(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    config = write_gateway_config(tmp_path, backend.url)
+    document = yaml.safe_load(config.read_text())
+    document["limits"] = {"requests_per_second": 1, "burst": 1, "concurrent_per_user": 0}
+    config.write_text(yaml.safe_dump(document))
+    runner, gateway = await start_gateway(config)
+    try:
+        statuses = []
+        for _ in range(3):
+            async with http.post(
+                f"{gateway.url}/local/vllm/v1/chat/completions", json=chat(), headers=auth()
+            ) as response:
+                statuses.append(response.status)
+        text = await scrape(http, gateway)
+    finally:
+        await runner.cleanup()
+    assert statuses == [200, 429, 429]
+    assert value(text, "gateway_rate_limited_total", kind="requests") == 2
