@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DAY: Final = 86400.0
 PRUNE_EVERY_SECONDS: Final = 3600.0
+PRUNE_RETRY_SECONDS: Final = 60.0
 PRUNE_CHUNK: Final = 10_000
 """Rows deleted per statement: a SQLite write keeps every other writer waiting until it commits."""
 _PRUNE_SQL: Final = (
@@ -69,15 +70,18 @@ async def prune(database: Database, before: float) -> int:
 
 
 async def prune_forever(database: Database, retention_days: float) -> None:
-    """At start and then hourly. Several workers or hosts may prune at once: deleting is idempotent."""
+    """At start and then hourly, or a minute after the database was unavailable. Several workers
+    or hosts may prune at once: deleting is idempotent."""
     while True:
+        pause = PRUNE_EVERY_SECONDS
         try:
             deleted = await prune(database, time.time() - retention_days * DAY)
         except DatabaseUnavailable as exc:
             log.warning("request records not pruned, the database is unavailable: %s", exc)
+            pause = PRUNE_RETRY_SECONDS
         except Exception:
             log.exception("request records not pruned")
         else:
             if deleted:
                 log.info("request records: %d older than %g days deleted", deleted, retention_days)
-        await asyncio.sleep(PRUNE_EVERY_SECONDS)
+        await asyncio.sleep(pause)

@@ -70,6 +70,7 @@ async def test_a_client_that_hangs_up_is_a_499_not_a_500(
     adaptor = {"adaptor": "DirectAPIEndpoint", **labels}
     assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="client_gone") == 2
     assert value(after, "gateway_adaptor_duration_seconds_count", **adaptor, outcome="backend_error") == 0
+    assert value(after, "gateway_upstream_errors_total") == 0
 
 
 async def test_scrapes_and_probes_are_neither_in_flight_nor_requests(
