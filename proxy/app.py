@@ -26,6 +26,7 @@ from proxy.maintenance_redis import maintenance_from_redis
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
+from proxy.record_keeping import prune_forever
 from proxy.registry import REGISTRY, Registry, load_registry
 from proxy.relay import LocalRelay, RedisRelay, Relay
 from proxy.reload import RELOADER, Reloader, shut_down
@@ -73,7 +74,11 @@ def create_app(
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
     app[REQUEST_LOG] = RequestLog(
-        writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
+        writer,
+        logging_settings.trusted_proxies,
+        metrics,
+        logging_settings.store_prompts,
+        unauthenticated_per_minute=logging_settings.unauthenticated_per_minute,
     )
     app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)
@@ -141,10 +146,14 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
                 UsageStore(database), max_buffered=settings.request_log.buffer_records
             )
             request_log.sink.start()
+        retention = settings.request_log.retention_days
+        pruning = asyncio.create_task(prune_forever(database, retention)) if retention else None
         try:
             yield
         finally:
             advancer.cancel()
+            if pruning is not None:
+                pruning.cancel()
             if request_log.sink is not None:
                 request_log.close()  # its waiting records reach the sink before the sink closes
                 await request_log.sink.close()

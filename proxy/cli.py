@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import token_cli, usage_cli
+from proxy import token_cli, usage_cli, usage_prune
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
 from proxy.logs import configure_logging
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["maintenance"]:
         return maintenance_main(argv[1:])
+    if argv[:2] == ["usage", "prune"]:
+        return usage_prune.main(argv[2:])
     if argv[:1] == ["usage"]:
         return usage_cli.main(argv[1:])
     if argv[:1] == ["reload"]:

@@ -6,6 +6,7 @@ submission (until the adaptor answers or its stream starts), first byte and tota
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -54,12 +55,12 @@ async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) ->
     try:
         lease = await limiter.admit(user.id)
     except Limited as exc:
-        raise _too_many(exc) from None
+        raise _too_many(request, exc) from None
     try:
         await limiter.check_tokens(slug, user.id, limits.model, limits.user)
     except Limited as exc:
         await lease.release()
-        raise _too_many(exc) from None
+        raise _too_many(request, exc) from None
     try:
         yield
     finally:
@@ -69,7 +70,8 @@ async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) ->
             await limiter.record_tokens(slug, user.id, usage.total_tokens)
 
 
-def _too_many(exc: Limited) -> ApiError:
+def _too_many(request: web.Request, exc: Limited) -> ApiError:
+    request.app[METRICS].rate_limited(exc.kind).inc()
     retry_after = str(max(1, math.ceil(exc.retry_after)))
     return ApiError(429, exc.message, code="rate_limit_exceeded", headers={"Retry-After": retry_after})
 
@@ -87,6 +89,9 @@ async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str,
         return response
     except ApiError as exc:
         outcome = _outcome(exc.status)
+        raise
+    except asyncio.CancelledError:
+        outcome = _cancelled(request)
         raise
     finally:
         _measured(meters, info, started, outcome, first_byte=None)
@@ -118,9 +123,13 @@ async def run_stream(
         if ended.error is not None:
             info.error = ended.error.message
         outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"
+        info.client_closed = not ended.completed
         return ended.response
     except ApiError as exc:
         outcome = _outcome(exc.status)
+        raise
+    except asyncio.CancelledError:
+        outcome = _cancelled(request)
         raise
     finally:
         streams_in_flight.dec()
@@ -170,6 +179,12 @@ def _outcome(code: int | None) -> str:
     if code is None:
         return "ok"
     return "client_error" if code < 500 else "backend_error"
+
+
+def _cancelled(request: web.Request) -> str:
+    """aiohttp cancels the handler of a client that went away (its connection is gone); otherwise
+    the gateway itself gave up on the request, stopping."""
+    return "client_gone" if request.transport is None else "cancelled"
 
 
 def _measured(

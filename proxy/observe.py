@@ -21,7 +21,9 @@ from aiohttp.typedefs import Handler, Middleware
 
 from proxy.auth import USER, User
 from proxy.metrics import Metrics, status_class
+from proxy.record_keeping import UnauthenticatedSampler
 from proxy.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSink, RequestRecord
+from proxy.storable import stored_text
 from proxy.usage import Usage
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -30,7 +32,11 @@ _ID_COUNTER = itertools.count()
 """Request ids: random per process, then counted, so that ids are unique across processes and
 hosts without a system call per request."""
 QUIET_ROUTES = frozenset({"metrics", "health"})
-"""Route names of scrapes and health probes: every few seconds, they would drown real requests."""
+"""Route names of scrapes and health probes: every few seconds, they would drown real requests in
+records and request rates, and a scrape would count itself in flight. They get only a request id."""
+CLIENT_CLOSED: Final = 499
+"""nginx's status for a request whose client went away before its answer: not the gateway's error."""
+CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
 
 
 @dataclass
@@ -52,6 +58,8 @@ class RequestInfo:
     prompt: str | None = None
     result: str | None = None
     """Kept only when the operator configures `request_log.store_prompts`."""
+    client_closed: bool = False
+    """Set when a stream's client went away before its end (the handler still returns)."""
     ended: float = 0.0
     status: int = 0
     user: User | None = None
@@ -83,18 +91,20 @@ class RequestLog:
         metrics: Metrics,
         store_prompts: bool,
         delay_seconds: float = RECORD_DELAY_SECONDS,
+        unauthenticated_per_minute: int = 60,
     ) -> None:
         self.writer = writer
         self.store_prompts = store_prompts
         self.sink: RecordSink | None = None
         self._trusted = [ipaddress.ip_network(network, strict=False) for network in trusted_proxies]
-        self._trusted_hops: dict[str, bool] = {}
+        self._hops: dict[str, str] = {}
         self._metrics = metrics
         self._dropped = 0
         self._delay = delay_seconds
         self._ended: list[RequestInfo] = []
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._sampler = UnauthenticatedSampler(unauthenticated_per_minute)
 
     def emit(self, request: web.Request, info: RequestInfo, status: int) -> None:
         if self.writer is None and self.sink is None:
@@ -123,7 +133,10 @@ class RequestLog:
                 self.writer.write(record)
             self.writer.flush()
         if self.sink is not None:
-            self.sink.submit(records)
+            stored = self._sampler.kept(records)
+            if len(stored) < len(records):
+                self._metrics.log_records_sampled_out.inc(len(records) - len(stored))
+            self.sink.submit(stored)
             if self.sink.dropped > self._dropped:
                 self._metrics.log_records_dropped.inc(self.sink.dropped - self._dropped)
                 self._dropped = self.sink.dropped
@@ -134,29 +147,38 @@ class RequestLog:
         self.flush()
 
     def client_ip(self, request: web.Request) -> str | None:
-        """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop."""
+        """The peer, or, when the peer is a trusted proxy, the nearest untrusted X-Forwarded-For hop.
+        A hop that is no address (undecodable bytes, a name, garbage) stops the walk: the farthest
+        address believed is then the nearest hop, a trusted one."""
         peer = request.remote  # aiohttp asks the socket once per connection
         forwarded = request.headers.get(hdrs.X_FORWARDED_FOR)
         if not forwarded:
             return peer[:64] if peer else None
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()] + ([peer] if peer else [])
-        while len(hops) > 1 and self._is_trusted(hops[-1]):
+        while len(hops) > 1 and self._hop(hops[-1]) is _TRUSTED and self._hop(hops[-2]) is not _NO_ADDRESS:
             hops.pop()
-        return hops[-1][:64] if hops else None
+        return hops[-1][:64] if hops and self._hop(hops[-1]) is not _NO_ADDRESS else None
 
-    def _is_trusted(self, hop: str) -> bool:
+    def _hop(self, hop: str) -> str:
         """Cached: nearly every request comes from the same few proxies."""
-        trusted = self._trusted_hops.get(hop)
-        if trusted is None:
+        kind = self._hops.get(hop)
+        if kind is None:
             try:
-                address = ipaddress.ip_address(hop)
+                address = ipaddress.ip_address(hop) if len(hop) <= 64 else None
             except ValueError:
-                trusted = False
+                address = None
+            if address is None:
+                kind = _NO_ADDRESS
             else:
-                trusted = any(address in network for network in self._trusted)
-            if len(self._trusted_hops) < 4096:
-                self._trusted_hops[hop] = trusted
-        return trusted
+                kind = _TRUSTED if any(address in network for network in self._trusted) else _UNTRUSTED
+            if len(self._hops) < 4096:
+                self._hops[hop] = kind
+        return kind
+
+
+_TRUSTED: Final = "trusted"
+_UNTRUSTED: Final = "untrusted"
+_NO_ADDRESS: Final = "no address"
 
 
 def _record(info: RequestInfo) -> RequestRecord:
@@ -169,7 +191,7 @@ def _record(info: RequestInfo) -> RequestRecord:
         ttfc_ms=None if info.first_chunk is None else _milliseconds(info.first_chunk - info.started),
         method=info.method,
         route=info.route,
-        path=info.path[:512],
+        path=stored_text(info.path[:512]),
         status=info.status,
         user_id=user.id if user else None,
         username=user.username if user else None,
@@ -182,11 +204,11 @@ def _record(info: RequestInfo) -> RequestRecord:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         usage_estimated=usage.estimated,
-        task_id=info.task_id,
+        task_id=stored_text(info.task_id),
         client_ip=info.client_ip,
-        error=info.error,
-        prompt=info.prompt,
-        result=info.result,
+        error=stored_text(info.error),
+        prompt=stored_text(info.prompt),
+        result=stored_text(info.result),
     )
 
 
@@ -209,6 +231,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             route=_route(request),
         )
         request[INFO] = info
+        if request.match_info.route.name in QUIET_ROUTES:
+            return await handler(request)
         in_flight = metrics.in_flight.labels(info.route)
         in_flight.inc()
         status = 500
@@ -217,15 +241,20 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             status = response.status
             if status >= 400 and isinstance(response, web.Response):
                 info.error = _error_message(response)
+            elif info.client_closed:
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             return response
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except asyncio.CancelledError:
+            if request.transport is None:  # aiohttp cancels the handler of a connection that was lost
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+            raise
         finally:
             in_flight.dec()
             metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
-            if request.match_info.route.name not in QUIET_ROUTES:
-                request.app[REQUEST_LOG].emit(request, info, status)
+            request.app[REQUEST_LOG].emit(request, info, status)
 
     return observe
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Final
 import orjson
 
 from proxy.database import DatabaseUnavailable
+from proxy.storable import storable
 
 if TYPE_CHECKING:
     from proxy.usage_store import UsageStore
@@ -390,9 +391,16 @@ class RecordSink:
         self.written += len(batch)
 
     async def _write_singly(self, batch: list[RequestRecord]) -> None:
+        """A record refused as it is goes in once more with its text escaped and its numbers in
+        range: a record is never lost for what a client or a backend put in it."""
         for record in batch:
             try:
-                await self._store.add_many([record])
+                try:
+                    await self._store.add_many([record])
+                except DatabaseUnavailable:
+                    raise
+                except Exception:
+                    await self._store.add_many([storable(record)])
             except DatabaseUnavailable:
                 raise
             except Exception:

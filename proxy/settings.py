@@ -176,6 +176,15 @@ class RequestLogSettings(_Strict):
         description="peers whose X-Forwarded-For is believed (nginx on the same host)",
     )
     buffer_records: int = Field(default=10_000, ge=1)
+    unauthenticated_per_minute: int = Field(
+        default=60,
+        ge=0,
+        description="records of requests without a user stored per minute and process (bursts of as many);"
+        " the rest are counted in gateway_log_records_sampled_out_total",
+    )
+    retention_days: float | None = Field(
+        default=None, gt=0, description="records older than this are deleted, hourly (default: kept)"
+    )
 
 
 class FederationSettings(_Strict):

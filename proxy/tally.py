@@ -103,8 +103,11 @@ class Family(Generic[V]):
         labelnames: Sequence[str],
         new: Callable[[], V],
         bounds: tuple[float, ...] = (),
+        running_only: bool = False,
     ) -> None:
         self.kind = kind
+        self.running_only = running_only or kind == GAUGE
+        """Shared like a gauge: only while its worker runs (a worker's own CPU time, say)."""
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
@@ -174,9 +177,15 @@ class Tallies:
         self._written: bytes | None = None
         self._file: Path | None = None
         self._file_pid = 0
+        self.refreshers: list[Callable[[], None]] = []
+        """Called before this worker's values are shared or scraped: values read, not counted."""
 
-    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Family[CounterValue]:
-        return self._add(Family("counter", name, documentation, labelnames, CounterValue))
+    def counter(
+        self, name: str, documentation: str, labelnames: Sequence[str] = (), running_only: bool = False
+    ) -> Family[CounterValue]:
+        return self._add(
+            Family("counter", name, documentation, labelnames, CounterValue, running_only=running_only)
+        )
 
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Family[GaugeValue]:
         return self._add(Family(GAUGE, name, documentation, labelnames, GaugeValue))
@@ -212,13 +221,15 @@ class Tallies:
             self._write(self.directory, self._own_values(), gauges)
 
     def _own_values(self) -> dict[str, dict[tuple[str, ...], Shared]]:
+        for refresh in self.refreshers:
+            refresh()
         return {name: dict(family.shared()) for name, family in self._families.items()}
 
     def _write(self, directory: Path, values: dict[str, dict[tuple[str, ...], Shared]], gauges: bool) -> None:
         document: dict[str, Document] = {GAUGES: {}, TOTALS: {}}
         for name, family in self._families.items():
-            if gauges or family.kind != GAUGE:
-                section = document[GAUGES if family.kind == GAUGE else TOTALS]
+            if gauges or not family.running_only:
+                section = document[GAUGES if family.running_only else TOTALS]
                 section[name] = [[list(labels), value] for labels, value in values[name].items()]
         data = orjson.dumps(document)
         path = self._own_file(directory)

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+MAX_TOKENS = 2**31 - 1
+"""The largest count kept (PostgreSQL's INTEGER): a backend that reports more is wrong, and a count
+the database refuses would lose the whole request record."""
 REPORTS_USAGE = frozenset({"responses", "messages"})
 """The APIs whose streams report usage unasked, in input and output tokens."""
 
@@ -59,7 +62,7 @@ class Usage:
             estimated,
         )
         if usage.total_tokens is None and usage.prompt_tokens is not None:
-            usage.total_tokens = usage.prompt_tokens + (usage.completion_tokens or 0)
+            usage.total_tokens = min(usage.prompt_tokens + (usage.completion_tokens or 0), MAX_TOKENS)
         return usage
 
 
@@ -68,12 +71,13 @@ def _names(openai_path: str) -> Mapping[str, str]:
 
 
 def _counts(usage: Any, names: Mapping[str, str]) -> dict[str, int]:
+    """A negative count is no count: stored, it would lower usage reports and refund rate limits."""
     if not isinstance(usage, dict):
         return {}
     return {
-        ours: count
+        ours: min(count, MAX_TOKENS)
         for theirs, ours in names.items()
-        if isinstance(count := usage.get(theirs), int) and not isinstance(count, bool)
+        if isinstance(count := usage.get(theirs), int) and not isinstance(count, bool) and count >= 0
     }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,7 @@ async def test_metrics_move_when_requests_flow(gateway: Server, http: aiohttp.Cl
     assert value(after, "gateway_tokens_total", model=CHAT_MODEL, kind="completion") > value(
         before, "gateway_tokens_total", model=CHAT_MODEL, kind="completion"
     )
-    assert value(after, "gateway_requests_in_flight") == 1, "only the scrape itself is in flight"
+    assert value(after, "gateway_requests_in_flight") == 0, "a scrape is not counted in flight"
     label_values = {v for _, labels in samples(after) for _, v in labels}
     assert not label_values & {TOKENS["alice"], USERS["alice"]["id"], USERS["alice"]["username"]}
 
@@ -211,22 +210,6 @@ async def test_health_checks_never_reach_a_backend(
     async with http.get(gateway.url.removesuffix("/resource_server") + path) as response:
         assert response.status == 200
     assert len(backend.app[REQUESTS]) == before
-
-
-def test_the_dashboard_queries_metrics_the_gateway_exports() -> None:
-    dashboard = json.loads((ROOT / "deploy" / "grafana-dashboard.json").read_text())
-    exported = {
-        "gateway_requests_total", "gateway_requests_in_flight", "gateway_streams_in_flight",
-        "gateway_adaptor_duration_seconds", "gateway_phase_duration_seconds",
-        "gateway_stream_first_chunk_seconds", "gateway_tokens_total",
-    }  # fmt: skip
-    used = {
-        name
-        for panel in dashboard["panels"]
-        for target in panel["targets"]
-        for name in re.findall(r"gateway_[a-z_]+", target["expr"])
-    }
-    assert {name.removesuffix("_bucket").removesuffix("_count") for name in used} <= exported
 
 
 @pytest.mark.parametrize("shared", [False, True])
