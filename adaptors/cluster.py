@@ -41,6 +41,8 @@ class GetJobsResponse(BaseModel):
     jobs: Jobs | None = None
     error_message: str | None = None
     error_code: int | None = None
+    error_detail: str | None = None
+    """As in `SubmitTaskResponse`."""
 
 
 class BaseCluster(ABC):

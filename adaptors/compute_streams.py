@@ -10,12 +10,15 @@ included, and raises on failure. The client sees the same stream from both.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeGuard
 
 from adaptors.relay import RelayStream
 from adaptors.remote_errors import remote_error
+
+log = logging.getLogger(__name__)
 
 CallbackProtocol = Literal["existing", "gateway"]
 """`existing`: the existing gateway's function; `gateway`: compute-functions/vllm_inference.py."""
@@ -80,7 +83,10 @@ def stream_failure(value: Any) -> tuple[int, str] | None:
     if not isinstance(document, dict):
         return None
     if document.get("status") == "error":
-        return remote_error(str(document.get("error") or "The compute function's stream failed."))
+        failure = remote_error(str(document.get("error") or "The compute function's stream failed."))
+        if failure.detail is not None:
+            log.warning("a compute function's stream failed: %s", failure.detail[:2000])
+        return failure.status, failure.message
     total, sent = document.get("total_chunks"), document.get("chunks_sent_to_server")
     if not (_count(total) and _count(sent)):
         return None

@@ -68,8 +68,10 @@ async def task_result(service: ComputeService, task_id: str) -> GetTaskResultRes
             message = f"The task's result is unreadable ({type(exc).__name__})."
             return GetTaskResultResponse(error_code=502, error_message=message)
     if status == "failed" or "exception" in document:
-        code, message = remote_error(str(document.get("exception") or document.get("reason") or ""))
-        return GetTaskResultResponse(error_code=code, error_message=message)
+        failure = remote_error(str(document.get("exception") or document.get("reason") or ""))
+        if failure.detail is not None:
+            log.warning("asynchronous task %s failed: %s", task_id, failure.detail[:2000])
+        return GetTaskResultResponse(error_code=failure.status, error_message=failure.message)
     return GetTaskResultResponse()
 
 

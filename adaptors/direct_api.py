@@ -133,6 +133,7 @@ class DirectAPIEndpoint(BaseEndpoint):
                 refusal["error_code"],
                 retryable=refusal["retryable"],
                 retry_after=refusal["retry_after"],
+                detail=refusal["error_detail"],
             )
         try:
             async for chunk in response.content.iter_any():
@@ -205,7 +206,10 @@ class DirectAPICluster(BaseCluster):
             code, message = _transport_failure(exc, self.config.api_request_timeout)
             return GetJobsResponse(error_code=code, error_message=message)
         if response.status >= 400:
-            return GetJobsResponse(error_code=_status(response.status), error_message=_upstream_message(text))
+            message, detail = _upstream_message(response.status, text)
+            return GetJobsResponse(
+                error_code=_status(response.status), error_message=message, error_detail=detail
+            )
         try:
             return GetJobsResponse(jobs=self.jobs_from(json.loads(text)))
         except (ValueError, RecursionError):
@@ -247,9 +251,11 @@ def _refusal(response: aiohttp.ClientResponse, text: str) -> dict[str, Any]:
             retry_after = float(response.headers.get("Retry-After", ""))
         except ValueError:
             retry_after = None
+    message, detail = _upstream_message(response.status, text)
     return {
         "error_code": status,
-        "error_message": _upstream_message(text),
+        "error_message": message,
+        "error_detail": detail,
         "retryable": False if status == 502 else None,
         "retry_after": retry_after if retry_after is not None and 0 < retry_after < 86400 else None,
     }
@@ -267,16 +273,25 @@ def _text(raw: bytes) -> str:
     return raw.decode(errors="replace")
 
 
-def _upstream_message(text: str) -> str:
+def _upstream_message(status: int, text: str) -> tuple[str, str | None]:
+    """(message, detail): a backend's own structured message (vLLM's `{"error": {"message"}}`, or a
+    `message` or `detail` string) reaches the client; any other text (an HTML error page, a proxy's
+    or a traceback, naming internal hosts) is the detail, kept in the record and replaced by a
+    generic message."""
     try:
         document = json.loads(text)
     except (ValueError, RecursionError):
-        return text.strip()[:500] or "The backend failed without a message."
+        document = None
     if isinstance(document, dict):
         error = document.get("error")
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
+            return str(error["message"])[:_LONGEST_MESSAGE], None
         for key in ("message", "detail", "error"):
             if isinstance(document.get(key), str):
-                return str(document[key])
-    return text.strip()[:500]
+                return str(document[key])[:_LONGEST_MESSAGE], None
+    detail = text.strip()[:_LONGEST_DETAIL] or None
+    return f"The backend failed with HTTP status {status} and no error message to pass on.", detail
+
+
+_LONGEST_MESSAGE = 2000
+_LONGEST_DETAIL = 4000

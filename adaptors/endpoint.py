@@ -38,6 +38,9 @@ class SubmitTaskResponse(BaseModel):
     error_code: int | None = None
     retryable: bool | None = None
     retry_after: float | None = None
+    error_detail: str | None = None
+    """The backend's own text when `error_message` shows the client less (internal host names, a
+    traceback): kept in the request's record, never sent to the client."""
 
 
 @runtime_checkable
@@ -62,6 +65,8 @@ class SubmitStreamingTaskResponse(BaseModel):
     error_code: int | None = None
     retryable: bool | None = None
     retry_after: float | None = None
+    error_detail: str | None = None
+    """As in `SubmitTaskResponse`."""
 
 
 class SubmitBatchResponse(BaseModel):
@@ -110,12 +115,15 @@ class StreamError(Exception):
         *,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.retryable = retryable
         self.retry_after = retry_after
+        self.detail = detail
+        """As `error_detail` in `SubmitTaskResponse`."""
 
 
 BATCH_NOT_ENABLED = "Batch is not enabled for this endpoint."

@@ -50,7 +50,7 @@ from adaptors.endpoint import (
     SubmitTaskResponse,
 )
 from adaptors.relay import RelayStream, StreamRelay
-from adaptors.remote_errors import remote_error
+from adaptors.remote_errors import RemoteFailure, remote_error
 from adaptors.telemetry import NoTelemetry, Telemetry
 
 log = logging.getLogger(__name__)
@@ -390,9 +390,13 @@ class GlobusComputeEndpoint(BaseEndpoint):
             self._telemetry.upstream_error(self.endpoint_slug, "timeout")
             return SubmitTaskResponse(error_code=504, error_message=self._timeout(task_id), task_id=task_id)
         except TaskFailed as exc:
-            code, message = self._task_failed(exc)
+            failure = self._task_failed(exc)
             return SubmitTaskResponse(
-                error_code=code, error_message=message, task_id=task_id, retryable=False
+                error_code=failure.status,
+                error_message=failure.message,
+                error_detail=failure.detail,
+                task_id=task_id,
+                retryable=False,
             )
         except UnreadableResult as exc:
             self._telemetry.upstream_error(self.endpoint_slug, "5xx")
@@ -496,7 +500,8 @@ class GlobusComputeEndpoint(BaseEndpoint):
         try:
             value = await self._result(service, task_id)
         except TaskFailed as exc:
-            await stream.fail(*self._task_failed(exc))
+            remote = self._task_failed(exc)
+            await stream.fail(remote.status, remote.message)
         except UnreadableResult as exc:
             await stream.fail(502, str(exc))
         except TimeoutError:
@@ -516,10 +521,14 @@ class GlobusComputeEndpoint(BaseEndpoint):
     def _queued(self, seconds: float) -> None:
         self._telemetry.phase(self.endpoint_slug, "queue", seconds)
 
-    def _task_failed(self, exc: TaskFailed) -> tuple[int, str]:
-        code, message = remote_error(str(exc))
-        self._telemetry.upstream_error(self.endpoint_slug, "4xx" if code < 500 else "5xx")
-        return code, message
+    def _task_failed(self, exc: TaskFailed) -> RemoteFailure:
+        """Its detail (the function's own text) goes to the log for streams, which have no record of
+        it, and to the record for plain requests."""
+        failure = remote_error(str(exc))
+        self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure.status < 500 else "5xx")
+        if failure.detail is not None:
+            log.warning("task on %s failed: %s", self.endpoint_slug, failure.detail[:2000])
+        return failure
 
     async def _submit(self, service: ComputeService, params: dict[str, Any]) -> str:
         task_id = await service.submit(

@@ -4,13 +4,17 @@ Both functions report a vLLM error as text containing `API request failed with s
 `Response text: <vLLM's body>`. The existing gateway's function goes on with
 `Response headers: {...}` and `Response time: ...`, and the endpoint wraps a raised error in its
 traceback. A client error from vLLM (a prompt too long, a bad parameter) must reach the client as
-that 4xx with vLLM's message; no traceback or header dump reaches a client.
+that 4xx with vLLM's message; no traceback or header dump reaches a client. Anything but vLLM's own
+structured message (an exception's text, which names internal hosts and paths) is replaced by a
+generic message naming only the exception's type; the text is the failure's `detail`, for the
+request's record and the gateway's log.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 _STATUS = re.compile(r"status code:?\s*(\d{3})")
@@ -18,18 +22,38 @@ _RESPONSE_TEXT = re.compile(r"Response text:?[ \t]*")
 _TRACEBACK = "Traceback (most recent call last):"
 _NOISE = re.compile(r"\n(Response headers|Response time):.*", re.DOTALL)
 _EXCEPTION_PREFIX = re.compile(r"^(?:[\w.]*(?:Error|Exception): )?(?:Unexpected error of type \w+: )?")
+_EXCEPTION_TYPE = re.compile(r"^(?:[\w.]*\.)?(\w*(?:Error|Exception)):")
 _LONGEST_MESSAGE = 1000
 _DECODER = json.JSONDecoder()
 
 
-def remote_error(text: str) -> tuple[int, str]:
-    """(HTTP status, message) for a function's error text."""
+@dataclass(frozen=True)
+class RemoteFailure:
+    status: int
+    message: str
+    """What the client sees."""
+    detail: str | None
+    """The function's own text when the client sees less of it: for the record and the log only."""
+
+
+def remote_error(text: str) -> RemoteFailure:
+    """The client's status and message for a function's error text."""
     match = _STATUS.search(text)
     status = int(match.group(1)) if match else None
-    message = _backend_message(text) or _plain(text) or "The remote task failed."
+    backend_message = _backend_message(text)
+    detail = None
+    if backend_message is not None:
+        message = backend_message
+    else:
+        detail = _plain(text) or None
+        kind = _EXCEPTION_TYPE.match(_last_exception(text))
+        if status is not None:
+            message = f"The model's server answered HTTP {status}."
+        else:
+            message = f"The remote task failed ({kind.group(1)})." if kind else "The remote task failed."
     if status is not None and 400 <= status < 500:
-        return status, message
-    return 502, f"The model's backend failed: {message}"
+        return RemoteFailure(status, message, detail)
+    return RemoteFailure(502, f"The model's backend failed: {message}", detail)
 
 
 def _backend_message(text: str) -> str | None:
@@ -57,12 +81,17 @@ def _message_of(document: Any) -> str | None:
     return message if isinstance(message, str) else None
 
 
-def _plain(text: str) -> str:
-    """The last exception's own text, without the traceback around it, the exception's type, or
-    the response headers and timing the existing function appends."""
+def _last_exception(text: str) -> str:
+    """The last exception's line and what follows, without the traceback before it."""
     if _TRACEBACK in text:
         lines = text[text.rindex(_TRACEBACK) + len(_TRACEBACK) :].split("\n")
         first = next((n for n, line in enumerate(lines) if line and not line[0].isspace()), len(lines))
         text = "\n".join(lines[first:])
-    text = _NOISE.sub("", text.strip())
+    return text.strip()
+
+
+def _plain(text: str) -> str:
+    """The last exception's own text, without the traceback around it, the exception's type, or
+    the response headers and timing the existing function appends."""
+    text = _NOISE.sub("", _last_exception(text))
     return _EXCEPTION_PREFIX.sub("", text, count=1).strip()[:_LONGEST_MESSAGE]

@@ -62,8 +62,10 @@ async def error(request: web.Request) -> web.Response:
     body = await _checked_body(request, CONTROL_LIMIT)
     if not isinstance(body.get("error"), str):
         raise ApiError(400, "'error' must be a string.", param="error")
-    code, message = remote_error(body["error"])
-    return await _deliver(request, body, Event("error", message.encode(), code))
+    failure = remote_error(body["error"])
+    if failure.detail is not None:
+        log.warning("a compute function reported a failed stream: %s", failure.detail[:2000])
+    return await _deliver(request, body, Event("error", failure.message.encode(), failure.status))
 
 
 async def done(request: web.Request) -> web.Response:

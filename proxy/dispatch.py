@@ -117,11 +117,12 @@ async def run_stream(
                 opened.error_message or "The backend sent no stream.",
                 opened.retryable,
                 opened.retry_after,
+                opened.error_detail,
             )
         stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
         ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(info))
         if ended.error is not None:
-            info.error = ended.error.message
+            info.error = ended.error.detail or ended.error.message
         outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"
         info.client_closed = not ended.completed
         return ended.response
@@ -159,6 +160,7 @@ def _answer(
             task.error_message or "The backend sent no result.",
             task.retryable,
             task.retry_after,
+            task.error_detail,
         )
     try:
         document = json.loads(task.result)

@@ -105,10 +105,13 @@ class ApiError(Exception):
         headers: Mapping[str, str] | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.detail = detail
+        """What the request's record keeps instead of `message`: a backend's own text, never shown."""
         self.param = param
         self.code = code
         self.headers = {**retry_advice(status, retryable, retry_after), **(headers or {})}
@@ -131,8 +134,17 @@ class ApiError(Exception):
         )
 
 
+RECORDED_ERROR = web.ResponseKey("recorded_error", str)
+"""Key of an error answer's user data: the message its request's record keeps (`ApiError.detail` or
+the message), so the record need not parse it back out of the rendered body."""
+
+
 def adaptor_failed(
-    code: int | None, message: str, retryable: bool | None = None, retry_after: float | None = None
+    code: int | None,
+    message: str,
+    retryable: bool | None = None,
+    retry_after: float | None = None,
+    detail: str | None = None,
 ) -> NoReturn:
     """An adaptor's error code becomes the status, if it is an error status at all; its retry
     hints become the answer's retry advice."""
@@ -143,4 +155,5 @@ def adaptor_failed(
         code="backend_error" if status >= 500 else None,
         retryable=retryable,
         retry_after=retry_after,
+        detail=detail,
     )

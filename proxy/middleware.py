@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import ApiError, envelope_of
+from proxy.errors import RECORDED_ERROR, ApiError, envelope_of
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
         failure = ApiError(500, "The gateway failed to handle this request.", code="internal_error")
-    return failure.response(envelope_of(request))
+    response = failure.response(envelope_of(request))
+    response[RECORDED_ERROR] = failure.detail or failure.message
+    return response
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:

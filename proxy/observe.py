@@ -20,6 +20,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from proxy.auth import USER, User
+from proxy.errors import RECORDED_ERROR
 from proxy.metrics import Metrics, status_class
 from proxy.record_keeping import UnauthenticatedSampler
 from proxy.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSink, RequestRecord
@@ -240,7 +241,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             response = await handler(request)
             status = response.status
             if status >= 400 and isinstance(response, web.Response):
-                info.error = _error_message(response)
+                info.error = response.get(RECORDED_ERROR) or _error_message(response)
             elif info.client_closed:
                 status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             return response

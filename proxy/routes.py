@@ -138,7 +138,8 @@ async def jobs(request: web.Request) -> web.Response:
         return web.json_response(stopped.model_dump(mode="json"))
     report = await request.app[JOBS].get(cluster, user)
     if report.jobs is None:
-        adaptor_failed(report.error_code, report.error_message or "The cluster sent no job report.")
+        message = report.error_message or "The cluster sent no job report."
+        adaptor_failed(report.error_code, message, detail=report.error_detail)
     shown = visible_jobs(report.jobs, user, registry, cluster)
     return web.json_response(shown.model_dump(mode="json"))
 

@@ -72,6 +72,7 @@ async def relay(
             code="backend_error" if exc.code >= 500 else None,
             retryable=exc.retryable,
             retry_after=exc.retry_after,
+            detail=exc.detail,
         )
         completed = await _fail(request, response, error)
     except Exception:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adaptors.remote_errors import remote_error
+from adaptors.remote_errors import RemoteFailure, remote_error
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, Server, chat, closed_port_url, start
 from tests.support import self_signed_certificate
@@ -212,7 +212,7 @@ async def test_a_vllm_error_raises_with_the_status_and_body_that_the_gateway_par
     assert "API request failed with status code: 400" in text
     body = json.loads(text.split("Response text: ", 1)[1])
     assert body["message"] == "fake backend error 400"
-    assert remote_error(text) == (400, "fake backend error 400")
+    assert remote_error(text) == RemoteFailure(400, "fake backend error 400", None)
 
 
 async def test_an_unreachable_vllm_is_reported_as_such() -> None:
@@ -352,7 +352,7 @@ async def test_a_vllm_error_on_a_stream_is_posted_with_its_status_and_body(
 
     assert receiver.routes() == ["error"]
     message = receiver.posts[0].body["error"]
-    assert remote_error(message) == (400, "fake backend error 400")
+    assert remote_error(message) == RemoteFailure(400, "fake backend error 400", None)
 
 
 async def test_a_missing_secret_fails_before_vllm_is_called(

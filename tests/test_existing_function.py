@@ -153,7 +153,7 @@ async def test_an_error_after_some_output_is_an_error_event(
     assert status == 200
     assert events[0].startswith("data: {") and "data: [DONE]" not in events
     error = json.loads(events[-1].removeprefix("data: "))["error"]
-    assert error["message"] == "The model's backend failed: Response ended prematurely"
+    assert error["message"] == "The model's backend failed: The remote task failed."
     assert outcomes(gateway, LEGACY_MODEL, "backend_error") == 1
     task = await compute.settled(next(iter(compute.tasks)))
     assert json.loads(task.value)["status"] == "error"
@@ -180,7 +180,8 @@ async def test_a_vllm_error_comes_back_with_vllms_status_and_message(
 
 
 def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
-    """A body that is not JSON, and a failure that is not vLLM's, as the endpoint reports them."""
+    """A body that is not JSON, and a failure that is not vLLM's, as the endpoint reports them: the
+    client gets a generic message, the record the text."""
     text = (
         "Traceback (most recent call last):\n"
         '  File "/home/site/function.py", line 170, in handle\n'
@@ -196,21 +197,24 @@ def test_error_texts_without_json_show_no_traceback_or_headers() -> None:
         "Response headers: {'Content-Type': 'text/plain', 'Server': 'uvicorn'}\n"
         "Response time: 0.0123\n"
     )
-    assert remote_error(text) == (
+    failure = remote_error(text)
+    assert (failure.status, failure.message) == (
         502,
-        "The model's backend failed: API request failed with status code: 503\n"
-        "Response text: Service Unavailable",
+        "The model's backend failed: The model's server answered HTTP 503.",
     )
+    assert failure.detail == "API request failed with status code: 503\nResponse text: Service Unavailable"
     unreachable = (
         "Traceback (most recent call last):\n"
         '  File "/home/site/function.py", line 10, in run\n'
         "RuntimeError: vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)\n"
     )
-    assert remote_error(unreachable) == (
+    failure = remote_error(unreachable)
+    assert (failure.status, failure.message) == (
         502,
-        "The model's backend failed: "
-        "vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)",
+        "The model's backend failed: The remote task failed (RuntimeError).",
     )
+    assert "127.0.0.1:8000" not in failure.message, "internal host names stay out of the client's answer"
+    assert failure.detail == "vLLM is unreachable at http://127.0.0.1:8000: ConnectionRefusedError(111)"
 
 
 async def test_jobs_from_the_existing_qstat_function(

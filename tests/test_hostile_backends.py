@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Server, auth, chat, start, start_gateway, write_gateway_config
+from tests.support import stdout_lines
 
 CHAT_PATH = "/local/vllm/v1/chat/completions"
 
@@ -174,3 +175,25 @@ async def test_a_request_body_with_a_broken_content_encoding_is_a_400(
     async with client.post(gateway.url + CHAT_PATH, data=b"\x00not compressed", headers=headers) as response:
         assert response.status in (400, 415), await response.text()
         error_of(response.status, await response.read())
+
+
+async def test_a_backend_error_page_reaches_the_record_not_the_client(
+    hostile: Hostile, gateway: Server, client: aiohttp.ClientSession, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """An error that is not the backend's structured message (an HTML page of a proxy in front of it,
+    a traceback) names internal hosts: the client gets a generic message, the record the text."""
+    page = b"<html><body>502 Bad Gateway: upstream gpu-node-17.internal:8000 refused</body></html>"
+    hostile.script.status, hostile.script.body = 502, page
+    hostile.script.headers = {"Content-Type": "text/html"}
+    for stream in (False, True):
+        status, body = await call(client, gateway, stream=stream)
+        error = error_of(status, body)
+        assert status == 502 and "gpu-node-17" not in body.decode(), body
+        assert error["message"] == "The backend failed with HTTP status 502 and no error message to pass on."
+    lines = await stdout_lines(capfd, lambda lines: sum("gpu-node-17" in line for line in lines) >= 2)
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert sum("gpu-node-17.internal" in (record["error"] or "") for record in records) == 2
+    hostile.script.body = b'{"object": "error", "message": "maximum context length is 2048 tokens"}'
+    hostile.script.status = 400
+    status, body = await call(client, gateway)
+    assert error_of(status, body)["message"] == "maximum context length is 2048 tokens"
