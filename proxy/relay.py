@@ -43,6 +43,12 @@ EventKind = Literal["data", "done", "error"]
 ORDERING_GRACE_SECONDS = 5.0
 """How long `done` waits for data posts its sender says it made but that have not arrived yet."""
 
+REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
+"""The longest a Redis command (or connecting) may take before Redis counts as unavailable."""
+
+REDIS_READ_MARGIN_SECONDS = 5.0
+"""How much longer than its block time a blocking read may take: Redis answers it at the block time."""
+
 
 @dataclass(frozen=True)
 class Event:
@@ -278,8 +284,22 @@ class RedisRelay(Relay):
     def __init__(self, settings: StreamingSettings, url: str) -> None:
         super().__init__(settings)
         # As for the limits: one immediate retry reconnects a pooled connection a Redis restart closed.
+        # Explicit socket timeouts, whatever the installed redis-py's default (none before 6, 5 s after):
+        # a blocking XREAD waits up to keepalive_seconds, so its connections must wait longer than that.
+        pool_size = settings.max_streams + 64
         self._redis = redis.asyncio.Redis.from_url(
-            url, max_connections=settings.max_streams + 64, retry=Retry(NoBackoff(), 1)
+            url,
+            max_connections=pool_size,
+            retry=Retry(NoBackoff(), 1),
+            socket_timeout=REDIS_COMMAND_TIMEOUT_SECONDS,
+            socket_connect_timeout=REDIS_COMMAND_TIMEOUT_SECONDS,
+        )
+        self._reader = redis.asyncio.Redis.from_url(
+            url,
+            max_connections=pool_size,
+            retry=Retry(NoBackoff(), 1),
+            socket_timeout=settings.keepalive_seconds + REDIS_READ_MARGIN_SECONDS,
+            socket_connect_timeout=REDIS_COMMAND_TIMEOUT_SECONDS,
         )
         self._cursors: dict[str, str] = {}
 
@@ -303,6 +323,7 @@ class RedisRelay(Relay):
             return Delivery.ACCEPTED
 
     async def close(self) -> None:
+        await self._reader.aclose()
         await self._redis.aclose()
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
@@ -319,7 +340,7 @@ class RedisRelay(Relay):
         _, events_key = self._keys(stream_id)
         cursor = self._cursors[stream_id]
         with _redis_answers():
-            answer: Any = await self._redis.xread(
+            answer: Any = await self._reader.xread(
                 {events_key: cursor}, count=100, block=max(1, int(wait * 1000))
             )
         events = []
