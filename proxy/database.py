@@ -44,7 +44,11 @@ Migration = tuple[int, str, list[str]]
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_STATEMENT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 4
+STATEMENT_TIMEOUT_MARGIN = 5.0
+"""How much longer than the server's statement_timeout the client waits for an answer: the server
+cancels a statement at its timeout, the client's own deadline catches a server that stopped answering."""
 
 # Append only: a released version is never edited, since databases in the field already recorded it.
 MIGRATIONS: list[Migration] = [
@@ -158,6 +162,11 @@ class DatabaseUnavailable(Exception):
     """
 
 
+class DatabaseTimeout(DatabaseUnavailable):
+    """A statement ran longer than the statement timeout (waiting for a lock another connection holds,
+    or a server that stopped answering): cancelled, so that no request waits on the database for long."""
+
+
 class Queries(ABC):
     """What runs SQL: the Database itself (each statement commits on its own) or one transaction."""
 
@@ -209,12 +218,15 @@ class Database(Queries):
         migrations: Sequence[Migration] = MIGRATIONS,
         pool_size: int = DEFAULT_POOL_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> Database:
         """Open the database named by ``url`` and apply the migrations it lacks.
 
         ``timeout`` bounds connecting (PostgreSQL) or waiting for another process's write lock (SQLite).
+        ``statement_timeout`` bounds every PostgreSQL statement, lock waits included: past it the
+        statement is cancelled and raises ``DatabaseTimeout``.
         """
-        database = await _open(url, pool_size, timeout)
+        database = await _open(url, pool_size, timeout, statement_timeout)
         try:
             await database.migrate(migrations)
         except BaseException:
@@ -349,14 +361,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-async def _open(url: str, pool_size: int, timeout: float) -> Database:
+async def _open(url: str, pool_size: int, timeout: float, statement_timeout: float) -> Database:
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if not path:
             raise ValueError(f"database URL {url!r} names no file: use sqlite:///path/to/file.db")
         return await _SqliteDatabase.open(path, timeout)
     if urlsplit(url).scheme in ("postgresql", "postgres"):
-        return await _PostgresDatabase.open(url, pool_size, timeout)
+        return await _PostgresDatabase.open(url, pool_size, timeout, statement_timeout)
     raise ValueError(
         f"unsupported database URL {redact(url)!r}: use sqlite:///path/to/file.db or postgresql://host/db"
     )
@@ -630,25 +642,32 @@ class _PostgresDatabase(Database):
 
     dialect: Dialect = "postgresql"
 
-    def __init__(self, pool: Any, url: str, timeout: float) -> None:
+    def __init__(self, pool: Any, url: str, timeout: float, statement_timeout: float) -> None:
         super().__init__()
         self._pool = pool
         self._where = redact(url)
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
 
     @classmethod
-    async def open(cls, url: str, pool_size: int, timeout: float) -> _PostgresDatabase:
+    async def open(
+        cls, url: str, pool_size: int, timeout: float, statement_timeout: float
+    ) -> _PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
                 url,
                 min_size=0,  # no background reconnect loop (and its log) while the server is down
                 max_size=pool_size,
                 timeout=timeout,
-                server_settings={"application_name": "inference-gateway"},
+                command_timeout=statement_timeout + STATEMENT_TIMEOUT_MARGIN,
+                server_settings={
+                    "application_name": "inference-gateway",
+                    "statement_timeout": str(max(1, round(statement_timeout * 1000))),
+                },
             )
         except _POSTGRES_UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"postgresql database {redact(url)}: {_describe(exc)}") from exc
-        return cls(pool, url, timeout)
+        return cls(pool, url, timeout, statement_timeout)
 
     async def execute(self, sql: str, *params: Any) -> int:
         self._refuse_inside_transaction()
@@ -702,6 +721,9 @@ class _PostgresDatabase(Database):
                     if _lost(connection):
                         raise self._unavailable(exc) from exc
                     raise
+        except asyncpg.QueryCanceledError as exc:
+            message = f"a statement ran past the statement timeout ({self._statement_timeout:g} s), cancelled"
+            raise DatabaseTimeout(f"postgresql database {self._where}: {message}") from exc
         except _POSTGRES_UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 

@@ -199,6 +199,18 @@ class BatchSettings(_Strict):
     poll_seconds: float = Field(default=30, gt=0, description="how often unfinished batches are advanced")
 
 
+class DatabaseSettings(_Strict):
+    """How long the gateway waits on its database, and how it behaves while the database is away."""
+
+    statement_timeout_seconds: float = Field(
+        default=5, gt=0, description="PostgreSQL cancels any statement running longer (lock waits included)"
+    )
+    connect_timeout_seconds: float = Field(default=5, gt=0)
+    reconnect_seconds: float = Field(
+        default=5, gt=0, description="while unreachable at start-up, how often the gateway tries again"
+    )
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -215,6 +227,7 @@ class GatewaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    database: DatabaseSettings = DatabaseSettings()
     maintenance: dict[str, str] = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Path("maintenance.yaml")
     database_url: str = Field(
