@@ -23,8 +23,9 @@ from proxy.maintenance import MAINTENANCE, Maintenance
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
+from proxy.redis_relay import RedisRelay
 from proxy.registry import REGISTRY, Registry, load_registry
-from proxy.relay import LocalRelay, RedisRelay, Relay
+from proxy.relay import LocalRelay, Relay
 from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
