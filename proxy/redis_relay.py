@@ -31,6 +31,7 @@ from typing import Any, cast
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from proxy.relay import ORDERING_GRACE_SECONDS, Delivery, Event, EventKind, Relay, RelayUnavailable, _digest
@@ -216,8 +217,10 @@ class RedisRelay(Relay):
             socket_timeout=COMMAND_TIMEOUT_SECONDS,
             socket_connect_timeout=COMMAND_TIMEOUT_SECONDS,
         )
-        # One immediate retry reconnects a pooled connection that a Redis restart closed.
-        self._redis = redis.asyncio.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 1))
+        # One immediate retry reconnects a pooled connection that a Redis restart closed; a command
+        # that timed out is not sent again, so a Redis that stopped answering is known in one timeout.
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        self._redis = redis.asyncio.Redis(connection_pool=pool, retry=retry)
         self._append_script = self._redis.register_script(_APPEND)
         self._readers = [_Reader(self, url, index) for index in range(READERS)]
         self._waiting: dict[str, tuple[_Waiting, _Reader]] = {}

@@ -12,7 +12,14 @@ import aiohttp
 import redis.asyncio
 
 from proxy.callbacks import RELAY
-from proxy.redis_relay import COMMAND_CONNECTIONS, READ_COUNT, READERS
+from proxy.redis_relay import (
+    COMMAND_CONNECTIONS,
+    COMMAND_TIMEOUT_SECONDS,
+    READ_BLOCK_SECONDS,
+    READ_COUNT,
+    READ_MARGIN_SECONDS,
+    READERS,
+)
 from proxy.relay import Delivery, Event, RelayedStream
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
@@ -118,3 +125,79 @@ async def test_a_stream_whose_client_stops_reading_stays_bounded_in_redis(
     finally:
         await observer.aclose()
         await runner.cleanup()
+
+
+class SilencingProxy:
+    """A TCP relay to the real redis-server that can fall silent: it then keeps accepting connections
+    and reading what clients send, and never answers (a Redis host that hangs, or a black-holed
+    network)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.silent = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            if self.silent:
+                while await reader.read(65536):
+                    pass
+                return
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            self._writers.add(upstream_writer)
+            await asyncio.gather(self._pump(reader, upstream_writer), self._pump(upstream_reader, writer))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if not self.silent:
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+async def test_a_redis_that_stops_answering_ends_the_waiting_streams_within_seconds(
+    backend: Server, tmp_path: Path, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """Waiting streams end with a clear error once their reads outlast the block time by the margin;
+    new streams and callbacks are refused with a 503 after the command timeout."""
+    proxy = SilencingProxy(redis_server.port)
+    async with proxy as url:
+        runner, gateway = await start_gateway(relay_config(tmp_path, backend, url))
+        relay = gateway.app[RELAY]
+        try:
+            streams = [await relay.open() for _ in range(20)]
+            clients = [asyncio.ensure_future(collect(stream)) for stream in streams]
+            await asyncio.sleep(1)
+            assert not any(client.done() for client in clients)
+            proxy.silent = True
+            silenced = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*clients), 30)
+            assert time.monotonic() - silenced < READ_BLOCK_SECONDS + READ_MARGIN_SECONDS + 1
+            for received, error in results:
+                assert error is not None and error.code == 503
+                assert "stream relay is unavailable" in error.message
+                assert received == [] or set(received) == {b": waiting for the model\n\n"}
+
+            started = time.monotonic()
+            body = {"task_id": streams[0].stream_id, "data": sse("x")}
+            status, answer = await asyncio.wait_for(post(http, gateway, "data", body, streams[0].token), 30)
+            assert (status, answer["error"]["code"]) == (503, "relay_unavailable")
+            assert time.monotonic() - started < COMMAND_TIMEOUT_SECONDS + 1.5
+        finally:
+            await runner.cleanup()
