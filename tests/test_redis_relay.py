@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis.asyncio
 
+from adaptors import StreamError
+from proxy import redis_relay
 from proxy.callbacks import RELAY
 from proxy.redis_relay import (
     COMMAND_CONNECTIONS,
@@ -201,3 +204,36 @@ async def test_a_redis_that_stops_answering_ends_the_waiting_streams_within_seco
             assert time.monotonic() - started < COMMAND_TIMEOUT_SECONDS + 1.5
         finally:
             await runner.cleanup()
+
+
+async def test_a_stream_full_for_too_long_is_ended(
+    backend: Server,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that never reads again (its process died, or it hangs) does not hold the function's
+    callbacks for ever: past the back-pressure limit the stream ends, and callbacks answer 410."""
+    monkeypatch.setattr(redis_relay, "BACKPRESSURE_LIMIT_SECONDS", 1.0)
+    runner, gateway = await start_gateway(
+        relay_config(tmp_path, backend, redis_server.url, max_queued_chunks=5)
+    )
+    try:
+        stream = await gateway.app[RELAY].open()
+        chunks = stream.events()
+        body = {"task_id": stream.stream_id, "data": sse("x")}
+        assert (await post(http, gateway, "data", body, stream.token))[0] == 200
+        assert await asyncio.wait_for(anext(chunks), 10) == b"data: x\n\n"
+        statuses = []
+        started = time.monotonic()
+        while not statuses or statuses[-1] == 200:
+            statuses.append((await post(http, gateway, "data", body, stream.token))[0])
+        assert statuses[-1] == 410 and len(statuses) <= 5 + 2 * READ_COUNT + 1
+        assert 1.0 <= time.monotonic() - started < 5
+        with pytest.raises(StreamError, match="stopped reading") as ended:
+            async for _ in chunks:
+                pass
+        assert ended.value.code == 504
+    finally:
+        await runner.cleanup()
