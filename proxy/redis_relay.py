@@ -34,7 +34,18 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.relay import ORDERING_GRACE_SECONDS, Delivery, Event, EventKind, Relay, RelayUnavailable, _digest
+from proxy.relay import (
+    ABANDONED_GRACE_SECONDS,
+    ORDERING_GRACE_SECONDS,
+    Delivery,
+    Event,
+    EventKind,
+    Relay,
+    RelayFull,
+    RelayUnavailable,
+    _digest,
+    abandoned_before,
+)
 from proxy.settings import StreamingSettings
 
 log = logging.getLogger(__name__)
@@ -95,6 +106,7 @@ class _Waiting:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     failure: RelayUnavailable | None = None
     left_out: bool = False
+    opened: float = field(default_factory=time.monotonic)
 
 
 def _event(fields: dict[bytes, bytes]) -> Event:
@@ -225,6 +237,7 @@ class RedisRelay(Relay):
         self._readers = [_Reader(self, url, index) for index in range(READERS)]
         self._waiting: dict[str, tuple[_Waiting, _Reader]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._next_sweep = time.monotonic() + ABANDONED_GRACE_SECONDS
 
     def _keys(self, stream_id: str) -> tuple[str, str]:
         return f"{self.PREFIX}{stream_id}", f"{self.PREFIX}{stream_id}:events"
@@ -292,6 +305,10 @@ class RedisRelay(Relay):
         await self._redis.aclose()
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
+        if len(self._waiting) >= self.settings.max_streams or time.monotonic() > self._next_sweep:
+            self._forget_abandoned()
+            if len(self._waiting) >= self.settings.max_streams:
+                raise RelayFull(self.settings.max_streams)
         state_key, events_key = self._keys(stream_id)
         ttl = int(self.settings.total_timeout_seconds + self.settings.gone_memory_seconds)
         with _redis_answers():
@@ -303,6 +320,15 @@ class RedisRelay(Relay):
         reader = self._readers[hash(stream_id) % len(self._readers)]
         self._waiting[stream_id] = (waiting, reader)
         reader.add(waiting)
+
+    def _forget_abandoned(self) -> None:
+        """Streams opened but never read (or released) long ago stop being read and counted."""
+        cutoff = abandoned_before(self.settings)
+        self._next_sweep = time.monotonic() + ABANDONED_GRACE_SECONDS
+        for stream_id, (waiting, reader) in list(self._waiting.items()):
+            if waiting.opened < cutoff:
+                del self._waiting[stream_id]
+                reader.remove(waiting.key)
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
         waiting, reader = self._waiting[stream_id]

@@ -38,6 +38,15 @@ EventKind = Literal["data", "done", "error"]
 ORDERING_GRACE_SECONDS = 5.0
 """How long `done` waits for data posts its sender says it made but that have not arrived yet."""
 
+ABANDONED_GRACE_SECONDS = 60.0
+"""A stream still registered this long after `total_timeout_seconds` was never read by a client (its
+request failed between opening it and streaming): it no longer counts against `max_streams`."""
+
+
+def abandoned_before(settings: StreamingSettings) -> float:
+    """The monotonic time before which an opened stream counts as abandoned."""
+    return time.monotonic() - settings.total_timeout_seconds - ABANDONED_GRACE_SECONDS
+
 
 @dataclass(frozen=True)
 class Event:
@@ -82,6 +91,15 @@ class RelayUnavailable(ApiError):
     def __init__(self) -> None:
         message = "The stream relay is unavailable right now; please try again shortly."
         super().__init__(503, message, code="relay_unavailable")
+
+
+class RelayFull(ApiError):
+    """The process relays `streaming.max_streams` streams already: a new one is refused with a 503
+    rather than growing the process's memory (and Redis's) without bound."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"The gateway is relaying its limit of {limit} streams; please try again shortly."
+        super().__init__(503, message, code="relay_full", headers={"Retry-After": "5"})
 
 
 class Relay(ABC):
@@ -186,6 +204,7 @@ class _LocalStream:
     state: Literal["open", "finished", "gone"] = "open"
     data_posts: int = 0
     posted: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: float = field(default_factory=time.monotonic)
 
 
 class LocalRelay(Relay):
@@ -216,6 +235,11 @@ class LocalRelay(Relay):
         self._streams.clear()
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
+        if len(self._streams) >= self.settings.max_streams:
+            cutoff = abandoned_before(self.settings)
+            self._streams = {key: stream for key, stream in self._streams.items() if stream.opened >= cutoff}
+            if len(self._streams) >= self.settings.max_streams:
+                raise RelayFull(self.settings.max_streams)
         self._streams[stream_id] = _LocalStream(token_digest, asyncio.Queue(self.settings.max_queued_chunks))
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:

@@ -14,6 +14,7 @@ import redis.asyncio
 
 from adaptors import StreamError
 from proxy import redis_relay
+from proxy import relay as relay_module
 from proxy.callbacks import RELAY
 from proxy.redis_relay import (
     COMMAND_CONNECTIONS,
@@ -23,7 +24,7 @@ from proxy.redis_relay import (
     READ_MARGIN_SECONDS,
     READERS,
 )
-from proxy.relay import Delivery, Event, RelayedStream
+from proxy.relay import Delivery, Event, RelayedStream, RelayFull
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse
@@ -235,5 +236,37 @@ async def test_a_stream_full_for_too_long_is_ended(
             async for _ in chunks:
                 pass
         assert ended.value.code == 504
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("transport", ["local", "redis"])
+async def test_a_process_relays_at_most_max_streams(
+    backend: Server,
+    tmp_path: Path,
+    redis_server: RedisServer,
+    transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Streams opened and never read (the request failed in between) stop counting once they have
+    outlived any client's stream."""
+    monkeypatch.setattr(relay_module, "ABANDONED_GRACE_SECONDS", 0.5)
+    redis_url = redis_server.url if transport == "redis" else None
+    config = relay_config(tmp_path, backend, redis_url, max_streams=3, total_timeout_seconds=1)
+    runner, gateway = await start_gateway(config)
+    relay = gateway.app[RELAY]
+    try:
+        streams = [await relay.open() for _ in range(3)]
+        with pytest.raises(RelayFull) as refused:
+            await relay.open()
+        assert (refused.value.status, refused.value.code) == (503, "relay_full")
+        assert refused.value.headers["Retry-After"].isdigit()
+        await relay.deliver(streams[0].stream_id, streams[0].token, Event("done"))
+        assert await collect(streams[0]) == ([], None)
+        await relay.open()
+        with pytest.raises(RelayFull):
+            await relay.open()
+        await asyncio.sleep(1.6)
+        await relay.open()
     finally:
         await runner.cleanup()
