@@ -175,7 +175,11 @@ class _Reader:
                 continue
             finally:
                 self._reading = False
-            read = self._take(answer or [])
+            try:
+                read = self._take(answer or [])
+            except (KeyError, ValueError, IndexError, TypeError) as exc:  # not what this relay writes
+                self._fail(exc)
+                continue
             if read:
                 self._relay.background(self._relay.forget(read))
 
@@ -204,7 +208,7 @@ class _Reader:
             read[key] = [entry_id for entry_id, _ in entries]
         return read
 
-    def _fail(self, exc: RedisError) -> None:
+    def _fail(self, exc: Exception) -> None:
         """Redis did not answer the read: every stream waiting on it ends with a clear error."""
         count = len(self._waiting)
         log.warning("relay: reading streams from Redis failed (%s); ending %d streams", exc, count)
@@ -301,7 +305,10 @@ class RedisRelay(Relay):
         for reader in self._readers:
             await reader.close()
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=COMMAND_TIMEOUT_SECONDS)
+            _, late = await asyncio.wait(self._tasks, timeout=COMMAND_TIMEOUT_SECONDS)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         await self._redis.aclose()
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
