@@ -226,7 +226,7 @@ class RedisRelay(Relay):
     def __init__(self, settings: StreamingSettings, url: str) -> None:
         super().__init__(settings)
         self.process_id = uuid.uuid4().hex
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
+        self._pool = pool = redis.asyncio.BlockingConnectionPool.from_url(
             url,
             max_connections=COMMAND_CONNECTIONS,
             timeout=COMMAND_TIMEOUT_SECONDS,
@@ -310,6 +310,7 @@ class RedisRelay(Relay):
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         await self._redis.aclose()
+        await self._pool.disconnect()  # a client given its pool leaves it open
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
         if len(self._waiting) >= self.settings.max_streams or time.monotonic() > self._next_sweep:
