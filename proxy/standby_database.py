@@ -27,6 +27,7 @@ class StandbyDatabase(Database):
 
     def __init__(self, url: str, settings: DatabaseSettings) -> None:
         super().__init__()
+        self.dialect = "postgresql" if url.startswith("postgres") else "sqlite"
         self._url = url
         self._settings = settings
         self._database: Database | None = None
