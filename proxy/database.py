@@ -223,8 +223,8 @@ class Database(Queries):
         """Open the database named by ``url`` and apply the migrations it lacks.
 
         ``timeout`` bounds connecting (PostgreSQL) or waiting for another process's write lock (SQLite).
-        ``statement_timeout`` bounds every PostgreSQL statement, lock waits included: past it the
-        statement is cancelled and raises ``DatabaseTimeout``.
+        ``statement_timeout`` bounds every statement (PostgreSQL: lock waits included; SQLite waits
+        for a lock up to ``timeout``): past it the statement is cancelled and raises ``DatabaseTimeout``.
         """
         database = await _open(url, pool_size, timeout, statement_timeout)
         try:
@@ -366,7 +366,7 @@ async def _open(url: str, pool_size: int, timeout: float, statement_timeout: flo
         path = url.removeprefix("sqlite:///")
         if not path:
             raise ValueError(f"database URL {url!r} names no file: use sqlite:///path/to/file.db")
-        return await _SqliteDatabase.open(path, timeout)
+        return await _SqliteDatabase.open(path, timeout, statement_timeout)
     if urlsplit(url).scheme in ("postgresql", "postgres"):
         return await _PostgresDatabase.open(url, pool_size, timeout, statement_timeout)
     raise ValueError(
@@ -386,6 +386,11 @@ SQLITE_CACHED_STATEMENTS = 16
 a statement of its own, of about a megabyte prepared: sqlite3's default of 128 held some 100 MB of them."""
 
 
+SQLITE_PROGRESS_STEPS = 10_000
+"""How many virtual-machine instructions SQLite runs between looks at the statement's deadline (well
+under a millisecond's work)."""
+
+
 class _SqliteWorker:
     """The one sqlite3 connection and the one thread that ever touches it.
 
@@ -393,9 +398,11 @@ class _SqliteWorker:
     submission order, so writes are serialized and a statement submitted after another never overtakes it.
     """
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, statement_timeout: float) -> None:
         self.path = path
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
+        self._deadline = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._connection: sqlite3.Connection | None = None
         self._closed = False
@@ -437,13 +444,25 @@ class _SqliteWorker:
             raise RuntimeError(f"database {self.path} is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, partial(function, *args))
+            return await loop.run_in_executor(self._executor, partial(self._timed, function, *args))
         except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_INTERRUPT:
+                limit = self._statement_timeout
+                message = f"a statement ran past the statement timeout ({limit:g} s), cancelled"
+                raise DatabaseTimeout(f"sqlite database {self.path}: {message}") from exc
             if exc.sqlite_errorcode & 0xFF in _SQLITE_UNAVAILABLE:
                 raise DatabaseUnavailable(f"sqlite database {self.path}: {exc}") from exc
             raise
 
     # Everything below runs on the worker thread.
+
+    def _timed(self, function: Callable[..., T], *args: Any) -> T:
+        self._deadline = time.monotonic() + self._statement_timeout
+        return function(*args)
+
+    def _past_deadline(self) -> int:
+        """SQLite's progress handler: non-zero interrupts the running statement."""
+        return int(time.monotonic() > self._deadline)
 
     def _open(self) -> None:
         # isolation_level=None: no implicit BEGIN, transactions are explicit; timeout is busy_timeout.
@@ -452,6 +471,7 @@ class _SqliteWorker:
         )
         try:
             connection.row_factory = _dict_row
+            connection.set_progress_handler(self._past_deadline, SQLITE_PROGRESS_STEPS)
             self._use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, far fewer fsyncs
             connection.execute("PRAGMA foreign_keys = ON")
@@ -547,8 +567,8 @@ class _SqliteDatabase(Database):
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str, timeout: float) -> _SqliteDatabase:
-        worker = _SqliteWorker(path, timeout)
+    async def open(cls, path: str, timeout: float, statement_timeout: float) -> _SqliteDatabase:
+        worker = _SqliteWorker(path, timeout, statement_timeout)
         try:
             await worker.start()
         except BaseException:

@@ -203,7 +203,7 @@ class DatabaseSettings(_Strict):
     """How long the gateway waits on its database, and how it behaves while the database is away."""
 
     statement_timeout_seconds: float = Field(
-        default=5, gt=0, description="PostgreSQL cancels any statement running longer (lock waits included)"
+        default=5, gt=0, description="any statement running longer is cancelled (PostgreSQL: lock waits too)"
     )
     connect_timeout_seconds: float = Field(default=5, gt=0)
     reconnect_seconds: float = Field(

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 import yaml
 
-from proxy.database import DEFAULT_STATEMENT_TIMEOUT
+from proxy.database import DEFAULT_STATEMENT_TIMEOUT, Database, DatabaseTimeout
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.postgres_server import PostgresServer
 from tests.test_routes import assert_openai_error, call
@@ -104,3 +105,32 @@ async def test_a_gateway_started_without_its_database_serves_and_catches_up(
         await runner.cleanup()
         await postgres_server.start()
         await postgres_server.drop_database("test_outage_start")
+
+
+LONG_STATEMENTS = {
+    "sqlite": "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000000000)"
+    " SELECT count(*) AS n FROM c",
+    "postgresql": "SELECT pg_sleep(30) AS n",
+}
+
+
+async def test_a_statement_past_the_timeout_is_cancelled(database_url: str, database_dialect: str) -> None:
+    """On both databases: the statement ends at its timeout with a clear error, and the database goes
+    on serving the next one."""
+    database = await Database.connect(database_url, statement_timeout=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseTimeout, match=r"statement timeout \(1 s\)"):
+            await database.fetch(LONG_STATEMENTS[database_dialect])
+        assert 0.9 < time.monotonic() - started < 4
+        with pytest.raises(DatabaseTimeout):
+            async with database.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (99, 'x', 0)"
+                )
+                await tx.fetch(LONG_STATEMENTS[database_dialect])
+        assert await database.fetchone("SELECT count(*) AS n FROM schema_migrations WHERE version = 99") == {
+            "n": 0
+        }
+    finally:
+        await database.close()
