@@ -24,7 +24,7 @@ from proxy.redis_relay import (
     READ_MARGIN_SECONDS,
     READERS,
 )
-from proxy.relay import Delivery, Event, RelayedStream, RelayFull
+from proxy.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse
@@ -203,6 +203,10 @@ async def test_a_redis_that_stops_answering_ends_the_waiting_streams_within_seco
             body = {"task_id": streams[0].stream_id, "data": sse("x")}
             status, answer = await asyncio.wait_for(post(http, gateway, "data", body, streams[0].token), 30)
             assert (status, answer["error"]["code"]) == (503, "relay_unavailable")
+            assert time.monotonic() - started < COMMAND_TIMEOUT_SECONDS + 1.5
+            started = time.monotonic()
+            with pytest.raises(RelayUnavailable):
+                await relay.open()
             assert time.monotonic() - started < COMMAND_TIMEOUT_SECONDS + 1.5
         finally:
             await runner.cleanup()
