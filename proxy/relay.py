@@ -3,9 +3,9 @@ client waiting on the stream, in order and as they arrive.
 
 `LocalRelay` keeps each stream in an in-process queue. `RedisRelay` (proxy/redis_relay.py) keeps
 streams in Redis, so a callback that lands on another gateway process or host still reaches the
-client. Both share the client side (`RelayedStream`),
-which enforces the limits: the wait for the first chunk, the silence between chunks and the
-total time, with comment keep-alives while the backend is silent.
+client. Both share the client side (`RelayedStream`), which enforces the limits: the wait for the
+first chunk, the silence between chunks and the total time, with comment keep-alives while the
+backend is silent.
 """
 
 from __future__ import annotations
