@@ -14,7 +14,6 @@ from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batch_store import BatchStore
 from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
-from proxy.database import Database
 from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
 from proxy.globus_auth import GlobusAuthenticator
@@ -27,14 +26,16 @@ from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
 from proxy.record_keeping import prune_forever
+from proxy.redis_relay import RedisRelay
 from proxy.registry import REGISTRY, Registry, load_registry
-from proxy.relay import LocalRelay, RedisRelay, Relay
+from proxy.relay import LocalRelay, Relay
 from proxy.reload import RELOADER, Reloader, shut_down
 from proxy.request_log import LineWriter, RecordSink
 from proxy.retry_join import RETRY_JOINS, RetryJoins
 from proxy.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
 from proxy.settings import GatewaySettings
 from proxy.staging import add_staging_routes
+from proxy.standby_database import StandbyDatabase
 from proxy.tasks import add_task_routes
 from proxy.usage_store import UsageStore
 
@@ -134,10 +135,11 @@ def _labels_of(registry: Registry) -> Callable[[str], tuple[str, str, str, str]]
 
 
 def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
-    """One connection pool for batches and request records, open for the life of the gateway."""
+    """One connection pool for batches and request records, open for the life of the gateway. A
+    database unreachable at start-up does not stop the gateway: it is connected in the background."""
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        database = await Database.connect(settings.database_url)
+        database = await StandbyDatabase.start(settings.database_url, settings.database)
         app[BATCHES] = BatchStore(database)
         advancer = asyncio.create_task(advance_forever(app))
         request_log = app[REQUEST_LOG]

@@ -22,7 +22,7 @@ from proxy import contract
 from proxy.auth import USER
 from proxy.batch_store import BatchRecord, BatchStore
 from proxy.bodies import read_json
-from proxy.database import DatabaseUnavailable
+from proxy.database import DatabaseTimeout, DatabaseUnavailable
 from proxy.errors import ApiError, adaptor_failed
 from proxy.lookup import check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
@@ -60,9 +60,9 @@ async def create(request: web.Request) -> web.Response:
     await _reserve(request.app, record)
     submitted = await contract.submit_batch(endpoint, {**body, "batch_id": record.id}, user.username)
     if submitted.error_code is not None or submitted.status is None:
-        await request.app[BATCHES].discard(record.id)
+        await _store_call(request.app[BATCHES].discard(record.id))
         adaptor_failed(submitted.error_code, submitted.error_message or "The batch was not accepted.")
-    await request.app[BATCHES].attach(record.id, submitted.task_ids, submitted.status.value)
+    await _store_call(request.app[BATCHES].attach(record.id, submitted.task_ids, submitted.status.value))
     return web.json_response(
         {
             "batch_id": record.id,
@@ -143,12 +143,21 @@ async def _owned(request: web.Request) -> BatchRecord:
     return record
 
 
+RETRY_AFTER_SECONDS = 5
+
+
 async def _store_call(call: Awaitable[Result]) -> Result:
+    """The database's outages and timeouts are the client's "try again shortly", never a 500."""
+    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     try:
         return await call
+    except DatabaseTimeout as exc:
+        log.warning("batch database: %s", exc)
+        message = "The batch database did not answer in time (it may be busy); try again shortly."
+        raise ApiError(503, message, code="database_timeout", headers=retry) from None
     except DatabaseUnavailable:
         message = "The batch database is unavailable; try again shortly."
-        raise ApiError(503, message, code="database_unavailable") from None
+        raise ApiError(503, message, code="database_unavailable", headers=retry) from None
 
 
 def _listing(record: BatchRecord) -> dict[str, Any]:

@@ -44,7 +44,11 @@ Migration = tuple[int, str, list[str]]
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 5.0
+DEFAULT_STATEMENT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 4
+STATEMENT_TIMEOUT_MARGIN = 5.0
+"""How much longer than the server's statement_timeout the client waits for an answer: the server
+cancels a statement at its timeout, the client's own deadline catches a server that stopped answering."""
 
 # Append only: a released version is never edited, since databases in the field already recorded it.
 MIGRATIONS: list[Migration] = [
@@ -163,6 +167,11 @@ class DatabaseUnavailable(Exception):
     """
 
 
+class DatabaseTimeout(DatabaseUnavailable):
+    """A statement ran longer than the statement timeout (waiting for a lock another connection holds,
+    or a server that stopped answering): cancelled, so that no request waits on the database for long."""
+
+
 class Queries(ABC):
     """What runs SQL: the Database itself (each statement commits on its own) or one transaction."""
 
@@ -214,12 +223,15 @@ class Database(Queries):
         migrations: Sequence[Migration] = MIGRATIONS,
         pool_size: int = DEFAULT_POOL_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     ) -> Database:
         """Open the database named by ``url`` and apply the migrations it lacks.
 
         ``timeout`` bounds connecting (PostgreSQL) or waiting for another process's write lock (SQLite).
+        ``statement_timeout`` bounds every statement (PostgreSQL: lock waits included; SQLite waits
+        for a lock up to ``timeout``): past it the statement is cancelled and raises ``DatabaseTimeout``.
         """
-        database = await _open(url, pool_size, timeout)
+        database = await _open(url, pool_size, timeout, statement_timeout)
         try:
             await database.migrate(migrations)
         except BaseException:
@@ -354,14 +366,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-async def _open(url: str, pool_size: int, timeout: float) -> Database:
+async def _open(url: str, pool_size: int, timeout: float, statement_timeout: float) -> Database:
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if not path:
             raise ValueError(f"database URL {url!r} names no file: use sqlite:///path/to/file.db")
-        return await _SqliteDatabase.open(path, timeout)
+        return await _SqliteDatabase.open(path, timeout, statement_timeout)
     if urlsplit(url).scheme in ("postgresql", "postgres"):
-        return await _PostgresDatabase.open(url, pool_size, timeout)
+        return await _PostgresDatabase.open(url, pool_size, timeout, statement_timeout)
     raise ValueError(
         f"unsupported database URL {redact(url)!r}: use sqlite:///path/to/file.db or postgresql://host/db"
     )
@@ -379,6 +391,11 @@ SQLITE_CACHED_STATEMENTS = 16
 a statement of its own, of about a megabyte prepared: sqlite3's default of 128 held some 100 MB of them."""
 
 
+SQLITE_PROGRESS_STEPS = 10_000
+"""How many virtual-machine instructions SQLite runs between looks at the statement's deadline (well
+under a millisecond's work)."""
+
+
 class _SqliteWorker:
     """The one sqlite3 connection and the one thread that ever touches it.
 
@@ -386,9 +403,11 @@ class _SqliteWorker:
     submission order, so writes are serialized and a statement submitted after another never overtakes it.
     """
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, statement_timeout: float) -> None:
         self.path = path
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
+        self._deadline = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._connection: sqlite3.Connection | None = None
         self._closed = False
@@ -430,13 +449,25 @@ class _SqliteWorker:
             raise RuntimeError(f"database {self.path} is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, partial(function, *args))
+            return await loop.run_in_executor(self._executor, partial(self._timed, function, *args))
         except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_INTERRUPT:
+                limit = self._statement_timeout
+                message = f"a statement ran past the statement timeout ({limit:g} s), cancelled"
+                raise DatabaseTimeout(f"sqlite database {self.path}: {message}") from exc
             if exc.sqlite_errorcode & 0xFF in _SQLITE_UNAVAILABLE:
                 raise DatabaseUnavailable(f"sqlite database {self.path}: {exc}") from exc
             raise
 
     # Everything below runs on the worker thread.
+
+    def _timed(self, function: Callable[..., T], *args: Any) -> T:
+        self._deadline = time.monotonic() + self._statement_timeout
+        return function(*args)
+
+    def _past_deadline(self) -> int:
+        """SQLite's progress handler: non-zero interrupts the running statement."""
+        return int(time.monotonic() > self._deadline)
 
     def _open(self) -> None:
         # isolation_level=None: no implicit BEGIN, transactions are explicit; timeout is busy_timeout.
@@ -445,6 +476,7 @@ class _SqliteWorker:
         )
         try:
             connection.row_factory = _dict_row
+            connection.set_progress_handler(self._past_deadline, SQLITE_PROGRESS_STEPS)
             self._use_wal(connection)
             connection.execute("PRAGMA synchronous = NORMAL")  # durable enough with WAL, far fewer fsyncs
             connection.execute("PRAGMA foreign_keys = ON")
@@ -540,8 +572,8 @@ class _SqliteDatabase(Database):
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str, timeout: float) -> _SqliteDatabase:
-        worker = _SqliteWorker(path, timeout)
+    async def open(cls, path: str, timeout: float, statement_timeout: float) -> _SqliteDatabase:
+        worker = _SqliteWorker(path, timeout, statement_timeout)
         try:
             await worker.start()
         except BaseException:
@@ -635,25 +667,32 @@ class _PostgresDatabase(Database):
 
     dialect: Dialect = "postgresql"
 
-    def __init__(self, pool: Any, url: str, timeout: float) -> None:
+    def __init__(self, pool: Any, url: str, timeout: float, statement_timeout: float) -> None:
         super().__init__()
         self._pool = pool
         self._where = redact(url)
         self._timeout = timeout
+        self._statement_timeout = statement_timeout
 
     @classmethod
-    async def open(cls, url: str, pool_size: int, timeout: float) -> _PostgresDatabase:
+    async def open(
+        cls, url: str, pool_size: int, timeout: float, statement_timeout: float
+    ) -> _PostgresDatabase:
         try:
             pool = await asyncpg.create_pool(
                 url,
                 min_size=0,  # no background reconnect loop (and its log) while the server is down
                 max_size=pool_size,
                 timeout=timeout,
-                server_settings={"application_name": "inference-gateway"},
+                command_timeout=statement_timeout + STATEMENT_TIMEOUT_MARGIN,
+                server_settings={
+                    "application_name": "inference-gateway",
+                    "statement_timeout": str(max(1, round(statement_timeout * 1000))),
+                },
             )
         except _POSTGRES_UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"postgresql database {redact(url)}: {_describe(exc)}") from exc
-        return cls(pool, url, timeout)
+        return cls(pool, url, timeout, statement_timeout)
 
     async def execute(self, sql: str, *params: Any) -> int:
         self._refuse_inside_transaction()
@@ -707,6 +746,9 @@ class _PostgresDatabase(Database):
                     if _lost(connection):
                         raise self._unavailable(exc) from exc
                     raise
+        except asyncpg.QueryCanceledError as exc:
+            message = f"a statement ran past the statement timeout ({self._statement_timeout:g} s), cancelled"
+            raise DatabaseTimeout(f"postgresql database {self._where}: {message}") from exc
         except _POSTGRES_UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
 

@@ -1,11 +1,11 @@
 """The stream relay: chunks that remote functions POST to the callback routes, delivered to the
 client waiting on the stream, in order and as they arrive.
 
-`LocalRelay` keeps each stream in an in-process queue. `RedisRelay` keeps streams in Redis (a
-state hash and an append-only Redis stream per relay stream), so a callback that lands on another
-gateway process or host still reaches the client. Both share the client side (`RelayedStream`),
-which enforces the limits: the wait for the first chunk, the silence between chunks and the
-total time, with comment keep-alives while the backend is silent.
+`LocalRelay` keeps each stream in an in-process queue. `RedisRelay` (proxy/redis_relay.py) keeps
+streams in Redis, so a callback that lands on another gateway process or host still reaches the
+client. Both share the client side (`RelayedStream`), which enforces the limits: the wait for the
+first chunk, the silence between chunks and the total time, with comment keep-alives while the
+backend is silent.
 """
 
 from __future__ import annotations
@@ -19,16 +19,11 @@ import secrets
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
-
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from adaptors import StreamError
 from adaptors.relay import CallbackTarget
@@ -42,6 +37,15 @@ EventKind = Literal["data", "done", "error"]
 
 ORDERING_GRACE_SECONDS = 5.0
 """How long `done` waits for data posts its sender says it made but that have not arrived yet."""
+
+ABANDONED_GRACE_SECONDS = 60.0
+"""A stream still registered this long after `total_timeout_seconds` was never read by a client (its
+request failed between opening it and streaming): it no longer counts against `max_streams`."""
+
+
+def abandoned_before(settings: StreamingSettings) -> float:
+    """The monotonic time before which an opened stream counts as abandoned."""
+    return time.monotonic() - settings.total_timeout_seconds - ABANDONED_GRACE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -89,13 +93,13 @@ class RelayUnavailable(ApiError):
         super().__init__(503, message, code="relay_unavailable")
 
 
-@contextlib.contextmanager
-def _redis_answers() -> Iterator[None]:
-    """Around every call to Redis: its client's errors say nothing to a client or a function."""
-    try:
-        yield
-    except RedisError as exc:
-        raise RelayUnavailable() from exc
+class RelayFull(ApiError):
+    """The process relays `streaming.max_streams` streams already: a new one is refused with a 503
+    rather than growing the process's memory (and Redis's) without bound."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"The gateway is relaying its limit of {limit} streams; please try again shortly."
+        super().__init__(503, message, code="relay_full", headers={"Retry-After": "5"})
 
 
 class Relay(ABC):
@@ -206,6 +210,7 @@ class _LocalStream:
     state: Literal["open", "finished", "gone"] = "open"
     data_posts: int = 0
     posted: asyncio.Event = field(default_factory=asyncio.Event)
+    opened: float = field(default_factory=time.monotonic)
 
 
 class LocalRelay(Relay):
@@ -236,6 +241,11 @@ class LocalRelay(Relay):
         self._streams.clear()
 
     async def _register(self, stream_id: str, token_digest: str) -> None:
+        if len(self._streams) >= self.settings.max_streams:
+            cutoff = abandoned_before(self.settings)
+            self._streams = {key: stream for key, stream in self._streams.items() if stream.opened >= cutoff}
+            if len(self._streams) >= self.settings.max_streams:
+                raise RelayFull(self.settings.max_streams)
         self._streams[stream_id] = _LocalStream(token_digest, asyncio.Queue(self.settings.max_queued_chunks))
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
@@ -274,99 +284,3 @@ class LocalRelay(Relay):
         stream.state = "gone"
         while not stream.queue.empty():
             stream.queue.get_nowait()
-
-
-class RedisRelay(Relay):
-    """Several processes or hosts: stream state in a hash, events appended to a Redis stream."""
-
-    _PREFIX = "gateway:relay:"
-
-    def __init__(self, settings: StreamingSettings, url: str) -> None:
-        super().__init__(settings)
-        # As for the limits: one immediate retry reconnects a pooled connection a Redis restart closed.
-        self._redis = redis.asyncio.Redis.from_url(
-            url, max_connections=settings.max_streams + 64, retry=Retry(NoBackoff(), 1)
-        )
-        self._cursors: dict[str, str] = {}
-
-    def _keys(self, stream_id: str) -> tuple[str, str]:
-        return f"{self._PREFIX}{stream_id}", f"{self._PREFIX}{stream_id}:events"
-
-    async def deliver(self, stream_id: str, token: str, event: Event) -> Delivery:
-        state_key, events_key = self._keys(stream_id)
-        with _redis_answers():
-            state: Any = await self._redis.hgetall(state_key)
-            if not state:
-                return Delivery.UNKNOWN
-            if not hmac.compare_digest(state[b"token"], _digest(token).encode()):
-                return Delivery.BAD_TOKEN
-            if state[b"state"] != b"open":
-                return Delivery.GONE
-            if event.kind == "data":
-                await self._append(events_key, event, count_post=True)
-            else:
-                await self._end(stream_id, event)
-            return Delivery.ACCEPTED
-
-    async def close(self) -> None:
-        await self._redis.aclose()
-
-    async def _register(self, stream_id: str, token_digest: str) -> None:
-        state_key, _ = self._keys(stream_id)
-        ttl = int(self.settings.total_timeout_seconds + self.settings.gone_memory_seconds)
-        with _redis_answers():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(state_key, mapping={"token": token_digest, "state": "open", "data_posts": 0})
-                pipe.expire(state_key, ttl)
-                await pipe.execute()
-        self._cursors[stream_id] = "0-0"
-
-    async def _next(self, stream_id: str, wait: float) -> list[Event]:
-        _, events_key = self._keys(stream_id)
-        cursor = self._cursors[stream_id]
-        with _redis_answers():
-            answer: Any = await self._redis.xread(
-                {events_key: cursor}, count=100, block=max(1, int(wait * 1000))
-            )
-        events = []
-        for _, entries in answer:
-            for entry_id, fields in entries:
-                self._cursors[stream_id] = entry_id
-                events.append(Event(fields[b"kind"].decode(), fields[b"data"], int(fields[b"code"])))
-        return events
-
-    async def _push(self, stream_id: str, event: Event) -> None:
-        state_key, _ = self._keys(stream_id)
-        with _redis_answers():
-            if await self._redis.hget(state_key, "state") == b"open":
-                await self._end(stream_id, event)
-
-    async def _end(self, stream_id: str, event: Event) -> None:
-        state_key, events_key = self._keys(stream_id)
-        deadline = time.monotonic() + ORDERING_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            posts = int(await self._redis.hget(state_key, "data_posts") or 0)
-            if posts >= event.after_posts:
-                break
-            await asyncio.sleep(0.005)
-        await self._redis.hset(state_key, "state", "finished")
-        await self._append(events_key, event)
-
-    async def _append(self, events_key: str, event: Event, count_post: bool = False) -> None:
-        ttl = int(self.settings.total_timeout_seconds + self.settings.gone_memory_seconds)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(events_key, {"kind": event.kind, "data": event.data, "code": event.code})
-            pipe.expire(events_key, ttl)
-            if count_post:
-                pipe.hincrby(events_key.removesuffix(":events"), "data_posts", 1)
-            await pipe.execute()
-
-    async def _release(self, stream_id: str, finished: bool) -> None:
-        state_key, events_key = self._keys(stream_id)
-        self._cursors.pop(stream_id, None)
-        with _redis_answers():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(state_key, "state", "finished" if finished else "gone")
-                pipe.expire(state_key, int(self.settings.gone_memory_seconds))
-                pipe.delete(events_key)
-                await pipe.execute()

@@ -251,6 +251,18 @@ class DataStagingSettings(_Strict):
         return client_id, secret
 
 
+class DatabaseSettings(_Strict):
+    """How long the gateway waits on its database, and how it behaves while the database is away."""
+
+    statement_timeout_seconds: float = Field(
+        default=5, gt=0, description="any statement running longer is cancelled (PostgreSQL: lock waits too)"
+    )
+    connect_timeout_seconds: float = Field(default=5, gt=0)
+    reconnect_seconds: float = Field(
+        default=5, gt=0, description="while unreachable at start-up, how often the gateway tries again"
+    )
+
+
 class AuthSettings(_Strict):
     provider: Literal["static", "globus"] = "static"
     static: StaticAuthSettings | None = None
@@ -270,6 +282,7 @@ class GatewaySettings(_Strict):
     metrics: MetricsSettings = MetricsSettings()
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()
+    database: DatabaseSettings = DatabaseSettings()
     maintenance: JsonMapping = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Path("maintenance.yaml")
     database_url: str = Field(

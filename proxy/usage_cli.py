@@ -79,6 +79,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+REPORT_TIMEOUT_SECONDS = 600.0
+
+
 def main(argv: list[str]) -> int:
     """Exit status: 0 printed, 1 the database is unavailable, 2 bad arguments or configuration."""
     try:
@@ -100,7 +103,8 @@ def main(argv: list[str]) -> int:
 
 
 async def _usage(url: str, since: float, until: float | None, by: UsageBy) -> list[dict[str, Any]]:
-    database = await Database.connect(url)
+    # A report sums a whole period: an operator waits for it longer than a request would.
+    database = await Database.connect(url, statement_timeout=REPORT_TIMEOUT_SECONDS)
     try:
         return await UsageStore(database).usage(since, until, by)
     finally:
