@@ -149,7 +149,8 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
     separate = web.Application()
     separate[METRICS] = app[METRICS]
     separate.router.add_get(settings.metrics.path, handler)
-    app.cleanup_ctx.append(_serve_separately(separate, settings.server.host, settings.metrics.port))
+    host = settings.server.host if settings.metrics.host is None else settings.metrics.host
+    app.cleanup_ctx.append(_serve_separately(separate, host, settings.metrics.port))
 
 
 async def _shared_metrics(app: web.Application) -> AsyncIterator[None]:

@@ -1,4 +1,5 @@
-"""`inference-gateway`: check the configuration, or serve."""
+"""`inference-gateway`: serve (no command), check the configuration (`--check-config`), or run one of
+the operator's commands below."""
 
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from proxy import usage_cli
+from proxy import operator_commands, usage_cli
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
+from proxy.build_info import version
 from proxy.logs import configure_logging
-from proxy.maintenance import read_state, write_state
 from proxy.registry import Registry, load_registry
-from proxy.reload import reload_on_sighup, signal_reload
+from proxy.reload import reload_on_sighup
 from proxy.settings import ConfigError, GatewaySettings, load_settings
 from proxy.workers import (
     Supervisor,
@@ -34,26 +35,51 @@ log = logging.getLogger("proxy")
 DEFAULT_CONFIG = "conf/gateway.yaml"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Serving takes no command (as systemd and the workers start it); the operator's commands are
+    subcommands, each with its own `--help`."""
     parser = argparse.ArgumentParser(prog="inference-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     _add_config_option(parser)
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--workers", type=int, help="override server.workers: processes sharing the port")
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    maintenance = commands.add_parser(
+        "maintenance",
+        help="put a cluster under maintenance, end it, or list it",
+        description=operator_commands.maintenance.__doc__,
+    )
+    _add_config_option(maintenance, inherited=True)
+    operator_commands.add_maintenance_arguments(maintenance)
+    maintenance.set_defaults(run=operator_commands.maintenance)
+    usage = commands.add_parser(
+        "usage",
+        help="requests and tokens per user, model, cluster, day or hour",
+        description=usage_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_option(usage, inherited=True)
+    usage_cli.add_arguments(usage)
+    usage.set_defaults(run=usage_cli.run)
+    reload = commands.add_parser(
+        "reload",
+        help="re-read endpoints and clusters in a running gateway",
+        description=operator_commands.reload.__doc__,
+    )
+    _add_config_option(reload, inherited=True)
+    reload.set_defaults(run=operator_commands.reload)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["maintenance"]:
-        return maintenance_main(argv[1:])
-    if argv[:1] == ["usage"]:
-        return usage_cli.main(argv[1:])
-    if argv[:1] == ["reload"]:
-        return reload_main(argv[1:])
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command is not None:
+        code: int = args.run(args)
+        return code
     configure_logging()
     try:
         settings = _with_overrides(load_settings(args.config), args)
@@ -93,6 +119,7 @@ def serve(
     web.run_app(
         app,
         sock=sock,
+        backlog=server.backlog,  # aiohttp listens again on the socket, with 128 unless told
         handler_cancellation=True,
         access_log=None,
         keepalive_timeout=settings.timeouts.keepalive_seconds,
@@ -164,62 +191,13 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _add_config_option(parser: argparse.ArgumentParser) -> None:
+def _add_config_option(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """A subcommand's `--config` leaves the value alone when not given, so that `--config` before the
+    command name counts too (a subparser's own default would overwrite it)."""
+    default = argparse.SUPPRESS if inherited else Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
     parser.add_argument(
         "--config",
         type=Path,
-        default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
+        default=default,
         help=f"main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
     )
-
-
-def _settings_or_report(path: Path) -> GatewaySettings | None:
-    try:
-        return load_settings(path)
-    except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
-        return None
-
-
-def maintenance_main(argv: list[str]) -> int:
-    """`inference-gateway maintenance on CLUSTER --message ... | off CLUSTER | list`: takes effect in
-    running gateways within a second, without a restart."""
-    parser = argparse.ArgumentParser(prog="inference-gateway maintenance")
-    _add_config_option(parser)
-    parser.add_argument("action", choices=["on", "off", "list"])
-    parser.add_argument("cluster", nargs="?")
-    parser.add_argument("--message", default="The cluster is under maintenance; please try again later.")
-    args = parser.parse_args(argv)
-    settings = _settings_or_report(args.config)
-    if settings is None:
-        return 2
-    state = read_state(settings.maintenance_file)
-    if args.action != "list":
-        if args.cluster is None:
-            parser.error(f"'{args.action}' needs a cluster name")
-        if args.action == "on":
-            state[args.cluster] = args.message
-        else:
-            state.pop(args.cluster, None)
-        write_state(settings.maintenance_file, state)
-    for cluster, message in sorted({**settings.maintenance, **state}.items()):
-        print(f"{cluster}: {message}")
-    return 0
-
-
-def reload_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="inference-gateway reload", description="re-read endpoints and clusters in a running gateway"
-    )
-    _add_config_option(parser)
-    args = parser.parse_args(argv)
-    settings = _settings_or_report(args.config)
-    if settings is None:
-        return 2
-    if settings.server.pid_file is None:
-        print(
-            f"{args.config}: set server.pid_file to use this command (or send SIGHUP yourself)",
-            file=sys.stderr,
-        )
-        return 2
-    return signal_reload(settings.server.pid_file)

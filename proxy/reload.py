@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -107,7 +108,7 @@ def signal_reload(pid_file: Path) -> int:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as exc:
-        print(f"{pid_file}: no running gateway to reload ({exc})")
+        print(f"{pid_file}: no running gateway to reload ({exc})", file=sys.stderr)
         return 1
     print(f"asked the gateway (pid {pid}) to reload endpoints and clusters; its log says whether it did")
     return 0

@@ -161,6 +161,9 @@ class MetricsSettings(_Strict):
     enabled: bool = Field(default=True, description="false: nothing measured, no metrics route")
     path: str = Field(default="/metrics", pattern=r"^/[A-Za-z0-9_./-]*$")
     port: int | None = Field(default=None, ge=1, le=65535, description="serve metrics on this port only")
+    host: str | None = Field(
+        default=None, description="address `port` binds (default: server.host); 0.0.0.0: any host may scrape"
+    )
     allow: CommaList = Field(
         default_factory=lambda: ["127.0.0.0/8", "::1/128"], description="networks that may scrape"
     )

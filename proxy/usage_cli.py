@@ -60,6 +60,14 @@ def _time_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Everything but --config, which `inference-gateway` shares with its other commands."""
+    parser.add_argument("--since", type=_time_argument, required=True, help="start: 2026-11-01, 7d, 24h, ...")
+    parser.add_argument("--until", type=_time_argument, help="end, excluded (default: no end)")
+    parser.add_argument("--by", choices=get_args(UsageBy), default="user", help="group by (default: user)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="inference-gateway usage",
@@ -72,19 +80,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
         help=f"the gateway's main YAML file, for database_url (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
     )
-    parser.add_argument("--since", type=_time_argument, required=True, help="start: 2026-11-01, 7d, 24h, ...")
-    parser.add_argument("--until", type=_time_argument, help="end, excluded (default: no end)")
-    parser.add_argument("--by", choices=get_args(UsageBy), default="user", help="group by (default: user)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def main(argv: list[str]) -> int:
-    """Exit status: 0 printed, 1 the database is unavailable, 2 bad arguments or configuration."""
     try:
         args = parse_args(argv)
     except SystemExit as exc:  # argparse's --help and usage errors: a status, as callers of main expect
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 printed, 1 the database is unavailable, 2 bad arguments or configuration."""
     try:
         url = load_settings(args.config).database_url
     except ConfigError as exc:

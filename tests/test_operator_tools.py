@@ -1,0 +1,158 @@
+"""The operator's tools say what happened: `--version`, `--help` listing every command, exit statuses
+of `maintenance` and `reload`, the configured listen backlog, metrics on their own address."""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.cli import build_parser
+from proxy.maintenance import read_state
+from tests.processes import gateway_process
+from tests.support import Server, free_port, start_gateway, value, write_gateway_config, write_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def configure(tmp_path: Path, backend_url: str = "http://127.0.0.1:9", **change: object) -> Path:
+    config = write_gateway_config(tmp_path, backend_url)
+    document = yaml.safe_load(config.read_text())
+    for key, setting in change.items():
+        section, _, field = key.partition("__")
+        if field:
+            document.setdefault(section, {})[field] = setting
+        else:
+            document[section] = setting
+    return write_yaml(config, document)
+
+
+def test_version_is_the_packages() -> None:
+    metadata = configparser.ConfigParser()
+    metadata.read(ROOT / "setup.cfg")
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"inference-gateway {metadata['metadata']['version']}"
+
+
+def test_help_lists_every_command() -> None:
+    commands = build_parser()._subparsers
+    assert commands is not None
+    (action,) = commands._group_actions
+    names = set(action.choices)  # type: ignore[arg-type]
+    assert {"maintenance", "usage", "reload"} <= names
+    result = run_cli("--help")
+    assert result.returncode == 0
+    listed = set(re.findall(r"^    (\w+) +\S", result.stdout, re.MULTILINE))
+    assert listed == names
+    for name in names:
+        assert run_cli(name, "--help").returncode == 0
+
+
+def test_maintenance_on_an_unknown_cluster_fails_and_changes_nothing(tmp_path: Path) -> None:
+    config = configure(tmp_path)
+    result = run_cli("--config", str(config), "maintenance", "on", "loacl")
+    assert result.returncode == 1
+    assert "no cluster named 'loacl'" in result.stderr and "clusters: chatonly, local, uni" in result.stderr
+    assert not (tmp_path / "maintenance.yaml").exists()
+    assert run_cli("maintenance", "--config", str(config), "on", "local").returncode == 0
+    assert list(read_state(tmp_path / "maintenance.yaml")) == ["local"]
+    off = run_cli("maintenance", "--config", str(config), "off", "loacl")
+    assert off.returncode == 1 and "no cluster named 'loacl'" in off.stderr
+    assert run_cli("maintenance", "--config", str(config), "off", "local").returncode == 0
+    assert read_state(tmp_path / "maintenance.yaml") == {}
+
+
+def test_maintenance_off_cannot_end_the_configurations_own(tmp_path: Path) -> None:
+    config = configure(tmp_path, maintenance={"local": "Down for a week"})
+    result = run_cli("maintenance", "--config", str(config), "off", "local")
+    assert result.returncode == 1 and "remove it there and restart" in result.stderr
+
+
+def test_a_refused_reload_fails_with_the_reason_and_signals_nothing(tmp_path: Path) -> None:
+    config = configure(tmp_path, server__pid_file="gateway.pid")
+    endpoints = tmp_path / "endpoints.yaml"
+    entries = yaml.safe_load(endpoints.read_text())
+    entries[0]["endpoint_adapter"] = "adaptors.nowhere.Endpoint"
+    write_yaml(endpoints, entries)
+    stand_in = subprocess.Popen(["sleep", "60"])  # SIGHUP would end it
+    try:
+        (tmp_path / "gateway.pid").write_text(f"{stand_in.pid}\n")
+        result = run_cli("reload", "--config", str(config))
+        assert result.returncode == 2
+        assert "reload refused" in result.stderr
+        assert "endpoints.yaml, entry 1" in result.stderr and "endpoint_adapter" in result.stderr
+        assert stand_in.poll() is None, "the gateway was signalled"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_reload_without_a_gateway_fails(tmp_path: Path) -> None:
+    config = configure(tmp_path, server__pid_file="gateway.pid")
+    result = run_cli("reload", "--config", str(config))
+    assert result.returncode == 1 and "no running gateway to reload" in result.stderr
+
+
+def listen_backlog(port: int) -> int:
+    """The accept queue's length as the kernel has it: `ss` shows it as Send-Q of a listener."""
+    output = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    (line,) = output.splitlines()
+    return int(line.split()[2])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_configured_backlog_is_the_sockets(backend: Server, tmp_path: Path, workers: str) -> None:
+    """3000: neither aiohttp's 128 nor the default 4096, and below this host's somaxconn (4096)."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert somaxconn >= 3000
+    port = free_port()
+    config = configure(tmp_path, backend.url, server__port=port, server__backlog=3000)
+    async with gateway_process(config, "--workers", workers) as gateway:
+        if workers == "2":
+            deadline = time.monotonic() + 20
+            while gateway.log_text().count("serving on") < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        assert listen_backlog(port) == 3000
+
+
+async def test_metrics_bind_their_own_host(
+    backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The API on 127.0.0.1 only, metrics on 127.0.0.2 (any loopback address works on Linux): a
+    scraper reaches metrics at an address the API does not listen on."""
+    port = free_port()
+    config = configure(tmp_path, backend.url, metrics={"port": port, "host": "127.0.0.2"})
+    runner, _ = await start_gateway(config)
+    try:
+        async with http.get(f"http://127.0.0.2:{port}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        assert value(text, "gateway_build_info", version=_version(), python=sys.version.split()[0]) == 1
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with http.get(f"http://127.0.0.1:{port}/metrics"):
+                pass
+    finally:
+        await runner.cleanup()
+
+
+def _version() -> str:
+    metadata = configparser.ConfigParser()
+    metadata.read(ROOT / "setup.cfg")
+    return metadata["metadata"]["version"]
