@@ -18,7 +18,7 @@ from proxy import operator_commands, usage_cli
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
 from proxy.build_info import version
-from proxy.logs import configure_logging
+from proxy.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
 from proxy.registry import Registry, load_registry
 from proxy.reload import reload_on_sighup
 from proxy.settings import ConfigError, GatewaySettings, load_settings
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--workers", type=int, help="override server.workers: processes sharing the port")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=default_format(),
+        help=f"json: every line on stdout and stderr is a JSON object (default: ${LOG_FORMAT_ENV} or text)",
+    )
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     maintenance = commands.add_parser(
@@ -80,25 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is not None:
         code: int = args.run(args)
         return code
-    configure_logging()
+    configure_logging(args.log_format)
     try:
         settings = _with_overrides(load_settings(args.config), args)
         registry, authenticator = load_parts(settings)
     except ConfigError as exc:
-        print(f"configuration error:\n{exc}", file=sys.stderr)
+        _say(args.log_format, f"configuration error:\n{exc}", logging.ERROR)
         return 2
     if args.check_config:
-        print(f"{args.config}: OK ({len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints)")
+        counts = f"{len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints"
+        _say(args.log_format, f"{args.config}: OK ({counts})", logging.INFO)
         return 0
     _raise_open_file_limit()
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
         return serve(settings, registry, authenticator, sock, supervised=True)
-    if settings.server.workers > 1:
-        return supervise(settings, args.config, argv)
+    server = settings.server
+    try:
+        sock = listening_socket(server.host, server.port, server.backlog)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", server.host, server.port, exc.strerror or exc)
+        return 1
     _write_pid_file(settings)
-    sock = listening_socket(settings.server.host, settings.server.port, settings.server.backlog)
+    if server.workers > 1:
+        return supervise(settings, args.config, argv, sock)
     return serve(settings, registry, authenticator, sock, supervised=False)
+
+
+def _say(log_format: LogFormat, message: str, level: int) -> None:
+    """The command's answer: plain text for a person at a terminal, a log record in JSON mode."""
+    if log_format == "json":
+        log.log(level, message)
+    else:
+        print(message, file=sys.stderr if level >= logging.WARNING else sys.stdout)
 
 
 def serve(
@@ -131,10 +151,8 @@ def serve(
     return 0
 
 
-def supervise(settings: GatewaySettings, config: Path, argv: list[str]) -> int:
+def supervise(settings: GatewaySettings, config: Path, argv: list[str], sock: socket.socket) -> int:
     server = settings.server
-    sock = listening_socket(server.host, server.port, server.backlog)
-    _write_pid_file(settings)
     supervisor = Supervisor(
         server.workers, worker_command(argv), sock, metrics_directory(), lambda: _still_valid(config)
     )
