@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import configparser
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ import yaml
 
 from proxy.cli import build_parser
 from proxy.maintenance import read_state
-from tests.processes import gateway_process
+from tests.processes import gateway_process, wait_until_serving
 from tests.support import Server, free_port, start_gateway, value, write_gateway_config, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,3 +159,67 @@ def _version() -> str:
     metadata = configparser.ConfigParser()
     metadata.read(ROOT / "setup.cfg")
     return metadata["metadata"]["version"]
+
+
+def test_the_repository_ships_a_license_and_ignores_no_tracked_file() -> None:
+    metadata = configparser.ConfigParser()
+    metadata.read(ROOT / "setup.cfg")
+    assert metadata["metadata"]["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
+    ignored = subprocess.run(
+        ["git", "ls-files", "-ci", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert ignored.stdout == ""
+
+
+def make_run(*variables: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["make", "-s", "run", *variables],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("variable", ["PORT", "BACKEND_PORT"])
+def test_make_run_on_a_busy_port_says_so_in_one_line(variable: str) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        ports = {"PORT": str(free_port()), "BACKEND_PORT": str(free_port())}
+        ports[variable] = str(taken.getsockname()[1])
+        run = make_run(*(f"{name}={port}" for name, port in ports.items()))
+        _, stderr = run.communicate(timeout=60)
+    assert run.returncode != 0
+    ours = [line for line in stderr.splitlines() if not line.startswith("make: ***")]
+    assert ours == [
+        f"make run: port {ports[variable]} is not free (Address already in use); "
+        f"choose another: make run {variable}=..."
+    ]
+
+
+async def test_make_run_serves_on_the_chosen_ports(http: aiohttp.ClientSession) -> None:
+    port, backend_port = free_port(), free_port()
+    run = make_run(f"PORT={port}", f"BACKEND_PORT={backend_port}")
+    try:
+        await wait_until_serving(http, f"http://127.0.0.1:{port}/resource_server/health", timeout=60)
+        url = f"http://127.0.0.1:{port}/resource_server/local/vllm/v1/chat/completions"
+        body = {
+            "model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        async with http.post(url, json=body, headers={"Authorization": "Bearer dev-token"}) as response:
+            assert response.status == 200
+        async with http.get(f"http://127.0.0.1:{backend_port}/health") as response:
+            assert response.status == 200
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        run.communicate(timeout=60)
+    assert listening(backend_port) is False, "the backend stopped with the gateway"
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
