@@ -18,10 +18,11 @@ from proxy import operator_commands, usage_cli
 from proxy.app import create_app, load_parts
 from proxy.auth import Authenticator
 from proxy.build_info import version
+from proxy.globus_check import GlobusUnreachable, check_online
 from proxy.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
 from proxy.registry import Registry, load_registry
 from proxy.reload import reload_on_sighup
-from proxy.settings import ConfigError, GatewaySettings, load_settings
+from proxy.settings import ConfigError, GatewaySettings, load_settings, unset_variables
 from proxy.workers import (
     Supervisor,
     exit_with_supervisor,
@@ -41,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inference-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     _add_config_option(parser)
-    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration (offline) and exit"
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="with --check-config: also check the Globus credentials, scope and policies with Globus Auth",
+    )
     parser.add_argument("--host", help="override server.host")
     parser.add_argument("--port", type=int, help="override server.port")
     parser.add_argument("--workers", type=int, help="override server.workers: processes sharing the port")
@@ -86,17 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is not None:
         code: int = args.run(args)
         return code
+    if args.online and not args.check_config:
+        build_parser().error("--online goes with --check-config")
     configure_logging(args.log_format)
     try:
         settings = _with_overrides(load_settings(args.config), args)
-        registry, authenticator = load_parts(settings)
     except ConfigError as exc:
         _say(args.log_format, f"configuration error:\n{exc}", logging.ERROR)
         return 2
+    try:
+        registry, authenticator = load_parts(settings, online=not args.check_config)
+    except ConfigError as exc:
+        _say(args.log_format, f"configuration error:\n{exc}{_also_unset(settings, str(exc))}", logging.ERROR)
+        return 2
     if args.check_config:
-        counts = f"{len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints"
-        _say(args.log_format, f"{args.config}: OK ({counts})", logging.INFO)
-        return 0
+        return check_config(args, settings, registry)
     _raise_open_file_limit()
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
@@ -111,6 +123,37 @@ def main(argv: list[str] | None = None) -> int:
     if server.workers > 1:
         return supervise(settings, args.config, argv, sock)
     return serve(settings, registry, authenticator, sock, supervised=False)
+
+
+def _also_unset(settings: GatewaySettings, reported: str) -> str:
+    """The clusters file failing stops before the endpoints file is read: its unset variables are
+    named too, so that one run lists every variable to set."""
+    lines = []
+    for path in (settings.clusters_file, settings.endpoints_file):
+        names = unset_variables(path)
+        if names and f"{path}:" not in reported and f"{path}," not in reported:
+            lines.append(f"\n{path}: set the environment variables {', '.join(names)}")
+    return "".join(lines)
+
+
+def check_config(args: argparse.Namespace, settings: GatewaySettings, registry: Registry) -> int:
+    """Exit status: 0 valid, 2 a problem (all of them named), 1 Globus unreachable with --online."""
+    counts = f"{len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints"
+    globus = settings.auth.globus if settings.auth.provider == "globus" else None
+    if args.online and globus is not None:
+        try:
+            problems = check_online(globus)
+        except GlobusUnreachable as exc:
+            _say(args.log_format, f"{args.config}: not checked online: {exc}", logging.ERROR)
+            return 1
+        if problems:
+            _say(args.log_format, "configuration error:\n" + "\n".join(problems), logging.ERROR)
+            return 2
+        counts += "; Globus Auth accepts the credentials, scope and policies"
+    elif args.online:
+        counts += f"; nothing to check online with auth.provider {settings.auth.provider}"
+    _say(args.log_format, f"{args.config}: OK ({counts})", logging.INFO)
+    return 0
 
 
 def _say(log_format: LogFormat, message: str, level: int) -> None:

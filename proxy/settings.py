@@ -31,23 +31,48 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
 
 
 def expand_env(value: Any, where: str) -> Any:
-    """Replace `${NAME}` and `${NAME:-default}` in every string of a loaded document."""
+    """Replace `${NAME}` and `${NAME:-default}` in every string of a loaded document. Every unset
+    variable is reported at once, one line each, so a new deployment is fixed in one pass."""
+    missing: list[str] = []
+    expanded = _expand(value, where, missing)
+    if missing:
+        names = dict.fromkeys(line.rsplit(" variable ", 1)[1].split()[0] for line in missing)
+        summary = f"{where}: set the environment variables {', '.join(names)}"
+        raise ConfigError("\n".join([*missing, summary]))
+    return expanded
+
+
+def _expand(value: Any, where: str, missing: list[str]) -> Any:
     if isinstance(value, str):
-        return _ENV_REF.sub(lambda match: _env_value(match, where), value)
+        return _ENV_REF.sub(lambda match: _env_value(match, where, missing), value)
     if isinstance(value, list):
-        return [expand_env(item, where) for item in value]
+        return [_expand(item, where, missing) for item in value]
     if isinstance(value, dict):
-        return {key: expand_env(item, f"{where}, field '{key}'") for key, item in value.items()}
+        return {key: _expand(item, f"{where}, field '{key}'", missing) for key, item in value.items()}
     return value
 
 
-def _env_value(match: re.Match[str], where: str) -> str:
+def _env_value(match: re.Match[str], where: str, missing: list[str]) -> str:
     name, default = match.group(1), match.group(2)
     if name in os.environ:
         return os.environ[name]
     if default is not None:
         return default
-    raise ConfigError(f"{where}: environment variable {name} is not set")
+    missing.append(f"{where}: environment variable {name} is not set")
+    return ""
+
+
+def unset_variables(path: Path) -> list[str]:
+    """The `${NAME}` references without a default whose variable is unset, in order, for reporting
+    those of a file that was not read because an earlier one failed. Comments are not references."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    missing: list[str] = []
+    _expand(document, str(path), missing)
+    return list(dict.fromkeys(line.rsplit(" variable ", 1)[1].split()[0] for line in missing))
 
 
 def load_document(path: Path) -> Any:

@@ -33,6 +33,9 @@ from aiohttp import web
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+# The Groups scope's id, as a dependent scope of the gateway's scope lists it (the existing gateway's
+# setup guide creates the scope with this dependency).
+GROUPS_SCOPE_ID = "73320ffe-4cb4-4b25-a0a3-83d53d59ce4f"
 # globus_sdk.ComputeClientV2.scopes.all and .resource_server (globus-sdk 4.9): Compute breaks the usual
 # convention, its resource server is a service name rather than a hostname or client id.
 COMPUTE_RESOURCE_SERVER = "funcx_service"
@@ -318,6 +321,7 @@ class FakeGlobus:
         app.router.add_post("/auth/v2/oauth2/token/introspect", self._introspect)
         app.router.add_post("/auth/v2/oauth2/token", self._token)
         app.router.add_get("/auth/v2/api/policies/{policy_id}", self._policy)
+        app.router.add_get("/auth/v2/api/scopes", self._scopes)
         app.router.add_get("/groups/v2/groups/my_groups", self._my_groups)
         return app
 
@@ -509,6 +513,32 @@ class FakeGlobus:
         if policy is None:
             return _auth_error(404, "NOT_FOUND", "policy not found")
         return web.json_response({"policy": dict(policy)})
+
+    async def _scopes(self, request: web.Request) -> web.Response:
+        """``GET /v2/api/scopes?scope_strings=a,b``: the scopes a client may administer, i.e. its own;
+        a scope string it does not own is simply not listed."""
+        client_id = self._known_client(request)
+        if client_id is None:
+            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        wanted = {item for item in request.query.get("scope_strings", "").split(",") if item}
+        owned = [self._scope_document()] if client_id == self.client_id else []
+        return web.json_response(
+            {"scopes": [doc for doc in owned if not wanted or doc["scope_string"] in wanted]}
+        )
+
+    def _scope_document(self) -> dict[str, Any]:
+        dependent = [{"scope": GROUPS_SCOPE_ID, "optional": False, "requires_refresh_token": True}]
+        return {
+            "scope_string": self.scope,
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, self.scope)),
+            "name": "Inference gateway",
+            "description": "Access to the inference gateway",
+            "client": self.client_id,
+            "dependent_scopes": dependent if self.groups_dependent_scope else [],
+            "advertised": False,
+            "allows_refresh_token": True,
+            "required_domains": [],
+        }
 
     # -- Groups ------------------------------------------------------------------------------------------
 
