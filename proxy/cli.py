@@ -22,6 +22,7 @@ from proxy.globus_check import GlobusUnreachable, check_online
 from proxy.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
 from proxy.registry import Registry, load_registry
 from proxy.reload import reload_on_sighup
+from proxy.reload_report import Outcome, record_outcome, report_path
 from proxy.settings import ConfigError, GatewaySettings, load_settings, unset_variables
 from proxy.workers import (
     Supervisor,
@@ -174,7 +175,8 @@ def serve(
     """One process. SIGTERM: stop accepting, let requests and streams finish for up to
     `timeouts.shutdown_seconds`, exit 0. SIGHUP: reload endpoints and clusters."""
     app = create_app(settings, registry, authenticator)
-    app.on_startup.append(reload_on_sighup)
+    pid_file = settings.server.pid_file
+    app.on_startup.append(reload_on_sighup(None if pid_file is None else report_path(pid_file)))
     if supervised:
         app.on_startup.append(_exit_with_supervisor)
     server = settings.server
@@ -197,7 +199,11 @@ def serve(
 def supervise(settings: GatewaySettings, config: Path, argv: list[str], sock: socket.socket) -> int:
     server = settings.server
     supervisor = Supervisor(
-        server.workers, worker_command(argv), sock, metrics_directory(), lambda: _still_valid(config)
+        server.workers,
+        worker_command(argv),
+        sock,
+        metrics_directory(),
+        lambda: _still_valid(config, server.pid_file, server.workers),
     )
     log.info(
         "supervisor pid %d: %d workers on http://%s:%d", os.getpid(), server.workers, server.host, server.port
@@ -205,14 +211,20 @@ def supervise(settings: GatewaySettings, config: Path, argv: list[str], sock: so
     return asyncio.run(supervisor.run())
 
 
-def _still_valid(config: Path) -> bool:
+def _still_valid(config: Path, pid_file: Path | None, workers: int) -> bool:
+    """Checked by the supervisor on SIGHUP before it signals the workers; its answer (and the
+    number of workers asked) goes to `inference-gateway reload` through the reload report."""
     try:
         settings = load_settings(config)
         load_registry(settings.endpoints_file, settings.clusters_file)
     except ConfigError as exc:
         log.error("reload refused; still serving the previous endpoints and clusters:\n%s", exc)
-        return False
-    return True
+        outcome = Outcome(False, f"reload refused:\n{exc}")
+    else:
+        outcome = Outcome(True, f"asked {workers} workers to reload")
+    if pid_file is not None:
+        record_outcome(report_path(pid_file), outcome, workers)
+    return outcome.ok
 
 
 async def _exit_with_supervisor(app: web.Application) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from proxy.maintenance import read_state, write_state
 from proxy.registry import load_registry
-from proxy.reload import signal_reload
+from proxy.reload_report import request_reload
 from proxy.settings import ConfigError, GatewaySettings, load_settings
 
 DEFAULT_MESSAGE = "The cluster is under maintenance; please try again later."
@@ -82,8 +82,9 @@ def maintenance(args: argparse.Namespace) -> int:
 
 def reload(args: argparse.Namespace) -> int:
     """The files are checked here first, exactly as the gateway will check them: a broken file is
-    reported with every problem and the gateway is not signalled (it would refuse it anyway, and
-    only its log would say so)."""
+    reported with every problem and the gateway is not signalled. Then every process of the
+    gateway answers (proxy/reload_report.py): an adaptor that fails to start refuses the reload,
+    and this command says so and exits 1."""
     settings = _settings(args.config)
     if settings is None:
         return 2
@@ -91,11 +92,8 @@ def reload(args: argparse.Namespace) -> int:
         _report(f"{args.config}: set server.pid_file to use this command (or send SIGHUP yourself)")
         return 2
     try:
-        registry = load_registry(settings.endpoints_file, settings.clusters_file)
+        load_registry(settings.endpoints_file, settings.clusters_file)
     except ConfigError as exc:
         _report(f"reload refused; the gateway keeps its previous endpoints and clusters:\n{exc}")
         return 2
-    code = signal_reload(settings.server.pid_file)
-    if code == 0:
-        print(f"({len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints)")
-    return code
+    return request_reload(settings.server.pid_file)

@@ -223,3 +223,37 @@ def listening(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+FAILING_ADAPTOR = """
+from adaptors.direct_api import DirectAPIEndpoint
+
+
+class FailsToStart(DirectAPIEndpoint):
+    async def startup(self, context):
+        raise RuntimeError("the model registry is unreachable")
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_reload_exits_1_with_the_gateways_reason_when_an_adaptor_fails_to_start(
+    backend: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: str
+) -> None:
+    """The files are valid, so only the running gateway can tell: its processes answer the command."""
+    (tmp_path / "site_failing.py").write_text(FAILING_ADAPTOR)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    config = configure(tmp_path, backend.url, server__port=free_port(), server__pid_file="gateway.pid")
+    async with gateway_process(config, "--workers", workers) as gateway:
+        while gateway.log_text().count("serving on") < int(workers):
+            await asyncio.sleep(0.05)
+        reloaded = await asyncio.to_thread(run_cli, "reload", "--config", str(config))
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert "reloaded: 3 clusters, 7 endpoints" in reloaded.stdout
+        endpoints = tmp_path / "endpoints.yaml"
+        entries = yaml.safe_load(endpoints.read_text())
+        entries[0]["endpoint_adapter"] = "site_failing.FailsToStart"
+        write_yaml(endpoints, entries)
+        refused = await asyncio.to_thread(run_cli, "reload", "--config", str(config))
+        assert refused.returncode == 1
+        assert "FailsToStart failed to start: the model registry is unreachable" in refused.stderr
+        assert refused.stderr.count("failed to start") == int(workers)
