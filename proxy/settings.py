@@ -252,7 +252,9 @@ class LimitSettings(_Strict):
     """Per user; 0 turns a limit off. Tokens per minute come from each endpoint's tpm_model/tpm_user."""
 
     requests_per_second: float = Field(default=10, ge=0, description="sustained requests per second per user")
-    burst: int = Field(default=20, ge=0, description="requests a user may send at once before the rate applies")
+    burst: int = Field(
+        default=20, ge=0, description="requests a user may send at once before the rate applies"
+    )
     concurrent_per_user: int = Field(default=32, ge=0, description="requests and streams in flight per user")
 
 
