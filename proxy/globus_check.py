@@ -11,8 +11,6 @@ the first user finds out. Every problem is reported, not only the first:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from typing import Any
 
 import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryConfig
@@ -61,35 +59,32 @@ def _credentials(client: globus_sdk.ConfidentialAppAuthClient) -> str | None:
 
 
 def _scope(client: globus_sdk.ConfidentialAppAuthClient, settings: GlobusAuthSettings) -> list[str]:
+    """Read as the existing gateway's setup guide does, with the client's own credentials: the
+    client's record lists its scope ids, and each scope its dependent scopes."""
+    base = f"/v2/api/clients/{settings.client_id}"
     try:
-        answer = client.get("/v2/api/scopes", query_params={"scope_strings": settings.scope}).data
+        record = client.get(base).data.get("client") or {}
+        found = None
+        for scope_id in record.get("scopes") or []:
+            scope = client.get(f"{base}/scopes/{scope_id}").data.get("scope") or {}
+            if scope.get("scope_string") == settings.scope:
+                found = scope
+                break
     except globus_sdk.GlobusAPIError as exc:
-        if exc.http_status != 404:
-            return [
-                f"auth.globus.scope: cannot read {settings.scope} from Globus Auth (HTTP {exc.http_status})"
-            ]
-        answer = {}
-    found = [doc for doc in _scopes(answer) if doc.get("scope_string") == settings.scope]
-    if not found:
+        return [
+            f"auth.globus.scope: cannot read client {settings.client_id}'s scopes (HTTP {exc.http_status})"
+        ]
+    if found is None:
         return [f"auth.globus.scope: {settings.scope} is not a scope of client {settings.client_id}"]
-    scope = found[0]
-    problems = []
-    if scope.get("client") not in (None, settings.client_id):
-        problems.append(f"auth.globus.scope: {settings.scope} belongs to client {scope['client']}")
     dependent = {
-        str(item.get("scope")) for item in scope.get("dependent_scopes") or [] if isinstance(item, dict)
+        str(item.get("scope")) for item in found.get("dependent_scopes") or [] if isinstance(item, dict)
     }
-    if GROUPS_SCOPE_ID not in dependent:
-        problems.append(
-            f"auth.globus.scope: {settings.scope} lacks the Groups dependent scope ({GROUPS_SCOPE_ID}): "
-            "no user's groups could be read; see docs/globus.md"
-        )
-    return problems
-
-
-def _scopes(answer: Any) -> list[Mapping[str, Any]]:
-    scopes = answer.get("scopes") if isinstance(answer, Mapping) else None
-    return [doc for doc in scopes if isinstance(doc, Mapping)] if isinstance(scopes, list) else []
+    if GROUPS_SCOPE_ID in dependent:
+        return []
+    return [
+        f"auth.globus.scope: {settings.scope} lacks the Groups dependent scope ({GROUPS_SCOPE_ID}): "
+        "no user's groups could be read; see docs/globus.md"
+    ]
 
 
 def _policies(client: globus_sdk.ConfidentialAppAuthClient, settings: GlobusAuthSettings) -> list[str]:

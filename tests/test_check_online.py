@@ -69,12 +69,11 @@ async def test_online_checks_credentials_scope_and_policies(fake: FakeGlobus, tm
     code, out, err = await check(config, "--online")
     assert code == 0, err
     assert "Globus Auth accepts the credentials, scope and policies" in out
-    assert [request.path for request in fake.requests] == [
-        "/auth/v2/oauth2/token/introspect",
-        "/auth/v2/api/scopes",
-        f"/auth/v2/api/policies/{GOOD_POLICY}",
-    ]
-    assert fake.requests[1].query == {"scope_strings": fake.scope}
+    paths = [request.path for request in fake.requests]
+    assert paths[0] == "/auth/v2/oauth2/token/introspect"
+    assert paths[1] == f"/auth/v2/api/clients/{fake.client_id}"
+    assert paths[2].startswith(f"/auth/v2/api/clients/{fake.client_id}/scopes/")
+    assert paths[3:] == [f"/auth/v2/api/policies/{GOOD_POLICY}"]
 
 
 async def test_every_problem_is_reported_at_once(fake: FakeGlobus, tmp_path: Path) -> None:
