@@ -124,7 +124,8 @@ def listen_backlog(port: int) -> int:
 async def test_the_configured_backlog_is_the_sockets(backend: Server, tmp_path: Path, workers: str) -> None:
     """3000: neither aiohttp's 128 nor the default 4096, and below this host's somaxconn (4096)."""
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
-    assert somaxconn >= 3000
+    if somaxconn < 3000:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel would cap any backlog to it")
     port = free_port()
     config = configure(tmp_path, backend.url, server__port=port, server__backlog=3000)
     async with gateway_process(config, "--workers", workers) as gateway:
