@@ -117,3 +117,32 @@ def test_configuration_errors_and_a_busy_port_are_json_too(tmp_path: Path) -> No
     (error,) = json_lines(busy.stderr)
     assert error["message"] == f"cannot listen on 127.0.0.1:{port}: Address already in use"
     assert text.returncode == 1 and len(text.stderr.splitlines()) == 1 and "Traceback" not in text.stderr
+
+
+PYTHONS_OWN = """
+import threading, warnings
+from proxy.logs import configure_logging
+configure_logging("json")
+warnings.warn("a library's deprecation", UserWarning)
+thread = threading.Thread(target=lambda: 1 / 0, name="worker-thread")
+thread.start(); thread.join()
+class Leaky:
+    def __del__(self):
+        raise ValueError("in a finalizer")
+Leaky()
+raise SystemError("uncaught at the top")
+"""
+
+
+def test_pythons_own_messages_are_json_too() -> None:
+    """Warnings, an exception in a thread, one Python can only ignore, one that ends the program."""
+    result = subprocess.run(
+        [sys.executable, "-c", PYTHONS_OWN], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    logs = json_lines(result.stderr)
+    messages = " | ".join(f"{entry['message']} {entry.get('exception', '')}" for entry in logs)
+    assert "a library's deprecation" in messages
+    assert "worker-thread" in messages and "ZeroDivisionError" in messages
+    assert "in a finalizer" in messages
+    assert "uncaught exception" in messages and "SystemError: uncaught at the top" in messages
