@@ -13,11 +13,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[fast,test,dev]'
 	touch $(STAMP)
 
-# The embedded default: a local OpenAI-compatible backend on :8001 and the gateway on :8000.
+# The embedded default: a local OpenAI-compatible backend on BACKEND_PORT and the gateway on PORT.
+PORT ?= 8000
+BACKEND_PORT ?= 8001
+
 run: install
-	@$(PY) -m bench.backend --port 8001 --model meta-llama/Meta-Llama-3.1-8B-Instruct --model intfloat/e5-small-v2 & \
-	backend=$$!; trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
-	$(VENV)/bin/inference-gateway --config conf/gateway.yaml
+	@$(PY) scripts/run-local $(PORT) $(BACKEND_PORT)
 
 # The Debian packages the tests use are installed first (scripts/test-deps says how when it cannot).
 test: install

@@ -40,21 +40,22 @@ from proxy.tasks import add_task_routes
 from proxy.usage_store import UsageStore
 
 
-def build_authenticator(settings: GatewaySettings) -> Authenticator:
-    """The configured provider; load_settings guarantees its section is present."""
+def build_authenticator(settings: GatewaySettings, online: bool = True) -> Authenticator:
+    """The configured provider; load_settings guarantees its section is present. `online` False
+    (`--check-config` without `--online`) makes no call to Globus."""
     if settings.auth.globus is not None and settings.auth.provider == "globus":
         globus = GlobusAuthenticator(settings.auth.globus, settings.redis_url)
-        if settings.auth.globus.verify_policies_at_startup:
+        if online and settings.auth.globus.verify_policies_at_startup:
             globus.verify_policies()
         return globus
     assert settings.auth.static is not None
     return StaticAuthenticator.from_file(settings.auth.static.tokens_file)
 
 
-def load_parts(settings: GatewaySettings) -> tuple[Registry, Authenticator]:
+def load_parts(settings: GatewaySettings, online: bool = True) -> tuple[Registry, Authenticator]:
     """Everything that can fail on configuration, so that `--check-config` runs exactly this."""
     registry = load_registry(settings.endpoints_file, settings.clusters_file)
-    return registry, build_authenticator(settings)
+    return registry, build_authenticator(settings, online)
 
 
 def create_app(
@@ -176,7 +177,8 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
     separate = web.Application()
     separate[METRICS] = app[METRICS]
     separate.router.add_get(settings.metrics.path, handler)
-    app.cleanup_ctx.append(_serve_separately(separate, settings.server.host, settings.metrics.port))
+    host = settings.server.host if settings.metrics.host is None else settings.metrics.host
+    app.cleanup_ctx.append(_serve_separately(separate, host, settings.metrics.port))
 
 
 async def _shared_metrics(app: web.Application) -> AsyncIterator[None]:

@@ -282,10 +282,10 @@ class GlobusAuthenticator:
                     f"auth.globus.policies: cannot read policy {policy_id} from Globus Auth "
                     f"({type(exc).__name__}); set verify_policies_at_startup: false to start anyway"
                 ) from None
-            _check_policy(policy_id, policy, self._settings)
+            check_policy(policy_id, policy, self._settings)
 
 
-def _check_policy(policy_id: str, policy: Mapping[str, Any], settings: GlobusAuthSettings) -> None:
+def check_policy(policy_id: str, policy: Mapping[str, Any], settings: GlobusAuthSettings) -> None:
     if policy.get("high_assurance") is not True:
         raise ConfigError(f"auth.globus.policies: policy {policy_id} is not high assurance")
     domains = set(policy.get("domain_constraints_include") or [])

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.build_info import BuildInfo
 from proxy.errors import ApiError
 from proxy.process_metrics import ProcessMetrics
 from proxy.tally import SHARED_DIRECTORY_ENV, CounterValue, Family, GaugeValue, HistogramValue, Tallies
@@ -94,6 +95,7 @@ class Metrics:
         self.tallies = Tallies(Path(shared) if shared and enabled else None)
         self.registry = CollectorRegistry()
         self.registry.register(self.tallies)
+        self.registry.register(BuildInfo())
         tallies = self.tallies
         endpoint_labels = list(ENDPOINT_LABELS)
         self.requests = self._use(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -18,6 +18,7 @@ from aiohttp import web
 from adaptors import AdaptorContext
 from proxy.jobs import JobsCache
 from proxy.registry import Registry, load_registry
+from proxy.reload_report import Outcome, record_outcome
 from proxy.settings import ConfigError
 
 log = logging.getLogger("proxy.reload")
@@ -33,45 +34,57 @@ class Reloader:
         self.context: AdaptorContext | None = None
         """Set once the adaptors have started; the new generation starts with the same one."""
         self._retiring: set[asyncio.Task[None]] = set()
-        self._running: set[asyncio.Task[bool]] = set()
+        self._running: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
-    def reload_soon(self) -> None:
-        """For a signal handler: the reload runs as a task, kept until it ends."""
-        task = asyncio.ensure_future(self.reload())
+    def reload_soon(self, report: Path | None = None) -> None:
+        """For a signal handler: the reload runs as a task, kept until it ends; its outcome is
+        appended to `report` (for `inference-gateway reload`) when given."""
+        task = asyncio.ensure_future(self._reload_and_report(report))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def reload(self) -> bool:
+    async def _reload_and_report(self, report: Path | None) -> None:
+        outcome = await self.reload()
+        if report is not None:
+            record_outcome(report, outcome)
+
+    async def reload(self) -> Outcome:
         async with self._lock:
             try:
                 new = await asyncio.to_thread(load_registry, *self._files)
             except ConfigError as exc:
                 log.error("reload refused; still serving the previous endpoints and clusters:\n%s", exc)
-                return False
-            if not await self._started(new):
-                return False
+                return Outcome(False, f"reload refused:\n{exc}")
+            refusal = await self._started(new)
+            if refusal is not None:
+                return Outcome(False, refusal)
             old = self._registry.replace(new)
             self._jobs.clear()
             task = asyncio.ensure_future(_retire(old))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
-            log.info("reloaded: %d clusters, %d endpoints", len(new.clusters), len(new.endpoints))
-            return True
+            message = f"reloaded: {len(new.clusters)} clusters, {len(new.endpoints)} endpoints"
+            log.info("%s", message)
+            return Outcome(True, message)
 
-    async def _started(self, new: Registry) -> bool:
+    async def _started(self, new: Registry) -> str | None:
+        """None once every new adaptor has started, else why the reload is refused."""
         if self.context is None:
             log.error("reload refused: the gateway has not finished starting")
-            return False
+            return "reload refused: the gateway has not finished starting"
         adaptors = list(new.adaptors())
         results = await asyncio.gather(*(a.startup(self.context) for a in adaptors), return_exceptions=True)
         failed = [(a, r) for a, r in zip(adaptors, results, strict=True) if isinstance(r, BaseException)]
         if not failed:
-            return True
-        for adaptor, error in failed:
-            log.error("reload refused: %s failed to start: %s", type(adaptor).__name__, error)
+            return None
+        reasons = [
+            f"reload refused: {type(adaptor).__name__} failed to start: {error}" for adaptor, error in failed
+        ]
+        for reason in reasons:
+            log.error("%s", reason)
         await shut_down(new)
-        return False
+        return "\n".join(reasons)
 
     async def close(self) -> None:
         """At exit, generations still retiring are shut down without waiting for their requests,
@@ -95,19 +108,11 @@ async def shut_down(registry: Registry) -> None:
 RELOADER = web.AppKey("reloader", Reloader)
 
 
-async def reload_on_sighup(app: web.Application) -> None:
+def reload_on_sighup(report: Path | None) -> Callable[[web.Application], Awaitable[None]]:
     """Installed by the command line only: tests and embedders keep their own signal handling."""
-    reloader = app[RELOADER]
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon)
 
+    async def install(app: web.Application) -> None:
+        reloader = app[RELOADER]
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon, report)
 
-def signal_reload(pid_file: Path) -> int:
-    """`inference-gateway reload`: what systemd's ExecReload does, for those without systemd."""
-    try:
-        pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        print(f"{pid_file}: no running gateway to reload ({exc})")
-        return 1
-    print(f"asked the gateway (pid {pid}) to reload endpoints and clusters; its log says whether it did")
-    return 0
+    return install

@@ -51,6 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument("--app-name", default=DEFAULT_APP_NAME, help="names the token file's folder")
     parser.add_argument("--force", action="store_true", help="login: log in again even with valid tokens")
+    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

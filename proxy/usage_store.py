@@ -1,8 +1,8 @@
 """Per-request records in the durable store (the ``requests`` table of migration 2), and usage reports.
 
 An allocation committee asks who used how many tokens on which model over a period: the gateway keeps one
-row per request (written in batches by ``proxy.request_log.RecordSink``) and ``usage`` sums them per user
-or per model, in the database, over an indexed time range.
+row per request (written in batches by ``proxy.request_log.RecordSink``) and ``usage`` sums the answered
+ones per user, model, cluster, day or hour, in the database, over an indexed time range.
 """
 
 from __future__ import annotations
@@ -10,19 +10,25 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Final, Literal
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, get_args
 
-from proxy.database import Database, Row
+from proxy.database import Database, Dialect, Row
 from proxy.request_log import RequestRecord
 
-UsageBy = Literal["user", "model"]
+UsageBy = Literal["user", "model", "cluster", "day", "hour"]
 
 _COLUMNS: Final = tuple(field.name for field in fields(RequestRecord))
 _ROW_SQL: Final = f"({', '.join('?' * len(_COLUMNS))})"
-_GROUP_COLUMN: Final[dict[str, str]] = {"user": "username", "model": "model"}
+_GROUP_COLUMN: Final[dict[str, str]] = {"user": "username", "model": "model", "cluster": "cluster"}
+_BUCKET_SECONDS: Final[dict[str, int]] = {"day": 86400, "hour": 3600}
 
 # A backend that reports prompt and completion tokens but no total still used tokens: count their sum.
 _TOTAL_SQL: Final = "COALESCE(total_tokens, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0))"
+
+ANSWERED_SQL: Final = "status >= 200 AND status < 300"
+"""Usage is what a backend answered: a refused token (401), a rate limit (429), a bad request or a
+failed backend used no model time the user should be counted for."""
 
 
 _INSERT_SQL: Final = (
@@ -39,24 +45,51 @@ _params: Final = operator.attrgetter(*_COLUMNS)
 the 0 or 1 of its INTEGER column."""
 
 
-def _usage_sql(by: UsageBy, bounded: bool) -> str:
-    column = _GROUP_COLUMN[by]
+def _bucket_sql(seconds: int, dialect: Dialect) -> str:
+    """The start of the UTC day or hour, in epoch seconds: SQLite's CAST truncates (the times are
+    positive), PostgreSQL's would round, so it takes FLOOR."""
+    if dialect == "postgresql":
+        return f"FLOOR(started_at / {seconds}) * {seconds}"
+    return f"CAST(started_at / {seconds} AS INTEGER) * {seconds}"
+
+
+def _usage_sql(by: Sequence[UsageBy], bounded: bool, answered_only: bool, dialect: Dialect) -> str:
+    """Grouped and ordered by the expressions, not their labels: PostgreSQL reads a bare `user` as
+    the current role. Time buckets come first and in order (a report per day reads down the
+    calendar); within them the most tokens first."""
+    expressions = {
+        key: _bucket_sql(_BUCKET_SECONDS[key], dialect) if key in _BUCKET_SECONDS else _GROUP_COLUMN[key]
+        for key in by
+    }
     until = " AND started_at < ?" if bounded else ""
+    answered = f" AND {ANSWERED_SQL}" if answered_only else ""
+    times = [f"{expressions[key]}, " for key in by if key in _BUCKET_SECONDS]
+    # NULL sorts first in SQLite and last in PostgreSQL: "IS NULL" first makes ties read the same.
+    names = [f", {expressions[key]} IS NULL, {expressions[key]}" for key in by if key not in _BUCKET_SECONDS]
     return (
-        f"SELECT {column} AS {by}, COUNT(*) AS requests,"
+        f"SELECT {', '.join(f'{expression} AS {key}' for key, expression in expressions.items())},"
+        " COUNT(*) AS requests,"
         " COALESCE(SUM(prompt_tokens), 0) AS prompt_tokens,"
         " COALESCE(SUM(completion_tokens), 0) AS completion_tokens,"
         f" COALESCE(SUM({_TOTAL_SQL}), 0) AS total_tokens"
-        f" FROM requests WHERE started_at >= ?{until}"
-        f" GROUP BY {column}"
-        # NULL sorts first in SQLite and last in PostgreSQL: "IS NULL" first makes ties read the same.
-        f" ORDER BY COALESCE(SUM({_TOTAL_SQL}), 0) DESC, {column} IS NULL, {column}"
+        f" FROM requests WHERE started_at >= ?{until}{answered}"
+        f" GROUP BY {', '.join(expressions.values())}"
+        f" ORDER BY {''.join(times)}COALESCE(SUM({_TOTAL_SQL}), 0) DESC{''.join(names)}"
     )
 
 
 def _usage_row(row: Row) -> dict[str, Any]:
-    """Plain ints whatever the driver returned for COUNT and SUM (PostgreSQL: bigint)."""
-    return {key: value if key in _GROUP_COLUMN else int(value) for key, value in row.items()}
+    """Plain ints whatever the driver returned for COUNT and SUM (PostgreSQL: bigint); days and
+    hours as ISO dates and times (UTC)."""
+    result: dict[str, Any] = {}
+    for key, value in row.items():
+        if key == "day":
+            result[key] = datetime.fromtimestamp(float(value), UTC).date().isoformat()
+        elif key == "hour":
+            result[key] = datetime.fromtimestamp(float(value), UTC).isoformat(timespec="minutes")
+        else:
+            result[key] = value if key in _GROUP_COLUMN else int(value)
+    return result
 
 
 class UsageStore:
@@ -70,15 +103,20 @@ class UsageStore:
             await self._db.execute_many(_INSERT_SQL, map(_params, records))
 
     async def usage(
-        self, since: float, until: float | None = None, by: UsageBy = "user"
+        self,
+        since: float,
+        until: float | None = None,
+        by: UsageBy | Sequence[UsageBy] = "user",
+        answered_only: bool = True,
     ) -> list[dict[str, Any]]:
-        """Requests and tokens per user (``username``) or per model for requests started in
-        [since, until), most total tokens first. Requests without a user or model form one group whose
+        """Requests and tokens for requests started in [since, until), grouped by one or more of user
+        (``username``), model, cluster, day and hour (UTC). Only answered requests (2xx) unless
+        ``answered_only`` is False. Requests without a user, model or cluster form one group whose
         key is None. A missing total_tokens counts as prompt + completion tokens."""
-        if by not in _GROUP_COLUMN:
-            raise ValueError(f"usage by {by!r}: expected 'user' or 'model'")
-        if until is None:
-            rows = await self._db.fetch(_usage_sql(by, bounded=False), since)
-        else:
-            rows = await self._db.fetch(_usage_sql(by, bounded=True), since, until)
-        return [_usage_row(row) for row in rows]
+        keys: list[UsageBy] = [by] if isinstance(by, str) else list(dict.fromkeys(by))
+        unknown = [key for key in keys if key not in _GROUP_COLUMN and key not in _BUCKET_SECONDS]
+        if unknown or not keys:
+            raise ValueError(f"usage by {unknown or keys!r}: expected some of {', '.join(get_args(UsageBy))}")
+        sql = _usage_sql(keys, until is not None, answered_only, self._db.dialect)
+        params = (since,) if until is None else (since, until)
+        return [_usage_row(row) for row in await self._db.fetch(sql, *params)]

@@ -35,6 +35,9 @@ from tests.fake_globus_login import NativeLogins
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+# The Groups scope's id, as a dependent scope of the gateway's scope lists it (the existing gateway's
+# setup guide creates the scope with this dependency).
+GROUPS_SCOPE_ID = "73320ffe-4cb4-4b25-a0a3-83d53d59ce4f"
 # globus_sdk.ComputeClientV2.scopes.all and .resource_server (globus-sdk 4.9): Compute breaks the usual
 # convention, its resource server is a service name rather than a hostname or client id.
 COMPUTE_RESOURCE_SERVER = "funcx_service"
@@ -331,6 +334,8 @@ class FakeGlobus:
         app.router.add_post("/auth/v2/oauth2/token", self._token)
         app.router.add_post("/auth/v2/oauth2/token/revoke", self._revoke)
         app.router.add_get("/auth/v2/api/policies/{policy_id}", self._policy)
+        app.router.add_get("/auth/v2/api/clients/{client_id}", self._client)
+        app.router.add_get("/auth/v2/api/clients/{client_id}/scopes/{scope_id}", self._client_scope)
         app.router.add_get("/groups/v2/groups/my_groups", self._my_groups)
         return app
 
@@ -528,6 +533,64 @@ class FakeGlobus:
         if policy is None:
             return _auth_error(404, "NOT_FOUND", "policy not found")
         return web.json_response({"policy": dict(policy)})
+
+    def _own_client(self, request: web.Request) -> web.Response | None:
+        """A client reads its own record and scopes with its own credentials (Basic auth)."""
+        client_id = self._known_client(request)
+        if client_id is None:
+            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        if request.match_info["client_id"] != client_id:
+            return _auth_error(403, "FORBIDDEN", "A client may only view itself")
+        return None
+
+    async def _client(self, request: web.Request) -> web.Response:
+        """``GET /v2/api/clients/{id}``: the client, with the ids of its scopes."""
+        refused = self._own_client(request)
+        if refused is not None:
+            return refused
+        client_id = request.match_info["client_id"]
+        scopes = [self._scope_document()["id"]] if client_id == self.client_id else []
+        client = {
+            "id": client_id,
+            "name": "Inference gateway" if client_id == self.client_id else f"client {client_id[:8]}",
+            "scopes": scopes,
+            "grant_types": ["authorization_code", "client_credentials", "refresh_token"],
+            "project": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
+            "client_type": "resource_server" if client_id == self.client_id else "client_identity",
+            "public_client": False,
+            "visibility": "private",
+            "redirect_uris": [],
+            "fqdns": [],
+            "parent_client": None,
+            "required_idp": None,
+            "preselect_idp": None,
+        }
+        return web.json_response({"client": client})
+
+    async def _client_scope(self, request: web.Request) -> web.Response:
+        """``GET /v2/api/clients/{id}/scopes/{scope_id}``: one of the client's scopes."""
+        refused = self._own_client(request)
+        if refused is not None:
+            return refused
+        document = self._scope_document()
+        owned = request.match_info["client_id"] == self.client_id
+        if not owned or request.match_info["scope_id"] != document["id"]:
+            return _auth_error(404, "NOT_FOUND", "scope not found")
+        return web.json_response({"scope": document})
+
+    def _scope_document(self) -> dict[str, Any]:
+        dependent = [{"scope": GROUPS_SCOPE_ID, "optional": False, "requires_refresh_token": True}]
+        return {
+            "scope_string": self.scope,
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, self.scope)),
+            "name": "Inference gateway",
+            "description": "Access to the inference gateway",
+            "client": self.client_id,
+            "dependent_scopes": dependent if self.groups_dependent_scope else [],
+            "advertised": False,
+            "allows_refresh_token": True,
+            "required_domains": [],
+        }
 
     # -- Groups ------------------------------------------------------------------------------------------
 

@@ -300,4 +300,4 @@ def test_globus_example_takes_the_existing_gateways_environment(monkeypatch: pyt
     assert settings.streaming.callback_url == "https://gateway.example.org:443"
     assert settings.batches.max_active_per_user == 3
     assert settings.database_url == f"sqlite:///{ROOT / 'conf' / 'gateway.db'}"
-    assert settings.endpoints_file == ROOT / "conf" / "fixtures" / "endpoints.json"
+    assert settings.endpoints_file == ROOT / "conf" / "endpoints.globus.yaml"

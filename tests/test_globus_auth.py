@@ -372,9 +372,9 @@ async def test_cached_users_are_served_while_globus_is_down(
     assert (await whoami(http, gateway, "bob-globus-token"))[0] == 200
 
 
-async def run_check_config(config: Path) -> tuple[int, str]:
+async def run_check_config(config: Path, *extra: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--config", str(config), "--check-config",
+        sys.executable, "-m", "proxy", "--config", str(config), "--check-config", *extra,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         cwd=Path(__file__).resolve().parent.parent,
     )  # fmt: skip
@@ -399,7 +399,9 @@ async def test_policies_are_verified_at_start_up(
     fragment: str | None,
 ) -> None:
     fake.add_policy(POLICY, high_assurance=high_assurance, domains=domains)
-    returncode, output = await run_check_config(globus_config(tmp_path, backend, fake, policies=[POLICY]))
+    config = globus_config(tmp_path, backend, fake, policies=[POLICY])
+    assert (await run_check_config(config))[0] == 0 and fake.requests == [], "offline unless --online"
+    returncode, output = await run_check_config(config, "--online")
     if fragment is None:
         assert returncode == 0, output
     else:

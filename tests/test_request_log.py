@@ -159,12 +159,12 @@ async def test_usage_by_user_and_by_model_over_a_period(db: Database) -> None:
             ),
         ]
     )
-    assert await store.usage(T0, T0 + DAY, "user") == [
+    assert await store.usage(T0, T0 + DAY, "user", answered_only=False) == [
         {"user": BOB, "requests": 1, "prompt_tokens": 300, "completion_tokens": 200, "total_tokens": 500},
         {"user": ALICE, "requests": 2, "prompt_tokens": 107, "completion_tokens": 50, "total_tokens": 157},
         {"user": None, "requests": 1, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     ]
-    assert await store.usage(T0, None, "model") == [
+    assert await store.usage(T0, None, "model", answered_only=False) == [
         {
             "model": CHAT_MODEL,
             "requests": 3,
@@ -179,7 +179,7 @@ async def test_usage_by_user_and_by_model_over_a_period(db: Database) -> None:
     assert [(row["user"], row["total_tokens"]) for row in later] == [(BOB, 2)]
     assert await store.usage(T0 + 3, T0 + 3, "user") == []  # until is excluded
     with pytest.raises(ValueError, match="usage by"):
-        await store.usage(T0, None, "cluster")  # type: ignore[arg-type]
+        await store.usage(T0, None, "project")  # type: ignore[arg-type]
 
 
 async def test_add_many_beyond_one_statement_and_retried_batches_add_nothing_twice(db: Database) -> None:
@@ -492,7 +492,7 @@ async def test_usage_command_prints_totals(
 
     assert await asyncio.to_thread(main, [*base, "--until", "2026-11-02T00:00:00Z"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "2026-11-01T00:00:00+00:00 to 2026-11-02T00:00:00+00:00 (UTC)"
+    assert table[0] == "2026-11-01T00:00:00+00:00 to 2026-11-02T00:00:00+00:00 (UTC), answered requests"
     assert table[1].split() == [
         "USER",
         "REQUESTS",
@@ -510,7 +510,7 @@ async def test_usage_command_prints_totals(
 
     assert await asyncio.to_thread(main, [*base, "--by", "model", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["by"] == "model" and report["until"] is None
+    assert report["by"] == ["model"] and report["until"] is None and report["answered_only"] is True
     assert [(row["model"], row["requests"], row["total_tokens"]) for row in report["rows"]] == [
         (CHAT_MODEL, 2, 1244),
         (EMBED_MODEL, 1, 40),
@@ -536,3 +536,83 @@ def test_usage_command_times_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert "neither an ISO date" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml"), "--since", "7d"]) == 2
     assert "configuration error" in capsys.readouterr().err
+
+
+# --- usage: what counts, and the breakdowns ----------------------------------------------------------
+
+
+async def test_usage_counts_answered_requests_by_default(db: Database) -> None:
+    """401 (a refused token), 429 (a rate limit), 400 and 502 used no model time for the user."""
+    store = UsageStore(db)
+    statuses = [200, 401, 429, 400, 502, 201]
+    await store.add_many([record(number, status=status) for number, status in enumerate(statuses)])
+    (answered,) = await store.usage(T0, None, "user")
+    assert (answered["requests"], answered["total_tokens"]) == (2, 30)
+    (everything,) = await store.usage(T0, None, "user", answered_only=False)
+    assert everything["requests"] == len(statuses)
+
+
+async def test_usage_by_cluster_model_user_day_and_hour(db: Database) -> None:
+    store = UsageStore(db)
+    await store.add_many(
+        [
+            record(1, cluster="sophia", total_tokens=100),
+            record(2, cluster="polaris", total_tokens=10, started_at=T0 + 3600 + 5),
+            record(3, cluster="sophia", username=BOB, total_tokens=1, started_at=T0 + DAY - 1),
+            record(4, cluster="sophia", model=EMBED_MODEL, total_tokens=7, started_at=T0 + DAY + 7200),
+        ]
+    )
+    by_cluster = await store.usage(T0, None, "cluster")
+    assert [(row["cluster"], row["requests"], row["total_tokens"]) for row in by_cluster] == [
+        ("sophia", 3, 108),
+        ("polaris", 1, 10),
+    ]
+    by_day = await store.usage(T0, None, "day")
+    assert [(row["day"], row["requests"], row["total_tokens"]) for row in by_day] == [
+        ("2026-11-01", 3, 111),
+        ("2026-11-02", 1, 7),
+    ]
+    by_hour = await store.usage(T0, None, "hour")
+    assert [(row["hour"], row["requests"]) for row in by_hour] == [
+        ("2026-11-01T00:00+00:00", 1),
+        ("2026-11-01T01:00+00:00", 1),
+        ("2026-11-01T23:00+00:00", 1),
+        ("2026-11-02T02:00+00:00", 1),
+    ]
+    combined = await store.usage(T0, None, ["day", "cluster", "user"])
+    assert [(row["day"], row["cluster"], row["user"], row["total_tokens"]) for row in combined] == [
+        ("2026-11-01", "sophia", ALICE, 100),
+        ("2026-11-01", "polaris", ALICE, 10),
+        ("2026-11-01", "sophia", BOB, 1),
+        ("2026-11-02", "sophia", ALICE, 7),
+    ]
+    by_model = await store.usage(T0, None, ["model"])
+    assert [row["model"] for row in by_model] == [CHAT_MODEL, EMBED_MODEL]
+
+
+async def test_usage_command_breaks_down_by_several_keys(
+    db: Database, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_gateway_config(tmp_path, "http://127.0.0.1:9")
+    document = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**document, "database_url": database_url}))
+    await UsageStore(db).add_many(
+        [
+            record(1, cluster="sophia", total_tokens=1500),
+            record(2, cluster="sophia", status=429, total_tokens=None, prompt_tokens=None),
+            record(3, cluster="polaris", started_at=T0 + DAY, total_tokens=20),
+        ]
+    )
+    base = ["--config", str(config), "--since", "2026-11-01"]
+    assert await asyncio.to_thread(main, [*base, "--by", "day,cluster"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:3] == ["DAY", "CLUSTER", "REQUESTS"]
+    assert table[3].split() == ["2026-11-01", "sophia", "1", "10", "5", "1,500"]
+    assert table[4].split() == ["2026-11-02", "polaris", "1", "10", "5", "20"]
+    assert table[-1].split() == ["TOTAL", "2", "20", "10", "1,520"]
+    assert await asyncio.to_thread(main, [*base, "--by", "cluster", "--all", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["answered_only"] is False
+    assert [(row["cluster"], row["requests"]) for row in report["rows"]] == [("sophia", 2), ("polaris", 1)]
+    assert main([*base, "--by", "project"]) == 2
+    assert "choose from user, model, cluster, day, hour" in capsys.readouterr().err
