@@ -55,16 +55,16 @@ def create_app(
 ) -> web.Application:
     metrics = Metrics(settings.metrics.enabled)
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes,
-        middlewares=[observe_middleware(metrics), openai_errors, auth_middleware(authenticator, public)],
-    )
-    app[METRICS] = metrics
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
-    app[REQUEST_LOG] = RequestLog(
-        writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
+    request_log = RequestLog(writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts)
+    authenticate = auth_middleware(authenticator, public, request_log.client_ip)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[observe_middleware(metrics), openai_errors, authenticate],
     )
+    app[METRICS] = metrics
+    app[REQUEST_LOG] = request_log
     app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)
     app.on_cleanup.append(lambda app: app[LIMITER].close())

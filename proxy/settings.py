@@ -134,6 +134,14 @@ class GlobusAuthSettings(_Strict):
     threads: int = Field(default=8, ge=1, le=256)
     timeout_seconds: float = Field(default=5, gt=0)
     retries: int = Field(default=1, ge=0, le=5)
+    queue_size: int = Field(default=64, ge=0, description="Globus calls waiting for a thread; beyond, 503")
+    queue_wait_seconds: float = Field(default=5, gt=0, description="longest wait for a thread, then 503")
+    unseen_tokens_per_minute: float = Field(
+        default=30, ge=0, description="per client address without a recent login; 0: no limit"
+    )
+    unseen_tokens_burst: int = Field(default=20, ge=1)
+    refused_tokens_per_minute: float = Field(default=6, ge=0, description="per client address; 0: no limit")
+    refused_tokens_burst: int = Field(default=10, ge=1)
     verify_policies_at_startup: bool = True
 
 
