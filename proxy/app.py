@@ -21,6 +21,7 @@ from proxy.globus_auth import GlobusAuthenticator
 from proxy.jobs import JobsCache
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
+from proxy.malformed import answer_malformed_requests_in_json
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
@@ -53,6 +54,7 @@ def load_parts(settings: GatewaySettings) -> tuple[Registry, Authenticator]:
 def create_app(
     settings: GatewaySettings, registry: Registry, authenticator: Authenticator
 ) -> web.Application:
+    answer_malformed_requests_in_json()
     metrics = Metrics(settings.metrics.enabled)
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     logging_settings = settings.request_log
