@@ -59,7 +59,9 @@ def create_app(
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
-    request_log = RequestLog(writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts)
+    request_log = RequestLog(
+        writer, logging_settings.trusted_proxies, metrics, logging_settings.store_prompts
+    )
     authenticate = auth_middleware(authenticator, public, request_log.client_ip)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,

@@ -18,6 +18,7 @@ Known-good tokens never get here: the cache answers them first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import math
 import time
@@ -109,10 +110,8 @@ class CallQueue:
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
     """From the worker thread; a loop already closed (the gateway stopped) needs nothing back."""
-    try:
+    with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(callback)
-    except RuntimeError:
-        pass
 
 
 @dataclass

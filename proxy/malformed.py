@@ -49,5 +49,5 @@ def answer_malformed_requests_in_json() -> None:
         original(self, request, status, *args, **kwargs)
         return _answer(status)
 
-    setattr(RequestHandler, "handle_error", handle_error)
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
     setattr(RequestHandler, _ANSWERS_IN_JSON, True)
