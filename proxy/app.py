@@ -13,6 +13,7 @@ from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batch_store import BatchStore
 from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
+from proxy.bodies import BODY_DEADLINE, BodyDeadline
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.database import Database
 from proxy.dispatch import LIMITER
@@ -69,6 +70,10 @@ def create_app(
     )
     app[METRICS] = metrics
     app[REQUEST_LOG] = request_log
+    server = settings.server
+    app[BODY_DEADLINE] = BodyDeadline(
+        server.body_timeout_seconds, server.body_grace_seconds, server.body_min_bytes_per_second
+    )
     app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)
     app.on_cleanup.append(lambda app: app[LIMITER].close())

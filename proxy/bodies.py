@@ -1,13 +1,36 @@
-"""Request bodies as JSON, with the errors every JSON route answers."""
+"""Request bodies as JSON, with the errors every JSON route answers, read within a deadline.
+
+A body must arrive whole within `total_seconds`, and, after the first `grace_seconds`, at no less
+than `min_bytes_per_second` on average; otherwise 408 and the connection is closed. Without these, a
+client (or nginx, which streams bodies on) that never finishes a body holds the request, and the
+memory of what it sent, forever.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from aiohttp import hdrs, web
 
 from proxy.errors import ApiError
+
+
+@dataclass(frozen=True)
+class BodyDeadline:
+    total_seconds: float
+    grace_seconds: float
+    min_bytes_per_second: float
+
+    def until(self, started: float, received: int) -> float:
+        """When the next bytes must have arrived, on the loop's clock."""
+        by_rate = started + self.grace_seconds + received / self.min_bytes_per_second
+        return min(started + self.total_seconds, by_rate)
+
+
+BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)
 
 
 async def read_json(request: web.Request) -> Any:
@@ -18,7 +41,7 @@ async def read_json(request: web.Request) -> Any:
             f"Content-Type '{request.content_type}' is not supported; send 'application/json'.",
             code="unsupported_media_type",
         )
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -28,6 +51,44 @@ async def read_json(request: web.Request) -> Any:
             exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 JSON or nests too deeply"
         )
         raise ApiError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json") from None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, no larger than the application's `client_max_size`, within the deadline. A
+    body already received (most are: they come with the head) is taken without a timer."""
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    content = request.content
+    if content.is_eof():
+        return await request.read()
+    deadline = request.app[BODY_DEADLINE]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    body = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline.until(started, len(body))):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise _too_slow(deadline, len(body), request.content_length) from None
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if len(body) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+
+
+def _too_slow(deadline: BodyDeadline, received: int, expected: int | None) -> ApiError:
+    of = f" of {expected}" if expected is not None else ""
+    return ApiError(
+        408,
+        f"The request body did not arrive in time ({received}{of} bytes received): a body must arrive "
+        f"within {deadline.total_seconds:g} s, at {deadline.min_bytes_per_second:g} bytes/s or more "
+        f"after the first {deadline.grace_seconds:g} s.",
+        code="request_timeout",
+        close=True,
+    )
 
 
 def _is_json(content_type: str) -> bool:

@@ -74,25 +74,31 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
+        """`close`: the connection ends after this answer (a request body was left unread)."""
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.headers = dict(headers or {})
+        self.close = close
 
     def response(self, envelope: Envelope = "openai") -> web.Response:
         if envelope == "anthropic":
             body = anthropic_error_body(self.status, self.message)
         else:
             body = error_body(self.status, self.message, self.param, self.code)
-        return web.Response(
+        response = web.Response(
             status=self.status,
             text=json.dumps(body),
             content_type="application/json",
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 def adaptor_failed(code: int | None, message: str) -> NoReturn:

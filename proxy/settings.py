@@ -72,6 +72,11 @@ class ServerSettings(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     base_path: str = Field(default="/resource_server", pattern=r"^(/[A-Za-z0-9_.-]+)*$")
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    body_timeout_seconds: float = Field(default=120, gt=0, description="a request body arrives whole within")
+    body_grace_seconds: float = Field(default=10, ge=0, description="before body_min_bytes_per_second counts")
+    body_min_bytes_per_second: float = Field(
+        default=8192, gt=0, description="average body rate after the grace"
+    )
     backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(default=16, ge=1, le=512)
     workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port")
