@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
@@ -22,6 +23,16 @@ from adaptors.endpoint import (
 from adaptors.telemetry import ErrorKind, NoTelemetry, Telemetry
 
 _HTTP_URL = r"^https?://\S+$"
+
+
+def _encoded(params: dict[str, Any]) -> bytes:
+    """orjson is about five times faster, which matters on the event loop for a 20 MB body; what it
+    cannot encode (nesting beyond 254 levels, integers beyond 64 bits, lone surrogates) the
+    standard library does."""
+    try:
+        return orjson.dumps(params)
+    except TypeError:
+        return json.dumps(params).encode()
 
 
 class DirectAPIEndpointConfig(BaseModel):
@@ -121,10 +132,10 @@ class DirectAPIEndpoint(BaseEndpoint):
     def _refused(self, status: int) -> None:
         self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
 
-    def _request(self, data: dict[str, Any]) -> tuple[str, str]:
+    def _request(self, data: dict[str, Any]) -> tuple[str, bytes]:
         params = dict(data["model_params"])
         openai_path = params.pop("openai_endpoint")
-        return f"{self._base_url}/{openai_path}", json.dumps(params)
+        return f"{self._base_url}/{openai_path}", _encoded(params)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

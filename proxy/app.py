@@ -13,7 +13,7 @@ from adaptors import AdaptorContext
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batch_store import BatchStore
 from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
-from proxy.bodies import BODY_DEADLINE, BodyDeadline
+from proxy.bodies import BODY_DEADLINE, LARGE_BODIES, BodyDeadline, LargeBodies
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.database import Database
 from proxy.dispatch import LIMITER
@@ -73,6 +73,9 @@ def create_app(
     server = settings.server
     app[BODY_DEADLINE] = BodyDeadline(
         server.body_timeout_seconds, server.body_grace_seconds, server.body_min_bytes_per_second
+    )
+    app[LARGE_BODIES] = LargeBodies(
+        server.large_body_bytes, asyncio.Semaphore(server.large_bodies_at_once), server.body_timeout_seconds
     )
     app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)

@@ -4,6 +4,12 @@ A body must arrive whole within `total_seconds`, and, after the first `grace_sec
 than `min_bytes_per_second` on average; otherwise 408 and the connection is closed. Without these, a
 client (or nginx, which streams bodies on) that never finishes a body holds the request, and the
 memory of what it sent, forever.
+
+Large bodies (over `LargeBodies.threshold` bytes, or of unknown length) are read, parsed and
+validated a few at a time (`at_once`), with the loop free between those steps. Parsing is CPU work
+that holds the interpreter whichever thread does it, so it cannot be moved off the loop; what
+stalled everyone was many large bodies' parses ready at once, each run in turn before anything
+else. Waiting for a turn, a large body stays in the socket, unread.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from aiohttp import hdrs, web
 
 from proxy.errors import ApiError
+from proxy.schemas import validate_request
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,50 @@ class BodyDeadline:
 
 
 BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)
+
+
+@dataclass(frozen=True)
+class LargeBodies:
+    threshold: int
+    turns: asyncio.Semaphore
+    wait_seconds: float
+
+    def is_large(self, request: web.Request) -> bool:
+        length = request.content_length
+        return length is None or length > self.threshold
+
+
+LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
+
+
+async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
+    """The body of an OpenAI route, parsed and validated (a large one in its turn)."""
+    large = request.app[LARGE_BODIES]
+    if not large.is_large(request):
+        body = await read_json(request)
+        validate_request(route, body)
+        return cast(dict[str, Any], body)
+    try:
+        async with asyncio.timeout(large.wait_seconds):
+            await large.turns.acquire()
+    except TimeoutError:
+        raise ApiError(
+            503, "The gateway is busy with other large requests; try again shortly.", code="busy"
+        ) from None
+    try:
+        body = await read_json(request)
+        await _others_first()
+        validate_request(route, body)
+        await _others_first()
+        return cast(dict[str, Any], body)
+    finally:
+        large.turns.release()
+
+
+async def _others_first() -> None:
+    """A pause long enough for the loop to read the sockets that became ready meanwhile and run what
+    they woke, before this body's next step; `sleep(0)` would run that step first."""
+    await asyncio.sleep(0.001)
 
 
 async def read_json(request: web.Request) -> Any:

@@ -29,9 +29,24 @@ LIMITER = web.AppKey("limiter", Limiter)
 
 
 @contextlib.asynccontextmanager
+async def user_admitted(request: web.Request) -> AsyncIterator[None]:
+    """The user's request rate and requests in flight, before the body is read: a user over them
+    costs no body read or parse. Released at the end of the response (a stream's last chunk)."""
+    limiter, user = request.app[LIMITER], request[USER]
+    try:
+        lease = await limiter.admit(user.id)
+    except Limited as exc:
+        raise _too_many(exc) from None
+    try:
+        yield
+    finally:
+        await lease.release()
+
+
+@contextlib.asynccontextmanager
 async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
-    """The rate limits around one request: admitted before the adaptor, released at the end of the
-    response (the last chunk of a stream), with the tokens it used counted against its windows.
+    """The endpoint's token limits around one request (within `user_admitted`): checked before the
+    adaptor, with the tokens it used counted against its windows at the end of the response.
     The request also holds the adaptors' generation, so that a reload cannot shut it down now."""
     registry = request.app[REGISTRY]
     if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
@@ -50,18 +65,12 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
 async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) -> AsyncIterator[None]:
     limiter, user = request.app[LIMITER], request[USER]
     try:
-        lease = await limiter.admit(user.id)
-    except Limited as exc:
-        raise _too_many(exc) from None
-    try:
         await limiter.check_tokens(slug, user.id, limits.model, limits.user)
     except Limited as exc:
-        await lease.release()
         raise _too_many(exc) from None
     try:
         yield
     finally:
-        await lease.release()
         usage = request[INFO].usage
         if usage is not None and usage.total_tokens:
             await limiter.record_tokens(slug, user.id, usage.total_tokens)

@@ -77,6 +77,10 @@ class ServerSettings(_Strict):
     body_min_bytes_per_second: float = Field(
         default=8192, gt=0, description="average body rate after the grace"
     )
+    large_body_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="bodies over this (or of unknown length) are read in turns"
+    )
+    large_bodies_at_once: int = Field(default=1, ge=1, description="large bodies read and parsed at once")
     backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(default=16, ge=1, le=512)
     workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port")
