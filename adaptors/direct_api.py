@@ -91,12 +91,15 @@ class DirectAPIEndpoint(BaseEndpoint):
         timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
         try:
             async with self._client().post(
-                url, data=body, headers=self._headers, timeout=timeout
+                url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
             ) as response:
                 text = await response.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, self.config.api_request_timeout)
             return SubmitTaskResponse(error_code=code, error_message=message)
+        if _is_redirect(response.status):
+            self._refused(502)
+            return SubmitTaskResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
             self._refused(response.status)
             return SubmitTaskResponse(
@@ -111,10 +114,16 @@ class DirectAPIEndpoint(BaseEndpoint):
         silence = self.config.api_request_timeout
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
         try:
-            response = await self._client().post(url, data=body, headers=self._headers, timeout=timeout)
+            response = await self._client().post(
+                url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
+            )
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, silence)
             return SubmitStreamingTaskResponse(error_code=code, error_message=message)
+        if _is_redirect(response.status):
+            self._refused(502)
+            response.close()
+            return SubmitStreamingTaskResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
             self._refused(response.status)
             async with response:
@@ -176,11 +185,15 @@ class DirectAPICluster(BaseCluster):
             raise RuntimeError("DirectAPICluster used before startup()")
         timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
         try:
-            async with self._session.get(self.config.status_url, timeout=timeout) as response:
+            async with self._session.get(
+                self.config.status_url, timeout=timeout, allow_redirects=False
+            ) as response:
                 text = await response.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = _transport_failure(exc, self.config.api_request_timeout)
             return GetJobsResponse(error_code=code, error_message=message)
+        if _is_redirect(response.status):
+            return GetJobsResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
             return GetJobsResponse(error_code=_status(response.status), error_message=_upstream_message(text))
         try:
@@ -227,6 +240,16 @@ def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
     if isinstance(exc, asyncio.TimeoutError):
         return 504, f"The backend did not answer within {timeout:g} seconds."
     return 502, f"Cannot reach the backend ({type(exc).__name__})."
+
+
+def _is_redirect(status: int) -> bool:
+    return 300 <= status < 400
+
+
+def _redirected(status: int) -> str:
+    """Redirects are never followed: a backend (or whoever answers in its place) could send the
+    prompt and the gateway's credentials to any URL, loopback services included."""
+    return f"The backend answered with a redirect (HTTP {status}), which the gateway does not follow."
 
 
 def _status(upstream_status: int) -> int:
