@@ -10,15 +10,27 @@ from adaptors.telemetry import NoTelemetry, Telemetry
 
 
 @dataclass(frozen=True)
+class AnswerLimits:
+    """How much of a backend's answer an adaptor may hold, counted after decompression:
+    `answer_bytes` for a whole (non-streamed) answer or a status document, `error_bytes` for an error
+    answer, of which at most `error_message_chars` reach the client."""
+
+    answer_bytes: int = 64 * 1024 * 1024
+    error_bytes: int = 64 * 1024
+    error_message_chars: int = 1000
+
+
+@dataclass(frozen=True)
 class AdaptorContext:
     """Shared resources, given to every adaptor's `startup`.
 
     `executor` is a bounded thread pool for blocking libraries (SDKs built on `requests`):
     running them on the event loop would freeze every other request. `relay` carries streams of
     backends that call back (see adaptors/relay.py). `telemetry` takes what adaptors report about
-    their backends (adaptors/telemetry.py).
+    their backends (adaptors/telemetry.py). `limits` bound what an adaptor buffers of an answer.
     """
 
     executor: Executor
     relay: StreamRelay
     telemetry: Telemetry = field(default_factory=NoTelemetry)
+    limits: AnswerLimits = field(default_factory=AnswerLimits)

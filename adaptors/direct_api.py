@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -13,7 +15,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
-from adaptors.context import AdaptorContext
+from adaptors.context import AdaptorContext, AnswerLimits
 from adaptors.endpoint import (
     BaseEndpoint,
     StreamError,
@@ -77,10 +79,12 @@ class DirectAPIEndpoint(BaseEndpoint):
             self._headers["Authorization"] = f"Bearer {_api_key(self.config.api_key_env_name)}"
         self._session: aiohttp.ClientSession | None = None
         self._telemetry: Telemetry = NoTelemetry()
+        self._limits = AnswerLimits()
 
     async def startup(self, context: AdaptorContext) -> None:
         self._session = _new_session(self.config.max_connections)
         self._telemetry = context.telemetry
+        self._limits = context.limits
 
     async def shutdown(self) -> None:
         if self._session is not None:
@@ -93,7 +97,9 @@ class DirectAPIEndpoint(BaseEndpoint):
             async with self._client().post(
                 url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
             ) as response:
-                text = await response.text()
+                failed = response.status >= 300
+                limit = self._limits.error_bytes if failed else self._limits.answer_bytes
+                text = await _text(response, limit)
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = self._failed(exc, self.config.api_request_timeout)
             return SubmitTaskResponse(error_code=code, error_message=message)
@@ -102,9 +108,10 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitTaskResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
             self._refused(response.status)
-            return SubmitTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
-            )
+            return SubmitTaskResponse(error_code=_status(response.status), error_message=self._message(text))
+        if text is None:
+            self._refused(502)
+            return SubmitTaskResponse(error_code=502, error_message=_too_large(self._limits.answer_bytes))
         return SubmitTaskResponse(result=text)
 
     async def submit_streaming_task(
@@ -126,12 +133,20 @@ class DirectAPIEndpoint(BaseEndpoint):
             return SubmitStreamingTaskResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
             self._refused(response.status)
-            async with response:
-                text = await response.text()
+            try:
+                async with response:
+                    text = await _text(response, self._limits.error_bytes)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                text = f"the error answer was cut off ({type(exc).__name__})"
             return SubmitStreamingTaskResponse(
-                error_code=_status(response.status), error_message=_upstream_message(text)
+                error_code=_status(response.status), error_message=self._message(text)
             )
         return SubmitStreamingTaskResponse(response=_chunks(response, silence))
+
+    def _message(self, text: str | None) -> str:
+        if text is None:
+            return f"The backend failed with an error answer over {self._limits.error_bytes} bytes."
+        return _upstream_message(text)[: self._limits.error_message_chars]
 
     def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
         kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
@@ -172,9 +187,11 @@ class DirectAPICluster(BaseCluster):
         )  # fmt: skip
         self.config = DirectAPIClusterConfig.model_validate(config or {})
         self._session: aiohttp.ClientSession | None = None
+        self._limits = AnswerLimits()
 
     async def startup(self, context: AdaptorContext) -> None:
         self._session = _new_session(max_connections=8)
+        self._limits = context.limits
 
     async def shutdown(self) -> None:
         if self._session is not None:
@@ -188,14 +205,20 @@ class DirectAPICluster(BaseCluster):
             async with self._session.get(
                 self.config.status_url, timeout=timeout, allow_redirects=False
             ) as response:
-                text = await response.text()
+                failed = response.status >= 300
+                text = await _text(
+                    response, self._limits.error_bytes if failed else self._limits.answer_bytes
+                )
         except (TimeoutError, aiohttp.ClientError) as exc:
             code, message = _transport_failure(exc, self.config.api_request_timeout)
             return GetJobsResponse(error_code=code, error_message=message)
         if _is_redirect(response.status):
             return GetJobsResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
-            return GetJobsResponse(error_code=_status(response.status), error_message=_upstream_message(text))
+            message = _upstream_message(text or "")[: self._limits.error_message_chars]
+            return GetJobsResponse(error_code=_status(response.status), error_message=message)
+        if text is None:
+            return GetJobsResponse(error_code=502, error_message=_too_large(self._limits.answer_bytes))
         try:
             return GetJobsResponse(jobs=self.jobs_from(json.loads(text)))
         except ValueError:
@@ -240,6 +263,30 @@ def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
     if isinstance(exc, asyncio.TimeoutError):
         return 504, f"The backend did not answer within {timeout:g} seconds."
     return 502, f"Cannot reach the backend ({type(exc).__name__})."
+
+
+async def _text(response: aiohttp.ClientResponse, limit: int) -> str | None:
+    """The answer as text, or None once it exceeds `limit` bytes. Counted as read, after
+    decompression, so neither a huge answer nor a small compressed one that unpacks to a huge one
+    is ever held whole."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body.extend(chunk)
+        if len(body) > limit:
+            return None
+    return body.decode(_charset(response), errors="replace")
+
+
+def _charset(response: aiohttp.ClientResponse) -> str:
+    """The declared charset if Python knows it, else UTF-8 (what JSON is)."""
+    if response.charset:
+        with contextlib.suppress(LookupError):
+            return codecs.lookup(response.charset).name
+    return "utf-8"
+
+
+def _too_large(limit: int) -> str:
+    return f"The backend's answer is larger than the gateway's limit of {limit} bytes."
 
 
 def _is_redirect(status: int) -> bool:

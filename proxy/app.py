@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from adaptors import AdaptorContext
+from adaptors.context import AnswerLimits
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batch_store import BatchStore
 from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
@@ -96,7 +97,8 @@ def create_app(
     add_batch_routes(app, settings.server.base_path)
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
-    app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
+    limits = AnswerLimits(settings.server.max_answer_bytes, settings.server.max_error_bytes)
+    app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads, limits))
     app.cleanup_ctx.append(_database_lifecycle(settings))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
@@ -211,12 +213,14 @@ def build_relay(settings: GatewaySettings) -> Relay:
     return LocalRelay(settings.streaming)
 
 
-def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterator[None]]:
+def _adaptor_lifecycle(
+    threads: int, limits: AnswerLimits
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         registry, reloader = app[REGISTRY], app[RELOADER]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
             telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
-            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry)
+            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry, limits=limits)
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context
             try:

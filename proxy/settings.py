@@ -81,6 +81,12 @@ class ServerSettings(_Strict):
         default=1024 * 1024, ge=0, description="bodies over this (or of unknown length) are read in turns"
     )
     large_bodies_at_once: int = Field(default=1, ge=1, description="large bodies read and parsed at once")
+    max_answer_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="a backend's whole (non-streamed) answer, decompressed"
+    )
+    max_error_bytes: int = Field(
+        default=64 * 1024, gt=0, description="a backend's error answer, decompressed"
+    )
     backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(default=16, ge=1, le=512)
     workers: int = Field(default=1, ge=1, le=64, description="processes sharing the port")
