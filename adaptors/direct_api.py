@@ -268,7 +268,11 @@ def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
 async def _text(response: aiohttp.ClientResponse, limit: int) -> str | None:
     """The answer as text, or None once it exceeds `limit` bytes. Counted as read, after
     decompression, so neither a huge answer nor a small compressed one that unpacks to a huge one
-    is ever held whole."""
+    is ever held whole. An uncompressed answer of a known length within the limit (the usual one)
+    is read in one go."""
+    length = response.content_length
+    if length is not None and length <= limit and not response.headers.get("Content-Encoding"):
+        return (await response.read()).decode(_charset(response), errors="replace")
     body = bytearray()
     async for chunk in response.content.iter_any():
         body.extend(chunk)

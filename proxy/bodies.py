@@ -5,11 +5,11 @@ than `min_bytes_per_second` on average; otherwise 408 and the connection is clos
 client (or nginx, which streams bodies on) that never finishes a body holds the request, and the
 memory of what it sent, forever.
 
-Large bodies (over `LargeBodies.threshold` bytes, or of unknown length) are read, parsed and
-validated a few at a time (`at_once`), with the loop free between those steps. Parsing is CPU work
-that holds the interpreter whichever thread does it, so it cannot be moved off the loop; what
-stalled everyone was many large bodies' parses ready at once, each run in turn before anything
-else. Waiting for a turn, a large body stays in the socket, unread.
+Large bodies (over `LargeBodies.threshold` bytes) are parsed and validated a few at a time (the
+semaphore `turns`), with the loop free between those steps. Parsing is CPU work that holds the
+interpreter whichever thread does it, so it cannot be moved off the loop; what stalled everyone was
+many large bodies' parses ready at once, each run in turn before anything else. A body is read at
+its sender's pace before it waits for a turn, so that a slow sender holds none.
 """
 
 from __future__ import annotations
@@ -46,19 +46,17 @@ class LargeBodies:
     turns: asyncio.Semaphore
     wait_seconds: float
 
-    def is_large(self, request: web.Request) -> bool:
-        length = request.content_length
-        return length is None or length > self.threshold
-
 
 LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
 
 
 async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
-    """The body of an OpenAI route, parsed and validated (a large one in its turn)."""
+    """The body of an OpenAI route, parsed and validated (a large one in its turn: it is read at
+    the client's pace first, so that a slow sender holds no turn)."""
+    raw = await _read_raw(request)
     large = request.app[LARGE_BODIES]
-    if not large.is_large(request):
-        body = await read_json(request)
+    if len(raw) <= large.threshold:
+        body = parse_json(raw)
         validate_request(route, body)
         return cast(dict[str, Any], body)
     try:
@@ -69,7 +67,8 @@ async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
             503, "The gateway is busy with other large requests; try again shortly.", code="busy"
         ) from None
     try:
-        body = await read_json(request)
+        body = parse_json(raw)
+        del raw
         await _others_first()
         validate_request(route, body)
         await _others_first()
@@ -84,7 +83,7 @@ async def _others_first() -> None:
     await asyncio.sleep(0.001)
 
 
-async def read_json(request: web.Request) -> Any:
+async def _read_raw(request: web.Request) -> bytes:
     """Missing Content-Type is read as JSON (raw clients); any other type is refused."""
     if hdrs.CONTENT_TYPE in request.headers and not _is_json(request.content_type):
         raise ApiError(
@@ -95,6 +94,10 @@ async def read_json(request: web.Request) -> Any:
     raw = await read_body(request)
     if not raw:
         raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    return raw
+
+
+def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:

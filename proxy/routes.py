@@ -13,7 +13,7 @@ from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
 from proxy.authz import allowed, may_use
 from proxy.bodies import read_valid
-from proxy.dispatch import admitted, run_stream, run_task, user_admitted
+from proxy.dispatch import UserAdmission, admitted, run_stream, run_task
 from proxy.errors import ApiError, adaptor_failed
 from proxy.federation import FEDERATION
 from proxy.jobs import JobsCache, visible_jobs
@@ -145,7 +145,7 @@ async def jobs(request: web.Request) -> web.Response:
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
-    async with user_admitted(request):
+    async with UserAdmission(request):
         openai_path = request.match_info["openai_path"]
         body = await read_valid(request, openai_path)
         registry = request.app[REGISTRY]
@@ -161,7 +161,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
 
 async def federated_inference(request: web.Request) -> web.StreamResponse:
     """No cluster in the path: proxy/federation.py chooses the endpoint and fails over."""
-    async with user_admitted(request):
+    async with UserAdmission(request):
         openai_path = request.match_info["openai_path"]
         body = await read_valid(request, openai_path)
 

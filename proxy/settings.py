@@ -78,9 +78,9 @@ class ServerSettings(_Strict):
         default=8192, gt=0, description="average body rate after the grace"
     )
     large_body_bytes: int = Field(
-        default=1024 * 1024, ge=0, description="bodies over this (or of unknown length) are read in turns"
+        default=1024 * 1024, ge=0, description="bodies over this are parsed in turns"
     )
-    large_bodies_at_once: int = Field(default=1, ge=1, description="large bodies read and parsed at once")
+    large_bodies_at_once: int = Field(default=1, ge=1, description="large bodies parsed at once")
     max_answer_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="a backend's whole (non-streamed) answer, decompressed"
     )
