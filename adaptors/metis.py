@@ -11,7 +11,6 @@ URL of the one path the cluster offers (`https://host/v1/chat/completions`); bot
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from adaptors.context import AdaptorContext, ClusterJobs, no_jobs
@@ -56,12 +55,12 @@ class MetisEndpoint(DirectAPIEndpoint):
             return 503, f"'{self.model}' is not currently live on {self.cluster}."
         return None
 
-    def _request(self, data: dict[str, Any]) -> tuple[str, str]:
-        params = dict(data["model_params"])
-        openai_path = params.pop("openai_endpoint")
+    def _request(self, data: dict[str, Any]) -> tuple[str, bytes]:
+        url, body = super()._request(data)
+        openai_path = data["model_params"]["openai_endpoint"]
         if self._base_url.endswith(f"/{openai_path}"):
-            return self._base_url, json.dumps(params)
-        return f"{self._base_url}/{openai_path}", json.dumps(params)
+            return self._base_url, body
+        return url, body
 
 
 def _shaped(data: dict[str, Any], stream: bool) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from adaptors import AdaptorContext
+from adaptors.context import AnswerLimits
 from proxy.auth import Authenticator, StaticAuthenticator, auth_middleware
 from proxy.batch_store import BatchStore
 from proxy.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
+from proxy.bodies import BODY_DEADLINE, LARGE_BODIES, BodyDeadline, LargeBodies
 from proxy.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
 from proxy.dispatch import LIMITER
 from proxy.federation import FEDERATION, Federation, name_serving_endpoint
@@ -22,6 +24,7 @@ from proxy.jobs import JobsCache, jobs_reader
 from proxy.limits import Limiter, LocalLimiter, RedisLimiter
 from proxy.maintenance import MAINTENANCE, Maintenance
 from proxy.maintenance_redis import maintenance_from_redis
+from proxy.malformed import answer_malformed_requests_in_json
 from proxy.metrics import METRICS, AdaptorTelemetry, Metrics, metrics_handler
 from proxy.middleware import openai_errors
 from proxy.observe import REQUEST_LOG, RequestLog, add_request_id, observe_middleware
@@ -61,26 +64,31 @@ def load_parts(settings: GatewaySettings, online: bool = True) -> tuple[Registry
 def create_app(
     settings: GatewaySettings, registry: Registry, authenticator: Authenticator
 ) -> web.Application:
+    answer_malformed_requests_in_json()
     metrics = Metrics(settings.metrics.enabled)
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
-    app = web.Application(
-        client_max_size=settings.server.max_body_bytes,
-        middlewares=[
-            observe_middleware(metrics),
-            openai_errors,
-            single_authorization,
-            auth_middleware(authenticator, public),
-        ],
-    )
-    app[METRICS] = metrics
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
-    app[REQUEST_LOG] = RequestLog(
+    request_log = RequestLog(
         writer,
         logging_settings.trusted_proxies,
         metrics,
         logging_settings.store_prompts,
         unauthenticated_per_minute=logging_settings.unauthenticated_per_minute,
+    )
+    authenticate = auth_middleware(authenticator, public, request_log.client_ip)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[observe_middleware(metrics), openai_errors, single_authorization, authenticate],
+    )
+    app[METRICS] = metrics
+    app[REQUEST_LOG] = request_log
+    server = settings.server
+    app[BODY_DEADLINE] = BodyDeadline(
+        server.body_timeout_seconds, server.body_grace_seconds, server.body_min_bytes_per_second
+    )
+    app[LARGE_BODIES] = LargeBodies(
+        server.large_body_bytes, asyncio.Semaphore(server.large_bodies_at_once), server.body_timeout_seconds
     )
     app.on_cleanup.append(_closing(app[REQUEST_LOG]))
     app[LIMITER] = build_limiter(settings)
@@ -107,7 +115,8 @@ def create_app(
     add_staging_routes(app, settings.server.base_path, settings.data_staging)
     _add_metrics(app, settings)
     app[BATCH_SETTINGS] = settings.batches
-    app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads))
+    limits = AnswerLimits(settings.server.max_answer_bytes, settings.server.max_error_bytes)
+    app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads, limits))
     app.cleanup_ctx.append(_database_lifecycle(settings))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda app: app[RELAY].close())
@@ -228,13 +237,17 @@ def build_relay(settings: GatewaySettings) -> Relay:
     return LocalRelay(settings.streaming)
 
 
-def _adaptor_lifecycle(threads: int) -> Callable[[web.Application], AsyncIterator[None]]:
+def _adaptor_lifecycle(
+    threads: int, limits: AnswerLimits
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         registry, reloader = app[REGISTRY], app[RELOADER]
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
             telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
             jobs = jobs_reader(registry, app[JOBS])
-            context = AdaptorContext(executor=executor, relay=app[RELAY], telemetry=telemetry, jobs=jobs)
+            context = AdaptorContext(
+                executor=executor, relay=app[RELAY], telemetry=telemetry, jobs=jobs, limits=limits
+            )
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context
             try:

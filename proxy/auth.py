@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -38,10 +38,14 @@ class User:
 USER = web.RequestKey("user", User)
 AUTH_SECONDS = web.RequestKey("auth_seconds", float)
 
+ClientAddress = Callable[[], str | None]
+"""The client's address, asked only when a token must be checked remotely (not for cached ones)."""
+
 
 class Authenticator(Protocol):
-    async def authenticate(self, token: str) -> User:
-        """Return the token's user or raise ApiError (401, or 503 when the provider is down)."""
+    async def authenticate(self, token: str, client: ClientAddress) -> User:
+        """Return the token's user or raise ApiError (401; 429 when the client's address sent too
+        many unknown tokens; 503 when the provider is down or busy)."""
         ...
 
     async def close(self) -> None: ...
@@ -70,13 +74,20 @@ def bearer_token(request: web.Request) -> str:
     return token
 
 
-def auth_middleware(authenticator: Authenticator, public_routes: Collection[str]) -> Middleware:
+def auth_middleware(
+    authenticator: Authenticator,
+    public_routes: Collection[str],
+    client_of: Callable[[web.Request], str | None],
+) -> Middleware:
+    """`client_of` names the client's address (the nearest untrusted hop, behind nginx)."""
+
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         match_info = request.match_info
         if match_info.http_exception is None and match_info.route.name not in public_routes:
             started = time.monotonic()
-            request[USER] = await authenticator.authenticate(bearer_token(request))
+            token = bearer_token(request)
+            request[USER] = await authenticator.authenticate(token, lambda: client_of(request))
             request[AUTH_SECONDS] = time.monotonic() - started
         return await handler(request)
 
@@ -140,7 +151,8 @@ class StaticAuthenticator:
             )
         return cls(users)
 
-    async def authenticate(self, token: str) -> User:
+    async def authenticate(self, token: str, client: ClientAddress) -> User:
+        """Comparing digests costs nothing remotely, so the client's address is not needed."""
         digest = _digest(token)
         found = None
         for candidate, user in self._entries:

@@ -21,13 +21,12 @@ from adaptors import BaseEndpoint
 from proxy import contract
 from proxy.auth import USER
 from proxy.batch_store import BatchRecord, BatchStore
-from proxy.bodies import read_json
+from proxy.bodies import read_valid
 from proxy.database import DatabaseTimeout, DatabaseUnavailable
 from proxy.errors import ApiError, adaptor_failed
 from proxy.lookup import check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
 from proxy.registry import REGISTRY, Registry
-from proxy.schemas import validate_request
 from proxy.settings import BatchSettings
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,7 @@ def add_batch_routes(app: web.Application, base_path: str) -> None:
 
 
 async def create(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    validate_request("batches", body)
+    body = await read_valid(request, "batches")
     registry, user = request.app[REGISTRY], request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     request.app[MAINTENANCE].check(cluster)

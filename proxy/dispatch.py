@@ -20,7 +20,7 @@ from adaptors import BaseEndpoint, SubmitTaskResponse
 from proxy import contract
 from proxy.auth import AUTH_SECONDS, USER
 from proxy.errors import ApiError, adaptor_failed
-from proxy.limits import Limited, Limiter
+from proxy.limits import NO_LEASE, Lease, Limited, Limiter
 from proxy.metrics import METRICS, EndpointMeters
 from proxy.observe import INFO, REQUEST_LOG, RequestInfo, RequestLog
 from proxy.registry import REGISTRY, TokenLimits
@@ -31,10 +31,30 @@ from proxy.usage import Usage, scanner_for
 LIMITER = web.AppKey("limiter", Limiter)
 
 
+class UserAdmission:
+    """The user's request rate and requests in flight, before the body is read: a user over them
+    costs no body read or parse. Released at the end of the response (a stream's last chunk).
+    A class rather than a generator: it is on every inference request's path, and costs a fifth."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._lease: Lease = NO_LEASE
+
+    async def __aenter__(self) -> None:
+        request = self._request
+        try:
+            self._lease = await request.app[LIMITER].admit(request[USER].id)
+        except Limited as exc:
+            raise _too_many(request, exc) from None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._lease.release()
+
+
 @contextlib.asynccontextmanager
 async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
-    """The rate limits around one request: admitted before the adaptor, released at the end of the
-    response (the last chunk of a stream), with the tokens it used counted against its windows.
+    """The endpoint's token limits around one request (within `UserAdmission`): checked before the
+    adaptor, with the tokens it used counted against its windows at the end of the response.
     The request also holds the adaptors' generation, so that a reload cannot shut it down now."""
     registry = request.app[REGISTRY]
     if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
@@ -53,18 +73,12 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
 async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) -> AsyncIterator[None]:
     limiter, user = request.app[LIMITER], request[USER]
     try:
-        lease = await limiter.admit(user.id)
-    except Limited as exc:
-        raise _too_many(request, exc) from None
-    try:
         await limiter.check_tokens(slug, user.id, limits.model, limits.user)
     except Limited as exc:
-        await lease.release()
         raise _too_many(request, exc) from None
     try:
         yield
     finally:
-        await lease.release()
         usage = request[INFO].usage
         if usage is not None and usage.total_tokens:
             await limiter.record_tokens(slug, user.id, usage.total_tokens)

@@ -106,7 +106,9 @@ class ApiError(Exception):
         retryable: bool | None = None,
         retry_after: float | None = None,
         detail: str | None = None,
+        close: bool = False,
     ) -> None:
+        """`close`: the connection ends after this answer (a request body was left unread)."""
         super().__init__(message)
         self.status = status
         self.message = message
@@ -115,6 +117,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.headers = {**retry_advice(status, retryable, retry_after), **(headers or {})}
+        self.close = close
 
     @property
     def retryable(self) -> bool:
@@ -126,12 +129,15 @@ class ApiError(Exception):
             body = anthropic_error_body(self.status, self.message)
         else:
             body = error_body(self.status, self.message, self.param, self.code)
-        return web.Response(
+        response = web.Response(
             status=self.status,
             text=json.dumps(body),
             content_type="application/json",
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
 
 RECORDED_ERROR = web.ResponseKey("recorded_error", str)

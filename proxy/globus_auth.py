@@ -7,7 +7,6 @@ thread pool, never on the event loop, and its outcome is cached by token hash.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
@@ -20,8 +19,9 @@ from typing import Any, TypeVar
 import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from proxy.auth import User, unauthorized
+from proxy.auth import ClientAddress, User, unauthorized
 from proxy.auth_cache import RedisStore, TokenCache, token_key
+from proxy.auth_guard import AddressGuard, Busy, CallQueue, TooManyTokens, retry_after
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
 from proxy.settings import ConfigError, GlobusAuthSettings
@@ -36,6 +36,7 @@ RELOGIN = (
 )
 
 UNREACHABLE = "Globus Auth cannot be reached to check your token; try again shortly."
+BUSY = "The gateway is checking too many new tokens; try again shortly."
 NO_GROUPS_SCOPE = "The gateway cannot read Globus group memberships; tell its administrators."
 
 Result = TypeVar("Result")
@@ -160,7 +161,14 @@ class GlobusAuthenticator:
     def __init__(self, settings: GlobusAuthSettings, redis_url: str | None = None) -> None:
         self._settings = settings
         self._executor = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="globus")
-        self._slots = asyncio.Semaphore(settings.threads)
+        self._queue = CallQueue(settings.threads, settings.queue_size, settings.queue_wait_seconds)
+        self._guard = AddressGuard(
+            settings.unseen_tokens_per_minute,
+            settings.unseen_tokens_burst,
+            settings.refused_tokens_per_minute,
+            settings.refused_tokens_burst,
+            good_seconds=settings.cache_seconds,
+        )
         self._metrics: Metrics | None = None
         self._local = threading.local()
         store = RedisStore(redis_url) if redis_url else None
@@ -171,22 +179,32 @@ class GlobusAuthenticator:
     def instrument(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
-    async def authenticate(self, token: str) -> User:
+    async def authenticate(self, token: str, client: ClientAddress) -> User:
         introspected = False
 
         async def introspect() -> tuple[User | Refusal, float]:
+            """Only for tokens the cache has not seen: the client's address pays for it first."""
             nonlocal introspected
+            address = client()
+            good_address = self._guard.admit(address)
             introspected, started = True, time.monotonic()
             try:
-                return await self._resolve(token)
+                outcome = await self._resolve(token, good_address)
             finally:
                 if self._metrics is not None:
                     self._metrics.introspection_seconds.observe(time.monotonic() - started)
+            self._guard.outcome(address, isinstance(outcome[0], User))
+            return outcome
 
         try:
             outcome = await self._cache.get(token_key(token), introspect)
         except GlobusUnavailable as exc:
             raise ApiError(503, str(exc), code="auth_unavailable") from None
+        except Busy:
+            raise ApiError(503, BUSY, code="auth_busy", headers={"Retry-After": "1"}) from None
+        except TooManyTokens as exc:
+            headers = {"Retry-After": retry_after(exc.retry_after)}
+            raise ApiError(429, exc.message, code="rate_limit_exceeded", headers=headers) from None
         finally:
             if self._metrics is not None:
                 self._metrics.auth_cache.labels("miss" if introspected else "hit").inc()
@@ -200,27 +218,26 @@ class GlobusAuthenticator:
         await self._cache.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _resolve(self, token: str) -> tuple[User | Refusal, float]:
-        doc = await self._call(self._introspect, token)
+    async def _resolve(self, token: str, priority: bool) -> tuple[User | Refusal, float]:
+        doc = await self._call(self._introspect, token, priority)
         now = time.time()
         identity = identify(doc, self._settings, now)
         if isinstance(identity, Refusal):
             return identity, self._settings.refusal_cache_seconds
-        groups = await self._call(self._groups, token)
+        groups = await self._call(self._groups, token, priority=True)  # the token is active
         user = User(**{**asdict(identity), "groups": frozenset(groups)})
         refusal = group_gate(user, self._settings)
         if refusal is not None:
             return refusal, self._settings.refusal_cache_seconds
         return user, min(self._settings.cache_seconds, float(doc["exp"]) - now)
 
-    async def _call(self, function: Callable[[str], Result], token: str) -> Result:
-        """Waiting for a free thread is not charged to Globus: the time budget starts in the thread."""
+    async def _call(self, function: Callable[[str], Result], token: str, priority: bool) -> Result:
+        """The wait for a thread is bounded on its own (`queue_wait_seconds`, then 503); the time
+        budget of the call starts in the thread."""
         settings = self._settings
         budget = 2 * settings.timeout_seconds * (settings.retries + 1) + 1
-        loop = asyncio.get_running_loop()
         try:
-            async with self._slots:
-                return await asyncio.wait_for(loop.run_in_executor(self._executor, function, token), budget)
+            return await self._queue.run(self._executor, function, token, priority=priority, budget=budget)
         except (TimeoutError, globus_sdk.NetworkError) as exc:
             log.warning("Globus did not answer: %s", type(exc).__name__)
             raise GlobusUnavailable(UNREACHABLE) from None

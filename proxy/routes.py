@@ -1,5 +1,5 @@
 """HTTP routes under the base path. Inference reads top to bottom in the order of its checks:
-body → cluster → framework → OpenAI path → endpoint → permission → adaptor."""
+the user's rate limits → body → cluster → framework → OpenAI path → endpoint → permission → adaptor."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from aiohttp import web
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
 from proxy.authz import may_use
-from proxy.bodies import read_json
-from proxy.dispatch import admitted, run_stream, run_task
+from proxy.bodies import read_valid
+from proxy.dispatch import UserAdmission, admitted, run_stream, run_task
 from proxy.errors import adaptor_failed
 from proxy.federation import FEDERATION
 from proxy.jobs import JobsCache, visible_jobs
@@ -21,7 +21,6 @@ from proxy.lookup import check_framework, check_openai_path, find_cluster, find_
 from proxy.maintenance import MAINTENANCE
 from proxy.observe import INFO, REQUEST_LOG
 from proxy.registry import REGISTRY, SERVED_PATHS, Registry
-from proxy.schemas import validate_request
 
 JOBS = web.AppKey("jobs", JobsCache)
 STARTED_AT = web.AppKey("started_at", int)
@@ -145,29 +144,29 @@ async def jobs(request: web.Request) -> web.Response:
 
 
 async def inference(request: web.Request) -> web.StreamResponse:
-    openai_path = request.match_info["openai_path"]
-    body = await read_json(request)
-    validate_request(openai_path, body)
-    registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"], user)
-    request.app[MAINTENANCE].check(cluster)
-    framework = request.match_info["framework"]
-    check_framework(cluster, framework)
-    check_openai_path(cluster, openai_path)
-    endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
-    return await _serve(request, endpoint, openai_path, body)
+    async with UserAdmission(request):
+        openai_path = request.match_info["openai_path"]
+        body = await read_valid(request, openai_path)
+        registry, user = request.app[REGISTRY], request[USER]
+        cluster = find_cluster(registry, request.match_info["cluster"], user)
+        request.app[MAINTENANCE].check(cluster)
+        framework = request.match_info["framework"]
+        check_framework(cluster, framework)
+        check_openai_path(cluster, openai_path)
+        endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
+        return await _serve(request, endpoint, openai_path, body)
 
 
 async def federated_inference(request: web.Request) -> web.StreamResponse:
     """No cluster in the path: proxy/federation.py chooses the endpoint and fails over."""
-    openai_path = request.match_info["openai_path"]
-    body = await read_json(request)
-    validate_request(openai_path, body)
+    async with UserAdmission(request):
+        openai_path = request.match_info["openai_path"]
+        body = await read_valid(request, openai_path)
 
-    def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
-        return _serve(request, endpoint, openai_path, body)
+        def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
+            return _serve(request, endpoint, openai_path, body)
 
-    return await request.app[FEDERATION].serve(request, openai_path, body["model"], attempt)
+        return await request.app[FEDERATION].serve(request, openai_path, body["model"], attempt)
 
 
 async def _serve(

@@ -122,6 +122,21 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(
         default=20 * 1024 * 1024, gt=0, description="largest request body; larger ones get 413"
     )
+    body_timeout_seconds: float = Field(default=120, gt=0, description="a request body arrives whole within")
+    body_grace_seconds: float = Field(default=10, ge=0, description="before body_min_bytes_per_second counts")
+    body_min_bytes_per_second: float = Field(
+        default=8192, gt=0, description="average body rate after the grace"
+    )
+    large_body_bytes: int = Field(
+        default=1024 * 1024, ge=0, description="bodies over this are parsed in turns"
+    )
+    large_bodies_at_once: int = Field(default=1, ge=1, description="large bodies parsed at once")
+    max_answer_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="a backend's whole (non-streamed) answer, decompressed"
+    )
+    max_error_bytes: int = Field(
+        default=64 * 1024, gt=0, description="a backend's error answer, decompressed"
+    )
     backlog: int = Field(default=4096, ge=1, description="pending connections; bursts of clients queue here")
     adaptor_threads: int = Field(
         default=16, ge=1, le=512, description="threads for adaptors' blocking calls (the Globus Compute SDK)"
@@ -190,6 +205,16 @@ class GlobusAuthSettings(_Strict):
     threads: int = Field(default=8, ge=1, le=256, description="concurrent calls to Globus")
     timeout_seconds: float = Field(default=5, gt=0, description="per HTTP call to Globus")
     retries: int = Field(default=1, ge=0, le=5, description="per HTTP call to Globus")
+    queue_size: int = Field(default=64, ge=0, description="Globus calls waiting for a thread; beyond, 503")
+    queue_wait_seconds: float = Field(default=5, gt=0, description="longest wait for a thread, then 503")
+    unseen_tokens_per_minute: float = Field(
+        default=30, ge=0, description="per client address without a recent login; 0: no limit"
+    )
+    unseen_tokens_burst: int = Field(default=20, ge=1, description="unseen tokens at once per client address")
+    refused_tokens_per_minute: float = Field(default=6, ge=0, description="per client address; 0: no limit")
+    refused_tokens_burst: int = Field(
+        default=10, ge=1, description="refused tokens at once per client address"
+    )
     verify_policies_at_startup: bool = Field(
         default=True, description="read `policies` from Globus at start-up and stop if they do not match"
     )

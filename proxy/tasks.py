@@ -17,7 +17,7 @@ from adaptors import BaseCluster, BaseEndpoint
 from proxy.auth import USER, User
 from proxy.authz import may_use
 from proxy.bodies import read_json
-from proxy.dispatch import admitted
+from proxy.dispatch import UserAdmission, admitted
 from proxy.errors import ApiError, adaptor_failed
 from proxy.lookup import check_framework, find_cluster, find_endpoint
 from proxy.maintenance import MAINTENANCE
@@ -57,7 +57,7 @@ async def process(request: web.Request) -> web.Response:
     info = request[INFO]
     info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
     info.endpoint_slug, info.adaptor = endpoint.endpoint_slug, type(endpoint).__name__
-    async with admitted(request, endpoint):
+    async with UserAdmission(request), admitted(request, endpoint):
         started = await endpoint.submit_task_async(body)
     if started.error_code is not None or started.task_id is None:
         message = started.error_message or "The task was not accepted."
@@ -83,7 +83,7 @@ async def task_result(request: web.Request) -> web.Response:
         or not may_use(user, endpoint, cluster)
     ):
         raise ApiError(404, f"Task '{task_id[:64]}' does not exist.", code="task_not_found")
-    async with admitted(request, endpoint):
+    async with UserAdmission(request), admitted(request, endpoint):
         report = await endpoint.get_task_result(task_id)
     if report.error_code is not None:
         adaptor_failed(report.error_code, report.error_message or "The task failed.")

@@ -3,7 +3,7 @@ are not UTF-8, oversized headers, path tricks, model names that slugify to anoth
 CR/LF meant for headers or log lines, callbacks with forged credentials, and arbitrary JSON.
 
 No input may cost a 500, reach a backend it does not name exactly, or leave anything but an
-OpenAI-shaped error (except where aiohttp refuses a request it cannot even parse: a plain 400).
+OpenAI-shaped error, requests aiohttp cannot even parse included.
 Covered elsewhere: ordinary malformed bodies, bodies over the size limit and the two simplest path
 tricks (test_routes.py), callbacks with wrong, empty or forged secrets and tokens (test_relay.py).
 """
@@ -156,8 +156,8 @@ async def test_bytes_that_are_not_utf8(gateway: Server) -> None:
 
 
 async def test_oversized_request_heads_are_refused_and_the_gateway_goes_on(gateway: Server) -> None:
-    """aiohttp refuses these before any route runs (8190 bytes a line, 128 headers), with a plain 400:
-    no middleware sees them, so they cannot be OpenAI-shaped. nginx in front refuses them first."""
+    """aiohttp refuses these before any route runs (8190 bytes a line, 128 headers); the answer is
+    still OpenAI-shaped (proxy/malformed.py). nginx in front refuses them first."""
     for request in [
         get(b"/resource_server/health", b"X-Big: " + b"a" * 20_000 + b"\r\n"),
         get(b"/resource_server/health", b"".join(b"X-H%d: 1\r\n" % n for n in range(200))),
@@ -166,6 +166,8 @@ async def test_oversized_request_heads_are_refused_and_the_gateway_goes_on(gatew
     ]:
         answer = await send(gateway, request)
         assert answer.status == 400
+        assert answer.error()["code"] == "malformed_request"
+        assert b"aaaa" not in answer.body and b"qqqq" not in answer.body
     answer = await send(gateway, get(b"/resource_server/health", b"X-Big: " + b"a" * 7_000 + b"\r\n"))
     assert answer.status == 200
     await still_serving(gateway)
@@ -200,10 +202,7 @@ async def test_path_tricks_never_reach_a_backend(gateway: Server, backend: Serve
     before = len(backend.app[REQUESTS])
     answer = await send(gateway, request)
     assert 400 <= answer.status < 500, answer
-    if answer.headers.get("content-type", "").startswith("application/json"):
-        answer.error()
-    else:
-        assert answer.status == 400  # refused by aiohttp's parser: raw non-ASCII in the path
+    answer.error()
     assert len(backend.app[REQUESTS]) == before
 
 
@@ -413,14 +412,18 @@ MALFORMED_HEADS = [
     b"Authorization: Bearer leaked-token-0001\x01x\r\n",
     b"Authorization Bearer leaked-token-0002\r\n",
     b"X Bad: leaked-token-0003\r\n",
+    b"Authorization: Bearer leaked-token-0004\r\nContent-Length: 5\r\nContent-Length: 6\r\n",
+    b"Authorization: Bearer leaked-token-0005\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"Authorization: Bearer leaked-token-0006\r\n\x00: leaked-token-0006\r\n",
 ]
 
 
 @pytest.mark.parametrize("head", MALFORMED_HEADS)
-async def test_requests_aiohttp_cannot_parse_leave_no_token_in_the_log(
+async def test_requests_aiohttp_cannot_parse_leave_no_token_in_the_answer_or_the_log(
     backend: Server, tmp_path: Path, head: bytes
 ) -> None:
-    """aiohttp would log the offending line, token and all, with a traceback, for every such request."""
+    """aiohttp would answer in plain text quoting the offending line (up to ~100 bytes of it, a token
+    included), and log it with a traceback, for every such request."""
     port = free_port()
     config = write_gateway_config(tmp_path, backend.url)
     async with gateway_process(config, port=port) as gateway:
@@ -428,9 +431,15 @@ async def test_requests_aiohttp_cannot_parse_leave_no_token_in_the_log(
         writer.write(
             b"POST /resource_server/local/vllm/v1/chat/completions HTTP/1.1\r\nHost: g\r\n" + head + b"\r\n"
         )
-        answer = await reader.read(200)
+        answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
-        assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0]
+        head_bytes, _, body = answer.partition(b"\r\n\r\n")
+        assert b" 400 " in head_bytes.split(b"\r\n", 1)[0], answer
+        assert b"content-type: application/json" in head_bytes.lower(), answer
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("invalid_request_error", "malformed_request")
+        assert b"leaked-token" not in answer
         deadline = time.monotonic() + 5
         while "refused a malformed request" not in gateway.log_text() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
