@@ -400,9 +400,9 @@ async def test_lookup_failures_are_anthropic_errors(gateway: Server, http: aioht
             await api.messages.create(**ask(model="no/such-model"))
         assert unknown.value.type == "not_found_error"
     async with anthropic_client(gateway, token=TOKENS["bob"]) as api:
-        with pytest.raises(anthropic.PermissionDeniedError) as denied:
+        with pytest.raises(anthropic.NotFoundError) as denied:
             await api.messages.create(**ask(model=PRIVATE_MODEL))
-        assert denied.value.type == "permission_error"
+        assert denied.value.type == "not_found_error", "a model one may not use is one that is not served"
     async with anthropic_client(gateway, cluster="chatonly") as api:
         with pytest.raises(anthropic.BadRequestError, match="not available on cluster 'chatonly'"):
             await api.messages.create(**ask())

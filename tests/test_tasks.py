@@ -173,7 +173,9 @@ async def test_a_failed_task_is_a_502_with_the_remote_error(
     task_id = await submit(http, gateway, "fail")
     status, document = await finished(http, gateway, task_id)
     assert status == 502
-    assert "no weights in /models/sam3" in assert_openai_error(document)["message"]
+    message = assert_openai_error(document)["message"]
+    assert message == "The model's backend failed: The remote task failed (RuntimeError)."
+    assert "/models/sam3" not in message, "the function's own text names paths: it stays in the log"
 
 
 async def bounded(
