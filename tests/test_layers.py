@@ -1,0 +1,41 @@
+"""Import contracts: adaptors (and the compatibility package that re-exports them to the existing
+gateway's adaptors) depend on their contract and libraries, never on the server in `proxy/`. What an
+adaptor needs from the server is handed to it (`AdaptorContext`). Run by `make lint` as well."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INDEPENDENT = ("adaptors", "resource_server_async")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside a function."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", INDEPENDENT)
+def test_adaptors_never_import_the_server(package: str) -> None:
+    offending = {
+        str(path.relative_to(ROOT)): sorted(
+            name for name in imported_modules(path) if name.split(".")[0] == "proxy"
+        )
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert {path: names for path, names in offending.items() if names} == {}
+
+
+def test_the_contract_check_sees_a_violation(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text("def f():\n    from proxy.settings import GatewaySettings\n    import proxy.errors\n")
+    assert {"proxy.settings", "proxy.errors"} <= imported_modules(module)
