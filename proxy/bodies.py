@@ -118,14 +118,15 @@ def parse_json(raw: bytes) -> Any:
         raise ApiError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json") from None
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The whole body, no larger than the application's `client_max_size`, within the deadline. A
-    body already received (most are: they come with the head) is taken without a timer."""
-    limit = request.client_max_size
+async def read_body(request: web.Request, limit: int | None = None) -> bytes:
+    """The whole body, no larger than `limit` (default: the application's `client_max_size`),
+    within the deadline. A body already received (most are: they come with the head) is taken
+    without a timer; over the limit is a 413 as aiohttp raises it."""
+    limit = request.client_max_size if limit is None else limit
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     content = request.content
-    if content.is_eof():
+    if content.is_eof() and limit == request.client_max_size:
         return await request.read()
     deadline = request.app[BODY_DEADLINE]
     loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from adaptors.remote_errors import remote_error
+from proxy.bodies import read_body
 from proxy.errors import ApiError
 from proxy.metrics import METRICS
 from proxy.relay import Delivery, Event, Relay, RelayUnavailable, sse_lines
@@ -135,12 +136,11 @@ async def _note_refusal(request: web.Request, stream_id: str, message: str) -> N
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"Callback bodies are limited to {limit} bytes.", code="request_too_large")
-    chunks, size = [], 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"Callback bodies are limited to {limit} bytes.", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """Within the request-body deadline (proxy/bodies.py), as every body: refused callbacks are read
+    too (to end the stream they name), so a sender without the secret must not hold a slow one."""
+    try:
+        return await read_body(request, limit)
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(
+            413, f"Callback bodies are limited to {limit} bytes.", code="request_too_large"
+        ) from None

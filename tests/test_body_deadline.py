@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bench.nginx import nginx_binary, run_nginx
 from tests.conftest import TOKENS, Server, chat, free_port, start_gateway, write_gateway_config
@@ -22,6 +23,7 @@ from tests.processes import gateway_process
 GRACE = 10.0
 """`server.body_grace_seconds` as deployed; a stalled body is answered shortly after it."""
 CHAT = "/resource_server/local/vllm/v1/chat/completions"
+CALLBACK = "/resource_server/api/streaming/data/"
 
 
 @dataclass
@@ -112,18 +114,26 @@ def assert_timed_out(answer: Timed, low: float, high: float, *, closes: bool = T
 
 @pytest.fixture
 async def gateway(backend: Server, tmp_path: Path) -> AsyncIterator[int]:
-    """The deployed body deadline; the port of an in-process gateway."""
-    runner, server = await start_gateway(write_gateway_config(tmp_path, backend.url))
+    """The deployed body deadline; the port of an in-process gateway, with stream callbacks on."""
+    config = write_gateway_config(tmp_path, backend.url)
+    document = yaml.safe_load(config.read_text())
+    document["streaming"] = {"internal_secret": "body-deadline-secret-0123456789"}
+    config.write_text(yaml.safe_dump(document))
+    runner, server = await start_gateway(config)
     yield int(server.url.split(":")[2].split("/")[0])
     await runner.cleanup()
 
 
 async def test_stalled_and_dribbling_bodies_are_408_and_honest_slow_ones_pass(gateway: int) -> None:
-    stalled, dribbling, honest = await asyncio.gather(
+    """A stream callback without the secret has its body read too (to end the stream it names), so
+    a stalled one is bound by the same deadline and then refused."""
+    stalled, dribbling, honest, callback = await asyncio.gather(
         slow_body(gateway, CHAT, 100_000, b'{"model": ', then_every=None),
         slow_body(gateway, CHAT, 100_000, b'{"model": ', then_every=0.5),
         paced(gateway, CHAT, 150_000, per_second=20_000),
+        slow_body(gateway, CALLBACK, 10_000, b'{"task_id": ', then_every=None),
     )
+    assert callback.status in (401, 403, 408) and GRACE - 0.5 <= callback.seconds <= GRACE + 2, callback
     assert_timed_out(stalled, GRACE - 0.5, GRACE + 2)
     assert_timed_out(dribbling, GRACE - 0.5, GRACE + 2)
     assert "(10 of 100000 bytes received)" in stalled.error()["message"]
