@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.nginx import nginx_binary, run_nginx
+from bench.nginx import run_nginx
 from tests.conftest import TOKENS, Server, chat, free_port, start_gateway, write_gateway_config
 from tests.processes import gateway_process
+from tests.support import skip_without_nginx
 
 GRACE = 10.0
 """`server.body_grace_seconds` as deployed; a stalled body is answered shortly after it."""
@@ -182,12 +183,12 @@ NGINX_BODY_PAUSE = 30.0
 """`client_body_timeout` in deploy/nginx/gateway-locations.conf."""
 
 
-@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
 async def test_through_the_shipped_nginx(backend: Server, tmp_path: Path) -> None:
     """nginx streams inference bodies on as they come (proxy_request_buffering off), so the
     gateway's deadline answers them, before nginx's own limit on a pause. Other routes' bodies are
     buffered by nginx, which ends the connection (without an answer: nginx never answers its own
     body timeouts) once the body paused for `client_body_timeout`."""
+    skip_without_nginx()
     runner, server = await start_gateway(write_gateway_config(tmp_path, backend.url))
     try:
         upstream = server.url.removeprefix("http://").removesuffix("/resource_server")

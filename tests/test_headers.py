@@ -6,10 +6,9 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
-import pytest
 from multidict import CIMultiDict
 
-from bench.nginx import nginx_binary, run_nginx
+from bench.nginx import run_nginx
 from tests.conftest import (
     CHAT_MODEL,
     TOKENS,
@@ -20,6 +19,7 @@ from tests.conftest import (
     start_gateway,
     write_gateway_config,
 )
+from tests.support import skip_without_nginx
 from tests.test_routes import assert_openai_error, call
 
 
@@ -69,8 +69,7 @@ async def test_curl_sending_two_headers_is_refused(gateway: Server) -> None:
 async def test_behind_the_shipped_nginx_too(backend: Server, tmp_path: Path) -> None:
     """nginx refuses a second Authorization header itself: in the same OpenAI shape, while the
     gateway's own 400s still pass through unchanged."""
-    if nginx_binary() is None:
-        pytest.skip("nginx is not installed")
+    skip_without_nginx()
     runner, gateway = await start_gateway(write_gateway_config(tmp_path, backend.url))
     try:
         upstream = gateway.url.removeprefix("http://").removesuffix("/resource_server")

@@ -8,7 +8,6 @@ the gateway trusts as a proxy, so the address each record names shows who it was
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from bench.backend import REQUESTS
 from bench.nginx import SHIPPED_LOCATIONS, SHIPPED_SITE, RunningNginx, nginx_binary, run_nginx
 from tests.support import (
     CHAT_MODEL,
+    IN_CI,
     TOKENS,
     Server,
     auth,
@@ -40,7 +40,6 @@ from tests.support import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() in {"true", "1"}
 if nginx_binary() is None and not IN_CI:
     pytest.skip(
         "nginx is not installed (Debian package nginx, which .ci/run installs); in CI this fails instead",
