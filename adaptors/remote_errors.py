@@ -45,8 +45,9 @@ def remote_error(text: str) -> RemoteFailure:
     if backend_message is not None:
         message = backend_message
     else:
-        detail = _plain(text) or None
-        kind = _EXCEPTION_TYPE.match(_last_exception(text))
+        last = _last_exception(text)
+        detail = _plain(last) or None
+        kind = _EXCEPTION_TYPE.match(last)
         if status is not None:
             message = f"The model's server answered HTTP {status}."
         else:
@@ -90,8 +91,8 @@ def _last_exception(text: str) -> str:
     return text.strip()
 
 
-def _plain(text: str) -> str:
-    """The last exception's own text, without the traceback around it, the exception's type, or
-    the response headers and timing the existing function appends."""
-    text = _NOISE.sub("", _last_exception(text))
+def _plain(last_exception: str) -> str:
+    """The last exception's own text, without its type, or the response headers and timing the
+    existing function appends."""
+    text = _NOISE.sub("", last_exception)
     return _EXCEPTION_PREFIX.sub("", text, count=1).strip()[:_LONGEST_MESSAGE]

@@ -126,8 +126,11 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     content = request.content
-    if content.is_eof() and limit == request.client_max_size:
-        return await request.read()
+    if content.is_eof():
+        received = await request.read()
+        if len(received) > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(received))
+        return received
     deadline = request.app[BODY_DEADLINE]
     loop = asyncio.get_running_loop()
     started = loop.time()
