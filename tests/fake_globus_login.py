@@ -20,7 +20,6 @@ import base64
 import hashlib
 import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -122,12 +121,8 @@ def _challenge(verifier: str) -> str:
 
 
 def _error(status: int, code: str, detail: str, error: str) -> web.Response:
-    """Globus Auth's error shape, as `tests/fake_globus.py` answers its other routes."""
-    item = {
-        "status": str(status),
-        "id": str(uuid.uuid4()),
-        "code": code,
-        "title": code.title(),
-        "detail": detail,
-    }
-    return web.json_response({"errors": [item], "error": error, "error_description": detail}, status=status)
+    """Globus Auth's error shape, built as the fake's other routes build it (imported here, as the
+    fake imports this module first)."""
+    from tests.fake_globus import _auth_error
+
+    return _auth_error(status, code, detail, error)
