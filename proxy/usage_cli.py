@@ -56,7 +56,7 @@ def parse_time(text: str, now: float | None = None) -> float:
     return moment.timestamp()
 
 
-def _time_argument(text: str) -> float:
+def time_argument(text: str) -> float:
     """argparse wants ArgumentTypeError to print the message instead of "invalid value"."""
     try:
         return parse_time(text)
@@ -66,8 +66,8 @@ def _time_argument(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Everything but --config, which `inference-gateway` shares with its other commands."""
-    parser.add_argument("--since", type=_time_argument, required=True, help="start: 2026-11-01, 7d, 24h, ...")
-    parser.add_argument("--until", type=_time_argument, help="end, excluded (default: no end)")
+    parser.add_argument("--since", type=time_argument, required=True, help="start: 2026-11-01, 7d, 24h, ...")
+    parser.add_argument("--until", type=time_argument, help="end, excluded (default: no end)")
     parser.add_argument(
         "--by",
         type=_keys_argument,

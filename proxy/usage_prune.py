@@ -20,14 +20,7 @@ from pathlib import Path
 from proxy.database import Database, DatabaseUnavailable, redact
 from proxy.record_keeping import DAY, prune
 from proxy.settings import ConfigError, load_settings
-from proxy.usage_cli import DEFAULT_CONFIG, parse_time
-
-
-def _time_argument(text: str) -> float:
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+from proxy.usage_cli import DEFAULT_CONFIG, time_argument
 
 
 def main(argv: list[str]) -> int:
@@ -41,9 +34,7 @@ def main(argv: list[str]) -> int:
         "--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
         help=f"the gateway's main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
     )  # fmt: skip
-    parser.add_argument(
-        "--before", type=_time_argument, help="delete records started before: 90d, 2026-01-01"
-    )
+    parser.add_argument("--before", type=time_argument, help="delete records started before: 90d, 2026-01-01")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
