@@ -21,7 +21,7 @@ from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.remote_errors import remote_error
 from proxy.core.registry import load_registry
 from proxy.metrics.prometheus import METRICS
-from proxy.settings import ConfigError
+from proxy.settings.files import ConfigError
 from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute

@@ -32,7 +32,7 @@ from proxy.core.jobs import JobsCache, job_models
 from proxy.core.maintenance import Maintenance
 from proxy.core.registry import Registry
 from proxy.errors import ApiError
-from proxy.settings import FederationSettings
+from proxy.settings.traffic import FederationSettings
 
 log = logging.getLogger(__name__)
 

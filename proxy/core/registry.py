@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.slug import endpoint_slug
-from proxy.settings import ConfigError, describe_validation_error, load_document
+from proxy.settings.files import ConfigError, describe_validation_error, load_document
 
 AccessList = str | list[str] | None
 

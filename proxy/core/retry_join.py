@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from adaptors import SubmitTaskResponse
-from proxy.settings import RetrySettings
+from proxy.settings.traffic import RetrySettings
 
 log = logging.getLogger(__name__)
 

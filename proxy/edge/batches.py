@@ -27,7 +27,7 @@ from proxy.edge.bodies import read_valid
 from proxy.errors import ApiError, adaptor_failed
 from proxy.records.batch_store import BatchRecord, BatchStore
 from proxy.records.database import DatabaseTimeout, DatabaseUnavailable
-from proxy.settings import BatchSettings
+from proxy.settings.batches import BatchSettings
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")

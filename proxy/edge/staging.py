@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from proxy.core.identity import USER
 from proxy.errors import ApiError
-from proxy.settings import DataStagingSettings
+from proxy.settings.staging import DataStagingSettings
 
 log = logging.getLogger(__name__)
 

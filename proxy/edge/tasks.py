@@ -24,7 +24,7 @@ from proxy.core.registry import REGISTRY, Registry
 from proxy.core.task_book import TaskBook, build_task_book
 from proxy.edge.bodies import read_json
 from proxy.errors import ApiError, adaptor_failed
-from proxy.settings import TaskSettings
+from proxy.settings.batches import TaskSettings
 
 PENDING = "task_accepted_and_pending"
 RETRY_AFTER_SECONDS = 2

@@ -30,7 +30,8 @@ from proxy.process.workers import (
     metrics_directory,
     worker_command,
 )
-from proxy.settings import ConfigError, GatewaySettings, load_settings, unset_variables
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError, unset_variables
 
 log = logging.getLogger("proxy")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from proxy.core.maintenance import read_state, write_state
 from proxy.core.registry import load_registry
 from proxy.process.reload_report import request_reload
-from proxy.settings import ConfigError, GatewaySettings, load_settings
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError
 
 DEFAULT_MESSAGE = "The cluster is under maintenance; please try again later."
 

@@ -19,7 +19,7 @@ from adaptors import AdaptorContext
 from proxy.core.jobs import JobsCache
 from proxy.core.registry import Registry, load_registry
 from proxy.process.reload_report import Outcome, record_outcome
-from proxy.settings import ConfigError
+from proxy.settings.files import ConfigError
 
 log = logging.getLogger("proxy.process.reload")
 

@@ -29,7 +29,8 @@ from typing import Any, Final, cast, get_args
 
 from proxy.records.database import Database, DatabaseUnavailable, redact
 from proxy.records.usage_store import UsageBy, UsageStore
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 
 DEFAULT_CONFIG: Final = "conf/gateway.yaml"
 _RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")

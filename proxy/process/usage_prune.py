@@ -20,7 +20,8 @@ from pathlib import Path
 from proxy.process.usage_cli import DEFAULT_CONFIG, time_argument
 from proxy.records.database import Database, DatabaseUnavailable, redact
 from proxy.records.record_keeping import DAY, prune
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 
 
 def main(argv: list[str]) -> int:
