@@ -61,23 +61,24 @@ class UserAdmission:
 async def dispatch(
     request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
 ) -> web.StreamResponse:
-    """A checked request to the endpoint chosen, whichever route chose it (within `UserAdmission`)."""
+    """A checked request to the endpoint chosen, whichever route chose it (within `UserAdmission`).
+    For a federated request, each attempt is one dispatch."""
     state, exchange = request.app[STATE], request[EXCHANGE]
     if state.recorder.store_prompts:
         exchange.prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
     model_params = {**body, "openai_endpoint": openai_path}
+    streamed = body.get("stream") is True and openai_path in STREAMING_PATHS
     async with admitted(request, endpoint):
-        streamed = body.get("stream") is True and openai_path in STREAMING_PATHS
         exchange.serving(endpoint, stream=streamed)
         meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
         meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
         if streamed:
-            strip_usage_event = ask_for_usage(model_params)
+            strip_usage_event = ask_for_usage(model_params)  # token limits and records need it
             scanner = usage_scanner(openai_path, strip_usage_event=strip_usage_event)
             served = await _stream(request, state, endpoint, model_params, scanner, meters)
         else:
             served = await _task(request, state, endpoint, model_params, meters)
-        exchange.served = served
+        exchange.served = served  # for the observe middleware: the request's metrics and record
         await charge_tokens(state.limiter, endpoint, request[USER].id, served.usage)
         return served.answer()
 
