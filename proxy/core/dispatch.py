@@ -2,8 +2,10 @@
 
 `dispatch` is the story of one request to the endpoint chosen, in order: its prompt kept (when the
 operator asks), the endpoint's token limits checked, the backend asked for the stream's usage, the
-adaptor called (`_task` or `_stream`, which return what the request produced, `Served`), the
-request measured, its tokens charged from what it produced, and then the answer, or the error.
+adaptor called and the request measured to its end (`_task` or `_stream`, which return what it
+produced, `Served`, whether it succeeded or not), its tokens charged from what it produced, and then
+the answer, or the error. The tokens are charged from the `Served` returned, not read back from the
+request; the observe middleware finds that `Served` on the request's exchange.
 
 The adaptor latency runs to the last byte (for a stream, its last chunk), split in phases:
 submission (until the adaptor answers or its stream starts), first byte and total.
