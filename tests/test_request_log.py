@@ -19,8 +19,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.core.exchange import RequestInfo
-from proxy.core.recorder import RequestLog
+from proxy.core.exchange import Exchange
+from proxy.core.recorder import Recorder
 from proxy.metrics.prometheus import Metrics
 from proxy.process.usage_cli import main, parse_time
 from proxy.records import request_log
@@ -430,12 +430,12 @@ def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
 async def test_records_wait_together_for_their_delay_and_after_close_leave_at_once(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    log = RequestLog(LineWriter(fd, lock_path=tmp_path / "log.lock"), [], Metrics(enabled=False), False, 0.2)
+    log = Recorder(LineWriter(fd, lock_path=tmp_path / "log.lock"), [], Metrics(enabled=False), False, 0.2)
     log.sink = RecordSink(FakeStore())  # not started: records stay in its buffer
 
     def end(request_id: str) -> None:
-        info = RequestInfo(request_id, started=time.monotonic(), started_at=time.time(), route="/r")
-        log.emit(make_mocked_request("POST", "/r"), info, 200)
+        exchange = Exchange(request_id, started=time.monotonic(), started_at=time.time(), route="/r")
+        log.emit(make_mocked_request("POST", "/r"), exchange, 200)
 
     def written() -> list[str]:
         return [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]

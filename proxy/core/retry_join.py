@@ -162,6 +162,3 @@ class RetryJoins:
         del self._works[key]
         self._kept_bytes -= current.kept_bytes
         current.kept_bytes = 0
-
-
-RETRY_JOINS = web.AppKey("retry_joins", RetryJoins)

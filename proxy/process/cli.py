@@ -21,7 +21,6 @@ from proxy.process import operator_commands, token_cli, usage_cli, usage_prune
 from proxy.process.app import create_app, load_parts
 from proxy.process.globus_check import GlobusUnreachable, check_online
 from proxy.process.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
-from proxy.process.reload import reload_on_sighup
 from proxy.process.reload_report import Outcome, record_outcome, report_path
 from proxy.process.workers import (
     Supervisor,
@@ -178,9 +177,7 @@ def serve(
 ) -> int:
     """One process. SIGTERM: stop accepting, let requests and streams finish for up to
     `timeouts.shutdown_seconds`, exit 0. SIGHUP: reload endpoints and clusters."""
-    app = create_app(settings, registry, authenticator)
-    pid_file = settings.server.pid_file
-    app.on_startup.append(reload_on_sighup(None if pid_file is None else report_path(pid_file)))
+    app = create_app(settings, registry, authenticator, reload_on_sighup=True)
     if supervised:
         app.on_startup.append(_exit_with_supervisor)
     server = settings.server
