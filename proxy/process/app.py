@@ -42,8 +42,9 @@ from proxy.metrics.prometheus import AdaptorTelemetry, Metrics, metrics_handler
 from proxy.process.reload import Reloader, shut_down, sighup_reloads
 from proxy.process.reload_report import report_path
 from proxy.records.batch_store import BatchStore
+from proxy.records.line_writer import LineWriter
 from proxy.records.record_keeping import prune_forever
-from proxy.records.request_log import LineWriter, RecordSink
+from proxy.records.record_sink import RecordSink
 from proxy.records.standby_database import StandbyDatabase
 from proxy.records.usage_store import UsageStore
 from proxy.settings import GatewaySettings
