@@ -17,7 +17,9 @@ from proxy.core.federation import Federation, name_serving_endpoint
 from proxy.core.globus_auth import GlobusAuthenticator
 from proxy.core.identity import Authenticator
 from proxy.core.jobs import JobsCache, jobs_reader
-from proxy.core.limits import Limiter, LocalLimiter, RedisLimiter
+from proxy.core.limits import Limiter
+from proxy.core.limits_local import LocalLimiter
+from proxy.core.limits_redis import RedisLimiter
 from proxy.core.maintenance import Maintenance
 from proxy.core.maintenance_redis import maintenance_from_redis
 from proxy.core.recorder import Recorder
