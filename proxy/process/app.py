@@ -13,6 +13,8 @@ from aiohttp import web
 from adaptors import AdaptorContext
 from adaptors.context import AnswerLimits
 from proxy.core.body_limits import BodyDeadline, LargeBodies
+from proxy.core.callback_relay import LocalRelay, Relay
+from proxy.core.callback_relay_redis import RedisRelay
 from proxy.core.federation import Federation, name_serving_endpoint
 from proxy.core.globus_auth import GlobusAuthenticator
 from proxy.core.identity import Authenticator
@@ -23,9 +25,7 @@ from proxy.core.limits_redis import RedisLimiter
 from proxy.core.maintenance import Maintenance
 from proxy.core.maintenance_redis import maintenance_from_redis
 from proxy.core.recorder import Recorder
-from proxy.core.redis_relay import RedisRelay
 from proxy.core.registry import Registry, load_registry
-from proxy.core.relay import LocalRelay, Relay
 from proxy.core.retry_join import RetryJoins
 from proxy.core.state import STATE, GatewayState
 from proxy.core.static_auth import StaticAuthenticator
