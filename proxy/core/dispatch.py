@@ -93,7 +93,7 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
     registry = state.registry
     if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
         raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
-    generation = registry.leases
+    generation = registry.holds
     generation.take()
     try:
         limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
