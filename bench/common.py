@@ -7,12 +7,10 @@ gateway's figures are not disturbed by the processes that feed it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -67,12 +65,6 @@ def chat_body(content: str = "Say hello", *, stream: bool = False) -> str:
     if stream:
         body["stream"] = True
     return json.dumps(body)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -361,21 +353,3 @@ def rss_sampler(measure: Callable[[], int]) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
-
-
-def children(pid: int) -> list[int]:
-    """A process's children (a supervisor's workers), from /proc."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-async def exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Whether `process` ended within `timeout` seconds, waited for without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True

@@ -42,7 +42,6 @@ from bench.common import (
     busy_shares,
     chat_body,
     difference,
-    free_port,
     loadgen,
     other_cpu_use,
     process_cpu_seconds,
@@ -55,6 +54,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
+from testing.ports import free_port
 
 CONCURRENCIES: Final = (100, 16)
 JUDGED_CONCURRENCY: Final = 100

@@ -26,9 +26,7 @@ from bench.common import (
     Service,
     busy_shares,
     chat_body,
-    children,
     difference,
-    free_port,
     memory_kb,
     process_cpu_seconds,
     rss_sampler,
@@ -40,7 +38,9 @@ from bench.common import (
     warm,
     write_gateway_config,
 )
-from bench.nginx import run_nginx
+from testing.ports import free_port
+from testing.processes import children
+from testing.services.nginx import NginxServer
 
 ANY_CPU: Final = "0,1"
 PATHS: Final = {
@@ -95,7 +95,7 @@ class DeploymentBench:
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
             backend_port = free_port()
-            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
             backend = self._start(services, "backend", backend_args)
             wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")
             gateways = {workers: self._gateway(services, backend_port, workers) for workers in (1, 2)}
@@ -127,8 +127,8 @@ class DeploymentBench:
         backend = f"127.0.0.1:{backend_port}"
         two = f"127.0.0.1:{gateways[2][1]}"
         async with (
-            run_nginx(nginx_dir / "alone", [backend], port=free_port()) as alone,
-            run_nginx(nginx_dir / "front", [two], port=free_port()) as front,
+            NginxServer(nginx_dir / "alone", [backend], port=free_port()) as alone,
+            NginxServer(nginx_dir / "front", [two], port=free_port()) as front,
         ):
             urls = {
                 "direct": f"http://{backend}{PATHS['direct']}",

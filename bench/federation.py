@@ -31,7 +31,6 @@ from bench.common import (
     TOKEN,
     chat_body,
     difference,
-    free_port,
     loadgen,
     other_cpu_use,
     show,
@@ -41,6 +40,7 @@ from bench.common import (
     wait_ready,
     warm,
 )
+from testing.ports import free_port
 
 CLUSTERS: Final = ("local", "second", "third")
 ROUTES: Final = {
@@ -107,7 +107,7 @@ class FederationBench:
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
             backend_port, gateway_port = free_port(), free_port()
-            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
             backend = start_service("federation-backend", LOADGEN_CPU, backend_args, self.workdir)
             services.callback(backend.stop)
             wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

@@ -38,7 +38,6 @@ from bench.common import (
     TOKEN,
     Service,
     chat_body,
-    free_port,
     process_cpu_seconds,
     start_service,
     wait_ready,
@@ -46,6 +45,7 @@ from bench.common import (
     write_gateway_config,
 )
 from bench.run import AUTH_WARM_REQUESTS, GATEWAY_PATH, METRICS_OFF, RECORDS_OFF
+from testing.ports import free_port
 
 MODES: Final[dict[str, dict[str, Any]]] = {
     "deployed": {},
@@ -130,7 +130,7 @@ def compare(a: Side, b: Side, rounds: int, seconds: float) -> dict[str, Any]:
     with ExitStack() as services, tempfile.TemporaryDirectory(prefix="paired-") as directory:
         workdir = Path(directory)
         backend_port = free_port()
-        backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+        backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
         backend = start_service("backend", LOADGEN_CPU, backend_args, workdir)
         services.callback(backend.stop)
         wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

@@ -57,7 +57,6 @@ from bench.common import (
     Service,
     chat_body,
     difference,
-    free_port,
     loadgen,
     memory_kb,
     other_cpu_use,
@@ -80,6 +79,7 @@ from bench.compute import (
 )
 from bench.deployment import DeploymentBench, deployment_checks, deployment_failures, deployment_rows
 from bench.federation import FederationBench, federation_checks, federation_failures, federation_rows
+from testing.ports import free_port
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
 CONCURRENCIES: Final = (1, 16, 64)
@@ -700,7 +700,7 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
     }
     if {"overhead", "auth", "observability"} & set(sections):
         backend_port = free_port()
-        backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+        backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
         backend = start_service("backend", LOADGEN_CPU, backend_args, workdir)
         services.callback(backend.stop)
         wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

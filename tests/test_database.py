@@ -12,7 +12,7 @@ import pytest
 
 from proxy.batch_store import ACTIVE, BatchRecord, BatchStore
 from proxy.database import MIGRATIONS, Database, DatabaseUnavailable, postgres_sql, redact
-from tests.postgres_server import PostgresServer
+from testing.services.postgres_server import PostgresServer
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from proxy.database import DEFAULT_STATEMENT_TIMEOUT, Database, DatabaseTimeout
+from testing.services.postgres_server import PostgresServer
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
-from tests.postgres_server import PostgresServer
 from tests.test_routes import assert_openai_error, call
 
 

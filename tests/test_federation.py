@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from bench.backend import REQUESTS, create_backend_app, error_response
 from proxy.settings import ConfigError, load_settings
 from proxy.slug import endpoint_slug
+from testing.fake_vllm import REQUESTS, create_backend_app, error_response
 from tests.support import (
     CHAT_MODEL,
     EMBED_MODEL,

@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio
 
 from proxy.limits import Lease, Limited, Limiter, LocalLimiter, RedisLimiter
-from tests.redis_server import RedisServer
+from testing.services.redis_server import RedisServer
 
 MakeLimiter = Callable[..., Limiter]
 

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 import yaml
 
-from bench.backend import REQUESTS
 from proxy.database import Database
 from proxy.usage_store import UsageStore
+from testing.fake_vllm import REQUESTS
 from tests.processes import wait_until_serving
 from tests.support import (
     CHAT_MODEL,

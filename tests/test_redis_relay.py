@@ -25,8 +25,8 @@ from proxy.redis_relay import (
     READERS,
 )
 from proxy.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
+from testing.services.redis_server import RedisServer
 from tests.conftest import Server, start_gateway
-from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse
 
 

@@ -26,7 +26,7 @@ from proxy.observe import RequestInfo, RequestLog
 from proxy.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
 from proxy.usage_cli import main, parse_time
 from proxy.usage_store import UsageStore
-from tests.postgres_server import PostgresServer
+from testing.services.postgres_server import PostgresServer
 from tests.support import CHAT_MODEL, EMBED_MODEL, write_gateway_config
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()

@@ -14,9 +14,9 @@ import yaml
 from aiohttp import web
 
 from adaptors.globus_compute import GlobusComputeEndpoint
-from bench.backend import REQUESTS
 from proxy.registry import REGISTRY, Registry, TokenLimits, load_registry
 from proxy.settings import ConfigError
+from testing.fake_vllm import REQUESTS
 from tests.conftest import (
     Server,
     auth,
