@@ -37,6 +37,8 @@ NO_LIMITS: Final = {"requests_per_second": 0, "concurrent_per_user": 0}
 RSS_SAMPLE_SECONDS: Final = 0.2
 BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+Check = tuple[float | None, str, Callable[[float], bool]]
+"""A target of the run: its figure (None when not measured), how it reads, and whether a figure meets it."""
 
 
 def tokens_document() -> dict[str, Any]:
@@ -81,6 +83,11 @@ class Service:
         except OSError:
             return "(no output)"
         return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+    def check_running(self) -> None:
+        """A server that died during a measure makes its figures meaningless: the run stops."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the {self.name} stopped during the run:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is not None:

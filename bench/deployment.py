@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Final
@@ -23,6 +22,7 @@ from typing import Any, Final
 from bench.common import (
     MODEL,
     TOKEN,
+    Check,
     Service,
     busy_shares,
     chat_body,
@@ -68,7 +68,6 @@ ROUNDS: Final = 2
 WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
 STREAMS_5000_RSS: Final = "streams_5000_rss_mb"
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 def family_rss_kb(pid: int) -> int:

@@ -15,7 +15,6 @@ the throughputs imply (1000/rps federated minus 1000/rps explicit, in ms).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
@@ -29,6 +28,7 @@ from bench.common import (
     NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
+    Check,
     chat_body,
     difference,
     loadgen,
@@ -55,7 +55,6 @@ WARM_REQUESTS: Final = 20
 ADDED_P50: Final = "federation_c1_added_p50_ms"
 ADDED_CPU: Final = f"federation_c{SATURATED}_added_ms_per_request"
 TARGET_MS: Final = 0.2
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 def write_config(workdir: Path, gateway_port: int, backend_port: int) -> Path:
