@@ -76,6 +76,7 @@ class ServiceProcess(ABC):
         return self.process is not None and self.process.poll() is None
 
     async def start(self) -> None:
+        """Serving once it answers; a server already running is left as it is."""
         if self.running:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
