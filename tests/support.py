@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app, load_parts
+from proxy.process.app import create_app, load_parts
 from proxy.settings import load_settings
 from testing.ports import free_port
 from testing.services.nginx import nginx_binary

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import adaptors
 from adaptors import BaseCluster, BaseEndpoint
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
 from tests.support import write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from proxy.metrics import METRICS
+from proxy.core.state import STATE
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.fake_vllm import DISCONNECTS, REQUESTS
@@ -268,7 +268,7 @@ async def test_redis_relay_across_two_gateway_processes(
 async def test_compute_telemetry(gateway: Server, http: aiohttp.ClientSession) -> None:
     for prompt in ("Hi", "[[status=400]]"):
         await call(http, "POST", f"{hpc(gateway)}/chat/completions", json=chat(prompt), headers=auth())
-    text = gateway.app[METRICS].exposition().decode()
+    text = gateway.app[STATE].metrics.exposition().decode()
     endpoint = {"adaptor": "GlobusComputeEndpoint", "cluster": "hpc", "model": CHAT_MODEL}
     assert value(text, "gateway_phase_duration_seconds_count", **endpoint, phase="queue") == 2
     assert value(text, "gateway_upstream_errors_total", **endpoint, kind="4xx") == 1

@@ -16,8 +16,8 @@ import openai
 import pytest
 import yaml
 
+from proxy.core.schemas import validate_request
 from proxy.errors import ApiError
-from proxy.schemas import validate_request
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.fake_vllm import ACTIVE_STREAMS, REQUESTS

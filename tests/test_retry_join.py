@@ -1,4 +1,4 @@
-"""A client's retry joins the work still running for its earlier attempt (proxy/retry_join.py): the
+"""A client's retry joins the work still running for its earlier attempt (proxy/core/retry_join.py): the
 real openai client, with a timeout shorter than the work, against the fakes of Globus Compute and
 vLLM, whose counts show how much work was submitted."""
 
@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from adaptors import SubmitTaskResponse
-from proxy.retry_join import Joining, RetryJoins
-from proxy.settings import RetrySettings
+from proxy.core.retry_join import Joining, RetryJoins
+from proxy.settings.traffic import RetrySettings
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.fake_vllm import REQUESTS

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from adaptors.globus_compute import GlobusComputeEndpoint
-from proxy.registry import load_registry
-from proxy.settings import ConfigError, GatewaySettings, load_settings
+from proxy.core.registry import load_registry
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config

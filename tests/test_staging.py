@@ -14,8 +14,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.settings import ConfigError, load_settings
-from proxy.staging import Stager, StagingFailed
+from proxy.edge.staging import Stager, StagingFailed
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.transfer import FakeCollection, FakeTransfer
 from tests.compute_setup import SERVICE_ID, SERVICE_SECRET
