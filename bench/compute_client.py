@@ -46,8 +46,8 @@ from globus_compute_sdk.sdk.batch import Batch
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from bench.backend import new_event_loop
 from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
+from testing.loops import new_event_loop
 
 DEFAULT_THREADS: Final = 16
 """The gateway's `server.adaptor_threads` default; the benchmark sets both to this value."""

@@ -21,8 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import FakeUser
 from tests.conftest import Server, free_port
-from tests.fake_globus import FakeGlobus, FakeUser
 from tests.processes import GatewayProcess, gateway_process
 from tests.test_globus_auth import globus_config
 
