@@ -216,9 +216,6 @@ def _json_serializer() -> ComputeSerializer:
     )
 
 
-_services: dict[tuple[Any, ...], ComputeService] = {}
-
-
 def acquire_service(access: ComputeAccess, context: AdaptorContext) -> ComputeService:
     """The gateway's service for these credentials and URLs; `release_service` it at shutdown."""
     key = access.service_key()
