@@ -60,6 +60,9 @@ MIN_RETRY_AFTER_SECONDS = 10
 
 
 class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
+    """Runs each request as a task of the endpoint's function, after checking that its Compute
+    endpoint is online and its model not still loading; streams come back through the relay."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._context: AdaptorContext | None = None
