@@ -303,7 +303,7 @@ class RequestLogSettings(_Strict):
 
 
 class FederationSettings(_Strict):
-    """Requests without a cluster in the path (`/v1/chat/completions`): proxy/federation.py picks one."""
+    """Requests without a cluster in the path (`/v1/chat/completions`): proxy/core/federation.py picks one."""
 
     max_attempts: int = Field(default=3, ge=1, le=10, description="endpoints tried before answering 503")
     jobs_wait_seconds: float = Field(
@@ -312,7 +312,7 @@ class FederationSettings(_Strict):
 
 
 class RetrySettings(_Strict):
-    """Retries of non-streamed requests join the work still running for them (proxy/retry_join.py)."""
+    """Retries of non-streamed requests join the work still running for them (proxy/core/retry_join.py)."""
 
     join_seconds: float = Field(
         default=30, ge=0, description="how long work whose client left waits for its retry; 0: no joining"

@@ -99,7 +99,7 @@ async def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_dialect(request: pytest.FixtureRequest) -> str:
-    """Run a test once per `proxy.database` backend."""
+    """Run a test once per `proxy.records.database` backend."""
     dialect: str = request.param
     return dialect
 

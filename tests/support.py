@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import create_app, load_parts
+from proxy.process.app import create_app, load_parts
 from proxy.settings import load_settings
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"

@@ -28,8 +28,8 @@ from adaptors import (
 from adaptors.compute_service import ComputeService
 from adaptors.globus_compute import GlobusComputeCluster, GlobusComputeEndpoint
 from adaptors.status_url import MetisCluster
-from proxy import batch_store
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
+from proxy.records import batch_store
 from proxy.settings import ConfigError
 from resource_server_async.schemas.batch import BatchStatus
 from tests.support import write_yaml

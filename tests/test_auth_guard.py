@@ -1,4 +1,4 @@
-"""The bounds in front of Globus Auth (proxy/auth_guard.py), on their own: the queue for threads and
+"""The bounds in front of Globus Auth (proxy/core/auth_guard.py), on their own: the queue for threads and
 the budgets per client address. Real threads, the real clock."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from proxy.auth_guard import AddressGuard, Busy, CallQueue, TooManyTokens
+from proxy.core.auth_guard import AddressGuard, Busy, CallQueue, TooManyTokens
 
 
 @pytest.fixture

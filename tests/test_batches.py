@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.batches import BATCHES
+from proxy.edge.batches import BATCHES
 from tests.compute_setup import ENDPOINT, compute_config
 from tests.conftest import CHAT_MODEL, Server, auth, free_port, start_gateway
 from tests.fake_compute import FakeCompute

@@ -15,8 +15,8 @@ import openai
 import pytest
 import yaml
 
-from proxy.batches import BATCHES, advance_batches
-from proxy.registry import REGISTRY
+from proxy.core.registry import REGISTRY
+from proxy.edge.batches import BATCHES, advance_batches
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.site.current_adaptors import CurrentEndpoint
 

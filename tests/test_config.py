@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from adaptors.direct_api import DirectAPIEndpoint
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
 from proxy.settings import ConfigError, load_settings
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config, write_yaml
 

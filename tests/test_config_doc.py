@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field
 
-from proxy import config_doc
+from proxy.process import config_doc
 from proxy.settings import GatewaySettings, LimitSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +46,12 @@ def test_a_setting_without_a_description_is_found() -> None:
 
 
 def test_the_reference_is_current() -> None:
-    """Fails after a field is added or changed until `python -m proxy.config_doc` is run."""
+    """Fails after a field is added or changed until `python -m proxy.process.config_doc` is run."""
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.config_doc", "--check"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "proxy.process.config_doc", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
 

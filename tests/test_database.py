@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.batch_store import ACTIVE, BatchRecord, BatchStore
-from proxy.database import MIGRATIONS, Database, DatabaseUnavailable, postgres_sql, redact
+from proxy.records.batch_store import ACTIVE, BatchRecord, BatchStore
+from proxy.records.database import MIGRATIONS, Database, DatabaseUnavailable, postgres_sql, redact
 from tests.postgres_server import PostgresServer
 
 

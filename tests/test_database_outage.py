@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.database import DEFAULT_STATEMENT_TIMEOUT, Database, DatabaseTimeout
+from proxy.records.database import DEFAULT_STATEMENT_TIMEOUT, Database, DatabaseTimeout
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.postgres_server import PostgresServer
 from tests.test_routes import assert_openai_error, call

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
-from proxy.metrics import METRICS
+from proxy.metrics.prometheus import METRICS
 from tests.conftest import CHAT_MODEL, Server, auth, chat
 from tests.support import value
 from tests.test_routes import assert_openai_error, call

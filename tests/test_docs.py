@@ -14,7 +14,7 @@ import pytest
 
 import adaptors
 from adaptors import BaseCluster, BaseEndpoint
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
 from proxy.settings import ConfigError
 from tests.support import write_yaml
 

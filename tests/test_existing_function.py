@@ -19,8 +19,8 @@ from globus_compute_sdk.serialize import ComputeSerializer
 
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.remote_errors import remote_error
-from proxy.metrics import METRICS
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
+from proxy.metrics.prometheus import METRICS
 from proxy.settings import ConfigError
 from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway

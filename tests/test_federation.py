@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from bench.backend import REQUESTS, create_backend_app, error_response
+from proxy.core.slug import endpoint_slug
 from proxy.settings import ConfigError, load_settings
-from proxy.slug import endpoint_slug
 from tests.support import (
     CHAT_MODEL,
     EMBED_MODEL,

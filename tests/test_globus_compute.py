@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bench.backend import DISCONNECTS, REQUESTS
-from proxy.metrics import METRICS
+from proxy.metrics.prometheus import METRICS
 from tests.compute_setup import (
     ENDPOINT,
     ROOT,

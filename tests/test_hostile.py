@@ -157,7 +157,7 @@ async def test_bytes_that_are_not_utf8(gateway: Server) -> None:
 
 async def test_oversized_request_heads_are_refused_and_the_gateway_goes_on(gateway: Server) -> None:
     """aiohttp refuses these before any route runs (8190 bytes a line, 128 headers); the answer is
-    still OpenAI-shaped (proxy/malformed.py). nginx in front refuses them first."""
+    still OpenAI-shaped (proxy/edge/malformed.py). nginx in front refuses them first."""
     for request in [
         get(b"/resource_server/health", b"X-Big: " + b"a" * 20_000 + b"\r\n"),
         get(b"/resource_server/health", b"".join(b"X-H%d: 1\r\n" % n for n in range(200))),

@@ -121,7 +121,7 @@ def test_configuration_errors_and_a_busy_port_are_json_too(tmp_path: Path) -> No
 
 PYTHONS_OWN = """
 import threading, warnings
-from proxy.logs import configure_logging
+from proxy.process.logs import configure_logging
 configure_logging("json")
 warnings.warn("a library's deprecation", UserWarning)
 thread = threading.Thread(target=lambda: 1 / 0, name="worker-thread")

@@ -1,10 +1,15 @@
-"""Import contracts: adaptors (and the compatibility package that re-exports them to the existing
+"""Import contracts. The server's layers (pyproject.toml, checked by import-linter): each imports only
+those below it. Adaptors (and the compatibility package that re-exports them to the existing
 gateway's adaptors) depend on their contract and libraries, never on the server in `proxy/`. What an
 adaptor needs from the server is handed to it (`AdaptorContext`). Run by `make lint` as well."""
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +44,30 @@ def test_the_contract_check_sees_a_violation(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
     module.write_text("def f():\n    from proxy.settings import GatewaySettings\n    import proxy.errors\n")
     assert {"proxy.settings", "proxy.errors"} <= imported_modules(module)
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """The contracts in pyproject.toml, checked by import-linter against the packages under `root`."""
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--config", str(root / "pyproject.toml")],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_server_keeps_its_layers() -> None:
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_layer_importing_one_above_it_breaks_the_contract(tmp_path: Path) -> None:
+    for package in ("proxy", "adaptors", "resource_server_async"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    tally = tmp_path / "proxy" / "metrics" / "tally.py"
+    tally.write_text(tally.read_text() + "\n\ndef _upward() -> None:\n    from proxy.core import usage\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "proxy.metrics.tally -> proxy.core.usage" in result.stdout

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from bench.backend import REQUESTS
-from proxy.database import Database
-from proxy.usage_store import UsageStore
+from proxy.records.database import Database
+from proxy.records.usage_store import UsageStore
 from tests.processes import wait_until_serving
 from tests.support import (
     CHAT_MODEL,

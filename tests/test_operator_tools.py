@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.cli import build_parser
-from proxy.maintenance import read_state
+from proxy.core.maintenance import read_state
+from proxy.process.cli import build_parser
 from tests.processes import gateway_process, wait_until_serving
 from tests.support import Server, free_port, start_gateway, value, write_gateway_config, write_yaml
 

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy import record_keeping
-from proxy.database import Database
-from proxy.request_log import RequestRecord
-from proxy.usage_store import UsageStore
+from proxy.records import record_keeping
+from proxy.records.database import Database
+from proxy.records.request_log import RequestRecord
+from proxy.records.usage_store import UsageStore
 from tests.support import Server, auth, start_gateway, value, write_gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.database import Database
-from proxy.request_log import RecordSink, RequestRecord
-from proxy.usage_store import UsageStore
+from proxy.records.database import Database
+from proxy.records.request_log import RecordSink, RequestRecord
+from proxy.records.usage_store import UsageStore
 from tests.support import CHAT_MODEL, TOKENS, Server, chat, start, start_gateway, write_gateway_config
 
 MAX_TOKENS = 2**31 - 1

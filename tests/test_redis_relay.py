@@ -13,10 +13,9 @@ import pytest
 import redis.asyncio
 
 from adaptors import StreamError
-from proxy import redis_relay
-from proxy import relay as relay_module
-from proxy.callbacks import RELAY
-from proxy.redis_relay import (
+from proxy.core import redis_relay
+from proxy.core import relay as relay_module
+from proxy.core.redis_relay import (
     COMMAND_CONNECTIONS,
     COMMAND_TIMEOUT_SECONDS,
     READ_BLOCK_SECONDS,
@@ -24,7 +23,8 @@ from proxy.redis_relay import (
     READ_MARGIN_SECONDS,
     READERS,
 )
-from proxy.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
+from proxy.core.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
+from proxy.edge.callbacks import RELAY
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse

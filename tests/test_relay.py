@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from adaptors import StreamError
-from proxy.callbacks import RELAY
-from proxy.metrics import METRICS
-from proxy.relay import RelayedStream
+from proxy.core.relay import RelayedStream
+from proxy.edge.callbacks import RELAY
+from proxy.metrics.prometheus import METRICS
 from tests.conftest import Server, start_gateway, write_gateway_config
 
 SECRET = "relay-secret-0123456789"

@@ -19,13 +19,14 @@ import pytest
 import yaml
 from aiohttp.test_utils import make_mocked_request
 
-from proxy import request_log
-from proxy.database import Database, DatabaseUnavailable
-from proxy.metrics import Metrics
-from proxy.observe import RequestInfo, RequestLog
-from proxy.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
-from proxy.usage_cli import main, parse_time
-from proxy.usage_store import UsageStore
+from proxy.core.exchange import RequestInfo
+from proxy.core.recorder import RequestLog
+from proxy.metrics.prometheus import Metrics
+from proxy.process.usage_cli import main, parse_time
+from proxy.records import request_log
+from proxy.records.database import Database, DatabaseUnavailable
+from proxy.records.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
+from proxy.records.usage_store import UsageStore
 from tests.postgres_server import PostgresServer
 from tests.support import CHAT_MODEL, EMBED_MODEL, write_gateway_config
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from bench.backend import ACTIVE_STREAMS, REQUESTS
+from proxy.core.schemas import validate_request
 from proxy.errors import ApiError
-from proxy.schemas import validate_request
 from tests.compute_setup import compute_config
 from tests.fake_compute import FakeCompute
 from tests.fake_globus import FakeGlobus

@@ -1,4 +1,4 @@
-"""A client's retry joins the work still running for its earlier attempt (proxy/retry_join.py): the
+"""A client's retry joins the work still running for its earlier attempt (proxy/core/retry_join.py): the
 real openai client, with a timeout shorter than the work, against the fakes of Globus Compute and
 vLLM, whose counts show how much work was submitted."""
 
@@ -15,7 +15,7 @@ import pytest
 
 from adaptors import SubmitTaskResponse
 from bench.backend import REQUESTS
-from proxy.retry_join import Joining, RetryJoins
+from proxy.core.retry_join import Joining, RetryJoins
 from proxy.settings import RetrySettings
 from tests.compute_setup import compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.core.schemas import validate_request
 from proxy.errors import ApiError
-from proxy.schemas import validate_request
 
 CORPUS = Path(__file__).parent / "corpus"
 ROUTES = {

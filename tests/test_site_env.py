@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from adaptors.globus_compute import GlobusComputeEndpoint
-from proxy.registry import load_registry
+from proxy.core.registry import load_registry
 from proxy.settings import ConfigError, GatewaySettings, load_settings
 from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config
 from tests.conftest import Server, auth, chat, free_port, start_gateway, write_yaml

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from adaptors.globus_compute import GlobusComputeEndpoint
 from bench.backend import REQUESTS
-from proxy.registry import REGISTRY, Registry, TokenLimits, load_registry
+from proxy.core.registry import REGISTRY, Registry, TokenLimits, load_registry
 from proxy.settings import ConfigError
 from tests.conftest import (
     Server,

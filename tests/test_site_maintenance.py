@@ -17,7 +17,7 @@ import pyzstd
 import redis.asyncio
 import yaml
 
-from proxy.maintenance_redis import POLL_SECONDS, decode_status
+from proxy.core.maintenance_redis import POLL_SECONDS, decode_status
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 
 KEY = "inference_gateway:1:cluster_status:local"

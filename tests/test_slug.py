@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.slug import endpoint_slug, slugify
+from proxy.core.slug import endpoint_slug, slugify
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from proxy.edge.staging import Stager, StagingFailed
 from proxy.settings import ConfigError, load_settings
-from proxy.staging import Stager, StagingFailed
 from tests.compute_setup import SERVICE_ID, SERVICE_SECRET
 from tests.conftest import TOKENS, USERS, Server, auth, start_gateway, write_gateway_config
 from tests.fake_globus import FakeGlobus

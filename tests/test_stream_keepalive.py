@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS
-from proxy.metrics import METRICS
+from proxy.metrics.prometheus import METRICS
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
 from tests.support import value
 

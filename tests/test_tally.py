@@ -1,4 +1,4 @@
-"""Metric values kept as plain numbers (proxy/tally.py): the exposition prometheus-client would give
+"""Metric values kept as plain numbers (proxy/metrics/tally.py): the exposition prometheus-client would give
 for the same observations, and sums over worker processes that share a directory."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy import tally
-from proxy.metrics import LATENCY_BUCKETS
-from proxy.tally import Tallies
+from proxy.metrics import tally
+from proxy.metrics.prometheus import LATENCY_BUCKETS
+from proxy.metrics.tally import Tallies
 from tests.support import samples, value
 
 OBSERVED = [0.0, 0.004, 0.005, 0.0051, 0.25, 1, 1.5, 1800, 1800.5, 7200]

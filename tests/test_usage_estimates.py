@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from proxy.usage import UsageScanner, estimate_prompt_tokens
+from proxy.core.usage import UsageScanner, estimate_prompt_tokens
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.support import stdout_lines
 

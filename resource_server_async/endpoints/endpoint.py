@@ -4,7 +4,7 @@ existing gateway.
 Its documentation's adaptors call `super().__init__(id, endpoint_slug, cluster, framework, model,
 endpoint_adapter, allowed_globus_groups, allowed_domains)`; its current ones put `tpm_model,
 tpm_user` before the access lists. `BaseEndpoint` here takes both and keeps the limits as
-attributes (the gateway enforces them from the entry, see proxy/registry.py).
+attributes (the gateway enforces them from the entry, see proxy/core/registry.py).
 """
 
 from __future__ import annotations

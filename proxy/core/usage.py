@@ -1,0 +1,219 @@
+"""Token usage from backends' own `usage`; estimated only for a stream that ended without it.
+
+Chat and completions streams report usage only when asked (`stream_options.include_usage`): the
+gateway asks, and when the client did not, takes the usage-only event out of what the client sees,
+so the client's stream is what it asked for and the accounting is still exact. Responses and
+Messages streams always report usage, as input and output tokens: nothing is added to those
+requests or taken out of those streams.
+
+A stream cut short (the client hung up, the backend broke off) never reaches its usage event, yet its
+tokens were generated and delivered: otherwise a client could escape every token limit by hanging up
+before the last chunk. Such a stream is charged an estimate, marked as one (`Usage.estimated`): one
+token per event delivered (vLLM sends a token or a few per event), and a prompt of a token per four
+bytes of its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.records.storable import MAX_TOKENS
+
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+REPORTS_USAGE = frozenset({"responses", "messages"})
+"""The APIs whose streams report usage unasked, in input and output tokens."""
+
+_OPENAI_NAMES = {field: field for field in TOKEN_FIELDS}
+_INPUT_OUTPUT_NAMES = {
+    "input_tokens": "prompt_tokens",
+    "output_tokens": "completion_tokens",
+    "total_tokens": "total_tokens",
+}
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    estimated: bool = False
+    """True when some count was estimated because the backend never reported it."""
+
+    @classmethod
+    def of(cls, document: Any, openai_path: str) -> Usage | None:
+        """From a whole answer: every API puts `usage` at its top."""
+        usage = document.get("usage") if isinstance(document, dict) else None
+        return cls.counted(_counts(usage, _names(openai_path)))
+
+    @classmethod
+    def counted(cls, counts: Mapping[str, int], *, estimated: bool = False) -> Usage | None:
+        """Anthropic reports no total, and the rate limits count totals: it is the sum then."""
+        if not counts:
+            return None
+        usage = cls(
+            counts.get("prompt_tokens"),
+            counts.get("completion_tokens"),
+            counts.get("total_tokens"),
+            estimated,
+        )
+        if usage.total_tokens is None and usage.prompt_tokens is not None:
+            usage.total_tokens = min(usage.prompt_tokens + (usage.completion_tokens or 0), MAX_TOKENS)
+        return usage
+
+
+def _names(openai_path: str) -> Mapping[str, str]:
+    return _INPUT_OUTPUT_NAMES if openai_path in REPORTS_USAGE else _OPENAI_NAMES
+
+
+def _counts(usage: Any, names: Mapping[str, str]) -> dict[str, int]:
+    """A negative count is no count: stored, it would lower usage reports and refund rate limits."""
+    if not isinstance(usage, dict):
+        return {}
+    return {
+        ours: min(count, MAX_TOKENS)
+        for theirs, ours in names.items()
+        if isinstance(count := usage.get(theirs), int) and not isinstance(count, bool) and count >= 0
+    }
+
+
+def scanner_for(model_params: dict[str, Any]) -> UsageScanner:
+    """The scanner of a stream about to be requested; asks chat and completions for their usage."""
+    openai_path = model_params["openai_endpoint"]
+    strip = openai_path not in REPORTS_USAGE and ask_for_usage(model_params)
+    return UsageScanner(_names(openai_path), strip_usage_event=strip)
+
+
+def ask_for_usage(model_params: dict[str, Any]) -> bool:
+    """Adds `include_usage` to a stream request; True when the client had not asked for it."""
+    options = model_params.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    model_params["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return True
+
+
+EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+"""A blank line ends an event, in any of SSE's line endings (sse-starlette, for one, sends CRLF)."""
+_EVENT_END = re.compile(b"(" + b"|".join(re.escape(end) for end in EVENT_ENDS) + b")")
+MAX_HELD_BYTES = 1 << 20
+"""A longer unfinished event is passed on unscanned: a backend whose event never ends must not make
+the gateway hold everything it sends."""
+
+
+def _end_of_last_event(data: bytes) -> int:
+    """Where the last complete event in `data` ends; 0 when none has ended yet."""
+    return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
+
+
+class UsageScanner:
+    """Reads usage out of an SSE stream as it passes, without holding back complete events.
+
+    Only an event still incomplete at the end of a read is held until its end arrives; the client
+    could not use half an event anyway. Counts from later events replace earlier ones: Anthropic
+    sends input tokens at the start and the output so far with each `message_delta`.
+    """
+
+    def __init__(self, names: Mapping[str, str], *, strip_usage_event: bool) -> None:
+        self.usage: Usage | None = None
+        self._names = names
+        self._counts: dict[str, int] = {}
+        self._strip = strip_usage_event
+        self._tail = b""
+        self.events = 0
+        """Events passed to the client that carried data, the measure of a stream cut short."""
+
+    def final_usage(self, request_body: Mapping[str, Any]) -> Usage | None:
+        """The backend's usage when it reported all of it; else an estimate, if anything was delivered."""
+        counts = self._counts
+        if self.events == 0 or ("prompt_tokens" in counts and "completion_tokens" in counts):
+            return self.usage
+        estimated = dict(counts)
+        estimated.setdefault("completion_tokens", self.events)
+        estimated.setdefault("prompt_tokens", estimate_prompt_tokens(request_body))
+        estimated.pop("total_tokens", None)
+        return Usage.counted(estimated, estimated=True)
+
+    async def scan(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                passed = self._feed(chunk)
+                if passed:
+                    yield passed
+            if self._tail:
+                yield self._tail
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _feed(self, chunk: bytes) -> bytes:
+        data = self._tail + chunk
+        end = _end_of_last_event(data)
+        if end == 0:
+            if len(data) > MAX_HELD_BYTES:
+                self._tail = b""
+                return data
+            self._tail = data
+            return b""
+        complete, self._tail = data[:end], data[end:]
+        self.events += _data_events(complete)
+        if b'"usage"' not in complete:
+            return complete
+        pieces = _EVENT_END.split(complete)
+        return b"".join(
+            self._event(event + end) for event, end in zip(pieces[::2], pieces[1::2], strict=False)
+        )
+
+    def _event(self, event: bytes) -> bytes:
+        payload = _data_of(event)
+        if payload is None or b'"usage"' not in payload:
+            return event
+        try:
+            document = json.loads(payload)
+        except ValueError:
+            return event
+        if not isinstance(document, dict):
+            return event
+        counts = _counts(_streamed_usage(document), self._names)
+        if not counts:
+            return event
+        self._counts.update(counts)
+        self.usage = Usage.counted(self._counts)
+        usage_only = not document.get("choices")
+        return b"" if self._strip and usage_only else event
+
+
+def _data_events(complete: bytes) -> int:
+    """Events with a data line, other than the final `[DONE]`. JSON escapes newlines in strings, so a
+    line that starts with `data:` is always a field, never text inside one."""
+    count = complete.count(b"\ndata:") + complete.startswith(b"data:")
+    return count - complete.count(b"data: [DONE]")
+
+
+def estimate_prompt_tokens(request_body: Mapping[str, Any]) -> int:
+    """A token per four bytes of what the prompt holds, the usual ratio for English text."""
+    prompt = {key: value for key, value in request_body.items() if key in _PROMPT_FIELDS}
+    return max(1, len(json.dumps(prompt, ensure_ascii=False).encode()) // 4)
+
+
+_PROMPT_FIELDS = frozenset({"messages", "prompt", "input", "instructions", "system", "tools"})
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The payload of an event's `data:` lines; Responses and Messages events name themselves in
+    an `event:` line first."""
+    lines = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+def _streamed_usage(document: dict[str, Any]) -> Any:
+    """Chat chunks and Anthropic's `message_delta` carry `usage` at their top; the Responses final
+    event and Anthropic's `message_start` carry it in the object they describe."""
+    for holder in (document, document.get("response"), document.get("message")):
+        if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
+            return holder["usage"]
+    return None

@@ -1,0 +1,97 @@
+"""The outermost middleware: every request gets an X-Request-ID, and leaves metrics and a request
+record behind. The routes fill `RequestInfo` (proxy/core/exchange.py) as they learn things; this
+middleware turns it into metrics and hands it to the recorder when the response, streams included,
+has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import time
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.core.exchange import INFO, RequestInfo
+from proxy.core.recorder import REQUEST_LOG
+from proxy.errors import RECORDED_ERROR
+from proxy.metrics.prometheus import Metrics, status_class
+
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+"""Request ids: random per process, then counted, so that ids are unique across processes and
+hosts without a system call per request."""
+QUIET_ROUTES = frozenset({"metrics", "health"})
+"""Route names of scrapes and health probes: every few seconds, they would drown real requests in
+records and request rates, and a scrape would count itself in flight. They get only a request id."""
+CLIENT_CLOSED: Final = 499
+"""nginx's status for a request whose client went away before its answer: not the gateway's error."""
+CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
+
+
+def observe_middleware(metrics: Metrics) -> Middleware:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        info = RequestInfo(
+            request_id=_request_id(request),
+            started=time.monotonic(),
+            started_at=time.time(),
+            route=_route(request),
+        )
+        request[INFO] = info
+        if request.match_info.route.name in QUIET_ROUTES:
+            return await handler(request)
+        in_flight = metrics.in_flight.labels(info.route)
+        in_flight.inc()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            if status >= 400 and isinstance(response, web.Response):
+                info.error = response.get(RECORDED_ERROR) or _error_message(response)
+            elif info.client_closed:
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            if request.transport is None:  # aiohttp cancels the handler of a connection that was lost
+                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+            raise
+        finally:
+            in_flight.dec()
+            metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
+            request.app[REQUEST_LOG].emit(request, info, status)
+
+    return observe
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer carries the request id, errors and streams included."""
+    info = request.get(INFO)
+    if info is not None:
+        response.headers["X-Request-ID"] = info.request_id
+
+
+def _error_message(response: web.Response) -> str | None:
+    try:
+        return str(json.loads(response.body)["error"]["message"])[:1000]  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if _VALID_REQUEST_ID.fullmatch(given) else f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def _route(request: web.Request) -> str:
+    """The route template, not the path: paths carry user input and would explode label counts."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"

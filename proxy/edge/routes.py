@@ -1,0 +1,195 @@
+"""HTTP routes under the base path. Inference reads top to bottom in the order of its checks:
+the user's rate limits → body → cluster → framework → OpenAI path → endpoint → permission → adaptor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable
+from typing import Any
+
+from aiohttp import web
+
+from adaptors import BaseCluster, BaseEndpoint
+from proxy.core.authz import may_use
+from proxy.core.dispatch import UserAdmission, admitted, run_stream, run_task
+from proxy.core.exchange import INFO
+from proxy.core.federation import FEDERATION
+from proxy.core.identity import USER, User
+from proxy.core.jobs import JobsCache, visible_jobs
+from proxy.core.lookup import check_framework, check_openai_path, find_cluster, find_endpoint
+from proxy.core.maintenance import MAINTENANCE
+from proxy.core.recorder import REQUEST_LOG
+from proxy.core.registry import REGISTRY, SERVED_PATHS, Registry
+from proxy.edge.bodies import read_valid
+from proxy.errors import adaptor_failed
+
+JOBS = web.AppKey("jobs", JobsCache)
+STARTED_AT = web.AppKey("started_at", int)
+BASE_PATH = web.AppKey("base_path", str)
+
+OPENAI_PATHS = SERVED_PATHS
+"""`messages` is Anthropic's Messages API, which vLLM serves beside OpenAI's."""
+STREAMING_PATHS = frozenset({"chat/completions", "completions", "responses", "messages"})
+PUBLIC_ROUTES = frozenset({"health", "status"})
+
+
+def add_routes(app: web.Application, base_path: str) -> None:
+    inference_path = "{openai_path:" + "|".join(OPENAI_PATHS) + "}"
+    app.router.add_get(f"{base_path}/health", health, name="health")
+    app.router.add_get(f"{base_path}/status", status, name="status")
+    app.router.add_get(f"{base_path}/whoami", whoami)
+    app.router.add_get(f"{base_path}/list-endpoints", list_endpoints)
+    app.router.add_get(f"{base_path}/v1/models", all_models)
+    app.router.add_get(f"{base_path}/{{cluster}}/jobs", jobs)
+    app.router.add_get(f"{base_path}/{{cluster}}/{{framework}}/v1/models", cluster_models)
+    app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/v1/{inference_path}", inference)
+    app.router.add_post(f"{base_path}/v1/{inference_path}", federated_inference)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def status(request: web.Request) -> web.Response:
+    """Public clusters only: naming a restricted cluster would tell strangers it exists.
+    False means under maintenance."""
+    clusters = request.app[REGISTRY].clusters.values()
+    maintenance = request.app[MAINTENANCE]
+    return web.json_response(
+        {
+            c.cluster_name: maintenance.message(c.cluster_name) is None
+            for c in clusters
+            if not c.allowed_globus_groups and not c.allowed_domains
+        }
+    )
+
+
+async def whoami(request: web.Request) -> web.Response:
+    user = request[USER]
+    return web.json_response(
+        {
+            "id": user.id,
+            "name": user.name,
+            "username": user.username,
+            "user_group_uuids": sorted(user.groups),
+            "idp_id": user.idp_id,
+            "idp_name": user.idp_name,
+            "auth_service": user.auth_service,
+        }
+    )
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    registry, user = request.app[REGISTRY], request[USER]
+    clusters: dict[str, Any] = {}
+    for endpoint, cluster in _usable_endpoints(registry, user):
+        entry = clusters.setdefault(
+            cluster.cluster_name,
+            {"base_url": f"{request.app[BASE_PATH]}/{cluster.cluster_name}", "frameworks": {}},
+        )
+        framework = entry["frameworks"].setdefault(
+            endpoint.framework,
+            {"models": [], "endpoints": [f"/v1/{p}" for p in cluster.openai_endpoints if p in OPENAI_PATHS]},
+        )
+        framework["models"].append(endpoint.model)
+    for entry in clusters.values():
+        for framework in entry["frameworks"].values():
+            framework["models"].sort()
+    return web.json_response({"clusters": clusters})
+
+
+async def all_models(request: web.Request) -> web.Response:
+    """Every model the caller may use, once, with the clusters that serve it."""
+    registry, user = request.app[REGISTRY], request[USER]
+    clusters_by_model: dict[str, list[str]] = {}
+    for endpoint, cluster in _usable_endpoints(registry, user):
+        serving = clusters_by_model.setdefault(endpoint.model, [])
+        if cluster.cluster_name not in serving:
+            serving.append(cluster.cluster_name)
+    models = [
+        {**_model_card(request, model, clusters[0]), "clusters": clusters}
+        for model, clusters in sorted(clusters_by_model.items())
+    ]
+    return web.json_response({"object": "list", "data": models})
+
+
+async def cluster_models(request: web.Request) -> web.Response:
+    """What OpenAI clients' `models.list()` calls under a cluster and framework base URL."""
+    registry, user = request.app[REGISTRY], request[USER]
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
+    framework = request.match_info["framework"]
+    models = sorted(
+        endpoint.model
+        for endpoint, owner in _usable_endpoints(registry, user)
+        if owner is cluster and endpoint.framework == framework
+    )
+    data = [_model_card(request, model, cluster.cluster_name) for model in models]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def jobs(request: web.Request) -> web.Response:
+    registry, user = request.app[REGISTRY], request[USER]
+    cluster = find_cluster(registry, request.match_info["cluster"], user)
+    if request.app[MAINTENANCE].message(cluster.cluster_name) is not None:
+        models = [
+            (e.framework, e.model) for e, owner in _usable_endpoints(registry, user) if owner is cluster
+        ]
+        stopped = request.app[MAINTENANCE].stopped_jobs(cluster, models)
+        return web.json_response(stopped.model_dump(mode="json"))
+    report = await request.app[JOBS].get(cluster, user)
+    if report.jobs is None:
+        message = report.error_message or "The cluster sent no job report."
+        adaptor_failed(report.error_code, message, detail=report.error_detail)
+    shown = visible_jobs(report.jobs, user, registry, cluster)
+    return web.json_response(shown.model_dump(mode="json"))
+
+
+async def inference(request: web.Request) -> web.StreamResponse:
+    async with UserAdmission(request):
+        openai_path = request.match_info["openai_path"]
+        body = await read_valid(request, openai_path)
+        registry, user = request.app[REGISTRY], request[USER]
+        cluster = find_cluster(registry, request.match_info["cluster"], user)
+        request.app[MAINTENANCE].check(cluster)
+        framework = request.match_info["framework"]
+        check_framework(cluster, framework)
+        check_openai_path(cluster, openai_path)
+        endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
+        return await _serve(request, endpoint, openai_path, body)
+
+
+async def federated_inference(request: web.Request) -> web.StreamResponse:
+    """No cluster in the path: proxy/core/federation.py chooses the endpoint and fails over."""
+    async with UserAdmission(request):
+        openai_path = request.match_info["openai_path"]
+        body = await read_valid(request, openai_path)
+
+        def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
+            return _serve(request, endpoint, openai_path, body)
+
+        return await request.app[FEDERATION].serve(request, openai_path, body["model"], attempt)
+
+
+async def _serve(
+    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
+) -> web.StreamResponse:
+    """A checked request to the endpoint chosen, whichever route chose it."""
+    if request.app[REQUEST_LOG].store_prompts:
+        request[INFO].prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
+    data = {"model_params": {**body, "openai_endpoint": openai_path}}
+    async with admitted(request, endpoint):
+        if body.get("stream") is True and openai_path in STREAMING_PATHS:
+            return await run_stream(request, endpoint, data)
+        return await run_task(request, endpoint, data)
+
+
+def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:
+    return [
+        (endpoint, cluster)
+        for endpoint in registry.endpoints.values()
+        if (cluster := registry.clusters[endpoint.cluster]) and may_use(user, endpoint, cluster)
+    ]
+
+
+def _model_card(request: web.Request, model: str, owner: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": request.app[STARTED_AT], "owned_by": owner}

@@ -1,0 +1,279 @@
+"""`inference-gateway`: serve (no command), check the configuration (`--check-config`), or run one of
+the operator's commands below."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from proxy.core.identity import Authenticator
+from proxy.core.registry import Registry, load_registry
+from proxy.metrics.build_info import version
+from proxy.process import operator_commands, token_cli, usage_cli, usage_prune
+from proxy.process.app import create_app, load_parts
+from proxy.process.globus_check import GlobusUnreachable, check_online
+from proxy.process.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
+from proxy.process.reload import reload_on_sighup
+from proxy.process.reload_report import Outcome, record_outcome, report_path
+from proxy.process.workers import (
+    Supervisor,
+    exit_with_supervisor,
+    listening_socket,
+    metrics_directory,
+    worker_command,
+)
+from proxy.settings import ConfigError, GatewaySettings, load_settings, unset_variables
+
+log = logging.getLogger("proxy")
+
+DEFAULT_CONFIG = "conf/gateway.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Serving takes no command (as systemd and the workers start it); the operator's commands are
+    subcommands, each with its own `--help`."""
+    parser = argparse.ArgumentParser(prog="inference-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    _add_config_option(parser)
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration (offline) and exit"
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="with --check-config: also check the Globus credentials, scope and policies with Globus Auth",
+    )
+    parser.add_argument("--host", help="override server.host")
+    parser.add_argument("--port", type=int, help="override server.port")
+    parser.add_argument("--workers", type=int, help="override server.workers: processes sharing the port")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=default_format(),
+        help=f"json: every line on stdout and stderr is a JSON object (default: ${LOG_FORMAT_ENV} or text)",
+    )
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    maintenance = commands.add_parser(
+        "maintenance",
+        help="put a cluster under maintenance, end it, or list it",
+        description=operator_commands.maintenance.__doc__,
+    )
+    _add_config_option(maintenance, inherited=True)
+    operator_commands.add_maintenance_arguments(maintenance)
+    maintenance.set_defaults(run=operator_commands.maintenance)
+    usage = commands.add_parser(
+        "usage",
+        help="requests and tokens per user, model, cluster, day or hour; `usage prune` deletes old records",
+        description=usage_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_option(usage, inherited=True)
+    usage_cli.add_arguments(usage)
+    usage.set_defaults(run=usage_cli.run)
+    reload = commands.add_parser(
+        "reload",
+        help="re-read endpoints and clusters in a running gateway",
+        description=operator_commands.reload.__doc__,
+    )
+    _add_config_option(reload, inherited=True)
+    reload.set_defaults(run=operator_commands.reload)
+    token_cli.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["usage", "prune"]:
+        return usage_prune.main(argv[2:])
+    args = build_parser().parse_args(argv)
+    if args.command is not None:
+        code: int = args.run(args)
+        return code
+    if args.online and not args.check_config:
+        build_parser().error("--online goes with --check-config")
+    configure_logging(args.log_format)
+    try:
+        settings = _with_overrides(load_settings(args.config), args)
+    except ConfigError as exc:
+        _say(args.log_format, f"configuration error:\n{exc}", logging.ERROR)
+        return 2
+    try:
+        registry, authenticator = load_parts(settings, online=not args.check_config)
+    except ConfigError as exc:
+        _say(args.log_format, f"configuration error:\n{exc}{_also_unset(settings, str(exc))}", logging.ERROR)
+        return 2
+    if args.check_config:
+        return check_config(args, settings, registry)
+    _raise_open_file_limit()
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+        return serve(settings, registry, authenticator, sock, supervised=True)
+    server = settings.server
+    try:
+        sock = listening_socket(server.host, server.port, server.backlog)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", server.host, server.port, exc.strerror or exc)
+        return 1
+    _write_pid_file(settings)
+    if server.workers > 1:
+        return supervise(settings, args.config, argv, sock)
+    return serve(settings, registry, authenticator, sock, supervised=False)
+
+
+def _also_unset(settings: GatewaySettings, reported: str) -> str:
+    """The clusters file failing stops before the endpoints file is read: its unset variables are
+    named too, so that one run lists every variable to set."""
+    lines = []
+    for path in (settings.clusters_file, settings.endpoints_file):
+        names = unset_variables(path)
+        if names and f"{path}:" not in reported and f"{path}," not in reported:
+            lines.append(f"\n{path}: set the environment variables {', '.join(names)}")
+    return "".join(lines)
+
+
+def check_config(args: argparse.Namespace, settings: GatewaySettings, registry: Registry) -> int:
+    """Exit status: 0 valid, 2 a problem (all of them named), 1 Globus unreachable with --online."""
+    counts = f"{len(registry.clusters)} clusters, {len(registry.endpoints)} endpoints"
+    globus = settings.auth.globus if settings.auth.provider == "globus" else None
+    if args.online and globus is not None:
+        try:
+            problems = check_online(globus)
+        except GlobusUnreachable as exc:
+            _say(args.log_format, f"{args.config}: not checked online: {exc}", logging.ERROR)
+            return 1
+        if problems:
+            _say(args.log_format, "configuration error:\n" + "\n".join(problems), logging.ERROR)
+            return 2
+        counts += "; Globus Auth accepts the credentials, scope and policies"
+    elif args.online:
+        counts += f"; nothing to check online with auth.provider {settings.auth.provider}"
+    _say(args.log_format, f"{args.config}: OK ({counts})", logging.INFO)
+    return 0
+
+
+def _say(log_format: LogFormat, message: str, level: int) -> None:
+    """The command's answer: plain text for a person at a terminal, a log record in JSON mode."""
+    if log_format == "json":
+        log.log(level, message)
+    else:
+        print(message, file=sys.stderr if level >= logging.WARNING else sys.stdout)
+
+
+def serve(
+    settings: GatewaySettings,
+    registry: Registry,
+    authenticator: Authenticator,
+    sock: socket.socket,
+    supervised: bool,
+) -> int:
+    """One process. SIGTERM: stop accepting, let requests and streams finish for up to
+    `timeouts.shutdown_seconds`, exit 0. SIGHUP: reload endpoints and clusters."""
+    app = create_app(settings, registry, authenticator)
+    pid_file = settings.server.pid_file
+    app.on_startup.append(reload_on_sighup(None if pid_file is None else report_path(pid_file)))
+    if supervised:
+        app.on_startup.append(_exit_with_supervisor)
+    server = settings.server
+    log.info("pid %d serving on http://%s:%d%s", os.getpid(), server.host, server.port, server.base_path)
+    web.run_app(
+        app,
+        sock=sock,
+        backlog=server.backlog,  # aiohttp listens again on the socket, with 128 unless told
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=settings.timeouts.keepalive_seconds,
+        shutdown_timeout=settings.timeouts.shutdown_seconds,
+        print=None,
+        loop=_new_event_loop(),
+    )
+    log.info("pid %d stopped", os.getpid())
+    return 0
+
+
+def supervise(settings: GatewaySettings, config: Path, argv: list[str], sock: socket.socket) -> int:
+    server = settings.server
+    supervisor = Supervisor(
+        server.workers,
+        worker_command(argv),
+        sock,
+        metrics_directory(),
+        lambda: _still_valid(config, server.pid_file, server.workers),
+    )
+    log.info(
+        "supervisor pid %d: %d workers on http://%s:%d", os.getpid(), server.workers, server.host, server.port
+    )
+    return asyncio.run(supervisor.run())
+
+
+def _still_valid(config: Path, pid_file: Path | None, workers: int) -> bool:
+    """Checked by the supervisor on SIGHUP before it signals the workers; its answer (and the
+    number of workers asked) goes to `inference-gateway reload` through the reload report."""
+    try:
+        settings = load_settings(config)
+        load_registry(settings.endpoints_file, settings.clusters_file)
+    except ConfigError as exc:
+        log.error("reload refused; still serving the previous endpoints and clusters:\n%s", exc)
+        outcome = Outcome(False, f"reload refused:\n{exc}")
+    else:
+        outcome = Outcome(True, f"asked {workers} workers to reload")
+    if pid_file is not None:
+        record_outcome(report_path(pid_file), outcome, workers)
+    return outcome.ok
+
+
+async def _exit_with_supervisor(app: web.Application) -> None:
+    watcher = exit_with_supervisor()
+    app.on_cleanup.append(lambda _: _cancel(watcher))
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+
+
+def _write_pid_file(settings: GatewaySettings) -> None:
+    if settings.server.pid_file is not None:
+        settings.server.pid_file.write_text(f"{os.getpid()}\n")
+
+
+def _with_overrides(settings: GatewaySettings, args: argparse.Namespace) -> GatewaySettings:
+    update = {key: value for key in ("host", "port", "workers") if (value := getattr(args, key)) is not None}
+    return settings.model_copy(update={"server": settings.server.model_copy(update=update)})
+
+
+def _raise_open_file_limit() -> None:
+    """Each stream holds two sockets; the usual soft limit of 1024 would cap a gateway at ~500."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open file limit above %d", soft)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _add_config_option(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """A subcommand's `--config` leaves the value alone when not given, so that `--config` before the
+    command name counts too (a subparser's own default would overwrite it)."""
+    default = argparse.SUPPRESS if inherited else Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=default,
+        help=f"main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
+    )
