@@ -140,11 +140,6 @@ class ApiError(Exception):
         return response
 
 
-RECORDED_ERROR = web.ResponseKey("recorded_error", str)
-"""Key of an error answer's user data: the message its request's record keeps (`ApiError.detail` or
-the message), so the record need not parse it back out of the rendered body."""
-
-
 def adaptor_failed(
     code: int | None,
     message: str,

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.edge.batches import BATCHES
+from proxy.core.state import STATE
 from tests.compute_setup import ENDPOINT, compute_config
 from tests.conftest import CHAT_MODEL, Server, auth, free_port, start_gateway
 from tests.fake_compute import FakeCompute
@@ -75,7 +75,7 @@ async def submit(
 
 async def finished(gateway: Server, batch_id: str, seconds: float = 10) -> str:
     """Reads the database directly: nobody polls the API while the gateway advances the batch."""
-    store = gateway.app[BATCHES]
+    store = gateway.app[STATE].batches
     for _ in range(int(seconds / 0.05)):
         record = await store.get(batch_id)
         assert record is not None

@@ -15,8 +15,8 @@ import openai
 import pytest
 import yaml
 
-from proxy.core.registry import REGISTRY
-from proxy.edge.batches import BATCHES, advance_batches
+from proxy.core.state import STATE
+from proxy.edge.batches import advance_batches
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.site.current_adaptors import CurrentEndpoint
 
@@ -89,7 +89,7 @@ async def test_the_guides_adaptor_serves_unchanged(site: Server, http: aiohttp.C
 async def test_an_adaptor_written_to_the_current_contract_serves(
     site: Server, http: aiohttp.ClientSession
 ) -> None:
-    endpoint = site.app[REGISTRY].endpoints["current-api-current-1"]
+    endpoint = site.app[STATE].registry.endpoints["current-api-current-1"]
     assert isinstance(endpoint, CurrentEndpoint) and (endpoint.tpm_model, endpoint.tpm_user) == (5000, 60_000)
 
     url = f"{site.url}/current/api/v1/chat/completions"
@@ -134,7 +134,7 @@ async def test_batches_of_the_current_contract(site: Server, http: aiohttp.Clien
         assert response.status == 400
         assert (await response.json())["error"]["message"] == "/data/prompts.missing does not exist."
 
-    assert await advance_batches(site.app[BATCHES], site.app[REGISTRY]) == 1
+    assert await advance_batches(site.app[STATE].batches, site.app[STATE].registry) == 1
     async with http.get(f"{site.url}/v1/batches/{submitted['batch_id']}", headers=auth()) as response:
         assert await response.json() == "completed"
     async with http.get(f"{site.url}/v1/batches/{submitted['batch_id']}/result", headers=auth()) as response:

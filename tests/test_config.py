@@ -14,7 +14,8 @@ import pytest
 
 from adaptors.direct_api import DirectAPIEndpoint
 from proxy.core.registry import load_registry
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,8 @@ import yaml
 from pydantic import BaseModel, Field
 
 from proxy.process import config_doc
-from proxy.settings import GatewaySettings, LimitSettings
+from proxy.settings import GatewaySettings
+from proxy.settings.traffic import LimitSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
-from proxy.metrics.prometheus import METRICS
+from proxy.core.state import STATE
 from tests.conftest import CHAT_MODEL, Server, auth, chat
 from tests.support import value
 from tests.test_routes import assert_openai_error, call
@@ -195,6 +195,6 @@ async def test_backend_errors_by_kind_in_metrics(gateway: Server, http: aiohttp.
     ]
     for model, prompt, _ in cases:
         await call(http, "POST", chat_url(gateway), json=chat(prompt, model=model), headers=auth())
-    text = gateway.app[METRICS].exposition().decode()
+    text = gateway.app[STATE].metrics.exposition().decode()
     for model, _, kind in cases:
         assert value(text, "gateway_upstream_errors_total", model=model, kind=kind) == 1, (model, kind)

@@ -20,8 +20,8 @@ from globus_compute_sdk.serialize import ComputeSerializer
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.remote_errors import remote_error
 from proxy.core.registry import load_registry
-from proxy.metrics.prometheus import METRICS
-from proxy.settings import ConfigError
+from proxy.core.state import STATE
+from proxy.settings.files import ConfigError
 from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute
@@ -68,7 +68,7 @@ async def sse(http: aiohttp.ClientSession, address: str, body: dict[str, Any]) -
 
 
 def outcomes(gateway: Server, model: str, outcome: str) -> float:
-    text = gateway.app[METRICS].exposition().decode()
+    text = gateway.app[STATE].metrics.exposition().decode()
     return value(text, "gateway_adaptor_duration_seconds_count", model=model, outcome=outcome)
 
 

@@ -21,7 +21,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from bench.backend import REQUESTS, create_backend_app, error_response
 from proxy.core.slug import endpoint_slug
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 from tests.support import (
     CHAT_MODEL,
     EMBED_MODEL,

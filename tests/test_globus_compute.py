@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bench.backend import DISCONNECTS, REQUESTS
-from proxy.metrics.prometheus import METRICS
+from proxy.core.state import STATE
 from tests.compute_setup import (
     ENDPOINT,
     ROOT,
@@ -268,7 +268,7 @@ async def test_redis_relay_across_two_gateway_processes(
 async def test_compute_telemetry(gateway: Server, http: aiohttp.ClientSession) -> None:
     for prompt in ("Hi", "[[status=400]]"):
         await call(http, "POST", f"{hpc(gateway)}/chat/completions", json=chat(prompt), headers=auth())
-    text = gateway.app[METRICS].exposition().decode()
+    text = gateway.app[STATE].metrics.exposition().decode()
     endpoint = {"adaptor": "GlobusComputeEndpoint", "cluster": "hpc", "model": CHAT_MODEL}
     assert value(text, "gateway_phase_duration_seconds_count", **endpoint, phase="queue") == 2
     assert value(text, "gateway_upstream_errors_total", **endpoint, kind="4xx") == 1

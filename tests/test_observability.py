@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from bench.backend import REQUESTS
+from proxy.core.usage import ask_for_usage
 from proxy.records.database import Database
 from proxy.records.usage_store import UsageStore
 from tests.processes import wait_until_serving
@@ -108,6 +109,19 @@ async def test_stream_usage_is_exact_without_changing_the_clients_stream(
         events = (await response.read()).decode().split("\n\n")
     usage = [json.loads(e.removeprefix("data: ")) for e in events if '"usage"' in e]
     assert usage and usage[-1]["choices"] == [] and usage[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_only_chat_and_completions_streams_are_asked_for_usage() -> None:
+    """The one field the gateway adds to what the client sent, merged into the client's own options;
+    Responses and Messages streams report usage unasked and go to the backend as sent."""
+    chat_params = {"openai_endpoint": "chat/completions", "stream_options": {"continuous_usage_stats": True}}
+    assert ask_for_usage(chat_params) is True
+    assert chat_params["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    asked = {"openai_endpoint": "completions", "stream_options": {"include_usage": True}}
+    assert ask_for_usage(asked) is False and asked["stream_options"] == {"include_usage": True}
+    for path in ("responses", "messages"):
+        params: dict[str, Any] = {"openai_endpoint": path}
+        assert ask_for_usage(params) is False and params == {"openai_endpoint": path}
 
 
 async def configured_gateway(backend: Server, tmp_path: Path, **settings: Any) -> tuple[Any, Server]:

@@ -3,6 +3,7 @@ of `maintenance` and `reload`, the configured listen backlog, metrics on their o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import configparser
 import os
@@ -19,7 +20,7 @@ import pytest
 import yaml
 
 from proxy.core.maintenance import read_state
-from proxy.process.cli import build_parser
+from proxy.process.cli import build_parser, main
 from tests.processes import gateway_process, wait_until_serving
 from tests.support import Server, free_port, start_gateway, value, write_gateway_config, write_yaml
 
@@ -52,18 +53,42 @@ def test_version_is_the_packages() -> None:
     assert result.stdout.strip() == f"inference-gateway {metadata['metadata']['version']}"
 
 
-def test_help_lists_every_command() -> None:
-    commands = build_parser()._subparsers
-    assert commands is not None
-    (action,) = commands._group_actions
-    names = set(action.choices)  # type: ignore[arg-type]
-    assert {"maintenance", "usage", "reload"} <= names
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {
+        name: command
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, command in action.choices.items()
+    }
+
+
+def listed(help_text: str) -> set[str]:
+    """The command names a `--help` lists, one a line under its commands' heading."""
+    return set(re.findall(r"^    (\w+) +\S", help_text, re.MULTILINE))
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--help` names every command, and each command, nested ones included (`usage prune`,
+    `token get`), answers its own `--help` and names the commands under it."""
+    commands = subcommands(build_parser())
+    assert {"maintenance", "usage", "reload", "token"} <= set(commands)
     result = run_cli("--help")
     assert result.returncode == 0
-    listed = set(re.findall(r"^    (\w+) +\S", result.stdout, re.MULTILINE))
-    assert listed == names
-    for name in names:
-        assert run_cli(name, "--help").returncode == 0
+    assert listed(result.stdout) == set(commands)
+    pending: list[tuple[tuple[str, ...], argparse.ArgumentParser]] = [
+        ((name,), command) for name, command in commands.items()
+    ]
+    answered = set()
+    while pending:
+        path, command = pending.pop()
+        assert main([*path, "--help"]) == 0
+        help_text = capsys.readouterr().out
+        assert help_text.startswith(f"usage: inference-gateway {' '.join(path)} ")
+        under = subcommands(command)
+        assert listed(help_text) == set(under)
+        pending += [((*path, name), nested) for name, nested in under.items()]
+        answered.add(" ".join(path))
+    assert {"usage prune", "token login", "token get", "token logout"} <= answered
 
 
 def test_maintenance_on_an_unknown_cluster_fails_and_changes_nothing(tmp_path: Path) -> None:

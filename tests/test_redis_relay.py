@@ -24,7 +24,7 @@ from proxy.core.redis_relay import (
     READERS,
 )
 from proxy.core.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
-from proxy.edge.callbacks import RELAY
+from proxy.core.state import STATE
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse
@@ -37,7 +37,7 @@ async def test_a_stream_silent_longer_than_the_keepalive_completes(
     default socket timeout of 5 s) still reaches its client once it speaks."""
     runner, gateway = await start_gateway(relay_config(tmp_path, backend, redis_url))
     try:
-        stream = await gateway.app[RELAY].open()
+        stream = await gateway.app[STATE].relay.open()
         client = asyncio.ensure_future(collect(stream))
         started = time.monotonic()
         await asyncio.sleep(16.5)
@@ -61,7 +61,7 @@ async def test_two_thousand_waiting_streams_share_a_few_connections(
     blocking connection each; every one of them still gets its chunks."""
     runner, gateway = await start_gateway(relay_config(tmp_path, backend, redis_server.url))
     observer = redis.asyncio.Redis.from_url(redis_server.url)
-    relay = gateway.app[RELAY]
+    relay = gateway.app[STATE].relay
     try:
         streams = [await relay.open() for _ in range(2000)]
         clients = [asyncio.ensure_future(collect(stream)) for stream in streams]
@@ -97,7 +97,7 @@ async def test_a_stream_whose_client_stops_reading_stays_bounded_in_redis(
     runner, gateway = await start_gateway(relay_config(tmp_path, backend, redis_server.url))
     observer = redis.asyncio.Redis.from_url(redis_server.url)
     try:
-        stream = await gateway.app[RELAY].open()
+        stream = await gateway.app[STATE].relay.open()
         events_key = f"gateway:relay:{stream.stream_id}:events"
         chunks = stream.events()
         posted = 0
@@ -184,7 +184,7 @@ async def test_a_redis_that_stops_answering_ends_the_waiting_streams_within_seco
     proxy = SilencingProxy(redis_server.port)
     async with proxy as url:
         runner, gateway = await start_gateway(relay_config(tmp_path, backend, url))
-        relay = gateway.app[RELAY]
+        relay = gateway.app[STATE].relay
         try:
             streams = [await relay.open() for _ in range(20)]
             clients = [asyncio.ensure_future(collect(stream)) for stream in streams]
@@ -226,7 +226,7 @@ async def test_a_stream_full_for_too_long_is_ended(
         relay_config(tmp_path, backend, redis_server.url, max_queued_chunks=5)
     )
     try:
-        stream = await gateway.app[RELAY].open()
+        stream = await gateway.app[STATE].relay.open()
         chunks = stream.events()
         body = {"task_id": stream.stream_id, "data": sse("x")}
         assert (await post(http, gateway, "data", body, stream.token))[0] == 200
@@ -259,7 +259,7 @@ async def test_a_process_relays_at_most_max_streams(
     redis_url = redis_server.url if transport == "redis" else None
     config = relay_config(tmp_path, backend, redis_url, max_streams=3, total_timeout_seconds=1)
     runner, gateway = await start_gateway(config)
-    relay = gateway.app[RELAY]
+    relay = gateway.app[STATE].relay
     try:
         streams = [await relay.open() for _ in range(3)]
         with pytest.raises(RelayFull) as refused:

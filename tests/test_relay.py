@@ -18,8 +18,7 @@ import yaml
 
 from adaptors import StreamError
 from proxy.core.relay import RelayedStream
-from proxy.edge.callbacks import RELAY
-from proxy.metrics.prometheus import METRICS
+from proxy.core.state import STATE
 from tests.conftest import Server, start_gateway, write_gateway_config
 
 SECRET = "relay-secret-0123456789"
@@ -85,7 +84,7 @@ async def test_chunks_arrive_in_order_and_done_ends_the_stream(
     gateways: tuple[Server, Server], http: aiohttp.ClientSession
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     client = asyncio.ensure_future(collect(stream))
     body = {"task_id": stream.stream_id, "type": "data"}
     assert (await post(http, receiver, "data", {**body, "data": sse('{"n": 1}', '{"n": 2}')}, stream.token))[
@@ -105,14 +104,14 @@ async def test_chunks_arrive_in_order_and_done_ends_the_stream(
     assert text == 'data: {"n": 1}\n\ndata: {"n": 2}\n\ndata: {"n": 3}\n\ndata: [DONE]\n\n'
     status, answer = await post(http, receiver, "data", {**body, "data": sse("late")}, stream.token)
     assert status == 410 and answer["error"]["code"] == "stream_gone"
-    assert b"gateway_relay_chunks_total 3.0" in receiver.app[METRICS].exposition()
+    assert b"gateway_relay_chunks_total 3.0" in receiver.app[STATE].metrics.exposition()
 
 
 async def test_keepalives_while_waiting_for_the_first_chunk(
     gateways: tuple[Server, Server], http: aiohttp.ClientSession
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     events = stream.events()
     assert await asyncio.wait_for(anext(events), 2) == b": waiting for the model\n\n"
     await post(http, receiver, "data", {"task_id": stream.stream_id, "data": sse("x")}, stream.token)
@@ -125,7 +124,7 @@ async def test_error_callback_ends_with_the_backends_status(
     gateways: tuple[Server, Server], http: aiohttp.ClientSession
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     client = asyncio.ensure_future(collect(stream))
     await post(http, receiver, "data", {"task_id": stream.stream_id, "data": sse("a")}, stream.token)
     vllm = json.dumps(
@@ -145,7 +144,7 @@ async def test_done_that_overtakes_data_waits_for_it(
 ) -> None:
     """Our function says how many data posts it made; a done arriving first still ends after them."""
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     client = asyncio.ensure_future(collect(stream))
     done = asyncio.ensure_future(
         post(http, receiver, "done", {"task_id": stream.stream_id, "data_posts": 2}, stream.token)
@@ -163,7 +162,7 @@ async def test_client_gone_makes_callbacks_answer_410(
     gateways: tuple[Server, Server], http: aiohttp.ClientSession
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     events = stream.events()
     await post(http, receiver, "data", {"task_id": stream.stream_id, "data": sse("a")}, stream.token)
     assert await anext(events) == b"data: a\n\n"
@@ -196,7 +195,7 @@ async def test_bad_callbacks_are_refused(
     code: str | None,
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     body = change.get("body", {"task_id": change.get("task_id", stream.stream_id), "data": sse("x")})
     if body.get("task_id") == "ID":
         body["task_id"] = stream.stream_id
@@ -213,7 +212,7 @@ async def test_control_callbacks_are_capped_smaller(
     gateways: tuple[Server, Server], http: aiohttp.ClientSession
 ) -> None:
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     body = {"task_id": stream.stream_id, "error": "x" * 15_001}
     assert (await post(http, receiver, "error", body, stream.token))[0] == 413
 
@@ -248,7 +247,7 @@ async def test_limits_end_the_stream_with_an_error(
         relay_config(tmp_path, backend, None, keepalive_seconds=0.1, **limits)
     )
     try:
-        stream = await gateway.app[RELAY].open()
+        stream = await gateway.app[STATE].relay.open()
         client = asyncio.ensure_future(collect(stream))
         if "first_chunk_timeout_seconds" not in limits:
             for _ in range(3):
@@ -278,7 +277,7 @@ async def test_a_refused_callback_ends_its_stream_with_the_reason(
 ) -> None:
     """Every later callback would be refused too: the client learns why now, not at a time limit."""
     holder, receiver = gateways
-    stream = await holder.app[RELAY].open()
+    stream = await holder.app[STATE].relay.open()
     client = asyncio.ensure_future(collect(stream))
     body = {"task_id": stream.stream_id, "data": sse("x")}
     assert (await post(http, receiver, "data", body, token or stream.token, secret))[0] in (401, 403)

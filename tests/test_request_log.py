@@ -19,10 +19,11 @@ import pytest
 import yaml
 from aiohttp.test_utils import make_mocked_request
 
-from proxy.core.exchange import RequestInfo
-from proxy.core.recorder import RequestLog
+from proxy.core.exchange import Exchange
+from proxy.core.recorder import Recorder
 from proxy.metrics.prometheus import Metrics
-from proxy.process.usage_cli import main, parse_time
+from proxy.process.cli import main
+from proxy.process.usage_cli import parse_time
 from proxy.records import request_log
 from proxy.records.database import Database, DatabaseUnavailable
 from proxy.records.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
@@ -430,12 +431,12 @@ def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
 async def test_records_wait_together_for_their_delay_and_after_close_leave_at_once(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    log = RequestLog(LineWriter(fd, lock_path=tmp_path / "log.lock"), [], Metrics(enabled=False), False, 0.2)
+    log = Recorder(LineWriter(fd, lock_path=tmp_path / "log.lock"), [], Metrics(enabled=False), False, 0.2)
     log.sink = RecordSink(FakeStore())  # not started: records stay in its buffer
 
     def end(request_id: str) -> None:
-        info = RequestInfo(request_id, started=time.monotonic(), started_at=time.time(), route="/r")
-        log.emit(make_mocked_request("POST", "/r"), info, 200)
+        exchange = Exchange(request_id, started=time.monotonic(), started_at=time.time(), route="/r")
+        log.emit(make_mocked_request("POST", "/r"), exchange, 200)
 
     def written() -> list[str]:
         return [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]
@@ -489,7 +490,7 @@ async def test_usage_command_prints_totals(
             record(4, username=ALICE, started_at=T0 - DAY),  # before --since
         ]
     )
-    base = ["--config", str(config), "--since", "2026-11-01"]
+    base = ["usage", "--config", str(config), "--since", "2026-11-01"]
 
     assert await asyncio.to_thread(main, [*base, "--until", "2026-11-02T00:00:00Z"]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -533,9 +534,11 @@ def test_usage_command_times_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert parse_time("2026-11-01T01:00:00+01:00") == T0
     with pytest.raises(ValueError, match="neither"):
         parse_time("last week")
-    assert main(["--since", "yesterday-ish"]) == 2
+    assert main(["usage", "--since", "yesterday-ish"]) == 2
     assert "neither an ISO date" in capsys.readouterr().err
-    assert main(["--config", str(tmp_path / "missing.yaml"), "--since", "7d"]) == 2
+    assert main(["usage"]) == 2, "a report needs --since (`usage prune` does not)"
+    assert "required: --since" in capsys.readouterr().err
+    assert main(["usage", "--config", str(tmp_path / "missing.yaml"), "--since", "7d"]) == 2
     assert "configuration error" in capsys.readouterr().err
 
 
@@ -604,7 +607,7 @@ async def test_usage_command_breaks_down_by_several_keys(
             record(3, cluster="polaris", started_at=T0 + DAY, total_tokens=20),
         ]
     )
-    base = ["--config", str(config), "--since", "2026-11-01"]
+    base = ["usage", "--config", str(config), "--since", "2026-11-01"]
     assert await asyncio.to_thread(main, [*base, "--by", "day,cluster"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:3] == ["DAY", "CLUSTER", "REQUESTS"]

@@ -16,7 +16,7 @@ import pytest
 from adaptors import SubmitTaskResponse
 from bench.backend import REQUESTS
 from proxy.core.retry_join import Joining, RetryJoins
-from proxy.settings import RetrySettings
+from proxy.settings.traffic import RetrySettings
 from tests.compute_setup import compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.fake_compute import FakeCompute

@@ -12,7 +12,8 @@ import yaml
 
 from adaptors.globus_compute import GlobusComputeEndpoint
 from proxy.core.registry import load_registry
-from proxy.settings import ConfigError, GatewaySettings, load_settings
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError
 from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config
 from tests.conftest import Server, auth, chat, free_port, start_gateway, write_yaml
 from tests.fake_compute import FakeCompute

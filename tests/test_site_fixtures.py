@@ -15,8 +15,9 @@ from aiohttp import web
 
 from adaptors.globus_compute import GlobusComputeEndpoint
 from bench.backend import REQUESTS
-from proxy.core.registry import REGISTRY, Registry, TokenLimits, load_registry
-from proxy.settings import ConfigError
+from proxy.core.registry import Registry, TokenLimits, load_registry
+from proxy.core.state import STATE
+from proxy.settings.files import ConfigError
 from tests.conftest import (
     Server,
     auth,
@@ -172,7 +173,7 @@ async def test_a_dumpdata_export_with_python_literal_configs_loads_and_serves(
         body = chat("Hi", model="gpt-oss-120b-128k", max_tokens=1)
         async with http.post(metis_url(gateway), json=body, headers=auth()) as response:
             assert response.status == 200, await response.text()
-        registry = gateway.app[REGISTRY]
+        registry = gateway.app[STATE].registry
         sophia = registry.endpoints["sophia-vllm-meta-llamameta-llama-31-70b-instruct"]
         assert isinstance(sophia, GlobusComputeEndpoint) and sophia.config.api_port == 8000
         assert registry.token_limits["sophia-vllm-meta-llamameta-llama-31-8b-instruct"] == TokenLimits(
@@ -224,7 +225,7 @@ def test_a_config_string_that_is_not_a_mapping_literal_is_refused(
 async def test_clusters_listing_health_and_metrics_load_and_list_only_served_paths(
     site_gateway: Server, http: aiohttp.ClientSession
 ) -> None:
-    registry = site_gateway.app[REGISTRY]
+    registry = site_gateway.app[STATE].registry
     assert "health" in registry.clusters["sophia"].openai_endpoints
     async with http.get(f"{site_gateway.url}/list-endpoints", headers=auth()) as response:
         listing = await response.json()

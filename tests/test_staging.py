@@ -15,7 +15,8 @@ import yaml
 from aiohttp import web
 
 from proxy.edge.staging import Stager, StagingFailed
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 from tests.compute_setup import SERVICE_ID, SERVICE_SECRET
 from tests.conftest import TOKENS, USERS, Server, auth, start_gateway, write_gateway_config
 from tests.fake_globus import FakeGlobus

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bench.backend import ACTIVE_STREAMS, DISCONNECTS
-from proxy.metrics.prometheus import METRICS
+from proxy.core.state import STATE
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
 from tests.support import value
 
@@ -63,7 +63,7 @@ async def test_comments_repeat_and_clients_ignore_them(
     kinds = [event[:5] for event in events if event]
     first_data = kinds.index(b"data:")
     assert 3 <= first_data <= 6 and set(kinds[:first_data]) == {WAITING[:5]}
-    exposition = quick_keepalives.app[METRICS].exposition().decode()
+    exposition = quick_keepalives.app[STATE].metrics.exposition().decode()
     assert value(exposition, "gateway_stream_first_chunk_seconds_sum") >= 0.9, "the first data, not a comment"
     async with openai.AsyncOpenAI(
         base_url=f"{quick_keepalives.url}/local/vllm/v1", api_key=TOKENS["alice"], max_retries=0

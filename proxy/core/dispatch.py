@@ -1,5 +1,12 @@
 """Handing a checked request to its adaptor, and measuring it to the end of the response.
 
+`dispatch` is the story of one request to the endpoint chosen, in order: its prompt kept (when the
+operator asks), the endpoint's token limits checked, the backend asked for the stream's usage, the
+adaptor called and the request measured to its end (`_task` or `_stream`, which return what it
+produced, `Served`, whether it succeeded or not), its tokens charged from what it produced, and then
+the answer, or the error. The tokens are charged from the `Served` returned, not read back from the
+request; the observe middleware finds that `Served` on the request's exchange.
+
 The adaptor latency runs to the last byte (for a stream, its last chunk), split in phases:
 submission (until the adaptor answers or its stream starts), first byte and total.
 """
@@ -18,18 +25,19 @@ from aiohttp import web
 
 from adaptors import BaseEndpoint, SubmitTaskResponse
 from proxy.core import contract
-from proxy.core.exchange import INFO, RequestInfo
+from proxy.core.exchange import EXCHANGE, Served
 from proxy.core.identity import AUTH_SECONDS, USER
 from proxy.core.limits import NO_LEASE, Lease, Limited, Limiter
-from proxy.core.recorder import REQUEST_LOG, RequestLog
-from proxy.core.registry import REGISTRY, TokenLimits
-from proxy.core.retry_join import RETRY_JOINS, joining_of
+from proxy.core.registry import TokenLimits
+from proxy.core.retry_join import joining_of
+from proxy.core.state import STATE, GatewayState
 from proxy.core.streaming import relay
-from proxy.core.usage import Usage, scanner_for
+from proxy.core.usage import Usage, UsageScanner, ask_for_usage, usage_scanner
 from proxy.errors import ApiError, adaptor_failed
-from proxy.metrics.prometheus import METRICS, EndpointMeters
+from proxy.metrics.prometheus import EndpointMeters
 
-LIMITER = web.AppKey("limiter", Limiter)
+STREAMING_PATHS = frozenset({"chat/completions", "completions", "responses", "messages"})
+NO_TOKEN_LIMITS = TokenLimits(None, None)
 
 
 class UserAdmission:
@@ -44,7 +52,7 @@ class UserAdmission:
     async def __aenter__(self) -> None:
         request = self._request
         try:
-            self._lease = await request.app[LIMITER].admit(request[USER].id)
+            self._lease = await request.app[STATE].limiter.admit(request[USER].id)
         except Limited as exc:
             raise _too_many(request, exc) from None
 
@@ -52,81 +60,109 @@ class UserAdmission:
         await self._lease.release()
 
 
+async def dispatch(
+    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
+) -> web.StreamResponse:
+    """A checked request to the endpoint chosen, whichever route chose it (within `UserAdmission`).
+    For a federated request, each attempt is one dispatch."""
+    state, exchange = request.app[STATE], request[EXCHANGE]
+    if state.recorder.store_prompts:
+        exchange.prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
+    model_params = {**body, "openai_endpoint": openai_path}
+    streamed = body.get("stream") is True and openai_path in STREAMING_PATHS
+    async with admitted(request, endpoint):
+        exchange.serving(endpoint, stream=streamed)
+        meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
+        meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
+        if streamed:
+            strip_usage_event = ask_for_usage(model_params)  # token limits and records need it
+            scanner = usage_scanner(openai_path, strip_usage_event=strip_usage_event)
+            served = await _stream(request, state, endpoint, model_params, scanner, meters)
+        else:
+            served = await _task(request, state, endpoint, model_params, meters)
+        exchange.served = served  # for the observe middleware: the request's metrics and record
+        await charge_tokens(state.limiter, endpoint, request[USER].id, served.usage)
+        return served.answer()
+
+
 @contextlib.asynccontextmanager
 async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
-    """The endpoint's token limits around one request (within `UserAdmission`): checked before the
-    adaptor, with the tokens it used counted against its windows at the end of the response.
+    """The endpoint's token limits, checked before the adaptor is called (within `UserAdmission`).
     The request also holds the adaptors' generation, so that a reload cannot shut it down now."""
-    registry = request.app[REGISTRY]
+    state = request.app[STATE]
+    registry = state.registry
     if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
         raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
     generation = registry.leases
     generation.take()
     try:
-        limits = registry.token_limits.get(endpoint.endpoint_slug, TokenLimits(None, None))
-        async with _rate_limited(request, endpoint.endpoint_slug, limits):
-            yield
+        limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
+        try:
+            await state.limiter.check_tokens(
+                endpoint.endpoint_slug, request[USER].id, limits.model, limits.user
+            )
+        except Limited as exc:
+            raise _too_many(request, exc) from None
+        yield
     finally:
         generation.release()
 
 
-@contextlib.asynccontextmanager
-async def _rate_limited(request: web.Request, slug: str, limits: TokenLimits) -> AsyncIterator[None]:
-    limiter, user = request.app[LIMITER], request[USER]
-    try:
-        await limiter.check_tokens(slug, user.id, limits.model, limits.user)
-    except Limited as exc:
-        raise _too_many(request, exc) from None
-    try:
-        yield
-    finally:
-        usage = request[INFO].usage
-        if usage is not None and usage.total_tokens:
-            await limiter.record_tokens(slug, user.id, usage.total_tokens)
+async def charge_tokens(limiter: Limiter, endpoint: BaseEndpoint, user_id: str, usage: Usage | None) -> None:
+    """The tokens a request used count against the endpoint's windows once its response has ended,
+    however it ended (a stream cut short is charged its estimate)."""
+    if usage is not None and usage.total_tokens:
+        await limiter.record_tokens(endpoint.endpoint_slug, user_id, usage.total_tokens)
 
 
 def _too_many(request: web.Request, exc: Limited) -> ApiError:
-    request.app[METRICS].rate_limited(exc.kind).inc()
+    request.app[STATE].metrics.rate_limited(exc.kind).inc()
     retry_after = str(max(1, math.ceil(exc.retry_after)))
     return ApiError(429, exc.message, code="rate_limit_exceeded", headers={"Retry-After": retry_after})
 
 
-async def run_task(request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]) -> web.Response:
-    info, meters = _describe(request, endpoint, stream=False)
+async def _task(
+    request: web.Request,
+    state: GatewayState,
+    endpoint: BaseEndpoint,
+    model_params: dict[str, Any],
+    meters: EndpointMeters,
+) -> Served:
+    """The whole answer at once; a client's retry may join the work of its earlier attempt."""
+    served = Served()
     started = time.monotonic()
-    outcome = "cancelled"
-    joining = joining_of(request, request[USER].id, endpoint.endpoint_slug, data["model_params"])
+    joining = joining_of(request, request[USER].id, endpoint.endpoint_slug, model_params)
+    data = {"model_params": model_params}
     try:
-        task, _ = await request.app[RETRY_JOINS].run(joining, lambda: contract.submit_task(endpoint, data))
-        info.task_id = task.task_id
-        response = _answer(task, info, request.app[REQUEST_LOG], data["model_params"]["openai_endpoint"])
-        outcome = "ok"
-        return response
-    except ApiError as exc:
-        outcome = _outcome(exc.status)
-        raise
-    except asyncio.CancelledError:
-        outcome = _cancelled(request)
-        raise
-    finally:
-        _measured(meters, info, started, outcome, first_byte=None)
+        task, _ = await state.retry_joins.run(joining, lambda: contract.submit_task(endpoint, data))
+        served.task_id = task.task_id
+        served.response = _answer(task, served, state.recorder.store_prompts, model_params["openai_endpoint"])
+        served.outcome = "ok"
+    except (Exception, asyncio.CancelledError) as exc:
+        served.failure, served.outcome = exc, _failed(request, exc)
+    _measured(meters, served, started, first_byte=None)
+    return served
 
 
-async def run_stream(
-    request: web.Request, endpoint: BaseEndpoint, data: dict[str, Any]
-) -> web.StreamResponse:
-    info, meters = _describe(request, endpoint, stream=True)
-    scanner = scanner_for(data["model_params"])
+async def _stream(
+    request: web.Request,
+    state: GatewayState,
+    endpoint: BaseEndpoint,
+    model_params: dict[str, Any],
+    scanner: UsageScanner,
+    meters: EndpointMeters,
+) -> Served:
+    """Relayed chunk by chunk as the backend sends it, its usage read on the way."""
+    served = Served()
     started = time.monotonic()
-    outcome = "cancelled"
-    streams_in_flight = request.app[METRICS].streams_in_flight
+    streams_in_flight = state.metrics.streams_in_flight
     streams_in_flight.inc()
     try:
-        opened = await contract.submit_streaming_task(endpoint, data, info.request_id)
-        info.task_id = opened.task_id
+        data = {"model_params": model_params}
+        opened = await contract.submit_streaming_task(endpoint, data, request[EXCHANGE].request_id)
+        served.task_id = opened.task_id
         meters.phase("submission").observe(time.monotonic() - started)
         if opened.error_code is not None or opened.response is None:
-            outcome = _outcome(opened.error_code or 502)
             adaptor_failed(
                 opened.error_code,
                 opened.error_message or "The backend sent no stream.",
@@ -135,39 +171,24 @@ async def run_stream(
                 opened.error_detail,
             )
         stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
-        ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(info))
+        ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(served))
+        served.response = ended.response
         if ended.error is not None:
-            info.error = ended.error.detail or ended.error.message
-        outcome = _outcome(ended.error.status if ended.error else None) if ended.completed else "client_gone"
-        info.client_closed = not ended.completed
-        return ended.response
-    except ApiError as exc:
-        outcome = _outcome(exc.status)
-        raise
-    except asyncio.CancelledError:
-        outcome = _cancelled(request)
-        raise
+            served.error = ended.error.detail or ended.error.message
+        served.client_closed = not ended.completed
+        error_status = None if ended.error is None else ended.error.status
+        served.outcome = "client_gone" if served.client_closed else _outcome(error_status)
+    except (Exception, asyncio.CancelledError) as exc:
+        served.failure, served.outcome = exc, _failed(request, exc)
     finally:
         streams_in_flight.dec()
-        info.usage = scanner.final_usage(data["model_params"])
-        first = None if info.first_chunk is None else info.first_chunk - started
-        _measured(meters, info, started, outcome, first_byte=first)
+    served.usage = scanner.final_usage(model_params)
+    first = None if served.first_chunk is None else served.first_chunk - started
+    _measured(meters, served, started, first_byte=first)
+    return served
 
 
-def _describe(
-    request: web.Request, endpoint: BaseEndpoint, stream: bool
-) -> tuple[RequestInfo, EndpointMeters]:
-    info = request[INFO]
-    info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
-    info.endpoint_slug, info.adaptor, info.stream = endpoint.endpoint_slug, type(endpoint).__name__, stream
-    meters = request.app[METRICS].endpoint(info.adaptor, *info.endpoint_labels)
-    meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
-    return info, meters
-
-
-def _answer(
-    task: SubmitTaskResponse, info: RequestInfo, request_log: RequestLog, openai_path: str
-) -> web.Response:
+def _answer(task: SubmitTaskResponse, served: Served, store_result: bool, openai_path: str) -> web.Response:
     """Every adaptor's result is checked here, once: it must be JSON, and its usage is read from it."""
     if task.error_code is not None or task.result is None:
         adaptor_failed(
@@ -182,14 +203,14 @@ def _answer(
     except (ValueError, RecursionError):
         message = "The backend answered with invalid JSON."
         raise ApiError(502, message, code="backend_error", retryable=False) from None
-    info.usage = Usage.of(document, openai_path)
-    if request_log.store_prompts:
-        info.result = task.result
+    served.usage = Usage.of(document, openai_path)
+    if store_result:
+        served.result = task.result
     return web.Response(body=task.result.encode(), content_type="application/json")
 
 
-def _first(info: RequestInfo) -> None:
-    info.first_chunk = time.monotonic()
+def _first(served: Served) -> None:
+    served.first_chunk = time.monotonic()
 
 
 def _outcome(code: int | None) -> str:
@@ -198,23 +219,25 @@ def _outcome(code: int | None) -> str:
     return "client_error" if code < 500 else "backend_error"
 
 
-def _cancelled(request: web.Request) -> str:
-    """aiohttp cancels the handler of a client that went away (its connection is gone); otherwise
-    the gateway itself gave up on the request, stopping."""
-    return "client_gone" if request.transport is None else "cancelled"
+def _failed(request: web.Request, exc: BaseException) -> str:
+    """An error's status says whose fault it was. aiohttp cancels the handler of a client that went
+    away (its connection is gone); any other end counts as the gateway giving up on the request."""
+    if isinstance(exc, ApiError):
+        return _outcome(exc.status)
+    if isinstance(exc, asyncio.CancelledError) and request.transport is None:
+        return "client_gone"
+    return "cancelled"
 
 
-def _measured(
-    meters: EndpointMeters, info: RequestInfo, started: float, outcome: str, first_byte: float | None
-) -> None:
+def _measured(meters: EndpointMeters, served: Served, started: float, first_byte: float | None) -> None:
     """Called once the response has ended, whatever the way it ended."""
     total = time.monotonic() - started
-    meters.outcome(outcome).observe(total)
+    meters.outcome(served.outcome).observe(total)
     meters.total.observe(total)
     if first_byte is not None:
         meters.phase("first_byte").observe(first_byte)
         meters.first_chunk().observe(first_byte)
-    usage = info.usage
+    usage = served.usage
     if usage is not None:
         if usage.prompt_tokens:
             meters.tokens("prompt").inc(usage.prompt_tokens)

@@ -32,7 +32,7 @@ from proxy.core.jobs import JobsCache, job_models
 from proxy.core.maintenance import Maintenance
 from proxy.core.registry import Registry
 from proxy.errors import ApiError
-from proxy.settings import FederationSettings
+from proxy.settings.traffic import FederationSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class Candidate:
 
 def worth_another_endpoint(error: ApiError) -> bool:
     """Whether a failed attempt may succeed elsewhere. Only asked of errors raised by an attempt,
-    which nothing has reached the client yet: `run_task` answers only at the end, and `relay` sends
-    the headers with the first chunk and raises no error after it."""
+    which nothing has reached the client yet: a non-streamed request is answered only at its end,
+    and `relay` sends the headers with the first chunk and raises no error after it."""
     return error.status in RETRY_STATUSES
 
 
@@ -219,9 +219,6 @@ class Federation:
                     states[(job.Framework, model)] = state
         self._states[cluster] = (report, states)
         return states
-
-
-FEDERATION = web.AppKey("federation", Federation)
 
 
 async def name_serving_endpoint(request: web.Request, response: web.StreamResponse) -> None:

@@ -24,7 +24,8 @@ from proxy.core.auth_guard import AddressGuard, Busy, CallQueue, TooManyTokens, 
 from proxy.core.identity import ClientAddress, User, unauthorized
 from proxy.errors import ApiError
 from proxy.metrics.prometheus import Metrics
-from proxy.settings import ConfigError, GlobusAuthSettings
+from proxy.settings.auth import GlobusAuthSettings
+from proxy.settings.files import ConfigError
 
 log = logging.getLogger(__name__)
 

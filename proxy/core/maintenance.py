@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
-from aiohttp import web
 
 from adaptors import BaseCluster, Jobs
 from adaptors.cluster import JobInfo
@@ -90,6 +89,3 @@ def write_state(path: Path, state: Mapping[str, str]) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(yaml.safe_dump(dict(state)))
     temporary.replace(path)
-
-
-MAINTENANCE = web.AppKey("maintenance", Maintenance)

@@ -26,8 +26,7 @@ import redis.asyncio
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from proxy.core.maintenance import MAINTENANCE
-from proxy.core.registry import REGISTRY
+from proxy.core.state import STATE
 
 KEY = "inference_gateway:1:cluster_status:{cluster}"
 POLL_SECONDS = 5.0
@@ -84,7 +83,7 @@ def maintenance_from_redis(
 async def _poll(app: web.Application, client: redis.asyncio.Redis, interval: float) -> None:
     failing = False
     while True:
-        names = list(app[REGISTRY].clusters)
+        names = list(app[STATE].registry.clusters)
         try:
             values = await client.mget([KEY.format(cluster=name) for name in names]) if names else []
             failing = False
@@ -98,5 +97,5 @@ async def _poll(app: web.Application, client: redis.asyncio.Redis, interval: flo
             message = down_message(name, status) if status is not None else None
             if message is not None:
                 reported[name] = message
-        app[MAINTENANCE].reported = reported
+        app[STATE].maintenance.reported = reported
         await asyncio.sleep(interval)

@@ -11,7 +11,7 @@ from typing import Final
 
 from aiohttp import hdrs, web
 
-from proxy.core.exchange import RequestInfo
+from proxy.core.exchange import Exchange, Served
 from proxy.core.identity import USER
 from proxy.core.usage import Usage
 from proxy.metrics.prometheus import Metrics
@@ -20,7 +20,7 @@ from proxy.records.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSi
 from proxy.records.storable import stored_text
 
 
-class RequestLog:
+class Recorder:
     """Where records go: stdout lines, and the database through a buffered sink that the database's
     lifecycle attaches once connected.
 
@@ -45,21 +45,21 @@ class RequestLog:
         self._metrics = metrics
         self._dropped = 0
         self._delay = delay_seconds
-        self._ended: list[RequestInfo] = []
+        self._ended: list[Exchange] = []
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._sampler = UnauthenticatedSampler(unauthenticated_per_minute)
 
-    def emit(self, request: web.Request, info: RequestInfo, status: int) -> None:
+    def emit(self, request: web.Request, exchange: Exchange, status: int) -> None:
         if self.writer is None and self.sink is None:
             return
-        info.ended = time.monotonic()
-        info.status = status
-        info.user = request.get(USER)
-        info.method = request.method
-        info.path = request.path
-        info.client_ip = self.client_ip(request)
-        self._ended.append(info)
+        exchange.ended = time.monotonic()
+        exchange.status = status
+        exchange.user = request.get(USER)
+        exchange.method = request.method
+        exchange.path = request.path
+        exchange.client_ip = self.client_ip(request)
+        self._ended.append(exchange)
         if self._closed:
             self.flush()
         elif self._timer is None:
@@ -71,7 +71,7 @@ class RequestLog:
             self._timer.cancel()
             self._timer = None
         ended, self._ended = self._ended, []
-        records = [_record(info) for info in ended]
+        records = [_record(exchange) for exchange in ended]
         if self.writer is not None:
             for record in records:
                 self.writer.write(record)
@@ -125,34 +125,35 @@ _UNTRUSTED: Final = "untrusted"
 _NO_ADDRESS: Final = "no address"
 
 
-def _record(info: RequestInfo) -> RequestRecord:
-    user = info.user
-    usage = info.usage or _NO_USAGE
+def _record(exchange: Exchange) -> RequestRecord:
+    user = exchange.user
+    served = exchange.served or _NOT_SERVED
+    usage = served.usage or _NO_USAGE
     return RequestRecord(
-        request_id=info.request_id,
-        started_at=info.started_at,
-        duration_ms=_milliseconds(info.ended - info.started),
-        ttfc_ms=None if info.first_chunk is None else _milliseconds(info.first_chunk - info.started),
-        method=info.method,
-        route=info.route,
-        path=stored_text(info.path[:512]),
-        status=info.status,
+        request_id=exchange.request_id,
+        started_at=exchange.started_at,
+        duration_ms=_milliseconds(exchange.ended - exchange.started),
+        ttfc_ms=None if served.first_chunk is None else _milliseconds(served.first_chunk - exchange.started),
+        method=exchange.method,
+        route=exchange.route,
+        path=stored_text(exchange.path[:512]),
+        status=exchange.status,
         user_id=user.id if user else None,
         username=user.username if user else None,
-        cluster=info.cluster or None,
-        framework=info.framework or None,
-        model=info.model or None,
-        endpoint_slug=info.endpoint_slug or None,
-        stream=info.stream,
+        cluster=exchange.cluster or None,
+        framework=exchange.framework or None,
+        model=exchange.model or None,
+        endpoint_slug=exchange.endpoint_slug or None,
+        stream=exchange.stream,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         usage_estimated=usage.estimated,
-        task_id=stored_text(info.task_id),
-        client_ip=info.client_ip,
-        error=stored_text(info.error),
-        prompt=stored_text(info.prompt),
-        result=stored_text(info.result),
+        task_id=stored_text(served.task_id),
+        client_ip=exchange.client_ip,
+        error=stored_text(exchange.error),
+        prompt=stored_text(exchange.prompt),
+        result=stored_text(served.result),
     )
 
 
@@ -162,4 +163,4 @@ def _milliseconds(seconds: float) -> float:
 
 
 _NO_USAGE: Final = Usage()
-REQUEST_LOG = web.AppKey("request_log", RequestLog)
+_NOT_SERVED: Final = Served()

@@ -46,7 +46,7 @@ from proxy.core.relay import (
     _digest,
     abandoned_before,
 )
-from proxy.settings import StreamingSettings
+from proxy.settings.streaming import StreamingSettings
 
 log = logging.getLogger(__name__)
 

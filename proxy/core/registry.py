@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from aiohttp import web
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.slug import endpoint_slug
-from proxy.settings import ConfigError, describe_validation_error, load_document
+from proxy.settings.files import ConfigError, describe_validation_error, load_document
 
 AccessList = str | list[str] | None
 
@@ -178,9 +177,6 @@ class _Problems:
     def raise_if_any(self) -> None:
         if self.lines:
             raise ConfigError("\n".join(self.lines))
-
-
-REGISTRY = web.AppKey("registry", Registry)
 
 
 def load_registry(endpoints_file: Path, clusters_file: Path) -> Registry:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from adaptors import StreamError
 from adaptors.relay import CallbackTarget
 from proxy.errors import ApiError
-from proxy.settings import StreamingSettings
+from proxy.settings.streaming import StreamingSettings
 
 log = logging.getLogger(__name__)
 

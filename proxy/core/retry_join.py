@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from adaptors import SubmitTaskResponse
-from proxy.settings import RetrySettings
+from proxy.settings.traffic import RetrySettings
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,3 @@ class RetryJoins:
         del self._works[key]
         self._kept_bytes -= current.kept_bytes
         current.kept_bytes = 0
-
-
-RETRY_JOINS = web.AppKey("retry_joins", RetryJoins)

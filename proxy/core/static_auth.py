@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from proxy.core.identity import ClientAddress, User, unauthorized
 from proxy.metrics.prometheus import Metrics
-from proxy.settings import ConfigError, describe_validation_error, load_document
+from proxy.settings.files import ConfigError, describe_validation_error, load_document
 
 
 class _StaticUser(BaseModel):

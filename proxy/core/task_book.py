@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from adaptors import BaseEndpoint
 from proxy.core.identity import User
 from proxy.errors import ApiError
-from proxy.settings import TaskSettings
+from proxy.settings.batches import TaskSettings
 
 MAX_TASK_ID_CHARS = 128
 """Task ids are Globus UUIDs; anything much longer cannot be one and is not looked up."""

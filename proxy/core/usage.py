@@ -1,8 +1,9 @@
 """Token usage from backends' own `usage`; estimated only for a stream that ended without it.
 
 Chat and completions streams report usage only when asked (`stream_options.include_usage`): the
-gateway asks, and when the client did not, takes the usage-only event out of what the client sees,
-so the client's stream is what it asked for and the accounting is still exact. Responses and
+gateway asks (`ask_for_usage`, a step of every stream's dispatch), and when the client did not,
+takes the usage-only event out of what the client sees, so the client's stream is what it asked for
+and the accounting is still exact. Responses and
 Messages streams always report usage, as input and output tokens: nothing is added to those
 requests or taken out of those streams.
 
@@ -80,20 +81,22 @@ def _counts(usage: Any, names: Mapping[str, str]) -> dict[str, int]:
     }
 
 
-def scanner_for(model_params: dict[str, Any]) -> UsageScanner:
-    """The scanner of a stream about to be requested; asks chat and completions for their usage."""
-    openai_path = model_params["openai_endpoint"]
-    strip = openai_path not in REPORTS_USAGE and ask_for_usage(model_params)
-    return UsageScanner(_names(openai_path), strip_usage_event=strip)
-
-
 def ask_for_usage(model_params: dict[str, Any]) -> bool:
-    """Adds `include_usage` to a stream request; True when the client had not asked for it."""
+    """Asks a chat or completions stream for its usage (`stream_options.include_usage`), which token
+    limits and records need; True when the client had not asked, so that the usage-only event is
+    taken out of its stream. Responses and Messages streams report usage unasked: nothing is added."""
+    if model_params["openai_endpoint"] in REPORTS_USAGE:
+        return False
     options = model_params.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return False
     model_params["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return True
+
+
+def usage_scanner(openai_path: str, *, strip_usage_event: bool) -> UsageScanner:
+    """The scanner of a stream of the API at `openai_path`, which reads its usage in that API's names."""
+    return UsageScanner(_names(openai_path), strip_usage_event=strip_usage_event)
 
 
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")

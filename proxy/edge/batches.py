@@ -21,19 +21,15 @@ from adaptors import BaseEndpoint, BatchStatusEnum
 from proxy.core import contract
 from proxy.core.identity import USER
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
-from proxy.core.maintenance import MAINTENANCE
-from proxy.core.registry import REGISTRY, Registry
+from proxy.core.registry import Registry
+from proxy.core.state import STATE
 from proxy.edge.bodies import read_valid
 from proxy.errors import ApiError, adaptor_failed
 from proxy.records.batch_store import STATUSES, BatchRecord, BatchStore
 from proxy.records.database import DatabaseTimeout, DatabaseUnavailable
-from proxy.settings import BatchSettings
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
-
-BATCHES = web.AppKey("batches", BatchStore)
-BATCH_SETTINGS = web.AppKey("batch_settings", BatchSettings)
 
 
 def add_batch_routes(app: web.Application, base_path: str) -> None:
@@ -45,9 +41,10 @@ def add_batch_routes(app: web.Application, base_path: str) -> None:
 
 async def create(request: web.Request) -> web.Response:
     body = await read_valid(request, "batches")
-    registry, user = request.app[REGISTRY], request[USER]
+    state, user = request.app[STATE], request[USER]
+    registry = state.registry
     cluster = find_cluster(registry, request.match_info["cluster"], user)
-    request.app[MAINTENANCE].check(cluster)
+    state.maintenance.check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
     endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
@@ -57,9 +54,9 @@ async def create(request: web.Request) -> web.Response:
     await _reserve(request.app, record)
     submitted = await contract.submit_batch(endpoint, {**body, "batch_id": record.id}, user.username)
     if submitted.error_code is not None or submitted.status is None:
-        await _store_call(request.app[BATCHES].discard(record.id))
+        await _store_call(_batches(request.app).discard(record.id))
         adaptor_failed(submitted.error_code, submitted.error_message or "The batch was not accepted.")
-    await _store_call(request.app[BATCHES].attach(record.id, submitted.task_ids, submitted.status.value))
+    await _store_call(_batches(request.app).attach(record.id, submitted.task_ids, submitted.status.value))
     return web.json_response(
         {
             "batch_id": record.id,
@@ -75,7 +72,7 @@ async def list_batches(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(400, f"status must be one of {', '.join(STATUSES)}.", param="status")
-    records = await _store_call(request.app[BATCHES].for_user(request[USER].username, status))
+    records = await _store_call(_batches(request.app).for_user(request[USER].username, status))
     return web.json_response([_listing(record) for record in records])
 
 
@@ -121,8 +118,8 @@ def _new_record(body: dict[str, Any], endpoint: BaseEndpoint, user_id: str, user
 
 async def _reserve(app: web.Application, record: BatchRecord) -> None:
     """Quota and duplicate checks and the insert are one atomic step in the database."""
-    limit = app[BATCH_SETTINGS].max_active_per_user
-    outcome = await _store_call(app[BATCHES].reserve(record, limit))
+    limit = app[STATE].batch_settings.max_active_per_user
+    outcome = await _store_call(_batches(app).reserve(record, limit))
     if outcome == "quota":
         message = f"You already have {limit} active batches; wait for one to finish."
         raise ApiError(429, message, code="batch_quota", retryable=False)
@@ -134,13 +131,20 @@ async def _reserve(app: web.Application, record: BatchRecord) -> None:
 async def _owned(request: web.Request) -> BatchRecord:
     """Another user's batch answers exactly like a batch that does not exist."""
     batch_id = request.match_info["batch_id"]
-    record: BatchRecord | None = await _store_call(request.app[BATCHES].get(batch_id))
+    record: BatchRecord | None = await _store_call(_batches(request.app).get(batch_id))
     if record is None or record.username != request[USER].username:
         raise ApiError(404, f"Batch {batch_id[:64]} does not exist.", code="batch_not_found")
     return record
 
 
 RETRY_AFTER_SECONDS = 5
+
+
+def _batches(app: web.Application) -> BatchStore:
+    """Opened by the database's lifecycle, which runs before the gateway serves its first request."""
+    store = app[STATE].batches
+    assert store is not None, "batch routes served before the database's lifecycle ran"
+    return store
 
 
 async def _store_call(call: Awaitable[Result]) -> Result:
@@ -180,10 +184,11 @@ def _iso(moment: float | None) -> str | None:
 
 async def advance_forever(app: web.Application) -> None:
     """Runs for the life of the gateway; a database outage only delays it."""
-    interval = app[BATCH_SETTINGS].poll_seconds
+    state = app[STATE]
+    interval = state.batch_settings.poll_seconds
     while True:
         try:
-            await advance_batches(app[BATCHES], app[REGISTRY])
+            await advance_batches(_batches(app), state.registry)
         except DatabaseUnavailable:
             log.warning("batch database unavailable; batches will advance when it returns")
         except Exception:

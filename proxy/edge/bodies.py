@@ -16,45 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 from aiohttp import hdrs, web
 
+from proxy.core.body_limits import BodyDeadline
 from proxy.core.schemas import validate_request
+from proxy.core.state import STATE
 from proxy.errors import ApiError
-
-
-@dataclass(frozen=True)
-class BodyDeadline:
-    total_seconds: float
-    grace_seconds: float
-    min_bytes_per_second: float
-
-    def until(self, started: float, received: int) -> float:
-        """When the next bytes must have arrived, on the loop's clock."""
-        by_rate = started + self.grace_seconds + received / self.min_bytes_per_second
-        return min(started + self.total_seconds, by_rate)
-
-
-BODY_DEADLINE = web.AppKey("body_deadline", BodyDeadline)
-
-
-@dataclass(frozen=True)
-class LargeBodies:
-    threshold: int
-    turns: asyncio.Semaphore
-    wait_seconds: float
-
-
-LARGE_BODIES = web.AppKey("large_bodies", LargeBodies)
 
 
 async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
     """The body of an OpenAI route, parsed and validated (a large one in its turn: it is read at
     the client's pace first, so that a slow sender holds no turn)."""
     raw = await _read_raw(request)
-    large = request.app[LARGE_BODIES]
+    large = request.app[STATE].large_bodies
     if len(raw) <= large.threshold:
         body = parse_json(raw)
         validate_request(route, body)
@@ -131,7 +107,7 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
         if len(received) > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(received))
         return received
-    deadline = request.app[BODY_DEADLINE]
+    deadline = request.app[STATE].body_deadline
     loop = asyncio.get_running_loop()
     started = loop.time()
     body = bytearray()

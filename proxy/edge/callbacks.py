@@ -15,14 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from adaptors.remote_errors import remote_error
-from proxy.core.relay import Delivery, Event, Relay, RelayUnavailable, sse_lines
+from proxy.core.relay import Delivery, Event, RelayUnavailable, sse_lines
+from proxy.core.state import STATE
 from proxy.edge.bodies import read_body
 from proxy.errors import ApiError
-from proxy.metrics.prometheus import METRICS
 
 log = logging.getLogger(__name__)
 
-RELAY = web.AppKey("relay", Relay)
 TOKEN = web.RequestKey("stream_token", str)
 
 DATA_LIMIT = 150_000
@@ -55,7 +54,7 @@ async def data(request: web.Request) -> web.Response:
     if not isinstance(chunk, str):
         raise ApiError(400, "'data' must be a string of SSE lines.", param="data")
     response = await _deliver(request, body, Event("data", sse_lines(chunk)))
-    request.app[METRICS].relay_chunks.inc()
+    request.app[STATE].metrics.relay_chunks.inc()
     return response
 
 
@@ -80,7 +79,7 @@ async def done(request: web.Request) -> web.Response:
 
 
 async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> web.Response:
-    delivery = await request.app[RELAY].deliver(body["task_id"], request[TOKEN], event)
+    delivery = await request.app[STATE].relay.deliver(body["task_id"], request[TOKEN], event)
     if delivery is Delivery.BAD_TOKEN:
         await _note_refusal(request, body["task_id"], REFUSED_TOKEN)
     if delivery is not Delivery.ACCEPTED:
@@ -89,7 +88,7 @@ async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> 
 
 
 async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
-    secret = request.app[RELAY].settings.internal_secret
+    secret = request.app[STATE].relay.settings.internal_secret
     if secret is None:
         raise ApiError(503, "Streaming callbacks are not configured on this gateway.", code="not_configured")
     # aiohttp keeps header bytes that are not UTF-8 as surrogates: encoded back, they are what was sent.
@@ -132,7 +131,7 @@ async def _note_refusal(request: web.Request, stream_id: str, message: str) -> N
         return
     log.warning("a callback for stream %r was refused: %s", stream_id, message)
     with contextlib.suppress(RelayUnavailable):  # the callback still gets its 401 or 403
-        await request.app[RELAY].refused(stream_id, message)
+        await request.app[STATE].relay.refused(stream_id, message)
 
 
 async def _read_capped(request: web.Request, limit: int) -> bytes:

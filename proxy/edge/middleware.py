@@ -1,5 +1,6 @@
-"""The outermost middleware: whatever goes wrong below it leaves as an error in the route's envelope
-(OpenAI's, or Anthropic's on the Messages route)."""
+"""The error middleware, inside the observe middleware: whatever goes wrong below it leaves as an
+error in the route's envelope (OpenAI's, or Anthropic's on the Messages route), and the message it
+renders is noted on the request's exchange for its record."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.errors import RECORDED_ERROR, ApiError, envelope_of
+from proxy.core.exchange import EXCHANGE
+from proxy.errors import ApiError, envelope_of
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path[:200])
         failure = ApiError(500, "The gateway failed to handle this request.", code="internal_error")
-    response = failure.response(envelope_of(request))
-    response[RECORDED_ERROR] = failure.detail or failure.message
-    return response
+    request[EXCHANGE].error = failure.detail or failure.message
+    return failure.response(envelope_of(request))
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> ApiError:

@@ -1,13 +1,12 @@
 """The outermost middleware: every request gets an X-Request-ID, and leaves metrics and a request
-record behind. The routes fill `RequestInfo` (proxy/core/exchange.py) as they learn things; this
-middleware turns it into metrics and hands it to the recorder when the response, streams included,
-has ended."""
+record behind. It opens the request's `Exchange` (proxy/core/exchange.py), which the error middleware
+and dispatch add to, and when the response, streams included, has ended, turns it into metrics and
+hands it to the recorder."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import re
 import time
@@ -16,9 +15,8 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.core.exchange import INFO, RequestInfo
-from proxy.core.recorder import REQUEST_LOG
-from proxy.errors import RECORDED_ERROR
+from proxy.core.exchange import EXCHANGE, Exchange
+from proxy.core.recorder import Recorder
 from proxy.metrics.prometheus import Metrics, status_class
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -34,56 +32,51 @@ CLIENT_CLOSED: Final = 499
 CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
 
 
-def observe_middleware(metrics: Metrics) -> Middleware:
+def observe_middleware(metrics: Metrics, recorder: Recorder) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        info = RequestInfo(
+        exchange = Exchange(
             request_id=_request_id(request),
             started=time.monotonic(),
             started_at=time.time(),
             route=_route(request),
         )
-        request[INFO] = info
+        request[EXCHANGE] = exchange
         if request.match_info.route.name in QUIET_ROUTES:
             return await handler(request)
-        in_flight = metrics.in_flight.labels(info.route)
+        in_flight = metrics.in_flight.labels(exchange.route)
         in_flight.inc()
         status = 500
         try:
             response = await handler(request)
             status = response.status
-            if status >= 400 and isinstance(response, web.Response):
-                info.error = response.get(RECORDED_ERROR) or _error_message(response)
-            elif info.client_closed:
-                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+            served = exchange.served
+            if status < 400 and served is not None:
+                if served.client_closed:
+                    status, exchange.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+                else:
+                    exchange.error = served.error
             return response
         except web.HTTPException as exc:
             status = exc.status
             raise
         except asyncio.CancelledError:
             if request.transport is None:  # aiohttp cancels the handler of a connection that was lost
-                status, info.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+                status, exchange.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             raise
         finally:
             in_flight.dec()
-            metrics.requests.labels(info.route, *info.endpoint_labels, status_class(status)).inc()
-            request.app[REQUEST_LOG].emit(request, info, status)
+            metrics.requests.labels(exchange.route, *exchange.endpoint_labels, status_class(status)).inc()
+            recorder.emit(request, exchange, status)
 
     return observe
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer carries the request id, errors and streams included."""
-    info = request.get(INFO)
-    if info is not None:
-        response.headers["X-Request-ID"] = info.request_id
-
-
-def _error_message(response: web.Response) -> str | None:
-    try:
-        return str(json.loads(response.body)["error"]["message"])[:1000]  # type: ignore[arg-type]
-    except (ValueError, TypeError, KeyError):
-        return None
+    exchange = request.get(EXCHANGE)
+    if exchange is not None:
+        response.headers["X-Request-ID"] = exchange.request_id
 
 
 def _request_id(request: web.Request) -> str:

@@ -3,7 +3,6 @@ the user's rate limits → body → cluster → framework → OpenAI path → en
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable
 from typing import Any
 
@@ -11,25 +10,17 @@ from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.authz import may_use
-from proxy.core.dispatch import UserAdmission, admitted, run_stream, run_task
-from proxy.core.exchange import INFO
-from proxy.core.federation import FEDERATION
+from proxy.core.dispatch import UserAdmission, dispatch
 from proxy.core.identity import USER, User
-from proxy.core.jobs import JobsCache, visible_jobs
+from proxy.core.jobs import visible_jobs
 from proxy.core.lookup import check_framework, check_openai_path, find_cluster, find_endpoint
-from proxy.core.maintenance import MAINTENANCE
-from proxy.core.recorder import REQUEST_LOG
-from proxy.core.registry import REGISTRY, SERVED_PATHS, Registry
+from proxy.core.registry import SERVED_PATHS, Registry
+from proxy.core.state import STATE
 from proxy.edge.bodies import read_valid
 from proxy.errors import adaptor_failed
 
-JOBS = web.AppKey("jobs", JobsCache)
-STARTED_AT = web.AppKey("started_at", int)
-BASE_PATH = web.AppKey("base_path", str)
-
 OPENAI_PATHS = SERVED_PATHS
 """`messages` is Anthropic's Messages API, which vLLM serves beside OpenAI's."""
-STREAMING_PATHS = frozenset({"chat/completions", "completions", "responses", "messages"})
 PUBLIC_ROUTES = frozenset({"health", "status"})
 
 
@@ -53,8 +44,9 @@ async def health(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """Public clusters only: naming a restricted cluster would tell strangers it exists.
     False means under maintenance."""
-    clusters = request.app[REGISTRY].clusters.values()
-    maintenance = request.app[MAINTENANCE]
+    state = request.app[STATE]
+    clusters = state.registry.clusters.values()
+    maintenance = state.maintenance
     return web.json_response(
         {
             c.cluster_name: maintenance.message(c.cluster_name) is None
@@ -80,12 +72,12 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    registry, user = request.app[REGISTRY], request[USER]
+    state, user = request.app[STATE], request[USER]
     clusters: dict[str, Any] = {}
-    for endpoint, cluster in _usable_endpoints(registry, user):
+    for endpoint, cluster in _usable_endpoints(state.registry, user):
         entry = clusters.setdefault(
             cluster.cluster_name,
-            {"base_url": f"{request.app[BASE_PATH]}/{cluster.cluster_name}", "frameworks": {}},
+            {"base_url": f"{state.base_path}/{cluster.cluster_name}", "frameworks": {}},
         )
         framework = entry["frameworks"].setdefault(
             endpoint.framework,
@@ -100,7 +92,7 @@ async def list_endpoints(request: web.Request) -> web.Response:
 
 async def all_models(request: web.Request) -> web.Response:
     """Every model the caller may use, once, with the clusters that serve it."""
-    registry, user = request.app[REGISTRY], request[USER]
+    registry, user = request.app[STATE].registry, request[USER]
     clusters_by_model: dict[str, list[str]] = {}
     for endpoint, cluster in _usable_endpoints(registry, user):
         serving = clusters_by_model.setdefault(endpoint.model, [])
@@ -115,7 +107,7 @@ async def all_models(request: web.Request) -> web.Response:
 
 async def cluster_models(request: web.Request) -> web.Response:
     """What OpenAI clients' `models.list()` calls under a cluster and framework base URL."""
-    registry, user = request.app[REGISTRY], request[USER]
+    registry, user = request.app[STATE].registry, request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework = request.match_info["framework"]
     models = sorted(
@@ -128,15 +120,16 @@ async def cluster_models(request: web.Request) -> web.Response:
 
 
 async def jobs(request: web.Request) -> web.Response:
-    registry, user = request.app[REGISTRY], request[USER]
+    state, user = request.app[STATE], request[USER]
+    registry = state.registry
     cluster = find_cluster(registry, request.match_info["cluster"], user)
-    if request.app[MAINTENANCE].message(cluster.cluster_name) is not None:
+    if state.maintenance.message(cluster.cluster_name) is not None:
         models = [
             (e.framework, e.model) for e, owner in _usable_endpoints(registry, user) if owner is cluster
         ]
-        stopped = request.app[MAINTENANCE].stopped_jobs(cluster, models)
+        stopped = state.maintenance.stopped_jobs(cluster, models)
         return web.json_response(stopped.model_dump(mode="json"))
-    report = await request.app[JOBS].get(cluster, user)
+    report = await state.jobs.get(cluster, user)
     if report.jobs is None:
         message = report.error_message or "The cluster sent no job report."
         adaptor_failed(report.error_code, message, detail=report.error_detail)
@@ -148,14 +141,15 @@ async def inference(request: web.Request) -> web.StreamResponse:
     async with UserAdmission(request):
         openai_path = request.match_info["openai_path"]
         body = await read_valid(request, openai_path)
-        registry, user = request.app[REGISTRY], request[USER]
+        state, user = request.app[STATE], request[USER]
+        registry = state.registry
         cluster = find_cluster(registry, request.match_info["cluster"], user)
-        request.app[MAINTENANCE].check(cluster)
+        state.maintenance.check(cluster)
         framework = request.match_info["framework"]
         check_framework(cluster, framework)
         check_openai_path(cluster, openai_path)
         endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
-        return await _serve(request, endpoint, openai_path, body)
+        return await dispatch(request, endpoint, openai_path, body)
 
 
 async def federated_inference(request: web.Request) -> web.StreamResponse:
@@ -165,22 +159,9 @@ async def federated_inference(request: web.Request) -> web.StreamResponse:
         body = await read_valid(request, openai_path)
 
         def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
-            return _serve(request, endpoint, openai_path, body)
+            return dispatch(request, endpoint, openai_path, body)
 
-        return await request.app[FEDERATION].serve(request, openai_path, body["model"], attempt)
-
-
-async def _serve(
-    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
-) -> web.StreamResponse:
-    """A checked request to the endpoint chosen, whichever route chose it."""
-    if request.app[REQUEST_LOG].store_prompts:
-        request[INFO].prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
-    data = {"model_params": {**body, "openai_endpoint": openai_path}}
-    async with admitted(request, endpoint):
-        if body.get("stream") is True and openai_path in STREAMING_PATHS:
-            return await run_stream(request, endpoint, data)
-        return await run_task(request, endpoint, data)
+        return await request.app[STATE].federation.serve(request, openai_path, body["model"], attempt)
 
 
 def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:
@@ -192,4 +173,4 @@ def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint
 
 
 def _model_card(request: web.Request, model: str, owner: str) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": request.app[STARTED_AT], "owned_by": owner}
+    return {"id": model, "object": "model", "created": request.app[STATE].started_at, "owned_by": owner}

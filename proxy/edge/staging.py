@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from proxy.core.identity import USER
 from proxy.errors import ApiError
-from proxy.settings import DataStagingSettings
+from proxy.settings.staging import DataStagingSettings
 
 log = logging.getLogger(__name__)
 
@@ -144,23 +144,25 @@ class StagingFailed(Exception):
     for the steps taken."""
 
 
-STAGER = web.AppKey("stager", Stager)
-
-
 def add_staging_routes(app: web.Application, base_path: str, settings: DataStagingSettings) -> None:
-    """The route exists either way, so that a gateway without staging says so instead of 404."""
+    """The route exists either way, so that a gateway without staging says so instead of 404. Its
+    stager is given to it here rather than kept in the gateway's state: nothing else uses it."""
+    stager = None
     if settings.collection_id is not None:
-        stager = app[STAGER] = Stager(settings, settings.collection_id)
+        stager = configured = Stager(settings, settings.collection_id)
 
         async def close(_: web.Application) -> None:
-            stager.close()
+            configured.close()
 
         app.on_cleanup.append(close)
+
+    async def staging(request: web.Request) -> web.Response:
+        return await stage(request, stager)
+
     app.router.add_put(f"{base_path}/data/staging", staging)
 
 
-async def staging(request: web.Request) -> web.Response:
-    stager = request.app.get(STAGER)
+async def stage(request: web.Request, stager: Stager | None) -> web.Response:
     if stager is None:
         raise ApiError(404, "Data staging is not configured on this gateway.", code="staging_not_configured")
     principal = request[USER].id

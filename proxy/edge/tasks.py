@@ -16,30 +16,19 @@ from aiohttp import web
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.authz import may_use
 from proxy.core.dispatch import UserAdmission, admitted
-from proxy.core.exchange import INFO
+from proxy.core.exchange import EXCHANGE, Served
 from proxy.core.identity import USER, User
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
-from proxy.core.maintenance import MAINTENANCE
-from proxy.core.registry import REGISTRY, Registry
-from proxy.core.task_book import TaskBook, build_task_book
+from proxy.core.registry import Registry
+from proxy.core.state import STATE
 from proxy.edge.bodies import read_json
 from proxy.errors import ApiError, adaptor_failed
-from proxy.settings import TaskSettings
 
 PENDING = "task_accepted_and_pending"
 RETRY_AFTER_SECONDS = 2
-TASKS = web.AppKey("tasks", TaskBook)
 
 
-def add_task_routes(
-    app: web.Application, base_path: str, settings: TaskSettings, redis_url: str | None
-) -> None:
-    book = app[TASKS] = build_task_book(settings, redis_url)
-
-    async def close(_: web.Application) -> None:
-        await book.close()
-
-    app.on_cleanup.append(close)
+def add_task_routes(app: web.Application, base_path: str) -> None:
     app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/process", process)
     app.router.add_get(f"{base_path}/{{cluster}}/{{framework}}/tasks/{{task_id}}", task_result)
 
@@ -48,33 +37,32 @@ async def process(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_request")
-    registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"], user)
-    request.app[MAINTENANCE].check(cluster)
+    state, user = request.app[STATE], request[USER]
+    cluster = find_cluster(state.registry, request.match_info["cluster"], user)
+    state.maintenance.check(cluster)
     framework = request.match_info["framework"]
     check_framework(cluster, framework)
-    endpoint = _task_endpoint(registry, cluster, framework, user, body.get("model"))
-    info = request[INFO]
-    info.cluster, info.framework, info.model = endpoint.cluster, endpoint.framework, endpoint.model
-    info.endpoint_slug, info.adaptor = endpoint.endpoint_slug, type(endpoint).__name__
+    endpoint = _task_endpoint(state.registry, cluster, framework, user, body.get("model"))
+    exchange = request[EXCHANGE]
+    exchange.serving(endpoint, stream=False)
     async with UserAdmission(request), admitted(request, endpoint):
         started = await endpoint.submit_task_async(body)
     if started.error_code is not None or started.task_id is None:
         message = started.error_message or "The task was not accepted."
         adaptor_failed(started.error_code, message, retry_after=started.retry_after)
-    info.task_id = started.task_id
-    await request.app[TASKS].add(started.task_id, user, endpoint)
+    exchange.served = Served(outcome="ok", task_id=started.task_id)
+    await state.tasks.add(started.task_id, user, endpoint)
     return web.json_response({"task_id": started.task_id})
 
 
 async def task_result(request: web.Request) -> web.Response:
     """Readable during maintenance: the result is kept by the compute service, not the cluster.
     Each call asks the compute service, so the caller's rate limits apply to it."""
-    registry, user = request.app[REGISTRY], request[USER]
-    cluster = find_cluster(registry, request.match_info["cluster"], user)
+    state, user = request.app[STATE], request[USER]
+    cluster = find_cluster(state.registry, request.match_info["cluster"], user)
     framework, task_id = request.match_info["framework"], request.match_info["task_id"]
-    entry = await request.app[TASKS].get(task_id)
-    endpoint = None if entry is None else registry.endpoints.get(entry.endpoint_slug)
+    entry = await state.tasks.get(task_id)
+    endpoint = None if entry is None else state.registry.endpoints.get(entry.endpoint_slug)
     if (
         entry is None
         or endpoint is None

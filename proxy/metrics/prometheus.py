@@ -240,10 +240,7 @@ def status_class(status: int) -> str:
     return _STATUS_CLASSES[status // 100] if 0 <= status < 1000 else "unknown"
 
 
-METRICS = web.AppKey("metrics", Metrics)
-
-
-def metrics_handler(allowed: Iterable[str]) -> Handler:
+def metrics_handler(metrics: Metrics, allowed: Iterable[str]) -> Handler:
     """`/metrics` needs no token, but only the configured networks may read it."""
     networks = [ipaddress.ip_network(network, strict=False) for network in allowed]
 
@@ -252,7 +249,7 @@ def metrics_handler(allowed: Iterable[str]) -> Handler:
         address = ipaddress.ip_address(peer[0]) if peer else None
         if address is None or not any(address in network for network in networks):
             raise ApiError(403, "Metrics are not served to this address.", code="permission_denied")
-        body = request.app[METRICS].exposition()
+        body = metrics.exposition()
         response = web.Response(body=body)
         response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
         return response

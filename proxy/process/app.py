@@ -1,4 +1,5 @@
-"""Builds the aiohttp application from validated settings."""
+"""Builds the aiohttp application from validated settings, with its one state object
+(proxy/core/state.py)."""
 
 from __future__ import annotations
 
@@ -11,33 +12,35 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from adaptors.context import AnswerLimits
-from proxy.core.dispatch import LIMITER
-from proxy.core.federation import FEDERATION, Federation, name_serving_endpoint
+from proxy.core.body_limits import BodyDeadline, LargeBodies
+from proxy.core.federation import Federation, name_serving_endpoint
 from proxy.core.globus_auth import GlobusAuthenticator
 from proxy.core.identity import Authenticator
 from proxy.core.jobs import JobsCache, jobs_reader
 from proxy.core.limits import Limiter, LocalLimiter, RedisLimiter
-from proxy.core.maintenance import MAINTENANCE, Maintenance
+from proxy.core.maintenance import Maintenance
 from proxy.core.maintenance_redis import maintenance_from_redis
-from proxy.core.recorder import REQUEST_LOG, RequestLog
+from proxy.core.recorder import Recorder
 from proxy.core.redis_relay import RedisRelay
-from proxy.core.registry import REGISTRY, Registry, load_registry
+from proxy.core.registry import Registry, load_registry
 from proxy.core.relay import LocalRelay, Relay
-from proxy.core.retry_join import RETRY_JOINS, RetryJoins
+from proxy.core.retry_join import RetryJoins
+from proxy.core.state import STATE, GatewayState
 from proxy.core.static_auth import StaticAuthenticator
+from proxy.core.task_book import build_task_book
 from proxy.edge.authentication import auth_middleware
-from proxy.edge.batches import BATCH_SETTINGS, BATCHES, add_batch_routes, advance_forever
-from proxy.edge.bodies import BODY_DEADLINE, LARGE_BODIES, BodyDeadline, LargeBodies
-from proxy.edge.callbacks import CALLBACK_ROUTES, RELAY, add_callback_routes
+from proxy.edge.batches import add_batch_routes, advance_forever
+from proxy.edge.callbacks import CALLBACK_ROUTES, add_callback_routes
 from proxy.edge.headers import single_authorization
 from proxy.edge.malformed import answer_malformed_requests_in_json
 from proxy.edge.middleware import openai_errors
 from proxy.edge.observe import add_request_id, observe_middleware
-from proxy.edge.routes import BASE_PATH, JOBS, PUBLIC_ROUTES, STARTED_AT, add_routes
+from proxy.edge.routes import PUBLIC_ROUTES, add_routes
 from proxy.edge.staging import add_staging_routes
 from proxy.edge.tasks import add_task_routes
-from proxy.metrics.prometheus import METRICS, AdaptorTelemetry, Metrics, metrics_handler
-from proxy.process.reload import RELOADER, Reloader, shut_down
+from proxy.metrics.prometheus import AdaptorTelemetry, Metrics, metrics_handler
+from proxy.process.reload import Reloader, shut_down, sighup_reloads
+from proxy.process.reload_report import report_path
 from proxy.records.batch_store import BatchStore
 from proxy.records.record_keeping import prune_forever
 from proxy.records.request_log import LineWriter, RecordSink
@@ -65,74 +68,102 @@ def load_parts(settings: GatewaySettings, online: bool = True) -> tuple[Registry
 
 
 def create_app(
-    settings: GatewaySettings, registry: Registry, authenticator: Authenticator
+    settings: GatewaySettings,
+    registry: Registry,
+    authenticator: Authenticator,
+    *,
+    reload_on_sighup: bool = False,
 ) -> web.Application:
+    """`reload_on_sighup` is for the command line only: tests and embedders keep their own signal
+    handling."""
     answer_malformed_requests_in_json()
     metrics = Metrics(settings.metrics.enabled)
     public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
-    request_log = RequestLog(
+    recorder = Recorder(
         writer,
         logging_settings.trusted_proxies,
         metrics,
         logging_settings.store_prompts,
         unauthenticated_per_minute=logging_settings.unauthenticated_per_minute,
     )
-    authenticate = auth_middleware(authenticator, public, request_log.client_ip)
+    authenticate = auth_middleware(authenticator, public, recorder.client_ip)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[observe_middleware(metrics), openai_errors, single_authorization, authenticate],
+        middlewares=[
+            observe_middleware(metrics, recorder),
+            openai_errors,
+            single_authorization,
+            authenticate,
+        ],
     )
-    app[METRICS] = metrics
-    app[REQUEST_LOG] = request_log
-    server = settings.server
-    app[BODY_DEADLINE] = BodyDeadline(
-        server.body_timeout_seconds, server.body_grace_seconds, server.body_min_bytes_per_second
-    )
-    app[LARGE_BODIES] = LargeBodies(
-        server.large_body_bytes, asyncio.Semaphore(server.large_bodies_at_once), server.body_timeout_seconds
-    )
-    app.on_cleanup.append(_closing(app[REQUEST_LOG]))
-    app[LIMITER] = build_limiter(settings)
-    app.on_cleanup.append(lambda app: app[LIMITER].close())
+    state = app[STATE] = _state(settings, registry, metrics, recorder)
+    app.on_cleanup.append(_closing(recorder))
+    app.on_cleanup.append(lambda _: state.limiter.close())
     authenticator.instrument(metrics)
     app.on_response_prepare.append(add_request_id)
-    app[REGISTRY] = registry
-    app[MAINTENANCE] = Maintenance(settings.maintenance, settings.maintenance_file)
     if settings.redis_url:
         app.cleanup_ctx.append(maintenance_from_redis(settings.redis_url))
-    app[RELAY] = build_relay(settings)
-    app[JOBS] = JobsCache(settings.timeouts.jobs_cache_seconds)
-    app[FEDERATION] = Federation(registry, app[JOBS], app[MAINTENANCE], settings.federation)
-    app[RETRY_JOINS] = RetryJoins(settings.retries)
-    app.on_cleanup.append(lambda app: app[RETRY_JOINS].close())
+    app.on_cleanup.append(lambda _: state.retry_joins.close())
     app.on_response_prepare.append(name_serving_endpoint)
-    app[RELOADER] = Reloader(registry, app[JOBS], settings.endpoints_file, settings.clusters_file)
-    app[BASE_PATH] = settings.server.base_path
-    app[STARTED_AT] = int(time.time())
+    reloader = Reloader(registry, state.jobs, settings.endpoints_file, settings.clusters_file)
+    if reload_on_sighup:
+        pid_file = settings.server.pid_file
+        app.on_startup.append(sighup_reloads(reloader, None if pid_file is None else report_path(pid_file)))
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
-    add_task_routes(app, settings.server.base_path, settings.tasks, settings.redis_url)
+    add_task_routes(app, settings.server.base_path)
+    app.on_cleanup.append(lambda _: state.tasks.close())
     add_staging_routes(app, settings.server.base_path, settings.data_staging)
-    _add_metrics(app, settings)
-    app[BATCH_SETTINGS] = settings.batches
+    _add_metrics(app, settings, metrics)
     limits = AnswerLimits(settings.server.max_answer_bytes, settings.server.max_error_bytes)
-    app.cleanup_ctx.append(_adaptor_lifecycle(settings.server.adaptor_threads, limits))
+    app.cleanup_ctx.append(_adaptor_lifecycle(reloader, settings.server.adaptor_threads, limits))
     app.cleanup_ctx.append(_database_lifecycle(settings))
     app.on_cleanup.append(lambda _: authenticator.close())
-    app.on_cleanup.append(lambda app: app[RELAY].close())
+    app.on_cleanup.append(lambda _: state.relay.close())
     return app
 
 
-def _closing(request_log: RequestLog) -> Callable[[web.Application], Awaitable[None]]:
+def _state(
+    settings: GatewaySettings, registry: Registry, metrics: Metrics, recorder: Recorder
+) -> GatewayState:
+    server = settings.server
+    maintenance = Maintenance(settings.maintenance, settings.maintenance_file)
+    jobs = JobsCache(settings.timeouts.jobs_cache_seconds)
+    return GatewayState(
+        metrics=metrics,
+        recorder=recorder,
+        limiter=build_limiter(settings),
+        registry=registry,
+        maintenance=maintenance,
+        jobs=jobs,
+        federation=Federation(registry, jobs, maintenance, settings.federation),
+        retry_joins=RetryJoins(settings.retries),
+        relay=build_relay(settings),
+        tasks=build_task_book(settings.tasks, settings.redis_url),
+        body_deadline=BodyDeadline(
+            server.body_timeout_seconds, server.body_grace_seconds, server.body_min_bytes_per_second
+        ),
+        large_bodies=LargeBodies(
+            server.large_body_bytes,
+            asyncio.Semaphore(server.large_bodies_at_once),
+            server.body_timeout_seconds,
+        ),
+        batch_settings=settings.batches,
+        base_path=server.base_path,
+        started_at=int(time.time()),
+    )
+
+
+def _closing(recorder: Recorder) -> Callable[[web.Application], Awaitable[None]]:
     """The last records of a stopping gateway are written, not left pending."""
 
     async def close(_: web.Application) -> None:
-        request_log.close()
-        if request_log.writer is not None:
-            request_log.writer.close()
+        recorder.close()
+        if recorder.writer is not None:
+            recorder.writer.close()
 
     return close
 
@@ -153,14 +184,13 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         database = await StandbyDatabase.start(settings.database_url, settings.database)
-        app[BATCHES] = BatchStore(database)
+        state = app[STATE]
+        state.batches = BatchStore(database)
         advancer = asyncio.create_task(advance_forever(app))
-        request_log = app[REQUEST_LOG]
+        recorder = state.recorder
         if settings.request_log.store:
-            request_log.sink = RecordSink(
-                UsageStore(database), max_buffered=settings.request_log.buffer_records
-            )
-            request_log.sink.start()
+            recorder.sink = RecordSink(UsageStore(database), max_buffered=settings.request_log.buffer_records)
+            recorder.sink.start()
         retention = settings.request_log.retention_days
         pruning = asyncio.create_task(prune_forever(database, retention)) if retention else None
         try:
@@ -169,25 +199,24 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
             advancer.cancel()
             if pruning is not None:
                 pruning.cancel()
-            if request_log.sink is not None:
-                request_log.close()  # its waiting records reach the sink before the sink closes
-                await request_log.sink.close()
+            if recorder.sink is not None:
+                recorder.close()  # its waiting records reach the sink before the sink closes
+                await recorder.sink.close()
             await database.close()
 
     return lifecycle
 
 
-def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
+def _add_metrics(app: web.Application, settings: GatewaySettings, metrics: Metrics) -> None:
     """On the main port, or alone on its own port so that it need not be exposed with the API."""
     if not settings.metrics.enabled:
         return
     app.cleanup_ctx.append(_shared_metrics)
-    handler = metrics_handler(settings.metrics.allow)
+    handler = metrics_handler(metrics, settings.metrics.allow)
     if settings.metrics.port is None:
         app.router.add_get(settings.metrics.path, handler, name="metrics")
         return
     separate = web.Application()
-    separate[METRICS] = app[METRICS]
     separate.router.add_get(settings.metrics.path, handler)
     host = settings.server.host if settings.metrics.host is None else settings.metrics.host
     app.cleanup_ctx.append(_serve_separately(separate, host, settings.metrics.port))
@@ -196,7 +225,7 @@ def _add_metrics(app: web.Application, settings: GatewaySettings) -> None:
 async def _shared_metrics(app: web.Application) -> AsyncIterator[None]:
     """With other workers (a shared metrics directory), this one's values reach them every second;
     its last values, written as it stops, stay in their sums."""
-    tallies = app[METRICS].tallies
+    tallies = app[STATE].metrics.tallies
     if tallies.directory is None:
         yield
         return
@@ -241,15 +270,16 @@ def build_relay(settings: GatewaySettings) -> Relay:
 
 
 def _adaptor_lifecycle(
-    threads: int, limits: AnswerLimits
+    reloader: Reloader, threads: int, limits: AnswerLimits
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        registry, reloader = app[REGISTRY], app[RELOADER]
+        state = app[STATE]
+        registry = state.registry
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="adaptor") as executor:
-            telemetry = AdaptorTelemetry(app[METRICS], _labels_of(registry))
-            jobs = jobs_reader(registry, app[JOBS])
+            telemetry = AdaptorTelemetry(state.metrics, _labels_of(registry))
+            jobs = jobs_reader(registry, state.jobs)
             context = AdaptorContext(
-                executor=executor, relay=app[RELAY], telemetry=telemetry, jobs=jobs, limits=limits
+                executor=executor, relay=state.relay, telemetry=telemetry, jobs=jobs, limits=limits
             )
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context

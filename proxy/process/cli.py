@@ -19,9 +19,9 @@ from proxy.core.registry import Registry, load_registry
 from proxy.metrics.build_info import version
 from proxy.process import operator_commands, token_cli, usage_cli, usage_prune
 from proxy.process.app import create_app, load_parts
+from proxy.process.command_line import add_config_option
 from proxy.process.globus_check import GlobusUnreachable, check_online
 from proxy.process.logs import LOG_FORMAT_ENV, LogFormat, configure_logging, default_format
-from proxy.process.reload import reload_on_sighup
 from proxy.process.reload_report import Outcome, record_outcome, report_path
 from proxy.process.workers import (
     Supervisor,
@@ -30,11 +30,10 @@ from proxy.process.workers import (
     metrics_directory,
     worker_command,
 )
-from proxy.settings import ConfigError, GatewaySettings, load_settings, unset_variables
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError, unset_variables
 
 log = logging.getLogger("proxy")
-
-DEFAULT_CONFIG = "conf/gateway.yaml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands, each with its own `--help`."""
     parser = argparse.ArgumentParser(prog="inference-gateway", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    _add_config_option(parser)
+    add_config_option(parser)
     parser.add_argument(
         "--check-config", action="store_true", help="validate the configuration (offline) and exit"
     )
@@ -62,44 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    maintenance = commands.add_parser(
-        "maintenance",
-        help="put a cluster under maintenance, end it, or list it",
-        description=operator_commands.maintenance.__doc__,
-    )
-    _add_config_option(maintenance, inherited=True)
-    operator_commands.add_maintenance_arguments(maintenance)
-    maintenance.set_defaults(run=operator_commands.maintenance)
-    usage = commands.add_parser(
-        "usage",
-        help="requests and tokens per user, model, cluster, day or hour; `usage prune` deletes old records",
-        description=usage_cli.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_config_option(usage, inherited=True)
-    usage_cli.add_arguments(usage)
-    usage.set_defaults(run=usage_cli.run)
-    reload = commands.add_parser(
-        "reload",
-        help="re-read endpoints and clusters in a running gateway",
-        description=operator_commands.reload.__doc__,
-    )
-    _add_config_option(reload, inherited=True)
-    reload.set_defaults(run=operator_commands.reload)
+    operator_commands.add_parsers(commands)
+    usage_prune.add_parser(usage_cli.add_parser(commands))
     token_cli.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The exit status, argparse's own included (0 after `--help`, 2 for a usage error), so that
+    callers in the same process get a status rather than SystemExit."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["usage", "prune"]:
-        return usage_prune.main(argv[2:])
-    args = build_parser().parse_args(argv)
-    if args.command is not None:
-        code: int = args.run(args)
-        return code
-    if args.online and not args.check_config:
-        build_parser().error("--online goes with --check-config")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is not None:
+            code: int = args.run(args)
+            return code
+        if args.online and not args.check_config:
+            parser.error("--online goes with --check-config")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     configure_logging(args.log_format)
     try:
         settings = _with_overrides(load_settings(args.config), args)
@@ -177,9 +158,7 @@ def serve(
 ) -> int:
     """One process. SIGTERM: stop accepting, let requests and streams finish for up to
     `timeouts.shutdown_seconds`, exit 0. SIGHUP: reload endpoints and clusters."""
-    app = create_app(settings, registry, authenticator)
-    pid_file = settings.server.pid_file
-    app.on_startup.append(reload_on_sighup(None if pid_file is None else report_path(pid_file)))
+    app = create_app(settings, registry, authenticator, reload_on_sighup=True)
     if supervised:
         app.on_startup.append(_exit_with_supervisor)
     server = settings.server
@@ -265,15 +244,3 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def _add_config_option(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
-    """A subcommand's `--config` leaves the value alone when not given, so that `--config` before the
-    command name counts too (a subparser's own default would overwrite it)."""
-    default = argparse.SUPPRESS if inherited else Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG))
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=default,
-        help=f"main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
-    )

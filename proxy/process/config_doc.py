@@ -20,7 +20,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from proxy.settings import GatewaySettings, LimitSettings
+from proxy.settings import GatewaySettings
+from proxy.settings.traffic import LimitSettings
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -28,7 +29,7 @@ INTRODUCTION = """\
 # Configuration reference
 
 Every field of the gateway's main file (`--config`, default `conf/gateway.yaml`; a complete
-production example is `conf/gateway.globus.yaml`). Generated from `proxy/settings.py` by
+production example is `conf/gateway.globus.yaml`). Generated from `proxy/settings/` by
 `python -m proxy.process.config_doc`: do not edit by hand.
 
 - Any string may name environment variables: `${{NAME}}` (required: start-up stops naming it when

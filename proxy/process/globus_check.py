@@ -16,7 +16,8 @@ import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
 from proxy.core.globus_auth import check_policy
-from proxy.settings import ConfigError, GlobusAuthSettings
+from proxy.settings.auth import GlobusAuthSettings
+from proxy.settings.files import ConfigError
 
 GROUPS_SCOPE_ID = "73320ffe-4cb4-4b25-a0a3-83d53d59ce4f"
 """The Globus Groups scope (view_my_groups_and_memberships) as a dependent scope names it."""

@@ -13,16 +13,33 @@ from pathlib import Path
 
 from proxy.core.maintenance import read_state, write_state
 from proxy.core.registry import load_registry
+from proxy.process.command_line import Subparsers, add_config_option
 from proxy.process.reload_report import request_reload
-from proxy.settings import ConfigError, GatewaySettings, load_settings
+from proxy.settings import GatewaySettings, load_settings
+from proxy.settings.files import ConfigError
 
 DEFAULT_MESSAGE = "The cluster is under maintenance; please try again later."
 
 
-def add_maintenance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["on", "off", "list"])
-    parser.add_argument("cluster", nargs="?")
-    parser.add_argument("--message", default=DEFAULT_MESSAGE, help="what users are told (with `on`)")
+def add_parsers(subparsers: Subparsers) -> None:
+    """`maintenance` and `reload`, each running the function of the same name."""
+    maintenance_parser = subparsers.add_parser(
+        "maintenance",
+        help="put a cluster under maintenance, end it, or list it",
+        description=maintenance.__doc__,
+    )
+    add_config_option(maintenance_parser, inherited=True)
+    maintenance_parser.add_argument("action", choices=["on", "off", "list"])
+    maintenance_parser.add_argument("cluster", nargs="?")
+    maintenance_parser.add_argument(
+        "--message", default=DEFAULT_MESSAGE, help="what users are told (with `on`)"
+    )
+    maintenance_parser.set_defaults(run=maintenance)
+    reload_parser = subparsers.add_parser(
+        "reload", help="re-read endpoints and clusters in a running gateway", description=reload.__doc__
+    )
+    add_config_option(reload_parser, inherited=True)
+    reload_parser.set_defaults(run=reload)
 
 
 def _report(message: str) -> None:

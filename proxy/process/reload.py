@@ -19,7 +19,7 @@ from adaptors import AdaptorContext
 from proxy.core.jobs import JobsCache
 from proxy.core.registry import Registry, load_registry
 from proxy.process.reload_report import Outcome, record_outcome
-from proxy.settings import ConfigError
+from proxy.settings.files import ConfigError
 
 log = logging.getLogger("proxy.process.reload")
 
@@ -105,14 +105,10 @@ async def shut_down(registry: Registry) -> None:
     await asyncio.gather(*(adaptor.shutdown() for adaptor in registry.adaptors()), return_exceptions=True)
 
 
-RELOADER = web.AppKey("reloader", Reloader)
+def sighup_reloads(reloader: Reloader, report: Path | None) -> Callable[[web.Application], Awaitable[None]]:
+    """A startup hook that makes SIGHUP reload; `report` receives each reload's outcome."""
 
-
-def reload_on_sighup(report: Path | None) -> Callable[[web.Application], Awaitable[None]]:
-    """Installed by the command line only: tests and embedders keep their own signal handling."""
-
-    async def install(app: web.Application) -> None:
-        reloader = app[RELOADER]
+    async def install(_: web.Application) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon, report)
 
     return install

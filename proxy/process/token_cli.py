@@ -24,6 +24,8 @@ from pathlib import Path
 import globus_sdk
 from globus_sdk.token_storage import JSONTokenStorage, TokenStorageData
 
+from proxy.process.command_line import Subparsers
+
 DEFAULT_APP_NAME = "inference_app"
 REFRESH_MARGIN_SECONDS = 60
 """A token that expires sooner is refreshed first, so the request that uses it does not fail halfway."""
@@ -33,25 +35,51 @@ class TokenError(Exception):
     """What the researcher should do next; printed as one line, exit status 1."""
 
 
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+_ACTIONS = {
+    "login": "log in with a browser (unless the stored tokens are still valid) and store the tokens",
+    "get": "print a valid access token, refreshed first when it expires within a minute",
+    "logout": "revoke both tokens at Globus and delete them",
+}
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    """`token` and its actions, `token login|get|logout`, each a command with its own `--help`. The
+    options are taken before the action's name as well as after it."""
     parser = subparsers.add_parser(
         "token", help="log in to Globus and print access tokens for the gateway", description=__doc__
     )
-    parser.add_argument("action", choices=["login", "get", "logout"])
+    _add_options(parser)
+    actions = parser.add_subparsers(dest="action", required=True, title="actions")
+    for action, summary in _ACTIONS.items():
+        _add_options(actions.add_parser(action, help=summary, description=summary), inherited=True)
+    parser.set_defaults(run=run)
+
+
+def _add_options(parser: argparse.ArgumentParser, inherited: bool = False) -> None:
+    """An action's own options leave the value alone when not given (the defaults are the `token`
+    parser's), so that they count wherever they are written."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if inherited else value
+
     parser.add_argument(
         "--client-id",
-        default=os.environ.get("INFERENCE_GATEWAY_CLIENT_ID"),
+        default=default(os.environ.get("INFERENCE_GATEWAY_CLIENT_ID")),
         help="public client id of the site's login app (env INFERENCE_GATEWAY_CLIENT_ID)",
     )
     parser.add_argument(
         "--scope",
-        default=os.environ.get("INFERENCE_GATEWAY_SCOPE"),
+        default=default(os.environ.get("INFERENCE_GATEWAY_SCOPE")),
         help="the gateway's scope, https://auth.globus.org/scopes/<gateway client id>/action_all "
         "(env INFERENCE_GATEWAY_SCOPE)",
     )
-    parser.add_argument("--app-name", default=DEFAULT_APP_NAME, help="names the token file's folder")
-    parser.add_argument("--force", action="store_true", help="login: log in again even with valid tokens")
-    parser.set_defaults(run=run)
+    parser.add_argument("--app-name", default=default(DEFAULT_APP_NAME), help="names the token file's folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        default=default(False),
+        help="login: log in again even with valid tokens",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@ cluster, day or hour (UTC), or any combination of them.
 
     inference-gateway usage --config conf/gateway.yaml --since 2026-11-01 [--until 2026-12-01]
                             [--by user,model,cluster,day,hour] [--all] [--json]
-    python -m proxy.process.usage_cli --since 7d --by cluster,day
 
 Only answered requests (status 2xx) count: a refused token (401), a rate limit (429), a bad request
 or a failed backend is not usage. --all counts every request.
@@ -18,20 +17,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import sys
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final, cast, get_args
 
+from proxy.process.command_line import Subparsers, add_config_option
 from proxy.records.database import Database, DatabaseUnavailable, redact
 from proxy.records.usage_store import UsageBy, UsageStore
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 
-DEFAULT_CONFIG: Final = "conf/gateway.yaml"
 _RELATIVE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
 _UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NUMBERS: Final = ("requests", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -64,9 +61,19 @@ def time_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Everything but --config, which `inference-gateway` shares with its other commands."""
-    parser.add_argument("--since", type=time_argument, required=True, help="start: 2026-11-01, 7d, 24h, ...")
+def add_parser(subparsers: Subparsers) -> Subparsers:
+    """`usage` reports; what it returns takes the commands under it (`usage prune`)."""
+    parser = subparsers.add_parser(
+        "usage",
+        help="requests and tokens per user, model, cluster, day or hour; `usage prune` deletes old records",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --since SINCE [--until UNTIL] [--by BY] [--all] [--json] [--config CONFIG]\n"
+        "       %(prog)s prune [--before BEFORE] [--config CONFIG]",
+    )
+    add_config_option(parser, inherited=True)
+    # Not `required=True`: argparse would then ask `usage prune` for it too.
+    parser.add_argument("--since", type=time_argument, help="start (required): 2026-11-01, 7d, 24h, ...")
     parser.add_argument("--until", type=time_argument, help="end, excluded (default: no end)")
     parser.add_argument(
         "--by",
@@ -76,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--all", action="store_true", help="count every request, not only answered ones")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    def report(args: argparse.Namespace) -> int:
+        if args.since is None:
+            parser.error("the following arguments are required: --since")
+        return run(args)
+
+    parser.set_defaults(run=report)
+    # `prog` given: argparse would otherwise build the subcommands' names from the usage text above.
+    return parser.add_subparsers(title="commands", metavar="COMMAND", prog=parser.prog)
 
 
 def _keys_argument(text: str) -> list[UsageBy]:
@@ -87,31 +103,7 @@ def _keys_argument(text: str) -> list[UsageBy]:
     return [cast(UsageBy, key) for key in dict.fromkeys(keys)]
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="inference-gateway usage",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
-        help=f"the gateway's main YAML file, for database_url (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
-    )
-    add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 REPORT_TIMEOUT_SECONDS = 600.0
-
-
-def main(argv: list[str]) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as exc:  # argparse's --help and usage errors: a status, as callers of main expect
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,7 +185,3 @@ def _line(cells: list[str], widths: list[int], names: int) -> str:
         for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
     ]
     return "  ".join(aligned).rstrip()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -11,34 +11,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
-from proxy.process.usage_cli import DEFAULT_CONFIG, time_argument
+from proxy.process.command_line import Subparsers, add_config_option
+from proxy.process.usage_cli import time_argument
 from proxy.records.database import Database, DatabaseUnavailable, redact
 from proxy.records.record_keeping import DAY, prune
-from proxy.settings import ConfigError, load_settings
+from proxy.settings import load_settings
+from proxy.settings.files import ConfigError
 
 
-def main(argv: list[str]) -> int:
-    """Exit status: 0 pruned, 1 the database is unavailable, 2 bad arguments or configuration."""
-    parser = argparse.ArgumentParser(
-        prog="inference-gateway usage prune",
+def add_parser(subparsers: Subparsers) -> None:
+    """`prune`, under `usage`: the argument is `usage add_parser`'s answer."""
+    parser = subparsers.add_parser(
+        "prune",
+        help="delete request records older than a moment",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config", type=Path, default=Path(os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG)),
-        help=f"the gateway's main YAML file (default: $GATEWAY_CONFIG or {DEFAULT_CONFIG})",
-    )  # fmt: skip
+    add_config_option(parser, inherited=True)
     parser.add_argument("--before", type=time_argument, help="delete records started before: 90d, 2026-01-01")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 pruned, 1 the database is unavailable, 2 bad arguments or configuration."""
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -6,7 +6,7 @@ Both paths sit next to the request path, so neither may slow it down much or fai
   worker processes usually share that stdout pipe, and a write to a pipe is only atomic up to PIPE_BUF
   (4 kB on Linux) while a record carrying a prompt can be far larger; so lines leave together in writes
   of at most PIPE_BUF (64 kB to a regular file) when the caller flushes them
-  (``proxy.core.recorder.RequestLog`` does every ``RECORD_DELAY_SECONDS``), a longer line alone, each
+  (``proxy.core.recorder.Recorder`` does every ``RECORD_DELAY_SECONDS``), a longer line alone, each
   write under an exclusive ``flock`` on a lock file all the processes open: lines never tear into each
   other.
 - ``RecordSink`` hands records to a background task that writes them in batches through

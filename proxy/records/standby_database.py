@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from proxy.records.database import Database, DatabaseUnavailable, Row, Transaction, redact
-from proxy.settings import DatabaseSettings
+from proxy.settings.database import DatabaseSettings
 
 log = logging.getLogger(__name__)
 
