@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from proxy.records.batch_store import ACTIVE, BatchRecord, BatchStore
-from proxy.records.database import MIGRATIONS, Database, DatabaseUnavailable, postgres_sql, redact
+from proxy.records.database import Database, DatabaseUnavailable, redact
+from proxy.records.postgres_database import postgres_sql
+from proxy.records.schema import MIGRATIONS, connect, migrate
 from tests.postgres_server import PostgresServer
 
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     yield database
     await database.close()
 
@@ -57,13 +59,13 @@ def batch(
 
 
 async def test_migrations_apply_once_and_are_recorded(database_url: str) -> None:
-    first = await Database.connect(database_url)
-    second = await Database.connect(database_url)  # a second gateway process
+    first = await connect(database_url)
+    second = await connect(database_url)  # a second gateway process
     try:
         rows = await first.fetch("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")
         assert [(row["version"], row["name"]) for row in rows] == [(v, n) for v, n, _ in MIGRATIONS]
         assert isinstance(rows[0]["applied_at"], float)
-        assert await second.migrate() == []
+        assert await migrate(second) == []
         assert await first.fetchone("SELECT COUNT(*) AS n FROM batches") == {"n": 0}
     finally:
         await first.close()
@@ -71,17 +73,17 @@ async def test_migrations_apply_once_and_are_recorded(database_url: str) -> None
 
 
 async def test_new_migrations_apply_in_order_and_a_failing_one_leaves_nothing(database_url: str) -> None:
-    db = await Database.connect(database_url)
+    db = await connect(database_url)
     try:
         shipped = [version for version, _, _ in MIGRATIONS]
         later = [
             (101, "third", ["ALTER TABLE second ADD COLUMN note TEXT"]),
             (100, "second", ["CREATE TABLE second (id INTEGER PRIMARY KEY)"]),
         ]
-        assert await db.migrate([*MIGRATIONS, *later]) == [100, 101]
+        assert await migrate(db, [*MIGRATIONS, *later]) == [100, 101]
         broken = (102, "broken", ["CREATE TABLE fourth (id INTEGER)", "INSERT INTO nowhere (id) VALUES (1)"])
         with pytest.raises(Exception, match=r"no such table|does not exist"):
-            await db.migrate([*MIGRATIONS, *later, broken])
+            await migrate(db, [*MIGRATIONS, *later, broken])
         versions = await db.fetch("SELECT version FROM schema_migrations ORDER BY version")
         assert [row["version"] for row in versions] == [*shipped, 100, 101]
         assert await db.execute("CREATE TABLE fourth (id INTEGER)") == 0  # the failed migration left none
@@ -90,7 +92,7 @@ async def test_new_migrations_apply_in_order_and_a_failing_one_leaves_nothing(da
 
 
 async def test_two_processes_starting_together_migrate_once(database_url: str) -> None:
-    databases = await asyncio.gather(Database.connect(database_url), Database.connect(database_url))
+    databases = await asyncio.gather(connect(database_url), connect(database_url))
     try:
         rows = await databases[0].fetch("SELECT version FROM schema_migrations")
         assert len(rows) == len(MIGRATIONS)
@@ -194,7 +196,7 @@ async def test_reserve_enforces_quota_and_duplicate_input_files(store: BatchStor
 
 
 async def test_concurrent_reserve_from_two_processes_never_exceeds_the_quota(database_url: str) -> None:
-    databases = [await Database.connect(database_url), await Database.connect(database_url)]
+    databases = [await connect(database_url), await connect(database_url)]
     try:
         stores = [BatchStore(database) for database in databases]
         attempts = [stores[n % 2].reserve(batch(n), max_active_per_user=3) for n in range(10)]
@@ -278,7 +280,7 @@ async def test_advance_stamps_times_and_finished_stays_finished(store: BatchStor
 
 async def test_postgres_going_away_and_coming_back(postgres_server: PostgresServer) -> None:
     url = await postgres_server.create_database("test_going_away")
-    db = await Database.connect(url, timeout=2.0)
+    db = await connect(url, timeout=2.0)
     store = BatchStore(db)
     try:
         await store.reserve(batch(1), max_active_per_user=5)
@@ -294,7 +296,7 @@ async def test_postgres_going_away_and_coming_back(postgres_server: PostgresServ
                 async with db.transaction() as tx:
                     await tx.fetch("SELECT 1")
             with pytest.raises(DatabaseUnavailable):
-                await Database.connect(url, timeout=2.0)
+                await connect(url, timeout=2.0)
         finally:
             await postgres_server.start()
         record = await store.get("batch_0001")  # the same Database reconnects by itself
@@ -307,16 +309,16 @@ async def test_postgres_going_away_and_coming_back(postgres_server: PostgresServ
 
 async def test_sqlite_file_that_cannot_be_opened(tmp_path: Path) -> None:
     with pytest.raises(DatabaseUnavailable, match="unable to open"):
-        await Database.connect(f"sqlite:///{tmp_path}/missing-directory/gateway.db")
+        await connect(f"sqlite:///{tmp_path}/missing-directory/gateway.db")
 
 
 async def test_sqlite_in_memory_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    memory = await Database.connect("sqlite:///:memory:")
+    memory = await connect("sqlite:///:memory:")
     assert memory.dialect == "sqlite"
     assert await memory.fetchone("SELECT COUNT(*) AS n FROM schema_migrations") == {"n": len(MIGRATIONS)}
     await memory.close()
     monkeypatch.chdir(tmp_path)
-    relative = await Database.connect("sqlite:///relative.db")
+    relative = await connect("sqlite:///relative.db")
     await relative.close()
     assert (tmp_path / "relative.db").exists()
 
@@ -338,4 +340,4 @@ def test_urls_and_placeholders() -> None:
 async def test_unsupported_urls() -> None:
     for url in ("mysql://db/gw", "sqlite:///", "sqlite://relative.db"):
         with pytest.raises(ValueError, match="URL"):
-            await Database.connect(url)
+            await connect(url)

@@ -14,7 +14,9 @@ import asyncpg
 import pytest
 import yaml
 
-from proxy.records.database import DEFAULT_STATEMENT_TIMEOUT, Database, DatabaseTimeout
+from proxy.records.database import DatabaseTimeout
+from proxy.records.database_url import DEFAULT_STATEMENT_TIMEOUT
+from proxy.records.schema import connect
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 from tests.postgres_server import PostgresServer
 from tests.test_routes import assert_openai_error, call
@@ -117,7 +119,7 @@ LONG_STATEMENTS = {
 async def test_a_statement_past_the_timeout_is_cancelled(database_url: str, database_dialect: str) -> None:
     """On both databases: the statement ends at its timeout with a clear error, and the database goes
     on serving the next one."""
-    database = await Database.connect(database_url, statement_timeout=1.0)
+    database = await connect(database_url, statement_timeout=1.0)
     try:
         started = time.monotonic()
         with pytest.raises(DatabaseTimeout, match=r"statement timeout \(1 s\)"):

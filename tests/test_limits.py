@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from proxy.core.limits import Lease, Limited, Limiter, LocalLimiter, RedisLimiter
+from proxy.core.limits import Lease, Limited, Limiter
+from proxy.core.limits_local import LocalLimiter
+from proxy.core.limits_redis import RedisLimiter
 from tests.redis_server import RedisServer
 
 MakeLimiter = Callable[..., Limiter]
@@ -226,7 +228,7 @@ async def test_redis_down_falls_back_to_local_limits(
     try:
         shared_lease = await limiter.admit("alice")
         await redis_server.stop()
-        caplog.set_level(logging.WARNING, logger="proxy.core.limits")
+        caplog.set_level(logging.WARNING, logger="proxy.core.limits_redis")
 
         await shared_lease.release()  # Redis is gone: no error, released once it answers
         lease = await limiter.admit("bob")

@@ -15,7 +15,7 @@ import yaml
 
 from bench.backend import REQUESTS
 from proxy.core.usage import ask_for_usage
-from proxy.records.database import Database
+from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
 from tests.processes import wait_until_serving
 from tests.support import (
@@ -363,7 +363,7 @@ async def test_each_request_leaves_a_json_line_and_a_stored_record(
     assert stream_line["stream"] is True and stream_line["completion_tokens"] and stream_line["ttfc_ms"] > 0
     refused = next(line for line in lines if line["status"] == 401)
     assert refused["error"] == "Invalid or expired access token." and "wrong" not in json.dumps(refused)
-    database = await Database.connect(f"sqlite:///{tmp_path / 'gateway.db'}")
+    database = await connect(f"sqlite:///{tmp_path / 'gateway.db'}")
     try:
         by_user = {row["user"]: row for row in await UsageStore(database).usage(since=0, by="user")}
     finally:

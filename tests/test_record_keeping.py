@@ -14,8 +14,8 @@ import aiohttp
 import yaml
 
 from proxy.records import record_keeping
-from proxy.records.database import Database
-from proxy.records.request_log import RequestRecord
+from proxy.records.record import RequestRecord
+from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
 from tests.support import Server, auth, start_gateway, value, write_gateway_config
 
@@ -32,7 +32,7 @@ def configured(tmp_path: Path, backend: Server, database_url: str, **request_log
 
 
 async def stored(database_url: str) -> list[dict[str, Any]]:
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     try:
         return await database.fetch("SELECT request_id, user_id, started_at FROM requests")
     finally:
@@ -90,7 +90,7 @@ async def test_records_past_the_retention_are_deleted(
     backend: Server, tmp_path: Path, database_url: str
 ) -> None:
     now = time.time()
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     try:
         old = [record(f"old-{n}", now - 100 * DAY + n) for n in range(25)]
         await UsageStore(database).add_many([*old, record("month", now - 10 * DAY), record("new", now)])
@@ -118,7 +118,7 @@ async def test_records_past_the_retention_are_deleted(
 
 async def test_pruning_goes_in_chunks(database_url: str, monkeypatch: Any) -> None:
     monkeypatch.setattr(record_keeping, "PRUNE_CHUNK", 4)
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     try:
         await UsageStore(database).add_many([record(f"r{n}", 1000.0 + n) for n in range(10)])
         assert await record_keeping.prune(database, 1008.0) == 8

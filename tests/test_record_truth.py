@@ -14,8 +14,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from proxy.records.database import Database
-from proxy.records.request_log import RecordSink, RequestRecord
+from proxy.records.record import RequestRecord
+from proxy.records.record_sink import RecordSink
+from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
 from tests.support import CHAT_MODEL, TOKENS, Server, chat, start, start_gateway, write_gateway_config
 
@@ -93,7 +94,7 @@ async def test_records_survive_their_content(
     finally:
         await runner.cleanup()
     assert statuses[:2] == [b"200", b"200"] and statuses[2] == b"404" and statuses[4:] == [b"200", b"200"]
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     try:
         rows = {row["request_id"]: row for row in await database.fetch("SELECT * FROM requests")}
         report = await UsageStore(database).usage(since=0, by="user")
@@ -117,7 +118,7 @@ async def test_records_survive_their_content(
 async def test_a_record_refused_as_it_is_is_stored_escaped_and_clamped(database_url: str) -> None:
     """The last resort, for text or numbers that reach a record by a way the edge does not check (a
     site's adaptor, a user name): the batch is refused, the record goes in made storable."""
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     try:
         sink = RecordSink(UsageStore(database), batch_size=10, flush_seconds=60)
         sink.start()

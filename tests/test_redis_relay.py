@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio
 
 from adaptors import StreamError
-from proxy.core import redis_relay
-from proxy.core import relay as relay_module
-from proxy.core.redis_relay import (
+from proxy.core import callback_relay, callback_relay_redis
+from proxy.core.callback_relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
+from proxy.core.callback_relay_redis import (
     COMMAND_CONNECTIONS,
     COMMAND_TIMEOUT_SECONDS,
     READ_BLOCK_SECONDS,
@@ -23,7 +23,6 @@ from proxy.core.redis_relay import (
     READ_MARGIN_SECONDS,
     READERS,
 )
-from proxy.core.relay import Delivery, Event, RelayedStream, RelayFull, RelayUnavailable
 from proxy.core.state import STATE
 from tests.conftest import Server, start_gateway
 from tests.redis_server import RedisServer
@@ -221,7 +220,7 @@ async def test_a_stream_full_for_too_long_is_ended(
 ) -> None:
     """A client that never reads again (its process died, or it hangs) does not hold the function's
     callbacks for ever: past the back-pressure limit the stream ends, and callbacks answer 410."""
-    monkeypatch.setattr(redis_relay, "BACKPRESSURE_LIMIT_SECONDS", 1.0)
+    monkeypatch.setattr(callback_relay_redis, "BACKPRESSURE_LIMIT_SECONDS", 1.0)
     runner, gateway = await start_gateway(
         relay_config(tmp_path, backend, redis_server.url, max_queued_chunks=5)
     )
@@ -255,7 +254,7 @@ async def test_a_process_relays_at_most_max_streams(
 ) -> None:
     """Streams opened and never read (the request failed in between) stop counting once they have
     outlived any client's stream."""
-    monkeypatch.setattr(relay_module, "ABANDONED_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(callback_relay, "ABANDONED_GRACE_SECONDS", 0.5)
     redis_url = redis_server.url if transport == "redis" else None
     config = relay_config(tmp_path, backend, redis_url, max_streams=3, total_timeout_seconds=1)
     runner, gateway = await start_gateway(config)

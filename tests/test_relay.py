@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from adaptors import StreamError
-from proxy.core.relay import RelayedStream
+from proxy.core.callback_relay import RelayedStream
 from proxy.core.state import STATE
 from tests.conftest import Server, start_gateway, write_gateway_config
 

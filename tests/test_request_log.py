@@ -24,9 +24,12 @@ from proxy.core.recorder import Recorder
 from proxy.metrics.prometheus import Metrics
 from proxy.process.cli import main
 from proxy.process.usage_cli import parse_time
-from proxy.records import request_log
+from proxy.records import line_writer
 from proxy.records.database import Database, DatabaseUnavailable
-from proxy.records.request_log import LineWriter, RecordSink, RequestRecord, default_lock_path
+from proxy.records.line_writer import LineWriter, default_lock_path
+from proxy.records.record import RequestRecord
+from proxy.records.record_sink import RecordSink
+from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
 from tests.postgres_server import PostgresServer
 from tests.support import CHAT_MODEL, EMBED_MODEL, write_gateway_config
@@ -107,7 +110,7 @@ class FakeStore(UsageStore):
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await Database.connect(database_url)
+    database = await connect(database_url)
     yield database
     await database.close()
 
@@ -283,7 +286,7 @@ async def test_full_buffer_drops_new_records_and_counts_them(db: Database) -> No
 
 async def test_postgres_going_away_and_coming_back_loses_no_record(postgres_server: PostgresServer) -> None:
     url = await postgres_server.create_database("test_request_log_outage")
-    db = await Database.connect(url)
+    db = await connect(url)
     store = RecordingStore(db)
     sink = RecordSink(store, batch_size=4, flush_seconds=0.05, retry_seconds=0.2)
     sink.start()
@@ -310,7 +313,7 @@ async def test_close_gives_up_after_its_timeout_while_postgres_is_down(
     postgres_server: PostgresServer,
 ) -> None:
     url = await postgres_server.create_database("test_request_log_close")
-    db = await Database.connect(url)
+    db = await connect(url)
     sink = RecordSink(UsageStore(db), batch_size=100, flush_seconds=60, retry_seconds=0.1)
     sink.start()
     await postgres_server.stop()
@@ -391,13 +394,13 @@ def test_lines_leave_in_atomic_writes_and_the_rest_on_flush(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[bytes] = []
-    real_write = request_log._write_all
+    real_write = line_writer._write_all
 
     def counted(fd: int, data: bytes) -> None:
         writes.append(data)
         real_write(fd, data)
 
-    monkeypatch.setattr(request_log, "_write_all", counted)
+    monkeypatch.setattr(line_writer, "_write_all", counted)
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     writer = LineWriter(write_end, lock_path=tmp_path / "log.lock")

@@ -31,7 +31,7 @@ from proxy.core.limits import NO_LEASE, Lease, Limited, Limiter
 from proxy.core.registry import TokenLimits
 from proxy.core.retry_join import joining_of
 from proxy.core.state import STATE, GatewayState
-from proxy.core.streaming import relay
+from proxy.core.streaming import write_stream
 from proxy.core.usage import Usage, UsageScanner, ask_for_usage, usage_scanner
 from proxy.errors import ApiError, adaptor_failed
 from proxy.metrics.prometheus import EndpointMeters
@@ -93,7 +93,7 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
     registry = state.registry
     if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
         raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
-    generation = registry.leases
+    generation = registry.holds
     generation.take()
     try:
         limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
@@ -171,7 +171,7 @@ async def _stream(
                 opened.error_detail,
             )
         stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
-        ended = await relay(request, scanner.scan(stream), on_first_chunk=lambda: _first(served))
+        ended = await write_stream(request, scanner.scan(stream), on_first_chunk=lambda: _first(served))
         served.response = ended.response
         if ended.error is not None:
             served.error = ended.error.detail or ended.error.message

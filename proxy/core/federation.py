@@ -65,7 +65,7 @@ class Candidate:
 def worth_another_endpoint(error: ApiError) -> bool:
     """Whether a failed attempt may succeed elsewhere. Only asked of errors raised by an attempt,
     which nothing has reached the client yet: a non-streamed request is answered only at its end,
-    and `relay` sends the headers with the first chunk and raises no error after it."""
+    and `write_stream` sends the headers with the first chunk and raises no error after it."""
     return error.status in RETRY_STATUSES
 
 
@@ -222,8 +222,8 @@ class Federation:
 
 
 async def name_serving_endpoint(request: web.Request, response: web.StreamResponse) -> None:
-    """On every response of a federated request, streams included: relay prepares the stream's
-    headers itself, with its first chunk, so they are added as it does."""
+    """On every response of a federated request, streams included: `write_stream` prepares the
+    stream's headers itself, with its first chunk, so they are added as it does."""
     slug = request.get(SERVED_BY)
     if slug is not None:
         response.headers[ENDPOINT_HEADER] = slug

@@ -15,8 +15,10 @@ from proxy.core.exchange import Exchange, Served
 from proxy.core.identity import USER
 from proxy.core.usage import Usage
 from proxy.metrics.prometheus import Metrics
+from proxy.records.line_writer import LineWriter
+from proxy.records.record import RECORD_DELAY_SECONDS, RequestRecord
 from proxy.records.record_keeping import UnauthenticatedSampler
-from proxy.records.request_log import RECORD_DELAY_SECONDS, LineWriter, RecordSink, RequestRecord
+from proxy.records.record_sink import RecordSink
 from proxy.records.storable import stored_text
 
 

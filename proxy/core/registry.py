@@ -112,7 +112,7 @@ class TokenLimits:
     user: int | None
 
 
-class Leases:
+class GenerationHolds:
     """Requests still using one generation of adaptors: a reload shuts the old generation down
     only once the last of them has ended, so nothing in flight loses its backend connection."""
 
@@ -140,7 +140,7 @@ class Registry:
     endpoints: dict[str, BaseEndpoint]
     token_limits: dict[str, TokenLimits] = field(default_factory=dict)
     """endpoint slug → the entry's `tpm_model` / `tpm_user` (tokens per minute; None or 0: no limit)"""
-    leases: Leases = field(default_factory=Leases)
+    holds: GenerationHolds = field(default_factory=GenerationHolds)
 
     def adaptors(self) -> Iterator[BaseEndpoint | BaseCluster]:
         yield from self.clusters.values()
@@ -149,9 +149,9 @@ class Registry:
     def replace(self, new: Registry) -> Registry:
         """Serve `new` from now on, in place (every holder of this object sees it at once); returns
         the previous generation, for retiring."""
-        old = Registry(self.clusters, self.endpoints, self.token_limits, self.leases)
+        old = Registry(self.clusters, self.endpoints, self.token_limits, self.holds)
         self.clusters, self.endpoints = new.clusters, new.endpoints
-        self.token_limits, self.leases = new.token_limits, new.leases
+        self.token_limits, self.holds = new.token_limits, new.holds
         return old
 
 

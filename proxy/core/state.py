@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proxy.core.body_limits import BodyDeadline, LargeBodies
+from proxy.core.callback_relay import Relay
 from proxy.core.federation import Federation
 from proxy.core.jobs import JobsCache
 from proxy.core.limits import Limiter
 from proxy.core.maintenance import Maintenance
 from proxy.core.recorder import Recorder
 from proxy.core.registry import Registry
-from proxy.core.relay import Relay
 from proxy.core.retry_join import RetryJoins
 from proxy.core.task_book import TaskBook
 from proxy.metrics.prometheus import Metrics

@@ -33,7 +33,9 @@ def sse_error_event(status: int, message: str, envelope: Envelope = "openai") ->
 
 
 @dataclass
-class Relayed:
+class StreamEnd:
+    """How a stream written to the client ended: what the request's record and metrics need."""
+
     response: web.StreamResponse
     completed: bool
     """False when the client went away before the end."""
@@ -42,9 +44,9 @@ class Relayed:
     that the request's record and metrics do not count it as a success."""
 
 
-async def relay(
+async def write_stream(
     request: web.Request, chunks: AsyncIterator[bytes], on_first_chunk: Callable[[], None] | None = None
-) -> Relayed:
+) -> StreamEnd:
     """The headers leave with the first item, a keep-alive comment included; `on_first_chunk` is
     called at the first item that is not a comment, the model's first output."""
     response = web.StreamResponse(headers=SSE_HEADERS)
@@ -81,7 +83,7 @@ async def relay(
         completed = await _fail(request, response, error)
     finally:
         await _close(chunks)
-    return Relayed(response, completed, error)
+    return StreamEnd(response, completed, error)
 
 
 async def _fail(request: web.Request, response: web.StreamResponse, error: ApiError) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from adaptors.remote_errors import remote_error
-from proxy.core.relay import Delivery, Event, RelayUnavailable, sse_lines
+from proxy.core.callback_relay import Delivery, Event, RelayUnavailable, sse_lines
 from proxy.core.state import STATE
 from proxy.edge.bodies import read_body
 from proxy.errors import ApiError

@@ -13,17 +13,19 @@ from aiohttp import web
 from adaptors import AdaptorContext
 from adaptors.context import AnswerLimits
 from proxy.core.body_limits import BodyDeadline, LargeBodies
+from proxy.core.callback_relay import LocalRelay, Relay
+from proxy.core.callback_relay_redis import RedisRelay
 from proxy.core.federation import Federation, name_serving_endpoint
 from proxy.core.globus_auth import GlobusAuthenticator
 from proxy.core.identity import Authenticator
 from proxy.core.jobs import JobsCache, jobs_reader
-from proxy.core.limits import Limiter, LocalLimiter, RedisLimiter
+from proxy.core.limits import Limiter
+from proxy.core.limits_local import LocalLimiter
+from proxy.core.limits_redis import RedisLimiter
 from proxy.core.maintenance import Maintenance
 from proxy.core.maintenance_redis import maintenance_from_redis
 from proxy.core.recorder import Recorder
-from proxy.core.redis_relay import RedisRelay
 from proxy.core.registry import Registry, load_registry
-from proxy.core.relay import LocalRelay, Relay
 from proxy.core.retry_join import RetryJoins
 from proxy.core.state import STATE, GatewayState
 from proxy.core.static_auth import StaticAuthenticator
@@ -42,8 +44,9 @@ from proxy.metrics.prometheus import AdaptorTelemetry, Metrics, metrics_handler
 from proxy.process.reload import Reloader, shut_down, sighup_reloads
 from proxy.process.reload_report import report_path
 from proxy.records.batch_store import BatchStore
+from proxy.records.line_writer import LineWriter
 from proxy.records.record_keeping import prune_forever
-from proxy.records.request_log import LineWriter, RecordSink
+from proxy.records.record_sink import RecordSink
 from proxy.records.standby_database import StandbyDatabase
 from proxy.records.usage_store import UsageStore
 from proxy.settings import GatewaySettings

@@ -96,7 +96,7 @@ class Reloader:
 
 async def _retire(old: Registry) -> None:
     try:
-        await old.leases.idle()
+        await old.holds.idle()
     finally:
         await shut_down(old)
 

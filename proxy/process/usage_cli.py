@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from typing import Any, Final, cast, get_args
 
 from proxy.process.command_line import Subparsers, add_config_option
-from proxy.records.database import Database, DatabaseUnavailable, redact
+from proxy.records.database import DatabaseUnavailable, redact
+from proxy.records.schema import connect
 from proxy.records.usage_store import UsageBy, UsageStore
 from proxy.settings import load_settings
 from proxy.settings.files import ConfigError
@@ -126,7 +127,7 @@ async def _usage(
     url: str, since: float, until: float | None, by: list[UsageBy], answered_only: bool
 ) -> list[dict[str, Any]]:
     # A report sums a whole period: an operator waits for it longer than a request would.
-    database = await Database.connect(url, statement_timeout=REPORT_TIMEOUT_SECONDS)
+    database = await connect(url, statement_timeout=REPORT_TIMEOUT_SECONDS)
     try:
         return await UsageStore(database).usage(since, until, by, answered_only)
     finally:

@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 
 from proxy.process.command_line import Subparsers, add_config_option
 from proxy.process.usage_cli import time_argument
-from proxy.records.database import Database, DatabaseUnavailable, redact
+from proxy.records.database import DatabaseUnavailable, redact
 from proxy.records.record_keeping import DAY, prune
+from proxy.records.schema import connect
 from proxy.settings import load_settings
 from proxy.settings.files import ConfigError
 
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _prune(url: str, before: float) -> int:
-    database = await Database.connect(url)
+    database = await connect(url)
     try:
         return await prune(database, before)
     finally:

@@ -1,4 +1,4 @@
-"""Batch jobs in the durable store (the ``batches`` table of migration 1).
+"""Batch jobs in the durable store: the ``batches`` table, its schema and its queries.
 
 The gateway keeps every batch it forwarded, so status and results survive a restart and every gateway
 process of a deployment sees the same batches. A batch is reserved before the backend hears of it, which
@@ -13,7 +13,40 @@ from dataclasses import astuple, dataclass, fields
 from typing import Any, Final, Literal
 
 from adaptors import BatchStatusEnum
-from proxy.records.database import Database, Row
+from proxy.records.database import Database, Migration, Row
+
+BATCHES_MIGRATIONS: Final[list[Migration]] = [
+    (
+        1,
+        "batches",
+        [
+            """CREATE TABLE batches (
+                id TEXT PRIMARY KEY,
+                user_id TEXT NOT NULL,
+                username TEXT NOT NULL,
+                cluster TEXT NOT NULL,
+                framework TEXT NOT NULL,
+                model TEXT NOT NULL,
+                endpoint_slug TEXT NOT NULL,
+                input_file TEXT NOT NULL,
+                output_folder_path TEXT,
+                task_ids TEXT,
+                status TEXT NOT NULL,
+                result TEXT,
+                error TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                in_progress_at DOUBLE PRECISION,
+                completed_at DOUBLE PRECISION,
+                failed_at DOUBLE PRECISION,
+                updated_at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX batches_username_status ON batches (username, status)",
+            "CREATE INDEX batches_status_created ON batches (status, created_at)",
+        ],
+    ),
+]
+"""The ``batches`` table's part of ``proxy.records.schema.MIGRATIONS``: append only, a released
+version is never edited, since databases in the field already recorded it."""
 
 ACTIVE: Final = tuple(status.value for status in BatchStatusEnum if not status.finished)
 FINISHED: Final = tuple(status.value for status in BatchStatusEnum if status.finished)

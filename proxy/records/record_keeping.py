@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from proxy.records.database import Database, DatabaseUnavailable
-from proxy.records.request_log import RequestRecord
+from proxy.records.record import RequestRecord
 
 log = logging.getLogger(__name__)
 

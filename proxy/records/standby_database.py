@@ -4,7 +4,7 @@ Inference needs no database: only batches and the stored request records do. So 
 database cannot be reached when it starts serves anyway; until a background task connects (and
 migrates), every statement raises ``DatabaseUnavailable``, which the batch routes answer with a 503
 and the request records' sink answers by keeping its (bounded) buffer and retrying. Once connected,
-the underlying database reconnects by itself (see ``proxy.records.database``).
+the underlying database reconnects by itself (see ``proxy.records.postgres_database``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from proxy.records.database import Database, DatabaseUnavailable, Row, Transaction, redact
+from proxy.records.schema import connect
 from proxy.settings.database import DatabaseSettings
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class StandbyDatabase(Database):
         return self._database is not None
 
     async def _connect(self) -> None:
-        self._database = await Database.connect(
+        self._database = await connect(
             self._url,
             timeout=self._settings.connect_timeout_seconds,
             statement_timeout=self._settings.statement_timeout_seconds,

@@ -1,7 +1,7 @@
-"""Per-request records in the durable store (the ``requests`` table of migration 2), and usage reports.
+"""Per-request records in the durable store: the ``requests`` table, its schema, and usage reports.
 
 An allocation committee asks who used how many tokens on which model over a period: the gateway keeps one
-row per request (written in batches by ``proxy.records.request_log.RecordSink``) and ``usage`` sums the
+row per request (written in batches by ``proxy.records.record_sink.RecordSink``) and ``usage`` sums the
 answered ones per user, model, cluster, day or hour, in the database, over an indexed time range.
 """
 
@@ -13,8 +13,66 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
-from proxy.records.database import Database, Dialect, Row
-from proxy.records.request_log import RequestRecord
+from proxy.records.database import Database, Dialect, Migration, Row
+from proxy.records.record import RequestRecord
+
+REQUESTS_MIGRATIONS: Final[list[Migration]] = [
+    (
+        2,
+        "requests",
+        [
+            # (request_id, started_at) is the key so that re-sending a batch whose commit went
+            # unacknowledged (the connection dropped after COMMIT) inserts nothing twice, see
+            # _INSERT_SQL; request_id alone is not unique, a client may choose its X-Request-ID.
+            """CREATE TABLE requests (
+                request_id TEXT NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                duration_ms DOUBLE PRECISION NOT NULL,
+                ttfc_ms DOUBLE PRECISION,
+                method TEXT NOT NULL,
+                route TEXT NOT NULL,
+                path TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                user_id TEXT,
+                username TEXT,
+                cluster TEXT,
+                framework TEXT,
+                model TEXT,
+                endpoint_slug TEXT,
+                stream INTEGER NOT NULL,
+                prompt_tokens INTEGER,
+                completion_tokens INTEGER,
+                total_tokens INTEGER,
+                task_id TEXT,
+                client_ip TEXT,
+                error TEXT,
+                prompt TEXT,
+                result TEXT,
+                PRIMARY KEY (request_id, started_at)
+            )""",
+            "CREATE INDEX requests_started ON requests (started_at)",
+            "CREATE INDEX requests_username_started ON requests (username, started_at)",
+            "CREATE INDEX requests_model_started ON requests (model, started_at)",
+        ],
+    ),
+    (
+        3,
+        "requests_fewer_indexes",
+        [
+            # Usage reports select a time range and group it (requests_started serves them); these two
+            # served no query and cost every stored request a fifth of its insert time.
+            "DROP INDEX requests_username_started",
+            "DROP INDEX requests_model_started",
+        ],
+    ),
+    (
+        4,
+        "requests_usage_estimated",
+        ["ALTER TABLE requests ADD COLUMN usage_estimated INTEGER NOT NULL DEFAULT 0"],
+    ),
+]
+"""The ``requests`` table's part of ``proxy.records.schema.MIGRATIONS``: append only, a released
+version is never edited, since databases in the field already recorded it."""
 
 UsageBy = Literal["user", "model", "cluster", "day", "hour"]
 

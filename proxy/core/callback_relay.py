@@ -1,8 +1,8 @@
-"""The stream relay: chunks that remote functions POST to the callback routes, delivered to the
+"""The callback relay: chunks that remote functions POST to the callback routes, delivered to the
 client waiting on the stream, in order and as they arrive.
 
-`LocalRelay` keeps each stream in an in-process queue. `RedisRelay` (proxy/core/redis_relay.py) keeps
-streams in Redis, so a callback that lands on another gateway process or host still reaches the
+`LocalRelay` keeps each stream in an in-process queue. `RedisRelay` (proxy/core/callback_relay_redis.py)
+keeps streams in Redis, so a callback that lands on another gateway process or host still reaches the
 client. Both share the client side (`RelayedStream`), which enforces the limits: the wait for the
 first chunk, the silence between chunks and the total time, with comment keep-alives while the
 backend is silent.

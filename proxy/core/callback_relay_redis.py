@@ -1,4 +1,4 @@
-"""The stream relay in Redis, for several gateway processes or hosts: a callback that lands on another
+"""The callback relay in Redis, for several gateway processes or hosts: a callback that lands on another
 process than the one holding the client still reaches it.
 
 Each relay stream is a state hash (token digest, state, data posts) and a Redis stream of events.
@@ -34,7 +34,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from proxy.core.relay import (
+from proxy.core.callback_relay import (
     ABANDONED_GRACE_SECONDS,
     ORDERING_GRACE_SECONDS,
     Delivery,
