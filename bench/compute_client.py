@@ -13,7 +13,7 @@ next status poll, so the baseline must poll exactly as the gateway does, or the 
 polling strategies rather than the gateway:
 
 - one poller for every task in flight, which sleeps the poll interval and then asks about all pending
-  tasks at once (`ComputeClientV2.get_task_batch`), as `adaptors.globus_compute.ComputeService` does;
+  tasks at once (`ComputeClientV2.get_task_batch`), as `adaptors.compute_service.ComputeService` does;
   a poller per request, started at its submit, would wait a fixed interval instead of a random share of
   the poll cycle, and would send C times as many polls;
 - the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON serializer,

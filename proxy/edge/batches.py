@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from adaptors import BaseEndpoint
+from adaptors import BaseEndpoint, BatchStatusEnum
 from proxy.core import contract
 from proxy.core.identity import USER
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
@@ -25,13 +25,11 @@ from proxy.core.registry import Registry
 from proxy.core.state import STATE
 from proxy.edge.bodies import read_valid
 from proxy.errors import ApiError, adaptor_failed
-from proxy.records.batch_store import BatchRecord, BatchStore
+from proxy.records.batch_store import STATUSES, BatchRecord, BatchStore
 from proxy.records.database import DatabaseTimeout, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
-
-STATUSES = ("pending", "running", "completed", "failed")
 
 
 def add_batch_routes(app: web.Application, base_path: str) -> None:
@@ -85,10 +83,10 @@ async def batch_status(request: web.Request) -> web.Response:
 
 async def batch_result(request: web.Request) -> web.Response:
     record = await _owned(request)
-    if record.status == "failed":
+    if record.status == BatchStatusEnum.failed:
         reason = record.error or "no reason given"
         raise ApiError(400, f"Batch {record.id} failed: {reason}", code="batch_failed")
-    if record.status != "completed" or record.result is None:
+    if record.status != BatchStatusEnum.completed or record.result is None:
         message = f"Batch {record.id} is {record.status}; its result is not ready."
         raise ApiError(400, message, code="batch_pending")
     return web.Response(text=record.result, content_type="application/json")
@@ -107,7 +105,7 @@ def _new_record(body: dict[str, Any], endpoint: BaseEndpoint, user_id: str, user
         input_file=body["input_file"],
         output_folder_path=body.get("output_folder_path"),
         task_ids=None,
-        status="pending",
+        status=BatchStatusEnum.pending.value,
         result=None,
         error=None,
         created_at=now,
