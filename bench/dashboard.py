@@ -9,6 +9,10 @@ few (the product of two uniform draws), over 3 clusters and 8 models, 3% refused
 streamed. Each page is asked `--rounds` times as the browser asks it (a 30-day and a 365-day period,
 the users page with and without a search, one user's history) through the dashboard's own query
 functions; the table shows the median and the slowest. Target: under 500 ms each.
+
+`--postgres` keeps its throwaway server's data in /dev/shm when there is one (tests/postgres_server.py):
+about 3 GB of memory for 10 million records, freed when the run ends; stop a run with Ctrl-C, not
+SIGKILL, or its server stays behind.
 """
 
 from __future__ import annotations
