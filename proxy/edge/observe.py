@@ -10,6 +10,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Collection
 from typing import Final
 
 from aiohttp import web
@@ -32,7 +33,12 @@ CLIENT_CLOSED: Final = 499
 CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
 
 
-def observe_middleware(metrics: Metrics, recorder: Recorder) -> Middleware:
+def observe_middleware(
+    metrics: Metrics, recorder: Recorder, quiet: Collection[str] = QUIET_ROUTES
+) -> Middleware:
+    """``quiet``: route names that get only a request id (QUIET_ROUTES, and the dashboard's pages:
+    an administrator looking at usage is not usage)."""
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         exchange = Exchange(
@@ -42,7 +48,7 @@ def observe_middleware(metrics: Metrics, recorder: Recorder) -> Middleware:
             route=_route(request),
         )
         request[EXCHANGE] = exchange
-        if request.match_info.route.name in QUIET_ROUTES:
+        if request.match_info.route.name in quiet:
             return await handler(request)
         in_flight = metrics.in_flight.labels(exchange.route)
         in_flight.inc()

@@ -30,13 +30,14 @@ from proxy.core.retry_join import RetryJoins
 from proxy.core.state import STATE, GatewayState
 from proxy.core.static_auth import StaticAuthenticator
 from proxy.core.task_book import build_task_book
+from proxy.dashboard.routes import DASHBOARD_ROUTES, add_dashboard
 from proxy.edge.authentication import auth_middleware
 from proxy.edge.batches import add_batch_routes, advance_forever
 from proxy.edge.callbacks import CALLBACK_ROUTES, add_callback_routes
 from proxy.edge.headers import single_authorization
 from proxy.edge.malformed import answer_malformed_requests_in_json
 from proxy.edge.middleware import openai_errors
-from proxy.edge.observe import add_request_id, observe_middleware
+from proxy.edge.observe import QUIET_ROUTES, add_request_id, observe_middleware
 from proxy.edge.routes import PUBLIC_ROUTES, add_routes
 from proxy.edge.staging import add_staging_routes
 from proxy.edge.tasks import add_task_routes
@@ -81,7 +82,7 @@ def create_app(
     handling."""
     answer_malformed_requests_in_json()
     metrics = Metrics(settings.metrics.enabled)
-    public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"}
+    public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"} | DASHBOARD_ROUTES
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
     recorder = Recorder(
@@ -95,7 +96,7 @@ def create_app(
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
-            observe_middleware(metrics, recorder),
+            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES),
             openai_errors,
             single_authorization,
             authenticate,
@@ -121,6 +122,7 @@ def create_app(
     app.on_cleanup.append(lambda _: state.tasks.close())
     add_staging_routes(app, settings.server.base_path, settings.data_staging)
     _add_metrics(app, settings, metrics)
+    add_dashboard(app, settings, authenticator)
     limits = AnswerLimits(settings.server.max_answer_bytes, settings.server.max_error_bytes)
     app.cleanup_ctx.append(_adaptor_lifecycle(reloader, settings.server.adaptor_threads, limits))
     app.cleanup_ctx.append(_database_lifecycle(settings))

@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError
 from proxy.env_values import JsonMapping
 from proxy.settings.auth import AuthSettings
 from proxy.settings.batches import BatchSettings, TaskSettings
+from proxy.settings.dashboard import DashboardSettings
 from proxy.settings.database import DatabaseSettings
 from proxy.settings.files import ConfigError, OptionalUrl, Strict, describe_validation_error, load_document
 from proxy.settings.observability import MetricsSettings, RequestLogSettings
@@ -42,6 +43,7 @@ class GatewaySettings(Strict):
     limits: LimitSettings = LimitSettings()
     request_log: RequestLogSettings = RequestLogSettings()
     database: DatabaseSettings = DatabaseSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     maintenance: JsonMapping = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Field(
         default=Path("maintenance.yaml"), description="what `inference-gateway maintenance` writes"

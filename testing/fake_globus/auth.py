@@ -55,7 +55,7 @@ from testing.fake_globus.identities import (
     Token,
     service_user,
 )
-from testing.fake_globus.login import NativeLogins
+from testing.fake_globus.login import NativeLogins, WebLogins
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -124,6 +124,8 @@ class FakeGlobus:
         """Researchers' native-app logins: register the login app in ``logins.native_clients``."""
         self.records = ClientRecords(self)
         """The project's policies and clients, as ``--check-config --online`` reads them."""
+        self.web_logins = WebLogins(self)
+        """Web applications' logins (authorization code flow of a confidential client)."""
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -186,6 +188,19 @@ class FakeGlobus:
         if record is not None:
             record.active = False
 
+    def is_client(self, client_id: str) -> bool:
+        return client_id in self._clients
+
+    def is_live(self, token: str) -> bool:
+        return self._live(token) is not None
+
+    def groups_token_for(self, user: FakeUser, client_id: str) -> str:
+        """A Groups token for ``user``, obtained by ``client_id`` (a login's, not a dependent token)."""
+        token = f"groups-{secrets.token_urlsafe(16)}"
+        self.add_token(token, user, scope=GROUPS_SCOPE, client_id=client_id)
+        self._groups_tokens[token] = self._tokens[token]
+        return token
+
     def count(self, path_suffix: str) -> int:
         """How many requests hit a path ending with ``path_suffix``."""
         return sum(1 for r in self.requests if r.path.endswith(path_suffix))
@@ -245,6 +260,8 @@ class FakeGlobus:
         app.router.add_post("/auth/v2/oauth2/token/introspect", self._introspect)
         app.router.add_post("/auth/v2/oauth2/token", self._token)
         app.router.add_post("/auth/v2/oauth2/token/revoke", self._revoke)
+        app.router.add_get("/auth/v2/oauth2/authorize", self._authorize)
+        app.router.add_get("/auth/v2/oauth2/userinfo", self._userinfo)
         app.router.add_get("/auth/v2/api/policies/{policy_id}", self.records.policy)
         app.router.add_get("/auth/v2/api/clients/{client_id}", self.records.client)
         app.router.add_get("/auth/v2/api/clients/{client_id}/scopes/{scope_id}", self.records.client_scope)
@@ -333,6 +350,12 @@ class FakeGlobus:
         body.update(record.extra)
         return web.json_response(body)
 
+    async def _authorize(self, request: web.Request) -> web.Response:
+        return self.web_logins.authorize(dict(request.query))
+
+    async def _userinfo(self, request: web.Request) -> web.Response:
+        return self.web_logins.userinfo(request.headers.get("Authorization", ""))
+
     async def _revoke(self, request: web.Request) -> web.Response:
         return self.logins.revoke({k: str(v) for k, v in (await request.post()).items()})
 
@@ -345,9 +368,13 @@ class FakeGlobus:
         form = await request.post()
         if form.get("grant_type") == CLIENT_CREDENTIALS_GRANT:
             return self._client_credentials(client_id, str(form.get("scope", "")))
+        if form.get("grant_type") == "authorization_code":
+            return self.web_logins.token(client_id, {k: str(v) for k, v in form.items()})
         if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
             return auth_error(
-                400, "UNSUPPORTED_GRANT_TYPE", "only dependent token and client credentials grants are faked"
+                400,
+                "UNSUPPORTED_GRANT_TYPE",
+                "only dependent token, client credentials and authorization code grants are faked",
             )
         record = self._live(str(form.get("token", "")))
         if record is None:

@@ -12,6 +12,22 @@ What the real service does, and so this fake (globus-sdk 4's NativeAppAuthClient
   other_tokens`. A refresh token stays valid until revoked. Bad grants are 400 `invalid_grant`.
 - `POST /v2/oauth2/token/revoke` with `token` and `client_id`: always 200 `{"active": false}`.
 Access tokens issued here are registered with the fake, so the gateway introspects them as the user.
+
+And a web application's login (the dashboard's), the authorization code flow of a confidential client
+(globus-sdk 4's ConfidentialAppAuthClient.oauth2_start_flow / oauth2_get_authorize_url /
+oauth2_exchange_code_for_tokens send these), with :class:`WebLogins`:
+- `GET /v2/oauth2/authorize?client_id&redirect_uri&scope&state&response_type=code&access_type=online`:
+  Globus shows its login page and then sends the browser to `redirect_uri?code=...&state=...`. The fake
+  signs in whoever the test put in ``signed_in`` at once (a real browser follows the redirect); with
+  nobody signed in it answers 401. A `redirect_uri` must be one the client registered
+  (``redirect_uris``), else 400 as Globus does.
+- `POST /v2/oauth2/token` with the client's Basic credentials, `grant_type=authorization_code`, `code`
+  and `redirect_uri` (the same as in the authorize URL; a code works once and only for its client): a
+  token per resource server, the first at the top level and the others in `other_tokens`: `auth.globus.org`
+  for `openid profile email`, `groups.api.globus.org` for the Groups scope. (Globus also sends a signed
+  `id_token` for `openid`; the fake sends none, so a client must not need it: userinfo says who.)
+- `GET /v2/oauth2/userinfo` with the auth.globus.org token: `sub, preferred_username, name, email,
+  identity_provider, identity_provider_display_name, organization, identity_set` (OpenID Connect).
 """
 
 from __future__ import annotations
@@ -22,12 +38,12 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from aiohttp import web
 
 from testing.fake_globus.documents import auth_error
-from testing.fake_globus.identities import FakeUser
+from testing.fake_globus.identities import GROUPS_SCOPE, FakeUser
 
 if TYPE_CHECKING:
     from testing.fake_globus.auth import FakeGlobus
@@ -116,6 +132,101 @@ class NativeLogins:
             "other_tokens": [],
         }
         return web.json_response(answer)
+
+
+AUTH_RESOURCE_SERVER = "auth.globus.org"
+OIDC_SCOPES = ("openid", "profile", "email")
+
+
+@dataclass
+class _WebCode:
+    client_id: str
+    user: FakeUser
+    scopes: list[str]
+    redirect_uri: str
+
+
+class WebLogins:
+    def __init__(self, fake: FakeGlobus) -> None:
+        self._fake = fake
+        self.signed_in: FakeUser | None = None
+        """Who signs in on Globus's login page when a browser is sent there."""
+        self.redirect_uris: set[str] = set()
+        self._codes: dict[str, _WebCode] = {}
+        self._userinfo: dict[str, FakeUser] = {}
+
+    def authorize(self, query: dict[str, str]) -> web.Response:
+        if not self._fake.is_client(query.get("client_id", "")) or query.get("response_type") != "code":
+            return auth_error(
+                400, "INVALID_REQUEST", "unknown client or not response_type=code", "invalid_request"
+            )
+        if query.get("redirect_uri") not in self.redirect_uris:
+            return auth_error(
+                400, "INVALID_REQUEST", "redirect_uri is not registered for this client", "invalid_request"
+            )
+        user = self.signed_in
+        if user is None:
+            return web.Response(status=401, text="Globus login page: nobody signs in")
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = _WebCode(
+            query["client_id"], user, query.get("scope", "").split(), query["redirect_uri"]
+        )
+        location = f"{query['redirect_uri']}?{urlencode({'code': code, 'state': query.get('state', '')})}"
+        raise web.HTTPFound(location)
+
+    def token(self, client_id: str, form: dict[str, str]) -> web.Response:
+        code = self._codes.pop(form.get("code", ""), None)
+        if code is None or code.client_id != client_id or code.redirect_uri != form.get("redirect_uri"):
+            return auth_error(400, "INVALID_GRANT", "invalid authorization code", "invalid_grant")
+
+        tokens: list[dict[str, Any]] = []
+        oidc = [scope for scope in code.scopes if scope in OIDC_SCOPES]
+        if oidc:
+            token = f"auth-{secrets.token_urlsafe(24)}"
+            self._fake.add_token(
+                token,
+                code.user,
+                scope=" ".join(oidc),
+                client_id=client_id,
+                exp=int(time.time()) + ACCESS_TOKEN_LIFETIME,
+            )
+            self._userinfo[token] = code.user
+            tokens.append(_token_entry(token, " ".join(oidc), AUTH_RESOURCE_SERVER))
+        if GROUPS_SCOPE in code.scopes:
+            token = self._fake.groups_token_for(code.user, client_id)
+            tokens.append(_token_entry(token, GROUPS_SCOPE, "groups.api.globus.org"))
+        if not tokens:
+            return auth_error(400, "INVALID_SCOPE", "no scope the fake knows", "invalid_scope")
+        return web.json_response({**tokens[0], "state": "_default", "other_tokens": tokens[1:]})
+
+    def userinfo(self, authorization: str) -> web.Response:
+        user = self._userinfo.get(authorization[7:]) if authorization.startswith("Bearer ") else None
+        if user is None or not self._fake.is_live(authorization[7:]):
+            return auth_error(401, "UNAUTHORIZED", "invalid or missing bearer token", "invalid_token")
+        primary = user.primary()
+        return web.json_response(
+            {
+                "sub": user.sub,
+                "preferred_username": user.username,
+                "name": user.name,
+                "email": primary.get("email"),
+                "identity_provider": primary["identity_provider"],
+                "identity_provider_display_name": primary["identity_provider_display_name"],
+                "organization": primary.get("organization"),
+                "last_authentication": int(time.time()) - 60,
+                "identity_set": [dict(identity) for identity in user.identities],
+            }
+        )
+
+
+def _token_entry(token: str, scope: str, resource_server: str) -> dict[str, Any]:
+    return {
+        "access_token": token,
+        "scope": scope,
+        "resource_server": resource_server,
+        "expires_in": ACCESS_TOKEN_LIFETIME,
+        "token_type": "Bearer",
+    }
 
 
 def _challenge(verifier: str) -> str:
