@@ -22,8 +22,9 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from proxy.records import schema
 from proxy.records.usage_rollups import roll_up
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import FakeUser
 from tests.dashboard_records import insert, insert_batches, records
-from tests.fake_globus import FakeGlobus, FakeUser
 from tests.support import Server, start_gateway, write_gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent
