@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import CHAT_MODEL, TOKENS, Server, start_gateway, write_gateway_config
+from tests.conftest import CHAT_MODEL, TOKENS, Server, free_port, start_gateway, write_gateway_config
+from tests.processes import backend_process, gateway_process
 
 FAST = {"poll_seconds": 0.05, "lease_seconds": 2}
 
@@ -53,6 +55,15 @@ async def finished(api: openai.AsyncOpenAI, batch_id: str, timeout: float = 30) 
             batch = await api.batches.retrieve(batch_id)
             if batch.status in ("completed", "failed", "expired", "cancelled"):
                 return batch
+            await asyncio.sleep(0.05)
+
+
+async def answered_lines(api: openai.AsyncOpenAI, batch_id: str, at_least: int) -> int:
+    async with asyncio.timeout(20):
+        while True:
+            counts = (await api.batches.retrieve(batch_id)).request_counts
+            if counts is not None and counts.completed >= at_least:
+                return counts.completed
             await asyncio.sleep(0.05)
 
 
@@ -190,9 +201,7 @@ async def test_cancel_keeps_finished_results(backend: Server, tmp_path: Path, da
             batch = await api.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
-            async with asyncio.timeout(10):
-                while (await api.batches.retrieve(batch.id)).request_counts.completed < 2:  # type: ignore[union-attr]
-                    await asyncio.sleep(0.05)
+            await answered_lines(api, batch.id, at_least=2)
             cancelling = await api.batches.cancel(batch.id)
             assert cancelling.status == "cancelling" and cancelling.cancelling_at
             done = await finished(api, batch.id)
@@ -206,3 +215,34 @@ async def test_cancel_keeps_finished_results(backend: Server, tmp_path: Path, da
     assert done.request_counts is not None
     assert 2 <= done.request_counts.completed < 40
     assert len(output) == done.request_counts.completed
+
+
+async def test_a_killed_gateway_resumes_its_batch_answering_each_line_once(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SIGKILL mid-batch, then a new gateway on the same database: its runner takes the lapsed lease
+    and skips every line already answered."""
+    lines = [line(f"n{i}", "[[delay=0.05]]") for i in range(100)]
+    async with backend_process(CHAT_MODEL) as (_, backend_url):
+        config = batch_config(tmp_path, backend_url, database_url, concurrent_per_batch=2)
+        port = free_port()
+        async with gateway_process(config, port=port) as first:
+            gateway = Server(url=f"{first.url}/resource_server", app=None)  # type: ignore[arg-type]
+            async with client(gateway) as api:
+                uploaded = await api.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+                batch = await api.batches.create(
+                    input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+                answered = await answered_lines(api, batch.id, at_least=10)
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait()
+        async with gateway_process(config, port=port) as second:
+            gateway = Server(url=f"{second.url}/resource_server", app=None)  # type: ignore[arg-type]
+            async with client(gateway) as api:
+                done = await finished(api, batch.id, timeout=60)
+                assert done.status == "completed" and done.output_file_id
+                output = parsed((await api.files.content(done.output_file_id)).content)
+    assert answered < 100, "the batch ended before the gateway was killed"
+    assert done.request_counts is not None and done.request_counts.completed == 100
+    assert done.error_file_id is None
+    assert [item["custom_id"] for item in output] == [f"n{i}" for i in range(100)]
