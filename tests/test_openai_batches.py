@@ -246,3 +246,26 @@ async def test_a_killed_gateway_resumes_its_batch_answering_each_line_once(
     assert done.request_counts is not None and done.request_counts.completed == 100
     assert done.error_file_id is None
     assert [item["custom_id"] for item in output] == [f"n{i}" for i in range(100)]
+
+
+async def test_size_limit_and_quota(backend: Server, tmp_path: Path, database_url: str) -> None:
+    one = jsonl([line("a")])
+    config = batch_config(
+        tmp_path, backend.url, database_url, max_file_bytes=len(one) * 2, max_user_bytes=len(one) * 2
+    )
+    runner, gateway = await start_gateway(config)
+    try:
+        async with client(gateway) as api:
+            with pytest.raises(openai.APIStatusError, match="larger than the gateway's limit") as large:
+                await api.files.create(file=("in.jsonl", one * 3), purpose="batch")
+            assert large.value.status_code == 413
+            kept = [await api.files.create(file=("in.jsonl", one), purpose="batch") for _ in range(2)]
+            with pytest.raises(openai.APIStatusError, match="quota") as quota:
+                await api.files.create(file=("in.jsonl", one), purpose="batch")
+            assert quota.value.status_code == 413
+            await api.files.delete(kept[0].id)
+            await api.files.create(file=("in.jsonl", one), purpose="batch")
+    finally:
+        await runner.cleanup()
+    assert sorted(path.name for path in (tmp_path / "batch-files").iterdir())[0].startswith("file-")
+    assert not [path for path in (tmp_path / "batch-files").iterdir() if path.name.startswith(".")]
