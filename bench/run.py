@@ -22,7 +22,9 @@ does the gateway's SDK work alone on CPU 1 against a gateway with a compute endp
 gateway's stream relay fed by the fake's function.
 
 Sections: overhead (direct against gateway, streams, slow streams), auth, observability, federation
-(bench/federation.py: the cluster-explicit route against the federated one), deployment
+(bench/federation.py: the cluster-explicit route against the federated one), batches
+(bench/openai_batches.py: a 10,000-line OpenAI batch against its lines sent live, and live requests
+during it), deployment
 (bench/deployment.py: nginx, one and two workers, 5,000 held streams), compute; `--only`
 runs the ones named (each needs only the backend it starts itself) and `--skip-compute` leaves out the
 slowest.
@@ -80,6 +82,7 @@ from bench.compute import (
 )
 from bench.deployment import DeploymentBench, deployment_checks, deployment_failures, deployment_rows
 from bench.federation import FederationBench, federation_checks, federation_failures, federation_rows
+from bench.openai_batches import BatchBench, batch_checks, batch_failures, batch_rows
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
 CONCURRENCIES: Final = (1, 16, 64)
@@ -119,7 +122,7 @@ OBSERVABILITY_DATABASE: Final = "obs.db"
 RECORDS_OFF: Final = {"stdout": False, "store": False}
 METRICS_OFF: Final = {"enabled": False}
 RECORDS_C64_RPS_RATIO: Final = "records_c64_rps_ratio"
-SECTIONS: Final = ("overhead", "auth", "observability", "federation", "deployment", "compute")
+SECTIONS: Final = ("overhead", "auth", "observability", "federation", "batches", "deployment", "compute")
 OTHER_CPU_WARNING: Final = 0.05
 """Beyond this share of CPUs 0 and 1 taken by other processes, a measure may be off by more than the
 5% the auth comparison judges."""
@@ -492,6 +495,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         **compute_checks(results.get("compute") or {}),
         **federation_checks(results.get("federation") or {}),
+        **batch_checks(results.get("batches") or {}),
         **deployment_checks(results.get("deployment") or {}),
     }
     return {
@@ -576,6 +580,9 @@ def markdown(results: dict[str, Any]) -> str:
     federation = results.get("federation")
     if federation:
         lines.extend(federation_rows(federation, judged))
+    batches = results.get("batches")
+    if batches:
+        lines.extend(batch_rows(batches, judged))
     deployment = results.get("deployment")
     if deployment:
         lines.extend(deployment_rows(deployment, judged))
@@ -719,6 +726,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             check_running(backend)
     if gateways and "federation" in sections:
         results["federation"] = FederationBench(workdir, args.seconds).run()
+    if gateways and "batches" in sections:
+        results["batches"] = BatchBench(workdir, args.seconds).run()
     if gateways and "deployment" in sections:
         results["deployment"] = DeploymentBench(workdir, args.seconds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
@@ -780,6 +789,7 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         found
         + compute_failures(results.get("compute") or {})
         + federation_failures(results.get("federation") or {})
+        + batch_failures(results.get("batches") or {})
         + deployment_failures(results.get("deployment") or {})
     )
 
