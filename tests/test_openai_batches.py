@@ -14,6 +14,7 @@ import openai
 import pytest
 import yaml
 
+from proxy.records.schema import connect
 from tests.conftest import CHAT_MODEL, TOKENS, Server, free_port, start_gateway, write_gateway_config
 from tests.processes import backend_process, gateway_process
 
@@ -269,3 +270,31 @@ async def test_size_limit_and_quota(backend: Server, tmp_path: Path, database_ur
         await runner.cleanup()
     assert sorted(path.name for path in (tmp_path / "batch-files").iterdir())[0].startswith("file-")
     assert not [path for path in (tmp_path / "batch-files").iterdir() if path.name.startswith(".")]
+
+
+async def test_expiry_stops_the_batch_and_reports_the_lines_not_run(
+    backend: Server, tmp_path: Path, database_url: str
+) -> None:
+    config = batch_config(tmp_path, backend.url, database_url, concurrent_per_batch=1)
+    runner, gateway = await start_gateway(config)
+    lines = [line(f"n{i}", "[[delay=0.1]]") for i in range(30)]
+    try:
+        async with client(gateway) as api:
+            uploaded = await api.files.create(file=("in.jsonl", jsonl(lines)), purpose="batch")
+            batch = await api.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h"
+            )
+            await answered_lines(api, batch.id, at_least=1)
+            database = await connect(database_url)
+            try:  # the completion window runs out now
+                await database.execute("UPDATE openai_batches SET expires_at = 0 WHERE id = ?", batch.id)
+            finally:
+                await database.close()
+            done = await finished(api, batch.id)
+            assert done.status == "expired" and done.expired_at and done.error_file_id
+            output = parsed((await api.files.content(done.output_file_id or "")).content)
+            errors = parsed((await api.files.content(done.error_file_id)).content)
+    finally:
+        await runner.cleanup()
+    assert {item["error"]["code"] for item in errors} == {"batch_expired"}
+    assert sorted(item["custom_id"] for item in output + errors) == sorted(f"n{i}" for i in range(30))

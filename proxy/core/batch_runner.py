@@ -139,15 +139,17 @@ class BatchRunner:
                     break
                 now = time.time()
                 try:
-                    status = await self._batches.lease(
+                    leased = await self._batches.lease(
                         batch_id, self.owner, now + self._settings.lease_seconds, now
                     )
                 except DatabaseUnavailable:
                     continue
-                if status is None:
+                if leased is None:
                     log.warning("lost the lease of batch %s; another runner continues it", batch_id)
                     work.cancel()
-                elif status == "cancelling":
+                    continue
+                run.batch.expires_at = leased.expires_at
+                if leased.status == "cancelling":
                     run.stopping = "cancelled"
             await work
             await self._batches.release(batch_id, self.owner)

@@ -205,8 +205,9 @@ class OpenAIBatchStore:
         )
         return [row["id"] for row in rows]
 
-    async def lease(self, batch_id: str, owner: str, until: float, now: float) -> str | None:
-        """Take or renew the batch's lease; its status when this owner holds it, else None."""
+    async def lease(self, batch_id: str, owner: str, until: float, now: float) -> OpenAIBatchRecord | None:
+        """Take or renew the batch's lease; the batch as it is now when this owner holds it, else
+        None. A runner reads a cancel, or a changed expiry, here."""
         changed = await self._db.execute(
             "UPDATE openai_batches SET lease_owner = ?, lease_until = ? WHERE id = ? "
             "AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)",
@@ -218,8 +219,7 @@ class OpenAIBatchStore:
         )
         if not changed:
             return None
-        row = await self._db.fetchone("SELECT status FROM openai_batches WHERE id = ?", batch_id)
-        return None if row is None else str(row["status"])
+        return await self.get(batch_id)
 
     async def release(self, batch_id: str, owner: str) -> None:
         await self._db.execute(
