@@ -1,7 +1,8 @@
 """Adaptor plug-ins and the contract they implement (see docs/adaptors.md)."""
 
 from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
-from adaptors.context import AdaptorContext
+from adaptors.configured import AdaptorConfig, ConfiguredCluster, ConfiguredEndpoint
+from adaptors.context import AdaptorContext, SharedResources
 from adaptors.endpoint import (
     BaseEndpoint,
     BatchStatusEnum,
@@ -13,20 +14,27 @@ from adaptors.endpoint import (
     SubmitTaskAsyncResponse,
     SubmitTaskResponse,
 )
+from adaptors.transport import TransportFailure, transport_failure
 
 __all__ = [
+    "AdaptorConfig",
     "AdaptorContext",
     "BaseCluster",
     "BaseEndpoint",
     "BatchStatusEnum",
+    "ConfiguredCluster",
+    "ConfiguredEndpoint",
     "GetBatchStatusResponse",
     "GetJobsResponse",
     "GetTaskResultResponse",
     "JobInfo",
     "Jobs",
+    "SharedResources",
     "StreamError",
     "SubmitBatchResponse",
     "SubmitStreamingTaskResponse",
     "SubmitTaskAsyncResponse",
     "SubmitTaskResponse",
+    "TransportFailure",
+    "transport_failure",
 ]

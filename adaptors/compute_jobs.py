@@ -1,4 +1,9 @@
-"""Refining a cluster's job report with what Globus Compute knows about each model's endpoint."""
+"""Refining a cluster's job report with what Globus Compute knows about each model's endpoint.
+
+The cluster's qstat function knows the jobs; the endpoint adaptors know their Compute endpoints'
+status (and cache it). `EndpointStatuses`, shared in the gateway (`AdaptorContext.shared`), lets the
+cluster ask the endpoint adaptor serving a job's model.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,28 @@ from adaptors.cluster import JobInfo, Jobs
 
 MODEL_STATUS = "Model Status"
 StatusReader = Callable[[], Awaitable[dict[str, Any] | None]]
+Served = tuple[str, str, str]
+"""(cluster, framework, model)"""
+
+
+class EndpointStatuses:
+    """The status reader of each started endpoint adaptor, by what it serves. A reload's new
+    adaptor takes the place of the old one, which then leaves without removing it."""
+
+    def __init__(self) -> None:
+        self._readers: dict[Served, StatusReader] = {}
+
+    def serve(self, served: Served, reader: StatusReader) -> None:
+        self._readers[served] = reader
+
+    def leave(self, served: Served, reader: StatusReader) -> None:
+        if self._readers.get(served) == reader:
+            del self._readers[served]
+
+    def reader(self, job: JobInfo, cluster_name: str) -> StatusReader | None:
+        """The existing gateway looks up a job's first model."""
+        model = job.Models.split(",")[0].strip()
+        return self._readers.get((cluster_name, job.Framework, model))
 
 
 async def mark_disconnected(jobs: Jobs, status_reader: Callable[[JobInfo], StatusReader | None]) -> None:

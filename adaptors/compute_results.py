@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import pickle
 from typing import Any
 
@@ -45,6 +46,15 @@ def read_result(serializer: ComputeSerializer, payload: str, accept_dill: bool) 
         return serializer.deserialize(payload)
     except Exception as exc:
         raise UnreadableResult(f"The task's result is unreadable ({type(exc).__name__}).") from None
+
+
+def as_json_text(value: Any) -> str:
+    """A function's return value as the answer's JSON text: the functions return a JSON string,
+    anything else is encoded here. Raises `ValueError` for a string that is not JSON."""
+    if isinstance(value, str):
+        json.loads(value)
+        return value
+    return json.dumps(value)
 
 
 class _PlainData(pickle.Unpickler):

@@ -9,12 +9,14 @@ included, and raises on failure. The client sees the same stream from both.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal, TypeGuard
 
+from adaptors.endpoint import StreamError
 from adaptors.relay import RelayStream
 from adaptors.remote_errors import remote_error
 
@@ -61,6 +63,32 @@ async def _one_done(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     finally:
         await close(events)
     yield DONE_EVENT
+
+
+async def with_watcher(events: AsyncIterator[bytes], watcher: asyncio.Task[None]) -> AsyncIterator[bytes]:
+    """The client's events while `watcher` follows the task. A failure before the first chunk is
+    the task's (it failed, or it is still running after the first-chunk limit): a retry would run
+    it again. Only an unavailable relay (503) is worth one."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except StreamError as exc:
+        if exc.code == 503:
+            raise
+        raise StreamError(exc.message, exc.code, retryable=False) from exc
+    finally:
+        watcher.cancel()
+        await close(events)
+
+
+async def drain(stream: RelayStream) -> None:
+    """Release a stream that never reached a client."""
+    events = stream.events()
+    try:
+        async for _ in events:
+            pass
+    except StreamError:
+        pass
 
 
 async def close(events: AsyncIterator[bytes]) -> None:

@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import globus_sdk
 
 from adaptors.compute_results import UnreadableResult
+from adaptors.compute_service import GLOBUS_COMPUTE, ComputeService
 from adaptors.endpoint import GetTaskResultResponse, SubmitTaskAsyncResponse
 from adaptors.remote_errors import remote_error
-
-if TYPE_CHECKING:
-    from adaptors.globus_compute import ComputeService
+from adaptors.transport import transport_failure
 
 log = logging.getLogger(__name__)
-
-UNREACHABLE = "Globus Compute did not answer; try again shortly."
 
 
 async def start_task(
@@ -45,7 +42,8 @@ async def start_task(
         )
     except globus_sdk.GlobusError as exc:
         log.warning("Globus Compute refused an asynchronous task: %s", type(exc).__name__)
-        return SubmitTaskAsyncResponse(error_code=503, error_message=UNREACHABLE)
+        failure = transport_failure(exc, GLOBUS_COMPUTE)
+        return SubmitTaskAsyncResponse(error_code=failure.status, error_message=failure.message)
     return SubmitTaskAsyncResponse(task_id=task_id)
 
 
@@ -54,7 +52,8 @@ async def task_result(service: ComputeService, task_id: str) -> GetTaskResultRes
         documents = await service.statuses([task_id])
     except globus_sdk.GlobusError as exc:
         log.warning("Globus Compute status of an asynchronous task failed: %s", type(exc).__name__)
-        return GetTaskResultResponse(error_code=503, error_message=UNREACHABLE)
+        failure = transport_failure(exc, GLOBUS_COMPUTE)
+        return GetTaskResultResponse(error_code=failure.status, error_message=failure.message)
     document = documents.get(task_id)
     if not isinstance(document, dict):
         return GetTaskResultResponse(error_code=502, error_message="Globus Compute does not know the task.")
@@ -68,10 +67,10 @@ async def task_result(service: ComputeService, task_id: str) -> GetTaskResultRes
             message = f"The task's result is unreadable ({type(exc).__name__})."
             return GetTaskResultResponse(error_code=502, error_message=message)
     if status == "failed" or "exception" in document:
-        failure = remote_error(str(document.get("exception") or document.get("reason") or ""))
-        if failure.detail is not None:
-            log.warning("asynchronous task %s failed: %s", task_id, failure.detail[:2000])
-        return GetTaskResultResponse(error_code=failure.status, error_message=failure.message)
+        remote = remote_error(str(document.get("exception") or document.get("reason") or ""))
+        if remote.detail is not None:
+            log.warning("asynchronous task %s failed: %s", task_id, remote.detail[:2000])
+        return GetTaskResultResponse(error_code=remote.status, error_message=remote.message)
     return GetTaskResultResponse()
 
 

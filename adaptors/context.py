@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from adaptors.relay import StreamRelay
 from adaptors.telemetry import NoTelemetry, Telemetry
 
 if TYPE_CHECKING:
     from adaptors.cluster import GetJobsResponse
+
+Shared = TypeVar("Shared")
 
 
 class ClusterJobs(Protocol):
@@ -35,6 +38,44 @@ class AnswerLimits:
     error_message_chars: int = 1000
 
 
+@dataclass
+class _Held:
+    value: object
+    users: int = 0
+
+
+class SharedResources:
+    """Objects that the adaptors of one gateway share, counted by user, such as one Globus Compute
+    client and result poller for each set of credentials however many endpoints use them.
+
+    The server hands one to every generation of adaptors in `AdaptorContext.shared`, so a reload's
+    new adaptors share with the ones they replace, and the last to leave closes what they shared.
+    It is never process-wide: two gateways in one process (tests) must not share a poller bound to
+    the other's executor and metrics. An object is kept under its type and a key, so `acquire`
+    always returns the type it was asked for.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[type, Hashable], _Held] = {}
+
+    def acquire(self, kind: type[Shared], key: Hashable, make: Callable[[], Shared]) -> Shared:
+        """The `kind` object kept under `key`, made by `make` on first use; release it once done."""
+        held = self._held.get((kind, key))
+        if held is None:
+            held = self._held[(kind, key)] = _Held(make())
+        held.users += 1
+        return cast(Shared, held.value)
+
+    def release(self, kind: type[Shared], key: Hashable) -> Shared | None:
+        """The object once its last user has released it, for that user to close; None until then."""
+        held = self._held[(kind, key)]
+        held.users -= 1
+        if held.users > 0:
+            return None
+        del self._held[(kind, key)]
+        return cast(Shared, held.value)
+
+
 @dataclass(frozen=True)
 class AdaptorContext:
     """Shared resources, given to every adaptor's `startup`.
@@ -45,7 +86,8 @@ class AdaptorContext:
     their backends (adaptors/telemetry.py). `jobs` reads a cluster's job report through the
     gateway's cache, so that an endpoint can gate on its model being up without asking the
     cluster on every request (adaptors/metis.py). `limits` bound what an adaptor
-    buffers of an answer.
+    buffers of an answer. `shared` holds what adaptors share within the gateway (see
+    `SharedResources`); a context built without a gateway (tests, scripts) gets its own.
     """
 
     executor: Executor
@@ -53,3 +95,4 @@ class AdaptorContext:
     telemetry: Telemetry = field(default_factory=NoTelemetry)
     jobs: ClusterJobs = no_jobs
     limits: AnswerLimits = field(default_factory=AnswerLimits)
+    shared: SharedResources = field(default_factory=SharedResources)

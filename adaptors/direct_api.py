@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
-from adaptors.cluster import BaseCluster, GetJobsResponse, Jobs
+from adaptors.cluster import GetJobsResponse, Jobs
+from adaptors.configured import AdaptorConfig, ConfiguredCluster, ConfiguredEndpoint
 from adaptors.context import AdaptorContext, AnswerLimits
-from adaptors.endpoint import (
-    BaseEndpoint,
-    StreamError,
-    SubmitStreamingTaskResponse,
-    SubmitTaskResponse,
-)
+from adaptors.endpoint import StreamError, SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.keepalive import until_first_chunk
-from adaptors.telemetry import ErrorKind, NoTelemetry, Telemetry
+from adaptors.telemetry import NoTelemetry, Telemetry
+from adaptors.transport import transport_failure
 
 _HTTP_URL = r"^https?://\S+$"
 
@@ -38,9 +34,7 @@ def _encoded(params: dict[str, Any]) -> bytes:
         return json.dumps(params).encode()
 
 
-class DirectAPIEndpointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DirectAPIEndpointConfig(AdaptorConfig):
     api_url: str = Field(pattern=_HTTP_URL, description="base URL, e.g. http://host:8000/v1")
     api_key_env_name: str | None = None
     api_request_timeout: float = Field(default=120, gt=0)
@@ -49,38 +43,29 @@ class DirectAPIEndpointConfig(BaseModel):
         default=15, gt=0, description="a stream waiting for its first chunk sends a comment this often"
     )
 
+    @field_validator("api_key_env_name")
+    @classmethod
+    def _key_is_set(cls, env_name: str | None) -> str | None:
+        """Checked at start-up: a key missing from the environment would fail every request."""
+        if env_name and not os.environ.get(env_name):
+            raise ValueError(f"environment variable {env_name} is not set")
+        return env_name
 
-class DirectAPIClusterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
+class DirectAPIClusterConfig(AdaptorConfig):
     status_url: str = Field(pattern=_HTTP_URL)
     api_request_timeout: float = Field(default=10, gt=0)
 
 
-class DirectAPIEndpoint(BaseEndpoint):
+class DirectAPIEndpoint(ConfiguredEndpoint[DirectAPIEndpointConfig]):
     """Forwards the client's fields to `{api_url}/{openai path}` and passes the answer back."""
 
-    def __init__(
-        self,
-        id: str,
-        endpoint_slug: str,
-        cluster: str,
-        framework: str,
-        model: str,
-        endpoint_adapter: str,
-        allowed_globus_groups: str | Iterable[str] | None = None,
-        allowed_domains: str | Iterable[str] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            id, endpoint_slug, cluster, framework, model, endpoint_adapter,
-            allowed_globus_groups, allowed_domains,
-        )  # fmt: skip
-        self.config = DirectAPIEndpointConfig.model_validate(config or {})
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._base_url = self.config.api_url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if self.config.api_key_env_name:
-            self._headers["Authorization"] = f"Bearer {_api_key(self.config.api_key_env_name)}"
+            self._headers["Authorization"] = f"Bearer {os.environ[self.config.api_key_env_name]}"
         self._session: aiohttp.ClientSession | None = None
         self._telemetry: Telemetry = NoTelemetry()
         self._limits = AnswerLimits()
@@ -105,8 +90,9 @@ class DirectAPIEndpoint(BaseEndpoint):
                 limit = self._limits.error_bytes if failed else self._limits.answer_bytes
                 text = await _text(response, limit)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            code, message = self._failed(exc, self.config.api_request_timeout)
-            return SubmitTaskResponse(error_code=code, error_message=message)
+            failure = transport_failure(exc, timeout=self.config.api_request_timeout)
+            self._telemetry.upstream_error(self.endpoint_slug, failure.kind)
+            return SubmitTaskResponse(error_code=failure.status, error_message=failure.message)
         if _is_redirect(response.status):
             self._refused(502)
             return SubmitTaskResponse(error_code=502, error_message=_redirected(response.status))
@@ -138,8 +124,9 @@ class DirectAPIEndpoint(BaseEndpoint):
                 url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            code, message = self._failed(exc, silence)
-            raise StreamError(message, code) from None
+            failure = transport_failure(exc, timeout=silence)
+            self._telemetry.upstream_error(self.endpoint_slug, failure.kind)
+            raise StreamError(failure.message, failure.status) from None
         if _is_redirect(response.status):
             self._refused(502)
             response.close()
@@ -162,20 +149,14 @@ class DirectAPIEndpoint(BaseEndpoint):
         try:
             async for chunk in response.content.iter_any():
                 yield chunk
-        except TimeoutError:
-            raise StreamError(f"The backend sent nothing for {silence:g} seconds.", 504) from None
-        except aiohttp.ClientError:
-            raise StreamError("The backend closed the stream before it finished.", 502) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = transport_failure(exc, timeout=silence, started=True)
+            raise StreamError(failure.message, failure.status) from None
         except BaseException:
             response.close()
             raise
         finally:
             response.release()
-
-    def _failed(self, exc: BaseException, timeout: float) -> tuple[int, str]:
-        kind: ErrorKind = "timeout" if isinstance(exc, TimeoutError) else "connect"
-        self._telemetry.upstream_error(self.endpoint_slug, kind)
-        return _transport_failure(exc, timeout)
 
     def _refused(self, status: int) -> None:
         self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
@@ -191,25 +172,11 @@ class DirectAPIEndpoint(BaseEndpoint):
         return self._session
 
 
-class DirectAPICluster(BaseCluster):
+class DirectAPICluster(ConfiguredCluster[DirectAPIClusterConfig]):
     """Reads a jobs document (the shape of `Jobs`) from a status URL."""
 
-    def __init__(
-        self,
-        id: str,
-        cluster_name: str,
-        cluster_adapter: str,
-        frameworks: Iterable[str],
-        openai_endpoints: Iterable[str],
-        allowed_globus_groups: str | Iterable[str] | None = None,
-        allowed_domains: str | Iterable[str] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
-            allowed_globus_groups, allowed_domains,
-        )  # fmt: skip
-        self.config = DirectAPIClusterConfig.model_validate(config or {})
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._session: aiohttp.ClientSession | None = None
         self._limits = AnswerLimits()
 
@@ -234,8 +201,8 @@ class DirectAPICluster(BaseCluster):
                     response, self._limits.error_bytes if failed else self._limits.answer_bytes
                 )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            code, message = _transport_failure(exc, self.config.api_request_timeout)
-            return GetJobsResponse(error_code=code, error_message=message)
+            failure = transport_failure(exc, timeout=self.config.api_request_timeout)
+            return GetJobsResponse(error_code=failure.status, error_message=failure.message)
         if _is_redirect(response.status):
             return GetJobsResponse(error_code=502, error_message=_redirected(response.status))
         if response.status >= 400:
@@ -262,19 +229,6 @@ class DirectAPICluster(BaseCluster):
 def _new_session(max_connections: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
     return aiohttp.ClientSession(connector=connector, auto_decompress=True)
-
-
-def _api_key(env_name: str) -> str:
-    key = os.environ.get(env_name)
-    if not key:
-        raise ValueError(f"api_key_env_name: environment variable {env_name} is not set")
-    return key
-
-
-def _transport_failure(exc: BaseException, timeout: float) -> tuple[int, str]:
-    if isinstance(exc, asyncio.TimeoutError):
-        return 504, f"The backend did not answer within {timeout:g} seconds."
-    return 502, f"Cannot reach the backend ({type(exc).__name__})."
 
 
 def _refusal(response: aiohttp.ClientResponse, text: str | None, limits: AnswerLimits) -> dict[str, Any]:

@@ -19,10 +19,18 @@ from adaptors.context import AdaptorContext
 
 
 class BatchStatusEnum(str, Enum):
+    """A batch's state: the one type for adaptors, the compatibility package (`BatchStatus`) and
+    the gateway's batch store and routes. `pending` and `running` batches are active (polled, and
+    counted against their user's quota); `completed` and `failed` ones are finished for good."""
+
     pending = "pending"
     running = "running"
     failed = "failed"
     completed = "completed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (BatchStatusEnum.completed, BatchStatusEnum.failed)
 
 
 class SubmitTaskResponse(BaseModel):

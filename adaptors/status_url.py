@@ -12,34 +12,27 @@ instead of the entry's `config` (the existing gateway's fixtures leave `config` 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from typing import Any
 
+from pydantic import model_validator
+
 from adaptors.cluster import JobInfo, Jobs
-from adaptors.direct_api import DirectAPICluster
+from adaptors.direct_api import DirectAPICluster, DirectAPIClusterConfig
 
 _LISTS = {"Live": "running", "Stopped": "stopped"}
 
 
+class MetisClusterConfig(DirectAPIClusterConfig):
+    @model_validator(mode="before")
+    @classmethod
+    def _status_url_from_environment(cls, config: Any) -> Any:
+        if isinstance(config, dict) and "status_url" not in config and os.environ.get("METIS_STATUS_URL"):
+            return {**config, "status_url": os.environ["METIS_STATUS_URL"]}
+        return config
+
+
 class MetisCluster(DirectAPICluster):
-    def __init__(
-        self,
-        id: str,
-        cluster_name: str,
-        cluster_adapter: str,
-        frameworks: Iterable[str],
-        openai_endpoints: Iterable[str],
-        allowed_globus_groups: str | Iterable[str] | None = None,
-        allowed_domains: str | Iterable[str] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        config = dict(config or {})
-        if "status_url" not in config and os.environ.get("METIS_STATUS_URL"):
-            config["status_url"] = os.environ["METIS_STATUS_URL"]
-        super().__init__(
-            id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
-            allowed_globus_groups, allowed_domains, config,
-        )  # fmt: skip
+    config_model = MetisClusterConfig
 
     def jobs_from(self, document: Any) -> Jobs:
         if not isinstance(document, dict) or not all(isinstance(m, dict) for m in document.values()):

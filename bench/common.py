@@ -7,12 +7,10 @@ gateway's figures are not disturbed by the processes that feed it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +37,8 @@ NO_LIMITS: Final = {"requests_per_second": 0, "concurrent_per_user": 0}
 RSS_SAMPLE_SECONDS: Final = 0.2
 BENCH_CPUS: Final = (int(LOADGEN_CPU), int(GATEWAY_CPU))
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+Check = tuple[float | None, str, Callable[[float], bool]]
+"""A target of the run: its figure (None when not measured), how it reads, and whether a figure meets it."""
 
 
 def tokens_document() -> dict[str, Any]:
@@ -69,12 +69,6 @@ def chat_body(content: str = "Say hello", *, stream: bool = False) -> str:
     return json.dumps(body)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Service:
     """A server started by the run, in its own process group so that it can be stopped whole."""
@@ -89,6 +83,11 @@ class Service:
         except OSError:
             return "(no output)"
         return "\n".join(text.splitlines()[-lines:]) or "(no output)"
+
+    def check_running(self) -> None:
+        """A server that died during a measure makes its figures meaningless: the run stops."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the {self.name} stopped during the run:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process.poll() is not None:
@@ -361,21 +360,3 @@ def rss_sampler(measure: Callable[[], int]) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
-
-
-def children(pid: int) -> list[int]:
-    """A process's children (a supervisor's workers), from /proc."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
-    return found
-
-
-async def exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Whether `process` ended within `timeout` seconds, waited for without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,11 +37,11 @@ from bench.common import (
     NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
+    Check,
     Service,
     busy_shares,
     chat_body,
     difference,
-    free_port,
     loadgen,
     other_cpu_use,
     process_cpu_seconds,
@@ -55,6 +54,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
+from testing.ports import free_port
 
 CONCURRENCIES: Final = (100, 16)
 JUDGED_CONCURRENCY: Final = 100
@@ -74,7 +74,6 @@ RELAY_WARMUP_CHUNKS: Final = 10
 CLIENT_SLACK_SECONDS: Final = 90.0
 ADDED_P50: Final = f"compute_c{JUDGED_CONCURRENCY}_added_p50_ms"
 RELAY_P99: Final = f"relay{RELAY_STREAMS}_paced_p99_ms"
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
@@ -177,9 +176,9 @@ class ComputeBench:
                 for kind, pair in relay.items():
                     target = ["--url", url, "--token", TOKEN]
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
-                _check_alive(gateway)
+                gateway.check_running()
                 gateway.stop()
-            _check_alive(fake)
+            fake.check_running()
             calls = fake_calls(fake)
         return summarize_compute(levels, relay, calls, self.seconds)
 
@@ -204,7 +203,7 @@ class ComputeBench:
         wait_ready(floor, f"http://127.0.0.1:{port}/health")
         args = ["--url", f"http://127.0.0.1:{port}", "--floor-service", str(service_file)]
         measured = {kind: self._relay(kind, "floor", args, ours, floor) for kind in RELAY_KINDS}
-        _check_alive(floor)
+        floor.check_running()
         floor.stop()
         return measured
 
@@ -256,11 +255,6 @@ class ComputeBench:
         per_chunk = round(cpu / relayed * 1000, 4) if relayed else None
         print(f"relay ({kind}), {RELAY_STREAMS} streams, {side}: done", file=sys.stderr)
         return summary | {"relay_cpu_s": round(cpu, 3), "cpu_ms_per_chunk": per_chunk} | disturbance | busy
-
-
-def _check_alive(service: Service) -> None:
-    if service.process.poll() is not None:
-        raise RuntimeError(f"the {service.name} stopped during the run:\n{service.log_tail()}")
 
 
 def summarize_compute(

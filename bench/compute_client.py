@@ -13,7 +13,7 @@ next status poll, so the baseline must poll exactly as the gateway does, or the 
 polling strategies rather than the gateway:
 
 - one poller for every task in flight, which sleeps the poll interval and then asks about all pending
-  tasks at once (`ComputeClientV2.get_task_batch`), as `adaptors.globus_compute.ComputeService` does;
+  tasks at once (`ComputeClientV2.get_task_batch`), as `adaptors.compute_service.ComputeService` does;
   a poller per request, started at its submit, would wait a fixed interval instead of a random share of
   the poll cycle, and would send C times as many polls;
 - the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON serializer,
@@ -46,8 +46,8 @@ from globus_compute_sdk.sdk.batch import Batch
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from bench.backend import new_event_loop
 from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
+from testing.loops import new_event_loop
 
 DEFAULT_THREADS: Final = 16
 """The gateway's `server.adaptor_threads` default; the benchmark sets both to this value."""

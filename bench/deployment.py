@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any, Final
@@ -23,12 +22,11 @@ from typing import Any, Final
 from bench.common import (
     MODEL,
     TOKEN,
+    Check,
     Service,
     busy_shares,
     chat_body,
-    children,
     difference,
-    free_port,
     memory_kb,
     process_cpu_seconds,
     rss_sampler,
@@ -40,7 +38,9 @@ from bench.common import (
     warm,
     write_gateway_config,
 )
-from bench.nginx import run_nginx
+from testing.ports import free_port
+from testing.processes import children
+from testing.services.nginx import NginxServer
 
 ANY_CPU: Final = "0,1"
 PATHS: Final = {
@@ -68,7 +68,6 @@ ROUNDS: Final = 2
 WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
 STREAMS_5000_RSS: Final = "streams_5000_rss_mb"
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 def family_rss_kb(pid: int) -> int:
@@ -95,7 +94,7 @@ class DeploymentBench:
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
             backend_port = free_port()
-            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
             backend = self._start(services, "backend", backend_args)
             wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")
             gateways = {workers: self._gateway(services, backend_port, workers) for workers in (1, 2)}
@@ -127,8 +126,8 @@ class DeploymentBench:
         backend = f"127.0.0.1:{backend_port}"
         two = f"127.0.0.1:{gateways[2][1]}"
         async with (
-            run_nginx(nginx_dir / "alone", [backend], port=free_port()) as alone,
-            run_nginx(nginx_dir / "front", [two], port=free_port()) as front,
+            NginxServer(nginx_dir / "alone", [backend], port=free_port()) as alone,
+            NginxServer(nginx_dir / "front", [two], port=free_port()) as front,
         ):
             urls = {
                 "direct": f"http://{backend}{PATHS['direct']}",

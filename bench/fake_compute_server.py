@@ -14,7 +14,7 @@ the service's own (submit, then the wait for the next status poll). A streaming 
 chunks to the gateway's callback routes, one server-sent event line per POST as the task asks, and
 stamps each line with `time.monotonic_ns()` just before it is sent: CLOCK_MONOTONIC is one clock
 for every process of a Linux host, so the client that receives the line can tell how long the relay
-took. The prompt's `[[chunks=N]]` and `[[chunk_delay=S]]` (as for bench.backend) set how many lines
+took. The prompt's `[[chunks=N]]` and `[[chunk_delay=S]]` (as for testing.fake_vllm) set how many lines
 and how far apart; lines keep to a fixed schedule, so a slow POST does not stretch the pacing. Each
 stream starts its schedule at a random point of the first interval: streams of different users do not
 tick in step, and streams submitted together would otherwise all post within the same millisecond,
@@ -35,9 +35,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Final
 
-from bench.backend import new_event_loop, parse_faults
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import parse_faults
+from testing.loops import new_event_loop
 
 SERVICE_ID: Final = "6c1d9a3e-42b7-4f05-8e1a-b3c4d5e6f701"
 ENDPOINT_UUID: Final = "3a9c5e7b-1d2f-4a6b-8c0e-2f4a6b8c0d1e"

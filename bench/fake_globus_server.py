@@ -17,7 +17,8 @@ import json
 import signal
 from typing import Any, Final
 
-from tests.fake_globus import DEPENDENT_TOKEN_GRANT, FakeGlobus, FakeUser
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import DEPENDENT_TOKEN_GRANT, FakeUser
 
 DEFAULT_USERNAME: Final = "bench@example.org"
 

@@ -15,7 +15,6 @@ the throughputs imply (1000/rps federated minus 1000/rps explicit, in ms).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
@@ -29,9 +28,9 @@ from bench.common import (
     NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
+    Check,
     chat_body,
     difference,
-    free_port,
     loadgen,
     other_cpu_use,
     show,
@@ -41,6 +40,7 @@ from bench.common import (
     wait_ready,
     warm,
 )
+from testing.ports import free_port
 
 CLUSTERS: Final = ("local", "second", "third")
 ROUTES: Final = {
@@ -55,7 +55,6 @@ WARM_REQUESTS: Final = 20
 ADDED_P50: Final = "federation_c1_added_p50_ms"
 ADDED_CPU: Final = f"federation_c{SATURATED}_added_ms_per_request"
 TARGET_MS: Final = 0.2
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 def write_config(workdir: Path, gateway_port: int, backend_port: int) -> Path:
@@ -107,7 +106,7 @@ class FederationBench:
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
             backend_port, gateway_port = free_port(), free_port()
-            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
             backend = start_service("federation-backend", LOADGEN_CPU, backend_args, self.workdir)
             services.callback(backend.stop)
             wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

@@ -27,7 +27,7 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from bench.backend import new_event_loop
+from testing.loops import new_event_loop
 
 DEFAULT_BODY: Final = (
     '{"model": "bench/model", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}'

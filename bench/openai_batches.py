@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -30,8 +29,8 @@ from bench.common import (
     LOADGEN_CPU,
     MODEL,
     TOKEN,
+    Check,
     chat_body,
-    free_port,
     loadgen,
     show,
     start_service,
@@ -40,13 +39,13 @@ from bench.common import (
     warm,
     write_gateway_config,
 )
+from testing.ports import free_port
 
 LINES: Final = 10_000
 BATCH_CONCURRENCY: Final = 16
 LIVE_CONCURRENCY: Final = 4
 LIVE_P50_RATIO: Final = "batches_live_p50_ratio"
 TARGET_RATIO: Final = 1.2
-Check = tuple[float | None, str, Callable[[float], bool]]
 
 
 class BatchBench:
@@ -58,7 +57,7 @@ class BatchBench:
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
             backend_port, gateway_port = free_port(), free_port()
-            backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+            backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
             backend = start_service("batches-backend", LOADGEN_CPU, backend_args, self.workdir)
             services.callback(backend.stop)
             wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

@@ -7,7 +7,7 @@ CHECKOUT is the root of another checkout of the gateway (for instance a `git wor
 before a change), by default this one. Both gateways share CPU 1, and each gets its own load generator
 on CPU 0, both running at once. Whatever else slows this machine down (other tenants of the host, the
 CPU's frequency) then slows both alike, so the difference of their CPU time per request holds to a few
-microseconds, where runs taken one after the other scatter by tens (bench/run.py's observability
+microseconds, where runs taken one after the other scatter by tens (bench/observability.py's
 section saw an all-off gateway take 326 to 527 µs per request within one hour).
 
 The figures are for comparing the two, not throughput: two gateways sharing a CPU each pay more per
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from bench.alternating import GATEWAY_PATH, SERIAL_WARM_REQUESTS
 from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
@@ -38,20 +39,20 @@ from bench.common import (
     TOKEN,
     Service,
     chat_body,
-    free_port,
     process_cpu_seconds,
     start_service,
     wait_ready,
     warm,
     write_gateway_config,
 )
-from bench.run import AUTH_WARM_REQUESTS, GATEWAY_PATH, METRICS_OFF, RECORDS_OFF
+from bench.observability import METRICS_OFF, RECORDS_OFF
+from testing.ports import free_port
 
 MODES: Final[dict[str, dict[str, Any]]] = {
     "deployed": {},
     "all_off": {"request_log": RECORDS_OFF, "metrics": METRICS_OFF},
 }
-"""The settings of bench.run's observability section, as deployed and with both off."""
+"""The settings of bench.observability's section, as deployed and with both off."""
 CONCURRENCY: Final = 64
 WARM_REQUESTS: Final = 2000
 
@@ -90,7 +91,7 @@ def start_gateway(side: Side, workdir: Path, backend_port: int, services: ExitSt
     base = f"http://127.0.0.1:{port}"
     wait_ready(side.gateway, f"{base}/resource_server/health")
     side.url = f"{base}{GATEWAY_PATH}"
-    warm(side.url, AUTH_WARM_REQUESTS)
+    warm(side.url, SERIAL_WARM_REQUESTS)
 
 
 def start_load(url: str, *options: str) -> subprocess.Popen[bytes]:
@@ -130,7 +131,7 @@ def compare(a: Side, b: Side, rounds: int, seconds: float) -> dict[str, Any]:
     with ExitStack() as services, tempfile.TemporaryDirectory(prefix="paired-") as directory:
         workdir = Path(directory)
         backend_port = free_port()
-        backend_args = ["-m", "bench.backend", "--port", str(backend_port), "--model", MODEL]
+        backend_args = ["-m", "testing.fake_vllm", "--port", str(backend_port), "--model", MODEL]
         backend = start_service("backend", LOADGEN_CPU, backend_args, workdir)
         services.callback(backend.stop)
         wait_ready(backend, f"http://127.0.0.1:{backend_port}/health")

@@ -19,7 +19,7 @@ from typing import Final
 
 from aiohttp import web
 
-from bench.backend import new_event_loop
+from testing.loops import new_event_loop
 
 CALLBACK_PATH: Final = "/resource_server/api/streaming/"
 MAX_QUEUED: Final = 1000

@@ -33,9 +33,9 @@ import aiohttp
 import globus_sdk
 from yarl import URL
 
-from bench.backend import new_event_loop
 from bench.compute_client import API_PORT, Compute, Service
 from bench.loadgen import new_session, percentile_ms
+from testing.loops import new_event_loop
 
 DONE: Final = b"[DONE]"
 MAX_STREAMS: Final = 1000

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
 from tests.support import CHAT_MODEL, Server, write_gateway_config, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ QSTAT = "11111111-aaaa-4bbb-8ccc-000000000002"
 LEGACY = "11111111-aaaa-4bbb-8ccc-000000000003"
 SLOW_MODEL = "slow/Compute-Model"
 LEGACY_MODEL = "legacy/Compute-Model"
-"""Served by tests/existing_function.py, the existing gateway's function, with the default protocol."""
+"""Served by testing/existing_function.py, the existing gateway's function, with the default protocol."""
 OURS = {"callback_protocol": "gateway"}
 """The config of endpoints that run compute-functions/vllm_inference.py."""
 

@@ -11,7 +11,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from bench.backend import create_backend_app
+from testing.existing_function import existing_vllm_function
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import create_backend_app
+from testing.services.postgres_server import PostgresServer
+from testing.services.redis_server import RedisServer
 from tests.compute_setup import (
     ENDPOINT,
     INFER,
@@ -23,11 +28,6 @@ from tests.compute_setup import (
     load_function,
     qstat,
 )
-from tests.existing_function import existing_vllm_function
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
-from tests.postgres_server import PostgresServer
-from tests.redis_server import RedisServer
 from tests.support import (  # noqa: F401  (re-exported: the test modules import these from here)
     CHAT_MODEL,
     EMBED_MODEL,

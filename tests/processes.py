@@ -1,4 +1,5 @@
-"""Waiting on the real servers the tests start (Redis, PostgreSQL, gateways as processes): up, or gone."""
+"""The gateway and the fake backend as processes of their own, for tests that need a real process:
+its signals, its workers, its own event loop."""
 
 from __future__ import annotations
 
@@ -10,39 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import yaml
 
-from bench.common import children, exited
+from testing.processes import children, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def became_ready(
-    process: subprocess.Popen[bytes], ready: Callable[[], Awaitable[bool]], timeout: float
-) -> bool:
-    """True once `ready()` says so; False if the process died or the time ran out first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        if await ready():
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-async def stop(process: subprocess.Popen[bytes] | None, sig: signal.Signals, timeout: float) -> None:
-    """The server's own shutdown signal first, then SIGKILL if it lingers."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    if not await exited(process, timeout):
-        process.kill()
-        await exited(process, timeout)
 
 
 async def wait_until_serving(http: aiohttp.ClientSession, url: str, timeout: float = 20) -> None:
@@ -102,7 +79,7 @@ async def gateway_process(config: Path, *args: str, port: int | None = None) -> 
         yield gateway
     finally:
         workers = _workers(gateway)
-        await stop(process, signal.SIGTERM, 30)
+        await stop_process(process, signal.SIGTERM, 30)
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -118,7 +95,8 @@ def _workers(gateway: GatewayProcess) -> list[int]:
 _BACKEND = """
 import socket, sys
 from aiohttp import web
-from bench.backend import create_backend_app, new_event_loop
+from testing.fake_vllm import create_backend_app
+from testing.loops import new_event_loop
 listener = socket.socket(fileno=int(sys.argv[1]))
 web.run_app(create_backend_app(models=sys.argv[2:]), sock=listener, access_log=None, print=None,
             handler_cancellation=True, loop=new_event_loop())
@@ -127,7 +105,7 @@ web.run_app(create_backend_app(models=sys.argv[2:]), sock=listener, access_log=N
 
 @contextlib.asynccontextmanager
 async def backend_process(*models: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """The fake backend (bench.backend) in a process of its own, on a socket bound here and handed
+    """The fake backend (testing.fake_vllm) in a process of its own, on a socket bound here and handed
     over: a port picked free and bound later could be taken meanwhile by another test's server."""
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
     port = listener.getsockname()[1]

@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import ipaddress
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.process.app import create_app, load_parts
 from proxy.settings import load_settings
+from testing.ports import free_port
+from testing.services.nginx import nginx_binary
 
 CHAT_MODEL = "meta-llama/Meta-Llama-3.1-8B-Instruct"
 EMBED_MODEL = "intfloat/e5-small-v2"
@@ -60,13 +61,6 @@ async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str
     await site.start()
     host, port = runner.addresses[0][:2]
     return runner, f"http://{host}:{port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def closed_port_url() -> str:
@@ -243,7 +237,5 @@ instead of skipping it, so a broken install step cannot pass unseen."""
 
 def skip_without_nginx() -> None:
     """Outside CI, a developer without nginx skips the tests that run it; in CI they fail."""
-    from bench.nginx import nginx_binary
-
     if nginx_binary() is None and not IN_CI:
         pytest.skip("nginx is not installed (Debian package nginx, which make test installs)")

@@ -21,8 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import FakeUser
 from tests.conftest import Server, free_port
-from tests.fake_globus import FakeGlobus, FakeUser
 from tests.processes import GatewayProcess, gateway_process
 from tests.test_globus_auth import globus_config
 
@@ -30,6 +31,10 @@ INTROSPECTION_DELAY = 0.2
 """Globus Auth's introspection takes about this long from a US site; a login costs three such calls
 (introspection, dependent token, groups)."""
 REAL_USER_ADDRESS = "127.0.0.2"
+FIRST_LOGIN_BOUND = 3.0
+"""A first login costs 0.6 s of Globus Auth; the rest is waiting for a CPU on a loaded 2-core machine
+(1.5-2.3 s seen there). Queued behind the flood instead, it would wait for 300 introspections on 8
+threads: 7.5 s and more."""
 
 
 @pytest.fixture
@@ -79,7 +84,7 @@ async def test_a_flood_from_one_address_does_not_delay_a_real_first_login(
         status, seconds, _ = await whoami(http, gateway, "alice-globus-token")
     answers = await flooding
     assert status == 200
-    assert seconds < 1.5, f"a real first login took {seconds:.2f} s during the flood"
+    assert seconds < FIRST_LOGIN_BOUND, f"a real first login took {seconds:.2f} s during the flood"
     statuses = Counter((status, code) for status, _, code in answers)
     assert statuses[(401, "invalid_token")] <= 20, statuses
     assert statuses[(401, "invalid_token")] + statuses[(429, "rate_limit_exceeded")] == 300, statuses

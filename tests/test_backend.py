@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from bench.backend import (
+from testing.fake_vllm import (
     ACTIVE_STREAMS,
     DISCONNECTS,
     NO_FAULTS,

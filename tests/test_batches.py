@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 
 from proxy.core.state import STATE
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
 from tests.compute_setup import ENDPOINT, compute_config
 from tests.conftest import CHAT_MODEL, Server, auth, free_port, start_gateway
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.test_routes import assert_openai_error, call
 
 BATCH = "11111111-aaaa-4bbb-8ccc-000000000004"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bench.nginx import run_nginx
+from testing.services.nginx import NginxServer
 from tests.conftest import TOKENS, Server, chat, free_port, start_gateway, write_gateway_config
 from tests.processes import gateway_process
 from tests.support import skip_without_nginx
@@ -192,7 +192,7 @@ async def test_through_the_shipped_nginx(backend: Server, tmp_path: Path) -> Non
     runner, server = await start_gateway(write_gateway_config(tmp_path, backend.url))
     try:
         upstream = server.url.removeprefix("http://").removesuffix("/resource_server")
-        async with run_nginx(tmp_path / "nginx", [upstream], port=free_port()) as nginx:
+        async with NginxServer(tmp_path / "nginx", [upstream], port=free_port()) as nginx:
             port = int(nginx.url.rsplit(":", 1)[1])
             stalled, dribbling, buffered = await asyncio.gather(
                 slow_body(port, CHAT, 100_000, b'{"model": ', then_every=None),

@@ -1,5 +1,5 @@
 """`--check-config --online`: the Globus side of a configuration checked against Globus Auth (the fake
-in tests/fake_globus.py, driven by the real globus-sdk), every problem at once; plain `--check-config`
+in testing/fake_globus/, driven by the real globus-sdk), every problem at once; plain `--check-config`
 stays offline. And the shipped Globus configuration with its example endpoints and clusters."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fake_globus import FakeGlobus
+from testing.fake_globus.auth import FakeGlobus
 from tests.support import write_gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from adaptors.remote_errors import RemoteFailure, remote_error
-from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
+from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, Server, chat, closed_port_url, start
 from tests.support import self_signed_certificate
 

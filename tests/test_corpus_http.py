@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.backend import REQUESTS
+from testing.fake_vllm import REQUESTS
 from tests.conftest import CHAT_MODEL, EMBED_MODEL, Server, auth
 from tests.test_routes import assert_openai_error
 

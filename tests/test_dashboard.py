@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from testing.services.prometheus_server import PrometheusServer
 from tests.processes import gateway_process
-from tests.prometheus_server import PrometheusServer
 from tests.support import CHAT_MODEL, Server, auth, chat, free_port, write_gateway_config
 
 ROOT = Path(__file__).resolve().parent.parent

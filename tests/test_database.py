@@ -14,7 +14,7 @@ from proxy.records.batch_store import ACTIVE, BatchRecord, BatchStore
 from proxy.records.database import Database, DatabaseUnavailable, redact
 from proxy.records.postgres_database import postgres_sql
 from proxy.records.schema import MIGRATIONS, connect, migrate
-from tests.postgres_server import PostgresServer
+from testing.services.postgres_server import PostgresServer
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import yaml
 from proxy.records.database import DatabaseTimeout
 from proxy.records.database_url import DEFAULT_STATEMENT_TIMEOUT
 from proxy.records.schema import connect
+from testing.services.postgres_server import PostgresServer
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
-from tests.postgres_server import PostgresServer
 from tests.test_routes import assert_openai_error, call
 
 

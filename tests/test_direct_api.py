@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bench.backend import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from proxy.core.state import STATE
+from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from tests.conftest import CHAT_MODEL, Server, auth, chat
 from tests.support import value
 from tests.test_routes import assert_openai_error, call

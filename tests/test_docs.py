@@ -10,9 +10,12 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 import adaptors
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.registry import load_registry
+from proxy.settings import ConfigError
 from tests.support import write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,22 +50,36 @@ def test_the_contract_names_every_part_of_the_adaptors_package() -> None:
     assert [name for name in names if not re.search(rf"`[^`]*\b{name}\b[^`]*`", text)] == []
 
 
-def test_the_contracts_minimal_endpoint_loads_and_answers(tmp_path: Path) -> None:
-    (code,) = re.findall(r"```python\n(.*?)```", CONTRACT.read_text(), re.DOTALL)
+def test_the_contracts_examples_load_and_answer(tmp_path: Path) -> None:
+    """Its minimal endpoint on the configured base, and the same written the old way."""
+    text = CONTRACT.read_text()
+    code = "\n\n".join(
+        re.findall(r"```python\n(.*?)```", text[text.index("## A minimal endpoint") :], re.DOTALL)
+    )
     package = tmp_path / "contract_example"
     package.mkdir()
     (package / "__init__.py").write_text(code)
+    clusters = [{"cluster_name": "c", "cluster_adapter": "examples.site_adaptors.echo.EchoCluster",
+                 "frameworks": ["f"], "openai_endpoints": ["chat/completions"]}]  # fmt: skip
+    write_yaml(tmp_path / "clusters.yaml", clusters)
+
+    def load(config: dict[str, str]) -> list[BaseEndpoint]:
+        endpoints = [
+            {"cluster": "c", "framework": "f", "model": name, "endpoint_adapter": f"contract_example.{name}",
+             "config": config}
+            for name in ("Constant", "ConstantOldWay")
+        ]  # fmt: skip
+        write_yaml(tmp_path / "endpoints.yaml", endpoints)
+        return list(load_registry(tmp_path / "endpoints.yaml", tmp_path / "clusters.yaml").endpoints.values())
+
     sys.path.insert(0, str(tmp_path))
     try:
-        clusters = [{"cluster_name": "c", "cluster_adapter": "examples.site_adaptors.echo.EchoCluster",
-                     "frameworks": ["f"], "openai_endpoints": ["chat/completions"]}]  # fmt: skip
-        endpoints = [{"cluster": "c", "framework": "f", "model": "m",
-                      "endpoint_adapter": "contract_example.Constant", "config": {"text": "hi"}}]  # fmt: skip
-        write_yaml(tmp_path / "clusters.yaml", clusters)
-        write_yaml(tmp_path / "endpoints.yaml", endpoints)
-        registry = load_registry(tmp_path / "endpoints.yaml", tmp_path / "clusters.yaml")
+        served = load({"text": "hi"})
+        with pytest.raises(ConfigError, match=r"field 'config\.txt': Extra inputs are not permitted"):
+            load({"txt": "hi"})
     finally:
         sys.path.remove(str(tmp_path))
-    (endpoint,) = registry.endpoints.values()
-    answer = asyncio.run(endpoint.submit_task({"model_params": {"openai_endpoint": "chat/completions"}}))
-    assert json.loads(answer.result or "")["choices"][0]["message"]["content"] == "hi"
+    assert len(served) == 2
+    for endpoint in served:
+        answer = asyncio.run(endpoint.submit_task({"model_params": {"openai_endpoint": "chat/completions"}}))
+        assert json.loads(answer.result or "")["choices"][0]["message"]["content"] == "hi"

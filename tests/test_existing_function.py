@@ -1,5 +1,5 @@
 """A site of the existing gateway moves over unchanged: its streaming function (imitated faithfully
-in tests/existing_function.py) and its qstat function, through the real SDKs, the fake Compute
+in testing/existing_function.py) and its qstat function, through the real SDKs, the fake Compute
 service and the relay, next to our own function (compute-functions/vllm_inference.py)."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from adaptors.remote_errors import remote_error
 from proxy.core.registry import load_registry
 from proxy.core.state import STATE
 from proxy.settings.files import ConfigError
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
 from tests.compute_setup import ENDPOINT, LEGACY_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.support import value
 from tests.test_routes import assert_openai_error
 

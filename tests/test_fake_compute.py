@@ -27,8 +27,10 @@ from globus_compute_sdk.sdk.executor import Executor
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RetryConfig
 
-from tests.fake_compute import FAILED, RUNNING, SUCCESS, WAITING, FakeCompute
-from tests.fake_globus import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE, FakeGlobus
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_globus.compute_tasks import FAILED, RUNNING, SUCCESS, WAITING
+from testing.fake_globus.identities import COMPUTE_RESOURCE_SERVER, COMPUTE_SCOPE
 
 T = TypeVar("T")
 

@@ -16,7 +16,8 @@ import globus_sdk
 import pytest
 from globus_sdk.transport import RetryConfig
 
-from tests.fake_globus import GROUPS_SCOPE, FakeGlobus, FakeUser, idp_id
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import GROUPS_SCOPE, FakeUser, idp_id
 
 T = TypeVar("T")
 GROUP = "11111111-1111-4111-8111-111111111111"

@@ -24,12 +24,12 @@ import pytest
 import yaml
 from aiohttp import web
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.services.redis_server import RedisServer
 from tests.compute_setup import SECRET, compute_config
 from tests.conftest import Server, auth, chat, endpoint, free_port, start, start_gateway
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.processes import backend_process
-from tests.redis_server import RedisServer
 from tests.support import write_gateway_config, write_yaml
 from tests.test_routes import assert_openai_error, call
 

@@ -19,10 +19,10 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from bench.backend import REQUESTS, create_backend_app, error_response
 from proxy.core.slug import endpoint_slug
 from proxy.settings import load_settings
 from proxy.settings.files import ConfigError
+from testing.fake_vllm import REQUESTS, create_backend_app, error_response
 from tests.support import (
     CHAT_MODEL,
     EMBED_MODEL,

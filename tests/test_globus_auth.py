@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 import yaml
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import FakeUser, idp_id
 from tests.conftest import CHAT_MODEL, PRIVATE_MODEL, USERS, Server, chat, start_gateway, write_gateway_config
-from tests.fake_globus import FakeGlobus, FakeUser, idp_id
 from tests.test_routes import assert_openai_error, call
 
 ALICE_GROUP = USERS["alice"]["groups"][0]

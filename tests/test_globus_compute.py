@@ -16,8 +16,10 @@ import openai
 import pytest
 import yaml
 
-from bench.backend import DISCONNECTS, REQUESTS
 from proxy.core.state import STATE
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import DISCONNECTS, REQUESTS
 from tests.compute_setup import (
     ENDPOINT,
     ROOT,
@@ -33,8 +35,6 @@ from tests.conftest import (
     free_port,
     start_gateway,
 )
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.processes import wait_until_serving
 from tests.support import value
 from tests.test_routes import assert_openai_error, call

@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 from multidict import CIMultiDict
 
-from bench.nginx import run_nginx
+from testing.services.nginx import NginxServer
 from tests.conftest import (
     CHAT_MODEL,
     TOKENS,
@@ -75,7 +75,7 @@ async def test_behind_the_shipped_nginx_too(backend: Server, tmp_path: Path) -> 
         upstream = gateway.url.removeprefix("http://").removesuffix("/resource_server")
         nginx_dir = tmp_path / "nginx"
         async with (
-            run_nginx(nginx_dir, [upstream], port=free_port()) as nginx,
+            NginxServer(nginx_dir, [upstream], port=free_port()) as nginx,
             aiohttp.ClientSession() as http,
         ):
             url = f"{nginx.url}/resource_server/whoami"

@@ -25,7 +25,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.backend import REQUESTS
+from testing.fake_vllm import REQUESTS
 from tests.conftest import CHAT_MODEL, PRIVATE_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
 from tests.processes import gateway_process
 from tests.support import stdout_lines, write_gateway_config

@@ -17,7 +17,8 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.processes import exited, wait_until_serving
+from testing.processes import exited
+from tests.processes import wait_until_serving
 from tests.support import Server, auth, chat, free_port, write_gateway_config, write_yaml
 
 ROOT = Path(__file__).resolve().parent.parent

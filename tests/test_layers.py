@@ -1,7 +1,8 @@
 """Import contracts. The server's layers (pyproject.toml, checked by import-linter): each imports only
 those below it. Adaptors (and the compatibility package that re-exports them to the existing
 gateway's adaptors) depend on their contract and libraries, never on the server in `proxy/`. What an
-adaptor needs from the server is handed to it (`AdaptorContext`). Run by `make lint` as well."""
+adaptor needs from the server is handed to it (`AdaptorContext`). And the tests and the benchmarks share
+code only through `testing/`. Run by `make lint` as well."""
 
 from __future__ import annotations
 
@@ -71,3 +72,48 @@ def test_a_layer_importing_one_above_it_breaks_the_contract(tmp_path: Path) -> N
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert "proxy.metrics.tally -> proxy.core.usage" in result.stdout
+
+
+SHARED_CODE = {
+    "tests": ("bench",),
+    "bench": ("tests",),
+    "testing": ("tests", "bench", "proxy"),
+}
+"""The tests and the benchmarks share their fakes and servers through `testing/` only, never each other;
+`testing/` stands on its own, and never borrows the gateway's code (a fake must not agree with the
+gateway by sharing it)."""
+
+
+def forbidden_imports(root: Path, package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    """Each file of `package` under `root` that imports one of the `forbidden` top-level packages, with
+    the modules it imports from them."""
+    found = {}
+    for path in sorted((root / package).rglob("*.py")):
+        names = sorted(name for name in imported_modules(path) if name.split(".")[0] in forbidden)
+        if names:
+            found[str(path.relative_to(root))] = names
+    return found
+
+
+@pytest.mark.parametrize(("package", "forbidden"), SHARED_CODE.items())
+def test_tests_and_benchmarks_share_code_through_testing_only(
+    package: str, forbidden: tuple[str, ...]
+) -> None:
+    assert forbidden_imports(ROOT, package, forbidden) == {}
+
+
+def test_the_shared_code_check_sees_a_violation(tmp_path: Path) -> None:
+    (tmp_path / "testing" / "fakes").mkdir(parents=True)
+    (tmp_path / "testing" / "fakes" / "bad.py").write_text(
+        "import bench.common\nfrom tests.support import free_port\n\n"
+        "def f():\n    from proxy.errors import x\n"
+    )
+    (tmp_path / "testing" / "good.py").write_text("from testing.ports import free_port\nimport aiohttp\n")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bad.py").write_text("from tests.fake_globus import FakeGlobus\n")
+    assert forbidden_imports(tmp_path, "testing", SHARED_CODE["testing"]) == {
+        "testing/fakes/bad.py": ["bench.common", "proxy.errors", "tests.support"]
+    }
+    assert forbidden_imports(tmp_path, "bench", SHARED_CODE["bench"]) == {
+        "bench/bad.py": ["tests.fake_globus"]
+    }

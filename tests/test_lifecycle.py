@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.processes import exited, gateway_process
+from testing.processes import exited
+from tests.processes import gateway_process
 from tests.support import (
     CHAT_MODEL,
     Server,

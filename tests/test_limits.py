@@ -18,7 +18,7 @@ import redis.asyncio
 from proxy.core.limits import Lease, Limited, Limiter
 from proxy.core.limits_local import LocalLimiter
 from proxy.core.limits_redis import RedisLimiter
-from tests.redis_server import RedisServer
+from testing.services.redis_server import RedisServer
 
 MakeLimiter = Callable[..., Limiter]
 

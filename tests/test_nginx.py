@@ -23,8 +23,8 @@ import openai
 import pytest
 import yaml
 
-from bench.backend import REQUESTS
-from bench.nginx import SHIPPED_LOCATIONS, SHIPPED_SITE, RunningNginx, nginx_binary, run_nginx
+from testing.fake_vllm import REQUESTS
+from testing.services.nginx import SHIPPED_LOCATIONS, SHIPPED_SITE, NginxServer, nginx_binary
 from tests.support import (
     CHAT_MODEL,
     IN_CI,
@@ -56,7 +56,7 @@ COMPLAINTS = re.compile(r"\[(warn|alert|crit|emerg)\]")
 
 @dataclass
 class Proxied:
-    nginx: RunningNginx
+    nginx: NginxServer
     gateway: Server
 
     @property
@@ -75,7 +75,7 @@ async def proxied(backend: Server, tmp_path: Path) -> AsyncIterator[Proxied]:
     runner, gateway = await start_gateway(config)
     try:
         upstream = gateway.url.removeprefix("http://").removesuffix(BASE)
-        async with run_nginx(tmp_path / "nginx", [upstream], port=free_port()) as nginx:
+        async with NginxServer(tmp_path / "nginx", [upstream], port=free_port()) as nginx:
             yield Proxied(nginx=nginx, gateway=gateway)
     finally:
         await runner.cleanup()
@@ -128,7 +128,7 @@ async def test_the_shipped_rules_alone_do_not_buffer_streams(
     """nginx straight in front of the fake backend, as in the "nginx alone" benchmark: unlike the gateway,
     the backend does not send `X-Accel-Buffering: no`, so here the shipped rules alone pass chunks on."""
     upstream = backend.url.removeprefix("http://")
-    async with run_nginx(tmp_path, [upstream], port=free_port()) as nginx:
+    async with NginxServer(tmp_path, [upstream], port=free_port()) as nginx:
         assert_not_held_back(*await stream_timings(client, f"{nginx.url}/v1/chat/completions"))
 
 
@@ -203,7 +203,7 @@ async def test_metrics_stay_off_the_public_side(proxied: Proxied, client: aiohtt
 
 async def test_a_gateway_that_is_down_answers_502_in_openai_shape(tmp_path: Path) -> None:
     async with (
-        run_nginx(tmp_path, [f"127.0.0.1:{free_port()}"], port=free_port()) as nginx,
+        NginxServer(tmp_path, [f"127.0.0.1:{free_port()}"], port=free_port()) as nginx,
         aiohttp.ClientSession() as http,
         http.post(f"{nginx.url}{CHAT_PATH}", json=chat(), headers=auth()) as response,
     ):

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 import yaml
 
-from bench.backend import REQUESTS
 from proxy.core.usage import ask_for_usage
 from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
+from testing.fake_vllm import REQUESTS
 from tests.processes import wait_until_serving
 from tests.support import (
     CHAT_MODEL,

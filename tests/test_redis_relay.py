@@ -24,8 +24,8 @@ from proxy.core.callback_relay_redis import (
     READERS,
 )
 from proxy.core.state import STATE
+from testing.services.redis_server import RedisServer
 from tests.conftest import Server, start_gateway
-from tests.redis_server import RedisServer
 from tests.test_relay import collect, post, relay_config, sse
 
 

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.redis_server import RedisServer
+from testing.services.redis_server import RedisServer
 
 
 async def test_set_get_stop_restart_reconnect(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from proxy.records.record import RequestRecord
 from proxy.records.record_sink import RecordSink
 from proxy.records.schema import connect
 from proxy.records.usage_store import UsageStore
-from tests.postgres_server import PostgresServer
+from testing.services.postgres_server import PostgresServer
 from tests.support import CHAT_MODEL, EMBED_MODEL, write_gateway_config
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC).timestamp()

@@ -16,12 +16,12 @@ import openai
 import pytest
 import yaml
 
-from bench.backend import ACTIVE_STREAMS, REQUESTS
 from proxy.core.schemas import validate_request
 from proxy.errors import ApiError
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import ACTIVE_STREAMS, REQUESTS
 from tests.compute_setup import compute_config
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.support import (
     CHAT_MODEL,
     PRIVATE_MODEL,

@@ -14,11 +14,11 @@ import openai
 import pytest
 import yaml
 
-from bench.backend import REQUESTS
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import REQUESTS
 from tests.compute_setup import ENDPOINT, SLOW_MODEL, compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 from tests.test_batches import BATCH, batch_function, input_file
 from tests.test_routes import assert_openai_error, call
 

@@ -14,13 +14,13 @@ import openai
 import pytest
 
 from adaptors import SubmitTaskResponse
-from bench.backend import REQUESTS
 from proxy.core.retry_join import Joining, RetryJoins
 from proxy.settings.traffic import RetrySettings
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.fake_vllm import REQUESTS
 from tests.compute_setup import compute_config
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, free_port, start_gateway
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 
 
 @pytest.fixture

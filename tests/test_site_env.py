@@ -14,10 +14,10 @@ from adaptors.globus_compute import GlobusComputeEndpoint
 from proxy.core.registry import load_registry
 from proxy.settings import GatewaySettings, load_settings
 from proxy.settings.files import ConfigError
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
 from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config
 from tests.conftest import Server, auth, chat, free_port, start_gateway, write_yaml
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "tests" / "site"

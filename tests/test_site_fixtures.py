@@ -14,10 +14,10 @@ import yaml
 from aiohttp import web
 
 from adaptors.globus_compute import GlobusComputeEndpoint
-from bench.backend import REQUESTS
 from proxy.core.registry import Registry, TokenLimits, load_registry
 from proxy.core.state import STATE
 from proxy.settings.files import ConfigError
+from testing.fake_vllm import REQUESTS
 from tests.conftest import (
     Server,
     auth,

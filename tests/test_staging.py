@@ -17,10 +17,10 @@ from aiohttp import web
 from proxy.edge.staging import Stager, StagingFailed
 from proxy.settings import load_settings
 from proxy.settings.files import ConfigError
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.transfer import FakeCollection, FakeTransfer
 from tests.compute_setup import SERVICE_ID, SERVICE_SECRET
 from tests.conftest import TOKENS, USERS, Server, auth, start_gateway, write_gateway_config
-from tests.fake_globus import FakeGlobus
-from tests.fake_transfer import FakeCollection, FakeTransfer
 from tests.test_routes import assert_openai_error, call
 
 COLLECTION = "96c7390b-a3e8-4dd4-a327-1af7d143283e"

@@ -14,8 +14,8 @@ import openai
 import pytest
 import yaml
 
-from bench.backend import ACTIVE_STREAMS, DISCONNECTS
 from proxy.core.state import STATE
+from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
 from tests.support import value
 

@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 import yaml
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.compute import FakeCompute
+from testing.services.redis_server import RedisServer
 from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET, compute_config
 from tests.conftest import Server, auth, free_port, start_gateway, write_yaml
-from tests.fake_compute import FakeCompute
-from tests.fake_globus import FakeGlobus
-from tests.redis_server import RedisServer
 from tests.test_routes import assert_openai_error, call
 
 SEGMENT = "11111111-aaaa-4bbb-8ccc-000000000010"

@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from testing.fake_globus.auth import FakeGlobus
+from testing.fake_globus.identities import FakeUser
 from tests.conftest import Server, start_gateway
-from tests.fake_globus import FakeGlobus, FakeUser
 from tests.test_globus_auth import globus_config
 
 LOGIN_CLIENT = "5a0c6f0e-2b41-4a53-9a64-7d1c2a3b4c5d"

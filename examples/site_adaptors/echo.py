@@ -1,9 +1,9 @@
 """An example site adaptor: it answers by echoing the prompt, with no backend at all.
 
-It shows the whole contract in one page: configuration from the entry's `config`, a non-streaming
-answer, a stream as an async iterator of bytes, an error before the stream starts, and a cluster
-that reports its models. Point an entry at it with
-`endpoint_adapter: site_adaptors.echo.EchoEndpoint` when `examples/` is on PYTHONPATH.
+It shows the whole contract in one page: a config model for the entry's `config` (validated by
+the base when the gateway starts), a non-streaming answer, a stream as an async iterator of bytes,
+an error before the stream starts, and a cluster that reports its models. Point an entry at it
+with `endpoint_adapter: site_adaptors.echo.EchoEndpoint` when `examples/` is on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from adaptors import (
-    BaseCluster,
-    BaseEndpoint,
+    AdaptorConfig,
+    ConfiguredCluster,
+    ConfiguredEndpoint,
     GetJobsResponse,
     JobInfo,
     Jobs,
@@ -28,32 +29,12 @@ from adaptors import (
 )
 
 
-class EchoConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EchoConfig(AdaptorConfig):
     prefix: str = "echo: "
     word_delay: float = Field(default=0.0, ge=0)
 
 
-class EchoEndpoint(BaseEndpoint):
-    def __init__(
-        self,
-        id: str,
-        endpoint_slug: str,
-        cluster: str,
-        framework: str,
-        model: str,
-        endpoint_adapter: str,
-        allowed_globus_groups: str | Iterable[str] | None = None,
-        allowed_domains: str | Iterable[str] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        self.config = EchoConfig.model_validate(config or {})
-        super().__init__(
-            id, endpoint_slug, cluster, framework, model, endpoint_adapter,
-            allowed_globus_groups, allowed_domains,
-        )  # fmt: skip
-
+class EchoEndpoint(ConfiguredEndpoint[EchoConfig]):
     async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
         params = data["model_params"]
         if params["openai_endpoint"] != "chat/completions":
@@ -97,31 +78,12 @@ class EchoEndpoint(BaseEndpoint):
         yield b"data: [DONE]\n\n"
 
 
-class EchoClusterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EchoClusterConfig(AdaptorConfig):
     models: list[str] = Field(default_factory=list)
 
 
-class EchoCluster(BaseCluster):
+class EchoCluster(ConfiguredCluster[EchoClusterConfig]):
     """Reports the models named in its config as running."""
-
-    def __init__(
-        self,
-        id: str,
-        cluster_name: str,
-        cluster_adapter: str,
-        frameworks: Iterable[str],
-        openai_endpoints: Iterable[str],
-        allowed_globus_groups: str | Iterable[str] | None = None,
-        allowed_domains: str | Iterable[str] | None = None,
-        config: dict[str, Any] | None = None,
-    ) -> None:
-        self.config = EchoClusterConfig.model_validate(config or {})
-        super().__init__(
-            id, cluster_name, cluster_adapter, frameworks, openai_endpoints,
-            allowed_globus_groups, allowed_domains,
-        )  # fmt: skip
 
     async def get_jobs(self) -> GetJobsResponse:
         framework = self.frameworks[0]

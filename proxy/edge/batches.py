@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from adaptors import BaseEndpoint
+from adaptors import BaseEndpoint, BatchStatusEnum
 from proxy.core import contract
 from proxy.core.identity import USER
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
@@ -30,12 +30,10 @@ from proxy.edge.bodies import read_json
 from proxy.edge.openai_batches import is_openai_batch_id, is_openai_create, is_openai_listing
 from proxy.edge.store_calls import store_call
 from proxy.errors import ApiError, adaptor_failed
-from proxy.records.batch_store import BatchRecord, BatchStore
+from proxy.records.batch_store import STATUSES, BatchRecord, BatchStore
 from proxy.records.database import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
-
-STATUSES = ("pending", "running", "completed", "failed")
 
 
 def add_batch_routes(app: web.Application, base_path: str) -> None:
@@ -96,10 +94,10 @@ async def batch_status(request: web.Request) -> web.Response:
 
 async def batch_result(request: web.Request) -> web.Response:
     record = await _owned(request)
-    if record.status == "failed":
+    if record.status == BatchStatusEnum.failed:
         reason = record.error or "no reason given"
         raise ApiError(400, f"Batch {record.id} failed: {reason}", code="batch_failed")
-    if record.status != "completed" or record.result is None:
+    if record.status != BatchStatusEnum.completed or record.result is None:
         message = f"Batch {record.id} is {record.status}; its result is not ready."
         raise ApiError(400, message, code="batch_pending")
     return web.Response(text=record.result, content_type="application/json")
@@ -118,7 +116,7 @@ def _new_record(body: dict[str, Any], endpoint: BaseEndpoint, user_id: str, user
         input_file=body["input_file"],
         output_folder_path=body.get("output_folder_path"),
         task_ids=None,
-        status="pending",
+        status=BatchStatusEnum.pending.value,
         result=None,
         error=None,
         created_at=now,

@@ -12,6 +12,7 @@ import time
 from dataclasses import astuple, dataclass, fields
 from typing import Any, Final, Literal
 
+from adaptors import BatchStatusEnum
 from proxy.records.database import Database, Migration, Row
 
 BATCHES_MIGRATIONS: Final[list[Migration]] = [
@@ -47,8 +48,8 @@ BATCHES_MIGRATIONS: Final[list[Migration]] = [
 """The ``batches`` table's part of ``proxy.records.schema.MIGRATIONS``: append only, a released
 version is never edited, since databases in the field already recorded it."""
 
-ACTIVE: Final = ("pending", "running")
-FINISHED: Final = ("completed", "failed")
+ACTIVE: Final = tuple(status.value for status in BatchStatusEnum if not status.finished)
+FINISHED: Final = tuple(status.value for status in BatchStatusEnum if status.finished)
 STATUSES: Final = (*ACTIVE, *FINISHED)
 
 Reservation = Literal["added", "quota", "duplicate"]
@@ -66,7 +67,7 @@ class BatchRecord:
     input_file: str
     output_folder_path: str | None
     task_ids: str | None  # comma-separated, as the existing gateway stores them
-    status: str  # pending | running | completed | failed
+    status: str  # a BatchStatusEnum value
     result: str | None  # JSON text
     error: str | None
     created_at: float
@@ -96,13 +97,13 @@ def _status_changes(status: str, now: float) -> tuple[list[str], list[Any]]:
     """The SET clauses a move to ``status`` implies: the lifecycle timestamps OpenAI's batch objects
     report, each stamped once (the first time the batch is seen running, when it finishes)."""
     clauses, params = ["status = ?", "updated_at = ?"], [status, now]
-    if status == "running":
+    if status == BatchStatusEnum.running:
         clauses.append("in_progress_at = COALESCE(in_progress_at, ?)")
         params.append(now)
-    elif status == "completed":
+    elif status == BatchStatusEnum.completed:
         clauses.append("completed_at = ?")
         params.append(now)
-    elif status == "failed":
+    elif status == BatchStatusEnum.failed:
         clauses.append("failed_at = ?")
         params.append(now)
     return clauses, params

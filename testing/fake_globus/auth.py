@@ -9,11 +9,14 @@ wire format the real services speak and the real SDK is pointed at it:
     ClientCredentialsAuthorizer(ConfidentialAppAuthClient(cid, secret, base_url=fake.auth_url), COMPUTE_SCOPE)
 
 Client-credentials tokens (clients registered with :meth:`FakeGlobus.add_client`) are listed in
-``issued_tokens`` so that a fake resource server (``tests/fake_compute.py``) can accept exactly those.
+``issued_tokens`` so that a fake resource server (``compute.py``) can accept exactly those.
 
 One aiohttp application on an ephemeral 127.0.0.1 port serves Auth under ``/auth`` and Groups under
 ``/groups``. The SDK joins ``base_url`` and the API path with exactly one slash, so the base URLs work with or
 without a trailing slash; ``/v2`` belongs to the request path, not the base URL.
+
+The fake's parts: ``identities.py`` (users, tokens, scopes), ``documents.py`` (the answers' shapes),
+``login.py`` (researchers' native-app logins).
 """
 
 from __future__ import annotations
@@ -23,102 +26,38 @@ import base64
 import binascii
 import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
-from tests.fake_globus_login import NativeLogins
-
-GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
-GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
-# The Groups scope's id, as a dependent scope of the gateway's scope lists it (the existing gateway's
-# setup guide creates the scope with this dependency).
-GROUPS_SCOPE_ID = "73320ffe-4cb4-4b25-a0a3-83d53d59ce4f"
-# globus_sdk.ComputeClientV2.scopes.all and .resource_server (globus-sdk 4.9): Compute breaks the usual
-# convention, its resource server is a service name rather than a hostname or client id.
-COMPUTE_RESOURCE_SERVER = "funcx_service"
-COMPUTE_SCOPE = "https://auth.globus.org/scopes/facd7ccc-c5f4-42aa-916b-a0e270e2c2a9/all"
-TRANSFER_RESOURCE_SERVER = "transfer.api.globus.org"
-TRANSFER_SCOPE = "urn:globus:auth:scope:transfer.api.globus.org:all"
-DEPENDENT_TOKEN_GRANT = "urn:globus:auth:grant_type:dependent_token"
-CLIENT_CREDENTIALS_GRANT = "client_credentials"
-ISSUER = "https://auth.globus.org"
-CLIENT_USERNAME_DOMAIN = "clients.auth.globus.org"
-# Identity provider of client (service) identities. Made up: the real id is not needed by the gateway.
-CLIENTS_IDP = "6b2ed5ee-0d1e-4bd1-9d4e-1e1e4a4fd2c1"
-# The public app (e.g. a CLI) that obtained users' tokens, unless a test says otherwise.
-DEFAULT_APP_CLIENT_ID = "58fdd3bc-e1c3-4ce5-80ea-8d6b87cfb944"
+from testing.fake_globus.clients import ClientRecords
+from testing.fake_globus.documents import (
+    auth_error,
+    group_document,
+    groups_error,
+    introspection,
+    policy_document,
+)
+from testing.fake_globus.identities import (
+    CLIENT_CREDENTIALS_GRANT,
+    COMPUTE_RESOURCE_SERVER,
+    COMPUTE_SCOPE,
+    DEFAULT_APP_CLIENT_ID,
+    DEPENDENT_TOKEN_GRANT,
+    GROUPS_RESOURCE_SERVER,
+    GROUPS_SCOPE,
+    TRANSFER_RESOURCE_SERVER,
+    TRANSFER_SCOPE,
+    FakeUser,
+    Token,
+    service_user,
+)
+from testing.fake_globus.login import NativeLogins
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def idp_id(domain: str) -> str:
-    """A stable identity-provider id per username domain, so tests can name IdPs by domain."""
-    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"idp.{domain}"))
-
-
-@dataclass
-class FakeUser:
-    """One Globus identity set behind a token."""
-
-    sub: str
-    username: str
-    name: str
-    identities: list[dict[str, Any]]
-    session_idps: list[str]
-    groups: list[str] = field(default_factory=list)
-
-    @classmethod
-    def single(
-        cls, username: str, *, name: str | None = None, groups: list[str] | None = None, session: bool = True
-    ) -> FakeUser:
-        """The common case: one identity whose IdP is derived from the username domain, with a live session
-        unless ``session=False``."""
-        sub = str(uuid.uuid4())
-        domain = username.rpartition("@")[2]
-        display = name or username.partition("@")[0].title()
-        identity = {
-            "sub": sub,
-            "username": username,
-            "name": display,
-            "email": username,
-            "identity_provider": idp_id(domain),
-            "identity_provider_display_name": domain,
-            "organization": domain,
-            "status": "used",
-        }
-        return cls(
-            sub=sub,
-            username=username,
-            name=display,
-            identities=[identity],
-            session_idps=[idp_id(domain)] if session else [],
-            groups=list(groups or []),
-        )
-
-    def primary(self) -> dict[str, Any]:
-        """The identity matching ``sub`` (Globus's primary identity), else the first one."""
-        return next((i for i in self.identities if i["sub"] == self.sub), self.identities[0])
-
-
-@dataclass
-class _Token:
-    """What the fake knows about one access token."""
-
-    user: FakeUser
-    active: bool
-    scope: str
-    exp: int
-    iat: int
-    policies: dict[str, bool]
-    client_id: str
-    is_service: bool
-    extra: dict[str, Any]
-    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
 @dataclass
@@ -150,30 +89,6 @@ def _parse_basic(header: str | None) -> tuple[str, str] | None:
     return (user, password) if sep else None
 
 
-def _auth_error(status: int, code: str, detail: str, error: str | None = None) -> web.Response:
-    """Globus Auth's error shape: a JSON:API-like ``errors`` list plus OAuth2 ``error`` fields."""
-    body = {
-        "errors": [
-            {
-                "status": str(status),
-                "id": str(uuid.uuid4()),
-                "code": code,
-                "title": code.title(),
-                "detail": detail,
-            }
-        ],
-        "error": error or code.lower(),
-        "error_description": detail,
-    }
-    return web.json_response(body, status=status)
-
-
-def _groups_error(status: int, code: str, message: str) -> web.Response:
-    """A Globus "type zero" error (code, message, request_id); Groups' exact 4xx body is unverified."""
-    body = {"code": code, "message": message, "request_id": secrets.token_hex(8)}
-    return web.json_response(body, status=status)
-
-
 class FakeGlobus:
     """Globus Auth (introspect, dependent tokens, policies) and Groups (my_groups) on one local port.
 
@@ -201,13 +116,14 @@ class FakeGlobus:
         # servers (Compute) can check the bearer tokens they receive.
         self.issued_tokens: dict[str, str] = {}
         self._clients: dict[str, str] = {client_id: client_secret}
-        self._tokens: dict[str, _Token] = {}
-        self._groups_tokens: dict[str, _Token] = {}
-        self._policies: dict[str, dict[str, Any]] = {}
+        self._tokens: dict[str, Token] = {}
+        self._groups_tokens: dict[str, Token] = {}
         self._runner: web.AppRunner | None = None
         self._port = 0
         self.logins = NativeLogins(self)
         """Researchers' native-app logins: register the login app in ``logins.native_clients``."""
+        self.records = ClientRecords(self)
+        """The project's policies and clients, as ``--check-config --online`` reads them."""
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -230,12 +146,12 @@ class FakeGlobus:
         if user is None:
             if client_id is None:
                 raise ValueError("a token needs a user, or a client_id for a service token")
-            user = _service_user(client_id)
+            user = service_user(client_id)
         for idp in user.session_idps:
             if not any(i["identity_provider"] == idp for i in user.identities):
                 raise ValueError(f"session IdP {idp} matches none of {user.username}'s identities")
         now = int(time.time())
-        self._tokens[token] = _Token(
+        self._tokens[token] = Token(
             user=user,
             active=active,
             scope=scope if scope is not None else self.scope,
@@ -256,17 +172,13 @@ class FakeGlobus:
         self, policy_id: str, *, high_assurance: bool, domains: list[str], timeout: int = 3600
     ) -> None:
         """Register an authentication policy, served by ``GET /v2/api/policies/{id}``."""
-        self._policies[policy_id] = {
-            "id": policy_id,
-            "display_name": f"Policy {policy_id[:8]}",
-            "description": "fake policy",
-            "high_assurance": high_assurance,
-            "authentication_assurance_timeout": timeout,
-            "domain_constraints_include": list(domains),
-            "domain_constraints_exclude": None,
-            "project_id": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
-            "required_mfa": False,
-        }
+        self.records.policies[policy_id] = policy_document(
+            policy_id,
+            high_assurance=high_assurance,
+            domains=domains,
+            timeout=timeout,
+            gateway_client_id=self.client_id,
+        )
 
     def revoke(self, token: str) -> None:
         """A revoked token introspects as inactive from now on."""
@@ -333,9 +245,9 @@ class FakeGlobus:
         app.router.add_post("/auth/v2/oauth2/token/introspect", self._introspect)
         app.router.add_post("/auth/v2/oauth2/token", self._token)
         app.router.add_post("/auth/v2/oauth2/token/revoke", self._revoke)
-        app.router.add_get("/auth/v2/api/policies/{policy_id}", self._policy)
-        app.router.add_get("/auth/v2/api/clients/{client_id}", self._client)
-        app.router.add_get("/auth/v2/api/clients/{client_id}/scopes/{scope_id}", self._client_scope)
+        app.router.add_get("/auth/v2/api/policies/{policy_id}", self.records.policy)
+        app.router.add_get("/auth/v2/api/clients/{client_id}", self.records.client)
+        app.router.add_get("/auth/v2/api/clients/{client_id}/scopes/{scope_id}", self.records.client_scope)
         app.router.add_get("/groups/v2/groups/my_groups", self._my_groups)
         return app
 
@@ -365,19 +277,20 @@ class FakeGlobus:
         try:
             return await handler(request)
         except web.HTTPNotFound:
-            return _auth_error(404, "NOT_FOUND", f"no route {request.path}")
+            return auth_error(404, "NOT_FOUND", f"no route {request.path}")
 
     @staticmethod
     def _failure(path: str, status: int) -> web.Response:
         detail = f"fake Globus configured to fail with {status}"
         if path.startswith("/groups/"):
-            return _groups_error(status, "ERROR", detail)
-        return _auth_error(status, "SERVICE_UNAVAILABLE" if status == 503 else "ERROR", detail)
+            return groups_error(status, "ERROR", detail)
+        return auth_error(status, "SERVICE_UNAVAILABLE" if status == 503 else "ERROR", detail)
 
-    def _client_ok(self, request: web.Request) -> bool:
+    def is_gateway(self, request: web.Request) -> bool:
+        """Whether the request authenticates as the gateway's own client (Basic auth)."""
         return _parse_basic(request.headers.get("Authorization")) == (self.client_id, self.client_secret)
 
-    def _known_client(self, request: web.Request) -> str | None:
+    def known_client(self, request: web.Request) -> str | None:
         """The id of the registered client authenticating with Basic auth, None if unknown or wrong."""
         credentials = _parse_basic(request.headers.get("Authorization"))
         if credentials is None or self._clients.get(credentials[0]) != credentials[1]:
@@ -394,7 +307,7 @@ class FakeGlobus:
         }
         return known.get(scope)
 
-    def _live(self, token: str) -> _Token | None:
+    def _live(self, token: str) -> Token | None:
         record = self._tokens.get(token)
         if record is None or not record.active or record.exp <= time.time():
             return None
@@ -403,59 +316,22 @@ class FakeGlobus:
     # -- Auth --------------------------------------------------------------------------------------------
 
     async def _introspect(self, request: web.Request) -> web.Response:
-        if not self._client_ok(request):
-            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+        if not self.is_gateway(request):
+            return auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
         form = await request.post()
         token = str(form.get("token", ""))
         if not token:
-            return _auth_error(400, "INVALID_REQUEST", "token is required", "invalid_request")
+            return auth_error(400, "INVALID_REQUEST", "token is required", "invalid_request")
         record = self._live(token)
         if record is None:
             return web.json_response({"active": False})
         include = {part.strip() for part in str(form.get("include", "")).split(",") if part.strip()}
-        body = self._introspection(record, include)
+        body = introspection(record, include, self.client_id)
         policy_ids = [p.strip() for p in str(form.get("authentication_policies", "")).split(",") if p.strip()]
         if policy_ids:
             body["policy_evaluations"] = {p: {"evaluation": record.policies.get(p, True)} for p in policy_ids}
         body.update(record.extra)
         return web.json_response(body)
-
-    def _introspection(self, record: _Token, include: set[str]) -> dict[str, Any]:
-        user = record.user
-        body: dict[str, Any] = {
-            "active": True,
-            "token_type": "Bearer",
-            "scope": record.scope,
-            "client_id": record.client_id,
-            "sub": user.sub,
-            "username": user.username,
-            "name": user.name,
-            "email": user.primary().get("email"),
-            "aud": list(dict.fromkeys([self.client_id, record.client_id])),
-            "iss": ISSUER,
-            "exp": record.exp,
-            "iat": record.iat,
-            "nbf": record.iat,
-        }
-        if "identity_set" in include:
-            body["identity_set"] = [i["sub"] for i in user.identities]
-        if "identity_set_detail" in include:
-            body["identity_set_detail"] = [dict(i) for i in user.identities]
-        if "session_info" in include:
-            body["session_info"] = self._session_info(record)
-        return body
-
-    @staticmethod
-    def _session_info(record: _Token) -> dict[str, Any]:
-        if record.is_service:
-            return {"session_id": None, "authentications": {}}
-        auth_time = record.iat - 60
-        authentications = {
-            i["sub"]: {"idp": i["identity_provider"], "auth_time": auth_time, "acr": None, "amr": None}
-            for i in record.user.identities
-            if i["identity_provider"] in record.user.session_idps
-        }
-        return {"session_id": record.session_id, "authentications": authentications}
 
     async def _revoke(self, request: web.Request) -> web.Response:
         return self.logins.revoke({k: str(v) for k, v in (await request.post()).items()})
@@ -463,19 +339,19 @@ class FakeGlobus:
     async def _token(self, request: web.Request) -> web.Response:
         if "Authorization" not in request.headers:
             return self.logins.token({k: str(v) for k, v in (await request.post()).items()})
-        client_id = self._known_client(request)
+        client_id = self.known_client(request)
         if client_id is None:
-            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
+            return auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
         form = await request.post()
         if form.get("grant_type") == CLIENT_CREDENTIALS_GRANT:
             return self._client_credentials(client_id, str(form.get("scope", "")))
         if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
-            return _auth_error(
+            return auth_error(
                 400, "UNSUPPORTED_GRANT_TYPE", "only dependent token and client credentials grants are faked"
             )
         record = self._live(str(form.get("token", "")))
         if record is None:
-            return _auth_error(400, "INVALID_GRANT", "token is not active", "invalid_grant")
+            return auth_error(400, "INVALID_GRANT", "token is not active", "invalid_grant")
         requested = set(str(form.get("scope", "")).split())
         answer: list[dict[str, Any]] = []
         if self.groups_dependent_scope and (not requested or GROUPS_SCOPE in requested):
@@ -503,10 +379,10 @@ class FakeGlobus:
         for requested in scope.split():
             server = self._resource_server(requested)
             if server is None:
-                return _auth_error(400, "INVALID_SCOPE", f"unknown scope {requested}", "invalid_scope")
+                return auth_error(400, "INVALID_SCOPE", f"unknown scope {requested}", "invalid_scope")
             by_server.setdefault(server, []).append(requested)
         if not by_server:
-            return _auth_error(400, "INVALID_SCOPE", "scope is required", "invalid_scope")
+            return auth_error(400, "INVALID_SCOPE", "scope is required", "invalid_scope")
         tokens: list[dict[str, Any]] = []
         lifetime = 172800
         for server, scopes in by_server.items():
@@ -526,120 +402,19 @@ class FakeGlobus:
             )
         return web.json_response({**tokens[0], "other_tokens": tokens[1:]})
 
-    async def _policy(self, request: web.Request) -> web.Response:
-        if not self._client_ok(request):
-            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
-        policy = self._policies.get(request.match_info["policy_id"])
-        if policy is None:
-            return _auth_error(404, "NOT_FOUND", "policy not found")
-        return web.json_response({"policy": dict(policy)})
-
-    def _own_client(self, request: web.Request) -> web.Response | None:
-        """A client reads its own record and scopes with its own credentials (Basic auth)."""
-        client_id = self._known_client(request)
-        if client_id is None:
-            return _auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
-        if request.match_info["client_id"] != client_id:
-            return _auth_error(403, "FORBIDDEN", "A client may only view itself")
-        return None
-
-    async def _client(self, request: web.Request) -> web.Response:
-        """``GET /v2/api/clients/{id}``: the client, with the ids of its scopes."""
-        refused = self._own_client(request)
-        if refused is not None:
-            return refused
-        client_id = request.match_info["client_id"]
-        scopes = [self._scope_document()["id"]] if client_id == self.client_id else []
-        client = {
-            "id": client_id,
-            "name": "Inference gateway" if client_id == self.client_id else f"client {client_id[:8]}",
-            "scopes": scopes,
-            "grant_types": ["authorization_code", "client_credentials", "refresh_token"],
-            "project": str(uuid.uuid5(uuid.NAMESPACE_URL, self.client_id)),
-            "client_type": "resource_server" if client_id == self.client_id else "client_identity",
-            "public_client": False,
-            "visibility": "private",
-            "redirect_uris": [],
-            "fqdns": [],
-            "parent_client": None,
-            "required_idp": None,
-            "preselect_idp": None,
-        }
-        return web.json_response({"client": client})
-
-    async def _client_scope(self, request: web.Request) -> web.Response:
-        """``GET /v2/api/clients/{id}/scopes/{scope_id}``: one of the client's scopes."""
-        refused = self._own_client(request)
-        if refused is not None:
-            return refused
-        document = self._scope_document()
-        owned = request.match_info["client_id"] == self.client_id
-        if not owned or request.match_info["scope_id"] != document["id"]:
-            return _auth_error(404, "NOT_FOUND", "scope not found")
-        return web.json_response({"scope": document})
-
-    def _scope_document(self) -> dict[str, Any]:
-        dependent = [{"scope": GROUPS_SCOPE_ID, "optional": False, "requires_refresh_token": True}]
-        return {
-            "scope_string": self.scope,
-            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, self.scope)),
-            "name": "Inference gateway",
-            "description": "Access to the inference gateway",
-            "client": self.client_id,
-            "dependent_scopes": dependent if self.groups_dependent_scope else [],
-            "advertised": False,
-            "allows_refresh_token": True,
-            "required_domains": [],
-        }
-
     # -- Groups ------------------------------------------------------------------------------------------
 
     async def _my_groups(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization", "")
         record = self._groups_tokens.get(header[7:]) if header.startswith("Bearer ") else None
         if record is None:
-            return _groups_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
+            return groups_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
         statuses = {s for s in request.query.get("statuses", "active").split(",") if s}
         if "active" not in statuses:
             return web.json_response([])
-        user = record.user
+        names = self.group_names
         groups = [
-            {
-                "id": group_id,
-                "name": self.group_names.get(group_id, f"Group {group_id[:8]}"),
-                "parent_id": None,
-                "group_type": "regular",
-                "enforce_session": False,
-                "session_limit": 28800,
-                "session_timeouts": {},
-                "my_memberships": [
-                    {
-                        "group_id": group_id,
-                        "identity_id": user.sub,
-                        "username": user.username,
-                        "role": "member",
-                        "status": "active",
-                    }
-                ],
-                "policies": {"group_visibility": "private", "group_members_visibility": "managers"},
-            }
-            for group_id in user.groups
+            group_document(group_id, names.get(group_id, f"Group {group_id[:8]}"), record.user)
+            for group_id in record.user.groups
         ]
         return web.json_response(groups)
-
-
-def _service_user(client_id: str) -> FakeUser:
-    """The identity behind a client-credentials token: the client itself, never a session."""
-    username = f"{client_id}@{CLIENT_USERNAME_DOMAIN}"
-    name = f"client {client_id[:8]}"
-    identity = {
-        "sub": client_id,
-        "username": username,
-        "name": name,
-        "email": None,
-        "identity_provider": CLIENTS_IDP,
-        "identity_provider_display_name": "Globus Auth Clients",
-        "organization": None,
-        "status": "used",
-    }
-    return FakeUser(sub=client_id, username=username, name=name, identities=[identity], session_idps=[])

@@ -26,7 +26,7 @@ What carries over, as the real one behaves:
   `default-secret-change-me`) and `X-Stream-Task-Token`; data posts time out after 2 s and reuse one
   session, `/error/` and `/done/` after 10 s on a fresh session each.
 
-The one deviation: vLLM is reached over plain HTTP, since the tests' fake vLLM (bench/backend.py)
+The one deviation: vLLM is reached over plain HTTP, since the tests' fake vLLM (testing/fake_vllm/)
 does not serve TLS; the real function calls `https://127.0.0.1:{api_port}` without verifying it.
 """
 
@@ -78,7 +78,7 @@ class _Callbacks:
 
     def post(self, route: str, body: dict[str, Any], timeout: float, fresh: bool) -> tuple[bool, str | None]:
         url = f"{self.protocol}://{self.host}:{self.port}/resource_server/api/streaming/{route}/"
-        headers = {
+        headers: dict[str, Any] = {
             "Content-Type": "application/json",
             "X-Internal-Secret": os.environ.get("INTERNAL_STREAMING_SECRET", DEFAULT_SECRET),
             "X-Stream-Task-Token": self.token,

@@ -13,32 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import signal
-import socket
-import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import pytest
 import yaml
 
-from tests.processes import became_ready, stop
+from testing.services.base import ServiceProcess
 
-READY_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-MISSING_MESSAGE = (
+MISSING_MESSAGE: Final = (
     "prometheus is not installed. The dashboard tests need a real Prometheus: install the Debian "
     "package `prometheus` (apt-get install -y prometheus), as scripts/test-deps does."
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _binary() -> str:
@@ -48,19 +35,27 @@ def _binary() -> str:
     return path
 
 
-class PrometheusServer:
+class PrometheusServer(ServiceProcess):
+    name = "prometheus"
+    ready_timeout = 20.0
+    stop_timeout = 10.0
+
     def __init__(
         self, directory: Path, target: str, rules: list[Path], metrics_path: str = "/metrics"
     ) -> None:
-        self.directory = Path(directory)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(directory)
         self._target, self._rules, self._metrics_path = target, rules, metrics_path
-        self._process: subprocess.Popen[bytes] | None = None
         self._http: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> PrometheusServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def _config_path(self) -> Path:
+        return self.directory / "prometheus.yml"
+
+    async def prepare(self) -> None:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rule) for rule in self._rules],
@@ -72,41 +67,29 @@ class PrometheusServer:
                 }
             ],
         }
-        config_path = self.directory / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config))
-        log = (self.directory / "prometheus.log").open("wb")
-        with log:
-            self._process = subprocess.Popen(
-                [
-                    _binary(), f"--config.file={config_path}",
-                    f"--storage.tsdb.path={self.directory / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
-                ],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        self._http = aiohttp.ClientSession()
-        if not await became_ready(self._process, self._ready, READY_TIMEOUT):
-            await self._close()
-            raise RuntimeError(f"prometheus did not start: {(self.directory / 'prometheus.log').read_text()}")
-        return self
+        self._config_path.write_text(yaml.safe_dump(config))
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._close()
+    def command(self, port: int) -> list[str]:
+        return [
+            _binary(), f"--config.file={self._config_path}",
+            f"--storage.tsdb.path={self.directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
+        ]  # fmt: skip
 
-    async def _close(self) -> None:
-        process, self._process = self._process, None
-        await stop(process, signal.SIGTERM, STOP_TIMEOUT)
-        if self._http is not None:
-            await self._http.close()
-
-    async def _ready(self) -> bool:
+    async def ready(self) -> bool:
         assert self._http is not None
         with contextlib.suppress(aiohttp.ClientError):
             async with self._http.get(f"{self.url}/-/ready") as response:
                 return response.status == 200
         return False
+
+    async def close(self) -> None:
+        await self.stop()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     async def api(self, path: str, **params: Any) -> Any:
         """The `data` of an API answer; a failed query fails the test with Prometheus's error."""

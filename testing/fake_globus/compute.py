@@ -39,19 +39,18 @@ status beyond ``status`` and ``managers``, the answer for unknown ids in ``batch
 funcX service), and that results stay readable after the first read (the old service deleted them).
 Not modelled: per-user access to endpoints, functions and tasks; the AMQP result queue (``create_queue``);
 task groups beyond echoing their id.
+
+The tasks and endpoints themselves, and how a worker runs a task, are in ``compute_tasks.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-import threading
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -60,14 +59,20 @@ from globus_compute_sdk.errors import MaxResultSizeExceeded
 from globus_compute_sdk.sdk.utils import get_env_details
 from globus_compute_sdk.serialize import ComputeSerializer
 
-WAITING = "waiting-for-ep"
-RUNNING = "running"
-SUCCESS = "success"
-FAILED = "failed"
-ONLINE = "online"
-OFFLINE = "offline"
-# A worker refuses results larger than this (globus-compute-endpoint's default result_size_limit).
-RESULT_SIZE_LIMIT = 10 * 1024 * 1024
+from testing.fake_globus.compute_tasks import (
+    FAILED,
+    ONLINE,
+    RESULT_SIZE_LIMIT,
+    RUNNING,
+    SUCCESS,
+    FakeEndpoint,
+    FakeTask,
+    Outcome,
+    check_status,
+    error_string,
+    in_daemon_thread,
+    online,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,76 +86,6 @@ class RecordedRequest:
     json: Any  # the decoded JSON body, None without one (or when it was not JSON)
     authorization: str | None
     time: float  # time.monotonic() on arrival
-
-
-@dataclass
-class FakeEndpoint:
-    """An endpoint as the service sees it: connected or not, and how many managers (nodes) it has."""
-
-    endpoint_id: str
-    status: str
-    managers: int
-    honours_result_serializers: bool = True
-    """False: an older globus-compute-endpoint, which serializes every result with its default (dill)."""
-    # Replaced (and the old one set) on every change, so waiters wake up and look again.
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
-class FakeTask:
-    """One submitted task: what it was called with, where it is, and what the service will answer for it."""
-
-    task_id: str
-    function_id: str
-    endpoint_id: str
-    task_group_id: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    result_serializers: list[str]
-    status: str = WAITING
-    result: str | None = None  # serialized, exactly as on the wire
-    exception: str | None = None  # traceback text, exactly as on the wire
-    completion_t: str | None = None
-    details: dict[str, Any] | None = None
-    value: Any = None  # what the function returned, before serialization
-    error: BaseException | None = None  # what it raised
-    submitted_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    payload_error: Exception | None = None  # an undecodable payload fails on the endpoint, not at submit
-    finished: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def done(self) -> bool:
-        return self.status in (SUCCESS, FAILED)
-
-    def document(self) -> dict[str, Any]:
-        """The task document of ``GET /v2/tasks/{id}`` and ``batch_status``: ``result`` and ``exception`` are
-        present only when set, ``completion_t`` always (null while pending)."""
-        body: dict[str, Any] = {
-            "task_id": self.task_id,
-            "status": self.status,
-            "completion_t": self.completion_t,
-        }
-        if self.result is not None:
-            body["result"] = self.result
-        if self.exception is not None:
-            body["exception"] = self.exception
-        if self.details is not None:
-            body["details"] = self.details
-        return body
-
-
-@dataclass
-class _Outcome:
-    """What a worker thread hands back to the event loop; the thread never touches the task itself."""
-
-    started: float
-    ended: float
-    result: str | None = None
-    value: Any = None
-    exception: str | None = None
-    error: BaseException | None = None
 
 
 class _RequestError(Exception):
@@ -175,28 +110,6 @@ def _uuid(value: str, what: str) -> str:
         return str(uuid.UUID(value))
     except (ValueError, AttributeError, TypeError):
         raise _RequestError(422, "REQUEST_MALFORMED", f"{what} is not a valid UUID: {value!r}") from None
-
-
-def _unpack_payload(payload: str) -> tuple[list[Any], dict[str, Any]]:
-    """(args, kwargs) from a payload built by ``Batch.add``: two packed, serialized buffers."""
-    buffers = ComputeSerializer.unpack_buffers(payload)
-    if len(buffers) != 2:
-        raise ValueError(f"expected 2 buffers (args, kwargs), got {len(buffers)}")
-    serde = ComputeSerializer()
-    args, kwargs = serde.deserialize(buffers[0]), serde.deserialize(buffers[1])
-    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-        raise TypeError(f"args must be a sequence and kwargs a dict, got {type(args)}, {type(kwargs)}")
-    return list(args), kwargs
-
-
-def _error_string(exc: BaseException) -> str:
-    """What a worker reports for an exception: the traceback without its own frame, or ``repr`` for the
-    worker's internal errors (``get_error_string`` in globus-compute-endpoint)."""
-    if isinstance(exc, MaxResultSizeExceeded):
-        return repr(exc)
-    tb = exc.__traceback__
-    inner = tb.tb_next if tb is not None and tb.tb_next is not None else tb
-    return "".join(traceback.format_exception(type(exc), exc, inner))
 
 
 class FakeCompute:
@@ -236,7 +149,7 @@ class FakeCompute:
         honours_result_serializers: bool = True,
     ) -> None:
         """Register an endpoint (a UUID, as the service requires) that tasks may be submitted to."""
-        _check_status(status)
+        check_status(status)
         endpoint_id = str(uuid.UUID(endpoint_id))
         self._endpoints[endpoint_id] = FakeEndpoint(endpoint_id, status, managers, honours_result_serializers)
 
@@ -247,7 +160,7 @@ class FakeCompute:
         ones, which reach the service only through a connected endpoint); online again releases them."""
         endpoint = self._endpoints[str(uuid.UUID(endpoint_id))]
         if status is not None:
-            _check_status(status)
+            check_status(status)
             endpoint.status = status
         if managers is not None:
             endpoint.managers = managers
@@ -431,46 +344,18 @@ class FakeCompute:
         return web.json_response(task.document())
 
     async def _endpoint_status(self, request: web.Request) -> web.Response:
-        """The shape of globus-sdk's example document. Worker and task counts are approximations (one worker
-        per manager); the gateway only reads ``status`` and ``details.managers``."""
         endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
             raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
-        mine = [t for t in self.tasks.values() if t.endpoint_id == endpoint_id]
-        waiting = sum(1 for t in mine if t.status == WAITING)
-        running = sum(1 for t in mine if t.status == RUNNING)
-        details = {
-            "total_workers": endpoint.managers,
-            "idle_workers": max(0, endpoint.managers - running),
-            "pending_tasks": waiting,
-            "outstanding_tasks": waiting + running,
-            "managers": endpoint.managers,
-        }
-        return web.json_response({"status": endpoint.status, "details": details})
+        return web.json_response(endpoint.status_document(self.tasks.values()))
 
     # -- task execution ----------------------------------------------------------------------------------
 
     def _enqueue(
         self, endpoint_id: str, function_id: str, task_group_id: str, payload: str, serializers: list[str]
     ) -> str:
-        args: list[Any] = []
-        kwargs: dict[str, Any] = {}
-        payload_error: Exception | None = None
-        try:
-            args, kwargs = _unpack_payload(payload)
-        except Exception as exc:
-            payload_error = exc
-        task = FakeTask(
-            task_id=str(uuid.uuid4()),
-            function_id=function_id,
-            endpoint_id=endpoint_id,
-            task_group_id=task_group_id,
-            args=args,
-            kwargs=kwargs,
-            result_serializers=list(serializers),
-            payload_error=payload_error,
-        )
+        task = FakeTask.submitted(endpoint_id, function_id, task_group_id, payload, serializers)
         self.tasks[task.task_id] = task
         run = asyncio.get_running_loop().create_task(self._run(task, self._functions[function_id]))
         self._runs.add(run)
@@ -479,14 +364,14 @@ class FakeCompute:
 
     async def _run(self, task: FakeTask, function: Callable[..., Any]) -> None:
         endpoint = self._endpoints[task.endpoint_id]
-        await _online(endpoint)
+        await online(endpoint)
         if self.queue_delay > 0:
             await asyncio.sleep(self.queue_delay)
-            await _online(endpoint)
+            await online(endpoint)
         task.status = RUNNING
         task.started_at = time.time()
-        outcome = await _in_daemon_thread(self._execute, task, function)
-        await _online(endpoint)
+        outcome = await in_daemon_thread(self._execute, task, function)
+        await online(endpoint)
         task.finished_at = time.time()
         task.completion_t = str(task.finished_at)
         task.details = {
@@ -499,7 +384,7 @@ class FakeCompute:
         task.status = SUCCESS if outcome.exception is None else FAILED
         task.finished.set()
 
-    def _execute(self, task: FakeTask, function: Callable[..., Any]) -> _Outcome:
+    def _execute(self, task: FakeTask, function: Callable[..., Any]) -> Outcome:
         """Runs in a worker thread, like ``execute_task`` on an endpoint: call, serialize, check the size.
         Unlike a worker, which dies on ``SystemExit`` and the like, this reports any exception as failed."""
         started = time.time()
@@ -514,13 +399,8 @@ class FakeCompute:
             if len(result) > self.result_size_limit:
                 raise MaxResultSizeExceeded(len(result), self.result_size_limit)
         except BaseException as exc:
-            return _Outcome(started, time.time(), exception=_error_string(exc), error=exc)
-        return _Outcome(started, time.time(), result=result, value=value)
-
-
-def _check_status(status: str) -> None:
-    if status not in (ONLINE, OFFLINE):
-        raise ValueError(f"endpoint status must be {ONLINE!r} or {OFFLINE!r}, not {status!r}")
+            return Outcome(started, time.time(), exception=error_string(exc), error=exc)
+        return Outcome(started, time.time(), result=result, value=value)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
@@ -531,31 +411,3 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _RequestError(422, "REQUEST_MALFORMED", "body must be a JSON object")
     return body
-
-
-async def _online(endpoint: FakeEndpoint) -> None:
-    """Return once the endpoint is connected; the event is read before the status, so no change is missed."""
-    while True:
-        changed = endpoint.changed
-        if endpoint.status == ONLINE:
-            return
-        await changed.wait()
-
-
-async def _in_daemon_thread(call: Callable[..., _Outcome], *args: Any) -> _Outcome:
-    """Run a blocking call in a fresh daemon thread. Not the loop's default executor: long remote functions
-    would starve the test's own ``asyncio.to_thread`` SDK calls, and a hung one would block the exit."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_Outcome] = loop.create_future()
-
-    def deliver(outcome: _Outcome) -> None:
-        if not future.done():  # cancelled when the fake stopped meanwhile
-            future.set_result(outcome)
-
-    def work() -> None:
-        outcome = call(*args)  # never raises: _execute turns every exception into an outcome
-        with contextlib.suppress(RuntimeError):  # a closed loop: the test is over, nobody waits for this
-            loop.call_soon_threadsafe(deliver, outcome)
-
-    threading.Thread(target=work, name="fake-compute-task", daemon=True).start()
-    return await future

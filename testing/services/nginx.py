@@ -5,7 +5,7 @@ The tests and the benchmark measure the real thing: the server block here only l
 upstream is any list of ``host:port``: the gateway's ports, or, for the "nginx alone" benchmark, the
 backend itself (the shipped rules do not depend on the gateway's base path).
 
-    async with run_nginx(tmp_path / "nginx", ["127.0.0.1:8000"], port=free_port()) as nginx:
+    async with NginxServer(tmp_path / "nginx", ["127.0.0.1:8000"], port=free_port()) as nginx:
         ... requests to nginx.url ...
 """
 
@@ -16,17 +16,14 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
-import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Final
 
-from bench.common import exited
+from testing.services.base import LOG_TAIL_CHARS, ServiceError, ServiceProcess
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+ROOT: Final = Path(__file__).resolve().parent.parent.parent
 SHIPPED_LOCATIONS: Final = ROOT / "deploy" / "nginx" / "gateway-locations.conf"
 SHIPPED_SITE: Final = ROOT / "deploy" / "nginx" / "inference-gateway.conf"
 FALLBACK_BINARY: Final = Path("/usr/sbin/nginx")
@@ -34,12 +31,6 @@ FALLBACK_BINARY: Final = Path("/usr/sbin/nginx")
 TEMP_PATHS: Final = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 MAX_OPEN_FILES: Final = 65536
 MAX_CONNECTIONS: Final = 8192
-READY_TIMEOUT: Final = 10.0
-STOP_TIMEOUT: Final = 5.0
-
-
-class NginxError(RuntimeError):
-    """nginx is missing, refused its configuration, or did not come up."""
 
 
 def nginx_binary() -> str | None:
@@ -102,11 +93,32 @@ def top_level_config(
     )
 
 
-@dataclass(frozen=True)
-class RunningNginx:
-    url: str
-    directory: Path
-    process: subprocess.Popen[bytes]
+class NginxServer(ServiceProcess):
+    """nginx listening on ``host:port`` in front of ``upstreams``. Stopped with SIGQUIT, which lets
+    workers finish the requests they hold; then SIGKILL to the whole session, workers included."""
+
+    name = "nginx"
+    ready_timeout = 10.0
+    stop_timeout = 5.0
+    stop_signal = signal.SIGQUIT
+    own_session = True
+
+    def __init__(
+        self,
+        directory: Path,
+        upstreams: Sequence[str],
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        worker_processes: int = 1,
+        locations: Path = SHIPPED_LOCATIONS,
+    ) -> None:
+        if not upstreams:
+            raise ValueError("nginx needs at least one upstream host:port")
+        super().__init__(Path(directory).resolve(), port)
+        self.host = host
+        self.url = f"http://{host}:{port}"
+        self._upstreams, self._workers, self._locations = upstreams, worker_processes, locations
 
     @property
     def error_log(self) -> str:
@@ -114,66 +126,35 @@ class RunningNginx:
         path = self.directory / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-
-@asynccontextmanager
-async def run_nginx(
-    directory: Path,
-    upstreams: Sequence[str],
-    *,
-    port: int,
-    host: str = "127.0.0.1",
-    worker_processes: int = 1,
-    locations: Path = SHIPPED_LOCATIONS,
-) -> AsyncIterator[RunningNginx]:
-    """nginx listening on ``host:port`` in front of ``upstreams``; stopped (SIGQUIT, then SIGKILL) on exit."""
-    if not upstreams:
-        raise ValueError("nginx needs at least one upstream host:port")
-    binary = nginx_binary()
-    if binary is None:
-        raise NginxError("nginx is not installed (Debian: apt-get install -y nginx)")
-    directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "nginx.conf"
-    config.write_text(
-        top_level_config(
-            directory, upstreams, port=port, host=host, worker_processes=worker_processes, locations=locations
+    async def prepare(self) -> None:
+        config = top_level_config(
+            self.directory,
+            self._upstreams,
+            port=self.port,
+            host=self.host,
+            worker_processes=self._workers,
+            locations=self._locations,
         )
-    )
-    process = _launch(binary, directory, config)
-    try:
-        await _wait_until_listening(process, directory, host, port)
-        yield RunningNginx(url=f"http://{host}:{port}", directory=directory, process=process)
-    finally:
-        await _stop(process)
+        (self.directory / "nginx.conf").write_text(config)
 
+    def command(self, port: int) -> list[str]:
+        """``-e`` sends even the messages logged before the configuration is read to the private log."""
+        binary = nginx_binary()
+        if binary is None:
+            raise ServiceError("nginx is not installed (Debian: apt-get install -y nginx)")
+        config, errors = self.directory / "nginx.conf", self.directory / "error.log"
+        return [binary, "-p", str(self.directory), "-c", str(config), "-e", str(errors)]
 
-def _launch(binary: str, directory: Path, config: Path) -> subprocess.Popen[bytes]:
-    """``-e`` sends even the messages logged before the configuration is read to the private log. A
-    session of its own lets a stop reach the workers too, should the master have to be killed."""
-    command = [binary, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")]
-    with (directory / "stderr.log").open("ab") as stderr:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True
-        )
+    def log_path(self, port: int) -> Path:
+        return self.directory / "stderr.log"
 
+    def log_tail(self, port: int) -> str:
+        texts = [(self.directory / name).read_text(errors="replace") for name in ("stderr.log", "error.log")]
+        return "".join(texts)[-LOG_TAIL_CHARS:]
 
-async def _wait_until_listening(
-    process: subprocess.Popen[bytes], directory: Path, host: str, port: int
-) -> None:
-    """The master binds before it starts workers; a connection accepted into the backlog is served."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise NginxError(f"nginx exited with status {process.returncode}: {_complaints(directory)}")
-        if await _accepts(host, port):
-            return
-        await asyncio.sleep(0.02)
-    raise NginxError(f"nginx did not listen on {host}:{port} within {READY_TIMEOUT:g} s")
-
-
-def _complaints(directory: Path) -> str:
-    texts = [(directory / name).read_text(errors="replace") for name in ("stderr.log", "error.log")]
-    return "".join(texts)[-2000:]
+    async def ready(self) -> bool:
+        """The master binds before it starts workers; a connection accepted into the backlog is served."""
+        return await _accepts(self.host, self.port)
 
 
 async def _accepts(host: str, port: int) -> bool:
@@ -185,14 +166,3 @@ async def _accepts(host: str, port: int) -> bool:
     with suppress(OSError):
         await writer.wait_closed()
     return True
-
-
-async def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGQUIT lets workers finish the requests they hold; SIGKILL if that takes too long."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGQUIT)
-    if not await exited(process, STOP_TIMEOUT):
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        await exited(process, STOP_TIMEOUT)

@@ -1,4 +1,4 @@
-"""Globus Auth's native-app login, for the fake in `tests/fake_globus.py`: what a researcher's command-line
+"""Globus Auth's native-app login, for the fake in `auth.py`: what a researcher's command-line
 login (`inference-gateway token`) speaks to.
 
 What the real service does, and so this fake (globus-sdk 4's NativeAppAuthClient sends these):
@@ -26,8 +26,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 
+from testing.fake_globus.documents import auth_error
+from testing.fake_globus.identities import FakeUser
+
 if TYPE_CHECKING:
-    from tests.fake_globus import FakeGlobus, FakeUser
+    from testing.fake_globus.auth import FakeGlobus
 
 ACCESS_TOKEN_LIFETIME = 172800
 
@@ -72,7 +75,7 @@ class NativeLogins:
     def token(self, form: dict[str, str]) -> web.Response:
         client_id = form.get("client_id", "")
         if client_id not in self.native_clients:
-            return _error(401, "UNAUTHORIZED", "unknown client", "invalid_client")
+            return auth_error(401, "UNAUTHORIZED", "unknown client", "invalid_client")
         if form.get("grant_type") == "authorization_code":
             code = self._codes.pop(form.get("code", ""), None)
             verifier = form.get("code_verifier", "")
@@ -82,12 +85,12 @@ class NativeLogins:
                 or code.redirect_uri != form.get("redirect_uri")
                 or _challenge(verifier) != code.challenge
             ):
-                return _error(400, "INVALID_GRANT", "invalid authorization code", "invalid_grant")
+                return auth_error(400, "INVALID_GRANT", "invalid authorization code", "invalid_grant")
             return self._issue(client_id, code.user, code.scope, refresh=secrets.token_urlsafe(32))
         refresh_token = form.get("refresh_token", "")
         grant = self._refresh.get(refresh_token)
         if grant is None or grant.client_id != client_id:
-            return _error(400, "INVALID_GRANT", "invalid refresh token", "invalid_grant")
+            return auth_error(400, "INVALID_GRANT", "invalid refresh token", "invalid_grant")
         return self._issue(client_id, grant.user, grant.scope, refresh=refresh_token)
 
     def revoke(self, form: dict[str, str]) -> web.Response:
@@ -118,11 +121,3 @@ class NativeLogins:
 def _challenge(verifier: str) -> str:
     digest = hashlib.sha256(verifier.encode()).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def _error(status: int, code: str, detail: str, error: str) -> web.Response:
-    """Globus Auth's error shape, built as the fake's other routes build it (imported here, as the
-    fake imports this module first)."""
-    from tests.fake_globus import _auth_error
-
-    return _auth_error(status, code, detail, error)

@@ -38,7 +38,6 @@ from typing import Any
 from aiohttp import web
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-COLLECTION = web.RequestKey("collection", "FakeCollection")
 
 
 @dataclass
@@ -48,6 +47,10 @@ class FakeCollection:
     """the client id whose tokens may create directories and rules"""
     directories: set[str] = field(default_factory=lambda: {"/"})
     rules: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+COLLECTION = web.RequestKey("collection", FakeCollection)
+"""The collection a request names, found by the middleware for the route."""
 
 
 class FakeTransfer:

@@ -1,0 +1,219 @@
+"""The benchmark's overhead section: the fake backend directly against the same backend through the
+gateway, with the same load generator.
+
+The backend and the load generator share CPU 0 and the gateway has CPU 1 to itself. Each load runs
+first straight to the backend, then through the gateway: requests at concurrencies 1, 16 and 64,
+then streams (paced like a model, and saturated), then many slow streams held at once while the
+gateway's resident memory is sampled.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Final
+
+from bench.alternating import GATEWAY_PATH
+from bench.common import (
+    GATEWAY_CPU,
+    TOKEN,
+    Check,
+    Service,
+    chat_body,
+    difference,
+    loadgen,
+    memory_kb,
+    rss_sampler,
+    show,
+    start_service,
+    table_row,
+    wait_ready,
+    write_gateway_config,
+)
+from testing.ports import free_port
+
+CONCURRENCIES: Final = (1, 16, 64)
+STREAM_CONCURRENCY: Final = 16
+SLOW_STREAM_DIRECTIVES: Final = "[[chunks=30]][[chunk_delay=0.5]]"
+STREAM_KINDS: Final = {
+    "paced": "[[chunks=20]][[chunk_delay=0.02]]",
+    "saturated": "",
+}
+"""Paced streams generate like a model (50 tokens/s), so the time to first chunk is the gateway's
+own delay; saturated streams send everything at once and measure queueing at full load."""
+HOLD_LIMIT_SECONDS: Final = 60.0
+C1_ADDED_P50: Final = "c1_added_p50_ms"
+C64_RPS_RATIO: Final = "c64_rps_ratio"
+TTFC_ADDED_P50: Final = f"ttfc{STREAM_CONCURRENCY}_added_p50_ms"
+SLOW_STREAMS_RSS: Final = "slow_streams_peak_rss_mb"
+
+
+class OverheadBench:
+    """The measurements of one run, direct first and then through the gateway for each load."""
+
+    def __init__(self, backend_port: int, gateway_port: int | None, seconds: float) -> None:
+        self.direct_url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
+        self.gateway_url = f"http://127.0.0.1:{gateway_port}{GATEWAY_PATH}" if gateway_port else None
+        self.seconds = seconds
+
+    def _pair(self, body: str, *extra: str) -> dict[str, Any]:
+        limit = self.seconds + 90
+        options = ["--duration", str(self.seconds), *extra]
+        pair = {"direct": loadgen(self.direct_url, body, *options, token=None, limit=limit)}
+        if self.gateway_url:
+            pair["gateway"] = loadgen(self.gateway_url, body, *options, token=TOKEN, limit=limit)
+        return pair
+
+    def non_streaming(self) -> dict[str, Any]:
+        results = {}
+        for concurrency in CONCURRENCIES:
+            warmup = str(max(100, concurrency * 20))
+            pair = self._pair(chat_body(), "--concurrency", str(concurrency), "--warmup", warmup)
+            if "gateway" in pair:
+                direct, gateway = pair["direct"], pair["gateway"]
+                pair["added_p50_ms"] = difference(gateway["p50_ms"], direct["p50_ms"])
+                pair["added_p99_ms"] = difference(gateway["p99_ms"], direct["p99_ms"])
+                pair["rps_ratio"] = round(gateway["rps"] / direct["rps"], 3) if direct["rps"] else None
+            results[str(concurrency)] = pair
+            print(f"non-streaming, concurrency {concurrency}: done", file=sys.stderr)
+        return results
+
+    def streaming(self) -> dict[str, Any]:
+        concurrency = str(STREAM_CONCURRENCY)
+        results = {}
+        for kind, directives in STREAM_KINDS.items():
+            body = chat_body(f"Say hello {directives}", stream=True)
+            pair = self._pair(body, "--stream", "--concurrency", concurrency, "--warmup", "64")
+            if "gateway" in pair:
+                direct, gateway = pair["direct"], pair["gateway"]
+                pair["added_ttfc_p50_ms"] = difference(gateway["ttfc_p50_ms"], direct["ttfc_p50_ms"])
+                pair["added_ttfc_p99_ms"] = difference(gateway["ttfc_p99_ms"], direct["ttfc_p99_ms"])
+            results[kind] = pair
+            print(f"streaming ({kind}), concurrency {concurrency}: done", file=sys.stderr)
+        return results
+
+    def slow_streams(self, gateway_pid: int, streams: int) -> dict[str, Any]:
+        """Hold many slow streams through the gateway and watch its resident memory."""
+        assert self.gateway_url
+        before = memory_kb(gateway_pid)
+        body = chat_body(f"Say hello {SLOW_STREAM_DIRECTIVES}", stream=True)
+        options = ["--hold-streams", str(streams), "--hold-seconds", str(HOLD_LIMIT_SECONDS)]
+        with rss_sampler(lambda: memory_kb(gateway_pid)["VmRSS"]) as samples:
+            held = loadgen(self.gateway_url, body, *options, token=TOKEN, limit=HOLD_LIMIT_SECONDS + 30)
+        after = memory_kb(gateway_pid)
+        print(f"{streams} slow streams: done", file=sys.stderr)
+        return {
+            "streams": streams,
+            "directives": SLOW_STREAM_DIRECTIVES,
+            "loadgen": held,
+            "rss_before_mb": round(before["VmRSS"] / 1024, 1),
+            "peak_rss_mb": round(max(samples, default=after["VmRSS"]) / 1024, 1),
+            "vm_hwm_mb": round(after["VmHWM"] / 1024, 1),
+            "rss_samples": len(samples),
+        }
+
+
+def overhead(
+    workdir: Path,
+    services: ExitStack,
+    backend: Service,
+    backend_port: int,
+    *,
+    seconds: float,
+    streams: int,
+    with_gateway: bool,
+) -> dict[str, Any]:
+    """The backend directly against through one gateway, which is stopped at the end to free CPU 1."""
+    gateway: Service | None = None
+    gateway_port: int | None = None
+    if with_gateway:
+        gateway_port = free_port()
+        config = write_gateway_config(workdir, gateway_port, backend_port)
+        gateway = start_service("gateway", GATEWAY_CPU, ["-m", "proxy", "--config", str(config)], workdir)
+        services.callback(gateway.stop)
+        wait_ready(gateway, f"http://127.0.0.1:{gateway_port}/resource_server/health")
+    bench = OverheadBench(backend_port, gateway_port, seconds)
+    results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
+    if gateway is not None:
+        results["slow_streams"] = bench.slow_streams(gateway.process.pid, streams)
+        for service in (backend, gateway):
+            service.check_running()
+        gateway.stop()
+    return results
+
+
+def overhead_checks(results: dict[str, Any]) -> dict[str, Check]:
+    plain = results.get("non_streaming") or {}
+    streams = (results.get("streaming") or {}).get("paced") or {}
+    slow = results.get("slow_streams") or {}
+    return {
+        C1_ADDED_P50: (plain.get("1", {}).get("added_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
+        C64_RPS_RATIO: (plain.get("64", {}).get("rps_ratio"), "≥ 30% of direct", lambda v: v >= 0.3),
+        TTFC_ADDED_P50: (streams.get("added_ttfc_p50_ms"), "≤ 1 ms added", lambda v: v <= 1),
+        SLOW_STREAMS_RSS: (slow.get("peak_rss_mb"), "< 200 MB", lambda v: v < 200),
+    }
+
+
+def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    rows = []
+    for level, pair in results.get("non_streaming", {}).items():
+        direct, gateway = pair["direct"], pair.get("gateway", {})
+        ratio = pair.get("rps_ratio")
+        share = show(ratio * 100, "% of direct") if ratio is not None else "—"
+        rows.append(
+            table_row(
+                f"c={level}: requests/s",
+                direct["rps"],
+                gateway.get("rps"),
+                share,
+                "",
+                judged.get(f"c{level}_rps_ratio"),
+            )
+        )
+        for rank in ("p50", "p99"):
+            rows.append(
+                table_row(
+                    f"c={level}: {rank}",
+                    direct[f"{rank}_ms"],
+                    gateway.get(f"{rank}_ms"),
+                    show(pair.get(f"added_{rank}_ms"), " ms"),
+                    " ms",
+                    judged.get(f"c{level}_added_{rank}_ms"),
+                )
+            )
+    for kind, pair in results.get("streaming", {}).items():
+        direct, gateway = pair["direct"], pair.get("gateway", {})
+        for rank in ("p50", "p99"):
+            rows.append(
+                table_row(
+                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk {rank}",
+                    direct[f"ttfc_{rank}_ms"],
+                    gateway.get(f"ttfc_{rank}_ms"),
+                    show(pair.get(f"added_ttfc_{rank}_ms"), " ms"),
+                    " ms",
+                    judged.get(TTFC_ADDED_P50) if (kind, rank) == ("paced", "p50") else None,
+                )
+            )
+    slow = results.get("slow_streams")
+    if slow:
+        count = f"{slow['streams']:,} slow streams"
+        peak = slow["peak_rss_mb"]
+        rows.append(table_row(f"{count}: gateway peak RSS", None, peak, "—", " MB", judged[SLOW_STREAMS_RSS]))
+        completed = f"{slow['loadgen']['completed']}/{slow['streams']}"
+        rows.append(table_row(f"{count}: completed", None, completed, "—", ""))
+    return rows
+
+
+def overhead_failures(results: dict[str, Any]) -> list[str]:
+    """Measurements with errors, since their figures would be misleading if read alone."""
+    found = []
+    for kind in ("non_streaming", "streaming"):
+        for level, pair in results.get(kind, {}).items():
+            for side in ("direct", "gateway"):
+                if pair.get(side, {}).get("errors"):
+                    found.append(f"{kind} c={level} {side}: {pair[side]['status_counts']}")
+    slow = results.get("slow_streams")
+    if slow and slow["loadgen"]["completed"] != slow["streams"]:
+        found.append(f"slow streams: {slow['loadgen']['status_counts']}")
+    return found
