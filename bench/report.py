@@ -22,6 +22,7 @@ from bench.observability import (
     observability_failures,
     observability_rows,
 )
+from bench.openai_batches import batch_checks, batch_failures, batch_rows
 from bench.overhead import overhead_checks, overhead_failures, overhead_rows
 
 OTHER_CPU_WARNING: Final = 0.05
@@ -56,6 +57,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         **observability_checks(results.get("observability") or {}),
         **compute_checks(results.get("compute") or {}),
         **federation_checks(results.get("federation") or {}),
+        **batch_checks(results.get("batches") or {}),
         **deployment_checks(results.get("deployment") or {}),
     }
     return {
@@ -76,6 +78,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("auth", auth_rows),
         ("observability", observability_rows),
         ("federation", federation_rows),
+        ("batches", batch_rows),
         ("deployment", deployment_rows),
         ("compute", compute_rows),
     ):
@@ -92,6 +95,7 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         + observability_failures(results.get("observability") or {})
         + compute_failures(results.get("compute") or {})
         + federation_failures(results.get("federation") or {})
+        + batch_failures(results.get("batches") or {})
         + deployment_failures(results.get("deployment") or {})
     )
 

@@ -12,7 +12,9 @@ table with the targets beside the figures and writes every figure to bench/resul
 Sections, each in its own module, in the order they run: overhead (bench/overhead.py: direct against
 gateway, streams, slow streams), auth (bench/auth.py: static against globus auth with a warm cache),
 observability (bench/observability.py: request records and metrics as deployed against off),
-federation (bench/federation.py: the cluster-explicit route against the federated one), deployment
+federation (bench/federation.py: the cluster-explicit route against the federated one), batches
+(bench/openai_batches.py: a 10,000-line OpenAI batch against its lines sent live, and live requests
+during it), deployment
 (bench/deployment.py: nginx, one and two workers, 5,000 held streams), compute (bench/compute.py:
 the Globus Compute path and its stream relay). `--only` runs the ones named (each needs only the
 backend it starts itself) and `--skip-compute` leaves out the slowest.
@@ -38,12 +40,13 @@ from bench.compute import ComputeBench
 from bench.deployment import DeploymentBench
 from bench.federation import FederationBench
 from bench.observability import OBSERVABILITY_ROUNDS, OBSERVABILITY_SECONDS, ObservabilityBench
+from bench.openai_batches import BatchBench
 from bench.overhead import overhead
 from bench.report import machine, report, targets
 from testing.ports import free_port
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
-SECTIONS: Final = ("overhead", "auth", "observability", "federation", "deployment", "compute")
+SECTIONS: Final = ("overhead", "auth", "observability", "federation", "batches", "deployment", "compute")
 
 
 def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
@@ -94,6 +97,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             backend.check_running()
     if gateways and "federation" in sections:
         results["federation"] = FederationBench(workdir, args.seconds).run()
+    if gateways and "batches" in sections:
+        results["batches"] = BatchBench(workdir, args.seconds).run()
     if gateways and "deployment" in sections:
         results["deployment"] = DeploymentBench(workdir, args.seconds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.

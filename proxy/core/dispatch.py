@@ -25,7 +25,7 @@ from aiohttp import web
 
 from adaptors import BaseEndpoint, SubmitTaskResponse
 from proxy.core import contract
-from proxy.core.exchange import EXCHANGE, Served
+from proxy.core.exchange import EXCHANGE, Exchange, Served
 from proxy.core.identity import AUTH_SECONDS, USER
 from proxy.core.limits import NO_LEASE, Lease, Limited, Limiter
 from proxy.core.registry import TokenLimits
@@ -243,3 +243,36 @@ def _measured(meters: EndpointMeters, served: Served, started: float, first_byte
             meters.tokens("prompt").inc(usage.prompt_tokens)
         if usage.completion_tokens:
             meters.tokens("completion").inc(usage.completion_tokens)
+
+
+async def run_line(
+    state: GatewayState, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any], exchange: Exchange
+) -> Served:
+    """A batch line (proxy/core/batch_runner.py): for a user with no HTTP request, the same steps
+    as `dispatch` (the endpoint's token limits, the adaptor, usage, metrics, the tokens charged),
+    never streamed. Limits raise `Limited` for the runner to wait on; the caller makes its record."""
+    assert exchange.user is not None
+    model_params = {**body, "openai_endpoint": openai_path}
+    model_params.pop("stream", None)
+    registry = state.registry
+    generation = registry.holds
+    generation.take()
+    try:
+        limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
+        await state.limiter.check_tokens(endpoint.endpoint_slug, exchange.user.id, limits.model, limits.user)
+        exchange.serving(endpoint, stream=False)
+        meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
+        served = Served()
+        started = time.monotonic()
+        try:
+            task = await contract.submit_task(endpoint, {"model_params": model_params})
+            served.task_id = task.task_id
+            served.response = _answer(task, served, state.recorder.store_prompts, openai_path)
+            served.outcome = "ok"
+        except ApiError as exc:
+            served.failure, served.outcome = exc, _outcome(exc.status)
+        _measured(meters, served, started, first_byte=None)
+        await charge_tokens(state.limiter, endpoint, exchange.user.id, served.usage)
+        return served
+    finally:
+        generation.release()

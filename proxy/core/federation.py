@@ -120,6 +120,15 @@ class Federation:
             retryable=None if retryable else False,
         )
 
+    async def ranked_endpoints(self, user: User, openai_path: str, model: str) -> list[BaseEndpoint]:
+        """The endpoints `serve` would try, in its order, for a caller without an HTTP request (a
+        batch line, proxy/core/batch_runner.py); the same errors when there are none."""
+        candidates, reasons = self._open(self._candidates(user, openai_path, model))
+        if not candidates:
+            message = f"No endpoint could serve model '{model[:200]}' now: {'; '.join(reasons)}"
+            raise ApiError(503, message, code="model_unavailable")
+        return [candidate.endpoint for candidate in (await self._ranked(candidates))[: self._max_attempts]]
+
     def _candidates(self, user: User, openai_path: str, model: str) -> list[Candidate]:
         """The same 404 whether the model exists nowhere or only where the caller may not go."""
         usable = [c for c in self._serving_of(model) if may_use(user, c.endpoint, c.cluster)]

@@ -67,6 +67,18 @@ class Recorder:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._delay, self.flush)
 
+    def emit_line(self, exchange: Exchange) -> None:
+        """A batch line's record (proxy/core/batch_runner.py): its exchange already names its user,
+        method, path and status, since no HTTP request carried it."""
+        if self.writer is None and self.sink is None:
+            return
+        exchange.ended = time.monotonic()
+        self._ended.append(exchange)
+        if self._closed:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay, self.flush)
+
     def flush(self) -> None:
         """Build the records of the requests that ended since the last flush and hand them on."""
         if self._timer is not None:

@@ -27,7 +27,10 @@ from proxy.core.retry_join import RetryJoins
 from proxy.core.task_book import TaskBook
 from proxy.metrics.prometheus import Metrics
 from proxy.records.batch_store import BatchStore
+from proxy.records.file_store import FileStore, LocalFileStorage
+from proxy.records.openai_batch_store import OpenAIBatchStore
 from proxy.settings.batches import BatchSettings
+from proxy.settings.openai_batches import OpenAIBatchSettings
 
 
 @dataclass
@@ -49,11 +52,17 @@ class GatewayState:
     body_deadline: BodyDeadline
     large_bodies: LargeBodies
     batch_settings: BatchSettings
+    openai_batch_settings: OpenAIBatchSettings
+    file_storage: LocalFileStorage
+    """The bytes of uploaded and result files (OpenAI's Files API)."""
     base_path: str
     started_at: int
     """When this process started (Unix time), the `created` of the models it lists."""
     batches: BatchStore | None = None
     """Set by the database's lifecycle, which runs before the gateway serves its first request."""
+    files: FileStore | None = None
+    """Set with `batches`, as are `openai_batches`."""
+    openai_batches: OpenAIBatchStore | None = None
 
 
 STATE = web.AppKey("state", GatewayState)

@@ -1,5 +1,7 @@
 """Batch jobs as the existing gateway runs them: an input file on the cluster's file system,
-processed by the endpoint's batch function, tracked in the gateway's database.
+processed by the endpoint's batch function, tracked in the gateway's database. OpenAI's batches
+share some of its paths: each route here hands those to proxy/edge/openai_batches.py, which says
+how they are told apart.
 
 A background task advances every unfinished batch on its own, so results are saved before the
 compute service forgets them, whether or not anyone asks.
@@ -11,9 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -22,14 +23,17 @@ from proxy.core import contract
 from proxy.core.identity import USER
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
 from proxy.core.registry import Registry
+from proxy.core.schemas import validate_request
 from proxy.core.state import STATE
-from proxy.edge.bodies import read_valid
+from proxy.edge import openai_batches
+from proxy.edge.bodies import read_json
+from proxy.edge.openai_batches import is_openai_batch_id, is_openai_create, is_openai_listing
+from proxy.edge.store_calls import store_call
 from proxy.errors import ApiError, adaptor_failed
 from proxy.records.batch_store import STATUSES, BatchRecord, BatchStore
-from proxy.records.database import DatabaseTimeout, DatabaseUnavailable
+from proxy.records.database import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
-Result = TypeVar("Result")
 
 
 def add_batch_routes(app: web.Application, base_path: str) -> None:
@@ -40,7 +44,10 @@ def add_batch_routes(app: web.Application, base_path: str) -> None:
 
 
 async def create(request: web.Request) -> web.Response:
-    body = await read_valid(request, "batches")
+    body = await read_json(request)
+    if is_openai_create(body):
+        return await openai_batches.create(request, body)
+    validate_request("batches", body)
     state, user = request.app[STATE], request[USER]
     registry = state.registry
     cluster = find_cluster(registry, request.match_info["cluster"], user)
@@ -54,9 +61,9 @@ async def create(request: web.Request) -> web.Response:
     await _reserve(request.app, record)
     submitted = await contract.submit_batch(endpoint, {**body, "batch_id": record.id}, user.username)
     if submitted.error_code is not None or submitted.status is None:
-        await _store_call(_batches(request.app).discard(record.id))
+        await store_call(_batches(request.app).discard(record.id))
         adaptor_failed(submitted.error_code, submitted.error_message or "The batch was not accepted.")
-    await _store_call(_batches(request.app).attach(record.id, submitted.task_ids, submitted.status.value))
+    await store_call(_batches(request.app).attach(record.id, submitted.task_ids, submitted.status.value))
     return web.json_response(
         {
             "batch_id": record.id,
@@ -69,14 +76,18 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def list_batches(request: web.Request) -> web.Response:
+    if is_openai_listing(request):
+        return await openai_batches.list_batches(request)
     status = request.query.get("status")
     if status is not None and status not in STATUSES:
         raise ApiError(400, f"status must be one of {', '.join(STATUSES)}.", param="status")
-    records = await _store_call(_batches(request.app).for_user(request[USER].username, status))
+    records = await store_call(_batches(request.app).for_user(request[USER].username, status))
     return web.json_response([_listing(record) for record in records])
 
 
 async def batch_status(request: web.Request) -> web.Response:
+    if is_openai_batch_id(request.match_info["batch_id"]):
+        return await openai_batches.retrieve(request)
     record = await _owned(request)
     return web.json_response(record.status)
 
@@ -119,7 +130,7 @@ def _new_record(body: dict[str, Any], endpoint: BaseEndpoint, user_id: str, user
 async def _reserve(app: web.Application, record: BatchRecord) -> None:
     """Quota and duplicate checks and the insert are one atomic step in the database."""
     limit = app[STATE].batch_settings.max_active_per_user
-    outcome = await _store_call(_batches(app).reserve(record, limit))
+    outcome = await store_call(_batches(app).reserve(record, limit))
     if outcome == "quota":
         message = f"You already have {limit} active batches; wait for one to finish."
         raise ApiError(429, message, code="batch_quota", retryable=False)
@@ -131,13 +142,10 @@ async def _reserve(app: web.Application, record: BatchRecord) -> None:
 async def _owned(request: web.Request) -> BatchRecord:
     """Another user's batch answers exactly like a batch that does not exist."""
     batch_id = request.match_info["batch_id"]
-    record: BatchRecord | None = await _store_call(_batches(request.app).get(batch_id))
+    record: BatchRecord | None = await store_call(_batches(request.app).get(batch_id))
     if record is None or record.username != request[USER].username:
         raise ApiError(404, f"Batch {batch_id[:64]} does not exist.", code="batch_not_found")
     return record
-
-
-RETRY_AFTER_SECONDS = 5
 
 
 def _batches(app: web.Application) -> BatchStore:
@@ -145,20 +153,6 @@ def _batches(app: web.Application) -> BatchStore:
     store = app[STATE].batches
     assert store is not None, "batch routes served before the database's lifecycle ran"
     return store
-
-
-async def _store_call(call: Awaitable[Result]) -> Result:
-    """The database's outages and timeouts are the client's "try again shortly", never a 500."""
-    retry = {"Retry-After": str(RETRY_AFTER_SECONDS)}
-    try:
-        return await call
-    except DatabaseTimeout as exc:
-        log.warning("batch database: %s", exc)
-        message = "The batch database did not answer in time (it may be busy); try again shortly."
-        raise ApiError(503, message, code="database_timeout", headers=retry) from None
-    except DatabaseUnavailable:
-        message = "The batch database is unavailable; try again shortly."
-        raise ApiError(503, message, code="database_unavailable", headers=retry) from None
 
 
 def _listing(record: BatchRecord) -> dict[str, Any]:

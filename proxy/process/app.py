@@ -12,6 +12,7 @@ from aiohttp import web
 
 from adaptors import AdaptorContext
 from adaptors.context import AnswerLimits
+from proxy.core.batch_runner import BatchRunner
 from proxy.core.body_limits import BodyDeadline, LargeBodies
 from proxy.core.callback_relay import LocalRelay, Relay
 from proxy.core.callback_relay_redis import RedisRelay
@@ -38,6 +39,8 @@ from proxy.edge.headers import single_authorization
 from proxy.edge.malformed import answer_malformed_requests_in_json
 from proxy.edge.middleware import openai_errors
 from proxy.edge.observe import QUIET_ROUTES, add_request_id, observe_middleware
+from proxy.edge.openai_batches import add_openai_batch_routes
+from proxy.edge.openai_files import add_file_routes
 from proxy.edge.routes import PUBLIC_ROUTES, add_routes
 from proxy.edge.staging import add_staging_routes
 from proxy.edge.tasks import add_task_routes
@@ -45,7 +48,9 @@ from proxy.metrics.prometheus import AdaptorTelemetry, Metrics, metrics_handler
 from proxy.process.reload import Reloader, shut_down, sighup_reloads
 from proxy.process.reload_report import report_path
 from proxy.records.batch_store import BatchStore
+from proxy.records.file_store import FileStore, LocalFileStorage
 from proxy.records.line_writer import LineWriter
+from proxy.records.openai_batch_store import OpenAIBatchStore
 from proxy.records.record_keeping import prune_forever
 from proxy.records.record_sink import RecordSink
 from proxy.records.standby_database import StandbyDatabase
@@ -118,6 +123,8 @@ def create_app(
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
     add_batch_routes(app, settings.server.base_path)
+    add_openai_batch_routes(app, settings.server.base_path)
+    add_file_routes(app, settings.server.base_path)
     add_task_routes(app, settings.server.base_path)
     app.on_cleanup.append(lambda _: state.tasks.close())
     add_staging_routes(app, settings.server.base_path, settings.data_staging)
@@ -157,6 +164,8 @@ def _state(
             server.body_timeout_seconds,
         ),
         batch_settings=settings.batches,
+        openai_batch_settings=settings.openai_batches,
+        file_storage=LocalFileStorage(settings.openai_batches.storage_dir),
         base_path=server.base_path,
         started_at=int(time.time()),
     )
@@ -192,6 +201,11 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
         state = app[STATE]
         state.batches = BatchStore(database)
         advancer = asyncio.create_task(advance_forever(app))
+        state.files, state.openai_batches = FileStore(database), OpenAIBatchStore(database)
+        runner = BatchRunner(
+            state, state.openai_batches, state.files, state.file_storage, settings.openai_batches
+        )
+        running = asyncio.create_task(runner.run_forever())
         recorder = state.recorder
         if settings.request_log.store:
             recorder.sink = RecordSink(UsageStore(database), max_buffered=settings.request_log.buffer_records)
@@ -202,6 +216,8 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
             yield
         finally:
             advancer.cancel()
+            running.cancel()
+            await runner.close()
             if pruning is not None:
                 pruning.cancel()
             if recorder.sink is not None:

@@ -2,7 +2,8 @@
 
 Each store declares the migrations of the tables it owns, beside the SQL that uses them
 (``proxy.records.batch_store``: ``batches``; ``proxy.records.usage_store``: ``requests``;
-``proxy.records.usage_rollup_tables``: the dashboard's ``usage_*`` sums). Versions
+``proxy.records.usage_rollup_tables``: the dashboard's ``usage_*`` sums; ``proxy.records.file_store``:
+``files``; ``proxy.records.openai_batch_store``: ``openai_batches``). Versions
 are numbered across all tables, in the order the migrations were released, and recorded in the
 ``schema_migrations`` table this module owns: a new migration takes the next free number, whichever
 store it belongs to, and a released one is never edited, since databases in the field recorded it.
@@ -23,12 +24,22 @@ from proxy.records.database_url import (
     DEFAULT_TIMEOUT,
     open_database,
 )
+from proxy.records.file_store import FILES_MIGRATIONS
+from proxy.records.openai_batch_store import OPENAI_BATCHES_MIGRATIONS
 from proxy.records.usage_rollup_tables import ROLLUPS_MIGRATIONS
 from proxy.records.usage_store import REQUESTS_MIGRATIONS
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS: Final[list[Migration]] = sorted([*BATCHES_MIGRATIONS, *REQUESTS_MIGRATIONS, *ROLLUPS_MIGRATIONS])
+MIGRATIONS: Final[list[Migration]] = sorted(
+    [
+        *BATCHES_MIGRATIONS,
+        *REQUESTS_MIGRATIONS,
+        *ROLLUPS_MIGRATIONS,
+        *FILES_MIGRATIONS,
+        *OPENAI_BATCHES_MIGRATIONS,
+    ]
+)
 
 _SCHEMA_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS schema_migrations "

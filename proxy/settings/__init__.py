@@ -19,6 +19,7 @@ from proxy.settings.dashboard import DashboardSettings
 from proxy.settings.database import DatabaseSettings
 from proxy.settings.files import ConfigError, OptionalUrl, Strict, describe_validation_error, load_document
 from proxy.settings.observability import MetricsSettings, RequestLogSettings
+from proxy.settings.openai_batches import OpenAIBatchSettings
 from proxy.settings.server import ServerSettings, TimeoutSettings
 from proxy.settings.staging import DataStagingSettings
 from proxy.settings.streaming import StreamingSettings
@@ -36,6 +37,7 @@ class GatewaySettings(Strict):
     streaming: StreamingSettings = StreamingSettings()
     batches: BatchSettings = BatchSettings()
     tasks: TaskSettings = TaskSettings()
+    openai_batches: OpenAIBatchSettings = OpenAIBatchSettings()
     data_staging: DataStagingSettings = DataStagingSettings()
     federation: FederationSettings = FederationSettings()
     retries: RetrySettings = RetrySettings()
@@ -68,6 +70,9 @@ class GatewaySettings(Strict):
             "clusters_file": base / self.clusters_file,
             "database_url": _sqlite_relative_to(self.database_url, base),
             "maintenance_file": base / self.maintenance_file,
+            "openai_batches": self.openai_batches.model_copy(
+                update={"storage_dir": base / self.openai_batches.storage_dir}
+            ),
         }
         if self.server.pid_file is not None:
             update["server"] = self.server.model_copy(update={"pid_file": base / self.server.pid_file})
