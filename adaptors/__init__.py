@@ -3,6 +3,7 @@
 from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
 from adaptors.context import AdaptorContext
 from adaptors.endpoint import (
+    CLIENT_JSON,
     BaseEndpoint,
     BatchStatusEnum,
     GetBatchStatusResponse,
@@ -15,6 +16,7 @@ from adaptors.endpoint import (
 )
 
 __all__ = [
+    "CLIENT_JSON",
     "AdaptorContext",
     "BaseCluster",
     "BaseEndpoint",

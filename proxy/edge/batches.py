@@ -42,7 +42,7 @@ def add_batch_routes(app: web.Application, base_path: str) -> None:
 
 
 async def create(request: web.Request) -> web.Response:
-    body = await read_valid(request, "batches")
+    body = (await read_valid(request, "batches")).fields
     state, user = request.app[STATE], request[USER]
     registry = state.registry
     cluster = find_cluster(registry, request.match_info["cluster"], user)
