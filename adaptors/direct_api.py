@@ -63,6 +63,13 @@ class DirectAPIEndpoint(BaseEndpoint):
 
     forwards_client_json = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass may change the fields before they are sent (`MetisEndpoint` sets `stream`):
+        it forwards the client's bytes only when it says so itself."""
+        super().__init_subclass__(**kwargs)
+        if "forwards_client_json" not in cls.__dict__:
+            cls.forwards_client_json = False
+
     def __init__(
         self,
         id: str,

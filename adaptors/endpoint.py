@@ -139,8 +139,8 @@ class BaseEndpoint(ABC):
     """True for an adaptor that sends the client's fields on as JSON: `data[CLIENT_JSON]` then holds
     the body's bytes as the client sent them whenever they mean exactly `data["model_params"]` less
     `openai_endpoint` (the key is absent otherwise), so that they need not be encoded again. Not
-    given to other adaptors: one that sends `data` on whole could not encode bytes. A subclass that
-    changes the fields before sending them sets it back to False (as `MetisEndpoint` does)."""
+    given to other adaptors: one that sends `data` on whole could not encode bytes. A subclass of
+    `DirectAPIEndpoint` does not inherit it: it may change the fields before sending them."""
 
     def __init__(
         self,

@@ -22,8 +22,6 @@ _INTERNAL_FIELDS = ("api_port",)
 
 
 class MetisEndpoint(DirectAPIEndpoint):
-    forwards_client_json = False  # it sets `stream`: the client's bytes would not say what it sends
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._jobs: ClusterJobs = no_jobs
