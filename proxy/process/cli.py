@@ -222,13 +222,11 @@ async def _exit_with_supervisor(app: web.Application) -> None:
 
 
 async def _settle_garbage(app: web.Application) -> None:
-    """The last step of start-up. What start-up built lives as long as the process: frozen, the
-    garbage collector no longer walks it. A request allocates hundreds of objects that their
-    reference counts free; with Python's default threshold (a young collection every 700 net
-    allocations) the collections walked the live objects of the requests in flight again and
-    again, about a seventh of the gateway's CPU at 64 concurrent requests (docs/performance.md)."""
-    gc.collect()
-    gc.freeze()
+    """The last step of start-up. A request allocates hundreds of objects that their reference
+    counts free; with Python's default threshold (a young collection every 700 net allocations)
+    the collections walked the live objects of the requests in flight again and again, about a
+    seventh of the gateway's CPU at 64 concurrent requests (docs/performance.md). `gc.freeze()`
+    saved little more and made full collections during large bodies more frequent: not used."""
     gc.set_threshold(*GC_THRESHOLDS)
 
 
