@@ -4,6 +4,7 @@ from adaptors.cluster import BaseCluster, GetJobsResponse, JobInfo, Jobs
 from adaptors.configured import AdaptorConfig, ConfiguredCluster, ConfiguredEndpoint
 from adaptors.context import AdaptorContext, SharedResources
 from adaptors.endpoint import (
+    CLIENT_JSON,
     BaseEndpoint,
     BatchStatusEnum,
     GetBatchStatusResponse,
@@ -17,6 +18,7 @@ from adaptors.endpoint import (
 from adaptors.transport import TransportFailure, transport_failure
 
 __all__ = [
+    "CLIENT_JSON",
     "AdaptorConfig",
     "AdaptorContext",
     "BaseCluster",

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from adaptors.cluster import GetJobsResponse, Jobs
 from adaptors.configured import AdaptorConfig, ConfiguredCluster, ConfiguredEndpoint
 from adaptors.context import AdaptorContext, AnswerLimits
-from adaptors.endpoint import StreamError, SubmitStreamingTaskResponse, SubmitTaskResponse
+from adaptors.endpoint import CLIENT_JSON, StreamError, SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.keepalive import until_first_chunk
 from adaptors.telemetry import NoTelemetry, Telemetry
 from adaptors.transport import transport_failure
@@ -60,12 +60,24 @@ class DirectAPIClusterConfig(AdaptorConfig):
 class DirectAPIEndpoint(ConfiguredEndpoint[DirectAPIEndpointConfig]):
     """Forwards the client's fields to `{api_url}/{openai path}` and passes the answer back."""
 
+    forwards_client_json = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass may change the fields before they are sent (`MetisEndpoint` sets `stream`):
+        it forwards the client's bytes only when it says so itself."""
+        super().__init_subclass__(**kwargs)
+        if "forwards_client_json" not in cls.__dict__:
+            cls.forwards_client_json = False
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._base_url = self.config.api_url.rstrip("/")
         self._headers = {"Content-Type": "application/json"}
         if self.config.api_key_env_name:
             self._headers["Authorization"] = f"Bearer {os.environ[self.config.api_key_env_name]}"
+        timeout = self.config.api_request_timeout
+        self._task_timeout = aiohttp.ClientTimeout(total=timeout)  # built once: not free per request
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._telemetry: Telemetry = NoTelemetry()
         self._limits = AnswerLimits()
@@ -81,10 +93,9 @@ class DirectAPIEndpoint(ConfiguredEndpoint[DirectAPIEndpointConfig]):
 
     async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
         url, body = self._request(data)
-        timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
         try:
             async with self._client().post(
-                url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
+                url, data=body, headers=self._headers, timeout=self._task_timeout, allow_redirects=False
             ) as response:
                 failed = response.status >= 300
                 limit = self._limits.error_bytes if failed else self._limits.answer_bytes
@@ -118,10 +129,9 @@ class DirectAPIEndpoint(ConfiguredEndpoint[DirectAPIEndpointConfig]):
     async def _stream(self, url: str, body: bytes, silence: float) -> AsyncIterator[bytes]:
         """Opens the request and reads its first chunk in one go, so that nothing the backend sent
         waits between the two; closing it early (client gone) drops the upstream connection."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=silence, sock_read=silence)
         try:
             response = await self._client().post(
-                url, data=body, headers=self._headers, timeout=timeout, allow_redirects=False
+                url, data=body, headers=self._headers, timeout=self._stream_timeout, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             failure = transport_failure(exc, timeout=silence)
@@ -162,9 +172,13 @@ class DirectAPIEndpoint(ConfiguredEndpoint[DirectAPIEndpointConfig]):
         self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
 
     def _request(self, data: dict[str, Any]) -> tuple[str, bytes]:
-        params = dict(data["model_params"])
-        openai_path = params.pop("openai_endpoint")
-        return f"{self._base_url}/{openai_path}", _encoded(params)
+        """The client's own bytes when the gateway changed nothing in them, else its fields encoded."""
+        params = data["model_params"]
+        url = f"{self._base_url}/{params['openai_endpoint']}"
+        client_json = data.get(CLIENT_JSON)
+        if isinstance(client_json, bytes):
+            return url, client_json
+        return url, _encoded({key: value for key, value in params.items() if key != "openai_endpoint"})
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

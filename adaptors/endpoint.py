@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterable
 from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -138,7 +138,18 @@ BATCH_NOT_ENABLED = "Batch is not enabled for this endpoint."
 TASKS_NOT_SUPPORTED = "This endpoint does not run asynchronous tasks."
 
 
+CLIENT_JSON: Final = "client_json"
+"""The key of `data` that holds the client's body bytes, for an adaptor that `forwards_client_json`."""
+
+
 class BaseEndpoint(ABC):
+    forwards_client_json: ClassVar[bool] = False
+    """True for an adaptor that sends the client's fields on as JSON: `data[CLIENT_JSON]` then holds
+    the body's bytes as the client sent them whenever they mean exactly `data["model_params"]` less
+    `openai_endpoint` (the key is absent otherwise), so that they need not be encoded again. Not
+    given to other adaptors: one that sends `data` on whole could not encode bytes. A subclass of
+    `DirectAPIEndpoint` does not inherit it: it may change the fields before sending them."""
+
     def __init__(
         self,
         id: str,

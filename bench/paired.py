@@ -121,6 +121,7 @@ def measure_round(sides: Sequence[Side], seconds: float) -> dict[str, dict[str, 
         used = process_cpu_seconds(pid) - before[label]
         figures[label] = {
             "rps": summaries[label]["rps"],
+            "p99_ms": summaries[label]["p99_ms"],
             "requests": requests,
             "cpu_us_per_request": round(used * 1e6 / requests, 1) if requests else float("nan"),
         }
@@ -155,6 +156,9 @@ def compare(a: Side, b: Side, rounds: int, seconds: float) -> dict[str, Any]:
         "median_b_minus_a_cpu_us_per_request": round(statistics.median(differences), 1),
         "median_cpu_us_per_request": {
             label: statistics.median(run[label]["cpu_us_per_request"] for run in runs) for label in ("a", "b")
+        },
+        "median_p99_ms": {
+            label: statistics.median(run[label]["p99_ms"] for run in runs) for label in ("a", "b")
         },
         "runs": runs,
     }

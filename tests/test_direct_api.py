@@ -42,6 +42,56 @@ async def test_forwards_exactly_the_clients_fields(
     assert "Authorization" not in forwarded["headers"]
 
 
+async def test_the_clients_bytes_are_forwarded_as_they_came(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    """Nothing to change in them: not encoded again, so spacing, key order and escapes stay."""
+    sent = json.dumps({"max_tokens": 4, **chat("h\u00e9llo \u2028")}, indent=1).encode()
+    headers = {**auth(), "Content-Type": "application/json"}
+    status, _, _ = await call(http, "POST", chat_url(gateway), data=sent, headers=headers)
+    assert status == 200
+    assert backend.app[REQUESTS][-1]["raw"] == sent
+
+
+@pytest.mark.parametrize(
+    "sent, expected",
+    [
+        # orjson cannot say what these mean as the standard library reads them: encoded again
+        (
+            b'{"chat_template_kwargs":{"n":12345678901234567890123,"x":1e400}',
+            {"chat_template_kwargs": {"n": 12345678901234567890123, "x": float("inf")}},
+        ),
+        (b'{"user":"\\ud800"', {"user": "\ud800"}),
+        (b'\xef\xbb\xbf{"user": "bom"', {"user": "bom"}),
+    ],
+    ids=["big-integer-and-infinity", "lone-surrogate", "byte-order-mark"],
+)
+async def test_a_body_orjson_cannot_read_is_encoded_as_before(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession, sent: bytes, expected: dict[str, Any]
+) -> None:
+    fields = json.dumps({"model": CHAT_MODEL, "messages": [{"role": "user", "content": "x"}]})
+    body = sent + b", " + fields[1:].encode()
+    headers = {**auth(), "Content-Type": "application/json"}
+    status, _, _ = await call(http, "POST", chat_url(gateway), data=body, headers=headers)
+    assert status == 200
+    forwarded = backend.app[REQUESTS][-1]
+    assert forwarded["raw"] != body
+    assert {key: forwarded["body"][key] for key in expected} == expected
+
+
+async def test_a_stream_asked_for_its_usage_is_encoded_once_with_it(
+    gateway: Server, backend: Server, http: aiohttp.ClientSession
+) -> None:
+    sent = json.dumps(chat("Hi", stream=True), indent=1).encode()
+    headers = {**auth(), "Content-Type": "application/json"}
+    async with http.post(chat_url(gateway), data=sent, headers=headers) as response:
+        assert response.status == 200
+        await response.read()
+    forwarded = backend.app[REQUESTS][-1]
+    assert forwarded["body"] == {**json.loads(sent), "stream_options": {"include_usage": True}}
+    assert b"\n" not in forwarded["raw"]
+
+
 async def test_completions_and_embeddings(
     gateway: Server, backend: Server, http: aiohttp.ClientSession
 ) -> None:

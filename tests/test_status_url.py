@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from bench.backend import REQUESTS
 
 from tests.conftest import Server, auth, start, start_gateway, write_gateway_config, write_yaml
 
@@ -117,3 +118,35 @@ async def test_a_failing_status_source_is_not_asked_by_every_request(
         await runner.cleanup()
         await status_runner.cleanup()
     assert len(calls) == 1
+
+
+async def test_metis_sends_the_stream_field_it_sets_not_the_clients_bytes(
+    metis: Server, backend: Server, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """MetisEndpoint changes the client's fields (`stream`): it must not forward the client's bytes."""
+    config = write_gateway_config(tmp_path, backend.url)
+    cluster = {
+        "cluster_name": "metis",
+        "cluster_adapter": "resource_server_async.clusters.metis.MetisCluster",
+        "frameworks": ["api"],
+        "openai_endpoints": ["chat/completions"],
+        "config": {"status_url": f"{metis.url}/status"},
+    }
+    endpoint = {
+        "cluster": "metis",
+        "framework": "api",
+        "model": "Llama-4-Maverick",
+        "endpoint_adapter": "adaptors.metis.MetisEndpoint",
+        "config": {"api_url": f"{backend.url}/v1"},
+    }
+    write_yaml(tmp_path / "clusters.yaml", [cluster])
+    write_yaml(tmp_path / "endpoints.yaml", [endpoint])
+    runner, gateway = await start_gateway(config)
+    body = {"model": "Llama-4-Maverick", "messages": [{"role": "user", "content": "Hi"}]}
+    try:
+        url = f"{gateway.url}/metis/api/v1/chat/completions"
+        async with http.post(url, json=body, headers=auth()) as response:
+            assert response.status == 200
+    finally:
+        await runner.cleanup()
+    assert backend.app[REQUESTS][-1]["body"] == {**body, "stream": False}

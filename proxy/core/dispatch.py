@@ -19,12 +19,13 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
 
-from adaptors import BaseEndpoint, SubmitTaskResponse
-from proxy.core import contract
+from adaptors import CLIENT_JSON, BaseEndpoint, SubmitTaskResponse
+from proxy.core import contract, json_codec
 from proxy.core.exchange import EXCHANGE, Exchange, Served
 from proxy.core.identity import AUTH_SECONDS, USER
 from proxy.core.limits import NO_LEASE, Lease, Limited, Limiter
@@ -60,26 +61,39 @@ class UserAdmission:
         await self._lease.release()
 
 
+@dataclass(frozen=True)
+class ClientBody:
+    """A request's body: its fields, checked, and the bytes they were read from when an adaptor may
+    send those on as they came (strict UTF-8 JSON that means exactly `fields`, json_codec.loads)."""
+
+    fields: dict[str, Any]
+    json: bytes | None = None
+
+
 async def dispatch(
-    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: dict[str, Any]
+    request: web.Request, endpoint: BaseEndpoint, openai_path: str, body: ClientBody
 ) -> web.StreamResponse:
     """A checked request to the endpoint chosen, whichever route chose it (within `UserAdmission`).
     For a federated request, each attempt is one dispatch."""
     state, exchange = request.app[STATE], request[EXCHANGE]
+    fields = body.fields
     if state.recorder.store_prompts:
-        exchange.prompt = json.dumps(body.get("messages", body.get("prompt", body.get("input"))))
-    model_params = {**body, "openai_endpoint": openai_path}
-    streamed = body.get("stream") is True and openai_path in STREAMING_PATHS
+        exchange.prompt = json.dumps(fields.get("messages", fields.get("prompt", fields.get("input"))))
+    model_params = {**fields, "openai_endpoint": openai_path}
+    data: dict[str, Any] = {"model_params": model_params}
+    streamed = fields.get("stream") is True and openai_path in STREAMING_PATHS
     async with admitted(request, endpoint):
         exchange.serving(endpoint, stream=streamed)
         meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
         meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
+        strip_usage_event = streamed and ask_for_usage(model_params)  # token limits and records need it
+        if body.json is not None and not strip_usage_event and endpoint.forwards_client_json:
+            data[CLIENT_JSON] = body.json  # unchanged: sent on without being encoded again
         if streamed:
-            strip_usage_event = ask_for_usage(model_params)  # token limits and records need it
             scanner = usage_scanner(openai_path, strip_usage_event=strip_usage_event)
-            served = await _stream(request, state, endpoint, model_params, scanner, meters)
+            served = await _stream(request, state, endpoint, data, scanner, meters)
         else:
-            served = await _task(request, state, endpoint, model_params, meters)
+            served = await _task(request, state, endpoint, data, meters)
         exchange.served = served  # for the observe middleware: the request's metrics and record
         await charge_tokens(state.limiter, endpoint, request[USER].id, served.usage)
         return served.answer()
@@ -125,14 +139,14 @@ async def _task(
     request: web.Request,
     state: GatewayState,
     endpoint: BaseEndpoint,
-    model_params: dict[str, Any],
+    data: dict[str, Any],
     meters: EndpointMeters,
 ) -> Served:
     """The whole answer at once; a client's retry may join the work of its earlier attempt."""
     served = Served()
     started = time.monotonic()
+    model_params = data["model_params"]
     joining = joining_of(request, request[USER].id, endpoint.endpoint_slug, model_params)
-    data = {"model_params": model_params}
     try:
         task, _ = await state.retry_joins.run(joining, lambda: contract.submit_task(endpoint, data))
         served.task_id = task.task_id
@@ -148,7 +162,7 @@ async def _stream(
     request: web.Request,
     state: GatewayState,
     endpoint: BaseEndpoint,
-    model_params: dict[str, Any],
+    data: dict[str, Any],
     scanner: UsageScanner,
     meters: EndpointMeters,
 ) -> Served:
@@ -158,7 +172,6 @@ async def _stream(
     streams_in_flight = state.metrics.streams_in_flight
     streams_in_flight.inc()
     try:
-        data = {"model_params": model_params}
         opened = await contract.submit_streaming_task(endpoint, data, request[EXCHANGE].request_id)
         served.task_id = opened.task_id
         meters.phase("submission").observe(time.monotonic() - started)
@@ -182,7 +195,7 @@ async def _stream(
         served.failure, served.outcome = exc, _failed(request, exc)
     finally:
         streams_in_flight.dec()
-    served.usage = scanner.final_usage(model_params)
+    served.usage = scanner.final_usage(data["model_params"])
     first = None if served.first_chunk is None else served.first_chunk - started
     _measured(meters, served, started, first_byte=first)
     return served
@@ -199,7 +212,7 @@ def _answer(task: SubmitTaskResponse, served: Served, store_result: bool, openai
             task.error_detail,
         )
     try:
-        document = json.loads(task.result)
+        document, _ = json_codec.loads(task.result)
     except (ValueError, RecursionError):
         message = "The backend answered with invalid JSON."
         raise ApiError(502, message, code="backend_error", retryable=False) from None

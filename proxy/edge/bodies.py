@@ -20,21 +20,23 @@ from typing import Any, NoReturn, cast
 
 from aiohttp import hdrs, web
 
+from proxy.core import json_codec
 from proxy.core.body_limits import BodyDeadline
+from proxy.core.dispatch import ClientBody
 from proxy.core.schemas import validate_request
 from proxy.core.state import STATE
 from proxy.errors import ApiError
 
 
-async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
+async def read_valid(request: web.Request, route: str) -> ClientBody:
     """The body of an OpenAI route, parsed and validated (a large one in its turn: it is read at
     the client's pace first, so that a slow sender holds no turn)."""
     raw = await _read_raw(request)
     large = request.app[STATE].large_bodies
     if len(raw) <= large.threshold:
-        body = parse_json(raw)
+        body, forwardable = _parsed(raw)
         validate_request(route, body)
-        return cast(dict[str, Any], body)
+        return ClientBody(cast(dict[str, Any], body), raw if forwardable else None)
     try:
         async with asyncio.timeout(large.wait_seconds):
             await large.turns.acquire()
@@ -43,12 +45,13 @@ async def read_valid(request: web.Request, route: str) -> dict[str, Any]:
             503, "The gateway is busy with other large requests; try again shortly.", code="busy"
         ) from None
     try:
-        body = parse_json(raw)
+        body, forwardable = _parsed(raw)
+        kept = raw if forwardable else None
         del raw
         await _others_first()
         validate_request(route, body)
         await _others_first()
-        return cast(dict[str, Any], body)
+        return ClientBody(cast(dict[str, Any], body), kept)
     finally:
         large.turns.release()
 
@@ -85,8 +88,13 @@ async def _read_raw(request: web.Request) -> bytes:
 
 
 def parse_json(raw: bytes) -> Any:
+    return _parsed(raw)[0]
+
+
+def _parsed(raw: bytes) -> tuple[Any, bool]:
+    """The document, and whether `raw` can be forwarded as it came (json_codec.loads)."""
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json_codec.loads(raw, _DECODER)
     except (ValueError, RecursionError) as exc:
         reason = (
             exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 JSON or nests too deeply"
@@ -142,3 +150,7 @@ def _is_json(content_type: str) -> bool:
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+"""One decoder for every body: `json.loads` with an option builds a new one each call."""

@@ -148,7 +148,7 @@ async def inference(request: web.Request) -> web.StreamResponse:
         framework = request.match_info["framework"]
         check_framework(cluster, framework)
         check_openai_path(cluster, openai_path)
-        endpoint = find_endpoint(registry, cluster, framework, body["model"], user)
+        endpoint = find_endpoint(registry, cluster, framework, body.fields["model"], user)
         return await dispatch(request, endpoint, openai_path, body)
 
 
@@ -161,7 +161,7 @@ async def federated_inference(request: web.Request) -> web.StreamResponse:
         def attempt(endpoint: BaseEndpoint) -> Awaitable[web.StreamResponse]:
             return dispatch(request, endpoint, openai_path, body)
 
-        return await request.app[STATE].federation.serve(request, openai_path, body["model"], attempt)
+        return await request.app[STATE].federation.serve(request, openai_path, body.fields["model"], attempt)
 
 
 def _usable_endpoints(registry: Registry, user: User) -> list[tuple[BaseEndpoint, BaseCluster]]:

@@ -15,7 +15,7 @@ embeddings or Responses `input`):
 
 Tests that run the app in-process can read, through these application keys:
 
-    app[REQUESTS]        the last 1,000 POST requests, as {"path", "headers", "body"}
+    app[REQUESTS]        the last 1,000 POST requests, as {"path", "headers", "body", "raw"}
     app[DISCONNECTS]     how many streams lost their client before they ended
     app[ACTIVE_STREAMS]  how many streams are in progress
 

@@ -105,13 +105,16 @@ class _Backend:
         self._started = int(time.time())
 
     async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
         try:
-            body = json.loads(await request.read())
+            body = json.loads(raw)
         except ValueError:
             raise self._bad_request("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise self._bad_request("the request body must be a JSON object")
-        self._requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
+        self._requests.append(
+            {"path": request.path, "headers": dict(request.headers), "body": body, "raw": raw}
+        )
         model = body.get("model")
         if isinstance(model, str) and len(self._seen) < _MAX_SEEN_MODELS:
             self._seen.setdefault(model)
