@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from bench.backend import REQUESTS
 
+from testing.fake_vllm import REQUESTS
 from tests.conftest import Server, auth, start, start_gateway, write_gateway_config, write_yaml
 
 METIS_STATUS = {
