@@ -241,8 +241,12 @@ class DirectAPICluster(ConfiguredCluster[DirectAPIClusterConfig]):
 
 
 def _new_session(max_connections: int) -> aiohttp.ClientSession:
+    """One session serves every user of the endpoint, so it keeps no cookies: a cookie a backend (or
+    the load balancer in front of it) set in one user's answer would go out with everyone's requests."""
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
-    return aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    return aiohttp.ClientSession(
+        connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 def _refusal(response: aiohttp.ClientResponse, text: str | None, limits: AnswerLimits) -> dict[str, Any]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
+from adaptors.context import AdaptorContext
+from adaptors.direct_api import DirectAPIEndpoint
 from proxy.core.state import STATE
 from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS, REQUESTS
 from tests.conftest import CHAT_MODEL, Server, auth, chat
@@ -248,3 +252,38 @@ async def test_backend_errors_by_kind_in_metrics(gateway: Server, http: aiohttp.
     text = gateway.app[STATE].metrics.exposition().decode()
     for model, _, kind in cases:
         assert value(text, "gateway_upstream_errors_total", model=model, kind=kind) == 1, (model, kind)
+
+
+async def test_a_cookie_one_answer_sets_never_goes_out_with_later_requests() -> None:
+    """The adaptor's session is shared by every user of the endpoint: a backend's Set-Cookie (a load
+    balancer's session cookie, say) must not travel with anyone's next request."""
+    cookies_seen: list[str | None] = []
+
+    async def chat_completions(request: web.Request) -> web.Response:
+        cookies_seen.append(request.headers.get("Cookie"))
+        response = web.json_response({"id": "x", "object": "chat.completion", "choices": []})
+        response.set_cookie("session", "alice-only")
+        return response
+
+    backend = web.Application()
+    backend.router.add_post("/v1/chat/completions", chat_completions)
+    runner = web.AppRunner(backend)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    endpoint = DirectAPIEndpoint(
+        "1", "local-vllm-m", "local", "vllm", "m", "adaptors.direct_api.DirectAPIEndpoint",
+        config={"api_url": f"http://127.0.0.1:{port}/v1"},
+    )  # fmt: skip
+    with ThreadPoolExecutor(1) as executor:
+        await endpoint.startup(AdaptorContext(executor=executor, relay=None))  # type: ignore[arg-type]
+        try:
+            for _ in range(2):
+                data = {"model_params": {"model": "m", "messages": [], "openai_endpoint": "chat/completions"}}
+                answer = await endpoint.submit_task(data)
+                assert answer.error_code is None, answer
+        finally:
+            await endpoint.shutdown()
+            await runner.cleanup()
+    assert cookies_seen == [None, None]
