@@ -9,8 +9,12 @@ and cluster with the same credentials shares it, and the last one to shut down c
 How results are polled (adaptive, so that a quick task's result comes within tens of ms while the
 service sees no more status calls than a fixed 50 ms cadence would make):
 
-- each task is first due for a look `FIRST_CHECK_SECONDS` after its submission answered, then again
-  after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that cadence);
+- each task is first due for a look when recent tasks were found finished (`_expected`, learned
+  by probing: a task found at its first look pulls the estimate earlier, one found later pulls it
+  to the middle of the interval in which it finished), `FIRST_CHECK_SECONDS` before anything is
+  learned, never sooner than `MIN_FIRST_CHECK_SECONDS`; after a miss, `FIRST_CHECK_SECONDS` later,
+  then after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that
+  cadence);
 - one call (`get_task_batch`) asks about every task due within the next `MIN_POLL_SPACING_SECONDS`
   (up to `MAX_TASKS_PER_POLL`, the longest due first), so neighbours share it;
 - two calls are at least `MIN_POLL_SPACING_SECONDS` apart (or `poll_interval_seconds` when that is
@@ -49,6 +53,8 @@ GLOBUS_COMPUTE = "Globus Compute"
 RESULT_SERIALIZERS = ["globus_compute_sdk.serialize.JSONData"]
 MAX_TASKS_PER_POLL = 1000
 FIRST_CHECK_SECONDS = 0.02
+MIN_FIRST_CHECK_SECONDS = 0.005
+LEARNING_WEIGHT = 0.2
 MIN_POLL_SPACING_SECONDS = 0.05
 HTTP_POOL_SIZE = 64
 Result = TypeVar("Result")
@@ -69,6 +75,10 @@ class _Pending:
     """When it is next worth a look."""
     wait: float
     """How long after the last look that was."""
+    looked: float | None = None
+    """When it was last looked at."""
+    missed: float | None = None
+    """When it was looked at before that, and found unfinished."""
     started: bool = False
 
 
@@ -88,6 +98,8 @@ class ComputeService:
     _wake_at: float = 0.0
     """When the poller, asleep, wakes up; a task due earlier (and after `_not_before`) wakes it."""
     _not_before: float = 0.0
+    _expected: float | None = None
+    """How long after submission recent tasks were found finished."""
     """The earliest the next status call may be made (the spacing between calls)."""
     _poll_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute-poll")
@@ -119,7 +131,8 @@ class ComputeService:
         Raises `TaskFailed`, `UnreadableResult` or `TimeoutError`."""
         future = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        first = min(FIRST_CHECK_SECONDS, self.access.poll_interval_seconds)
+        expected = FIRST_CHECK_SECONDS if self._expected is None else self._expected
+        first = min(max(expected, MIN_FIRST_CHECK_SECONDS), self.access.poll_interval_seconds)
         self._pending[task_id] = _Pending(
             future, now + timeout, now, on_started, accept_dill, now + first, first
         )
@@ -181,8 +194,10 @@ class ComputeService:
         asked = time.monotonic()
         for task_id in task_ids:
             pending = self._pending[task_id]
-            pending.wait = min(pending.wait * 2, self.access.poll_interval_seconds)
+            later = pending.wait * 2 if pending.looked is not None else FIRST_CHECK_SECONDS
+            pending.wait = min(later, self.access.poll_interval_seconds)
             pending.due = asked + pending.wait
+            pending.missed, pending.looked = pending.looked, asked
         try:
             documents = await asyncio.get_running_loop().run_in_executor(
                 self._poll_thread, self._ask, task_ids
@@ -234,6 +249,8 @@ class ComputeService:
         if pending is None or pending.future.done():
             return
         status = str(document.get("status", "")).lower()
+        if status in ("success", "failed"):
+            self._learn(pending)
         if status in ("running", "success", "failed") and not pending.started:
             pending.started = True
             if pending.on_started is not None:
@@ -245,6 +262,18 @@ class ComputeService:
                 pending.future.set_exception(exc)
         elif status == "failed" or "exception" in document:
             pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
+
+    def _learn(self, pending: _Pending) -> None:
+        """When the next tasks are first looked at: a little earlier than this one if it was found at
+        its first look, else the middle of the interval in which it finished."""
+        if pending.looked is None:
+            return
+        if pending.missed is None:
+            found = (1 - LEARNING_WEIGHT) * (pending.looked - pending.submitted)
+        else:
+            found = (pending.missed + pending.looked) / 2 - pending.submitted
+        previous = found if self._expected is None else self._expected
+        self._expected = (1 - LEARNING_WEIGHT) * previous + LEARNING_WEIGHT * found
 
     def _expire(self, now: float) -> None:
         for pending in self._pending.values():
