@@ -98,6 +98,9 @@ class ComputeService:
     _wake_at: float = 0.0
     """When the poller, asleep, wakes up; a task due earlier (and after `_not_before`) wakes it."""
     _not_before: float = 0.0
+    _last_poll: float = -MIN_POLL_SPACING_SECONDS
+    """When the last status call was made: kept across pollers (one ends when no task is left), so
+    that requests one after the other do not each get a call of their own sooner than the spacing."""
     _expected: float | None = None
     """How long after submission recent tasks were found finished."""
     """The earliest the next status call may be made (the spacing between calls)."""
@@ -159,7 +162,6 @@ class ComputeService:
 
     async def _poll(self) -> None:
         spacing = min(MIN_POLL_SPACING_SECONDS, self.access.poll_interval_seconds)
-        last = -spacing
         while self._pending:
             now = time.monotonic()
             self._expire(now)
@@ -167,7 +169,7 @@ class ComputeService:
             if not pending:
                 await asyncio.sleep(0)  # the waiters remove their tasks as they wake
                 continue
-            self._not_before = last + spacing
+            self._not_before = self._last_poll + spacing
             due_at = max(min(p.due for p in pending), self._not_before)
             wake_at = min(due_at, min(p.deadline for p in pending))
             if wake_at > now:
@@ -176,7 +178,7 @@ class ComputeService:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wake_at - now)
                 continue
-            last = now
+            self._last_poll = now
             await self._look(self._due(now + spacing))
 
     def _due(self, horizon: float) -> list[str]:

@@ -151,6 +151,21 @@ async def test_status_calls_are_capped_and_batched(compute: FakeCompute, make: M
         await service.close()
 
 
+async def test_requests_one_after_another_keep_the_spacing(compute: FakeCompute, make: Make) -> None:
+    """Each quick request ends its poller; the next one's calls still keep 50 ms from the last."""
+    service = make(poll_interval=0.5)
+    try:
+        for index in range(6):
+            task_id = await service.submit(ENDPOINT, ECHO, index)
+            assert await service.result(task_id, timeout=10) == index
+        times = polls(compute)
+        assert len(times) == 6
+        # Timed on arrival at the fake: the spacing less that call's jitter in reaching it.
+        assert min(b - a for a, b in itertools.pairwise(times)) > 0.03
+    finally:
+        await service.close()
+
+
 async def test_a_poll_does_not_wait_behind_the_shared_pool(compute: FakeCompute, make: Make) -> None:
     """The adaptors' pool is busy (a submission burst, say): results still arrive."""
     with ThreadPoolExecutor(max_workers=1) as pool:
