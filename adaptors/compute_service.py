@@ -1,9 +1,26 @@
 """The Globus Compute service as adaptors use it: submitting tasks and waiting for their results.
 
-One `ComputeService` per gateway and set of credentials holds the SDK clients and one result
-poller, which asks the service about every task in flight at once: no AMQP and no polling loop
+One `ComputeService` per gateway and set of credentials holds the SDK clients, the submitter
+(adaptors/compute_submit.py: submissions of the same moment coalesced into one call) and one result
+poller, which asks the service about every task due for a look at once: no AMQP and no polling loop
 per request. Adaptors get it from `AdaptorContext.shared` (`acquire_service`), so every endpoint
 and cluster with the same credentials shares it, and the last one to shut down closes it.
+
+How results are polled (adaptive, so that a quick task's result comes within tens of ms while the
+service sees no more status calls than a fixed 50 ms cadence would make):
+
+- each task is first due for a look when recent tasks were found finished (`_expected`, learned
+  by probing: a task found at its first look pulls the estimate earlier, one found later pulls it
+  to the middle of the interval in which it finished), `FIRST_CHECK_SECONDS` before anything is
+  learned, never sooner than `MIN_FIRST_CHECK_SECONDS`; after a miss, `FIRST_CHECK_SECONDS` later,
+  then after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that
+  cadence);
+- one call (`get_task_batch`) asks about every task due within the next `MIN_POLL_SPACING_SECONDS`
+  (up to `MAX_TASKS_PER_POLL`, the longest due first), so neighbours share it;
+- two calls are at least `MIN_POLL_SPACING_SECONDS` apart (or `poll_interval_seconds` when that is
+  shorter), whatever the number of tasks: at most 20 status calls per second per process;
+- the calls run on a thread of their own, not in the adaptors' shared pool, so that a poll never
+  waits behind a burst of submissions (or of anything else) queued there.
 """
 
 from __future__ import annotations
@@ -12,7 +29,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +42,7 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 
 from adaptors.compute_config import ComputeAccess
 from adaptors.compute_results import UnreadableResult, read_result
+from adaptors.compute_submit import Submitter
 from adaptors.context import AdaptorContext
 from adaptors.telemetry import Telemetry
 
@@ -33,6 +52,10 @@ GLOBUS_COMPUTE = "Globus Compute"
 """The service's name in what clients are told (see adaptors/transport.py)."""
 RESULT_SERIALIZERS = ["globus_compute_sdk.serialize.JSONData"]
 MAX_TASKS_PER_POLL = 1000
+FIRST_CHECK_SECONDS = 0.02
+MIN_FIRST_CHECK_SECONDS = 0.005
+LEARNING_WEIGHT = 0.2
+MIN_POLL_SPACING_SECONDS = 0.05
 HTTP_POOL_SIZE = 64
 Result = TypeVar("Result")
 
@@ -48,6 +71,14 @@ class _Pending:
     submitted: float
     on_started: Callable[[float], None] | None
     accept_dill: bool
+    due: float
+    """When it is next worth a look."""
+    wait: float
+    """How long after the last look that was."""
+    looked: float | None = None
+    """When it was last looked at."""
+    missed: float | None = None
+    """When it was looked at before that, and found unfinished."""
     started: bool = False
 
 
@@ -63,7 +94,21 @@ class ComputeService:
     _clients: tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3] | None = None
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _poller: asyncio.Task[None] | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _wake_at: float = 0.0
+    """When the poller, asleep, wakes up; a task due earlier (and after `_not_before`) wakes it."""
+    _not_before: float = 0.0
+    _last_poll: float = -MIN_POLL_SPACING_SECONDS
+    """When the last status call was made: kept across pollers (one ends when no task is left), so
+    that requests one after the other do not each get a call of their own sooner than the spacing."""
+    _expected: float | None = None
+    """How long after submission recent tasks were found finished."""
+    """The earliest the next status call may be made (the spacing between calls)."""
+    _poll_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute-poll")
+    )
     _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
+    _submitter: Submitter | None = None
 
     async def submit(
         self,
@@ -73,20 +118,9 @@ class ComputeService:
         endpoint_config: dict[str, Any] | None = None,
     ) -> str:
         """`endpoint_config` is the task's `user_endpoint_config`, which the endpoint's template reads."""
-
-        def send() -> str:
-            batch = Batch(
-                task_group_id=None,
-                serializer=self._serializer,
-                result_serializers=RESULT_SERIALIZERS,
-                request_queue=False,
-                user_endpoint_config=endpoint_config or None,
-            )
-            batch.add(function_uuid, args=args)
-            answer = self._sdk()[1].submit(endpoint_uuid, batch.prepare())
-            return str(answer["tasks"][function_uuid][0])
-
-        return await self._blocking(send)
+        if self._submitter is None:
+            self._submitter = Submitter(self._post, self._blocking)
+        return await self._submitter.submit(endpoint_uuid, function_uuid, args, endpoint_config)
 
     async def result(
         self,
@@ -100,9 +134,15 @@ class ComputeService:
         Raises `TaskFailed`, `UnreadableResult` or `TimeoutError`."""
         future = asyncio.get_running_loop().create_future()
         now = time.monotonic()
-        self._pending[task_id] = _Pending(future, now + timeout, now, on_started, accept_dill)
+        expected = FIRST_CHECK_SECONDS if self._expected is None else self._expected
+        first = min(max(expected, MIN_FIRST_CHECK_SECONDS), self.access.poll_interval_seconds)
+        self._pending[task_id] = _Pending(
+            future, now + timeout, now, on_started, accept_dill, now + first, first
+        )
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
+        elif max(now + first, self._not_before) < self._wake_at:
+            self._wake.set()
         self.telemetry.tasks_in_flight(1)
         try:
             return await future
@@ -116,36 +156,91 @@ class ComputeService:
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self._submitter is not None:
+            self._submitter.close()
+        self._poll_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _poll(self) -> None:
+        spacing = min(MIN_POLL_SPACING_SECONDS, self.access.poll_interval_seconds)
         while self._pending:
-            await asyncio.sleep(self.access.poll_interval_seconds)
-            self._expire()
-            task_ids = list(self._pending)[:MAX_TASKS_PER_POLL]
-            if not task_ids:
+            now = time.monotonic()
+            self._expire(now)
+            pending = [p for p in self._pending.values() if not p.future.done()]
+            if not pending:
+                await asyncio.sleep(0)  # the waiters remove their tasks as they wake
                 continue
-            try:
-                asked = time.monotonic()
-                documents = await self.statuses(task_ids)
-                self.telemetry.poll(time.monotonic() - asked)
-            except globus_sdk.GlobusError as exc:
-                log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
+            self._not_before = self._last_poll + spacing
+            due_at = max(min(p.due for p in pending), self._not_before)
+            wake_at = min(due_at, min(p.deadline for p in pending))
+            if wake_at > now:
+                self._wake_at = wake_at
+                self._wake.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wake_at - now)
                 continue
-            except Exception:
-                log.exception("Globus Compute status poll failed")
-                continue
-            for task_id, document in documents.items():
-                self._settle(task_id, document)
+            self._last_poll = now
+            await self._look(self._due(now + spacing))
+
+    def _due(self, horizon: float) -> list[str]:
+        """The tasks to ask about now: those due before the next poll may be made, longest due first."""
+        due = [
+            (p.due, task_id)
+            for task_id, p in self._pending.items()
+            if p.due <= horizon and not p.future.done()
+        ]
+        if len(due) > MAX_TASKS_PER_POLL:
+            due = sorted(due)[:MAX_TASKS_PER_POLL]
+        return [task_id for _, task_id in due]
+
+    async def _look(self, task_ids: list[str]) -> None:
+        asked = time.monotonic()
+        for task_id in task_ids:
+            pending = self._pending[task_id]
+            later = pending.wait * 2 if pending.looked is not None else FIRST_CHECK_SECONDS
+            pending.wait = min(later, self.access.poll_interval_seconds)
+            pending.due = asked + pending.wait
+            pending.missed, pending.looked = pending.looked, asked
+        try:
+            documents = await asyncio.get_running_loop().run_in_executor(
+                self._poll_thread, self._ask, task_ids
+            )
+            self.telemetry.poll(time.monotonic() - asked)
+        except globus_sdk.GlobusError as exc:
+            log.warning("Globus Compute status poll failed: %s", type(exc).__name__)
+            return
+        except Exception:
+            log.exception("Globus Compute status poll failed")
+            return
+        for task_id, document in documents.items():
+            self._settle(task_id, document)
 
     async def statuses(self, task_ids: list[str]) -> dict[str, Any]:
         """The raw task documents, for every id at once (`get_batch_result` would drop failures)."""
 
-        def ask() -> dict[str, Any]:
-            answer = self._sdk()[0].get_task_batch(task_ids)
-            results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
-            return dict(results)
+        return await self._blocking(lambda: self._ask(task_ids))
 
-        return await self._blocking(ask)
+    def _ask(self, task_ids: list[str]) -> dict[str, Any]:
+        answer = self._sdk()[0].get_task_batch(task_ids)
+        results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
+        return dict(results)
+
+    def _post(
+        self,
+        endpoint_uuid: str,
+        endpoint_config: dict[str, Any] | None,
+        tasks: list[tuple[str, tuple[Any, ...]]],
+    ) -> dict[str, Any]:
+        """One V3 submission of `tasks` (function_uuid, args), in a worker thread."""
+        batch = Batch(
+            task_group_id=None,
+            serializer=self._serializer,
+            result_serializers=RESULT_SERIALIZERS,
+            request_queue=False,
+            user_endpoint_config=endpoint_config,
+        )
+        for function_uuid, args in tasks:
+            batch.add(function_uuid, args=args)
+        return dict(self._sdk()[1].submit(endpoint_uuid, batch.prepare()).data)
 
     def value(self, document: dict[str, Any], accept_dill: bool = False) -> Any:
         """A finished task's return value: JSON, or with `accept_dill` plain data pickled by dill."""
@@ -156,6 +251,8 @@ class ComputeService:
         if pending is None or pending.future.done():
             return
         status = str(document.get("status", "")).lower()
+        if status in ("success", "failed"):
+            self._learn(pending)
         if status in ("running", "success", "failed") and not pending.started:
             pending.started = True
             if pending.on_started is not None:
@@ -168,8 +265,19 @@ class ComputeService:
         elif status == "failed" or "exception" in document:
             pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
 
-    def _expire(self) -> None:
-        now = time.monotonic()
+    def _learn(self, pending: _Pending) -> None:
+        """When the next tasks are first looked at: a little earlier than this one if it was found at
+        its first look, else the middle of the interval in which it finished."""
+        if pending.looked is None:
+            return
+        if pending.missed is None:
+            found = (1 - LEARNING_WEIGHT) * (pending.looked - pending.submitted)
+        else:
+            found = (pending.missed + pending.looked) / 2 - pending.submitted
+        previous = found if self._expected is None else self._expected
+        self._expected = (1 - LEARNING_WEIGHT) * previous + LEARNING_WEIGHT * found
+
+    def _expire(self, now: float) -> None:
         for pending in self._pending.values():
             if now >= pending.deadline and not pending.future.done():
                 pending.future.set_exception(TimeoutError())

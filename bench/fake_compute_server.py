@@ -6,7 +6,8 @@ The benchmark pins this process to the load generator's CPU, so that the fake se
 "remote" functions it runs in its threads never take CPU time from the gateway being measured. Once
 listening it prints one JSON line with everything a gateway's compute endpoint needs (URLs, service
 account, endpoint and function ids, the callback secret); on SIGTERM or SIGINT it prints one JSON
-line with the number of submits and status polls it answered.
+line with the number of submits and status polls it answered, and on SIGUSR1 one line with the
+counts so far (`counts_so_far`).
 
 The registered function stands in for `compute-functions/vllm_inference.py` without a vLLM behind
 it: a non-streaming task returns a small fixed chat completion at once, so a request's latency is
@@ -221,6 +222,13 @@ async def serve() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     calls: Counter[str] = Counter()
+
+    def report() -> None:
+        """On SIGUSR1, the counts so far: the benchmark reads the calls one measure made."""
+        prune(compute, calls)
+        print(json.dumps({"counts_so_far": dict(calls)}), flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, report)
     async with globus, compute:
         print(json.dumps(announce(globus, compute, client_secret, callback_secret)), flush=True)
         await keep_small(compute, calls, stopping)
