@@ -9,6 +9,7 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -17,6 +18,7 @@ import yaml
 from proxy.records.schema import connect
 from tests.conftest import CHAT_MODEL, TOKENS, Server, free_port, start_gateway, write_gateway_config
 from tests.processes import backend_process, gateway_process
+from tests.test_body_deadline import read_answer
 
 FAST = {"poll_seconds": 0.05, "lease_seconds": 2}
 
@@ -298,3 +300,46 @@ async def test_expiry_stops_the_batch_and_reports_the_lines_not_run(
         await runner.cleanup()
     assert {item["error"]["code"] for item in errors} == {"batch_expired"}
     assert sorted(item["custom_id"] for item in output + errors) == sorted(f"n{i}" for i in range(30))
+
+
+async def test_a_stalled_upload_is_408_after_the_deployed_grace_and_leaves_no_file(
+    backend: Server, tmp_path: Path
+) -> None:
+    """An upload may be larger than any request body, so it has no total deadline, but a sender that
+    stops (or dribbles) cannot hold the connection and a temporary file: the body rate applies, with
+    the deployed defaults (10 s of grace, then 8,192 bytes/s). The store does not matter: SQLite only."""
+    runner, gateway = await start_gateway(
+        batch_config(tmp_path, backend.url, f"sqlite:///{tmp_path / 'g.db'}")
+    )
+    try:
+        await stall_an_upload(gateway)
+    finally:
+        await runner.cleanup()
+    assert not [path for path in (tmp_path / "batch-files").glob("*") if path.is_file()]
+
+
+async def stall_an_upload(gateway: Server) -> None:
+    """Sends the head of a 1 MB upload and a few bytes, then nothing."""
+    address = urlsplit(gateway.url)
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="in.jsonl"\r\n\r\n'
+    ) + jsonl([line("a")])
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    writer.write(
+        (
+            "POST /resource_server/v1/files HTTP/1.1\r\nHost: gateway\r\n"
+            f"Authorization: Bearer {TOKENS['alice']}\r\n"
+            "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n"
+        ).encode()
+        + head
+    )
+    await writer.drain()
+    started = asyncio.get_running_loop().time()
+    status, _, answer = await asyncio.wait_for(read_answer(reader), timeout=20)
+    waited = asyncio.get_running_loop().time() - started
+    closed = await asyncio.wait_for(reader.read(), timeout=15)  # after aiohttp's lingering read
+    writer.close()
+    assert (status, closed) == (408, b"")
+    assert 9.5 < waited < 13, waited
+    assert json.loads(answer)["error"]["code"] == "request_timeout"

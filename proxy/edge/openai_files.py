@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
 
 from proxy.core.batch_lines import check_file
+from proxy.core.body_limits import BodyDeadline
 from proxy.core.identity import USER
 from proxy.core.state import STATE
 from proxy.edge.store_calls import store_call
@@ -74,16 +75,32 @@ async def upload(request: web.Request) -> web.Response:
     purpose: str | None = None
     received: tuple[Path, int] | None = None
     filename = "upload.jsonl"
+    deadline = state.body_deadline
+    started = asyncio.get_running_loop().time()
+    arrived = 0
+
+    def note(count: int) -> None:
+        """An upload may be far larger than a request body, so only the body rate bounds it (no
+        total): after the grace, at least `body_min_bytes_per_second` on average, or 408."""
+        nonlocal arrived
+        arrived += count
+        timer.reschedule(started + deadline.grace_seconds + arrived / deadline.min_bytes_per_second)
+
     try:
-        async for part in await request.multipart():
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "purpose":
-                purpose = (await part.read_chunk(MAX_PURPOSE_BYTES)).decode(errors="replace").strip()
-            elif part.name == "file" and received is None:
-                filename = (part.filename or filename)[:255]
-                received = await storage.receive(_chunks(part), settings.max_file_bytes)
-            await part.release()
+        try:
+            async with asyncio.timeout_at(started + deadline.grace_seconds) as timer:
+                async for part in await request.multipart():
+                    if not isinstance(part, BodyPartReader):
+                        continue
+                    if part.name == "purpose":
+                        text = await part.read_chunk(MAX_PURPOSE_BYTES)
+                        purpose = text.decode(errors="replace").strip()
+                    elif part.name == "file" and received is None:
+                        filename = (part.filename or filename)[:255]
+                        received = await storage.receive(_chunks(part, note), settings.max_file_bytes)
+                    await part.release()
+        except TimeoutError:
+            raise _too_slow(deadline, arrived) from None
         return web.json_response(file_object(await _keep(request, purpose, filename, received)))
     except TooLarge:
         message = f"The file is larger than the gateway's limit of {settings.max_file_bytes} bytes."
@@ -91,6 +108,16 @@ async def upload(request: web.Request) -> web.Response:
     finally:
         if received is not None:
             storage.discard(received[0])  # committed files were renamed away: nothing to remove
+
+
+def _too_slow(deadline: BodyDeadline, arrived: int) -> ApiError:
+    return ApiError(
+        408,
+        f"The upload did not arrive in time ({arrived} bytes received): after the first "
+        f"{deadline.grace_seconds:g} s it must arrive at {deadline.min_bytes_per_second:g} bytes/s or more.",
+        code="request_timeout",
+        close=True,
+    )
 
 
 async def _keep(
@@ -125,8 +152,9 @@ async def _keep(
     return record
 
 
-async def _chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def _chunks(part: BodyPartReader, note: Callable[[int], None]) -> AsyncIterator[bytes]:
     while chunk := await part.read_chunk(CHUNK_BYTES):
+        note(len(chunk))
         yield chunk
 
 
