@@ -110,16 +110,19 @@ async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterato
     generation = registry.holds
     generation.take()
     try:
-        limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
         try:
-            await state.limiter.check_tokens(
-                endpoint.endpoint_slug, request[USER].id, limits.model, limits.user
-            )
+            await check_token_limits(state, endpoint, request[USER].id)
         except Limited as exc:
             raise _too_many(request, exc) from None
         yield
     finally:
         generation.release()
+
+
+async def check_token_limits(state: GatewayState, endpoint: BaseEndpoint, user_id: str) -> None:
+    """The endpoint's tokens-per-minute windows, for the model and for this user; raises `Limited`."""
+    limits = state.registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
+    await state.limiter.check_tokens(endpoint.endpoint_slug, user_id, limits.model, limits.user)
 
 
 async def charge_tokens(limiter: Limiter, endpoint: BaseEndpoint, user_id: str, usage: Usage | None) -> None:
@@ -271,8 +274,7 @@ async def run_line(
     generation = registry.holds
     generation.take()
     try:
-        limits = registry.token_limits.get(endpoint.endpoint_slug, NO_TOKEN_LIMITS)
-        await state.limiter.check_tokens(endpoint.endpoint_slug, exchange.user.id, limits.model, limits.user)
+        await check_token_limits(state, endpoint, exchange.user.id)
         exchange.serving(endpoint, stream=False)
         meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
         served = Served()
