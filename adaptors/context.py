@@ -7,6 +7,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
+from adaptors.deployments import Deployments, NoDeployments
 from adaptors.relay import StreamRelay
 from adaptors.telemetry import NoTelemetry, Telemetry
 
@@ -96,3 +97,5 @@ class AdaptorContext:
     jobs: ClusterJobs = no_jobs
     limits: AnswerLimits = field(default_factory=AnswerLimits)
     shared: SharedResources = field(default_factory=SharedResources)
+    deployments: Deployments = field(default_factory=NoDeployments)
+    """The on-demand controller (adaptors/deployments.py); `NoDeployments` when it is off."""
