@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from aiohttp import web
 
@@ -16,7 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--cluster", default="local", help="cluster name reported by /jobs")
     parser.add_argument("--model", action="append", default=[], help="a model to list (repeatable)")
+    parser.add_argument(
+        "--load-seconds",
+        type=float,
+        default=0,
+        help="wait this long before listening, as vLLM listens only once its model is loaded",
+    )
     args = parser.parse_args(argv)
+    time.sleep(args.load_seconds)
     web.run_app(
         create_backend_app(cluster=args.cluster, models=args.model),
         host=args.host,

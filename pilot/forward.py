@@ -1,0 +1,159 @@
+"""Forwarding `/deployments/{name}/{path}` to the model server on 127.0.0.1, chunk by chunk both
+ways: the request body is sent as it arrives and the answer (a server-sent event stream, say) is
+written back as the server writes it, so the pilot adds no buffering to a stream's latency.
+
+Bodies are passed through as they are (no decompression: `Content-Encoding` and `Content-Length`
+stay true); the hop-by-hop headers of each connection are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from pilot.metrics import PilotMetrics
+from pilot.models import ModelServer
+from pilot.protocol import ModelState
+
+log = logging.getLogger("pilot.forward")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""Above the gateway's own limit on request bodies (20 MiB by default): a backstop only."""
+CONNECT_TIMEOUT_SECONDS = 10.0
+READ_TIMEOUT_SECONDS = 900.0
+"""Between two chunks of the model server's answer: a long prompt's first token can be minutes away
+on a busy server; the gateway's own timeouts are the ones that shape what users see."""
+LOADING_RETRY_AFTER_SECONDS = 10
+MAX_CONNECTIONS = 1024
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+
+def error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An OpenAI-shaped error answer."""
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return web.Response(
+        status=status, text=json.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def end_to_end(headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """`headers` without the hop-by-hop ones, those the `Connection` header names included."""
+    named = {
+        token.strip().lower() for value in headers.getall("Connection", []) for token in value.split(",")
+    }
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered not in HOP_BY_HOP and lowered not in named and lowered not in drop:
+            kept.add(name, value)
+    return kept
+
+
+def upstream_session() -> aiohttp.ClientSession:
+    """One session for every forwarded request: connections to the model servers are reused."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, force_close=False),
+        auto_decompress=False,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_SECONDS, sock_read=READ_TIMEOUT_SECONDS
+        ),
+    )
+
+
+class _Body:
+    """The request body as it arrives, refused past MAX_BODY_BYTES."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.too_large = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._request.content.iter_any():
+            received += len(chunk)
+            if received > MAX_BODY_BYTES:
+                self.too_large = True
+                raise aiohttp.ClientPayloadError("request body too large")
+            yield chunk
+
+
+async def forward(
+    request: web.Request, session: aiohttp.ClientSession, server: ModelServer, metrics: PilotMetrics
+) -> web.StreamResponse:
+    if server.state is ModelState.loading:
+        return error(
+            503,
+            f"model {server.name} is loading",
+            "model_loading",
+            {"Retry-After": str(LOADING_RETRY_AFTER_SECONDS)},
+        )
+    if server.state is ModelState.failed:
+        return error(503, f"model {server.name} failed: {server.detail}", "model_failed")
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        return error(413, f"request bodies are limited to {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    path = request.match_info["path"]
+    url = f"http://127.0.0.1:{server.port}/{path}"
+    body = _Body(request)
+    with metrics.forwarding(server.name):
+        answer = await _relay(request, session, url, body, server.name)
+        metrics.answered(server.name, answer.status)
+        return answer
+
+
+async def _relay(
+    request: web.Request, session: aiohttp.ClientSession, url: str, body: _Body, name: str
+) -> web.StreamResponse:
+    response: web.StreamResponse | None = None
+    try:
+        async with session.request(
+            request.method,
+            url,
+            params=request.rel_url.query,
+            headers=end_to_end(request.headers, frozenset({"host"})),
+            data=body.chunks() if request.body_exists else None,
+            allow_redirects=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(end_to_end(upstream.headers))
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if response is not None:
+            # The status is sent: all that is left is to cut the connection, so that the client
+            # sees the answer break off as the server's did rather than end cleanly.
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                log.debug("%s: the client left during the answer", name)
+            else:
+                log.warning("%s: the model server's answer broke off: %s", name, exc)
+                transport.abort()
+            return response
+        if body.too_large:
+            return error(
+                413, f"request bodies are limited to {MAX_BODY_BYTES} bytes", "invalid_request_error"
+            )
+        log.warning("%s: no answer from the model server: %s", name, exc)
+        return error(502, f"model {name}'s server did not answer", "model_unreachable")
