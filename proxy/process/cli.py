@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.core.identity import Authenticator
 from proxy.core.registry import Registry, load_registry
 from proxy.metrics.build_info import version
-from proxy.process import operator_commands, token_cli, usage_cli, usage_prune
+from proxy.process import certificates_cli, operator_commands, token_cli, usage_cli, usage_prune
 from proxy.process.app import create_app, load_parts
 from proxy.process.command_line import add_config_option
 from proxy.process.globus_check import GlobusUnreachable, check_online
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator_commands.add_parsers(commands)
     usage_prune.add_parser(usage_cli.add_parser(commands))
     token_cli.add_parser(commands)
+    certificates_cli.add_parser(commands)
     return parser
 
 
