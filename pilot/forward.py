@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from pilot.metrics import PilotMetrics
 from pilot.models import ModelServer
@@ -110,8 +111,16 @@ async def forward(
         return error(503, f"model {server.name} failed: {server.detail}", "model_failed")
     if (request.content_length or 0) > MAX_BODY_BYTES:
         return error(413, f"request bodies are limited to {MAX_BODY_BYTES} bytes", "invalid_request_error")
-    path = request.match_info["path"]
-    url = f"http://127.0.0.1:{server.port}/{path}"
+    # The path as the client encoded it (an escaped `/` stays escaped), after `/deployments/{name}`.
+    tail = request.rel_url.raw_path.removeprefix(f"/deployments/{server.name}")
+    url = URL.build(
+        scheme="http",
+        host="127.0.0.1",
+        port=server.port,
+        path=tail,
+        query_string=request.rel_url.raw_query_string,
+        encoded=True,
+    )
     body = _Body(request)
     with metrics.forwarding(server.name):
         answer = await _relay(request, session, url, body, server.name)
@@ -120,14 +129,13 @@ async def forward(
 
 
 async def _relay(
-    request: web.Request, session: aiohttp.ClientSession, url: str, body: _Body, name: str
+    request: web.Request, session: aiohttp.ClientSession, url: URL, body: _Body, name: str
 ) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     try:
         async with session.request(
             request.method,
             url,
-            params=request.rel_url.query,
             headers=end_to_end(request.headers, frozenset({"host"})),
             data=body.chunks() if request.body_exists else None,
             allow_redirects=False,

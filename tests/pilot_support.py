@@ -73,6 +73,8 @@ class FakeGateway:
     token: str = TOKEN
     orders: PilotOrders = field(default_factory=PilotOrders)
     register_status: int = 200
+    unavailable: int = 0
+    """How many registrations to answer 503 first."""
     registrations: list[Registration] = field(default_factory=list)
     heartbeats: list[Heartbeat] = field(default_factory=list)
     url: str = ""
@@ -104,6 +106,9 @@ class FakeGateway:
 
     async def _register(self, request: web.Request) -> web.Response:
         registration = await self._read(request, Registration)
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            return web.json_response({"error": "restarting"}, status=503)
         if self.register_status != 200:
             return web.json_response({"error": "refused"}, status=self.register_status)
         self.registrations.append(registration)

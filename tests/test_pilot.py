@@ -140,6 +140,19 @@ async def test_each_identity_may_do_its_own_part_only(
             ) as answer:
                 assert answer.status == 200
                 assert (await answer.json())["data"][0]["id"] == MODEL
+            broken = {
+                "model": MODEL,
+                "stream": True,
+                "messages": [{"role": "user", "content": "[[die_after=2]]"}],
+            }
+            async with session.post(
+                f"{url}/deployments/{MODEL}/v1/chat/completions",
+                json=broken,
+                ssl=site.client("gateway"),
+            ) as answer:
+                assert answer.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):  # broken off as the server's was, not ended
+                    await answer.read()
             for who in ("stranger", "pilot"):  # another CA; a certificate for serving only
                 with pytest.raises(aiohttp.ClientError):
                     async with session.get(f"{url}/metrics", ssl=site.client(who)) as answer:

@@ -190,6 +190,19 @@ async def test_a_model_server_not_healthy_in_time_fails(
         await pilot.stop()
 
 
+async def test_registration_is_retried_while_the_gateway_is_unavailable(
+    site: Site, gateway: FakeGateway, tmp_path: Path
+) -> None:
+    gateway.unavailable = 2
+    pilot = PilotProcess(write_config(tmp_path, site, gateway))
+    try:
+        await _serving(gateway, pilot)
+        assert gateway.unavailable == 0 and len(gateway.registrations) == 1
+        assert pilot.output().count("registration not answered") == 2
+    finally:
+        await pilot.stop()
+
+
 async def test_a_refused_registration_ends_the_pilot(
     site: Site, gateway: FakeGateway, tmp_path: Path
 ) -> None:
