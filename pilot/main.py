@@ -91,21 +91,20 @@ class Pilot:
 
     async def run(self) -> int:
         gateway = GatewayClient(self.config.gateway_url, self.config.token)
+        health = aiohttp.ClientSession(trust_env=False)
         try:
-            async with aiohttp.ClientSession(trust_env=False) as health:
-                try:
-                    await self.server.start(self.config.listen_host, self.config.listen_port)
-                except OSError as exc:
-                    log.error(
-                        "cannot listen on %s:%d: %s", self.config.listen_host, self.config.listen_port, exc
-                    )
-                    return 1
-                for server in self.models.values():
-                    await server.start(health)
-                return await self._until_stopped(gateway)
+            try:
+                await self.server.start(self.config.listen_host, self.config.listen_port)
+            except OSError as exc:
+                log.error("cannot listen on %s:%d: %s", self.config.listen_host, self.config.listen_port, exc)
+                return 1
+            for server in self.models.values():
+                await server.start(health)
+            return await self._until_stopped(gateway)
         finally:
             await self.server.stop()
             await asyncio.gather(*(server.stop(TERMINATE_GRACE_SECONDS) for server in self.models.values()))
+            await health.close()
             await gateway.close()
             log.info("stopped")
 

@@ -99,6 +99,8 @@ class ModelServer:
         exit_wait = asyncio.ensure_future(process.wait())
         try:
             while not await self._healthy(health, url):
+                if self._stopping:
+                    return
                 if process.returncode is not None:
                     self._fail(f"exited with status {process.returncode} while loading")
                     return

@@ -12,8 +12,10 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from mtls.certificates import expires_at
+from pilot.forward import end_to_end
 from pilot.protocol import Heartbeat, ModelState, PilotOrders
 from testing.processes import children
 from tests.pilot_support import (
@@ -170,3 +172,19 @@ async def test_each_identity_may_do_its_own_part_only(
         assert "replica-token" not in log
     finally:
         await pilot.stop()
+
+
+def test_hop_by_hop_headers_stay_on_their_hop() -> None:
+    headers = CIMultiDict(
+        [
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Transfer-Encoding", "chunked"),
+            ("Authorization", "Bearer backend-key"),
+            ("Accept", "text/event-stream"),
+            ("Host", "pilot"),
+        ]
+    )
+    kept = end_to_end(CIMultiDictProxy(headers), frozenset({"host"}))
+    assert list(kept.items()) == [("Authorization", "Bearer backend-key"), ("Accept", "text/event-stream")]

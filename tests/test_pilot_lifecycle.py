@@ -106,12 +106,30 @@ async def test_sigterm_lets_a_stream_finish_then_ends_the_model_servers(
             assert answer.status == 200
             first = await answer.content.readline()
             assert first.startswith(b"data: ")
+            async with session.get(
+                f"https://127.0.0.1:{port}/pilot/status", ssl=site.client("gateway")
+            ) as status:
+                assert (await status.json())["in_flight"] == 1
             pilot.process.send_signal(signal.SIGTERM)
             rest = await answer.content.read()
         assert rest.rstrip().endswith(b"data: [DONE]")
         assert await pilot.exit_code(60) == 0, pilot.output()
         assert not any(alive(pid) for pid in servers)
         assert "stopping: SIGTERM" in pilot.output()
+    finally:
+        await pilot.stop()
+
+
+async def test_sigterm_while_a_model_loads_ends_it(site: Site, gateway: FakeGateway, tmp_path: Path) -> None:
+    pilot = PilotProcess(write_config(tmp_path, site, gateway, load_seconds=120))
+    try:
+        await until(lambda: bool(gateway.registrations), 30, "registered")
+        servers = children(pilot.process.pid)
+        assert servers
+        pilot.process.send_signal(signal.SIGTERM)
+        assert await pilot.exit_code(30) == 0, pilot.output()
+        assert not any(alive(pid) for pid in servers)
+        assert "failed" not in pilot.output()
     finally:
         await pilot.stop()
 
