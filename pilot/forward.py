@@ -136,7 +136,8 @@ async def _relay(
         async with session.request(
             request.method,
             url,
-            headers=end_to_end(request.headers, frozenset({"host"})),
+            # Host is the model server's; an Expect was answered by this server already.
+            headers=end_to_end(request.headers, frozenset({"host", "expect"})),
             data=body.chunks() if request.body_exists else None,
             allow_redirects=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
