@@ -8,6 +8,7 @@ stay true); the hop-by-hop headers of each connection are dropped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -25,6 +26,8 @@ log = logging.getLogger("pilot.forward")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """Above the gateway's own limit on request bodies (20 MiB by default): a backstop only."""
+BODY_STALL_SECONDS = 60.0
+"""A pause this long between two parts of a request body is a broken hop, not a slow client."""
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 900.0
 """Between two chunks of the model server's answer: a long prompt's first token can be minutes away
@@ -81,18 +84,27 @@ def upstream_session() -> aiohttp.ClientSession:
 
 
 class _Body:
-    """The request body as it arrives, refused past MAX_BODY_BYTES."""
+    """The request body as it arrives: refused past MAX_BODY_BYTES, or when the next part is more
+    than BODY_STALL_SECONDS away."""
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
-        self.too_large = False
+        self.refusal: tuple[int, str] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         received = 0
-        async for chunk in self._request.content.iter_any():
+        content = self._request.content
+        while True:
+            try:
+                chunk = await asyncio.wait_for(content.readany(), BODY_STALL_SECONDS)
+            except TimeoutError:
+                self.refusal = (408, f"no part of the request body for {BODY_STALL_SECONDS:g} s")
+                raise aiohttp.ClientPayloadError("request body stalled") from None
+            if not chunk:
+                return
             received += len(chunk)
             if received > MAX_BODY_BYTES:
-                self.too_large = True
+                self.refusal = (413, f"request bodies are limited to {MAX_BODY_BYTES} bytes")
                 raise aiohttp.ClientPayloadError("request body too large")
             yield chunk
 
@@ -160,9 +172,7 @@ async def _relay(
                 log.warning("%s: the model server's answer broke off: %s", name, exc)
                 transport.abort()
             return response
-        if body.too_large:
-            return error(
-                413, f"request bodies are limited to {MAX_BODY_BYTES} bytes", "invalid_request_error"
-            )
+        if body.refusal is not None:
+            return error(*body.refusal, "invalid_request_error")
         log.warning("%s: no answer from the model server: %s", name, exc)
         return error(502, f"model {name}'s server did not answer", "model_unreachable")
