@@ -158,15 +158,19 @@ class DeploymentStore:
             replica_id, phase="ended", ended=now, end_reason=reason[:500], stop_requested=1
         )
 
-    async def start_durations(self, deployment: str, count: int = 5) -> list[float]:
-        """Seconds from submission to ready of the deployment's latest replicas that got ready."""
+    async def start_durations(self, count: int = 5) -> dict[str, list[float]]:
+        """Seconds from submission to ready of each deployment's latest `count` replicas that got
+        ready, newest first."""
         rows = await self._db.fetch(
-            "SELECT ready_at - created AS duration FROM deployment_replicas "
-            "WHERE deployment = ? AND ready_at IS NOT NULL ORDER BY created DESC LIMIT ?",
-            deployment,
-            count,
+            "SELECT deployment, ready_at - created AS duration FROM deployment_replicas "
+            "WHERE ready_at IS NOT NULL ORDER BY created DESC LIMIT 500"
         )
-        return [float(row["duration"]) for row in rows]
+        durations: dict[str, list[float]] = {}
+        for row in rows:
+            kept = durations.setdefault(row["deployment"], [])
+            if len(kept) < count:
+                kept.append(float(row["duration"]))
+        return durations
 
     async def report_usage(
         self, process: str, deployment: str, in_flight: int, last_used: float | None, wanted: float | None
