@@ -151,17 +151,16 @@ class LocalScheduler(Scheduler):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.end_grace + 1
-        while time.monotonic() < deadline:
-            self._reap()
-            if not job.alive():
-                return
+        while time.monotonic() < deadline and job.alive():
             await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)
-        self._reap()
+            self._reap()
+        if job.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
+            self._reap()
         exit_file = job.directory / "exit.json"
-        if not exit_file.exists():
-            exit_file.write_text(json.dumps({"status": -signal.SIGKILL, "reason": "killed"}))
+        if not exit_file.exists():  # killed before its wrapper could say so
+            exit_file.write_text(json.dumps({"status": None, "reason": "ended by the gateway"}))
 
     async def _state(self, job_id: str) -> JobStatus:
         job = self._job(job_id)

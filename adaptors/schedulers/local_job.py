@@ -65,8 +65,10 @@ def main(job_dir: Path) -> int:
             os.killpg(os.getpgid(0), signal.SIGTERM)
             break
         time.sleep(0.05)
+    if reason == "finished" and _terminated:
+        reason = "ended"  # the SIGTERM to the group ended the command before the loop saw it
     try:
-        status = child.wait(grace) if reason != "finished" else child.returncode
+        status = child.wait(grace)
     except subprocess.TimeoutExpired:
         _write(job_dir / "exit.json", {"status": -signal.SIGKILL, "reason": reason})
         os.killpg(os.getpgid(0), signal.SIGKILL)
