@@ -121,6 +121,12 @@ class OnDemandSettings(Strict):
                 raise ValueError(f"scheduler name {name!r}: letters, digits, '-' and '_' only")
         return schedulers
 
+    @model_validator(mode="after")
+    def _lease_outlives_passes(self) -> OnDemandSettings:
+        if self.lease_seconds <= 2 * self.reconcile_seconds:
+            raise ValueError("lease_seconds: must exceed twice reconcile_seconds, or the lease lapses between passes")
+        return self
+
     def resolve_paths(self, base: Path) -> OnDemandSettings:
         update: dict[str, Any] = {}
         for name in ("ca_file", "gateway_certificate", "gateway_key"):
