@@ -53,13 +53,19 @@ class StandIn:
 
     async def model_call(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"replica": self.config.replica_id, "model": request.match_info["name"], "path": request.match_info["path"]}
+            {
+                "replica": self.config.replica_id,
+                "model": request.match_info["name"],
+                "path": request.match_info["path"],
+            }
         )
 
     async def call(self, session: aiohttp.ClientSession, route: str, body: str) -> PilotOrders | None:
         headers = {"Authorization": f"Bearer {self.config.token}", "Content-Type": "application/json"}
         try:
-            async with session.post(f"{self.config.gateway_url}/{route}", data=body, headers=headers) as answer:
+            async with session.post(
+                f"{self.config.gateway_url}/{route}", data=body, headers=headers
+            ) as answer:
                 if answer.status == 401:
                     print(f"{route}: refused", flush=True)
                     sys.exit(1)

@@ -37,7 +37,11 @@ async def test_replicas_move_through_their_phases_and_end_once(database_url: str
         assert not await store.end("r1", "again", 1300.0)
         assert not await store.update("r1", phase="ready")  # an ended replica stays ended
         ended = await store.get("r1")
-        assert ended is not None and (ended.phase, ended.end_reason, ended.stop_requested) == ("ended", "idle", 1)
+        assert ended is not None and (ended.phase, ended.end_reason, ended.stop_requested) == (
+            "ended",
+            "idle",
+            1,
+        )
         assert [r.replica_id for r in await store.live()] == ["r2"]
         assert await store.start_durations() == {"llama": [90.0]}
     finally:

@@ -31,6 +31,8 @@ M = TypeVar("M", bound=BaseModel)
 
 CONTROLLER = web.AppKey("deployments_controller", Controller)
 PILOT_ROUTES = frozenset({"pilot-register", "pilot-heartbeat"})
+QUIET_PILOT_ROUTES = frozenset({"pilot-heartbeat"})
+"""Like health probes, every few seconds per replica: not request records (refusals are logged)."""
 BODY_LIMIT = 64 * 1024
 _LONGEST_TOKEN = 512
 

@@ -43,7 +43,7 @@ from proxy.edge.middleware import openai_errors
 from proxy.edge.observe import QUIET_ROUTES, add_request_id, observe_middleware
 from proxy.edge.openai_batches import add_openai_batch_routes
 from proxy.edge.openai_files import add_file_routes
-from proxy.edge.pilots import PILOT_ROUTES, add_pilot_routes
+from proxy.edge.pilots import PILOT_ROUTES, QUIET_PILOT_ROUTES, add_pilot_routes
 from proxy.edge.routes import PUBLIC_ROUTES, add_routes
 from proxy.edge.staging import add_staging_routes
 from proxy.edge.tasks import add_task_routes
@@ -105,7 +105,7 @@ def create_app(
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
-            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES),
+            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES | QUIET_PILOT_ROUTES),
             openai_errors,
             single_authorization,
             authenticate,

@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from adaptors.schedulers.contract import Scheduler
-from proxy.env_values import JsonMapping
 from proxy.settings.files import ConfigError, Strict
 
 __all__ = ["OnDemandSettings", "SchedulerSettings", "import_scheduler"]
@@ -43,7 +42,7 @@ class SchedulerSettings(Strict):
     adapter: str = Field(
         description="the scheduler adaptor's class, e.g. adaptors.schedulers.local.LocalScheduler"
     )
-    config: JsonMapping = Field(default_factory=dict, description="the adaptor's own settings")
+    config: dict[str, Any] = Field(default_factory=dict, description="the adaptor's own settings")
     pilot_command: tuple[str, ...] = Field(
         min_length=1,
         description='how the job starts the pilot, e.g. ["/opt/venv/bin/python", "-m", "pilot"]',
@@ -124,7 +123,9 @@ class OnDemandSettings(Strict):
     @model_validator(mode="after")
     def _lease_outlives_passes(self) -> OnDemandSettings:
         if self.lease_seconds <= 2 * self.reconcile_seconds:
-            raise ValueError("lease_seconds: must exceed twice reconcile_seconds, or the lease lapses between passes")
+            raise ValueError(
+                "lease_seconds: must exceed twice reconcile_seconds, or the lease lapses between passes"
+            )
         return self
 
     def resolve_paths(self, base: Path) -> OnDemandSettings:

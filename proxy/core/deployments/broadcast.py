@@ -26,6 +26,7 @@ class Broadcast:
         self._client = redis.asyncio.Redis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
         self._on_message = on_message
         self._failing = False
+        self.subscribed = False
 
     async def publish(self, kind: str, name: str) -> None:
         try:
@@ -38,6 +39,7 @@ class Broadcast:
             try:
                 await self._listen()
             except (RedisError, OSError) as exc:
+                self.subscribed = False
                 if not self._failing:
                     log.warning("deployment changes from Redis unavailable (%s); retrying", exc)
                 self._failing = True
@@ -46,7 +48,7 @@ class Broadcast:
     async def _listen(self) -> None:
         async with self._client.pubsub() as pubsub:
             await pubsub.subscribe(CHANNEL)
-            self._failing = False
+            self._failing, self.subscribed = False, True
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is None or not isinstance(message.get("data"), bytes):

@@ -56,7 +56,7 @@ class Controller:
         self.map = RoutingMap()
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._redis_url = redis_url
-        self._broadcast: Broadcast | None = None
+        self.broadcast: Broadcast | None = None
         self.desk: PilotDesk | None = None
         self.reconciler: Reconciler | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -120,8 +120,8 @@ class Controller:
         self.desk = PilotDesk(parts, self._client_ssl, self.note_change)
         self.reconciler = Reconciler(parts, lambda: dict(self.map.specs), self._local_usage, self.process)
         if self._redis_url:
-            self._broadcast = Broadcast(self._redis_url, self._heard)
-            self._tasks.append(asyncio.create_task(self._broadcast.listen_forever()))
+            self.broadcast = Broadcast(self._redis_url, self._heard)
+            self._tasks.append(asyncio.create_task(self.broadcast.listen_forever()))
         settings = self.settings
         self._tasks += [
             asyncio.create_task(self._every(settings.refresh_seconds, self._refresh, self.refresh)),
@@ -141,8 +141,8 @@ class Controller:
         if self.reconciler is not None:
             with contextlib.suppress(DatabaseUnavailable):
                 await self.reconciler.resign()
-        if self._broadcast is not None:
-            await self._broadcast.close()
+        if self.broadcast is not None:
+            await self.broadcast.close()
         for entry in self._parts[0].values():
             await entry.scheduler.shutdown()
 
@@ -151,8 +151,8 @@ class Controller:
         at once through Redis, or at their next refresh."""
         await self.refresh()
         self._reconcile.set()
-        if self._broadcast is not None:
-            await self._broadcast.publish("changed", name)
+        if self.broadcast is not None:
+            await self.broadcast.publish("changed", name)
 
     async def refresh(self) -> None:
         assert self.reconciler is not None
@@ -184,16 +184,16 @@ class Controller:
             if usage.wanted is not None and usage.wanted > self._reported_wants.get(name, 0):
                 wanting.append(name)
                 self._reported_wants[name] = usage.wanted
-        if self._broadcast is not None:
+        if self.broadcast is not None:
             for name in wanting:
-                await self._broadcast.publish("want", name)
+                await self.broadcast.publish("want", name)
 
     async def _reconcile_once(self) -> None:
         assert self.reconciler is not None
         if await self.reconciler.run_once():
             await self.refresh()
-            if self._broadcast is not None:
-                await self._broadcast.publish("changed", "*")
+            if self.broadcast is not None:
+                await self.broadcast.publish("changed", "*")
 
     @staticmethod
     async def _every(seconds: float, wake: asyncio.Event, run: Callable[[], Awaitable[None]]) -> None:

@@ -53,6 +53,8 @@ class RoutingMap:
         """... and per deployment."""
         self.last_used: dict[str, float] = {}
         self.wanted: dict[str, float] = {}
+        self._want_shown: dict[str, float] = {}
+        """Wants not yet answered by a replica in the database, shown as `queued`."""
 
     def declare(self, spec: DeploymentSpec) -> None:
         self.specs[spec.name] = spec
@@ -76,14 +78,14 @@ class RoutingMap:
         if spec is None:
             return Progress(Phase.unavailable, detail=f"deployment {name!r} is not declared here")
         progress = self._views[name].progress
-        wanted = self.wanted.get(name)
+        wanted = self._want_shown.get(name)
         if progress.phase is Phase.idle and wanted is not None and time.time() - wanted < WANT_SHOWN_SECONDS:
             expected = expected_start(spec, self._durations.get(name, []))
             return Progress(Phase.queued, expected, "a replica is being started")
         return progress
 
     def want(self, name: str) -> None:
-        self.wanted[name] = time.time()
+        self.wanted[name] = self._want_shown[name] = time.time()
         self._notify(name)
 
     async def changed(self, name: str, timeout: float) -> None:
@@ -113,6 +115,8 @@ class RoutingMap:
         self._durations = snapshot.durations
         for name, spec in self.specs.items():
             records = by_name.get(name, [])
+            if records and self._want_shown.get(name, snapshot.taken) < snapshot.taken:
+                del self._want_shown[name]
             ready = [
                 (Replica(r.replica_id, base_url(r)), r.in_flight)
                 for r in records
