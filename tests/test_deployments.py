@@ -6,6 +6,7 @@ adoption by a restarted gateway."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -178,10 +179,8 @@ async def _end_all(tmp_path: Path, site: object) -> None:
     """Jobs outlive the gateway on purpose; a test ends its own."""
     for pid_file in (tmp_path / "site" / "jobs" / "jobs").glob("*/pid.json"):
         pid = json.loads(pid_file.read_text())["pid"]
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ database's periodic refresh, or at once through Redis when the refresh is far of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,10 +29,8 @@ async def _leads(controller: Controller) -> bool:
 
 def _end_jobs(site_dir: Path) -> None:
     for pid_file in (site_dir / "jobs" / "jobs").glob("*/pid.json"):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def test_a_want_in_one_process_is_served_by_the_leader_in_another(

@@ -82,7 +82,10 @@ async def test_a_job_past_its_walltime_is_ended(tmp_path: Path) -> None:
 
 async def test_a_job_that_ignores_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
     local = scheduler(tmp_path, end_grace_seconds=0.5)
-    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    code = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)"
+    )
     job_id = await local.submit(JobSpec("pilot", python(code), 600))
     await wait_for_state(local, job_id, JobState.running)
     log = tmp_path / "jobs-state" / "jobs" / job_id / "output.log"
