@@ -232,3 +232,62 @@ async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path) 
 
 async def _staged(site: object) -> bool:
     return any((Path(site.directory) / "jobs" / "staging").glob("pilot-*.json"))  # type: ignore[attr-defined]
+
+
+async def test_load_above_the_target_starts_another_replica(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port())
+    runner, server, controller = await start_on_demand(config)
+    try:
+        controller.declare(spec(target_in_flight=1, max_replicas=2))
+        controller.want("llama")
+        first = await until_routed(controller, "llama")
+        with controller.in_flight("llama", first), controller.in_flight("llama", first):
+            await until(lambda: _routed_elsewhere(controller, first), within=30, what="a second replica")
+            second = controller.route("llama")
+            assert (
+                second is not None
+                and (await call_replica(controller, second))["replica"] == second.replica_id
+            )
+            await asyncio.sleep(1)
+            assert len(await store_of(controller).live()) == 2  # max_replicas
+        assert controller.progress("llama").ready_replicas == 2
+        origin = server.url.removesuffix("/resource_server")
+        async with aiohttp.ClientSession() as http, http.get(f"{origin}/metrics") as answer:
+            text = await answer.text()
+        assert 'gateway_deployment_replicas{deployment="llama",phase="ready"} 2.0' in text
+        assert 'gateway_deployment_starts_total{deployment="llama"} 2.0' in text
+    finally:
+        await runner.cleanup()
+    await _end_all(tmp_path, site)
+
+
+async def _routed_elsewhere(controller: Controller, replica: object) -> bool:
+    routed = controller.route("llama")
+    return routed is not None and routed != replica
+
+
+async def test_a_replica_near_its_walltime_is_replaced_before_it_ends(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    config = write_on_demand_config(
+        tmp_path / "gw",
+        site,
+        f"sqlite:///{tmp_path / 'gw.db'}",
+        free_port(),
+        replace_before_walltime_seconds=16,
+    )
+    runner, _, controller = await start_on_demand(config)
+    try:
+        controller.declare(spec(walltime_seconds=20))
+        controller.want("llama")
+        first = await until_routed(controller, "llama")
+        while (routed := controller.route("llama")) == first:
+            assert routed is not None  # the old replica serves until its replacement is ready
+            await controller.changed("llama", 0.1)
+        assert routed is not None and routed != first
+        await until(lambda: _ended(controller, first.replica_id), within=15, what="the old job to end")
+        record = await store_of(controller).get(first.replica_id)
+        assert record is not None and record.end_reason == "near its walltime"
+    finally:
+        await runner.cleanup()
+    await _end_all(tmp_path, site)

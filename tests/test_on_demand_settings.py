@@ -3,6 +3,7 @@ a deployment naming an unknown scheduler is refused when its endpoint declares i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,15 @@ def test_a_scheduler_name_is_a_word(tmp_path: Path) -> None:
     schedulers = document["on_demand"]["schedulers"]
     schedulers["bad name"] = schedulers.pop("local")
     config.write_text(yaml.safe_dump(document))
-    with pytest.raises(ConfigError, match="field 'on_demand.schedulers': .*scheduler name 'bad name'"):
+    with pytest.raises(ConfigError, match=r"field 'on_demand\.schedulers': .*scheduler name 'bad name'"):
         load_settings(config)
 
 
 def test_the_pilots_callback_address_is_required_with_an_ephemeral_port(tmp_path: Path) -> None:
     config = config_with(tmp_path, port=0)
-    with pytest.raises(ConfigError, match="field 'on_demand.gateway_url': required when server.port is 0"):
+    with pytest.raises(
+        ConfigError, match=re.escape("field 'on_demand.gateway_url': required when server.port is 0")
+    ):
         load_settings(config)
     assert load_settings(config_with(tmp_path / "2", port=0, gateway_url="https://gw.example.org/pilots"))
 
@@ -91,7 +94,9 @@ def test_relative_certificate_paths_are_relative_to_the_file(tmp_path: Path) -> 
 async def test_a_deployment_naming_an_unknown_scheduler_is_refused(tmp_path: Path) -> None:
     runner, _, controller = await start_on_demand(config_with(tmp_path))
     try:
-        with pytest.raises(ValueError, match="config.scheduler: no scheduler 'pbs' in on_demand.schedulers"):
+        with pytest.raises(
+            ValueError, match=re.escape("config.scheduler: no scheduler 'pbs' in on_demand.schedulers")
+        ):
             controller.declare(spec(scheduler="pbs"))
         with pytest.raises(ValueError, match="deployment name"):
             controller.declare(spec(name="no/slashes"))

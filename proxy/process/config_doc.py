@@ -111,7 +111,9 @@ def sections(model: type[BaseModel] = GatewaySettings, prefix: str = "") -> Iter
         if inner is None and get_origin(field.annotation) is dict:
             entry = section_model(get_args(field.annotation)[1])
             if entry is not None:  # a mapping of named entries: one section for all of them
-                rows.append(Row(path, type_name(field.annotation), default_text(field), field.description or ""))
+                rows.append(
+                    Row(path, type_name(field.annotation), default_text(field), field.description or "")
+                )
                 nested.append((f"{path}.<name>", field, entry))
                 continue
         if inner is None:

@@ -26,7 +26,8 @@ UNDECLARED_GRACE_SECONDS = 60.0
 UNSUBMITTED_GRACE_SECONDS = 120.0
 """A replica row without a job this long after it was written: its controller died submitting."""
 WALLTIME_MARGIN_SECONDS = 60.0
-"""A retiring replica is ended this long before the scheduler would kill it, replaced or not."""
+"""A retiring replica is ended this long before the scheduler would kill it, replaced or not (or a
+quarter of `replace_before_walltime_seconds`, if that is less)."""
 
 
 class Reconciler:
@@ -181,8 +182,9 @@ class Reconciler:
             await self.parts.store.set_backoff(spec.name, None)
             backoff = None
         changed = False
+        last_moment = min(WALLTIME_MARGIN_SECONDS, margin / 4)
         for replica in retiring:
-            if ready or replica.walltime_end is None or replica.walltime_end - now < WALLTIME_MARGIN_SECONDS:
+            if ready or replica.walltime_end is None or replica.walltime_end - now < last_moment:
                 self._end_soon(replica, "near its walltime")
                 changed = True
         wanted = usage.wanted is not None and now - usage.wanted < spec.idle_timeout_seconds
@@ -240,4 +242,4 @@ class Reconciler:
             for replica in by_name.get(name, []):
                 counts[replica.phase] = counts.get(replica.phase, 0) + 1
             for phase, count in counts.items():
-                gauge.labels(name, phase).value = count
+                gauge.labels(name, phase).value = float(count)
