@@ -5,9 +5,13 @@ helpers that wait on the controller the way a held request does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,22 @@ class Site:
     @property
     def ca(self) -> Path:
         return self.directory / "ca.pem"
+
+
+def end_jobs(site: Site) -> None:
+    """Jobs outlive their gateway on purpose (a restarted one adopts them): a test ends its own."""
+    for pid_file in (site.directory / "jobs" / "jobs").glob("*/pid.json"):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
+
+
+def on_demand_site(tmp_path: Path) -> Iterator[Site]:
+    """The body of each test module's `site` fixture: a site whose jobs end with the test."""
+    site = make_site(tmp_path / "site")
+    try:
+        yield site
+    finally:
+        end_jobs(site)
 
 
 def make_site(directory: Path) -> Site:

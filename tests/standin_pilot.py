@@ -24,13 +24,16 @@ from mtls.certificates import expires_at
 from mtls.contexts import peer_subject, server_context
 from pilot.protocol import Heartbeat, ModelReport, ModelState, PilotConfig, PilotOrders, Registration
 
+GIVE_UP_SECONDS = 30.0
+"""A stand-in whose gateway stays away this long exits: no test leaves one running."""
+
 
 class StandIn:
     def __init__(self, config: PilotConfig) -> None:
         self.config = config
         self.model = config.models[0]
         self.started = time.time()
-        self.stopped = asyncio.Event()
+        self.unreachable_since: float | None = None
 
     def report(self) -> ModelReport:
         command = self.model.command
@@ -66,6 +69,7 @@ class StandIn:
             async with session.post(
                 f"{self.config.gateway_url}/{route}", data=body, headers=headers
             ) as answer:
+                self.unreachable_since = None
                 if answer.status == 401:
                     print(f"{route}: refused", flush=True)
                     sys.exit(1)
@@ -75,6 +79,10 @@ class StandIn:
                 return PilotOrders.model_validate_json(await answer.read())
         except (aiohttp.ClientError, OSError) as exc:
             print(f"{route}: {exc}", flush=True)  # the gateway restarts: try again at the next beat
+            self.unreachable_since = self.unreachable_since or time.monotonic()
+            if time.monotonic() - self.unreachable_since > GIVE_UP_SECONDS:
+                print("the gateway is gone", flush=True)
+                sys.exit(2)
             return None
 
     async def run(self) -> None:

@@ -6,23 +6,25 @@ adoption by a restarted gateway."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from adaptors.deployments import Phase
 from adaptors.schedulers.contract import JobState
 from proxy.core.deployments.controller import Controller
 from proxy.records.deployment_store import DeploymentStore
 from tests.deployment_setup import (
+    Site,
     call_replica,
-    make_site,
+    on_demand_site,
     scheduler_entry,
     spec,
     start_on_demand,
@@ -31,6 +33,11 @@ from tests.deployment_setup import (
     write_on_demand_config,
 )
 from tests.support import free_port
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from on_demand_site(tmp_path)
 
 
 def store_of(controller: Controller) -> DeploymentStore:
@@ -45,8 +52,7 @@ async def job_state(controller: Controller, replica_id: str) -> JobState:
     return (await scheduler.states([record.job_id]))[record.job_id].state
 
 
-async def test_a_want_starts_a_replica_that_serves_then_idles_out(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_a_want_starts_a_replica_that_serves_then_idles_out(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port())
     runner, _, controller = await start_on_demand(config)
     try:
@@ -81,8 +87,7 @@ async def _ended(controller: Controller, replica_id: str) -> bool:
     return await job_state(controller, replica_id) is JobState.ended
 
 
-async def test_a_killed_pilot_is_replaced_on_the_next_want(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_a_killed_pilot_is_replaced_on_the_next_want(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port())
     runner, _, controller = await start_on_demand(config)
     try:
@@ -109,8 +114,7 @@ async def test_a_killed_pilot_is_replaced_on_the_next_want(tmp_path: Path) -> No
         await runner.cleanup()
 
 
-async def test_a_spec_whose_starts_fail_backs_off_exponentially(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_a_spec_whose_starts_fail_backs_off_exponentially(tmp_path: Path, site: Site) -> None:
     broken = {
         **scheduler_entry(site, site.directory / "jobs"),
         "pilot_command": [sys.executable, "-c", "raise SystemExit(3)"],
@@ -146,8 +150,7 @@ async def _phase_is(controller: Controller, phase: Phase) -> bool:
     return controller.progress("llama").phase is phase
 
 
-async def test_a_restarted_gateway_adopts_the_running_replica(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_a_restarted_gateway_adopts_the_running_replica(tmp_path: Path, site: Site) -> None:
     port = free_port()
     config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", port)
     runner, _, controller = await start_on_demand(config)
@@ -172,19 +175,9 @@ async def test_a_restarted_gateway_adopts_the_running_replica(tmp_path: Path) ->
         assert (await call_replica(controller, adopted))["replica"] == replica.replica_id
     finally:
         await runner.cleanup()
-    await _end_all(tmp_path, site)
 
 
-async def _end_all(tmp_path: Path, site: object) -> None:
-    """Jobs outlive the gateway on purpose; a test ends its own."""
-    for pid_file in (tmp_path / "site" / "jobs" / "jobs").glob("*/pid.json"):
-        pid = json.loads(pid_file.read_text())["pid"]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-
-
-async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(
         tmp_path / "gw",
         site,
@@ -227,15 +220,13 @@ async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path) 
         assert token not in (tmp_path / "gw").joinpath("gateway.yaml").read_text()
     finally:
         await runner.cleanup()
-    await _end_all(tmp_path, site)
 
 
 async def _staged(site: object) -> bool:
     return any((Path(site.directory) / "jobs" / "staging").glob("pilot-*.json"))  # type: ignore[attr-defined]
 
 
-async def test_load_above_the_target_starts_another_replica(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_load_above_the_target_starts_another_replica(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port())
     runner, server, controller = await start_on_demand(config)
     try:
@@ -259,7 +250,6 @@ async def test_load_above_the_target_starts_another_replica(tmp_path: Path) -> N
         assert 'gateway_deployment_starts_total{deployment="llama"} 2.0' in text
     finally:
         await runner.cleanup()
-    await _end_all(tmp_path, site)
 
 
 async def _routed_elsewhere(controller: Controller, replica: object) -> bool:
@@ -267,8 +257,7 @@ async def _routed_elsewhere(controller: Controller, replica: object) -> bool:
     return routed is not None and routed != replica
 
 
-async def test_a_replica_near_its_walltime_is_replaced_before_it_ends(tmp_path: Path) -> None:
-    site = make_site(tmp_path / "site")
+async def test_a_replica_near_its_walltime_is_replaced_before_it_ends(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(
         tmp_path / "gw",
         site,
@@ -290,4 +279,3 @@ async def test_a_replica_near_its_walltime_is_replaced_before_it_ends(tmp_path: 
         assert record is not None and record.end_reason == "near its walltime"
     finally:
         await runner.cleanup()
-    await _end_all(tmp_path, site)

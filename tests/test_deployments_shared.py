@@ -4,16 +4,16 @@ database's periodic refresh, or at once through Redis when the refresh is far of
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from proxy.core.deployments.controller import Controller
 from tests.deployment_setup import (
+    Site,
     call_replica,
-    make_site,
+    on_demand_site,
     spec,
     start_on_demand,
     until,
@@ -23,20 +23,18 @@ from tests.deployment_setup import (
 from tests.support import free_port
 
 
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from on_demand_site(tmp_path)
+
+
 async def _leads(controller: Controller) -> bool:
     return controller.reconciler is not None and controller.reconciler.leader
 
 
-def _end_jobs(site_dir: Path) -> None:
-    for pid_file in (site_dir / "jobs" / "jobs").glob("*/pid.json"):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
-
-
 async def test_a_want_in_one_process_is_served_by_the_leader_in_another(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, site: Site, database_url: str
 ) -> None:
-    site = make_site(tmp_path / "site")
     first = await start_on_demand(write_on_demand_config(tmp_path / "a", site, database_url, free_port()))
     second = None
     try:
@@ -57,13 +55,11 @@ async def test_a_want_in_one_process_is_served_by_the_leader_in_another(
         if second is not None:
             await second[0].cleanup()
         await first[0].cleanup()
-        _end_jobs(site.directory)
 
 
-async def test_redis_tells_another_host_at_once(tmp_path: Path, redis_url: str) -> None:
+async def test_redis_tells_another_host_at_once(tmp_path: Path, site: Site, redis_url: str) -> None:
     """With the periodic refresh 60 s away, only the Redis channel can carry the want to the
     leader and the new replica back to the process that asked."""
-    site = make_site(tmp_path / "site")
     database_url = f"sqlite:///{tmp_path / 'gw.db'}"
     settings = {
         "redis_url": redis_url,
@@ -93,7 +89,6 @@ async def test_redis_tells_another_host_at_once(tmp_path: Path, redis_url: str) 
         if second is not None:
             await second[0].cleanup()
         await first[0].cleanup()
-        _end_jobs(site.directory)
 
 
 async def _subscribed(controller: Controller) -> bool:
