@@ -90,3 +90,19 @@ async def test_one_owner_holds_the_lease_until_it_lapses_or_is_released(database
         assert await store.lease("a", until=150.0, now=123.0)
     finally:
         await database.close()
+
+
+async def test_pruning_forgets_ended_replicas_and_silent_processes(database_url: str) -> None:
+    database = await connect(database_url)
+    try:
+        store = DeploymentStore(database)
+        await store.add(replica("old"))
+        await store.add(replica("live"))
+        await store.end("old", "idle", 1000.0)
+        await store.report_usage("gone:1", "llama", 0, 900.0, None)
+        await store.prune(time.time() + 1)
+        assert await store.get("old") is None
+        assert [r.replica_id for r in await store.live()] == ["live"]  # a live replica is never pruned
+        assert (await store.usage(0)) == {}
+    finally:
+        await database.close()

@@ -86,6 +86,15 @@ def test_the_pilots_callback_address_is_required_with_an_ephemeral_port(tmp_path
     assert load_settings(config_with(tmp_path / "2", port=0, gateway_url="https://gw.example.org/pilots"))
 
 
+def test_the_pilots_callback_address_is_required_with_a_wildcard_host(tmp_path: Path) -> None:
+    config = config_with(tmp_path)
+    document = yaml.safe_load(config.read_text())
+    document["server"]["host"] = "0.0.0.0"
+    config.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match=r"required when server\.host is a wildcard"):
+        load_settings(config)
+
+
 def test_relative_certificate_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     config = config_with(tmp_path, ca_file="../site/ca.pem")
     assert load_settings(config).on_demand.ca_file == config.parent / "../site/ca.pem"

@@ -211,6 +211,11 @@ class DeploymentStore:
             for row in rows
         }
 
+    async def prune(self, before: float) -> None:
+        """Forget processes that stopped reporting, and replicas that ended, before `before`."""
+        await self._db.execute("DELETE FROM deployment_usage WHERE reported < ?", before)
+        await self._db.execute("DELETE FROM deployment_replicas WHERE ended < ?", before)
+
     async def backoffs(self) -> dict[str, Backoff]:
         rows = await self._db.fetch("SELECT deployment, failures, retry_at, detail FROM deployment_backoff")
         return {

@@ -105,5 +105,5 @@ def load_settings(path: Path) -> GatewaySettings:
     if getattr(settings.auth, provider) is None:
         raise ConfigError(f"{path}: field 'auth.{provider}': required when auth.provider is '{provider}'")
     settings = settings.resolve_paths(path.parent)
-    settings.on_demand.check(str(path), settings.server.port)
+    settings.on_demand.check(str(path), settings.server.host, settings.server.port)
     return settings

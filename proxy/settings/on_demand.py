@@ -136,7 +136,7 @@ class OnDemandSettings(Strict):
                 update[name] = base / value
         return self.model_copy(update=update)
 
-    def check(self, where: str, port: int) -> None:
+    def check(self, where: str, host: str, port: int) -> None:
         """What a validator cannot see: the files (after paths are resolved) and the server's port."""
         if not self.enabled:
             return
@@ -148,3 +148,7 @@ class OnDemandSettings(Strict):
                 raise ConfigError(f"{where}: field 'on_demand.{name}': no such file: {value}")
         if self.gateway_url is None and port == 0:
             raise ConfigError(f"{where}: field 'on_demand.gateway_url': required when server.port is 0")
+        if self.gateway_url is None and host in ("0.0.0.0", "::", ""):
+            raise ConfigError(
+                f"{where}: field 'on_demand.gateway_url': required when server.host is a wildcard ({host!r})"
+            )

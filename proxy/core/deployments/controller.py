@@ -48,11 +48,11 @@ class Controller:
         )
         subjects = settings.gateway_subjects or (subject_of(settings.gateway_certificate.read_bytes()),)
         gateway_url = settings.gateway_url or f"http://{server.host}:{server.port}{server.base_path}/pilots"
-        schedulers = {
+        self._schedulers = {
             name: ConfiguredScheduler(entry, import_scheduler(entry.adapter)(name, entry.config))
             for name, entry in settings.schedulers.items()
         }
-        self._parts = (schedulers, metrics, gateway_url, subjects)
+        self._metrics, self._gateway_url, self._subjects = metrics, gateway_url, subjects
         self.map = RoutingMap()
         self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._redis_url = redis_url
@@ -111,12 +111,12 @@ class Controller:
 
     async def attach(self, context: AdaptorContext) -> None:
         """Schedulers start with the adaptors (they may need the executor)."""
-        schedulers = self._parts[0]
-        await asyncio.gather(*(entry.scheduler.startup(context) for entry in schedulers.values()))
+        await asyncio.gather(*(entry.scheduler.startup(context) for entry in self._schedulers.values()))
 
     async def start(self, store: DeploymentStore) -> None:
-        schedulers, metrics, gateway_url, subjects = self._parts
-        parts = Parts(self.settings, schedulers, store, metrics, gateway_url, subjects)
+        parts = Parts(
+            self.settings, self._schedulers, store, self._metrics, self._gateway_url, self._subjects
+        )
         self.desk = PilotDesk(parts, self._client_ssl, self.note_change)
         self.reconciler = Reconciler(parts, lambda: dict(self.map.specs), self._local_usage, self.process)
         if self._redis_url:
@@ -143,7 +143,7 @@ class Controller:
                 await self.reconciler.resign()
         if self.broadcast is not None:
             await self.broadcast.close()
-        for entry in self._parts[0].values():
+        for entry in self._schedulers.values():
             await entry.scheduler.shutdown()
 
     async def note_change(self, name: str) -> None:

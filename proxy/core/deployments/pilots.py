@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from pilot.protocol import Heartbeat, ModelReport, ModelState, PilotOrders, Registration
 from proxy.core.deployments.replicas import Parts, token_hash
+from proxy.core.deployments.routing import origin
 from proxy.records.deployment_store import ReplicaRecord
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class PilotDesk:
             await self._changed(replica.deployment)
 
     async def _verify(self, replica: ReplicaRecord) -> None:
-        url = f"https://{replica.address}:{replica.port}/pilot/status"
+        url = f"{origin(replica.address, replica.port)}/pilot/status"
         try:
             timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_SECONDS)
             connector = aiohttp.TCPConnector(ssl=self._client_ssl)

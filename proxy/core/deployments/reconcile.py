@@ -23,6 +23,8 @@ from proxy.records.deployment_store import LIVE_PHASES, Backoff, ReplicaRecord, 
 log = logging.getLogger(__name__)
 
 UNDECLARED_GRACE_SECONDS = 60.0
+KEPT_SECONDS = 7 * 86400.0
+"""Ended replicas (their start durations) and silent processes' usage are kept this long."""
 UNSUBMITTED_GRACE_SECONDS = 120.0
 """A replica row without a job this long after it was written: its controller died submitting."""
 WALLTIME_MARGIN_SECONDS = 60.0
@@ -55,6 +57,7 @@ class Reconciler:
             return False
         replicas = await store.live()
         changed = await self._follow_jobs(replicas, now)
+        await store.prune(now - KEPT_SECONDS)
         replicas = [r for r in await store.live() if r.replica_id not in self._ending]
         usage = self._usage(await store.usage(now - 3 * settings.usage_report_seconds))
         backoffs = await store.backoffs()

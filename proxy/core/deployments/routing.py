@@ -37,8 +37,14 @@ class _View:
     progress: Progress = field(default_factory=lambda: Progress(Phase.idle))
 
 
+def origin(address: str | None, port: int | None) -> str:
+    """`https://host:port`, an IPv6 address in brackets."""
+    host = f"[{address}]" if address and ":" in address else address
+    return f"https://{host}:{port}"
+
+
 def base_url(replica: ReplicaRecord) -> str:
-    return f"https://{replica.address}:{replica.port}/deployments/{replica.deployment}"
+    return f"{origin(replica.address, replica.port)}/deployments/{replica.deployment}"
 
 
 class RoutingMap:
