@@ -74,6 +74,15 @@ def scheduler_entry(site: Site, state_dir: Path, **config: Any) -> dict[str, Any
     }
 
 
+QUICK = {
+    "heartbeat_seconds": 0.5,
+    "reconcile_seconds": 0.2,
+    "refresh_seconds": 0.2,
+    "usage_report_seconds": 0.2,
+    "start_backoff_seconds": 1,
+}
+
+
 def write_on_demand_config(
     directory: Path,
     site: Site,
@@ -82,9 +91,11 @@ def write_on_demand_config(
     *,
     redis_url: str | None = None,
     schedulers: dict[str, Any] | None = None,
+    deployed_defaults: bool = False,
     **on_demand: Any,
 ) -> Path:
-    """A gateway listening on `port` (the pilots' callback address must be known in advance)."""
+    """A gateway listening on `port` (the pilots' callback address must be known in advance),
+    with the controller's intervals shortened unless `deployed_defaults`."""
     directory.mkdir(parents=True, exist_ok=True)
     config = write_gateway_config(directory, "http://127.0.0.1:9", port=port)
     document = yaml.safe_load(config.read_text())
@@ -97,11 +108,7 @@ def write_on_demand_config(
         "gateway_certificate": str(site.directory / "gateway.pem"),
         "gateway_key": str(site.directory / "gateway.key"),
         "schedulers": schedulers or {"local": scheduler_entry(site, site.directory / "jobs")},
-        "heartbeat_seconds": 0.5,
-        "reconcile_seconds": 0.2,
-        "refresh_seconds": 0.2,
-        "usage_report_seconds": 0.2,
-        "start_backoff_seconds": 1,
+        **({} if deployed_defaults else QUICK),
         **on_demand,
     }
     config.write_text(yaml.safe_dump(document, sort_keys=False))

@@ -87,6 +87,23 @@ async def _ended(controller: Controller, replica_id: str) -> bool:
     return await job_state(controller, replica_id) is JobState.ended
 
 
+async def test_with_the_deployed_defaults_a_want_is_served_within_seconds(tmp_path: Path, site: Site) -> None:
+    """Registration, not the first heartbeat (10 s), makes a replica whose model is up ready."""
+    config = write_on_demand_config(
+        tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port(), deployed_defaults=True
+    )
+    runner, _, controller = await start_on_demand(config)
+    try:
+        controller.declare(spec(model_command=("ready-after", "0")))
+        started = time.monotonic()
+        controller.want("llama")
+        replica = await until_routed(controller, "llama", within=15)
+        assert time.monotonic() - started < 8
+        assert (await call_replica(controller, replica))["replica"] == replica.replica_id
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_killed_pilot_is_replaced_on_the_next_want(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", free_port())
     runner, _, controller = await start_on_demand(config)
