@@ -191,7 +191,12 @@ class Reconciler:
                 self._end_soon(replica, "near its walltime")
                 changed = True
         wanted = usage.wanted is not None and now - usage.wanted < spec.idle_timeout_seconds
+        serving = [r for r in replicas if r.phase == "ready"]
+        last_use = max([usage.last_used or 0.0, *(r.ready_at or 0.0 for r in serving)])
+        idle = usage.in_flight == 0 and now - last_use > spec.idle_timeout_seconds and not wanted
         target = max(spec.min_replicas, 1 if wanted or usage.in_flight else 0)
+        if not idle:  # a retiring replica still in use is replaced before it goes
+            target = max(target, len([r for r in retiring if r.phase == "ready"]))
         if ready and not pending and usage.in_flight / len(ready) > spec.target_in_flight:
             target = max(target, len(active) + 1)
         target = min(target, spec.max_replicas)
@@ -200,8 +205,6 @@ class Reconciler:
                 return changed
             await self._start(spec, backoff)
             return True
-        last_use = max([usage.last_used or 0.0, *(r.ready_at or 0.0 for r in ready)])
-        idle = usage.in_flight == 0 and now - last_use > spec.idle_timeout_seconds and not wanted
         if idle and ready and len(active) > spec.min_replicas:
             self._end_soon(ready[-1], f"idle for {now - last_use:.0f} s")
             changed = True
