@@ -194,6 +194,30 @@ async def test_a_restarted_gateway_adopts_the_running_replica(tmp_path: Path, si
         await runner.cleanup()
 
 
+async def test_a_restarted_gateway_ends_the_replicas_of_a_deployment_it_no_longer_declares(
+    tmp_path: Path, site: Site
+) -> None:
+    port = free_port()
+    config = write_on_demand_config(
+        tmp_path / "gw", site, f"sqlite:///{tmp_path / 'gw.db'}", port, undeclared_grace_seconds=1
+    )
+    runner, _, controller = await start_on_demand(config)
+    try:
+        controller.declare(spec())
+        controller.want("llama")
+        replica = await until_routed(controller, "llama")
+    finally:
+        await runner.cleanup()
+    runner, _, controller = await start_on_demand(config)
+    try:
+        await until(lambda: _ended(controller, replica.replica_id), within=15, what="the orphan's job to end")
+        record = await store_of(controller).get(replica.replica_id)
+        assert record is not None and record.end_reason == "deployment 'llama' is no longer declared"
+        assert controller.progress("llama").phase is Phase.unavailable
+    finally:
+        await runner.cleanup()
+
+
 async def test_pilot_routes_refuse_a_wrong_token_and_a_bad_body(tmp_path: Path, site: Site) -> None:
     config = write_on_demand_config(
         tmp_path / "gw",

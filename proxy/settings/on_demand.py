@@ -108,6 +108,11 @@ class OnDemandSettings(Strict):
     start_backoff_max_seconds: float = Field(
         default=900, gt=0, description="the wait doubles with each failure up to this"
     )
+    undeclared_grace_seconds: float = Field(
+        default=60,
+        ge=0,
+        description="a deployment no longer declared (restart, reload) loses its replicas after this",
+    )
     replace_before_walltime_seconds: float = Field(
         default=600, ge=0, description="a replica this close to its walltime is replaced"
     )

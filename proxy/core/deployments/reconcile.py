@@ -22,7 +22,6 @@ from proxy.records.deployment_store import LIVE_PHASES, Backoff, ReplicaRecord, 
 
 log = logging.getLogger(__name__)
 
-UNDECLARED_GRACE_SECONDS = 60.0
 KEPT_SECONDS = 7 * 86400.0
 """Ended replicas (their start durations) and silent processes' usage are kept this long."""
 UNSUBMITTED_GRACE_SECONDS = 120.0
@@ -161,7 +160,7 @@ class Reconciler:
 
     def _orphaned(self, name: str, records: list[ReplicaRecord], now: float) -> bool:
         since = self._undeclared_since.setdefault(name, now)
-        if now - since < UNDECLARED_GRACE_SECONDS:
+        if now - since < self.parts.settings.undeclared_grace_seconds:
             return False
         for replica in records:
             self._end_soon(replica, f"deployment {name!r} is no longer declared")
