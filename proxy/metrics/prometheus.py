@@ -190,6 +190,22 @@ class Metrics:
         self.relay_chunks = self._use(
             tallies.counter("gateway_relay_chunks", "Stream chunks received from remote functions")
         ).labels()
+        self.deployment_replicas = self._use(
+            tallies.gauge(
+                "gateway_deployment_replicas", "On-demand replicas by phase (set by the controller's leader)",
+                ["deployment", "phase"],
+            )
+        )  # fmt: skip
+        self.deployment_starts = self._use(
+            tallies.counter("gateway_deployment_starts", "Pilot jobs submitted", ["deployment"])
+        )
+        self.deployment_start_failures = self._use(
+            tallies.counter(
+                "gateway_deployment_start_failures",
+                "Pilot jobs that ended, or could not be submitted, before their replica got ready",
+                ["deployment"],
+            )
+        )
 
         if enabled:
             ProcessMetrics(tallies)

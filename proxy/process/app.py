@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from aiohttp import web
 
@@ -16,6 +17,7 @@ from proxy.core.batch_runner import BatchRunner
 from proxy.core.body_limits import BodyDeadline, LargeBodies
 from proxy.core.callback_relay import LocalRelay, Relay
 from proxy.core.callback_relay_redis import RedisRelay
+from proxy.core.deployments.controller import Controller
 from proxy.core.federation import Federation, name_serving_endpoint
 from proxy.core.globus_auth import GlobusAuthenticator
 from proxy.core.identity import Authenticator
@@ -41,6 +43,7 @@ from proxy.edge.middleware import openai_errors
 from proxy.edge.observe import QUIET_ROUTES, add_request_id, observe_middleware
 from proxy.edge.openai_batches import add_openai_batch_routes
 from proxy.edge.openai_files import add_file_routes
+from proxy.edge.pilots import PILOT_ROUTES, QUIET_PILOT_ROUTES, add_pilot_routes
 from proxy.edge.routes import PUBLIC_ROUTES, add_routes
 from proxy.edge.staging import add_staging_routes
 from proxy.edge.tasks import add_task_routes
@@ -48,6 +51,7 @@ from proxy.metrics.prometheus import AdaptorTelemetry, Metrics, metrics_handler
 from proxy.process.reload import Reloader, shut_down, sighup_reloads
 from proxy.process.reload_report import report_path
 from proxy.records.batch_store import BatchStore
+from proxy.records.deployment_store import DeploymentStore
 from proxy.records.file_store import FileStore, LocalFileStorage
 from proxy.records.line_writer import LineWriter
 from proxy.records.openai_batch_store import OpenAIBatchStore
@@ -87,7 +91,7 @@ def create_app(
     handling."""
     answer_malformed_requests_in_json()
     metrics = Metrics(settings.metrics.enabled)
-    public = PUBLIC_ROUTES | CALLBACK_ROUTES | {"metrics"} | DASHBOARD_ROUTES
+    public = PUBLIC_ROUTES | CALLBACK_ROUTES | PILOT_ROUTES | {"metrics"} | DASHBOARD_ROUTES
     logging_settings = settings.request_log
     writer = LineWriter() if logging_settings.stdout else None
     recorder = Recorder(
@@ -101,7 +105,7 @@ def create_app(
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
-            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES),
+            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES | QUIET_PILOT_ROUTES),
             openai_errors,
             single_authorization,
             authenticate,
@@ -122,6 +126,9 @@ def create_app(
         app.on_startup.append(sighup_reloads(reloader, None if pid_file is None else report_path(pid_file)))
     add_routes(app, settings.server.base_path)
     add_callback_routes(app, settings.server.base_path)
+    controller = build_controller(settings, metrics)
+    if controller is not None:
+        add_pilot_routes(app, settings.server.base_path, controller)
     add_batch_routes(app, settings.server.base_path)
     add_openai_batch_routes(app, settings.server.base_path)
     add_file_routes(app, settings.server.base_path)
@@ -131,8 +138,8 @@ def create_app(
     _add_metrics(app, settings, metrics)
     add_dashboard(app, settings, authenticator)
     limits = AnswerLimits(settings.server.max_answer_bytes, settings.server.max_error_bytes)
-    app.cleanup_ctx.append(_adaptor_lifecycle(reloader, settings.server.adaptor_threads, limits))
-    app.cleanup_ctx.append(_database_lifecycle(settings))
+    app.cleanup_ctx.append(_adaptor_lifecycle(reloader, settings.server.adaptor_threads, limits, controller))
+    app.cleanup_ctx.append(_database_lifecycle(settings, controller))
     app.on_cleanup.append(lambda _: authenticator.close())
     app.on_cleanup.append(lambda _: state.relay.close())
     return app
@@ -192,7 +199,16 @@ def _labels_of(registry: Registry) -> Callable[[str], tuple[str, str, str, str]]
     return labels
 
 
-def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application], AsyncIterator[None]]:
+def build_controller(settings: GatewaySettings, metrics: Metrics) -> Controller | None:
+    """The on-demand controller, when `on_demand.enabled` (load_settings checked its parts)."""
+    if not settings.on_demand.enabled:
+        return None
+    return Controller(settings.on_demand, settings.server, settings.redis_url, metrics)
+
+
+def _database_lifecycle(
+    settings: GatewaySettings, controller: Controller | None
+) -> Callable[[web.Application], AsyncIterator[None]]:
     """One connection pool for batches and request records, open for the life of the gateway. A
     database unreachable at start-up does not stop the gateway: it is connected in the background."""
 
@@ -212,9 +228,13 @@ def _database_lifecycle(settings: GatewaySettings) -> Callable[[web.Application]
             recorder.sink.start()
         retention = settings.request_log.retention_days
         pruning = asyncio.create_task(prune_forever(database, retention)) if retention else None
+        if controller is not None:
+            await controller.start(DeploymentStore(database))
         try:
             yield
         finally:
+            if controller is not None:
+                await controller.stop()
             advancer.cancel()
             running.cancel()
             await runner.close()
@@ -291,7 +311,7 @@ def build_relay(settings: GatewaySettings) -> Relay:
 
 
 def _adaptor_lifecycle(
-    reloader: Reloader, threads: int, limits: AnswerLimits
+    reloader: Reloader, threads: int, limits: AnswerLimits, controller: Controller | None
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
@@ -302,6 +322,9 @@ def _adaptor_lifecycle(
             context = AdaptorContext(
                 executor=executor, relay=state.relay, telemetry=telemetry, jobs=jobs, limits=limits
             )
+            if controller is not None:
+                context = replace(context, deployments=controller)
+                await controller.attach(context)
             await asyncio.gather(*(adaptor.startup(context) for adaptor in registry.adaptors()))
             reloader.context = context
             try:

@@ -80,7 +80,7 @@ def type_name(annotation: Any) -> str:
         return " or ".join(type_name(arg) for arg in get_args(annotation))
     if origin is Literal:
         return " or ".join(json.dumps(arg) for arg in get_args(annotation))
-    if origin is list:
+    if origin in (list, tuple):
         return f"list of {type_name(get_args(annotation)[0])}"
     if origin is dict:
         key, value = get_args(annotation)
@@ -108,6 +108,14 @@ def sections(model: type[BaseModel] = GatewaySettings, prefix: str = "") -> Iter
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         inner = section_model(field.annotation)
+        if inner is None and get_origin(field.annotation) is dict:
+            entry = section_model(get_args(field.annotation)[1])
+            if entry is not None:  # a mapping of named entries: one section for all of them
+                rows.append(
+                    Row(path, type_name(field.annotation), default_text(field), field.description or "")
+                )
+                nested.append((f"{path}.<name>", field, entry))
+                continue
         if inner is None:
             rows.append(Row(path, type_name(field.annotation), default_text(field), field.description or ""))
         else:

@@ -3,7 +3,8 @@
 Each store declares the migrations of the tables it owns, beside the SQL that uses them
 (``proxy.records.batch_store``: ``batches``; ``proxy.records.usage_store``: ``requests``;
 ``proxy.records.usage_rollup_tables``: the dashboard's ``usage_*`` sums; ``proxy.records.file_store``:
-``files``; ``proxy.records.openai_batch_store``: ``openai_batches``). Versions
+``files``; ``proxy.records.openai_batch_store``: ``openai_batches``; ``proxy.records.deployment_store``:
+``deployment_*``). Versions
 are numbered across all tables, in the order the migrations were released, and recorded in the
 ``schema_migrations`` table this module owns: a new migration takes the next free number, whichever
 store it belongs to, and a released one is never edited, since databases in the field recorded it.
@@ -24,6 +25,7 @@ from proxy.records.database_url import (
     DEFAULT_TIMEOUT,
     open_database,
 )
+from proxy.records.deployment_store import DEPLOYMENTS_MIGRATIONS
 from proxy.records.file_store import FILES_MIGRATIONS
 from proxy.records.openai_batch_store import OPENAI_BATCHES_MIGRATIONS
 from proxy.records.usage_rollup_tables import ROLLUPS_MIGRATIONS
@@ -38,6 +40,7 @@ MIGRATIONS: Final[list[Migration]] = sorted(
         *ROLLUPS_MIGRATIONS,
         *FILES_MIGRATIONS,
         *OPENAI_BATCHES_MIGRATIONS,
+        *DEPLOYMENTS_MIGRATIONS,
     ]
 )
 

@@ -19,6 +19,7 @@ from proxy.settings.dashboard import DashboardSettings
 from proxy.settings.database import DatabaseSettings
 from proxy.settings.files import ConfigError, OptionalUrl, Strict, describe_validation_error, load_document
 from proxy.settings.observability import MetricsSettings, RequestLogSettings
+from proxy.settings.on_demand import OnDemandSettings
 from proxy.settings.openai_batches import OpenAIBatchSettings
 from proxy.settings.server import ServerSettings, TimeoutSettings
 from proxy.settings.staging import DataStagingSettings
@@ -46,6 +47,7 @@ class GatewaySettings(Strict):
     request_log: RequestLogSettings = RequestLogSettings()
     database: DatabaseSettings = DatabaseSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    on_demand: OnDemandSettings = OnDemandSettings()
     maintenance: JsonMapping = Field(default_factory=dict, description="cluster → message for users")
     maintenance_file: Path = Field(
         default=Path("maintenance.yaml"), description="what `inference-gateway maintenance` writes"
@@ -70,6 +72,7 @@ class GatewaySettings(Strict):
             "clusters_file": base / self.clusters_file,
             "database_url": _sqlite_relative_to(self.database_url, base),
             "maintenance_file": base / self.maintenance_file,
+            "on_demand": self.on_demand.resolve_paths(base),
             "openai_batches": self.openai_batches.model_copy(
                 update={"storage_dir": base / self.openai_batches.storage_dir}
             ),
@@ -101,4 +104,6 @@ def load_settings(path: Path) -> GatewaySettings:
     provider = settings.auth.provider
     if getattr(settings.auth, provider) is None:
         raise ConfigError(f"{path}: field 'auth.{provider}': required when auth.provider is '{provider}'")
-    return settings.resolve_paths(path.parent)
+    settings = settings.resolve_paths(path.parent)
+    settings.on_demand.check(str(path), settings.server.host, settings.server.port)
+    return settings
