@@ -119,7 +119,9 @@ async def cluster_models(request: web.Request) -> web.Response:
     registry, user = request.app[STATE].registry, request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework = request.match_info["framework"]
-    served = [e for e, owner in _usable_endpoints(registry, user) if owner is cluster and e.framework == framework]
+    served = [
+        e for e, owner in _usable_endpoints(registry, user) if owner is cluster and e.framework == framework
+    ]
     data = []
     for endpoint in sorted(served, key=lambda endpoint: endpoint.model):
         card = _model_card(request, endpoint.model, cluster.cluster_name)
