@@ -30,6 +30,8 @@ from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint, Unreachabl
 from adaptors.holding import HeldCount, NotNow, Slot, WaitLimit, comment, refusal, too_many
 from adaptors.keepalive import until_first_chunk
 
+_EARLY = 0.01
+"""A timer may fire this much before it is due (the event loop's clock resolution and rounding)."""
 DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """The path segment under the pilot's `/deployments/` (pilot/protocol.py, `ModelConfig.name`)."""
 
@@ -202,22 +204,22 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
         name, interval = self.spec.name, self.config.progress_seconds
         progress = self._deployments.progress(name)
         yield comment(name, progress)
-        commented = time.monotonic()
+        due = time.monotonic() + interval
         while True:
-            step = await self._next_step(deadline, self._stream_wait)
+            step = await self._next_step(deadline, self._stream_wait, due - time.monotonic())
             if isinstance(step, Replica):
                 yield step
                 return
-            if step.phase is not progress.phase or time.monotonic() - commented >= interval:
+            if step.phase is not progress.phase or time.monotonic() >= due - _EARLY:
                 yield comment(name, step)
-                commented = time.monotonic()
+                due = time.monotonic() + interval
             progress = step
 
     async def _held_until_ready(self, deadline: float) -> Replica:
         slot = self._hold(self._admitted(deadline, self._task_wait))
         try:
             while True:
-                step = await self._next_step(deadline, self._task_wait)
+                step = await self._next_step(deadline, self._task_wait, self.config.progress_seconds)
                 if isinstance(step, Replica):
                     return step
         finally:
@@ -239,13 +241,13 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
             raise too_many(self.spec.name, progress, self.spec.expected_start_seconds)
         return slot
 
-    async def _next_step(self, deadline: float, limit: WaitLimit) -> Replica | Progress:
-        """Waits for the next change (at most `progress_seconds`, and never past `deadline`):
-        the replica now ready, or the deployment's progress if the request may wait on."""
+    async def _next_step(self, deadline: float, limit: WaitLimit, longest: float) -> Replica | Progress:
+        """Waits for the next change (at most `longest` seconds, and never past `deadline`): the
+        replica now ready, or the deployment's progress if the request may wait on."""
         name, deployments = self.spec.name, self._deployments
-        remaining = deadline - time.monotonic()
-        if remaining > 0:
-            await deployments.changed(name, min(remaining, self.config.progress_seconds))
+        wait = min(deadline - time.monotonic(), longest)
+        if wait > 0:
+            await deployments.changed(name, wait)
         replica = deployments.route(name)
         if replica is not None:
             return replica
