@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from adaptors.deployments import Phase, Progress, Replica
+from proxy.core.federation import ENDPOINT_HEADER
 from testing.fake_vllm import REQUESTS
 from testing.ports import free_port
 from tests.deployment_setup import (
@@ -314,3 +315,24 @@ async def _eventually(check: Callable[[], Awaitable[bool]], seconds: float = 3.0
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+async def test_the_route_without_a_cluster_ranks_a_deployment_by_its_phase(
+    gateway: Server, site: Site, deployments: ScriptedDeployments, http: aiohttp.ClientSession
+) -> None:
+    """`mixed`'s report says the model runs there; `hpc`'s deployment comes first in the
+    configuration: idle, it ranks below the running one (and starts nothing), ready, beside it."""
+    federated = f"{gateway.url}/v1/chat/completions"
+    async with http.post(federated, json=chat("Hi"), headers=auth()) as response:
+        assert (response.status, response.headers[ENDPOINT_HEADER]) == (
+            200,
+            "mixed-vllm-meta-llamameta-llama-31-8b-instruct",
+        )
+    assert deployments.wants[LLAMA] == 0
+    async with replica_server(site, LLAMA) as pilot:
+        deployments.ready(LLAMA, pilot.replica(LLAMA))
+        async with http.post(federated, json=chat("Hi"), headers=auth()) as response:
+            assert (response.status, response.headers[ENDPOINT_HEADER]) == (
+                200,
+                "hpc-vllm-meta-llamameta-llama-31-8b-instruct",
+            )
