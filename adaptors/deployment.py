@@ -13,6 +13,7 @@ Forwarding, answer limits and error mapping are those of every OpenAI-compatible
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
 import time
@@ -30,6 +31,7 @@ from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint, Unreachabl
 from adaptors.holding import HeldCount, NotNow, Slot, WaitLimit, comment, refusal, too_many
 from adaptors.keepalive import until_first_chunk
 
+_SHORTEST_WAIT = 0.02
 _EARLY = 0.01
 """A timer may fire this much before it is due (the event loop's clock resolution and rounding)."""
 DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -247,7 +249,10 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
         name, deployments = self.spec.name, self._deployments
         wait = min(deadline - time.monotonic(), longest)
         if wait > 0:
+            started = time.monotonic()
             await deployments.changed(name, wait)
+            if time.monotonic() - started < _SHORTEST_WAIT and deployments.route(name) is None:
+                await asyncio.sleep(min(wait, _SHORTEST_WAIT))  # a `changed` that never waits cannot spin
         replica = deployments.route(name)
         if replica is not None:
             return replica

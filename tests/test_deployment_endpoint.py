@@ -336,3 +336,25 @@ async def test_the_route_without_a_cluster_ranks_a_deployment_by_its_phase(
                 200,
                 "hpc-vllm-meta-llamameta-llama-31-8b-instruct",
             )
+
+
+async def test_a_controller_whose_changed_never_waits_does_not_make_held_requests_spin(
+    gateway: Server,
+    deployments: ScriptedDeployments,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    looks = 0
+
+    async def at_once(name: str, timeout: float) -> None:
+        nonlocal looks
+        looks += 1
+
+    monkeypatch.setattr(deployments, "changed", at_once)
+    deployments.set(TIGHT, Progress(Phase.loading, 2))
+    with pytest.raises(TimeoutError):
+        await call(
+            http, "POST", url(gateway), json=chat("Hi", model=TIGHT_MODEL), headers=auth(),
+            timeout=aiohttp.ClientTimeout(total=0.5),
+        )  # fmt: skip
+    assert 5 < looks < 40, "about one look every 20 ms, and the gateway kept answering"
