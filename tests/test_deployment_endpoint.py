@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -358,3 +359,23 @@ async def test_a_controller_whose_changed_never_waits_does_not_make_held_request
             timeout=aiohttp.ClientTimeout(total=0.5),
         )  # fmt: skip
     assert 5 < looks < 40, "about one look every 20 ms, and the gateway kept answering"
+
+
+async def test_the_anthropic_client_reads_a_held_stream_too(
+    gateway: Server, site: Site, deployments: ScriptedDeployments
+) -> None:
+    deployments.set(LLAMA, Progress(Phase.loading, 20))
+    async with replica_server(site, LLAMA) as pilot:
+        asyncio.get_running_loop().call_later(0.5, deployments.ready, LLAMA, pilot.replica(LLAMA))
+        async with anthropic.AsyncAnthropic(
+            base_url=f"{gateway.url}/hpc/vllm", auth_token=TOKENS["alice"], max_retries=0
+        ) as api:
+            ask = {
+                "model": CHAT_MODEL,
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": "[[chunks=3]]"}],
+            }
+            stream = await api.messages.create(**ask, stream=True)
+            events = [event async for event in stream]
+    deltas = [event.delta.text for event in events if event.type == "content_block_delta"]
+    assert "".join(deltas) == "Hello! This" and events[-1].type == "message_stop"
