@@ -176,14 +176,21 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                 if replica is None:
                     if slot is None:
                         slot = self._hold(self._admitted(deadline, self._stream_wait))
-                    async for item in self._progress_until_ready(deadline):
-                        if isinstance(item, Replica):
-                            replica = item
-                        else:
-                            yield item
+                    progress: Progress | None = None
+                    due = time.monotonic()
+                    while replica is None:
+                        step = await self._next_step(deadline, self._stream_wait, due - time.monotonic())
+                        if isinstance(step, Replica):
+                            replica = step
+                        elif (
+                            progress is None
+                            or step.phase is not progress.phase
+                            or due - _EARLY <= time.monotonic()
+                        ):
+                            progress, due = step, time.monotonic() + self.config.progress_seconds
+                            yield comment(name, step)
                     slot.release()
                     slot = None
-                    assert replica is not None
                 with deployments.in_flight(name, replica):
                     upstream = self.forward_stream(_url(replica, path), body, or_unreachable=look_again)
                     try:
@@ -199,23 +206,6 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
         finally:
             if slot is not None:
                 slot.release()
-
-    async def _progress_until_ready(self, deadline: float) -> AsyncIterator[bytes | Replica]:
-        """Comments (the current state first, then at each change of phase and every
-        `progress_seconds`) until a replica is ready, which comes last."""
-        name, interval = self.spec.name, self.config.progress_seconds
-        progress = self._deployments.progress(name)
-        yield comment(name, progress)
-        due = time.monotonic() + interval
-        while True:
-            step = await self._next_step(deadline, self._stream_wait, due - time.monotonic())
-            if isinstance(step, Replica):
-                yield step
-                return
-            if step.phase is not progress.phase or time.monotonic() >= due - _EARLY:
-                yield comment(name, step)
-                due = time.monotonic() + interval
-            progress = step
 
     async def _held_until_ready(self, deadline: float) -> Replica:
         slot = self._hold(self._admitted(deadline, self._task_wait))
@@ -287,6 +277,11 @@ class _Releasing:
         finally:
             if self._slot is not None:
                 self._slot.release()
+
+
+def _comment_due(last: Progress | None, now: Progress, due: float) -> bool:
+    """A held stream's comment: at once, at each change of phase, and every `progress_seconds`."""
+    return last is None or now.phase is not last.phase or time.monotonic() >= due - _EARLY
 
 
 def _url(replica: Replica, path: str) -> str:
