@@ -182,11 +182,7 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                         step = await self._next_step(deadline, self._stream_wait, due - time.monotonic())
                         if isinstance(step, Replica):
                             replica = step
-                        elif (
-                            progress is None
-                            or step.phase is not progress.phase
-                            or due - _EARLY <= time.monotonic()
-                        ):
+                        elif _comment_due(progress, step, due):
                             progress, due = step, time.monotonic() + self.config.progress_seconds
                             yield comment(name, step)
                     slot.release()
