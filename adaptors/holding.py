@@ -27,7 +27,8 @@ _DOING = {
     Phase.backing_off: "is backing off after failed starts",
     Phase.unavailable: "is unavailable",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+"""Control characters, and whatever `str.splitlines` ends a line at (some SSE clients split so)."""
 _LONGEST_DETAIL = 200
 
 
@@ -82,8 +83,8 @@ class WaitLimit:
 
 def describe(name: str, progress: Progress) -> str:
     """`deployment llama-8b is queued in the scheduler, ready in about 540 s (job 12.pbs)`: the
-    controller's detail with its control characters removed, so that it can neither end an SSE
-    comment nor forge an event after it."""
+    controller's detail (which may quote a scheduler) without its control characters and line
+    separators, so that it can neither end an SSE comment nor forge an event after it."""
     text = f"deployment {name} {_DOING[progress.phase]}"
     if progress.eta_seconds is not None and progress.phase is not Phase.backing_off:
         text += f", ready in about {_seconds(progress.eta_seconds)} s"

@@ -110,7 +110,7 @@ async def test_a_held_stream_gets_progress_comments_then_the_answer(
                 first == f": deployment {LLAMA} is queued in the scheduler, ready in about 900 s\n\n".encode()
             )
             assert deployments.wants[LLAMA] == 1
-            deployments.set(LLAMA, Progress(Phase.loading, 42.4, detail="node x1\nevil: data"))
+            deployments.set(LLAMA, Progress(Phase.loading, 42.4, detail="node x1\n\u2028evil: data"))
             second = await response.content.readuntil(b"\n\n")
             assert (
                 second
