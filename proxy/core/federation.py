@@ -4,8 +4,9 @@ path. Researchers name a model; the gateway finds where it runs.
 Candidates are the endpoints, on any cluster and framework, that serve the model, that the caller
 may use, and whose cluster offers the OpenAI path and is not under maintenance. They are ranked by
 what their cluster's cached job report says of the model (running, then queued, then anything
-else, a cluster whose report failed or is late included), then by the requests this process has in
-flight on each, fewest first; ties keep the configuration's order.
+else, a cluster whose report failed or is late included; an on-demand deployment by its phase),
+then by the requests this process has in flight on each, fewest first; ties keep the
+configuration's order.
 
 Failover: the best candidate is tried first; when it fails in a way another endpoint may not (see
 `worth_another_endpoint`) before anything reached the client, the next one is tried, up to
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint, GetJobsResponse
+from adaptors.deployment import DeploymentEndpoint
+from adaptors.deployments import Phase
 from proxy.core.authz import may_use
 from proxy.core.identity import USER, User
 from proxy.core.jobs import JobsCache, job_models
@@ -176,7 +179,9 @@ class Federation:
 
         def rank(candidate: Candidate) -> tuple[int, int]:
             endpoint = candidate.endpoint
-            state = states.get(endpoint.cluster, {}).get((endpoint.framework, endpoint.model), OTHER)
+            state = _deployment_rank(endpoint)
+            if state is None:
+                state = states.get(endpoint.cluster, {}).get((endpoint.framework, endpoint.model), OTHER)
             return state, self._in_flight.get(endpoint.endpoint_slug, 0)
 
         return sorted(candidates, key=rank)
@@ -228,6 +233,20 @@ class Federation:
                     states[(job.Framework, model)] = state
         self._states[cluster] = (report, states)
         return states
+
+
+def _deployment_rank(endpoint: BaseEndpoint) -> int | None:
+    """An on-demand deployment's rank from the controller's memory, not a cluster's report: one
+    with a ready replica runs, one starting is queued; None for any other endpoint."""
+    if not isinstance(endpoint, DeploymentEndpoint):
+        return None
+    progress = endpoint.progress()
+    if progress.ready_replicas > 0 or progress.phase is Phase.ready:
+        return RUNNING
+    return QUEUED if progress.phase in _STARTING else OTHER
+
+
+_STARTING = frozenset({Phase.queued, Phase.starting, Phase.loading})
 
 
 async def name_serving_endpoint(request: web.Request, response: web.StreamResponse) -> None:

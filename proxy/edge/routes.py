@@ -10,6 +10,7 @@ from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.authz import may_use
+from proxy.core.deployment_views import deployment_state, with_deployments
 from proxy.core.dispatch import UserAdmission, dispatch
 from proxy.core.identity import USER, User
 from proxy.core.jobs import visible_jobs
@@ -84,6 +85,9 @@ async def list_endpoints(request: web.Request) -> web.Response:
             {"models": [], "endpoints": [f"/v1/{p}" for p in cluster.openai_endpoints if p in OPENAI_PATHS]},
         )
         framework["models"].append(endpoint.model)
+        deployment = deployment_state(endpoint)
+        if deployment is not None:
+            framework.setdefault("deployments", {})[endpoint.model] = deployment
     for entry in clusters.values():
         for framework in entry["frameworks"].values():
             framework["models"].sort()
@@ -94,12 +98,17 @@ async def all_models(request: web.Request) -> web.Response:
     """Every model the caller may use, once, with the clusters that serve it."""
     registry, user = request.app[STATE].registry, request[USER]
     clusters_by_model: dict[str, list[str]] = {}
+    deployments: dict[str, list[dict[str, Any]]] = {}
     for endpoint, cluster in _usable_endpoints(registry, user):
         serving = clusters_by_model.setdefault(endpoint.model, [])
         if cluster.cluster_name not in serving:
             serving.append(cluster.cluster_name)
+        state = deployment_state(endpoint)
+        if state is not None:
+            deployments.setdefault(endpoint.model, []).append({"cluster": cluster.cluster_name, **state})
     models = [
         {**_model_card(request, model, clusters[0]), "clusters": clusters}
+        | ({"deployments": deployments[model]} if model in deployments else {})
         for model, clusters in sorted(clusters_by_model.items())
     ]
     return web.json_response({"object": "list", "data": models})
@@ -110,12 +119,14 @@ async def cluster_models(request: web.Request) -> web.Response:
     registry, user = request.app[STATE].registry, request[USER]
     cluster = find_cluster(registry, request.match_info["cluster"], user)
     framework = request.match_info["framework"]
-    models = sorted(
-        endpoint.model
-        for endpoint, owner in _usable_endpoints(registry, user)
-        if owner is cluster and endpoint.framework == framework
-    )
-    data = [_model_card(request, model, cluster.cluster_name) for model in models]
+    served = [
+        e for e, owner in _usable_endpoints(registry, user) if owner is cluster and e.framework == framework
+    ]
+    data = []
+    for endpoint in sorted(served, key=lambda endpoint: endpoint.model):
+        card = _model_card(request, endpoint.model, cluster.cluster_name)
+        state = deployment_state(endpoint)
+        data.append(card if state is None else {**card, "deployment": state})
     return web.json_response({"object": "list", "data": data})
 
 
@@ -133,7 +144,7 @@ async def jobs(request: web.Request) -> web.Response:
     if report.jobs is None:
         message = report.error_message or "The cluster sent no job report."
         adaptor_failed(report.error_code, message, detail=report.error_detail)
-    shown = visible_jobs(report.jobs, user, registry, cluster)
+    shown = visible_jobs(with_deployments(report.jobs, cluster, registry), user, registry, cluster)
     return web.json_response(shown.model_dump(mode="json"))
 
 

@@ -1,0 +1,183 @@
+"""The base of adaptors that send the client's request on to a backend speaking the OpenAI API over
+HTTP: a direct API (adaptors/direct_api.py) at one fixed URL, an on-demand deployment
+(adaptors/deployment.py) at whichever replica is ready. It posts the body, reads the answer within
+the gateway's limits, relays a stream, and maps every failure to what the client is told; where
+the request goes is the subclass's.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from pydantic import Field
+
+from adaptors.backend_answers import answer_text, is_redirect, new_session, redirected, refusal_of, too_large
+from adaptors.configured import AdaptorConfig, ConfiguredEndpoint
+from adaptors.context import AdaptorContext, AnswerLimits
+from adaptors.endpoint import CLIENT_JSON, StreamError, SubmitTaskResponse
+from adaptors.telemetry import NoTelemetry, Telemetry
+from adaptors.transport import transport_failure
+
+
+def _encoded(params: dict[str, Any]) -> bytes:
+    """orjson is about five times faster, which matters on the event loop for a 20 MB body; what it
+    cannot encode (nesting beyond 254 levels, integers beyond 64 bits, lone surrogates) the
+    standard library does."""
+    try:
+        return orjson.dumps(params)
+    except TypeError:
+        return json.dumps(params).encode()
+
+
+class ForwardingConfig(AdaptorConfig):
+    api_request_timeout: float = Field(default=120, gt=0)
+    max_connections: int = Field(default=4096, ge=0, description="0: no limit")
+    keepalive_seconds: float = Field(
+        default=15, gt=0, description="a stream waiting for its first chunk sends a comment this often"
+    )
+
+
+Forwarding = TypeVar("Forwarding", bound=ForwardingConfig)
+
+
+class Unreachable(Exception):
+    """No connection could be opened to the backend (refused, or not opened in time): nothing was
+    sent, so another replica may take the request. Raised only when the caller asks for it."""
+
+
+def unreachable(exc: BaseException) -> bool:
+    """A connection that was never opened; a TLS failure is not one (the peer answered, and is not
+    who it should be)."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return False
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
+    """Posts the client's fields (or bytes) to a URL its subclass chooses and passes the answer back."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass may change the fields before they are sent (`MetisEndpoint` sets `stream`):
+        it forwards the client's bytes only when it says so itself."""
+        super().__init_subclass__(**kwargs)
+        if "forwards_client_json" not in cls.__dict__:
+            cls.forwards_client_json = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._headers = {"Content-Type": "application/json"}
+        timeout = self.config.api_request_timeout
+        self._task_timeout = aiohttp.ClientTimeout(total=timeout)  # built once: not free per request
+        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._telemetry: Telemetry = NoTelemetry()
+        self._limits = AnswerLimits()
+
+    def client_ssl(self, context: AdaptorContext) -> ssl.SSLContext | None:
+        """The TLS client context for the backend; None: the default verification."""
+        return None
+
+    async def startup(self, context: AdaptorContext) -> None:
+        self._session = new_session(self.config.max_connections, self.client_ssl(context))
+        self._telemetry = context.telemetry
+        self._limits = context.limits
+
+    async def shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, url: str, body: bytes, *, or_unreachable: bool = False) -> SubmitTaskResponse:
+        """The backend's whole answer. `or_unreachable`: raise `Unreachable` instead of answering
+        when no connection could be opened."""
+        try:
+            async with self._client().post(
+                url, data=body, headers=self._headers, timeout=self._task_timeout, allow_redirects=False
+            ) as response:
+                failed = response.status >= 300
+                limit = self._limits.error_bytes if failed else self._limits.answer_bytes
+                text = await answer_text(response, limit)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if or_unreachable and unreachable(exc):
+                raise Unreachable from exc
+            failure = transport_failure(exc, timeout=self.config.api_request_timeout)
+            self._telemetry.upstream_error(self.endpoint_slug, failure.kind)
+            return SubmitTaskResponse(error_code=failure.status, error_message=failure.message)
+        if is_redirect(response.status):
+            self._refused(502)
+            return SubmitTaskResponse(error_code=502, error_message=redirected(response.status))
+        if response.status >= 400:
+            self._refused(response.status)
+            return SubmitTaskResponse(**refusal_of(response, text, self._limits))
+        if text is None:
+            self._refused(502)
+            return SubmitTaskResponse(error_code=502, error_message=too_large(self._limits.answer_bytes))
+        return SubmitTaskResponse(result=text)
+
+    async def forward_stream(
+        self, url: str, body: bytes, *, or_unreachable: bool = False
+    ) -> AsyncIterator[bytes]:
+        """Opens the request and reads its first chunk in one go, so that nothing the backend sent
+        waits between the two; closing it early (client gone) drops the upstream connection.
+        `or_unreachable` as in `forward`, raised before anything is yielded."""
+        silence = self.config.api_request_timeout
+        try:
+            response = await self._client().post(
+                url, data=body, headers=self._headers, timeout=self._stream_timeout, allow_redirects=False
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if or_unreachable and unreachable(exc):
+                raise Unreachable from exc
+            failure = transport_failure(exc, timeout=silence)
+            self._telemetry.upstream_error(self.endpoint_slug, failure.kind)
+            raise StreamError(failure.message, failure.status) from None
+        if is_redirect(response.status):
+            self._refused(502)
+            response.close()
+            raise StreamError(redirected(response.status), 502)
+        if response.status >= 400:
+            self._refused(response.status)
+            try:
+                async with response:
+                    text = await answer_text(response, self._limits.error_bytes)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                text = f"the error answer was cut off ({type(exc).__name__})"
+            refusal = refusal_of(response, text, self._limits)
+            raise StreamError(
+                refusal["error_message"],
+                refusal["error_code"],
+                retryable=refusal["retryable"],
+                retry_after=refusal["retry_after"],
+                detail=refusal["error_detail"],
+            )
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = transport_failure(exc, timeout=silence, started=True)
+            raise StreamError(failure.message, failure.status) from None
+        except BaseException:
+            response.close()
+            raise
+        finally:
+            response.release()
+
+    def _refused(self, status: int) -> None:
+        self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
+
+    def body_of(self, data: dict[str, Any]) -> bytes:
+        """The client's own bytes when the gateway changed nothing in them, else its fields encoded."""
+        client_json = data.get(CLIENT_JSON)
+        if isinstance(client_json, bytes):
+            return client_json
+        params = data["model_params"]
+        return _encoded({key: value for key, value in params.items() if key != "openai_endpoint"})
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"{type(self).__name__} used before startup()")
+        return self._session
