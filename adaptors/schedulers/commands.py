@@ -1,0 +1,206 @@
+"""Running a batch system's commands (qsub, sbatch, ...) from the gateway, and staging files.
+
+Never through a local shell: the argv goes to `asyncio.create_subprocess_exec`, after an optional
+prefix that reaches the commands elsewhere (`["ssh", "login-node"]`). ssh hands what follows to the
+remote user's shell, so with `prefix_runs_shell` every argument after the prefix is quoted for a
+POSIX shell. Every call has a deadline (the process group is killed when it passes) and keeps at
+most `OUTPUT_LIMIT_BYTES` of each stream. The commands get a small environment: the variables
+below, those whose names the site lists, and `command_environment`; never the gateway's secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shlex
+import signal
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from adaptors.configured import AdaptorConfig
+from adaptors.schedulers.contract import SchedulerError
+
+OUTPUT_LIMIT_BYTES = 1024 * 1024
+"""What is kept of a command's stdout (and of its stderr): qstat's JSON for a few hundred jobs."""
+MESSAGE_CHARS = 500
+"""What of a command's complaint reaches an error message."""
+PASSED_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "SSH_AUTH_SOCK", "KRB5CCNAME")
+SAFE_TEXT = re.compile(r"^[^\x00-\x1f\x7f]*$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+Settings = TypeVar("Settings", bound=BaseModel)
+
+
+class CommandSettings(AdaptorConfig):
+    """How the commands are reached and where files are staged, common to PBS and Slurm."""
+
+    staging_directory: str
+    """Where the gateway writes job scripts and the pilots' configurations (a shared filesystem)."""
+    job_staging_directory: str | None = None
+    """The same directory as jobs and the login node see it, when mounted elsewhere on the gateway."""
+    command_prefix: list[str] = Field(default_factory=list)
+    """argv put before every command, e.g. ["ssh", "-o", "BatchMode=yes", "login-node"]."""
+    prefix_runs_shell: bool = False
+    """The prefix hands the command to a shell (ssh does): quote each argument for it."""
+    command_timeout_seconds: float = Field(default=60, gt=0, le=600)
+    command_environment: dict[str, str] = Field(default_factory=dict)
+    """More variables for the commands (PBS_CONF_FILE, SLURM_CONF...)."""
+    passed_environment: list[str] = Field(default_factory=list)
+    """Names of the gateway's variables passed on to the commands, beyond PATH, HOME and the like."""
+    preamble: list[str] = Field(default_factory=list)
+    """Lines run by the job before the pilot: module loads, venv activation."""
+    directives: list[str] = Field(default_factory=list)
+    """More directive arguments, one per line, e.g. "-l place=scatter" (PBS), "--qos=high" (Slurm)."""
+
+    @field_validator("staging_directory", "job_staging_directory")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or not SAFE_TEXT.match(value)):
+            raise ValueError("must be an absolute path")
+        return None if value is None else value.rstrip("/") or "/"
+
+    @field_validator("preamble", "directives", "command_prefix")
+    @classmethod
+    def _one_line_each(cls, lines: list[str]) -> list[str]:
+        for line in lines:
+            if not SAFE_TEXT.match(line):
+                raise ValueError("each entry must be one line, without control characters")
+        return lines
+
+    def job_directory(self) -> str:
+        return self.job_staging_directory or self.staging_directory
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def complaint(self) -> str:
+        """What the command said went wrong, bounded, for an operator."""
+        text = " ".join((self.stderr.strip() or self.stdout.strip()).split())
+        return text[:MESSAGE_CHARS] or f"exit status {self.returncode}"
+
+
+class CommandRunner:
+    """Runs one batch command at a time per call, within the settings' deadline."""
+
+    def __init__(self, settings: CommandSettings, extra_environment: Mapping[str, str] | None = None) -> None:
+        self._settings = settings
+        environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
+        environment.update(
+            {name: os.environ[name] for name in settings.passed_environment if name in os.environ}
+        )
+        environment.update(settings.command_environment)
+        environment.update(extra_environment or {})
+        self._environment = environment
+
+    def argv(self, command: Sequence[str], variables: Mapping[str, str] | None = None) -> list[str]:
+        """The full argv: the prefix, then `env NAME=VALUE ...` when variables must reach the
+        command itself (across ssh too), then the command."""
+        tail = [*(["env", *(f"{k}={v}" for k, v in variables.items())] if variables else []), *command]
+        if self._settings.prefix_runs_shell:
+            tail = [shlex.quote(part) for part in tail]
+        return [*self._settings.command_prefix, *tail]
+
+    async def run(self, command: Sequence[str], variables: Mapping[str, str] | None = None) -> CommandResult:
+        """Raises a retryable `SchedulerError` when the command cannot be started through the
+        prefix or does not finish in time; a non-retryable one when it does not exist here."""
+        argv = self.argv(command, variables)
+        timeout = self._settings.command_timeout_seconds
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._environment,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise SchedulerError(f"{argv[0]}: command not found", retryable=False) from None
+        except OSError as exc:
+            raise SchedulerError(f"{argv[0]} could not be started: {exc.strerror}") from None
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            async with asyncio.timeout(timeout):
+                stdout, stderr, returncode = await asyncio.gather(
+                    _bounded(process.stdout), _bounded(process.stderr), process.wait()
+                )
+        except TimeoutError:
+            _kill(process)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+            raise SchedulerError(f"{command[0]} did not finish within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            _kill(process)
+            raise
+        result = CommandResult(returncode, stdout, stderr)
+        if self._settings.command_prefix and returncode == 255:
+            raise SchedulerError(f"{argv[0]} could not reach the cluster: {result.complaint()}")
+        return result
+
+
+async def _bounded(stream: asyncio.StreamReader) -> str:
+    """The stream's first `OUTPUT_LIMIT_BYTES`; the rest is read and dropped so the command never
+    blocks on a full pipe."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        if len(kept) < OUTPUT_LIMIT_BYTES:
+            kept += chunk[: OUTPUT_LIMIT_BYTES - len(kept)]
+    return kept.decode("utf-8", "replace")
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def checked_file_name(file_name: str) -> str:
+    """A staged file's name: one path component, of letters, digits, `.`, `_` and `-`."""
+    if not FILE_NAME.match(file_name):
+        raise SchedulerError(f"file name {file_name[:80]!r} is not a plain file name", retryable=False)
+    return file_name
+
+
+def write_private(directory: str, file_name: str, content: bytes) -> str:
+    """Writes `content` to `directory/file_name`, readable by its owner only, replacing the file
+    at once (a reader never sees half of it). Blocking: call it in a worker thread."""
+    target = Path(directory) / checked_file_name(file_name)
+    try:
+        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{file_name}.", dir=directory)
+    except OSError as exc:
+        raise SchedulerError(f"cannot write in {directory}: {exc.strerror}") from None
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise SchedulerError(f"cannot write {target}: {exc.strerror}") from None
+    return str(target)
+
+
+def validated(model: type[Settings], config: Mapping[str, Any]) -> Settings:
+    """`config` checked against `model` once, when the adaptor is built; a mistake raises
+    `ValueError` naming each field as `config.<field>`."""
+    try:
+        return model.model_validate(dict(config))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"config.{'.'.join(str(part) for part in error['loc']) or '(whole)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ValueError(problems) from None
