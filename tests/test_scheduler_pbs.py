@@ -92,20 +92,26 @@ async def test_the_script_holds_the_directives_the_environment_and_the_command(
     ]
     recorded = batch.job(number(job_id))
     assert recorded is not None
-    assert (recorded["queue"], recorded["account"], recorded["walltime_seconds"]) == ("prod", "inference", 7230)
+    assert (recorded["queue"], recorded["account"], recorded["walltime_seconds"]) == (
+        "prod",
+        "inference",
+        7230,
+    )
     assert recorded["resources"]["filesystems"] == "home:eagle"
 
 
-async def test_a_pilot_script_runs_for_real_and_qdel_stops_it(
-    batch: FakeBatch, tmp_path: Path
-) -> None:
+async def test_a_pilot_script_runs_for_real_and_qdel_stops_it(batch: FakeBatch, tmp_path: Path) -> None:
     """With run_scripts the fake runs the job: the preamble, the environment and the command."""
     batch.configure(run_scripts=True, queue_seconds=0.2)
     marker = tmp_path / "ran"
     scheduler = PbsScheduler("polaris", config(batch, tmp_path, preamble=["export FROM_PREAMBLE=yes"]))
     async with adaptor_context() as context:
         await scheduler.startup(context)
-        code = "import os,sys,time; open(sys.argv[1],'w').write(os.environ['FROM_PREAMBLE']+os.environ['GREETING']); print('pilot up', flush=True); time.sleep(60)"
+        code = (
+            "import os,sys,time; env = os.environ;"
+            "open(sys.argv[1],'w').write(env['FROM_PREAMBLE'] + env['GREETING']);"
+            "print('pilot up', flush=True); time.sleep(60)"
+        )
         spec = pilot(command=(sys.executable, "-c", code, str(marker)), environment={"GREETING": "hi"})
         job_id = await scheduler.submit(spec)
         await wait_for_state(lambda: scheduler.states([job_id]), job_id, JobState.running)
@@ -144,7 +150,9 @@ async def test_many_ids_in_one_call_and_an_unknown_id_among_them(pbs: PbsSchedul
     assert await pbs.states([]) == {}
 
 
-async def test_qdel_of_a_finished_or_forgotten_job_is_not_an_error(pbs: PbsScheduler, batch: FakeBatch) -> None:
+async def test_qdel_of_a_finished_or_forgotten_job_is_not_an_error(
+    pbs: PbsScheduler, batch: FakeBatch
+) -> None:
     job_id = await pbs.submit(pilot())
     await pbs.end(job_id)
     assert (await pbs.states([job_id]))[job_id].state is JobState.ended

@@ -136,7 +136,7 @@ async def test_refusals_say_why_and_are_not_retryable(slurm: SlurmScheduler, bat
     assert refused.value.message == (
         "sbatch failed: sbatch: error: Batch job submission failed: Invalid partition name specified"
     )
-    with pytest.raises(SchedulerError, match="resources.queue"):
+    with pytest.raises(SchedulerError, match=r"resources\.queue"):
         await slurm.submit(pilot(resources={"queue": "debug"}))
 
 
@@ -172,7 +172,7 @@ async def test_a_hung_squeue_is_killed_at_its_deadline(batch: FakeBatch, tmp_pat
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="config.nodes"):
+    with pytest.raises(ValueError, match=r"config\.nodes"):
         SlurmScheduler("cluster", {"staging_directory": "/s", "nodes": "many"})
-    with pytest.raises(ValueError, match="config.partiton"):
+    with pytest.raises(ValueError, match=r"config\.partiton"):
         SlurmScheduler("cluster", {"staging_directory": "/s", "partiton": "debug"})

@@ -37,44 +37,67 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 Settings = TypeVar("Settings", bound=BaseModel)
 
 
-class CommandSettings(AdaptorConfig):
-    """How the commands are reached and where files are staged, common to PBS and Slurm."""
+class ScriptSettings(AdaptorConfig):
+    """Where job scripts and the pilots' configurations are staged, and what the scripts add."""
 
     staging_directory: str
     """Where the gateway writes job scripts and the pilots' configurations (a shared filesystem)."""
-    job_staging_directory: str | None = None
-    """The same directory as jobs and the login node see it, when mounted elsewhere on the gateway."""
-    command_prefix: list[str] = Field(default_factory=list)
-    """argv put before every command, e.g. ["ssh", "-o", "BatchMode=yes", "login-node"]."""
-    prefix_runs_shell: bool = False
-    """The prefix hands the command to a shell (ssh does): quote each argument for it."""
-    command_timeout_seconds: float = Field(default=60, gt=0, le=600)
-    command_environment: dict[str, str] = Field(default_factory=dict)
-    """More variables for the commands (PBS_CONF_FILE, SLURM_CONF...)."""
-    passed_environment: list[str] = Field(default_factory=list)
-    """Names of the gateway's variables passed on to the commands, beyond PATH, HOME and the like."""
     preamble: list[str] = Field(default_factory=list)
     """Lines run by the job before the pilot: module loads, venv activation."""
     directives: list[str] = Field(default_factory=list)
     """More directive arguments, one per line, e.g. "-l place=scatter" (PBS), "--qos=high" (Slurm)."""
+    command_timeout_seconds: float = Field(default=60, gt=0, le=600)
 
-    @field_validator("staging_directory", "job_staging_directory")
+    @field_validator("staging_directory")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
-        if value is not None and (not value.startswith("/") or not SAFE_TEXT.match(value)):
-            raise ValueError("must be an absolute path")
-        return None if value is None else value.rstrip("/") or "/"
+    def _absolute(cls, value: str) -> str:
+        return absolute_path(value)
 
-    @field_validator("preamble", "directives", "command_prefix")
+    @field_validator("preamble", "directives")
     @classmethod
     def _one_line_each(cls, lines: list[str]) -> list[str]:
-        for line in lines:
-            if not SAFE_TEXT.match(line):
-                raise ValueError("each entry must be one line, without control characters")
-        return lines
+        return one_line_each(lines)
+
+
+class CommandSettings(ScriptSettings):
+    """How the commands are reached, common to PBS and Slurm run from the gateway host."""
+
+    job_staging_directory: str | None = None
+    """The staging directory as jobs and the login node see it, when mounted elsewhere here."""
+    command_prefix: list[str] = Field(default_factory=list)
+    """argv put before every command, e.g. ["ssh", "-o", "BatchMode=yes", "login-node"]."""
+    prefix_runs_shell: bool = False
+    """The prefix hands the command to a shell (ssh does): quote each argument for it."""
+    command_environment: dict[str, str] = Field(default_factory=dict)
+    """More variables for the commands (PBS_CONF_FILE, SLURM_CONF...)."""
+    passed_environment: list[str] = Field(default_factory=list)
+    """Names of the gateway's variables passed on to the commands, beyond PATH, HOME and the like."""
+
+    @field_validator("job_staging_directory")
+    @classmethod
+    def _job_directory(cls, value: str | None) -> str | None:
+        return None if value is None else absolute_path(value)
+
+    @field_validator("command_prefix")
+    @classmethod
+    def _prefix_lines(cls, lines: list[str]) -> list[str]:
+        return one_line_each(lines)
 
     def job_directory(self) -> str:
         return self.job_staging_directory or self.staging_directory
+
+
+def absolute_path(value: str) -> str:
+    if not value.startswith("/") or not SAFE_TEXT.match(value):
+        raise ValueError("must be an absolute path")
+    return value.rstrip("/") or "/"
+
+
+def one_line_each(lines: list[str]) -> list[str]:
+    for line in lines:
+        if not SAFE_TEXT.match(line):
+            raise ValueError("each entry must be one line, without control characters")
+    return lines
 
 
 @dataclass(frozen=True)

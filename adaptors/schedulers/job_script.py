@@ -38,8 +38,7 @@ def directive_value(field: str, value: str | int) -> str:
     text = str(value)
     if not DIRECTIVE_VALUE.match(text):
         raise SchedulerError(
-            f"{field}: {text[:80]!r} is not a plain directive value "
-            "(letters, digits and _.:=+,@/%- only)",
+            f"{field}: {text[:80]!r} is not a plain directive value (letters, digits and _.:=+,@/%- only)",
             retryable=False,
         )
     return text

@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from testing.fake_schedulers.table import DONE, QUEUED, RUNNING, FakeBatch, script_directives, walltime_seconds
+from testing.fake_schedulers.table import (
+    DONE,
+    QUEUED,
+    RUNNING,
+    FakeBatch,
+    script_directives,
+    walltime_seconds,
+)
 
 PBS_VERSION = "2022.1.1.20220926110806"
 UNKNOWN_JOB = 15001 % 256
@@ -160,7 +167,9 @@ def attributes(job: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
             document["estimated"] = {"start_time": _ctime(start), "exec_vnode": "(x1000c0s0b0n0:ncpus=64)"}
     if job["started"] is not None:
         document["stime"] = _ctime(job["started"])
-        document["comment"] = f"Job run at {time.strftime('%a %b %d at %H:%M', time.localtime(job['started']))}"
+        document["comment"] = (
+            f"Job run at {time.strftime('%a %b %d at %H:%M', time.localtime(job['started']))}"
+        )
     if job["state"] == DONE:
         document["obittime"] = _ctime(job["ended"])
         if job["exit_status"] is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from testing.fake_schedulers.table import DONE, QUEUED, RUNNING, FakeBatch  # noqa: E402
+from testing.fake_schedulers.table import DONE, QUEUED, RUNNING, FakeBatch
 
 POLL_SECONDS = 0.05
 SIGNAL_EXIT_BASE = 256

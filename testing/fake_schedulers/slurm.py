@@ -27,12 +27,20 @@ import sys
 import time
 from typing import Any
 
-from testing.fake_schedulers.table import DONE, QUEUED, RUNNING, FakeBatch, script_directives, walltime_seconds
+from testing.fake_schedulers.table import (
+    DONE,
+    QUEUED,
+    RUNNING,
+    FakeBatch,
+    script_directives,
+    walltime_seconds,
+)
 
 MIN_JOB_AGE = 300.0
 SHORT = {"-J": "job-name", "-p": "partition", "-A": "account", "-t": "time", "-N": "nodes", "-o": "output"}
 SHORT.update({"-D": "chdir", "-q": "qos", "-C": "constraint", "-M": "clusters"})
 FIELD = re.compile(r"%(\.?)(\d*)([A-Za-z])")
+HEADERS = {"i": "JOBID", "T": "STATE", "t": "ST", "S": "START_TIME", "r": "REASON", "j": "NAME"}
 
 
 def _options(words: list[str]) -> dict[str, str] | str:
@@ -98,7 +106,9 @@ def sbatch(argv: list[str]) -> int:
             "name": name,
             "queue": partition,
             "account": account,
-            "resources": {key: options[key] for key in ("nodes", "qos", "constraint", "gres") if key in options},
+            "resources": {
+                key: options[key] for key in ("nodes", "qos", "constraint", "gres") if key in options
+            },
             "walltime_seconds": _slurm_time(limit) if limit else None,
         },
         script,
@@ -149,9 +159,9 @@ def _field(job: dict[str, Any], letter: str, control: dict[str, Any]) -> str:
     if job["state"] == QUEUED and control["estimated_start_in"] is not None:
         start = job["submitted"] + float(control["estimated_start_in"])
     reason = {QUEUED: "Priority", RUNNING: "None"}.get(job["state"], "None")
-    values = {
-        "i": job["id"], "T": state_word(job), "t": state_word(job)[:2], "S": _time_text(start),
-        "r": reason, "j": job["name"], "P": job["queue"],
+    values: dict[str, str] = {
+        "i": str(job["id"]), "T": state_word(job), "t": state_word(job)[:2], "S": _time_text(start),
+        "r": reason, "j": str(job["name"]), "P": str(job["queue"]),
     }  # fmt: skip
     return values.get(letter, "")
 
@@ -165,22 +175,26 @@ def squeue(argv: list[str]) -> int:
         sys.stderr.write("fake squeue: only `squeue --jobs=IDS [--noheader] --format=FMT` is imitated\n")
         return 1
     ids = [part for part in options["jobs"].split(",") if part]
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for job_id in ids:
         job = batch.job(int(job_id)) if job_id.isdigit() else None
-        listed = job is not None and job.get("kind") == "slurm"
-        if listed and job is not None and job["state"] == DONE and time.time() > job["ended"] + MIN_JOB_AGE:
-            listed = False
-        if listed:
+        if job is None or job.get("kind") != "slurm":
+            continue
+        if job["state"] != DONE or time.time() <= job["ended"] + MIN_JOB_AGE:
             jobs.append(job)
     if len(ids) == 1 and not jobs:
         sys.stderr.write("slurm_load_jobs error: Invalid job id specified\n")
         return 1
+    layout = options["format"]
     if "--noheader" not in argv and "-h" not in argv:
-        print(FIELD.sub(lambda m: {"i": "JOBID", "T": "STATE", "S": "START_TIME"}.get(m[3], m[3]), options["format"]))
+        print(FIELD.sub(lambda m: HEADERS.get(m[3], m[3]), layout))
     for job in jobs:
-        print(FIELD.sub(lambda m, job=job: _sized(_field(job, m[3], control), m[1], m[2]), options["format"]))
+        print(_line(job, layout, control))
     return 0
+
+
+def _line(job: dict[str, Any], layout: str, control: dict[str, Any]) -> str:
+    return FIELD.sub(lambda m: _sized(_field(job, m[3], control), m[1], m[2]), layout)
 
 
 def _sized(value: str, right: str, size: str) -> str:

@@ -92,9 +92,7 @@ class FakeBatch:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def add(
-        self, job: dict[str, Any], script: str, named: Callable[[int], dict[str, Any]]
-    ) -> dict[str, Any]:
+    def add(self, job: dict[str, Any], script: str, named: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
         """Gives the job the next number and stores it, queued, with a copy of its script (the
         real systems copy it at submission: a later change of the file does not reach the job);
         `named` gives the fields that depend on the number (its id, its variables)."""
@@ -111,7 +109,12 @@ class FakeBatch:
             self.store_unlocked(job)
         if self.control()["run_scripts"]:
             subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("runner.py")), str(self.directory), str(number)],
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("runner.py")),
+                    str(self.directory),
+                    str(number),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
