@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from pydantic import Field
+
 from adaptors.configured import AdaptorConfig
 from adaptors.schedulers import job_script
 from adaptors.schedulers.commands import MESSAGE_CHARS, CommandResult
@@ -60,7 +62,7 @@ class SlurmJobSettings(AdaptorConfig):
     reservation: str | None = None
     clusters: str | None = None
     """`--clusters` for every command, on a multi-cluster site."""
-    job_name_prefix: str = ""
+    job_name_prefix: str = Field(default="", max_length=20, pattern=r"^[A-Za-z0-9_.-]*$")
 
 
 def directives(settings: SlurmJobSettings, spec: JobSpec, log_path: str, extra: Sequence[str]) -> list[str]:
