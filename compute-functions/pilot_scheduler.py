@@ -46,7 +46,7 @@ def pilot_scheduler(request):
 
     def file_name():
         name = str(request.get("file_name", ""))
-        if not file_name_pattern.match(name):
+        if not file_name_pattern.fullmatch(name):
             raise ValueError("file_name must be a plain file name")
         return name
 
@@ -55,7 +55,7 @@ def pilot_scheduler(request):
         if not isinstance(ids, list) or not ids or len(ids) > 1000:
             raise ValueError("job_ids must be a list of 1 to 1000 PBS job ids")
         for job_id in ids:
-            if not isinstance(job_id, str) or not job_id_pattern.match(job_id):
+            if not isinstance(job_id, str) or not job_id_pattern.fullmatch(job_id):
                 raise ValueError("job_ids must be PBS job ids")
         return ids
 

@@ -36,7 +36,6 @@ def common_config(batch: FakeBatch, tmp_path: Path) -> dict[str, object]:
     return {
         "staging_directory": str(tmp_path / "staging"),
         "command_environment": {DIRECTORY_VARIABLE: str(batch.directory)},
-        "command_timeout_seconds": 10,
     }
 
 

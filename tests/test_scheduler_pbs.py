@@ -127,6 +127,34 @@ async def test_a_pilot_script_runs_for_real_and_qdel_stops_it(batch: FakeBatch, 
         assert "pilot up" in log.read_text()
 
 
+async def test_qdel_lets_a_pilot_stop_cleanly_then_kills_one_that_does_not(
+    batch: FakeBatch, tmp_path: Path
+) -> None:
+    """SIGTERM first; SIGKILL after kill_delay for a script that ignores it. Until the script has
+    exited the job is exiting (E), which already counts as ended."""
+    batch.configure(run_scripts=True, queue_seconds=0, kill_delay_seconds=0.5)
+    scheduler = PbsScheduler("polaris", config(batch, tmp_path))
+    async with adaptor_context() as context:
+        await scheduler.startup(context)
+        polite = "trap 'echo stopping; exit 0' TERM; echo up; sleep 60 & wait"
+        stubborn = "trap '' TERM; echo up; sleep 60 & wait; sleep 60"
+        ids = [
+            await scheduler.submit(pilot(command=("/bin/bash", "-c", code))) for code in (polite, stubborn)
+        ]
+        for job_id in ids:
+            await wait_for_state(lambda: scheduler.states(ids), job_id, JobState.running)
+            await scheduler.end(job_id)
+        for job_id, exit_status in zip(ids, (0, 265), strict=True):
+            for _ in range(100):
+                recorded = batch.job(number(job_id))
+                if recorded is not None and recorded["state"] == "done":
+                    break
+                await asyncio.sleep(0.05)
+            ended = (await scheduler.states([job_id]))[job_id]
+            assert ended.state is JobState.ended and f"Exit_status={exit_status}" in ended.detail
+            assert "job_state=F" in ended.detail
+
+
 async def test_a_script_that_exits_ends_its_job(batch: FakeBatch, tmp_path: Path) -> None:
     batch.configure(run_scripts=True, queue_seconds=0)
     scheduler = PbsScheduler("polaris", config(batch, tmp_path))
@@ -204,6 +232,25 @@ async def test_a_command_that_hangs_is_killed_at_its_deadline(batch: FakeBatch, 
         await scheduler.states(["1000"])
     assert late.value.retryable and "did not finish within 0.5 s" in late.value.message
     assert time.monotonic() - started < 5
+
+
+async def test_commands_wait_their_turn(batch: FakeBatch, tmp_path: Path) -> None:
+    """One command at a time on the login node: two qstat calls of 1 s each take 2 s together."""
+    batch.configure(delay_seconds={"qstat": 1})
+    scheduler = PbsScheduler("polaris", config(batch, tmp_path, max_concurrent_commands=1))
+    started = time.monotonic()
+    await asyncio.gather(scheduler.states(["1000"]), scheduler.states(["1001"]))
+    assert time.monotonic() - started >= 2
+
+
+async def test_a_flood_of_output_is_cut_and_the_message_bounded(batch: FakeBatch, tmp_path: Path) -> None:
+    noisy = tmp_path / "noisy-qstat"
+    noisy.write_text("#!/bin/sh\nhead -c 5000000 /dev/zero | tr '\\0' x >&2\nexit 1\n")
+    noisy.chmod(0o755)
+    scheduler = PbsScheduler("polaris", config(batch, tmp_path, qstat=str(noisy)))
+    with pytest.raises(SchedulerError) as failed:
+        await scheduler.states(["1000"])
+    assert failed.value.message.startswith("qstat failed: xxx") and len(failed.value.message) < 600
 
 
 async def test_a_missing_command_is_not_retryable(batch: FakeBatch, tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ Never through a local shell: the argv goes to `asyncio.create_subprocess_exec`, 
 prefix that reaches the commands elsewhere (`["ssh", "login-node"]`). ssh hands what follows to the
 remote user's shell, so with `prefix_runs_shell` every argument after the prefix is quoted for a
 POSIX shell. Every call has a deadline (the process group is killed when it passes) and keeps at
-most `OUTPUT_LIMIT_BYTES` of each stream. The commands get a small environment: the variables
-below, those whose names the site lists, and `command_environment`; never the gateway's secrets.
+most `OUTPUT_LIMIT_BYTES` of each stream; at most `max_concurrent_commands` run at once. The
+commands get a small environment: the variables below, those whose names the site lists, and
+`command_environment`; never the gateway's secrets.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class CommandSettings(ScriptSettings):
     """More variables for the commands (PBS_CONF_FILE, SLURM_CONF...)."""
     passed_environment: list[str] = Field(default_factory=list)
     """Names of the gateway's variables passed on to the commands, beyond PATH, HOME and the like."""
+    max_concurrent_commands: int = Field(default=4, ge=1, le=64)
+    """Commands of this adaptor running at once: a login node is shared; the others wait their turn."""
 
     @field_validator("job_staging_directory")
     @classmethod
@@ -88,14 +91,14 @@ class CommandSettings(ScriptSettings):
 
 
 def absolute_path(value: str) -> str:
-    if not value.startswith("/") or not SAFE_TEXT.match(value):
+    if not value.startswith("/") or not SAFE_TEXT.fullmatch(value):
         raise ValueError("must be an absolute path")
     return value.rstrip("/") or "/"
 
 
 def one_line_each(lines: list[str]) -> list[str]:
     for line in lines:
-        if not SAFE_TEXT.match(line):
+        if not SAFE_TEXT.fullmatch(line):
             raise ValueError("each entry must be one line, without control characters")
     return lines
 
@@ -124,6 +127,7 @@ class CommandRunner:
         environment.update(settings.command_environment)
         environment.update(extra_environment or {})
         self._environment = environment
+        self._slots = asyncio.Semaphore(settings.max_concurrent_commands)
 
     def argv(self, command: Sequence[str], variables: Mapping[str, str] | None = None) -> list[str]:
         """The full argv: the prefix, then `env NAME=VALUE ...` when variables must reach the
@@ -136,6 +140,10 @@ class CommandRunner:
     async def run(self, command: Sequence[str], variables: Mapping[str, str] | None = None) -> CommandResult:
         """Raises a retryable `SchedulerError` when the command cannot be started through the
         prefix or does not finish in time; a non-retryable one when it does not exist here."""
+        async with self._slots:
+            return await self._run(command, variables)
+
+    async def _run(self, command: Sequence[str], variables: Mapping[str, str] | None) -> CommandResult:
         argv = self.argv(command, variables)
         timeout = self._settings.command_timeout_seconds
         try:
@@ -188,7 +196,7 @@ def _kill(process: asyncio.subprocess.Process) -> None:
 
 def checked_file_name(file_name: str) -> str:
     """A staged file's name: one path component, of letters, digits, `.`, `_` and `-`."""
-    if not FILE_NAME.match(file_name):
+    if not FILE_NAME.fullmatch(file_name):
         raise SchedulerError(f"file name {file_name[:80]!r} is not a plain file name", retryable=False)
     return file_name
 

@@ -36,7 +36,7 @@ def walltime(seconds: int) -> str:
 
 def directive_value(field: str, value: str | int) -> str:
     text = str(value)
-    if not DIRECTIVE_VALUE.match(text):
+    if not DIRECTIVE_VALUE.fullmatch(text):
         raise SchedulerError(
             f"{field}: {text[:80]!r} is not a plain directive value (letters, digits and _.:=+,@/%- only)",
             retryable=False,
@@ -70,7 +70,7 @@ def script(
         raise SchedulerError("the job has no command", retryable=False)
     lines = ["#!/bin/bash", *(f"{directive} {line}" for line in directives), *preamble]
     for name, value in spec.environment.items():
-        if not VARIABLE_NAME.match(name) or "\x00" in value:
+        if not VARIABLE_NAME.fullmatch(name) or "\x00" in value:
             raise SchedulerError(f"environment: {name[:80]!r} cannot be exported", retryable=False)
         lines.append(f"export {name}={shlex.quote(value)}")
     lines.append(f"cd {shlex.quote(spec.working_directory or directory)}")

@@ -97,7 +97,7 @@ def submitted_id(result: CommandResult) -> str:
     if result.returncode != 0:
         raise refusal("qsub", result)
     for line in reversed(result.stdout.splitlines()):
-        if JOB_ID.match(line.strip()):
+        if JOB_ID.fullmatch(line.strip()):
             return line.strip()
     raise SchedulerError(f"qsub printed no job id: {result.stdout.strip()[:MESSAGE_CHARS]!r}")
 
@@ -110,7 +110,7 @@ def refusal(command: str, result: CommandResult) -> SchedulerError:
 
 def checked_ids(job_ids: Sequence[str]) -> list[str]:
     for job_id in job_ids:
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise SchedulerError(f"{job_id[:80]!r} is not a PBS job id", retryable=False)
     return list(job_ids)
 

@@ -97,7 +97,7 @@ def submitted_id(result: CommandResult) -> str:
     if result.returncode != 0:
         raise refusal("sbatch", result)
     for line in reversed(result.stdout.splitlines()):
-        matched = PARSABLE.match(line.strip())
+        matched = PARSABLE.fullmatch(line.strip())
         if matched:
             return matched.group(1)
     raise SchedulerError(f"sbatch printed no job id: {result.stdout.strip()[:MESSAGE_CHARS]!r}")
@@ -105,7 +105,7 @@ def submitted_id(result: CommandResult) -> str:
 
 def checked_ids(job_ids: Sequence[str]) -> list[str]:
     for job_id in job_ids:
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise SchedulerError(f"{job_id[:80]!r} is not a Slurm job id", retryable=False)
     return list(job_ids)
 
@@ -131,7 +131,7 @@ def squeue_statuses(result: CommandResult) -> dict[str, JobStatus]:
     found: dict[str, JobStatus] = {}
     for line in result.stdout.splitlines():
         fields = line.strip().split("|", 3)
-        if len(fields) != 4 or not JOB_ID.match(fields[0]):
+        if len(fields) != 4 or not JOB_ID.fullmatch(fields[0]):
             continue
         job_id, word, start, reason = fields
         state = state_of(word)
@@ -148,7 +148,7 @@ def sacct_statuses(result: CommandResult) -> dict[str, JobStatus] | None:
     found: dict[str, JobStatus] = {}
     for line in result.stdout.splitlines():
         fields = line.strip().split("|")
-        if len(fields) < 3 or not JOB_ID.match(fields[0]):
+        if len(fields) < 3 or not JOB_ID.fullmatch(fields[0]):
             continue
         state = state_of(fields[1])
         found[fields[0]] = JobStatus(state, f"{fields[1]}; ExitCode={fields[2]}"[:MESSAGE_CHARS])

@@ -13,7 +13,8 @@ src/lib/Libjson/cJSON/pbs_cjson.c, src/include/pbs_error.h, src/lib/Liblog/pbs_m
   unknown id prints ``qstat: Unknown Job Id <id>`` on stderr (exit 153); without ``-x`` a finished
   job prints ``qstat: <id> Job has finished, use -x or -H to obtain historical job information``.
 - ``qdel`` is silent on success; ``qdel: Unknown Job Id <id>`` (153), ``qdel: Job has finished <id>``
-  (35). A running job deleted ends with Exit_status 271 (256 + SIGTERM).
+  (35). A running job deleted is exiting (``E``) until its script has ended (SIGTERM, then SIGKILL
+  after ``kill_delay_seconds``); a script killed by a signal ends with Exit_status 256 + its number.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def attributes(job: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
     document: dict[str, Any] = {
         "Job_Name": job["name"],
         "Job_Owner": job["owner"],
-        "job_state": LETTERS[job["state"]],
+        "job_state": "E" if job["deleted"] and job["state"] == RUNNING else LETTERS[job["state"]],
         "queue": job["queue"],
         "server": control["server"],
         "ctime": _ctime(job["submitted"]),

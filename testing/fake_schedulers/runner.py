@@ -7,6 +7,7 @@ naming the job, and its walltime enforced; records the start, the end and the ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,20 +56,42 @@ def main(directory: str, number: int) -> int:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         return 0
-    ended_by = None
-    try:
-        returncode = process.wait(timeout=int(job.get("walltime_seconds") or 10**8))
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        returncode, ended_by = process.wait(), "walltime"
+    returncode, ended_by = _wait(batch, number, process, float(job.get("walltime_seconds") or 10**8))
     status = SIGNAL_EXIT_BASE - returncode if returncode < 0 else returncode
     with batch.locked():
         current = batch.load_unlocked(number)
         if current is not None and current["state"] == RUNNING:
             exit_status = -29 if ended_by == "walltime" else status
+            ended_by = "cancelled" if current["deleted"] else ended_by
             current.update(state=DONE, ended=time.time(), exit_status=exit_status, ended_by=ended_by)
             batch.store_unlocked(current)
     return 0
+
+
+def _wait(
+    batch: FakeBatch, number: int, process: subprocess.Popen[bytes], walltime: float
+) -> tuple[int, str | None]:
+    """Waits for the script; a deleted job or one past its walltime gets SIGTERM, then SIGKILL
+    `kill_delay_seconds` later (PBS's kill_delay, Slurm's KillWait), as the execution host does."""
+    started, ended_by, terminated = time.monotonic(), None, None
+    while process.poll() is None:
+        now = time.monotonic()
+        if terminated is None:
+            job = batch.job(number)
+            gone = job is None or job["state"] == DONE or bool(job["deleted"])
+            if gone or now - started > walltime:
+                ended_by = None if gone else "walltime"
+                _signal(process, signal.SIGTERM)
+                terminated = now
+        elif now - terminated > float(batch.control()["kill_delay_seconds"]):
+            _signal(process, signal.SIGKILL)
+        time.sleep(POLL_SECONDS)
+    return process.returncode, ended_by
+
+
+def _signal(process: subprocess.Popen[bytes], number: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, number)
 
 
 if __name__ == "__main__":

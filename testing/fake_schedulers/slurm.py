@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import time
 from typing import Any
@@ -140,7 +141,7 @@ def state_word(job: dict[str, Any]) -> str:
     if job["state"] == QUEUED:
         return "PENDING"
     if job["state"] == RUNNING:
-        return "RUNNING"
+        return "COMPLETING" if job["deleted"] else "RUNNING"
     return {"cancelled": "CANCELLED", "walltime": "TIMEOUT", "node_fail": "NODE_FAIL"}.get(
         job["ended_by"], "COMPLETED" if job["exit_status"] == 0 else "FAILED"
     )
@@ -240,5 +241,5 @@ def scancel(argv: list[str]) -> int:
             sys.stderr.write(f"scancel: error: Kill job error on job id {job_id}: Invalid job id specified\n")
             failed = 1
             continue
-        batch.cancel(job["number"], 256 + 9)
+        batch.cancel(job["number"], 256 + signal.SIGTERM)
     return failed

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -39,11 +38,13 @@ DEFAULT_CONTROL: dict[str, Any] = {
     "history_seconds": 3600.0,
     "estimated_start_in": None,
     "accounting": True,
+    "kill_delay_seconds": 10.0,
 }
 """``accounts``: those with an allocation (None: any); ``delay_seconds``: per command name, how long
 it hangs before answering; ``history_seconds``: how long a finished job is still listed;
 ``estimated_start_in``: seconds after submission at which a queued job is expected to start (None:
-no estimate); ``accounting``: whether sacct has a database to ask."""
+no estimate); ``accounting``: whether sacct has a database to ask; ``kill_delay_seconds``: how long a deleted
+running job has between SIGTERM and SIGKILL."""
 
 
 class FakeBatch:
@@ -105,7 +106,7 @@ class FakeBatch:
             copy.write_text(script)
             job = {**job, **named(number), "number": number, "state": QUEUED, "submitted": time.time()}
             job["script"] = str(copy)
-            job.update(started=None, ended=None, exit_status=None, pid=None, ended_by=None)
+            job.update(started=None, ended=None, exit_status=None, pid=None, ended_by=None, deleted=False)
             self.store_unlocked(job)
         if self.control()["run_scripts"]:
             subprocess.Popen(
@@ -157,23 +158,23 @@ class FakeBatch:
             (self.directory / "jobs" / f"{number}.json").unlink(missing_ok=True)
 
     def cancel(self, number: int, exit_status: int) -> str | None:
-        """Deletes a queued or running job (its script's process group is killed); returns the
-        state it was in, None for an unknown job."""
+        """Deletes a job; returns the state it was in, None for an unknown job. A queued job ends at
+        once; a running one whose script a runner runs is marked deleted and ends when the script
+        does (the runner signals it, and records how it exited); one without a runner ends at once
+        with `exit_status`."""
         with self.locked():
             job = self.load_unlocked(number)
             if job is None:
                 return None
             self._advance(job)
-            before = job["state"]
-            if before != DONE:
-                if job["pid"]:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(job["pid"], signal.SIGTERM)
-                ran = before == RUNNING
+            before = str(job["state"])
+            if before == RUNNING and job["pid"]:
+                job.update(ended_by="cancelled", deleted=True)
+            elif before != DONE:
                 job.update(state=DONE, ended=time.time(), ended_by="cancelled")
-                job["exit_status"] = exit_status if ran else None
-                self.store_unlocked(job)
-            return str(before)
+                job["exit_status"] = exit_status if before == RUNNING else None
+            self.store_unlocked(job)
+            return before
 
     def _advance(self, job: dict[str, Any]) -> None:
         """Without a runner, the clock moves the job: queued -> running -> done at its walltime."""
