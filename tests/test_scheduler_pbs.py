@@ -253,6 +253,19 @@ async def test_a_flood_of_output_is_cut_and_the_message_bounded(batch: FakeBatch
     assert failed.value.message.startswith("qstat failed: xxx") and len(failed.value.message) < 600
 
 
+async def test_a_child_left_holding_the_output_does_not_hold_the_answer(
+    batch: FakeBatch, tmp_path: Path
+) -> None:
+    """Like ssh's ControlPersist master, a child of the command keeps its pipes open for long."""
+    lingering = tmp_path / "lingering-qstat"
+    lingering.write_text('#!/bin/sh\nsleep 30 &\necho \'{"timestamp": 1, "pbs_server": "s"}\'\n')
+    lingering.chmod(0o755)
+    scheduler = PbsScheduler("polaris", config(batch, tmp_path, qstat=str(lingering)))
+    started = time.monotonic()
+    assert (await scheduler.states(["1000"]))["1000"].state is JobState.unknown
+    assert time.monotonic() - started < 10
+
+
 async def test_a_missing_command_is_not_retryable(batch: FakeBatch, tmp_path: Path) -> None:
     scheduler = PbsScheduler("polaris", config(batch, tmp_path, qstat="/nonexistent/qstat"))
     with pytest.raises(SchedulerError) as missing:

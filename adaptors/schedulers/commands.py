@@ -30,6 +30,9 @@ from adaptors.schedulers.contract import SchedulerError
 
 OUTPUT_LIMIT_BYTES = 1024 * 1024
 """What is kept of a command's stdout (and of its stderr): qstat's JSON for a few hundred jobs."""
+AFTER_EXIT_SECONDS = 2.0
+"""How long the output is still read once the command has exited: a child it left behind (ssh's
+ControlPersist master) may hold the pipes open for hours."""
 MESSAGE_CHARS = 500
 """What of a command's complaint reaches an error message."""
 PASSED_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "SSH_AUTH_SOCK", "KRB5CCNAME")
@@ -116,16 +119,15 @@ class CommandResult:
 
 
 class CommandRunner:
-    """Runs one batch command at a time per call, within the settings' deadline."""
+    """Runs the batch commands of one adaptor: each within the deadline, a few at once."""
 
-    def __init__(self, settings: CommandSettings, extra_environment: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: CommandSettings) -> None:
         self._settings = settings
         environment = {name: os.environ[name] for name in PASSED_ENVIRONMENT if name in os.environ}
         environment.update(
             {name: os.environ[name] for name in settings.passed_environment if name in os.environ}
         )
         environment.update(settings.command_environment)
-        environment.update(extra_environment or {})
         self._environment = environment
         self._slots = asyncio.Semaphore(settings.max_concurrent_commands)
 
@@ -146,47 +148,97 @@ class CommandRunner:
     async def _run(self, command: Sequence[str], variables: Mapping[str, str] | None) -> CommandResult:
         argv = self.argv(command, variables)
         timeout = self._settings.command_timeout_seconds
+        outputs = [await _OutputPipe.open(), await _OutputPipe.open()]
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self._environment,
-                start_new_session=True,
-            )
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=outputs[0].write_end,
+                    stderr=outputs[1].write_end,
+                    env=self._environment,
+                    start_new_session=True,
+                )
+            finally:
+                for output in outputs:
+                    output.close_write_end()
+            returncode = await self._finish(process, command[0], outputs, timeout)
         except FileNotFoundError:
             raise SchedulerError(f"{argv[0]}: command not found", retryable=False) from None
         except OSError as exc:
             raise SchedulerError(f"{argv[0]} could not be started: {exc.strerror}") from None
-        assert process.stdout is not None and process.stderr is not None
-        try:
-            async with asyncio.timeout(timeout):
-                stdout, stderr, returncode = await asyncio.gather(
-                    _bounded(process.stdout), _bounded(process.stderr), process.wait()
-                )
-        except TimeoutError:
-            _kill(process)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.wait(), 5)
-            raise SchedulerError(f"{command[0]} did not finish within {timeout:g} s") from None
-        except asyncio.CancelledError:
-            _kill(process)
-            raise
-        result = CommandResult(returncode, stdout, stderr)
+        finally:
+            for output in outputs:
+                output.close()
+        result = CommandResult(returncode, outputs[0].text(), outputs[1].text())
         if self._settings.command_prefix and returncode == 255:
             raise SchedulerError(f"{argv[0]} could not reach the cluster: {result.complaint()}")
         return result
 
+    @staticmethod
+    async def _finish(
+        process: asyncio.subprocess.Process, name: str, outputs: list[_OutputPipe], timeout: float
+    ) -> int:
+        """The exit status; the output is read until the command has exited and its pipes are
+        closed, or `AFTER_EXIT_SECONDS` after it exited (a child it left behind, such as ssh's
+        ControlPersist master, may hold them open for hours)."""
+        try:
+            async with asyncio.timeout(timeout):
+                returncode = await process.wait()
+                await asyncio.wait([output.drained for output in outputs], timeout=AFTER_EXIT_SECONDS)
+                return returncode
+        except TimeoutError:
+            _kill(process)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)
+            raise SchedulerError(f"{name} did not finish within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            _kill(process)
+            raise
 
-async def _bounded(stream: asyncio.StreamReader) -> str:
-    """The stream's first `OUTPUT_LIMIT_BYTES`; the rest is read and dropped so the command never
-    blocks on a full pipe."""
-    kept = bytearray()
+
+class _OutputPipe:
+    """A pipe for one of the command's streams, read on the event loop into a bounded buffer.
+    Not asyncio's own PIPE: a process with those is not seen to exit until they close too."""
+
+    def __init__(
+        self, write_end: int, transport: asyncio.ReadTransport, reader: asyncio.StreamReader
+    ) -> None:
+        self.write_end: int | None = write_end
+        self._transport = transport
+        self._kept = bytearray()
+        self.drained = asyncio.ensure_future(_bounded(reader, self._kept))
+
+    @classmethod
+    async def open(cls) -> _OutputPipe:
+        read_end, write_end = os.pipe()
+        reader = asyncio.StreamReader()
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
+        )
+        return cls(write_end, transport, reader)
+
+    def close_write_end(self) -> None:
+        """Once the child has its copy: the pipe ends when the child's copies close."""
+        if self.write_end is not None:
+            os.close(self.write_end)
+            self.write_end = None
+
+    def close(self) -> None:
+        self.close_write_end()
+        self.drained.cancel()
+        self._transport.close()
+
+    def text(self) -> str:
+        return self._kept.decode("utf-8", "replace")
+
+
+async def _bounded(stream: asyncio.StreamReader, kept: bytearray) -> None:
+    """Keeps the stream's first `OUTPUT_LIMIT_BYTES` in `kept`; the rest is read and dropped so the
+    command never blocks on a full pipe."""
     while chunk := await stream.read(65536):
         if len(kept) < OUTPUT_LIMIT_BYTES:
             kept += chunk[: OUTPUT_LIMIT_BYTES - len(kept)]
-    return kept.decode("utf-8", "replace")
 
 
 def _kill(process: asyncio.subprocess.Process) -> None:
