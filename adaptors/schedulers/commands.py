@@ -1,4 +1,4 @@
-"""Running a batch system's commands (qsub, sbatch, ...) from the gateway, and staging files.
+"""Running a batch system's commands (qsub, sbatch, ...) from the gateway, and checking their settings.
 
 Never through a local shell: the argv goes to `asyncio.create_subprocess_exec`, after an optional
 prefix that reaches the commands elsewhere (`["ssh", "login-node"]`). ssh hands what follows to the
@@ -17,10 +17,8 @@ import os
 import re
 import shlex
 import signal
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -37,7 +35,6 @@ MESSAGE_CHARS = 500
 """What of a command's complaint reaches an error message."""
 PASSED_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "SSH_AUTH_SOCK", "KRB5CCNAME")
 SAFE_TEXT = re.compile(r"^[^\x00-\x1f\x7f]*$")
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 Settings = TypeVar("Settings", bound=BaseModel)
 
 
@@ -244,36 +241,6 @@ async def _bounded(stream: asyncio.StreamReader, kept: bytearray) -> None:
 def _kill(process: asyncio.subprocess.Process) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
-
-
-def checked_file_name(file_name: str) -> str:
-    """A staged file's name: one path component, of letters, digits, `.`, `_` and `-`."""
-    if not FILE_NAME.fullmatch(file_name):
-        raise SchedulerError(f"file name {file_name[:80]!r} is not a plain file name", retryable=False)
-    return file_name
-
-
-def write_private(directory: str, file_name: str, content: bytes) -> str:
-    """Writes `content` to `directory/file_name`, readable by its owner only, replacing the file
-    at once (a reader never sees half of it). Blocking: call it in a worker thread."""
-    target = Path(directory) / checked_file_name(file_name)
-    try:
-        Path(directory).mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{file_name}.", dir=directory)
-    except OSError as exc:
-        raise SchedulerError(f"cannot write in {directory}: {exc.strerror}") from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            os.fchmod(file.fileno(), 0o600)
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise SchedulerError(f"cannot write {target}: {exc.strerror}") from None
-    return str(target)
 
 
 def validated(model: type[Settings], config: Mapping[str, Any]) -> Settings:

@@ -25,14 +25,9 @@ from adaptors.compute_results import UnreadableResult
 from adaptors.compute_service import ComputeService, TaskFailed, acquire_service, release_service
 from adaptors.context import AdaptorContext
 from adaptors.schedulers import job_script, pbs_format
-from adaptors.schedulers.commands import (
-    MESSAGE_CHARS,
-    CommandResult,
-    ScriptSettings,
-    checked_file_name,
-    validated,
-)
+from adaptors.schedulers.commands import MESSAGE_CHARS, CommandResult, ScriptSettings, validated
 from adaptors.schedulers.contract import JobSpec, JobStatus, Scheduler, SchedulerError
+from adaptors.schedulers.staging import checked_file_name
 
 IDS_PER_CALL = 100
 REFUSED_STATUSES = (400, 403, 404, 422)

@@ -16,8 +16,9 @@ from typing import Any
 
 from adaptors.context import AdaptorContext
 from adaptors.schedulers import job_script, pbs_format
-from adaptors.schedulers.commands import CommandRunner, CommandSettings, validated, write_private
+from adaptors.schedulers.commands import CommandRunner, CommandSettings, validated
 from adaptors.schedulers.contract import JobSpec, JobStatus, Scheduler
+from adaptors.schedulers.staging import write_private
 
 IDS_PER_CALL = 100
 """Job ids per qstat call: many ids in one call, an argv of bounded length."""
