@@ -1,7 +1,7 @@
 """The on-demand deployment endpoint in a real gateway: requests forwarded to a replica over real
 mTLS on loopback, held while none is ready (with progress comments for streams), refused with
 Retry-After when the wait would be too long, bounded in count; driven through a scripted
-controller (tests/deployment_setup.py), the interface the gateway's controller implements."""
+controller (tests/deployment_endpoint_setup.py), the interface the gateway's controller implements."""
 
 from __future__ import annotations
 
