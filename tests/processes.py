@@ -86,8 +86,10 @@ async def gateway_process(config: Path, *args: str, port: int | None = None) -> 
 
 
 def _workers(gateway: GatewayProcess) -> list[int]:
+    """The gateway's children except those in a session of their own: the local scheduler's jobs
+    (pilots), which outlive their gateway as a real scheduler's would, for the next to adopt."""
     try:
-        return gateway.children()
+        return [pid for pid in gateway.children() if os.getsid(pid) != pid]
     except OSError:
         return []
 

@@ -1,0 +1,256 @@
+"""Models on demand end to end, every part real: the gateway as a process, the local scheduler
+starting the real pilot (`python -m pilot`) as a job, the fake vLLM inside it, mTLS on loopback.
+
+One scenario in order, as an operator would see it: a request finds no replica and is held with
+progress comments until the pilot is ready; the pilot refuses clients without the right
+certificate; a restarted gateway adopts the running pilot; a killed pilot is replaced on the next
+request; the idle timeout ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import ssl
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from mtls.certificates import Role, create_ca, issue, write
+from mtls.contexts import client_context
+from testing.ports import free_port
+from tests.deployment_setup import Site, end_jobs, write_on_demand_config
+from tests.processes import ROOT, gateway_process
+from tests.support import TOKENS
+
+MODEL = "demo/llama-on-demand"
+NAME = "demo-llama"
+IDLE_SECONDS = 12
+PILOT = [sys.executable, "-m", "pilot"]
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    """The site's CA and its pilot, gateway and metrics identities; its jobs end with the test."""
+    directory = tmp_path / "site"
+    directory.mkdir()
+    ca = create_ca("Test Site CA", "Test Lab", days=30)
+    (directory / "ca.pem").write_bytes(ca.certificate)
+    for role in Role:
+        write(
+            issue(ca, role, role.value, days=30),
+            directory / f"{role.value}.pem",
+            directory / f"{role.value}.key",
+        )
+    site = Site(directory)
+    try:
+        yield site
+    finally:
+        end_jobs(site)
+
+
+def _identities(site: Site, tmp_path: Path) -> dict[str, ssl.SSLContext]:
+    """Client contexts: the gateway's, the metrics scraper's, another CA's, none."""
+    other = create_ca("Other CA", "Elsewhere", days=5)
+    write(issue(other, Role.gateway, "gateway", days=5), tmp_path / "other.pem", tmp_path / "other.key")
+    no_certificate = ssl.create_default_context(cafile=str(site.ca))
+    no_certificate.check_hostname = False
+
+    def identity(name: str) -> ssl.SSLContext:
+        return client_context(site.directory / f"{name}.pem", site.directory / f"{name}.key", site.ca)
+
+    return {
+        "gateway": identity("gateway"),
+        "metrics": identity("metrics"),
+        "other": client_context(tmp_path / "other.pem", tmp_path / "other.key", site.ca),
+        "none": no_certificate,
+    }
+
+
+def _configure(tmp_path: Path, site: Site) -> tuple[Path, Path]:
+    """A gateway on the controller's deployed intervals whose one deployment runs the fake vLLM
+    (loading for 2 s, as vLLM listens only once its model is loaded) in a real pilot."""
+    database = tmp_path / "gateway.db"
+    scheduler = {
+        "adapter": "adaptors.schedulers.local.LocalScheduler",
+        "config": {"state_dir": str(site.directory / "jobs")},
+        "pilot_command": PILOT,
+        "pilot_certificate": str(site.directory / "pilot.pem"),
+        "pilot_key": str(site.directory / "pilot.key"),
+        "pilot_ca": str(site.ca),
+        "listen_host": "127.0.0.1",
+        # the fake vLLM is the tests' (not installed as vLLM would be on a cluster)
+        "environment": {"PYTHONPATH": str(ROOT)},
+    }
+    config = write_on_demand_config(
+        tmp_path / "gw",
+        site,
+        f"sqlite:///{database}",
+        free_port(),
+        schedulers={"local": scheduler},
+        deployed_defaults=True,
+        metrics_subjects=["CN=metrics,O=Test Lab"],
+    )
+    endpoints_file = config.parent / "endpoints.yaml"
+    endpoints = yaml.safe_load(endpoints_file.read_text())
+    endpoints.append(
+        {
+            "cluster": "local",
+            "framework": "vllm",
+            "model": MODEL,
+            "endpoint_adapter": "adaptors.deployment.DeploymentEndpoint",
+            "config": {
+                "deployment": NAME,
+                "scheduler": "local",
+                "model_command": [
+                    sys.executable,
+                    "-m",
+                    "testing.fake_vllm",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--model",
+                    MODEL,
+                    "--load-seconds",
+                    "2",
+                ],
+                "idle_timeout_seconds": IDLE_SECONDS,
+                "expected_start_seconds": 20,
+                "progress_seconds": 1,
+                "walltime_seconds": 3600,
+            },
+        }
+    )
+    endpoints_file.write_text(yaml.safe_dump(endpoints))
+    return config, database
+
+
+def _replicas(database: Path) -> list[dict[str, Any]]:
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        connection.row_factory = sqlite3.Row
+        return [dict(row) for row in connection.execute("SELECT * FROM deployment_replicas ORDER BY created")]
+
+
+def _live(database: Path) -> list[dict[str, Any]]:
+    return [row for row in _replicas(database) if row["ended"] is None]
+
+
+def _job_directory(site: Site, replica: dict[str, Any]) -> Path:
+    return site.directory / "jobs" / "jobs" / replica["job_id"]
+
+
+def _job_ended(site: Site, replica: dict[str, Any]) -> bool:
+    """The local scheduler's wrapper writes `exit.json` once the job and all its processes ended."""
+    return (_job_directory(site, replica) / "exit.json").exists()
+
+
+async def _held_stream(url: str) -> tuple[list[str], str]:
+    """The comments a held stream got, and the content of its answer."""
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "Hello"}]}
+    headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+    comments, content = [], ""
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as http,
+        http.post(
+            f"{url}/resource_server/local/vllm/v1/chat/completions", json=body, headers=headers
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        async for raw in answer.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith(":"):
+                comments.append(line)
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "choices" in event, (comments, event)
+                for choice in event["choices"]:
+                    content += choice["delta"].get("content") or ""
+    return comments, content
+
+
+def _client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=f"{url}/resource_server/local/vllm/v1", api_key=TOKENS["alice"], max_retries=0, timeout=120
+    )
+
+
+async def _ask(url: str) -> str:
+    answer = await _client(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}]
+    )
+    return answer.choices[0].message.content or ""
+
+
+async def _until(condition: Any, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.2)
+
+
+async def _pilot_refuses_strangers(identities: dict[str, ssl.SSLContext], replica: dict[str, Any]) -> None:
+    """The pilot's port serves inference to the gateway's identity only: no certificate or another
+    CA's fails the handshake; the metrics identity may read /metrics and nothing else."""
+    base = f"https://{replica['address']}:{replica['port']}"
+    inference = f"{base}/deployments/{NAME}/v1/models"
+    async with aiohttp.ClientSession() as http:
+        for refused in ("none", "other"):
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(inference, ssl=identities[refused]) as answer:
+                    await answer.read()
+        async with http.get(inference, ssl=identities["gateway"]) as answer:
+            assert answer.status == 200
+            assert MODEL in await answer.text()
+        async with http.get(f"{base}/metrics", ssl=identities["gateway"]) as answer:
+            assert answer.status == 403
+        async with http.get(f"{base}/metrics", ssl=identities["metrics"]) as answer:
+            assert answer.status == 200
+        async with http.get(inference, ssl=identities["metrics"]) as answer:
+            assert answer.status == 403
+
+
+async def test_a_deployment_starts_on_demand_is_adopted_replaced_and_stopped_when_idle(
+    site: Site, tmp_path: Path
+) -> None:
+    config, database = _configure(tmp_path, site)
+    async with gateway_process(config) as gateway:
+        comments, content = await _held_stream(gateway.url)
+        assert content, "the held stream got no answer"
+        phases = " ".join(comments)
+        assert any(word in phases for word in ("queued", "starting", "loading")), comments
+        assert "ready in about" in phases or "ETA" in phases or "s" in phases
+        [replica] = _live(database)
+        assert replica["phase"] == "ready"
+        assert await _ask(gateway.url)
+        await _pilot_refuses_strangers(_identities(site, tmp_path), replica)
+        jobs_before = len(_replicas(database))
+    async with gateway_process(config) as gateway:
+        assert await _ask(gateway.url)
+        assert len(_replicas(database)) == jobs_before, "the restarted gateway started a new pilot"
+        [adopted] = _live(database)
+        assert adopted["replica_id"] == replica["replica_id"]
+
+        pilot = json.loads((_job_directory(site, adopted) / "started.json").read_text())["pid"]
+        os.kill(pilot, signal.SIGKILL)
+        await _until(lambda: _job_ended(site, adopted), 10, "the killed pilot's job ends")
+        assert await _ask(gateway.url), "the next request got no answer from a new pilot"
+        [new] = _live(database)
+        assert new["replica_id"] != replica["replica_id"]
+
+        await _until(lambda: not _live(database), IDLE_SECONDS + 20, "the idle timeout ends the pilot")
+        await _until(lambda: _job_ended(site, new), 30, "the idle pilot's job ends")
+        ended = {row["replica_id"]: row["end_reason"] for row in _replicas(database)}
+        assert "idle" in (ended[new["replica_id"]] or "")
