@@ -379,3 +379,15 @@ async def test_the_anthropic_client_reads_a_held_stream_too(
             events = [event async for event in stream]
     deltas = [event.delta.text for event in events if event.type == "content_block_delta"]
     assert "".join(deltas) == "Hello! This" and events[-1].type == "message_stop"
+
+
+async def test_the_clients_bytes_reach_the_replica_as_they_came(
+    gateway: Server, site: Site, deployments: ScriptedDeployments, http: aiohttp.ClientSession
+) -> None:
+    sent = json.dumps({"max_tokens": 4, **chat("h\u00e9llo")}, indent=1).encode()
+    headers = {**auth(), "Content-Type": "application/json"}
+    async with replica_server(site, LLAMA) as pilot:
+        deployments.ready(LLAMA, pilot.replica(LLAMA))
+        status, _, _ = await call(http, "POST", url(gateway), data=sent, headers=headers)
+        assert status == 200
+        assert pilot.backends[LLAMA][REQUESTS][-1]["raw"] == sent
