@@ -36,11 +36,18 @@ async def wait_for_state(local: LocalScheduler, job_id: str, state: JobState, wi
     raise AssertionError(f"{job_id} never reached {state}: {status}")
 
 
-async def test_a_job_runs_detached_with_its_environment_and_log(tmp_path: Path) -> None:
+async def test_a_job_runs_detached_with_its_environment_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_SECRET", "not for jobs")
     local = scheduler(tmp_path)
     spec = JobSpec(
         "pilot-x",
-        python("import os, time; print(os.environ['PILOT_GREETING'], flush=True); time.sleep(60)"),
+        python(
+            "import os, time; "
+            "print(os.environ['PILOT_GREETING'], 'GATEWAY_SECRET' in os.environ, flush=True); "
+            "time.sleep(60)"
+        ),
         walltime_seconds=600,
         environment={"PILOT_GREETING": "hello from the job"},
     )
@@ -50,7 +57,8 @@ async def test_a_job_runs_detached_with_its_environment_and_log(tmp_path: Path) 
     deadline = time.monotonic() + 5
     while b"hello from the job" not in log.read_bytes() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert b"hello from the job" in log.read_bytes()
+    assert b"hello from the job False" in log.read_bytes()  # the gateway's environment stays home
+    assert b"not for jobs" not in (log.parent / "job.json").read_bytes()
     pid = json.loads((log.parent / "pid.json").read_text())["pid"]
     assert os.getsid(pid) == pid  # its own session: a gateway's signals do not reach it
     await local.end(job_id)

@@ -6,6 +6,8 @@ process start time, its output log and, once it ends, its exit status (local_job
 Everything is read back from those files, so a restarted gateway still knows its jobs; the start
 time from /proc keeps a reused pid from passing for a job that ended.
 
+A job starts with a login's basic environment and its spec's, never the gateway's own.
+
 Config: `state_dir` (absolute path, required), `staging_dir` (absolute, default
 `state_dir/staging`), `queue_delay_seconds` (0: a simulated wait in the queue, for tests that
 watch the `queued` phase), `end_grace_seconds` (10: SIGTERM, then SIGKILL after this).
@@ -31,6 +33,7 @@ from adaptors.schedulers.contract import JobSpec, JobState, JobStatus, Scheduler
 
 _WRAPPER = Path(__file__).with_name("local_job.py")
 _JOB_ID_PREFIX = "local-"
+_LOGIN_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
 _FIELDS = {"state_dir", "staging_dir", "queue_delay_seconds", "end_grace_seconds"}
 
 
@@ -44,6 +47,12 @@ def _absolute(config: Mapping[str, Any], name: str, default: Path | None = None)
     if not path.is_absolute():
         raise ValueError(f"config.{name}: must be an absolute path, not {value!r}")
     return path
+
+
+def _login_environment() -> dict[str, str]:
+    """What a batch job starts with: a login's basics, not the gateway's environment, which holds
+    its secrets (database password, Globus client secret)."""
+    return {name: os.environ[name] for name in _LOGIN_VARIABLES if name in os.environ}
 
 
 def _seconds(config: Mapping[str, Any], name: str, default: float, minimum: float) -> float:
@@ -113,7 +122,7 @@ class LocalScheduler(Scheduler):
             document = {
                 "name": spec.name,
                 "command": list(spec.command),
-                "environment": {**os.environ, **spec.environment},
+                "environment": {**_login_environment(), **spec.environment},
                 "working_directory": spec.working_directory or str(directory),
                 "walltime_seconds": spec.walltime_seconds,
                 "queue_delay_seconds": self.queue_delay,
@@ -124,6 +133,7 @@ class LocalScheduler(Scheduler):
             with open(directory / "wrapper.log", "wb") as errors:
                 wrapper = subprocess.Popen(
                     [sys.executable, str(_WRAPPER), str(directory)],
+                    env=_login_environment(),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=errors,
