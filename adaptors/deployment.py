@@ -135,6 +135,7 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                     try:
                         return await self.forward(_url(replica, path), body, or_unreachable=look_again)
                     except Unreachable:
+                        deployments.unreachable(name, replica)
                         look_again, replica = False, deployments.route(name)
         except NotNow as exc:
             return SubmitTaskResponse(
@@ -194,6 +195,7 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                             yield chunk
                         return
                     except Unreachable:
+                        deployments.unreachable(name, replica)
                         look_again, replica = False, deployments.route(name)
         except NotNow as exc:
             raise StreamError(

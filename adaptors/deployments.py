@@ -97,6 +97,10 @@ class Deployments(Protocol):
     def want(self, name: str) -> None:
         """A request for `name` found no ready replica: start one now (scale from zero)."""
 
+    def unreachable(self, name: str, replica: Replica) -> None:
+        """A request could not connect to `replica` (its job may have died): route no more
+        requests to it until its pilot is heard from again, and have it looked at now."""
+
     async def changed(self, name: str, timeout: float) -> None:
         """Returns when `name`'s routing or progress changes, or after `timeout` seconds."""
 
@@ -123,6 +127,9 @@ class NoDeployments:
         return Progress(Phase.unavailable, detail="on-demand deployments are not configured")
 
     def want(self, name: str) -> None:
+        return None
+
+    def unreachable(self, name: str, replica: Replica) -> None:
         return None
 
     async def changed(self, name: str, timeout: float) -> None:

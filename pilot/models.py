@@ -73,7 +73,9 @@ class ModelServer:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
+                # its own group, so that one signal reaches its workers too; the job's session,
+                # so that the batch system's (or the local scheduler's) end of the job reaches it
+                process_group=0,
             )
         except OSError as exc:
             self._fail(f"cannot start {argv[0]}: {exc.strerror or exc}")

@@ -107,6 +107,7 @@ class ScriptedDeployments:
         self.wants: Counter[str] = Counter()
         self.in_flight_now: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
+        self.unreachable_seen: list[str] = []
         self._progress: dict[str, Progress] = {}
         self._replicas: dict[str, list[Replica]] = {}
         self._changes: dict[str, asyncio.Event] = {}
@@ -139,6 +140,12 @@ class ScriptedDeployments:
         self.wants[name] += 1
         if self.progress(name).phase is Phase.idle:
             self.set(name, Progress(Phase.queued, self.specs[name].expected_start_seconds))
+
+    def unreachable(self, name: str, replica: Replica) -> None:
+        """As the controller does: out of the routing at once."""
+        self.unreachable_seen.append(replica.replica_id)
+        self._replicas[name] = [r for r in self._replicas.get(name, []) if r != replica]
+        self._changed(name)
 
     async def changed(self, name: str, timeout: float) -> None:
         event = self._changes.setdefault(name, asyncio.Event())

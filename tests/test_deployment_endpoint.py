@@ -230,7 +230,7 @@ async def test_held_requests_are_bounded_and_a_client_that_leaves_is_not_counted
     assert await _eventually(admitted), "a request given up while held leaves its place"
 
 
-async def test_a_replica_that_refuses_the_connection_makes_the_request_look_again(
+async def test_a_replica_that_refuses_the_connection_is_reported_and_the_request_looks_again(
     gateway: Server, site: Site, deployments: ScriptedDeployments, http: aiohttp.ClientSession
 ) -> None:
     dead = Replica("dead", f"https://127.0.0.1:{free_port()}/deployments/{LLAMA}")
@@ -241,6 +241,7 @@ async def test_a_replica_that_refuses_the_connection_makes_the_request_look_agai
                 assert response.status == 200
                 await response.read()
         assert deployments.served == {"dead": 2, "live": 2}
+        assert deployments.unreachable_seen == ["dead", "dead"], "the controller is told at once"
 
 
 async def test_a_replica_with_a_certificate_from_another_ca_is_refused(

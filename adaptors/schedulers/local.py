@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptors.schedulers.contract import JobSpec, JobState, JobStatus, Scheduler, SchedulerError
+from adaptors.schedulers.local_job import session_members
 
 _WRAPPER = Path(__file__).with_name("local_job.py")
 _JOB_ID_PREFIX = "local-"
@@ -160,7 +161,7 @@ class LocalScheduler(Scheduler):
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(job.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.end_grace + 1
+        deadline = time.monotonic() + 2 * self.end_grace + 1  # the command's grace, then its strays'
         while time.monotonic() < deadline and job.alive():
             await asyncio.sleep(0.05)
             self._reap()
@@ -168,6 +169,9 @@ class LocalScheduler(Scheduler):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(job.pid, signal.SIGKILL)
             self._reap()
+        for pid in session_members(job.pid):  # strays of a wrapper killed before it swept them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         exit_file = job.directory / "exit.json"
         if not exit_file.exists():  # killed before its wrapper could say so
             exit_file.write_text(json.dumps({"status": None, "reason": "ended by the gateway"}))

@@ -6,10 +6,15 @@ with its environment and log file, and writes `exit.json` when the job ends, whe
 failed, was ended (SIGTERM to the group) or ran past its walltime, which it enforces itself as a
 batch system would. A wrapper killed outright writes nothing; the scheduler then reads the job as
 ended from the missing process.
+
+When the job ends, so does every process left in its session, as a batch system's cgroup ends a
+job's strays: a pilot killed outright leaves its model servers (in process groups of their own)
+behind, and on a compute node they would hold the GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +37,35 @@ def _write(path: Path, document: dict[str, Any]) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(document))
     partial.replace(path)
+
+
+def session_members(session: int) -> list[int]:
+    """The processes of `session` but the caller, from /proc (the job's strays: Linux only)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended meanwhile
+        pid = int(stat.parent.name)
+        if int(fields[3]) == session and pid != os.getpid():
+            members.append(pid)
+    return members
+
+
+def end_session(session: int, grace: float) -> None:
+    """SIGTERM to the session's processes, SIGKILL to those still there after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members = session_members(session)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while members and time.time() < deadline:
+            time.sleep(0.05)
+            members = session_members(session)
+        if not members:
+            return
 
 
 def main(job_dir: Path) -> int:
@@ -68,13 +102,12 @@ def main(job_dir: Path) -> int:
     if reason == "finished" and _terminated:
         reason = "ended"  # the SIGTERM to the group ended the command before the loop saw it
     try:
-        status = child.wait(grace)
+        status: int | None = child.wait(grace)
     except subprocess.TimeoutExpired:
-        _write(job_dir / "exit.json", {"status": -signal.SIGKILL, "reason": reason})
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-        return 1
+        status = -signal.SIGKILL
+    end_session(os.getsid(0), grace)
     _write(job_dir / "exit.json", {"status": status, "reason": reason})
-    return 0
+    return 0 if status != -signal.SIGKILL else 1
 
 
 if __name__ == "__main__":

@@ -101,6 +101,12 @@ class Controller:
         self._reconcile.set()
         self._report.set()
 
+    def unreachable(self, name: str, replica: Replica) -> None:
+        """Out of this process's routing at once; the leader looks at its job now rather than at
+        the next pass (a replica that died is replaced on the request that found it dead)."""
+        self.map.unreachable(name, replica)
+        self.want(name)
+
     async def changed(self, name: str, timeout: float) -> None:
         await self.map.changed(name, timeout)
 

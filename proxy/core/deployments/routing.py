@@ -61,6 +61,9 @@ class RoutingMap:
         self.wanted: dict[str, float] = {}
         self._want_shown: dict[str, float] = {}
         """Wants not yet answered by a replica in the database, shown as `queued`."""
+        self._unreachable: dict[str, float] = {}
+        """Replicas that refused a request's connection, by id, with when: out of this process's
+        routing until their pilot heartbeats again (a pilot that died never does)."""
 
     def declare(self, spec: DeploymentSpec) -> None:
         self.specs[spec.name] = spec
@@ -74,16 +77,29 @@ class RoutingMap:
 
     def route(self, name: str) -> Replica | None:
         view = self._views.get(name)
-        if view is None or not view.ready or name not in self.specs:
+        if view is None or name not in self.specs:
             return None
-        replica, _ = min(view.ready, key=lambda entry: (self.loads[entry[0].replica_id], entry[1]))
+        ready = [entry for entry in view.ready if entry[0].replica_id not in self._unreachable]
+        if not ready:
+            return None
+        replica, _ = min(ready, key=lambda entry: (self.loads[entry[0].replica_id], entry[1]))
         return replica
+
+    def unreachable(self, name: str, replica: Replica) -> None:
+        self._unreachable[replica.replica_id] = time.time()
+        self._notify(name)
 
     def progress(self, name: str) -> Progress:
         spec = self.specs.get(name)
         if spec is None:
             return Progress(Phase.unavailable, detail=f"deployment {name!r} is not declared here")
-        progress = self._views[name].progress
+        view = self._views[name]
+        progress = view.progress
+        if progress.phase is Phase.ready and view.ready and all(
+            replica.replica_id in self._unreachable for replica, _ in view.ready
+        ):
+            expected = expected_start(spec, self._durations.get(name, []))
+            return Progress(Phase.starting, expected, "the ready replica stopped answering; replacing it")
         wanted = self._want_shown.get(name)
         if progress.phase is Phase.idle and wanted is not None and time.time() - wanted < WANT_SHOWN_SECONDS:
             expected = expected_start(spec, self._durations.get(name, []))
@@ -119,6 +135,10 @@ class RoutingMap:
         for record in snapshot.replicas:
             by_name[record.deployment].append(record)
         self._durations = snapshot.durations
+        heard = {r.replica_id: r.last_heartbeat or 0.0 for r in snapshot.replicas if r.ended is None}
+        for replica_id, since in list(self._unreachable.items()):
+            if heard.get(replica_id, since + 1) > since:  # heartbeating again, or ended
+                del self._unreachable[replica_id]
         for name, spec in self.specs.items():
             records = by_name.get(name, [])
             if records and self._want_shown.get(name, snapshot.taken) < snapshot.taken:
