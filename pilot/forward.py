@@ -96,7 +96,8 @@ class _Body:
         content = self._request.content
         while True:
             try:
-                chunk = await asyncio.wait_for(content.readany(), BODY_STALL_SECONDS)
+                async with asyncio.timeout(BODY_STALL_SECONDS):  # no task per part, as wait_for makes
+                    chunk = await content.readany()
             except TimeoutError:
                 self.refusal = (408, f"no part of the request body for {BODY_STALL_SECONDS:g} s")
                 raise aiohttp.ClientPayloadError("request body stalled") from None

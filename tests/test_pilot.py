@@ -62,8 +62,7 @@ def _client(site: Site, port: int) -> openai.AsyncOpenAI:
 async def test_registers_loads_serves_and_stops_when_told(
     site: Site, gateway: FakeGateway, tmp_path: Path
 ) -> None:
-    """With the deployed heartbeat interval (10 s): the ready state is reported when it comes, and the
-    gateway's orders shorten the interval."""
+    """The file says 10 s between heartbeats (the default); the gateway's orders make it 1 s."""
     config = write_config(tmp_path, site, gateway, load_seconds=2)
     config.write_text(json.dumps({**json.loads(config.read_text()), "heartbeat_seconds": 10}))
     gateway.orders = PilotOrders(heartbeat_seconds=1)
