@@ -74,8 +74,9 @@ class ModelServer:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 # its own group, so that one signal reaches its workers too; the job's session,
-                # so that the batch system's (or the local scheduler's) end of the job reaches it
-                process_group=0,
+                # so that the batch system's (or the local scheduler's) end of the job reaches it.
+                # (uvloop takes no `process_group`; setpgrp is one system call, safe after fork.)
+                preexec_fn=os.setpgrp,
             )
         except OSError as exc:
             self._fail(f"cannot start {argv[0]}: {exc.strerror or exc}")
