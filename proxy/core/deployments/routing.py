@@ -95,8 +95,10 @@ class RoutingMap:
             return Progress(Phase.unavailable, detail=f"deployment {name!r} is not declared here")
         view = self._views[name]
         progress = view.progress
-        if progress.phase is Phase.ready and view.ready and all(
-            replica.replica_id in self._unreachable for replica, _ in view.ready
+        if (
+            progress.phase is Phase.ready
+            and view.ready
+            and all(replica.replica_id in self._unreachable for replica, _ in view.ready)
         ):
             expected = expected_start(spec, self._durations.get(name, []))
             return Progress(Phase.starting, expected, "the ready replica stopped answering; replacing it")
