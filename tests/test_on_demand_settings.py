@@ -111,3 +111,26 @@ async def test_a_deployment_naming_an_unknown_scheduler_is_refused(tmp_path: Pat
             controller.declare(spec(name="no/slashes"))
     finally:
         await runner.cleanup()
+
+
+async def test_a_deployment_with_resources_its_scheduler_cannot_submit_is_refused(tmp_path: Path) -> None:
+    """Checked when declared, so that the mistake stops start-up rather than fail every start."""
+    pbs = {
+        "adapter": "adaptors.schedulers.pbs.PbsScheduler",
+        "config": {"staging_directory": str(tmp_path / "staging")},
+        "pilot_command": ["python", "-m", "pilot"],
+        "pilot_certificate": "/p/pilot.pem",
+        "pilot_key": "/p/pilot.key",
+        "pilot_ca": "/p/ca.pem",
+    }
+    runner, _, controller = await start_on_demand(config_with(tmp_path, schedulers__pbs=pbs))
+    try:
+        with pytest.raises(
+            ValueError, match=re.escape("config.resources.gpus: not a setting of this scheduler")
+        ):
+            controller.declare(spec(scheduler="pbs", resources={"gpus": 4}))
+        with pytest.raises(ValueError, match=re.escape("config.resources.queue")):
+            controller.declare(spec(scheduler="pbs", resources={"queue": "prod; rm -rf /"}))
+        controller.declare(spec(scheduler="pbs", resources={"queue": "prod", "select": "1:ngpus=4"}))
+    finally:
+        await runner.cleanup()

@@ -74,6 +74,11 @@ class Scheduler(ABC):
     async def shutdown(self) -> None:
         """Release what `startup` opened."""
 
+    def check(self, spec: JobSpec) -> None:
+        """Raise `SchedulerError` when `spec` could never be submitted (a resource this
+        scheduler does not know, a value that cannot be a directive). Called when a deployment is
+        declared, so that its mistake stops start-up instead of failing every start."""
+
     @abstractmethod
     def staging_path(self, file_name: str) -> str:
         """Where a staged file named `file_name` lands, as the job on the cluster sees it."""

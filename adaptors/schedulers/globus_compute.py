@@ -90,6 +90,9 @@ class GlobusComputeScheduler(Scheduler):
         except ValidationError:
             raise SchedulerError("the pilot_scheduler function answered no staged path") from None
 
+    def check(self, spec: JobSpec) -> None:
+        pbs_format.directives(self.config, spec, self.staging_path("check.log"), self.config.directives)
+
     async def submit(self, spec: JobSpec) -> str:
         config = self.config
         stem = f"{job_script.job_name(config.job_name_prefix + spec.name)}.{secrets.token_hex(4)}"

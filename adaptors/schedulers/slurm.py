@@ -54,6 +54,9 @@ class SlurmScheduler(Scheduler):
         )
         return self.staging_path(file_name)
 
+    def check(self, spec: JobSpec) -> None:
+        slurm_format.directives(self.config, spec, self.staging_path("check.log"), self.config.directives)
+
     async def submit(self, spec: JobSpec) -> str:
         config = self.config
         stem = f"{job_script.job_name(config.job_name_prefix + spec.name)}.{secrets.token_hex(4)}"

@@ -18,12 +18,13 @@ from contextlib import AbstractContextManager
 
 from adaptors.context import AdaptorContext
 from adaptors.deployments import DeploymentSpec, Progress, Replica
+from adaptors.schedulers.contract import SchedulerError
 from mtls.certificates import subject_of
 from mtls.contexts import client_context
 from proxy.core.deployments.broadcast import Broadcast
 from proxy.core.deployments.pilots import PilotDesk
 from proxy.core.deployments.reconcile import Reconciler
-from proxy.core.deployments.replicas import ConfiguredScheduler, Parts
+from proxy.core.deployments.replicas import ConfiguredScheduler, Parts, job_spec
 from proxy.core.deployments.routing import RoutingMap, Snapshot
 from proxy.metrics.prometheus import Metrics
 from proxy.records.database import DatabaseUnavailable
@@ -79,6 +80,11 @@ class Controller:
             )
         if not _NAME.match(spec.name):
             raise ValueError(f"deployment name {spec.name!r}: letters, digits, '.', '_' and '-' only")
+        configured = self._schedulers[spec.scheduler]
+        try:
+            configured.scheduler.check(job_spec(configured.settings, spec, "check.json"))
+        except SchedulerError as exc:
+            raise ValueError(f"config.{exc.message}") from None
         self.map.declare(spec)
         self._refresh.set()
         self._reconcile.set()

@@ -25,6 +25,17 @@ from proxy.settings.on_demand import OnDemandSettings, SchedulerSettings
 log = logging.getLogger(__name__)
 
 
+def job_spec(entry: SchedulerSettings, spec: DeploymentSpec, staged_config: str) -> JobSpec:
+    """The pilot job of one replica of `spec`, whose configuration was staged at `staged_config`."""
+    return JobSpec(
+        name=f"pilot-{spec.name}",
+        command=(*entry.pilot_command, "--config", staged_config),
+        walltime_seconds=spec.walltime_seconds,
+        resources=spec.resources,
+        environment=entry.environment,
+    )
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -87,13 +98,7 @@ async def start_replica(parts: Parts, spec: DeploymentSpec) -> ReplicaRecord:
         path = await configured.scheduler.stage(
             config.model_dump_json().encode(), f"pilot-{record.replica_id}.json"
         )
-        job = JobSpec(
-            name=f"pilot-{spec.name}",
-            command=(*entry.pilot_command, "--config", path),
-            walltime_seconds=spec.walltime_seconds,
-            resources=spec.resources,
-            environment=entry.environment,
-        )
+        job = job_spec(entry, spec, path)
         record.job_id = await configured.scheduler.submit(job)
     except SchedulerError as exc:
         await parts.store.end(record.replica_id, f"submission failed: {exc.message}", time.time())
