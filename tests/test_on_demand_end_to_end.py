@@ -16,9 +16,10 @@ import os
 import signal
 import sqlite3
 import ssl
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ import yaml
 
 from mtls.certificates import Role, create_ca, issue, write
 from mtls.contexts import client_context
+from testing.fake_schedulers import BIN
+from testing.fake_schedulers.table import DIRECTORY_VARIABLE, FakeBatch
 from testing.ports import free_port
 from tests.deployment_setup import Site, end_jobs, write_on_demand_config
 from tests.processes import ROOT, gateway_process
@@ -254,3 +257,61 @@ async def test_a_deployment_starts_on_demand_is_adopted_replaced_and_stopped_whe
         await _until(lambda: _job_ended(site, new), 30, "the idle pilot's job ends")
         ended = {row["replica_id"]: row["end_reason"] for row in _replicas(database)}
         assert "idle" in (ended[new["replica_id"]] or "")
+
+
+async def test_a_deployment_on_pbs_starts_the_real_pilot_through_qsub(site: Site, tmp_path: Path) -> None:
+    """The PBS adaptor with the fake qsub/qstat/qdel running the job script for real: the script
+    it wrote starts the real pilot, which registers, serves, and is ended with qdel when the
+    gateway stops the replica."""
+    batch = FakeBatch(tmp_path / "batch")
+    batch.configure(run_scripts=True)
+    config, database = _configure(tmp_path, site)
+    document = yaml.safe_load(config.read_text())
+    local = document["on_demand"]["schedulers"]["local"]
+    document["on_demand"]["schedulers"]["local"] = {
+        **local,
+        "adapter": "adaptors.schedulers.pbs.PbsScheduler",
+        "config": {
+            "staging_directory": str(tmp_path / "staging"),
+            "command_environment": {DIRECTORY_VARIABLE: str(batch.directory)},
+            "queue": "debug",
+            "filesystems": "home:eagle",
+            **{command: str(BIN / command) for command in ("qsub", "qstat", "qdel")},
+        },
+    }
+    config.write_text(yaml.safe_dump(document))
+    async with gateway_process(config) as gateway, _deleted_at_the_end(batch, database):
+        comments, content = await _held_stream(gateway.url)
+        assert content and comments
+        [replica] = _live(database)
+        assert replica["job_id"].split(".")[0].isdigit(), "a PBS job id, as qsub prints it"
+        script = next((tmp_path / "staging").glob("*.pbs")).read_text()
+        assert "#PBS -q debug" in script and "#PBS -l filesystems=home:eagle" in script
+        assert await _ask(gateway.url)
+
+
+@contextlib.asynccontextmanager
+async def _deleted_at_the_end(batch: FakeBatch, database: Path) -> AsyncIterator[None]:
+    """Jobs outlive their gateway on purpose: the test ends its own with qdel, and waits until
+    each pilot (given SIGTERM, it stops its model server first) is gone."""
+    try:
+        yield
+    finally:
+        environment = {**os.environ, DIRECTORY_VARIABLE: str(batch.directory)}
+        for replica in _replicas(database):
+            deleted = subprocess.run(
+                [str(BIN / "qdel"), replica["job_id"]], env=environment, capture_output=True, check=False
+            )
+            assert deleted.returncode in (0, 35), deleted.stderr  # 35: the job had finished
+            replica_id = replica["replica_id"]
+            await _until(lambda: not _pilots(replica_id), 30, "the pilot ended")  # noqa: B023 (awaited here)
+
+
+def _pilots(replica_id: str) -> list[int]:
+    """Pilot processes of the replica, found by their staged configuration's name."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if f"pilot-{replica_id}.json".encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
