@@ -1,7 +1,10 @@
 """Request bodies that never finish: authenticated requests whose body stalls or dribbles are answered
 408 in OpenAI's shape once the deployed deadline passes (10 s of grace, then at least 8 KiB/s on
 average, 120 s in all), directly and through the shipped nginx, which streams bodies on to the
-gateway; the connection is then closed, so nothing of them stays held."""
+gateway; the connection is then closed, so nothing of them stays held.
+
+The scenarios wait out the same deadlines independently, so they run at the same time (see
+`Scenarios`): the module takes as long as its longest wait, not their sum."""
 
 from __future__ import annotations
 
@@ -14,12 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import yaml
 
+from testing.fake_vllm import create_backend_app
 from testing.services.nginx import NginxServer
-from tests.conftest import TOKENS, Server, chat, free_port, start_gateway, write_gateway_config
 from tests.processes import gateway_process
-from tests.support import skip_without_nginx
+from tests.support import (
+    CHAT_MODEL,
+    EMBED_MODEL,
+    TOKENS,
+    chat,
+    free_port,
+    skip_without_nginx,
+    start,
+    start_gateway,
+    write_gateway_config,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 GRACE = 10.0
 """`server.body_grace_seconds` as deployed; a stalled body is answered shortly after it."""
@@ -113,27 +129,55 @@ def assert_timed_out(answer: Timed, low: float, high: float, *, closes: bool = T
     assert low <= answer.seconds <= high, answer.seconds
 
 
-@pytest.fixture
-async def gateway(backend: Server, tmp_path: Path) -> AsyncIterator[int]:
-    """The deployed body deadline; the port of an in-process gateway, with stream callbacks on."""
-    config = write_gateway_config(tmp_path, backend.url)
+@dataclass
+class Scenarios:
+    """The module's long waits, started together (each waits out the deployed deadline, and the one
+    through nginx also its `client_body_timeout`): each test awaits its own and checks it."""
+
+    direct: asyncio.Future[tuple[Timed, Timed, Timed, Timed]]
+    hundreds: asyncio.Future[tuple[list[int], float, list[bytes]]]
+    through_nginx: asyncio.Future[tuple[Timed, Timed, float]]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def scenarios(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Scenarios]:
+    """One fake backend and one in-process gateway (the deployed body deadline, stream callbacks on)
+    for the direct and nginx scenarios; the hundreds of stalled bodies go to a gateway process."""
+    directory = tmp_path_factory.mktemp("body-deadline")
+    backend_runner, backend_url = await start(create_backend_app(models=[CHAT_MODEL, EMBED_MODEL]))
+    config = write_gateway_config(directory, backend_url)
     document = yaml.safe_load(config.read_text())
     document["streaming"] = {"internal_secret": "body-deadline-secret-0123456789"}
     config.write_text(yaml.safe_dump(document))
     runner, server = await start_gateway(config)
-    yield int(server.url.split(":")[2].split("/")[0])
+    upstream = server.url.removeprefix("http://").removesuffix("/resource_server")
+    running = Scenarios(
+        direct=asyncio.ensure_future(direct(int(upstream.rsplit(":", 1)[1]))),
+        hundreds=asyncio.ensure_future(hundreds(directory / "process", backend_url)),
+        through_nginx=asyncio.ensure_future(through_nginx(directory / "nginx", upstream)),
+    )
+    yield running
+    futures = (running.direct, running.hundreds, running.through_nginx)
+    for future in futures:
+        future.cancel()
+    await asyncio.gather(*futures, return_exceptions=True)
     await runner.cleanup()
+    await backend_runner.cleanup()
 
 
-async def test_stalled_and_dribbling_bodies_are_408_and_honest_slow_ones_pass(gateway: int) -> None:
+async def direct(port: int) -> tuple[Timed, Timed, Timed, Timed]:
+    return await asyncio.gather(
+        slow_body(port, CHAT, 100_000, b'{"model": ', then_every=None),
+        slow_body(port, CHAT, 100_000, b'{"model": ', then_every=0.5),
+        paced(port, CHAT, 150_000, per_second=20_000),
+        slow_body(port, CALLBACK, 10_000, b'{"task_id": ', then_every=None),
+    )
+
+
+async def test_stalled_and_dribbling_bodies_are_408_and_honest_slow_ones_pass(scenarios: Scenarios) -> None:
     """A stream callback without the secret has its body read too (to end the stream it names), so
     a stalled one is bound by the same deadline and then refused."""
-    stalled, dribbling, honest, callback = await asyncio.gather(
-        slow_body(gateway, CHAT, 100_000, b'{"model": ', then_every=None),
-        slow_body(gateway, CHAT, 100_000, b'{"model": ', then_every=0.5),
-        paced(gateway, CHAT, 150_000, per_second=20_000),
-        slow_body(gateway, CALLBACK, 10_000, b'{"task_id": ', then_every=None),
-    )
+    stalled, dribbling, honest, callback = await scenarios.direct
     assert callback.status in (401, 403, 408) and GRACE - 0.5 <= callback.seconds <= GRACE + 2, callback
     assert_timed_out(stalled, GRACE - 0.5, GRACE + 2)
     assert_timed_out(dribbling, GRACE - 0.5, GRACE + 2)
@@ -145,24 +189,33 @@ SENT = 32 * 1024
 """What each stalled body sends: at the deployed minimum rate it buys 4 s beyond the grace."""
 
 
+async def hundreds(directory: Path, backend_url: str) -> tuple[list[int], float, list[bytes]]:
+    """Statuses, seconds until all were answered, and what each connection read after its answer."""
+    directory.mkdir()
+    port = free_port()
+    async with gateway_process(write_gateway_config(directory, backend_url), port=port):
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
+        try:
+            started = time.monotonic()
+            for _, writer in connections:
+                writer.write(head(CHAT, 1 << 20) + b"[" + b" " * SENT)
+            answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
+            answered = time.monotonic() - started
+            closed = await asyncio.gather(*(asyncio.wait_for(r.read(), 15) for r, _ in connections))
+        finally:
+            for _, writer in connections:
+                writer.close()
+    return [status for status, _, _ in answers], answered, closed
+
+
 async def test_hundreds_of_stalled_bodies_are_all_answered_and_their_connections_closed(
-    backend: Server, tmp_path: Path
+    scenarios: Scenarios,
 ) -> None:
     """Each has sent 32 KiB of a 1 MiB body, and would have held it until the gateway stopped."""
-    port = free_port()
-    async with gateway_process(write_gateway_config(tmp_path, backend.url), port=port):
-        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(300)]
-        started = time.monotonic()
-        for _, writer in connections:
-            writer.write(head(CHAT, 1 << 20) + b"[" + b" " * SENT)
-        answers = await asyncio.gather(*(read_answer(reader) for reader, _ in connections))
-        answered = time.monotonic() - started
-        assert {status for status, _, _ in answers} == {408}
-        assert answered < GRACE + SENT / 8192 + 3
-        closed = await asyncio.gather(*(asyncio.wait_for(r.read(), 15) for r, _ in connections))
-        assert closed == [b""] * len(connections), "the gateway closes each connection"
-        for _, writer in connections:
-            writer.close()
+    statuses, answered, closed = await scenarios.hundreds
+    assert set(statuses) == {408}
+    assert answered < GRACE + SENT / 8192 + 3
+    assert closed == [b""] * len(statuses), "the gateway closes each connection"
 
 
 async def closed_without_answer(port: int, path: str) -> float:
@@ -183,24 +236,23 @@ NGINX_BODY_PAUSE = 30.0
 """`client_body_timeout` in deploy/nginx/gateway-locations.conf."""
 
 
-async def test_through_the_shipped_nginx(backend: Server, tmp_path: Path) -> None:
+async def through_nginx(directory: Path, upstream: str) -> tuple[Timed, Timed, float]:
+    skip_without_nginx()
+    async with NginxServer(directory, [upstream], port=free_port()) as nginx:
+        port = int(nginx.url.rsplit(":", 1)[1])
+        return await asyncio.gather(
+            slow_body(port, CHAT, 100_000, b'{"model": ', then_every=None),
+            slow_body(port, CHAT, 100_000, b'{"model": ', then_every=0.5),
+            closed_without_answer(port, "/resource_server/local/vllm/v1/batches"),
+        )
+
+
+async def test_through_the_shipped_nginx(scenarios: Scenarios) -> None:
     """nginx streams inference bodies on as they come (proxy_request_buffering off), so the
     gateway's deadline answers them, before nginx's own limit on a pause. Other routes' bodies are
     buffered by nginx, which ends the connection (without an answer: nginx never answers its own
     body timeouts) once the body paused for `client_body_timeout`."""
-    skip_without_nginx()
-    runner, server = await start_gateway(write_gateway_config(tmp_path, backend.url))
-    try:
-        upstream = server.url.removeprefix("http://").removesuffix("/resource_server")
-        async with NginxServer(tmp_path / "nginx", [upstream], port=free_port()) as nginx:
-            port = int(nginx.url.rsplit(":", 1)[1])
-            stalled, dribbling, buffered = await asyncio.gather(
-                slow_body(port, CHAT, 100_000, b'{"model": ', then_every=None),
-                slow_body(port, CHAT, 100_000, b'{"model": ', then_every=0.5),
-                closed_without_answer(port, "/resource_server/local/vllm/v1/batches"),
-            )
-    finally:
-        await runner.cleanup()
+    stalled, dribbling, buffered = await scenarios.through_nginx
     assert_timed_out(stalled, GRACE - 0.5, GRACE + 2, closes=False)
     assert_timed_out(dribbling, GRACE - 0.5, GRACE + 2, closes=False)
     assert "x-request-id" in stalled.headers, "the gateway's answer"

@@ -76,6 +76,7 @@ async def test_a_dead_worker_is_replaced(
     backend: Server, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
     async with gateway_process(configured(tmp_path, backend), "--workers", "2") as gateway:
+        await _until(lambda: gateway.log_text().count("serving on") == 2)
         victim = gateway.children()[0]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 20
@@ -86,7 +87,7 @@ async def test_a_dead_worker_is_replaced(
             await asyncio.sleep(0.1)
         else:
             raise AssertionError("the dead worker was not replaced")
-        await asyncio.sleep(1.5)
+        await _until(lambda: gateway.log_text().count("serving on") == 3)  # the new one too
         assert [await complete(http, gateway.url) for _ in range(10)] == [200] * 10
         assert "starting a new one" in gateway.log_text()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.processes import gateway_process
+from tests.processes import GatewayProcess, gateway_process
 from tests.support import Server, free_port, samples, write_gateway_config
 
 
@@ -49,6 +49,7 @@ async def test_each_worker_reports_its_own_process(backend: Server, tmp_path: Pa
     async with gateway_process(config, "--workers", "2") as gateway, aiohttp.ClientSession() as http:
         workers = set(gateway.children())
         assert len(workers) == 2
+        await started(gateway, 2)
         text = await scraped_until(http, gateway.url, workers)
         open_fds = by_pid(text, "process_open_fds")
         assert set(open_fds) == workers, "each worker under its pid, the supervisor serves nothing"
@@ -62,6 +63,7 @@ async def test_each_worker_reports_its_own_process(backend: Server, tmp_path: Pa
         while (victim in gateway.children() or len(gateway.children()) < 2) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         replaced = set(gateway.children())
+        await started(gateway, 3)
         text = await scraped_until(http, gateway.url, replaced)
         assert (
             set(by_pid(text, "process_open_fds"))
@@ -69,6 +71,15 @@ async def test_each_worker_reports_its_own_process(backend: Server, tmp_path: Pa
             == replaced
         )
         assert victim not in replaced, "a dead worker's process leaves the metrics"
+
+
+async def started(gateway: GatewayProcess, workers: int) -> None:
+    """Until `workers` worker processes have started in all (imported the gateway, which takes
+    seconds on a busy machine), so that the wait for their shared values measures only that."""
+    deadline = time.monotonic() + 30
+    while gateway.log_text().count("serving on") < workers:
+        assert time.monotonic() < deadline, gateway.log_text()
+        await asyncio.sleep(0.05)
 
 
 async def scraped_until(http: aiohttp.ClientSession, url: str, pids: set[int]) -> str:

@@ -20,8 +20,8 @@ import yaml
 from proxy.core.maintenance_redis import POLL_SECONDS, decode_status
 from tests.conftest import Server, auth, chat, start_gateway, write_gateway_config
 
-KEY = "inference_gateway:1:cluster_status:local"
-"""Django's cache key for `cluster_status:local`: KEY_PREFIX "inference_gateway", version 1."""
+KEY = "inference_gateway:1:cluster_status:{cluster}"
+"""Django's cache key for `cluster_status:<cluster>`: KEY_PREFIX "inference_gateway", version 1."""
 CRON_TTL_SECONDS = 1800
 
 
@@ -32,10 +32,10 @@ def as_django_redis_stores(value: Any) -> bytes:
     return pyzstd.compress(pickled) if len(pickled) > 15 else pickled
 
 
-async def cron_job_writes(client: redis.asyncio.Redis, status: str, message: str) -> None:
+async def cron_job_writes(client: redis.asyncio.Redis, cluster: str, status: str, message: str) -> None:
     """What cron_jobs/check_maintenances.py stores for one cluster."""
-    value = {"status": status, "cluster": "local", "message": message}
-    await client.set(KEY, as_django_redis_stores(value), ex=CRON_TTL_SECONDS)
+    value = {"status": status, "cluster": cluster, "message": message}
+    await client.set(KEY.format(cluster=cluster), as_django_redis_stores(value), ex=CRON_TTL_SECONDS)
 
 
 @pytest.fixture
@@ -47,15 +47,16 @@ async def gateway_with_redis(
     document["redis_url"] = redis_url
     config.write_text(yaml.safe_dump(document))
     client = redis.asyncio.Redis.from_url(redis_url)
-    await cron_job_writes(client, "down", "local is under maintenance")
+    for cluster in ("local", "chatonly"):
+        await cron_job_writes(client, cluster, "down", f"{cluster} is under maintenance")
     runner, gateway = await start_gateway(config)
     yield gateway, client
     await runner.cleanup()
     await client.aclose()
 
 
-async def answer(http: aiohttp.ClientSession, gateway: Server) -> tuple[int, Any]:
-    url = f"{gateway.url}/local/vllm/v1/chat/completions"
+async def answer(http: aiohttp.ClientSession, gateway: Server, cluster: str = "local") -> tuple[int, Any]:
+    url = f"{gateway.url}/{cluster}/vllm/v1/chat/completions"
     async with http.post(url, json=chat(max_tokens=1), headers=auth()) as response:
         return response.status, await response.json()
 
@@ -63,22 +64,38 @@ async def answer(http: aiohttp.ClientSession, gateway: Server) -> tuple[int, Any
 async def test_a_cluster_the_cron_job_reports_down_is_under_maintenance(
     gateway_with_redis: tuple[Server, redis.asyncio.Redis], http: aiohttp.ClientSession
 ) -> None:
+    """Both clusters start down; then the job finds one up and cannot reach the status API for the
+    other ("error"): neither is under maintenance once the gateway has read the keys again."""
     gateway, client = gateway_with_redis
-    status, body = await answer(http, gateway)
-    assert status == 503
-    assert body["error"]["message"] == "local is under maintenance"
+    for cluster in ("local", "chatonly"):
+        status, body = await answer(http, gateway, cluster)
+        assert status == 503
+        assert body["error"]["message"] == f"{cluster} is under maintenance"
     async with http.get(f"{gateway.url}/status") as response:
-        assert (await response.json())["local"] is False
+        statuses = await response.json()
+    assert statuses["local"] is False and statuses["chatonly"] is False
 
-    await cron_job_writes(client, "up", "local is online")
+    await cron_job_writes(client, "local", "up", "local is online")
+    await cron_job_writes(client, "chatonly", "error", "HTTPSConnectionPool: Read timed out.")
+    await polled_since(client, await polls(client))
+    assert (await answer(http, gateway, "local"))[0] == 200
+    assert (await answer(http, gateway, "chatonly"))[0] == 200
+
+
+async def polls(client: redis.asyncio.Redis) -> int:
+    """How many MGETs (the gateway's poll of its clusters' keys) Redis has executed so far."""
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+async def polled_since(client: redis.asyncio.Redis, before: int) -> None:
+    """Until the gateway has read its keys again, and has had a moment to apply what it read: Redis
+    runs commands in order, so a read counted after `before` saw what was written before it."""
     deadline = time.monotonic() + POLL_SECONDS + 2
-    while (status := (await answer(http, gateway))[0]) == 503 and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-    assert status == 200
-
-    await cron_job_writes(client, "error", "HTTPSConnectionPool: Read timed out.")
-    await asyncio.sleep(POLL_SECONDS + 1)
-    assert (await answer(http, gateway))[0] == 200
+    while await polls(client) <= before:
+        assert time.monotonic() < deadline, "the gateway did not read the keys again"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
 
 
 def test_only_plain_data_is_unpickled(tmp_path: Path) -> None:
