@@ -48,6 +48,8 @@ class ScriptSettings(AdaptorConfig):
     directives: list[str] = Field(default_factory=list)
     """More directive arguments, one per line, e.g. "-l place=scatter" (PBS), "--qos=high" (Slurm)."""
     command_timeout_seconds: float = Field(default=60, gt=0, le=600)
+    job_name_prefix: str = Field(default="", max_length=20, pattern=r"^[A-Za-z0-9_.-]*$")
+    """Put before every job's name (`pilot-<deployment>`)."""
 
     @field_validator("staging_directory")
     @classmethod

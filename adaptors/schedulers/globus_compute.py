@@ -13,7 +13,6 @@ the endpoint, else SERVICE_ACCOUNT_ID / SERVICE_ACCOUNT_SECRET.
 from __future__ import annotations
 
 import base64
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,9 +23,10 @@ from adaptors.compute_config import UUID, ComputeAccess
 from adaptors.compute_results import UnreadableResult
 from adaptors.compute_service import ComputeService, TaskFailed, acquire_service, release_service
 from adaptors.context import AdaptorContext
-from adaptors.schedulers import job_script, pbs_format
+from adaptors.schedulers import pbs_format
 from adaptors.schedulers.commands import MESSAGE_CHARS, CommandResult, ScriptSettings, validated
-from adaptors.schedulers.contract import JobSpec, JobStatus, Scheduler, SchedulerError
+from adaptors.schedulers.contract import JobSpec, JobStatus, SchedulerError
+from adaptors.schedulers.script_scheduler import ScriptScheduler
 from adaptors.schedulers.staging import checked_file_name
 
 IDS_PER_CALL = 100
@@ -56,13 +56,15 @@ class _Staged(BaseModel):
     path: str
 
 
-class GlobusComputeScheduler(Scheduler):
+class GlobusComputeScheduler(ScriptScheduler[GlobusComputeSchedulerConfig]):
     """PBS through Globus Compute: every operation is one task of the site's pilot_scheduler
     function (a staged script and its qsub are two)."""
 
+    directive = "#PBS"
+    script_suffix = ".pbs"
+
     def __init__(self, name: str, config: Mapping[str, Any]) -> None:
-        super().__init__(name, config)
-        self.config = validated(GlobusComputeSchedulerConfig, config)
+        super().__init__(name, validated(GlobusComputeSchedulerConfig, config))
         self._context: AdaptorContext | None = None
         self._service: ComputeService | None = None
 
@@ -90,16 +92,13 @@ class GlobusComputeScheduler(Scheduler):
         except ValidationError:
             raise SchedulerError("the pilot_scheduler function answered no staged path") from None
 
-    def check(self, spec: JobSpec) -> None:
-        pbs_format.directives(self.config, spec, self.staging_path("check.log"), self.config.directives)
+    def directives(self, spec: JobSpec, job_name: str, log_path: str) -> list[str]:
+        return pbs_format.directives(self.config, spec, job_name, log_path, self.config.directives)
 
     async def submit(self, spec: JobSpec) -> str:
-        config = self.config
-        stem = f"{job_script.job_name(config.job_name_prefix + spec.name)}.{secrets.token_hex(4)}"
-        lines = pbs_format.directives(config, spec, self.staging_path(f"{stem}.log"), config.directives)
-        text = job_script.script("#PBS", lines, config.preamble, spec, config.staging_directory)
-        await self.stage(text.encode(), f"{stem}.pbs")
-        request = {"action": "submit", "directory": config.staging_directory, "file_name": f"{stem}.pbs"}
+        script = await self.staged_script(spec)
+        directory = self.config.staging_directory
+        request = {"action": "submit", "directory": directory, "file_name": script.file_name}
         return pbs_format.submitted_id(await self._command(request))
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:

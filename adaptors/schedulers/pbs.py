@@ -8,17 +8,13 @@ print is read by pbs_format.py.
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
-from adaptors.context import AdaptorContext
-from adaptors.schedulers import job_script, pbs_format
-from adaptors.schedulers.commands import CommandRunner, CommandSettings, validated
-from adaptors.schedulers.contract import JobSpec, JobStatus, Scheduler
-from adaptors.schedulers.staging import write_private
+from adaptors.schedulers import pbs_format
+from adaptors.schedulers.commands import CommandSettings, validated
+from adaptors.schedulers.contract import JobSpec, JobStatus
+from adaptors.schedulers.script_scheduler import CommandScheduler
 
 IDS_PER_CALL = 100
 """Job ids per qstat call: many ids in one call, an argv of bounded length."""
@@ -30,38 +26,22 @@ class PbsConfig(CommandSettings, pbs_format.PbsJobSettings):
     qdel: str = "qdel"
 
 
-class PbsScheduler(Scheduler):
+class PbsScheduler(CommandScheduler[PbsConfig]):
     """Submits pilot jobs with qsub, reads their states with one `qstat -x -f -F json` per batch
     of ids, ends them with qdel."""
 
+    directive = "#PBS"
+    script_suffix = ".pbs"
+
     def __init__(self, name: str, config: Mapping[str, Any]) -> None:
-        super().__init__(name, config)
-        self.config = validated(PbsConfig, config)
-        self._runner = CommandRunner(self.config)
-        self._executor: Executor | None = None
+        super().__init__(name, validated(PbsConfig, config))
 
-    async def startup(self, context: AdaptorContext) -> None:
-        self._executor = context.executor
-
-    def staging_path(self, file_name: str) -> str:
-        return f"{self.config.job_directory()}/{file_name}"
-
-    async def stage(self, content: bytes, file_name: str) -> str:
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, write_private, self.config.staging_directory, file_name, content
-        )
-        return self.staging_path(file_name)
-
-    def check(self, spec: JobSpec) -> None:
-        pbs_format.directives(self.config, spec, self.staging_path("check.log"), self.config.directives)
+    def directives(self, spec: JobSpec, job_name: str, log_path: str) -> list[str]:
+        return pbs_format.directives(self.config, spec, job_name, log_path, self.config.directives)
 
     async def submit(self, spec: JobSpec) -> str:
-        config = self.config
-        stem = f"{job_script.job_name(config.job_name_prefix + spec.name)}.{secrets.token_hex(4)}"
-        lines = pbs_format.directives(config, spec, self.staging_path(f"{stem}.log"), config.directives)
-        text = job_script.script("#PBS", lines, config.preamble, spec, config.job_directory())
-        path = await self.stage(text.encode(), f"{stem}.pbs")
-        return pbs_format.submitted_id(await self._runner.run([config.qsub, path]))
+        script = await self.staged_script(spec)
+        return pbs_format.submitted_id(await self._runner.run([self.config.qsub, script.path]))
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:
         ids = pbs_format.checked_ids(job_ids)

@@ -28,8 +28,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import Field
-
 from adaptors.configured import AdaptorConfig
 from adaptors.schedulers import job_script
 from adaptors.schedulers.commands import MESSAGE_CHARS, CommandResult
@@ -62,10 +60,11 @@ class PbsJobSettings(AdaptorConfig):
     filesystems: str | None = None
     """`-l filesystems=`, which ALCF's systems require, e.g. "home:eagle"."""
     place: str | None = None
-    job_name_prefix: str = Field(default="", max_length=20, pattern=r"^[A-Za-z0-9_.-]*$")
 
 
-def directives(settings: PbsJobSettings, spec: JobSpec, log_path: str, extra: Sequence[str]) -> list[str]:
+def directives(
+    settings: PbsJobSettings, spec: JobSpec, job_name: str, log_path: str, extra: Sequence[str]
+) -> list[str]:
     chosen = job_script.resources(
         spec.resources,
         RESOURCES,
@@ -78,7 +77,7 @@ def directives(settings: PbsJobSettings, spec: JobSpec, log_path: str, extra: Se
         },
     )
     lines = [
-        f"-N {job_script.job_name(settings.job_name_prefix + spec.name)}",
+        f"-N {job_name}",
         f"-l walltime={job_script.walltime(spec.walltime_seconds)}",
     ]
     if "queue" in chosen:

@@ -8,17 +8,13 @@ ago than MinJobAge) are asked of sacct, when the site has accounting (`use_sacct
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
-from adaptors.context import AdaptorContext
-from adaptors.schedulers import job_script, slurm_format
-from adaptors.schedulers.commands import CommandRunner, CommandSettings, validated
-from adaptors.schedulers.contract import JobSpec, JobState, JobStatus, Scheduler
-from adaptors.schedulers.staging import write_private
+from adaptors.schedulers import slurm_format
+from adaptors.schedulers.commands import CommandSettings, validated
+from adaptors.schedulers.contract import JobSpec, JobState, JobStatus
+from adaptors.schedulers.script_scheduler import CommandScheduler
 
 IDS_PER_CALL = 100
 
@@ -31,39 +27,23 @@ class SlurmConfig(CommandSettings, slurm_format.SlurmJobSettings):
     use_sacct: bool = True
 
 
-class SlurmScheduler(Scheduler):
+class SlurmScheduler(CommandScheduler[SlurmConfig]):
     """Submits pilot jobs with `sbatch --parsable`, reads their states with squeue (then sacct),
     ends them with scancel."""
 
+    directive = "#SBATCH"
+    script_suffix = ".sbatch"
+
     def __init__(self, name: str, config: Mapping[str, Any]) -> None:
-        super().__init__(name, config)
-        self.config = validated(SlurmConfig, config)
-        self._runner = CommandRunner(self.config)
-        self._executor: Executor | None = None
+        super().__init__(name, validated(SlurmConfig, config))
         self._clusters = [f"--clusters={self.config.clusters}"] if self.config.clusters else []
 
-    async def startup(self, context: AdaptorContext) -> None:
-        self._executor = context.executor
-
-    def staging_path(self, file_name: str) -> str:
-        return f"{self.config.job_directory()}/{file_name}"
-
-    async def stage(self, content: bytes, file_name: str) -> str:
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, write_private, self.config.staging_directory, file_name, content
-        )
-        return self.staging_path(file_name)
-
-    def check(self, spec: JobSpec) -> None:
-        slurm_format.directives(self.config, spec, self.staging_path("check.log"), self.config.directives)
+    def directives(self, spec: JobSpec, job_name: str, log_path: str) -> list[str]:
+        return slurm_format.directives(self.config, spec, job_name, log_path, self.config.directives)
 
     async def submit(self, spec: JobSpec) -> str:
-        config = self.config
-        stem = f"{job_script.job_name(config.job_name_prefix + spec.name)}.{secrets.token_hex(4)}"
-        lines = slurm_format.directives(config, spec, self.staging_path(f"{stem}.log"), config.directives)
-        text = job_script.script("#SBATCH", lines, config.preamble, spec, config.job_directory())
-        path = await self.stage(text.encode(), f"{stem}.sbatch")
-        result = await self._runner.run([config.sbatch, "--parsable", *self._clusters, path])
+        script = await self.staged_script(spec)
+        result = await self._runner.run([self.config.sbatch, "--parsable", *self._clusters, script.path])
         return slurm_format.submitted_id(result)
 
     async def states(self, job_ids: Sequence[str]) -> dict[str, JobStatus]:

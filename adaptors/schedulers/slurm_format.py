@@ -23,8 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from pydantic import Field
-
 from adaptors.configured import AdaptorConfig
 from adaptors.schedulers import job_script
 from adaptors.schedulers.commands import MESSAGE_CHARS, CommandResult
@@ -62,10 +60,11 @@ class SlurmJobSettings(AdaptorConfig):
     reservation: str | None = None
     clusters: str | None = None
     """`--clusters` for every command, on a multi-cluster site."""
-    job_name_prefix: str = Field(default="", max_length=20, pattern=r"^[A-Za-z0-9_.-]*$")
 
 
-def directives(settings: SlurmJobSettings, spec: JobSpec, log_path: str, extra: Sequence[str]) -> list[str]:
+def directives(
+    settings: SlurmJobSettings, spec: JobSpec, job_name: str, log_path: str, extra: Sequence[str]
+) -> list[str]:
     chosen = job_script.resources(
         spec.resources,
         RESOURCES,
@@ -80,7 +79,7 @@ def directives(settings: SlurmJobSettings, spec: JobSpec, log_path: str, extra: 
         },
     )
     lines = [
-        f"--job-name={job_script.job_name(settings.job_name_prefix + spec.name)}",
+        f"--job-name={job_name}",
         f"--time={job_script.walltime(spec.walltime_seconds)}",
         *(f"--{key}={value}" for key, value in chosen.items()),
         f"--output={job_script.directive_value('log', log_path)}",
