@@ -45,7 +45,7 @@ def config_with(tmp_path: Path, port: int | None = None, **changes: Any) -> Path
         (
             {"schedulers__local__adapter": "adaptors.direct_api.DirectAPIEndpoint"},
             "field 'on_demand.schedulers.local': Value error, adapter: 'DirectAPIEndpoint' in module "
-            "'adaptors.direct_api' is not a Scheduler",
+            "'adaptors.direct_api' is not a subclass of Scheduler",
         ),
         (
             {"schedulers__local__config": {"state_dir": "relative"}},

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import importlib
 import inspect
 import json
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.slug import endpoint_slug
 from proxy.settings.files import ConfigError, describe_validation_error, load_document
+from proxy.settings.plugins import import_class
 
 AccessList = str | list[str] | None
 
@@ -335,17 +335,8 @@ def _instantiate(
 
 
 def import_adaptor(dotted_path: str, base: type[Adaptor]) -> type[Adaptor]:
-    """Import a site's adaptor class; any package on PYTHONPATH works."""
-    dotted_path = EXISTING_GATEWAY_ADAPTORS.get(dotted_path, dotted_path)
-    module_name, _, class_name = dotted_path.rpartition(".")
-    if not module_name:
-        raise ConfigError(f"'{dotted_path}' is not a dotted path such as package.module.Class")
+    """Import a site's adaptor class, the existing gateway's paths standing for ours."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module '{module_name}': {exc}") from exc
-    adaptor_class = getattr(module, class_name, None)
-    if not isinstance(adaptor_class, type) or not issubclass(adaptor_class, base):
-        what = "does not exist" if adaptor_class is None else f"is not a subclass of {base.__name__}"
-        raise ConfigError(f"'{class_name}' in module '{module_name}' {what}")
-    return adaptor_class
+        return import_class(EXISTING_GATEWAY_ADAPTORS.get(dotted_path, dotted_path), base)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -9,7 +9,6 @@ file and the entry.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,13 @@ from pydantic import Field, field_validator, model_validator
 
 from adaptors.schedulers.contract import Scheduler
 from proxy.settings.files import ConfigError, Strict
+from proxy.settings.plugins import import_class
 
 __all__ = ["OnDemandSettings", "SchedulerSettings", "import_scheduler"]
 
 
 def import_scheduler(dotted_path: str) -> type[Scheduler]:
-    module_name, _, class_name = dotted_path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"'{dotted_path}' is not a dotted path such as package.module.Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module '{module_name}': {exc}") from exc
-    found = getattr(module, class_name, None)
-    if not isinstance(found, type) or not issubclass(found, Scheduler):
-        what = "does not exist" if found is None else "is not a Scheduler"
-        raise ValueError(f"'{class_name}' in module '{module_name}' {what}")
-    return found
+    return import_class(dotted_path, Scheduler)
 
 
 class SchedulerSettings(Strict):
