@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 
 from adaptors.deployments import DeploymentSpec, Phase, Replica
+from adaptors.schedulers.local_job import session_members
 from mtls.certificates import Role, create_ca, issue, write
 from proxy.core.deployments.controller import Controller
 from proxy.edge.pilots import CONTROLLER
@@ -41,8 +42,10 @@ class Site:
 def end_jobs(site: Site) -> None:
     """Jobs outlive their gateway on purpose (a restarted one adopts them): a test ends its own."""
     for pid_file in (site.directory / "jobs" / "jobs").glob("*/pid.json"):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
+        session = json.loads(pid_file.read_text())["pid"]  # the wrapper leads the job's session
+        for pid in [session, *session_members(session)]:  # model servers have groups of their own
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def on_demand_site(tmp_path: Path) -> Iterator[Site]:

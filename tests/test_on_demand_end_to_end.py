@@ -33,6 +33,7 @@ from mtls.contexts import client_context
 from testing.fake_schedulers import BIN
 from testing.fake_schedulers.table import DIRECTORY_VARIABLE, FakeBatch
 from testing.ports import free_port
+from testing.services.postgres_server import PostgresServer
 from tests.deployment_setup import Site, end_jobs, write_on_demand_config
 from tests.processes import ROOT, gateway_process
 from tests.support import TOKENS
@@ -315,3 +316,35 @@ def _pilots(replica_id: str) -> list[int]:
             if f"pilot-{replica_id}.json".encode() in cmdline.read_bytes():
                 found.append(int(cmdline.parent.name))
     return found
+
+
+async def test_a_database_outage_does_not_stop_traffic_to_a_running_replica(
+    site: Site, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """The request path reads only the routing map in memory: with PostgreSQL down for longer than
+    several refreshes, usage reports and heartbeats (which get 503 meanwhile), the ready replica
+    keeps answering, and the controller carries on once the database is back."""
+    config, _ = _configure(tmp_path, site)
+    url = await postgres_server.create_database("test_on_demand_outage")
+    document = yaml.safe_load(config.read_text())
+    document["database_url"] = url
+    config.write_text(yaml.safe_dump(document))
+    try:
+        async with gateway_process(config) as gateway:
+            _, content = await _held_stream(gateway.url)
+            assert content
+            await postgres_server.stop()
+            try:
+                deadline = time.monotonic() + 12  # past a 10 s heartbeat and many 1 s refreshes
+                answered = 0
+                while time.monotonic() < deadline:
+                    assert await _ask(gateway.url)
+                    answered += 1
+                    await asyncio.sleep(0.5)
+                assert answered >= 10
+            finally:
+                await postgres_server.start()
+            assert await _ask(gateway.url)
+            assert "the ready replica" not in gateway.log_text()
+    finally:
+        await postgres_server.drop_database("test_on_demand_outage")
