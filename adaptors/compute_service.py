@@ -15,9 +15,11 @@ service sees no more status calls than a fixed 50 ms cadence would make):
   learned, never sooner than `MIN_FIRST_CHECK_SECONDS`; after a miss, `FIRST_CHECK_SECONDS` later,
   then after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that
   cadence);
-- one call (`get_task_batch`) asks about every task due before the next call could go out (and at
-  least those due within `NEIGHBOUR_SECONDS`; up to `MAX_TASKS_PER_POLL`, the longest due first), so
-  neighbours share it;
+- a task being due is what makes a call (`get_task_batch`) go out, and the call then asks about
+  every pending task (up to `MAX_TASKS_PER_POLL`, the longest due first): a call costs the service
+  the same whether it names one task or a hundred, so any task may as well be answered by it. Only
+  the tasks due before the next call could go out (at least those due within `NEIGHBOUR_SECONDS`)
+  move on in their schedule; the others keep theirs;
 - the calls spend a budget (adaptors/call_budget.py) of `STATUS_CALLS_PER_SECOND` (or one per
   `poll_interval_seconds` when that is shorter) with a burst of `STATUS_CALL_BURST`, whatever the
   number of tasks: in the long run no more status calls per process than a 50 ms cadence makes, while
@@ -85,6 +87,8 @@ class _Pending:
     """When it was last looked at."""
     missed: float | None = None
     """When it was looked at before that, and found unfinished."""
+    scheduled: bool = False
+    """Whether it has had the look it was due for (and is backing off since)."""
     started: bool = False
 
 
@@ -188,26 +192,25 @@ class ComputeService:
                     await asyncio.wait_for(self._wake.wait(), wake_at - now)
                 continue
             self._budget.spend()
-            await self._look(self._due(now + max(self._budget.wait(), NEIGHBOUR_SECONDS)))
+            await self._look(self._asked_about(), now + max(self._budget.wait(), NEIGHBOUR_SECONDS))
 
-    def _due(self, horizon: float) -> list[str]:
-        """The tasks to ask about now: those due before the next poll may be made, longest due first."""
-        due = [
-            (p.due, task_id)
-            for task_id, p in self._pending.items()
-            if p.due <= horizon and not p.future.done()
-        ]
-        if len(due) > MAX_TASKS_PER_POLL:
-            due = sorted(due)[:MAX_TASKS_PER_POLL]
-        return [task_id for _, task_id in due]
+    def _asked_about(self) -> list[str]:
+        """Every pending task, the longest due first when there are too many for one call."""
+        pending = [(p.due, task_id) for task_id, p in self._pending.items() if not p.future.done()]
+        if len(pending) > MAX_TASKS_PER_POLL:
+            pending = sorted(pending)[:MAX_TASKS_PER_POLL]
+        return [task_id for _, task_id in pending]
 
-    async def _look(self, task_ids: list[str]) -> None:
+    async def _look(self, task_ids: list[str], horizon: float) -> None:
+        """Ask about `task_ids`; those due by `horizon` are next due after their back-off."""
         asked = time.monotonic()
         for task_id in task_ids:
             pending = self._pending[task_id]
-            later = pending.wait * 2 if pending.looked is not None else FIRST_CHECK_SECONDS
-            pending.wait = min(later, self.access.poll_interval_seconds)
-            pending.due = asked + pending.wait
+            if pending.due <= horizon:
+                later = pending.wait * 2 if pending.scheduled else FIRST_CHECK_SECONDS
+                pending.wait = min(later, self.access.poll_interval_seconds)
+                pending.due = asked + pending.wait
+                pending.scheduled = True
             pending.missed, pending.looked = pending.looked, asked
         try:
             documents = await asyncio.get_running_loop().run_in_executor(

@@ -112,9 +112,9 @@ def timed_looks(service: ComputeService) -> list[float]:
     started: list[float] = []
     look = service._look
 
-    async def timed(task_ids: list[str]) -> None:
+    async def timed(task_ids: list[str], horizon: float) -> None:
         started.append(time.monotonic())
-        await look(task_ids)
+        await look(task_ids, horizon)
 
     service._look = timed  # type: ignore[method-assign]
     return started
@@ -217,6 +217,22 @@ async def test_a_fresh_task_is_looked_at_without_waiting_for_a_spacing(
         clock.now += 1 / STATUS_CALLS_PER_SECOND
         assert await asyncio.wait_for(waiting, 5) == "later"
         assert len(polls(compute)) == STATUS_CALL_BURST + 1
+    finally:
+        await service.close()
+
+
+async def test_a_call_asks_about_every_pending_task(compute: FakeCompute, make: Make) -> None:
+    """A quick task's call also asks about a long task that is not due: the call is made anyway."""
+    service = make(poll_interval=0.5)
+    try:
+        long = await service.submit(ENDPOINT, SLEEP, 1.0)
+        waiting = asyncio.ensure_future(service.result(long, timeout=10))
+        await asyncio.sleep(0.1)
+        quick = await service.submit(ENDPOINT, ECHO, "quick")
+        assert await service.result(quick, timeout=10) == "quick"
+        asked = [set(r.json["task_ids"]) for r in compute.requests if r.path.endswith("/batch_status")]
+        assert all(ids == {long, quick} for ids in asked if quick in ids), asked
+        assert await waiting == 1.0
     finally:
         await service.close()
 
