@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,6 @@ from bench.common import (
     NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
-    Check,
     Service,
     busy_shares,
     chat_body,
@@ -52,9 +52,7 @@ from bench.common import (
     process_cpu_seconds,
     read_announcement,
     run_client,
-    show,
     start_service,
-    table_row,
     tokens_document,
     wait_ready,
 )
@@ -62,7 +60,6 @@ from bench.compute_client import API_PORT, DEFAULT_THREADS
 from testing.ports import free_port
 
 CONCURRENCIES: Final = (1, 100, 1000)
-JUDGED_CONCURRENCY: Final = 100
 BASELINE_POLL_INTERVAL: Final = 0.0
 """The baseline asks again as soon as an answer came: the fastest the fake tells of a result."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
@@ -78,8 +75,7 @@ so a chunk's latency is the relay's and not a queue behind other chunks; saturat
 as the relay answers, which measures how many chunks per second it sustains (and its queue then)."""
 RELAY_WARMUP_CHUNKS: Final = 10
 CLIENT_SLACK_SECONDS: Final = 90.0
-ADDED_P50: Final = f"compute_c{JUDGED_CONCURRENCY}_added_p50_ms"
-RELAY_P99: Final = f"relay{RELAY_STREAMS}_paced_p99_ms"
+STATUS_CALL_METRIC: Final = "gateway_compute_poll_duration_seconds"
 
 
 def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +165,20 @@ def calls_so_far(fake: Service) -> dict[str, int]:
     raise RuntimeError(f"the {fake.name} did not report its calls:\n{fake.log_tail()}")
 
 
+def status_call_seconds(url: str) -> tuple[float, float]:
+    """The gateway's count of status calls and the seconds they took, from its metrics."""
+    metrics = url.split("/resource_server/", 1)[0] + "/metrics"
+    with urllib.request.urlopen(metrics, timeout=10) as response:
+        text = response.read().decode()
+    found = dict.fromkeys(("count", "sum"), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for kind in found:
+            if name == f"{STATUS_CALL_METRIC}_{kind}":
+                found[kind] = float(value)
+    return found["count"], found["sum"]
+
+
 @dataclass
 class ComputeBench:
     """One fake service for the whole section. The baseline client and the relay floor run before the
@@ -254,6 +264,7 @@ class ComputeBench:
         if warmed["errors"]:
             raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
         polls_before, started = calls_so_far(fake).get("status_polls", 0), time.monotonic()
+        calls_before = status_call_seconds(url)
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = loadgen(
@@ -262,6 +273,9 @@ class ComputeBench:
         cpu = process_cpu_seconds(gateway.process.pid) - before
         polls = calls_so_far(fake).get("status_polls", 0) - polls_before
         summary["status_calls_per_s"] = round(polls / (time.monotonic() - started), 1)
+        calls_after = status_call_seconds(url)
+        calls, call_seconds = calls_after[0] - calls_before[0], calls_after[1] - calls_before[1]
+        summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
         print(f"compute, concurrency {level}, through the gateway: done", file=sys.stderr)
@@ -328,127 +342,3 @@ def summarize_compute(
         "relay": relay,
         "fake_calls": calls,
     }
-
-
-def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
-    """The section's targets: the added p50 is judged (p99 is shown beside it), and the paced relay's
-    p99, receive minus send through the gateway."""
-    judged = (compute.get("by_concurrency") or {}).get(str(JUDGED_CONCURRENCY)) or {}
-    paced = ((compute.get("relay") or {}).get("paced") or {}).get("gateway") or {}
-    return {
-        ADDED_P50: (
-            judged.get("added_p50_ms"),
-            f"at most 15 ms added per request at {JUDGED_CONCURRENCY} concurrent requests",
-            lambda v: v <= 15,
-        ),
-        RELAY_P99: (paced.get("latency_p99_ms"), "relay adds under 2 ms per chunk at p99", lambda v: v < 2),
-    }
-
-
-def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    """The compute path under the table's other rows: the baseline client (or the relay floor) in
-    Direct, the gateway in Gateway."""
-    rows = []
-    for level, pair in compute["by_concurrency"].items():
-        rows.extend(level_rows(level, pair, judged))
-    for kind, pair in compute["relay"].items():
-        rows.extend(relay_rows(kind, pair, judged))
-    return rows
-
-
-def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    direct, gateway = pair["direct"], pair.get("gateway") or {}
-    prefix = f"compute c={level}"
-    ratio = pair.get("rps_ratio")
-    share = show(ratio * 100, "% of direct") if ratio is not None else "—"
-    rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]
-    for rank in ("p50", "p99"):
-        check = judged.get(ADDED_P50) if (level, rank) == (str(JUDGED_CONCURRENCY), "p50") else None
-        added = show(pair.get(f"added_{rank}_ms"), " ms")
-        rows.append(
-            table_row(
-                f"{prefix}: {rank}", direct[f"{rank}_ms"], gateway.get(f"{rank}_ms"), added, " ms", check
-            )
-        )
-    added_cpu = show(pair.get("added_cpu_ms_per_request"), " ms")
-    cpu = (direct["cpu_ms_per_request"], gateway.get("cpu_ms_per_request"))
-    rows.append(table_row(f"{prefix}: CPU 1 time per request", *cpu, added_cpu, " ms"))
-    cycle = direct.get("poll_cycle_ms")
-    calls = (round(1000 / cycle, 1) if cycle else None, gateway.get("status_calls_per_s"))
-    rows.append(table_row(f"{prefix}: status calls/s", *calls, "", ""))
-    rows.extend(cpu_rows(prefix, direct, gateway))
-    return rows
-
-
-def relay_rows(kind: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    """Direct is the relay floor; receive minus send through the gateway is what its relay adds."""
-    floor, gateway = pair["direct"], pair.get("gateway") or {}
-    delay = floor["chunk_delay_s"]
-    pace = f"{delay * 1000:g} ms apart" if delay else "back to back"
-    prefix = f"relay, {kind}: {floor['streams']} streams of {floor['chunks_per_stream']} chunks {pace}"
-    ratio = pair.get("chunks_per_s_ratio")
-    share = show(ratio * 100, "% of floor") if ratio is not None else "—"
-    rows = [table_row(f"{prefix}: chunks/s", floor["chunks_per_s"], gateway.get("chunks_per_s"), share, "")]
-    for rank in ("p50", "p99"):
-        check = judged.get(RELAY_P99) if (kind, rank) == ("paced", "p99") else None
-        latencies = (floor[f"latency_{rank}_ms"], gateway.get(f"latency_{rank}_ms"))
-        added = show(pair.get(f"added_{rank}_ms"), " ms vs floor")
-        rows.append(table_row(f"{prefix}: latency per chunk {rank}", *latencies, added, " ms", check))
-    cpu = (floor["cpu_ms_per_chunk"], gateway.get("cpu_ms_per_chunk"))
-    added_cpu = show(difference(cpu[1], cpu[0]), " ms")
-    rows.append(table_row(f"{prefix}: relay's CPU 1 time per chunk", *cpu, added_cpu, " ms"))
-    rows.extend(cpu_rows(prefix, floor, gateway))
-    return rows
-
-
-def cpu_rows(prefix: str, direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
-    """Which CPU was the limit, and how much of the two other processes took."""
-
-    def busy(side: dict[str, Any]) -> str:
-        if "cpu0_busy_share" not in side:
-            return "—"
-        return f"{side['cpu0_busy_share']:.0%} / {side['cpu1_busy_share']:.0%}"
-
-    def others(side: dict[str, Any]) -> str:
-        return f"{side['other_cpu_share']:.0%}" if "other_cpu_share" in side else "—"
-
-    return [
-        table_row(f"{prefix}: CPU 0 / CPU 1 busy", busy(direct), busy(gateway), "—", ""),
-        table_row(f"{prefix}: CPUs 0-1 taken by other processes", others(direct), others(gateway), "—", ""),
-    ]
-
-
-def compute_failures(compute: dict[str, Any]) -> list[str]:
-    """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
-    found = []
-    for level, pair in (compute.get("by_concurrency") or {}).items():
-        for side in ("direct", "gateway"):
-            if (pair.get(side) or {}).get("errors"):
-                found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
-    for kind, pair in (compute.get("relay") or {}).items():
-        for side in ("direct", "gateway"):
-            relayed = pair.get(side) or {}
-            if relayed.get("errors") or relayed.get("short_streams"):
-                found.append(
-                    f"relay {kind} {side}: {relayed['status_counts']}, {relayed['short_streams']} short"
-                )
-    return found
-
-
-def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]:
-    """Measures during which other processes took more than `threshold` of CPUs 0-1."""
-    measures = {
-        f"compute c={level} {side}": pair.get(side) or {}
-        for level, pair in (compute.get("by_concurrency") or {}).items()
-        for side in ("direct", "gateway")
-    }
-    measures |= {
-        f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}
-        for kind, pair in (compute.get("relay") or {}).items()
-        for side in ("direct", "gateway")
-    }
-    return [
-        f"{name}: {summary['other_cpu_share']:.0%}"
-        for name, summary in measures.items()
-        if summary.get("other_cpu_share", 0) > threshold
-    ]
