@@ -1,12 +1,13 @@
 """The benchmark's Globus Compute section: the compute path with and without the gateway, and the relay.
 
 A fake Globus Auth and Globus Compute run in one process on CPU 0 (bench.fake_compute_server), whose
-function answers at once. Then, with CPU 1 for the measured side each time:
+function answers at once (or after the prompt's `[[delay=S]]`). Then, with CPU 1 for the measured
+side each time:
 
-1. the baseline: bench.compute_client on CPU 1 submits through the SDK and learns of results the
-   fastest way the fake allows (one poller asking about every pending task back to back), at 1, 100
-   and 1,000 requests in flight: the fake's own latency cancels out, the gateway's wait for its
-   (adaptive) poll does not;
+1. the baseline: bench.compute_client on CPU 1 submits through the SDK (the submissions of a moment
+   in one call) and learns of results the fastest way the fake allows (one poller asking about every
+   pending task back to back), at each of `LEVELS`: the fake's own latency cancels out, the
+   gateway's wait for its (adaptive, rate-capped) poll does not;
 2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
    the same function, read by bench.stream_client on CPU 0 (see 4);
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default polling settings,
@@ -19,6 +20,9 @@ function answers at once. Then, with CPU 1 for the measured side each time:
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
+One thing may not cancel out: during (3) the load generator shares CPU 0 with the fake, during (1)
+nothing does. The mean status-call times, shown side by side, tell whether that made the fake
+slower to answer the gateway.
 """
 
 from __future__ import annotations
@@ -59,13 +63,34 @@ from bench.common import (
 from bench.compute_client import API_PORT, DEFAULT_THREADS
 from testing.ports import free_port
 
-CONCURRENCIES: Final = (1, 100, 1000)
+
+@dataclass(frozen=True)
+class Level:
+    """One comparison: requests in flight, how long the fake's function takes (`[[delay=S]]` in the
+    prompt), and the requests each side sends first (the token, connections, the poller's estimate
+    of when results come)."""
+
+    concurrency: int
+    task_seconds: float = 0.0
+    warm_requests: int = 500
+
+    @property
+    def key(self) -> str:
+        tasks = f", tasks of {self.task_seconds:g} s" if self.task_seconds else ""
+        return f"{self.concurrency}{tasks}"
+
+    @property
+    def body(self) -> str:
+        return chat_body(f"Say hello [[delay={self.task_seconds:g}]]" if self.task_seconds else "Say hello")
+
+
+LEVELS: Final = (Level(1), Level(1, 0.2, 20), Level(100), Level(1000))
+"""Tasks of 0.2 s at c=1 show the poller where its budget does not bind on every request: one
+request every 5 ms (the instant function) cannot each get a status call at 20 calls a second."""
 BASELINE_POLL_INTERVAL: Final = 0.0
 """The baseline asks again as soon as an answer came: the fastest the fake tells of a result."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
 """The gateway's thread pool for SDK calls, set to the baseline client's so that both wait alike."""
-WARM_REQUESTS: Final = 500
-"""Sent before each measure (token, connections, the endpoint status cache), by each side."""
 CLUSTER: Final = "hpc"
 COMPUTE_PATH: Final = f"/resource_server/{CLUSTER}/vllm/v1/chat/completions"
 RELAY_STREAMS: Final = 16
@@ -198,16 +223,14 @@ class ComputeBench:
             service_file = self.workdir / "fake-compute.json"
             service_file.write_text(json.dumps(announced))
             ours = [fake.process.pid]
-            levels = {
-                str(level): {"direct": self._direct(service_file, level, ours)} for level in CONCURRENCIES
-            }
+            levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in LEVELS}
             floors = self._floor(service_file, services, ours)
             relay = {kind: {"direct": floor} for kind, floor in floors.items()}
             if self.with_gateway:
                 gateway, url = self._start_gateway(announced, services)
                 ours.append(gateway.process.pid)
-                for level, pair in levels.items():
-                    pair["gateway"] = self._through_gateway(url, int(level), gateway, ours, fake)
+                for level in LEVELS:
+                    levels[level.key]["gateway"] = self._through_gateway(url, level, gateway, ours, fake)
                 for kind, pair in relay.items():
                     target = ["--url", url, "--token", TOKEN]
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
@@ -217,15 +240,15 @@ class ComputeBench:
             calls = fake_calls(fake)
         return summarize_compute(levels, relay, calls, self.seconds)
 
-    def _direct(self, service_file: Path, level: int, ours: list[int]) -> dict[str, Any]:
+    def _direct(self, service_file: Path, level: Level, ours: list[int]) -> dict[str, Any]:
         """The baseline client in the gateway's place on CPU 1."""
-        args = ["--service", str(service_file), "--concurrency", str(level)]
-        args += ["--duration", str(self.seconds), "--warmup", str(WARM_REQUESTS)]
+        args = ["--service", str(service_file), "--concurrency", str(level.concurrency), "--body", level.body]
+        args += ["--duration", str(self.seconds), "--warmup", str(level.warm_requests)]
         args += ["--poll-interval", str(BASELINE_POLL_INTERVAL), "--threads", str(ADAPTOR_THREADS)]
         limit = self.seconds + CLIENT_SLACK_SECONDS
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = run_client("compute client", GATEWAY_CPU, "bench.compute_client", args, limit)
-        print(f"compute, concurrency {level}, direct: done", file=sys.stderr)
+        print(f"compute, concurrency {level.key}, direct: done", file=sys.stderr)
         return summary | disturbance | busy
 
     def _floor(self, service_file: Path, services: ExitStack, ours: list[int]) -> dict[str, dict[str, Any]]:
@@ -252,15 +275,14 @@ class ComputeBench:
         return gateway, f"http://127.0.0.1:{port}{COMPUTE_PATH}"
 
     def _through_gateway(
-        self, url: str, level: int, gateway: Service, ours: list[int], fake: Service
+        self, url: str, level: Level, gateway: Service, ours: list[int], fake: Service
     ) -> dict[str, Any]:
         """Warm up in a run of its own, so that the gateway's CPU time (and the fake's count of its
         status calls) counts the measured requests only."""
         limit = self.seconds + CLIENT_SLACK_SECONDS
-        concurrency = ["--concurrency", str(level)]
-        warmed = loadgen(
-            url, chat_body(), "--requests", str(WARM_REQUESTS), *concurrency, token=TOKEN, limit=limit
-        )
+        concurrency = ["--concurrency", str(level.concurrency)]
+        warm = ["--requests", str(level.warm_requests)]
+        warmed = loadgen(url, level.body, *warm, *concurrency, token=TOKEN, limit=limit)
         if warmed["errors"]:
             raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
         polls_before, started = calls_so_far(fake).get("status_polls", 0), time.monotonic()
@@ -268,7 +290,7 @@ class ComputeBench:
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = loadgen(
-                url, chat_body(), "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
+                url, level.body, "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
             )
         cpu = process_cpu_seconds(gateway.process.pid) - before
         polls = calls_so_far(fake).get("status_polls", 0) - polls_before
@@ -278,7 +300,7 @@ class ComputeBench:
         summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
-        print(f"compute, concurrency {level}, through the gateway: done", file=sys.stderr)
+        print(f"compute, concurrency {level.key}, through the gateway: done", file=sys.stderr)
         return summary | {"cpu_s": round(cpu, 3), "cpu_ms_per_request": per_request} | disturbance | busy
 
     def _relay(
@@ -332,7 +354,7 @@ def summarize_compute(
         "gateway_polling": "adaptive, default settings (adaptors/compute_service.py)",
         "adaptor_threads": ADAPTOR_THREADS,
         "seconds_per_measure": seconds,
-        "warm_requests": WARM_REQUESTS,
+        "warm_requests": {level.key: level.warm_requests for level in LEVELS},
         "cpus": {
             "fake_service_and_function": LOADGEN_CPU,
             "load_generator_and_stream_client": LOADGEN_CPU,
