@@ -16,10 +16,11 @@ service sees no more status calls than a fixed 50 ms cadence would make):
   then after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that
   cadence);
 - a task being due is what makes a call (`get_task_batch`) go out, and the call then asks about
-  every pending task (up to `MAX_TASKS_PER_POLL`, the longest due first): a call costs the service
-  the same whether it names one task or a hundred, so any task may as well be answered by it. Only
-  the tasks due before the next call could go out (at least those due within `NEIGHBOUR_SECONDS`)
-  move on in their schedule; the others keep theirs;
+  every pending task (up to `MAX_TASKS_PER_POLL`, the longest due first): the cap counts calls, not
+  the tasks they name, so any finished task may as well be found by it. The tasks due within
+  `NEIGHBOUR_SECONDS` (one call's worth at the long-run rate) or before the next call could go out
+  move on in their schedule, so that neighbours keep sharing calls; the others, looked at long
+  before they were due, keep theirs and back off no faster for it;
 - the calls spend a budget (adaptors/call_budget.py) of `STATUS_CALLS_PER_SECOND` (or one per
   `poll_interval_seconds` when that is shorter) with a burst of `STATUS_CALL_BURST`, whatever the
   number of tasks: in the long run no more status calls per process than a 50 ms cadence makes, while
@@ -63,7 +64,7 @@ MIN_FIRST_CHECK_SECONDS = 0.005
 LEARNING_WEIGHT = 0.2
 STATUS_CALLS_PER_SECOND = 20.0
 STATUS_CALL_BURST = 5
-NEIGHBOUR_SECONDS = 0.005
+NEIGHBOUR_SECONDS = 1 / STATUS_CALLS_PER_SECOND
 HTTP_POOL_SIZE = 64
 Result = TypeVar("Result")
 

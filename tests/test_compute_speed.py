@@ -237,6 +237,24 @@ async def test_a_call_asks_about_every_pending_task(compute: FakeCompute, make: 
         await service.close()
 
 
+async def test_long_tasks_submitted_apart_share_their_calls(compute: FakeCompute, make: Make) -> None:
+    """Two long tasks 10 ms apart: the second is looked at with the first and backs off in step with
+    it, instead of making calls of its own 10 ms after each of the first's."""
+    service = make(poll_interval=0.2)
+    looks = timed_looks(service)
+    try:
+        first = await service.submit(ENDPOINT, SLEEP, 1.0)
+        waiting = asyncio.ensure_future(service.result(first, timeout=10))
+        await asyncio.sleep(0.01)
+        second = await service.submit(ENDPOINT, SLEEP, 1.0)
+        assert await service.result(second, timeout=10) == 1.0
+        assert await waiting == 1.0
+        # one task alone: 0.02, 0.02, 0.04, 0.08, 0.16, then every 0.2 s, about 9 looks in 1 s
+        assert len(looks) <= 12, looks
+    finally:
+        await service.close()
+
+
 async def test_a_poll_does_not_wait_behind_the_shared_pool(compute: FakeCompute, make: Make) -> None:
     """The adaptors' pool is busy (a submission burst, say): results still arrive."""
     with ThreadPoolExecutor(max_workers=1) as pool:
