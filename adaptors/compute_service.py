@@ -15,10 +15,16 @@ service sees no more status calls than a fixed 50 ms cadence would make):
   learned, never sooner than `MIN_FIRST_CHECK_SECONDS`; after a miss, `FIRST_CHECK_SECONDS` later,
   then after twice the previous wait, up to `poll_interval_seconds` (long tasks settle to that
   cadence);
-- one call (`get_task_batch`) asks about every task due within the next `MIN_POLL_SPACING_SECONDS`
-  (up to `MAX_TASKS_PER_POLL`, the longest due first), so neighbours share it;
-- two calls are at least `MIN_POLL_SPACING_SECONDS` apart (or `poll_interval_seconds` when that is
-  shorter), whatever the number of tasks: at most 20 status calls per second per process;
+- a task being due is what makes a call (`get_task_batch`) go out, and the call then asks about
+  every pending task (up to `MAX_TASKS_PER_POLL`, the longest due first): the cap counts calls, not
+  the tasks they name, so any finished task may as well be found by it. The tasks due within
+  `NEIGHBOUR_SECONDS` (one call's worth at the long-run rate) or before the next call could go out
+  move on in their schedule, so that neighbours keep sharing calls; the others, looked at long
+  before they were due, keep theirs and back off no faster for it;
+- the calls spend a budget (adaptors/call_budget.py) of `STATUS_CALLS_PER_SECOND` (or one per
+  `poll_interval_seconds` when that is shorter) with a burst of `STATUS_CALL_BURST`, whatever the
+  number of tasks: in the long run no more status calls per process than a 50 ms cadence makes, while
+  a fresh task after a quiet spell is looked at when it is due, not 50 ms after the previous call;
 - the calls run on a thread of their own, not in the adaptors' shared pool, so that a poll never
   waits behind a burst of submissions (or of anything else) queued there.
 """
@@ -40,6 +46,7 @@ from globus_compute_sdk.sdk.batch import Batch
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
+from adaptors.call_budget import CallBudget
 from adaptors.compute_config import ComputeAccess
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.compute_submit import Submitter
@@ -55,7 +62,9 @@ MAX_TASKS_PER_POLL = 1000
 FIRST_CHECK_SECONDS = 0.02
 MIN_FIRST_CHECK_SECONDS = 0.005
 LEARNING_WEIGHT = 0.2
-MIN_POLL_SPACING_SECONDS = 0.05
+STATUS_CALLS_PER_SECOND = 20.0
+STATUS_CALL_BURST = 5
+NEIGHBOUR_SECONDS = 1 / STATUS_CALLS_PER_SECOND
 HTTP_POOL_SIZE = 64
 Result = TypeVar("Result")
 
@@ -79,6 +88,8 @@ class _Pending:
     """When it was last looked at."""
     missed: float | None = None
     """When it was looked at before that, and found unfinished."""
+    scheduled: bool = False
+    """Whether it has had the look it was due for (and is backing off since)."""
     started: bool = False
 
 
@@ -98,17 +109,21 @@ class ComputeService:
     _wake_at: float = 0.0
     """When the poller, asleep, wakes up; a task due earlier (and after `_not_before`) wakes it."""
     _not_before: float = 0.0
-    _last_poll: float = -MIN_POLL_SPACING_SECONDS
-    """When the last status call was made: kept across pollers (one ends when no task is left), so
-    that requests one after the other do not each get a call of their own sooner than the spacing."""
+    """The earliest the next status call may be made (when the budget has room for it)."""
+    _budget: CallBudget = field(init=False)
+    """The status calls' budget: kept across pollers (one ends when no task is left), so that
+    requests one after the other share it."""
     _expected: float | None = None
     """How long after submission recent tasks were found finished."""
-    """The earliest the next status call may be made (the spacing between calls)."""
     _poll_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute-poll")
     )
     _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
     _submitter: Submitter | None = None
+
+    def __post_init__(self) -> None:
+        rate = max(STATUS_CALLS_PER_SECOND, 1 / self.access.poll_interval_seconds)
+        self._budget = CallBudget(rate, STATUS_CALL_BURST)
 
     async def submit(
         self,
@@ -161,7 +176,6 @@ class ComputeService:
         self._poll_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _poll(self) -> None:
-        spacing = min(MIN_POLL_SPACING_SECONDS, self.access.poll_interval_seconds)
         while self._pending:
             now = time.monotonic()
             self._expire(now)
@@ -169,7 +183,7 @@ class ComputeService:
             if not pending:
                 await asyncio.sleep(0)  # the waiters remove their tasks as they wake
                 continue
-            self._not_before = self._last_poll + spacing
+            self._not_before = now + self._budget.wait()
             due_at = max(min(p.due for p in pending), self._not_before)
             wake_at = min(due_at, min(p.deadline for p in pending))
             if wake_at > now:
@@ -178,27 +192,26 @@ class ComputeService:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wake_at - now)
                 continue
-            self._last_poll = now
-            await self._look(self._due(now + spacing))
+            self._budget.spend()
+            await self._look(self._asked_about(), now + max(self._budget.wait(), NEIGHBOUR_SECONDS))
 
-    def _due(self, horizon: float) -> list[str]:
-        """The tasks to ask about now: those due before the next poll may be made, longest due first."""
-        due = [
-            (p.due, task_id)
-            for task_id, p in self._pending.items()
-            if p.due <= horizon and not p.future.done()
-        ]
-        if len(due) > MAX_TASKS_PER_POLL:
-            due = sorted(due)[:MAX_TASKS_PER_POLL]
-        return [task_id for _, task_id in due]
+    def _asked_about(self) -> list[str]:
+        """Every pending task, the longest due first when there are too many for one call."""
+        pending = [(p.due, task_id) for task_id, p in self._pending.items() if not p.future.done()]
+        if len(pending) > MAX_TASKS_PER_POLL:
+            pending = sorted(pending)[:MAX_TASKS_PER_POLL]
+        return [task_id for _, task_id in pending]
 
-    async def _look(self, task_ids: list[str]) -> None:
+    async def _look(self, task_ids: list[str], horizon: float) -> None:
+        """Ask about `task_ids`; those due by `horizon` are next due after their back-off."""
         asked = time.monotonic()
         for task_id in task_ids:
             pending = self._pending[task_id]
-            later = pending.wait * 2 if pending.looked is not None else FIRST_CHECK_SECONDS
-            pending.wait = min(later, self.access.poll_interval_seconds)
-            pending.due = asked + pending.wait
+            if pending.due <= horizon:
+                later = pending.wait * 2 if pending.scheduled else FIRST_CHECK_SECONDS
+                pending.wait = min(later, self.access.poll_interval_seconds)
+                pending.due = asked + pending.wait
+                pending.scheduled = True
             pending.missed, pending.looked = pending.looked, asked
         try:
             documents = await asyncio.get_running_loop().run_in_executor(

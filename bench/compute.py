@@ -1,12 +1,13 @@
 """The benchmark's Globus Compute section: the compute path with and without the gateway, and the relay.
 
 A fake Globus Auth and Globus Compute run in one process on CPU 0 (bench.fake_compute_server), whose
-function answers at once. Then, with CPU 1 for the measured side each time:
+function answers at once (or after the prompt's `[[delay=S]]`). Then, with CPU 1 for the measured
+side each time:
 
-1. the baseline: bench.compute_client on CPU 1 submits through the SDK and learns of results the
-   fastest way the fake allows (one poller asking about every pending task back to back), at 1, 100
-   and 1,000 requests in flight: the fake's own latency cancels out, the gateway's wait for its
-   (adaptive) poll does not;
+1. the baseline: bench.compute_client on CPU 1 submits through the SDK (the submissions of a moment
+   in one call) and learns of results the fastest way the fake allows (one poller asking about every
+   pending task back to back), at each of `LEVELS`: the fake's own latency cancels out, the
+   gateway's wait for its (adaptive, rate-capped) poll does not;
 2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
    the same function, read by bench.stream_client on CPU 0 (see 4);
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default polling settings,
@@ -19,6 +20,9 @@ function answers at once. Then, with CPU 1 for the measured side each time:
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
+One thing may not cancel out: during (3) the load generator shares CPU 0 with the fake, during (1)
+nothing does. The mean status-call times, shown side by side, tell whether that made the fake
+slower to answer the gateway.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +47,6 @@ from bench.common import (
     NO_LIMITS,
     STATIC_AUTH,
     TOKEN,
-    Check,
     Service,
     busy_shares,
     chat_body,
@@ -52,23 +56,41 @@ from bench.common import (
     process_cpu_seconds,
     read_announcement,
     run_client,
-    show,
     start_service,
-    table_row,
     tokens_document,
     wait_ready,
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
 from testing.ports import free_port
 
-CONCURRENCIES: Final = (1, 100, 1000)
-JUDGED_CONCURRENCY: Final = 100
+
+@dataclass(frozen=True)
+class Level:
+    """One comparison: requests in flight, how long the fake's function takes (`[[delay=S]]` in the
+    prompt), and the requests each side sends first (the token, connections, the poller's estimate
+    of when results come)."""
+
+    concurrency: int
+    task_seconds: float = 0.0
+    warm_requests: int = 500
+
+    @property
+    def key(self) -> str:
+        tasks = f", tasks of {self.task_seconds:g} s" if self.task_seconds else ""
+        return f"{self.concurrency}{tasks}"
+
+    @property
+    def body(self) -> str:
+        return chat_body(f"Say hello [[delay={self.task_seconds:g}]]" if self.task_seconds else "Say hello")
+
+
+LEVELS: Final = (Level(1), Level(1, 0.2, 20), Level(100), Level(1000))
+"""Tasks of 0.2 s at c=1 show the poller where its budget does not bind on every request: one
+request every 5 ms (the instant function) cannot each get a status call at 20 calls a second."""
 BASELINE_POLL_INTERVAL: Final = 0.0
 """The baseline asks again as soon as an answer came: the fastest the fake tells of a result."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
 """The gateway's thread pool for SDK calls, set to the baseline client's so that both wait alike."""
-WARM_REQUESTS: Final = 500
-"""Sent before each measure (token, connections, the endpoint status cache), by each side."""
 CLUSTER: Final = "hpc"
 COMPUTE_PATH: Final = f"/resource_server/{CLUSTER}/vllm/v1/chat/completions"
 RELAY_STREAMS: Final = 16
@@ -78,8 +100,7 @@ so a chunk's latency is the relay's and not a queue behind other chunks; saturat
 as the relay answers, which measures how many chunks per second it sustains (and its queue then)."""
 RELAY_WARMUP_CHUNKS: Final = 10
 CLIENT_SLACK_SECONDS: Final = 90.0
-ADDED_P50: Final = f"compute_c{JUDGED_CONCURRENCY}_added_p50_ms"
-RELAY_P99: Final = f"relay{RELAY_STREAMS}_paced_p99_ms"
+STATUS_CALL_METRIC: Final = "gateway_compute_poll_duration_seconds"
 
 
 def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +190,20 @@ def calls_so_far(fake: Service) -> dict[str, int]:
     raise RuntimeError(f"the {fake.name} did not report its calls:\n{fake.log_tail()}")
 
 
+def status_call_seconds(url: str) -> tuple[float, float]:
+    """The gateway's count of status calls and the seconds they took, from its metrics."""
+    metrics = url.split("/resource_server/", 1)[0] + "/metrics"
+    with urllib.request.urlopen(metrics, timeout=10) as response:
+        text = response.read().decode()
+    found = dict.fromkeys(("count", "sum"), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        for kind in found:
+            if name == f"{STATUS_CALL_METRIC}_{kind}":
+                found[kind] = float(value)
+    return found["count"], found["sum"]
+
+
 @dataclass
 class ComputeBench:
     """One fake service for the whole section. The baseline client and the relay floor run before the
@@ -188,16 +223,14 @@ class ComputeBench:
             service_file = self.workdir / "fake-compute.json"
             service_file.write_text(json.dumps(announced))
             ours = [fake.process.pid]
-            levels = {
-                str(level): {"direct": self._direct(service_file, level, ours)} for level in CONCURRENCIES
-            }
+            levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in LEVELS}
             floors = self._floor(service_file, services, ours)
             relay = {kind: {"direct": floor} for kind, floor in floors.items()}
             if self.with_gateway:
                 gateway, url = self._start_gateway(announced, services)
                 ours.append(gateway.process.pid)
-                for level, pair in levels.items():
-                    pair["gateway"] = self._through_gateway(url, int(level), gateway, ours, fake)
+                for level in LEVELS:
+                    levels[level.key]["gateway"] = self._through_gateway(url, level, gateway, ours, fake)
                 for kind, pair in relay.items():
                     target = ["--url", url, "--token", TOKEN]
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
@@ -207,15 +240,15 @@ class ComputeBench:
             calls = fake_calls(fake)
         return summarize_compute(levels, relay, calls, self.seconds)
 
-    def _direct(self, service_file: Path, level: int, ours: list[int]) -> dict[str, Any]:
+    def _direct(self, service_file: Path, level: Level, ours: list[int]) -> dict[str, Any]:
         """The baseline client in the gateway's place on CPU 1."""
-        args = ["--service", str(service_file), "--concurrency", str(level)]
-        args += ["--duration", str(self.seconds), "--warmup", str(WARM_REQUESTS)]
+        args = ["--service", str(service_file), "--concurrency", str(level.concurrency), "--body", level.body]
+        args += ["--duration", str(self.seconds), "--warmup", str(level.warm_requests)]
         args += ["--poll-interval", str(BASELINE_POLL_INTERVAL), "--threads", str(ADAPTOR_THREADS)]
         limit = self.seconds + CLIENT_SLACK_SECONDS
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = run_client("compute client", GATEWAY_CPU, "bench.compute_client", args, limit)
-        print(f"compute, concurrency {level}, direct: done", file=sys.stderr)
+        print(f"compute, concurrency {level.key}, direct: done", file=sys.stderr)
         return summary | disturbance | busy
 
     def _floor(self, service_file: Path, services: ExitStack, ours: list[int]) -> dict[str, dict[str, Any]]:
@@ -242,29 +275,32 @@ class ComputeBench:
         return gateway, f"http://127.0.0.1:{port}{COMPUTE_PATH}"
 
     def _through_gateway(
-        self, url: str, level: int, gateway: Service, ours: list[int], fake: Service
+        self, url: str, level: Level, gateway: Service, ours: list[int], fake: Service
     ) -> dict[str, Any]:
         """Warm up in a run of its own, so that the gateway's CPU time (and the fake's count of its
         status calls) counts the measured requests only."""
         limit = self.seconds + CLIENT_SLACK_SECONDS
-        concurrency = ["--concurrency", str(level)]
-        warmed = loadgen(
-            url, chat_body(), "--requests", str(WARM_REQUESTS), *concurrency, token=TOKEN, limit=limit
-        )
+        concurrency = ["--concurrency", str(level.concurrency)]
+        warm = ["--requests", str(level.warm_requests)]
+        warmed = loadgen(url, level.body, *warm, *concurrency, token=TOKEN, limit=limit)
         if warmed["errors"]:
             raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
         polls_before, started = calls_so_far(fake).get("status_polls", 0), time.monotonic()
+        calls_before = status_call_seconds(url)
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = loadgen(
-                url, chat_body(), "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
+                url, level.body, "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
             )
         cpu = process_cpu_seconds(gateway.process.pid) - before
         polls = calls_so_far(fake).get("status_polls", 0) - polls_before
         summary["status_calls_per_s"] = round(polls / (time.monotonic() - started), 1)
+        calls_after = status_call_seconds(url)
+        calls, call_seconds = calls_after[0] - calls_before[0], calls_after[1] - calls_before[1]
+        summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
-        print(f"compute, concurrency {level}, through the gateway: done", file=sys.stderr)
+        print(f"compute, concurrency {level.key}, through the gateway: done", file=sys.stderr)
         return summary | {"cpu_s": round(cpu, 3), "cpu_ms_per_request": per_request} | disturbance | busy
 
     def _relay(
@@ -318,7 +354,7 @@ def summarize_compute(
         "gateway_polling": "adaptive, default settings (adaptors/compute_service.py)",
         "adaptor_threads": ADAPTOR_THREADS,
         "seconds_per_measure": seconds,
-        "warm_requests": WARM_REQUESTS,
+        "warm_requests": {level.key: level.warm_requests for level in LEVELS},
         "cpus": {
             "fake_service_and_function": LOADGEN_CPU,
             "load_generator_and_stream_client": LOADGEN_CPU,
@@ -328,127 +364,3 @@ def summarize_compute(
         "relay": relay,
         "fake_calls": calls,
     }
-
-
-def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
-    """The section's targets: the added p50 is judged (p99 is shown beside it), and the paced relay's
-    p99, receive minus send through the gateway."""
-    judged = (compute.get("by_concurrency") or {}).get(str(JUDGED_CONCURRENCY)) or {}
-    paced = ((compute.get("relay") or {}).get("paced") or {}).get("gateway") or {}
-    return {
-        ADDED_P50: (
-            judged.get("added_p50_ms"),
-            f"at most 15 ms added per request at {JUDGED_CONCURRENCY} concurrent requests",
-            lambda v: v <= 15,
-        ),
-        RELAY_P99: (paced.get("latency_p99_ms"), "relay adds under 2 ms per chunk at p99", lambda v: v < 2),
-    }
-
-
-def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    """The compute path under the table's other rows: the baseline client (or the relay floor) in
-    Direct, the gateway in Gateway."""
-    rows = []
-    for level, pair in compute["by_concurrency"].items():
-        rows.extend(level_rows(level, pair, judged))
-    for kind, pair in compute["relay"].items():
-        rows.extend(relay_rows(kind, pair, judged))
-    return rows
-
-
-def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    direct, gateway = pair["direct"], pair.get("gateway") or {}
-    prefix = f"compute c={level}"
-    ratio = pair.get("rps_ratio")
-    share = show(ratio * 100, "% of direct") if ratio is not None else "—"
-    rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]
-    for rank in ("p50", "p99"):
-        check = judged.get(ADDED_P50) if (level, rank) == (str(JUDGED_CONCURRENCY), "p50") else None
-        added = show(pair.get(f"added_{rank}_ms"), " ms")
-        rows.append(
-            table_row(
-                f"{prefix}: {rank}", direct[f"{rank}_ms"], gateway.get(f"{rank}_ms"), added, " ms", check
-            )
-        )
-    added_cpu = show(pair.get("added_cpu_ms_per_request"), " ms")
-    cpu = (direct["cpu_ms_per_request"], gateway.get("cpu_ms_per_request"))
-    rows.append(table_row(f"{prefix}: CPU 1 time per request", *cpu, added_cpu, " ms"))
-    cycle = direct.get("poll_cycle_ms")
-    calls = (round(1000 / cycle, 1) if cycle else None, gateway.get("status_calls_per_s"))
-    rows.append(table_row(f"{prefix}: status calls/s", *calls, "", ""))
-    rows.extend(cpu_rows(prefix, direct, gateway))
-    return rows
-
-
-def relay_rows(kind: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    """Direct is the relay floor; receive minus send through the gateway is what its relay adds."""
-    floor, gateway = pair["direct"], pair.get("gateway") or {}
-    delay = floor["chunk_delay_s"]
-    pace = f"{delay * 1000:g} ms apart" if delay else "back to back"
-    prefix = f"relay, {kind}: {floor['streams']} streams of {floor['chunks_per_stream']} chunks {pace}"
-    ratio = pair.get("chunks_per_s_ratio")
-    share = show(ratio * 100, "% of floor") if ratio is not None else "—"
-    rows = [table_row(f"{prefix}: chunks/s", floor["chunks_per_s"], gateway.get("chunks_per_s"), share, "")]
-    for rank in ("p50", "p99"):
-        check = judged.get(RELAY_P99) if (kind, rank) == ("paced", "p99") else None
-        latencies = (floor[f"latency_{rank}_ms"], gateway.get(f"latency_{rank}_ms"))
-        added = show(pair.get(f"added_{rank}_ms"), " ms vs floor")
-        rows.append(table_row(f"{prefix}: latency per chunk {rank}", *latencies, added, " ms", check))
-    cpu = (floor["cpu_ms_per_chunk"], gateway.get("cpu_ms_per_chunk"))
-    added_cpu = show(difference(cpu[1], cpu[0]), " ms")
-    rows.append(table_row(f"{prefix}: relay's CPU 1 time per chunk", *cpu, added_cpu, " ms"))
-    rows.extend(cpu_rows(prefix, floor, gateway))
-    return rows
-
-
-def cpu_rows(prefix: str, direct: dict[str, Any], gateway: dict[str, Any]) -> list[str]:
-    """Which CPU was the limit, and how much of the two other processes took."""
-
-    def busy(side: dict[str, Any]) -> str:
-        if "cpu0_busy_share" not in side:
-            return "—"
-        return f"{side['cpu0_busy_share']:.0%} / {side['cpu1_busy_share']:.0%}"
-
-    def others(side: dict[str, Any]) -> str:
-        return f"{side['other_cpu_share']:.0%}" if "other_cpu_share" in side else "—"
-
-    return [
-        table_row(f"{prefix}: CPU 0 / CPU 1 busy", busy(direct), busy(gateway), "—", ""),
-        table_row(f"{prefix}: CPUs 0-1 taken by other processes", others(direct), others(gateway), "—", ""),
-    ]
-
-
-def compute_failures(compute: dict[str, Any]) -> list[str]:
-    """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
-    found = []
-    for level, pair in (compute.get("by_concurrency") or {}).items():
-        for side in ("direct", "gateway"):
-            if (pair.get(side) or {}).get("errors"):
-                found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
-    for kind, pair in (compute.get("relay") or {}).items():
-        for side in ("direct", "gateway"):
-            relayed = pair.get(side) or {}
-            if relayed.get("errors") or relayed.get("short_streams"):
-                found.append(
-                    f"relay {kind} {side}: {relayed['status_counts']}, {relayed['short_streams']} short"
-                )
-    return found
-
-
-def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]:
-    """Measures during which other processes took more than `threshold` of CPUs 0-1."""
-    measures = {
-        f"compute c={level} {side}": pair.get(side) or {}
-        for level, pair in (compute.get("by_concurrency") or {}).items()
-        for side in ("direct", "gateway")
-    }
-    measures |= {
-        f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}
-        for kind, pair in (compute.get("relay") or {}).items()
-        for side in ("direct", "gateway")
-    }
-    return [
-        f"{name}: {summary['other_cpu_share']:.0%}"
-        for name, summary in measures.items()
-        if summary.get("other_cpu_share", 0) > threshold
-    ]

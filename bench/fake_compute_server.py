@@ -10,8 +10,9 @@ line with the number of submits and status polls it answered, and on SIGUSR1 one
 counts so far (`counts_so_far`).
 
 The registered function stands in for `compute-functions/vllm_inference.py` without a vLLM behind
-it: a non-streaming task returns a small fixed chat completion at once, so a request's latency is
-the service's own (submit, then the wait for the next status poll). A streaming task POSTs its
+it: a non-streaming task returns a small fixed chat completion at once (or after the prompt's
+`[[delay=S]]` seconds), so a request's latency is the service's own (submit, then the wait for the
+next status poll) plus that delay. A streaming task POSTs its
 chunks to the gateway's callback routes, one server-sent event line per POST as the task asks, and
 stamps each line with `time.monotonic_ns()` just before it is sent: CLOCK_MONOTONIC is one clock
 for every process of a Linux host, so the client that receives the line can tell how long the relay
@@ -49,6 +50,7 @@ MODEL: Final = "bench/model"
 CALLBACK_PATH: Final = "/resource_server/api/streaming/"
 MAX_CHUNKS: Final = 100_000
 MAX_CHUNK_DELAY: Final = 1.0
+MAX_TASK_SECONDS: Final = 10.0
 CALLBACK_TIMEOUT: Final = 10.0
 PRUNE_SECONDS: Final = 5.0
 KEEP_TASKS_SECONDS: Final = 30.0
@@ -153,6 +155,9 @@ def make_function(secret: str) -> Any:
         params = parameters["model_params"]
         if params.get("stream") is True:
             return stream(params, secret)
+        delay = parse_faults(str(params["messages"][-1]["content"])).delay
+        if delay:
+            time.sleep(min(delay, MAX_TASK_SECONDS))
         return ANSWER
 
     return bench_inference

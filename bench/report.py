@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.auth import auth_checks, auth_disturbances, auth_failures, auth_rows
-from bench.compute import compute_checks, compute_disturbances, compute_failures, compute_rows
+from bench.compute_report import compute_checks, compute_disturbances, compute_failures, compute_rows
 from bench.deployment import deployment_checks, deployment_failures, deployment_rows
 from bench.federation import federation_checks, federation_failures, federation_rows
 from bench.observability import (

@@ -16,8 +16,9 @@ from typing import Any
 import globus_sdk
 import pytest
 
+from adaptors.call_budget import CallBudget
 from adaptors.compute_config import GlobusComputeClusterConfig
-from adaptors.compute_service import MIN_POLL_SPACING_SECONDS, ComputeService, TaskFailed
+from adaptors.compute_service import STATUS_CALL_BURST, STATUS_CALLS_PER_SECOND, ComputeService, TaskFailed
 from adaptors.compute_submit import MAX_TASKS_PER_SUBMIT
 from adaptors.telemetry import NoTelemetry
 from testing.fake_globus.auth import FakeGlobus
@@ -111,9 +112,9 @@ def timed_looks(service: ComputeService) -> list[float]:
     started: list[float] = []
     look = service._look
 
-    async def timed(task_ids: list[str]) -> None:
+    async def timed(task_ids: list[str], horizon: float) -> None:
         started.append(time.monotonic())
-        await look(task_ids)
+        await look(task_ids, horizon)
 
     service._look = timed  # type: ignore[method-assign]
     return started
@@ -125,7 +126,7 @@ async def test_long_tasks_back_off_to_the_poll_interval(compute: FakeCompute, ma
     try:
         task_id = await service.submit(ENDPOINT, SLEEP, 1.5)
         assert await service.result(task_id, timeout=10) == 1.5
-        # 0.02, 0.02, 0.05 (the spacing), 0.08, 0.16, then every 0.2 s: about 11 looks in 1.5 s,
+        # 0.02, 0.02, 0.04, 0.08, 0.16, then every 0.2 s: about 11 looks in 1.5 s,
         # where a fixed 20 ms cadence would have made 75
         assert 5 <= len(looks) <= 14, looks
         gaps = [b - a for a, b in itertools.pairwise(looks)]
@@ -136,9 +137,9 @@ async def test_long_tasks_back_off_to_the_poll_interval(compute: FakeCompute, ma
 
 
 async def test_status_calls_are_capped_and_batched(compute: FakeCompute, make: Make) -> None:
-    """Forty tasks submitted 10 ms apart: no two status calls started closer than the 50 ms spacing
-    (timed where the poller decides, free of the fake's arrival jitter), and calls ask about many
-    tasks at once."""
+    """Forty tasks submitted 10 ms apart: over every span between two status calls, no more calls than
+    the budget allows (timed where the poller decides, free of the fake's arrival jitter), and calls
+    ask about many tasks at once."""
     service = make(poll_interval=0.5)
     started = timed_looks(service)
     try:
@@ -149,8 +150,9 @@ async def test_status_calls_are_capped_and_batched(compute: FakeCompute, make: M
             return await service.result(task_id, timeout=10)
 
         assert await asyncio.gather(*(one(i) for i in range(40))) == [0.3] * 40
-        gaps = [b - a for a, b in itertools.pairwise(started)]
-        assert min(gaps) >= MIN_POLL_SPACING_SECONDS - 0.001, gaps
+        for first, last in itertools.combinations(range(len(started)), 2):
+            span = started[last] - started[first] + 0.001  # the few µs from the budget to the timer
+            assert last - first + 1 <= STATUS_CALL_BURST + STATUS_CALLS_PER_SECOND * span, started
         assert len(polls(compute)) == len(started) < 40, "the tasks share calls"
         asked = max(len(r.json["task_ids"]) for r in compute.requests if r.path.endswith("/batch_status"))
         assert asked > 1
@@ -158,17 +160,97 @@ async def test_status_calls_are_capped_and_batched(compute: FakeCompute, make: M
         await service.close()
 
 
-async def test_requests_one_after_another_keep_the_spacing(compute: FakeCompute, make: Make) -> None:
-    """Each quick request ends its poller; the next one's calls still keep 50 ms from the last."""
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_budget_caps_the_long_run_rate_and_allows_a_burst() -> None:
+    """A caller spending whenever the budget lets it, over 10 s of a clock in 1 ms steps: the burst
+    goes out at once, then no more than the rate; and after a quiet second the burst again."""
+    clock = Clock()
+    budget = CallBudget(rate=20, burst=5, clock=clock)
+    at_once = 0
+    while budget.wait() == 0:
+        budget.spend()
+        at_once += 1
+    assert at_once == 5
+    spent = 0
+    for _ in range(10_000):
+        clock.now += 0.001
+        if budget.wait() == 0:
+            budget.spend()
+            spent += 1
+    assert 199 <= spent <= 200, "20 a second over 10 s"
+    assert 0 < budget.wait() <= 0.05
+    clock.now += 1.0
+    waits = []
+    for _ in range(5):
+        waits.append(budget.wait())
+        budget.spend()
+    assert waits == [0.0] * 5 and budget.wait() > 0
+
+
+async def test_a_fresh_task_is_looked_at_without_waiting_for_a_spacing(
+    compute: FakeCompute, make: Make
+) -> None:
+    """With the budget's clock stopped, requests one after another still each get their status call
+    as soon as it is due, until the burst is spent; then the next waits for the budget, and is
+    looked at once its clock moves on by one call's worth."""
     service = make(poll_interval=0.5)
+    clock = Clock()
+    service._budget = CallBudget(STATUS_CALLS_PER_SECOND, STATUS_CALL_BURST, clock)
     try:
-        for index in range(6):
+        for index in range(STATUS_CALL_BURST):
             task_id = await service.submit(ENDPOINT, ECHO, index)
             assert await service.result(task_id, timeout=10) == index
-        times = polls(compute)
-        assert len(times) == 6
-        # Timed on arrival at the fake: the spacing less that call's jitter in reaching it.
-        assert min(b - a for a, b in itertools.pairwise(times)) > 0.03
+        assert len(polls(compute)) == STATUS_CALL_BURST, "one call each, none waited for a spacing"
+        task_id = await service.submit(ENDPOINT, ECHO, "later")
+        waiting = asyncio.ensure_future(service.result(task_id, timeout=10))
+        await asyncio.sleep(0.3)
+        assert not waiting.done() and len(polls(compute)) == STATUS_CALL_BURST, "the budget is spent"
+        clock.now += 1 / STATUS_CALLS_PER_SECOND
+        assert await asyncio.wait_for(waiting, 5) == "later"
+        assert len(polls(compute)) == STATUS_CALL_BURST + 1
+    finally:
+        await service.close()
+
+
+async def test_a_call_asks_about_every_pending_task(compute: FakeCompute, make: Make) -> None:
+    """A quick task's call also asks about a long task that is not due: the call is made anyway."""
+    service = make(poll_interval=0.5)
+    try:
+        long = await service.submit(ENDPOINT, SLEEP, 1.0)
+        waiting = asyncio.ensure_future(service.result(long, timeout=10))
+        await asyncio.sleep(0.1)
+        quick = await service.submit(ENDPOINT, ECHO, "quick")
+        assert await service.result(quick, timeout=10) == "quick"
+        asked = [set(r.json["task_ids"]) for r in compute.requests if r.path.endswith("/batch_status")]
+        assert all(ids == {long, quick} for ids in asked if quick in ids), asked
+        assert await waiting == 1.0
+    finally:
+        await service.close()
+
+
+async def test_long_tasks_submitted_apart_share_their_calls(compute: FakeCompute, make: Make) -> None:
+    """Two long tasks 10 ms apart: the second is looked at with the first and backs off in step with
+    it, instead of making calls of its own 10 ms after each of the first's."""
+    service = make(poll_interval=0.2)
+    looks = timed_looks(service)
+    try:
+        first = await service.submit(ENDPOINT, SLEEP, 1.0)
+        waiting = asyncio.ensure_future(service.result(first, timeout=10))
+        await asyncio.sleep(0.01)
+        second = await service.submit(ENDPOINT, SLEEP, 1.0)
+        assert await service.result(second, timeout=10) == 1.0
+        assert await waiting == 1.0
+        # one task alone: 0.02, 0.02, 0.04, 0.08, 0.16, then every 0.2 s, about 9 looks in 1 s
+        assert len(looks) <= 12, looks
     finally:
         await service.close()
 
