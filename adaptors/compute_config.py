@@ -88,8 +88,28 @@ class GlobusComputeEndpointConfig(ComputeAccess):
     )
     loading_estimate_seconds: float = Field(default=300, gt=0)
     callback_protocol: CallbackProtocol = "existing"
+    push_results: bool | None = None
+    """Non-streamed requests get the callback details, so that the function can POST its answer
+    (adaptors/compute_push.py). Default: on for `callback_protocol: gateway` (our function pushes
+    only when given them, and an older copy of it ignores them), off for the existing function,
+    which would forward them to vLLM and so cannot have it on."""
     accept_dill_results: bool = False
     """Trust the site's own Compute endpoint with results in dill (older endpoints ignore JSON)."""
+
+    @model_validator(mode="after")
+    def _push_needs_our_function(self) -> GlobusComputeEndpointConfig:
+        if self.push_results and self.callback_protocol == "existing":
+            raise PydanticCustomError(
+                "push_results",
+                "push_results needs callback_protocol: gateway (compute-functions/vllm_inference.py); "
+                "the existing gateway's function would forward the callback details to vLLM",
+            )
+        return self
+
+    @property
+    def pushes(self) -> bool:
+        """Whether non-streamed requests are given the callback details to push their answer."""
+        return self.callback_protocol == "gateway" if self.push_results is None else self.push_results
 
 
 class GlobusComputeClusterConfig(ComputeAccess):

@@ -21,6 +21,7 @@ from adaptors.compute_batches import batch_payload, batch_status, task_ids_of
 from adaptors.compute_cluster import GlobusComputeCluster
 from adaptors.compute_config import GlobusComputeClusterConfig, GlobusComputeEndpointConfig
 from adaptors.compute_jobs import EndpointStatuses
+from adaptors.compute_push import first_answer, open_slot, release_slot
 from adaptors.compute_results import UnreadableResult, as_json_text
 from adaptors.compute_service import (
     GLOBUS_COMPUTE,
@@ -100,15 +101,21 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
         if refusal is not None:
             return SubmitTaskResponse(**refusal)
         params = {**data["model_params"], "api_port": self.config.api_port}
+        slot = await open_slot(self._relay) if self.config.pushes and self._relay is not None else None
+        if slot is not None:
+            params |= self._callback_fields(slot)
         try:
             task_id = await self._submit(service, params)
         except globus_sdk.GlobusError as exc:
+            if slot is not None:
+                await release_slot(slot)
             failure = self._globus_failed(exc)
             return SubmitTaskResponse(
                 error_code=failure.status, error_message=failure.message, retryable=failure.retryable
             )
         try:
-            value = await self._result(service, task_id)
+            polled = self._result(service, task_id)
+            value = await (polled if slot is None else first_answer(slot, polled))
             return SubmitTaskResponse(result=as_json_text(value), task_id=task_id)
         except TimeoutError:
             self._telemetry.upstream_error(self.endpoint_slug, "timeout")
@@ -138,9 +145,7 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
     async def submit_streaming_task(
         self, data: dict[str, Any], request_log_id: str
     ) -> SubmitStreamingTaskResponse:
-        service, relay = self._ready(), self._relay
-        if relay is None:
-            raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
+        service, relay = self._ready(), self._ready_relay()
         openai_endpoint = str(data["model_params"].get("openai_endpoint", ""))
         unsupported = unsupported_stream(self.config.callback_protocol, openai_endpoint)
         if unsupported is not None:
@@ -149,16 +154,7 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
         if refusal is not None:
             return SubmitStreamingTaskResponse(**refusal)
         stream = await relay.open()
-        target = relay.callback
-        params = {
-            **data["model_params"],
-            "api_port": self.config.api_port,
-            "streaming_server_host": target.host,
-            "streaming_server_port": target.port,
-            "streaming_server_protocol": target.protocol,
-            "stream_task_id": stream.stream_id,
-            "stream_task_token": stream.token,
-        }
+        params = {**data["model_params"], "api_port": self.config.api_port, **self._callback_fields(stream)}
         try:
             task_id = await self._submit(service, params)
         except globus_sdk.GlobusError as exc:
@@ -239,6 +235,22 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
             else:
                 self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure[0] < 500 else "5xx")
                 await stream.fail(*failure)
+
+    def _callback_fields(self, stream: RelayStream) -> dict[str, Any]:
+        """Where and how the function POSTs to the gateway's callback routes."""
+        target = self._ready_relay().callback
+        return {
+            "streaming_server_host": target.host,
+            "streaming_server_port": target.port,
+            "streaming_server_protocol": target.protocol,
+            "stream_task_id": stream.stream_id,
+            "stream_task_token": stream.token,
+        }
+
+    def _ready_relay(self) -> StreamRelay:
+        if self._relay is None:
+            raise RuntimeError("GlobusComputeEndpoint needs the gateway's stream relay")
+        return self._relay
 
     async def _result(self, service: ComputeService, task_id: str) -> Any:
         timeout, accept_dill = self.config.task_timeout_seconds, self.config.accept_dill_results

@@ -2,8 +2,9 @@
 
 A site registers `vllm_inference` with globus-compute-sdk; the gateway submits one task per request
 with `{"model_params": {...}}` (see README.md in this folder). Non-streaming requests get vLLM's
-answer back as the task result; streaming requests POST their server-sent events to the gateway's
-callback routes while they are generated.
+answer back as the task result (and POST it to the gateway's callback route first when given its
+details, so the gateway needs not poll for it); streaming requests POST their server-sent events to
+the gateway's callback routes while they are generated.
 
 Everything the function needs, imports and helpers included, lives inside `vllm_inference`: the SDK
 may ship the function's source alone (or pickle it by reference to this module, which the endpoint
@@ -15,7 +16,8 @@ library is used, since an HPC endpoint may have nothing else.
 def vllm_inference(parameters):
     """Call the local vLLM with the gateway's request and return the answer as a JSON string.
 
-    Non-streaming: vLLM's answer plus `response_time` and `throughput_tokens_per_second`.
+    Non-streaming: vLLM's answer plus `response_time` and `throughput_tokens_per_second`; when the
+    gateway sent its callback details, the answer is also POSTed to it first (pushed).
     Streaming: the events go to the gateway's callback routes; the result is a small summary, or
     `{"cancelled": true, ...}` when the gateway said the client left (vLLM is then stopped).
     vLLM errors raise an exception whose text holds `API request failed with status code: N` and
@@ -46,6 +48,7 @@ def vllm_inference(parameters):
     data_body_limit = 148_000  # the gateway refuses data bodies over 150 kB (413)
     error_body_limit = 14_000  # ... and done/error bodies over 15 kB
     callback_path = "/resource_server/api/streaming/"
+    push_timeout = 2.0  # a pushed answer that cannot go out soon delays the task's own result
 
     def env_seconds(name, default):
         """A positive number of seconds from the endpoint's environment, or the default."""
@@ -384,16 +387,37 @@ def vllm_inference(parameters):
             return json.dumps({"cancelled": True, "reason": state["cancelled"], **summary})
         return json.dumps({"streamed": True, **summary})
 
+    # ---- pushed answers ----------------------------------------------------------------------
+    def push(answer):
+        """Best effort: POST the answer to the gateway as one data line, so that it needs not wait
+        for its next look at the Compute service; the task's result carries the answer anyway, so a
+        push that is refused, too large or lost costs the client only that wait. The gateway's
+        answer is not looked at (410 when the poll won, or the client left)."""
+        secret = os.environ.get("INTERNAL_STREAMING_SECRET")
+        document = {"task_id": gateway["stream_task_id"], "data": "data: " + answer, "type": "result"}
+        if not secret or len(encode(document)) > data_body_limit:
+            return
+        with contextlib.suppress(Exception):
+            callbacks = Callbacks(secret)
+            callbacks.connection.timeout = min(callbacks.timeout, push_timeout)
+            try:
+                callbacks.post("data/", document)
+            finally:
+                callbacks.close()
+
     # ---- dispatch ----------------------------------------------------------------------------
     if endpoint == "health":
         return run_health()
+    needed = ("streaming_server_host", "streaming_server_port", "stream_task_id", "stream_task_token")
+    missing = ", ".join(key for key in needed if gateway[key] in (None, ""))
     if params.get("stream") is True:
-        needed = ("streaming_server_host", "streaming_server_port", "stream_task_id", "stream_task_token")
-        missing = ", ".join(key for key in needed if gateway[key] in (None, ""))
         if missing:
             raise ValueError(f"stream: true needs the gateway's streaming fields; missing {missing}")
         return run_stream()
-    return run_once()
+    answer = run_once()
+    if not missing:
+        push(answer)
+    return answer
 
 
 if __name__ == "__main__":  # a site's manual check on the node: python vllm_inference.py '<parameters JSON>'

@@ -190,6 +190,40 @@ async def test_chat_returns_the_answer_with_timings_as_a_json_string(backend: Se
     assert forwarded["body"] == body  # the gateway's keys stay behind, the client's fields go as they are
 
 
+async def test_given_the_callback_details_the_answer_is_pushed_then_returned(
+    backend: Server, receiver: Receiver
+) -> None:
+    body = chat("Hello")
+    result = await run(parameters(backend.url, body, receiver=receiver))
+
+    (post,) = receiver.posts
+    assert post.route == "data"
+    assert post.headers["X-Internal-Secret"] == SECRET
+    assert post.headers["X-Stream-Task-Token"] == TOKEN
+    assert post.body == {"task_id": TASK_ID, "data": "data: " + result, "type": "result"}
+    assert backend.app[REQUESTS][-1]["body"] == body
+
+
+async def test_a_refused_push_or_no_secret_still_returns_the_answer(
+    backend: Server, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver.gone_after = 0
+    refused = await run(parameters(backend.url, chat("Hello"), receiver=receiver))
+    assert json.loads(refused)["choices"] and len(receiver.posts) == 1
+
+    monkeypatch.delenv("INTERNAL_STREAMING_SECRET")
+    unpushed = await run(parameters(backend.url, chat("Hello"), receiver=receiver))
+    assert json.loads(unpushed)["choices"] and len(receiver.posts) == 1, "no secret, no push"
+
+
+async def test_an_answer_over_the_data_limit_is_not_pushed(backend: Server, receiver: Receiver) -> None:
+    """Its task result carries it; a push would only be refused (413)."""
+    body = {"model": EMBED_MODEL, "input": ["text"] * 3000}
+    result = await run(parameters(backend.url, body, "embeddings", receiver=receiver))
+    assert len(result) > 150_000
+    assert receiver.posts == []
+
+
 async def test_embeddings_and_completions_are_forwarded_to_their_path(backend: Server) -> None:
     embedded = json.loads(
         await run(parameters(backend.url, {"model": EMBED_MODEL, "input": "hi"}, "embeddings"))
