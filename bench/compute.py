@@ -16,7 +16,10 @@ side each time:
    second it made;
 4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
    POSTs every chunk to the gateway's callback route with its send time, paced like a model (for the
-   added latency per chunk) and all at once (for the chunks per second the relay sustains).
+   added latency per chunk) and all at once (for the chunks per second the relay sustains);
+5. a second gateway on CPU 1 whose endpoint speaks our function's protocol, so that the function
+   pushes each answer to the callback route (adaptors/compute_push.py), at `PUSH_LEVELS` against
+   the same baseline: the answer no longer waits for a status call.
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
@@ -87,6 +90,9 @@ class Level:
 LEVELS: Final = (Level(1), Level(1, 0.2, 20), Level(100), Level(1000))
 """Tasks of 0.2 s at c=1 show the poller where its budget does not bind on every request: one
 request every 5 ms (the instant function) cannot each get a status call at 20 calls a second."""
+PUSH_LEVELS: Final = (LEVELS[0], LEVELS[2], LEVELS[3])
+"""Measured again through a gateway whose function pushes its answers (adaptors/compute_push.py),
+against the same baseline."""
 BASELINE_POLL_INTERVAL: Final = 0.0
 """The baseline asks again as soon as an answer came: the fastest the fake tells of a result."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
@@ -110,35 +116,38 @@ def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
     return {key: fake[key] for key in keys}
 
 
-def write_compute_config(workdir: Path, port: int, fake: dict[str, Any]) -> Path:
-    """A gateway whose only cluster is the fake endpoint, with the relay's callbacks coming to itself."""
+def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], push: bool = False) -> Path:
+    """A gateway whose only cluster is the fake endpoint, with the relay's callbacks coming to itself;
+    with `push`, the endpoint runs our function's protocol, whose answers are pushed (the default)."""
     access = compute_access(fake)
     endpoint = {
         "api_port": API_PORT,
         "endpoint_uuid": fake["endpoint_uuid"],
         "function_uuid": fake["function_uuid"],
         **access,
+        **({"callback_protocol": "gateway"} if push else {}),
     }
+    suffix = "-push" if push else ""
     cluster = {
         "qstat_endpoint_uuid": fake["endpoint_uuid"],
         "qstat_function_uuid": fake["qstat_function_uuid"],
         **access,
     }
     documents: dict[str, Any] = {
-        "gateway-compute.yaml": {
+        f"gateway-compute{suffix}.yaml": {
             "server": {"host": "127.0.0.1", "port": port, "adaptor_threads": ADAPTOR_THREADS},
             "auth": STATIC_AUTH,
             "limits": NO_LIMITS,
-            "endpoints_file": "endpoints-compute.yaml",
-            "clusters_file": "clusters-compute.yaml",
-            "database_url": f"sqlite:///{workdir / 'gateway-compute.db'}",
+            "endpoints_file": f"endpoints-compute{suffix}.yaml",
+            "clusters_file": f"clusters-compute{suffix}.yaml",
+            "database_url": f"sqlite:///{workdir / f'gateway-compute{suffix}.db'}",
             "streaming": {
                 "internal_secret": fake["callback_secret"],
                 "callback_url": f"http://127.0.0.1:{port}",
             },
         },
         "tokens.yaml": tokens_document(),
-        "endpoints-compute.yaml": [
+        f"endpoints-compute{suffix}.yaml": [
             {
                 "cluster": CLUSTER,
                 "framework": "vllm",
@@ -147,7 +156,7 @@ def write_compute_config(workdir: Path, port: int, fake: dict[str, Any]) -> Path
                 "config": endpoint,
             }
         ],
-        "clusters-compute.yaml": [
+        f"clusters-compute{suffix}.yaml": [
             {
                 "cluster_name": CLUSTER,
                 "cluster_adapter": "adaptors.globus_compute.GlobusComputeCluster",
@@ -159,7 +168,7 @@ def write_compute_config(workdir: Path, port: int, fake: dict[str, Any]) -> Path
     }
     for filename, document in documents.items():
         (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
-    return workdir / "gateway-compute.yaml"
+    return workdir / f"gateway-compute{suffix}.yaml"
 
 
 def fake_calls(fake: Service) -> dict[str, int]:
@@ -236,6 +245,12 @@ class ComputeBench:
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
                 gateway.check_running()
                 gateway.stop()
+                pushing, push_url = self._start_gateway(announced, services, push=True)
+                ours[-1] = pushing.process.pid
+                for level in PUSH_LEVELS:
+                    levels[level.key]["push"] = self._through_gateway(push_url, level, pushing, ours, fake)
+                pushing.check_running()
+                pushing.stop()
             fake.check_running()
             calls = fake_calls(fake)
         return summarize_compute(levels, relay, calls, self.seconds)
@@ -265,11 +280,14 @@ class ComputeBench:
         floor.stop()
         return measured
 
-    def _start_gateway(self, announced: dict[str, Any], services: ExitStack) -> tuple[Service, str]:
+    def _start_gateway(
+        self, announced: dict[str, Any], services: ExitStack, push: bool = False
+    ) -> tuple[Service, str]:
         port = free_port()
-        config = write_compute_config(self.workdir, port, announced)
+        config = write_compute_config(self.workdir, port, announced, push)
         gateway_args = ["-m", "proxy", "--config", str(config)]
-        gateway = start_service("gateway-compute", GATEWAY_CPU, gateway_args, self.workdir)
+        name = "gateway-compute-push" if push else "gateway-compute"
+        gateway = start_service(name, GATEWAY_CPU, gateway_args, self.workdir)
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
         return gateway, f"http://127.0.0.1:{port}{COMPUTE_PATH}"
@@ -300,7 +318,8 @@ class ComputeBench:
         summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
-        print(f"compute, concurrency {level.key}, through the gateway: done", file=sys.stderr)
+        side = "pushing gateway" if gateway.name.endswith("push") else "gateway"
+        print(f"compute, concurrency {level.key}, through the {side}: done", file=sys.stderr)
         return summary | {"cpu_s": round(cpu, 3), "cpu_ms_per_request": per_request} | disturbance | busy
 
     def _relay(
@@ -332,14 +351,16 @@ def summarize_compute(
 ) -> dict[str, Any]:
     """The settings, and the differences beside the raw figures of both sides."""
     for pair in levels.values():
-        if "gateway" in pair:
-            direct, gateway = pair["direct"], pair["gateway"]
-            pair["added_p50_ms"] = difference(gateway["p50_ms"], direct["p50_ms"])
-            pair["added_p99_ms"] = difference(gateway["p99_ms"], direct["p99_ms"])
-            pair["added_cpu_ms_per_request"] = difference(
+        for side, prefix in (("gateway", ""), ("push", "push_")):
+            if side not in pair:
+                continue
+            direct, gateway = pair["direct"], pair[side]
+            pair[f"{prefix}added_p50_ms"] = difference(gateway["p50_ms"], direct["p50_ms"])
+            pair[f"{prefix}added_p99_ms"] = difference(gateway["p99_ms"], direct["p99_ms"])
+            pair[f"{prefix}added_cpu_ms_per_request"] = difference(
                 gateway["cpu_ms_per_request"], direct["cpu_ms_per_request"]
             )
-            pair["rps_ratio"] = round(gateway["rps"] / direct["rps"], 3) if direct["rps"] else None
+            pair[f"{prefix}rps_ratio"] = round(gateway["rps"] / direct["rps"], 3) if direct["rps"] else None
     for pair in relay.values():
         if "gateway" in pair:
             floor, gateway = pair["direct"], pair["gateway"]

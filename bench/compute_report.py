@@ -24,8 +24,8 @@ def at_most(bound: float) -> Callable[[float], bool]:
     return lambda value: value <= bound
 
 
-def added_p50_check(level: str) -> str:
-    return f"compute_c{level}_added_p50_ms"
+def added_p50_check(level: str, prefix: str = "") -> str:
+    return f"compute_c{level}_{prefix}added_p50_ms"
 
 
 def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
@@ -41,6 +41,15 @@ def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
             at_most(bound),
         )
         for level, bound in ADDED_P50_TARGETS_MS.items()
+    }
+    checks |= {
+        added_p50_check(level, "push_"): (
+            pair["push_added_p50_ms"],
+            f"pushed: at most {ADDED_P50_TARGETS_MS[level]:g} ms added at {level} concurrent requests",
+            at_most(ADDED_P50_TARGETS_MS[level]),
+        )
+        for level, pair in levels.items()
+        if level in ADDED_P50_TARGETS_MS and pair.get("push_added_p50_ms") is not None
     }
     checks[CPU_PER_REQUEST] = (
         judged.get("cpu_ms_per_request"),
@@ -67,22 +76,31 @@ def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
 
 
 def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
-    direct, gateway = pair["direct"], pair.get("gateway") or {}
-    prefix = f"compute c={level}"
-    ratio = pair.get("rps_ratio")
+    rows = side_rows(level, pair, judged, "gateway", "")
+    if "push" in pair:
+        rows.extend(side_rows(level, pair, judged, "push", "push_"))
+    return rows
+
+
+def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: str, key: str) -> list[str]:
+    """The baseline in Direct; in Gateway the polling gateway, or (`push`) the one whose function
+    pushes its answers."""
+    direct, gateway = pair["direct"], pair.get(side) or {}
+    prefix = f"compute c={level}" + (", pushed" if side == "push" else "")
+    ratio = pair.get(f"{key}rps_ratio")
     share = show(ratio * 100, "% of direct") if ratio is not None else "—"
     rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]
     for rank in ("p50", "p99"):
-        check = judged.get(added_p50_check(level)) if rank == "p50" else None
-        added = show(pair.get(f"added_{rank}_ms"), " ms")
+        check = judged.get(added_p50_check(level, key)) if rank == "p50" else None
+        added = show(pair.get(f"{key}added_{rank}_ms"), " ms")
         rows.append(
             table_row(
                 f"{prefix}: {rank}", direct[f"{rank}_ms"], gateway.get(f"{rank}_ms"), added, " ms", check
             )
         )
-    added_cpu = show(pair.get("added_cpu_ms_per_request"), " ms")
+    added_cpu = show(pair.get(f"{key}added_cpu_ms_per_request"), " ms")
     cpu = (direct["cpu_ms_per_request"], gateway.get("cpu_ms_per_request"))
-    cpu_check = judged.get(CPU_PER_REQUEST) if level == str(JUDGED_CONCURRENCY) else None
+    cpu_check = judged.get(CPU_PER_REQUEST) if level == str(JUDGED_CONCURRENCY) and not key else None
     rows.append(table_row(f"{prefix}: CPU 1 time per request", *cpu, added_cpu, " ms", cpu_check))
     cycle = direct.get("poll_cycle_ms")
     calls = (round(1000 / cycle, 1) if cycle else None, gateway.get("status_calls_per_s"))
@@ -135,7 +153,7 @@ def compute_failures(compute: dict[str, Any]) -> list[str]:
     """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
     found = []
     for level, pair in (compute.get("by_concurrency") or {}).items():
-        for side in ("direct", "gateway"):
+        for side in ("direct", "gateway", "push"):
             if (pair.get(side) or {}).get("errors"):
                 found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
     for kind, pair in (compute.get("relay") or {}).items():
@@ -153,7 +171,7 @@ def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]
     measures = {
         f"compute c={level} {side}": pair.get(side) or {}
         for level, pair in (compute.get("by_concurrency") or {}).items()
-        for side in ("direct", "gateway")
+        for side in ("direct", "gateway", "push")
     }
     measures |= {
         f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}

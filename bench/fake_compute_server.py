@@ -12,7 +12,8 @@ counts so far (`counts_so_far`).
 The registered function stands in for `compute-functions/vllm_inference.py` without a vLLM behind
 it: a non-streaming task returns a small fixed chat completion at once (or after the prompt's
 `[[delay=S]]` seconds), so a request's latency is the service's own (submit, then the wait for the
-next status poll) plus that delay. A streaming task POSTs its
+next status poll) plus that delay; given the gateway's callback details, it first POSTs that answer
+to the callback route (pushed, as our function does). A streaming task POSTs its
 chunks to the gateway's callback routes, one server-sent event line per POST as the task asks, and
 stamps each line with `time.monotonic_ns()` just before it is sent: CLOCK_MONOTONIC is one clock
 for every process of a Linux host, so the client that receives the line can tell how long the relay
@@ -148,6 +149,17 @@ def stream(params: dict[str, Any], secret: str) -> str:
     return json.dumps({"streamed": True, "chunks": chunks})
 
 
+def push(params: dict[str, Any], secret: str) -> None:
+    """The answer POSTed as one data line on a connection of its own, as our function pushes it
+    when the gateway sends its callback details with a request that is not streamed."""
+    callback = Callback.from_params(params, secret)
+    connection = http.client.HTTPConnection(callback.host, callback.port, timeout=CALLBACK_TIMEOUT)
+    try:
+        post(connection, callback, "data/", {"data": "data: " + ANSWER, "type": "result"})
+    finally:
+        connection.close()
+
+
 def make_function(secret: str) -> Any:
     """The endpoint's function: one for both kinds of request, as on a real endpoint."""
 
@@ -158,6 +170,8 @@ def make_function(secret: str) -> Any:
         delay = parse_faults(str(params["messages"][-1]["content"])).delay
         if delay:
             time.sleep(min(delay, MAX_TASK_SECONDS))
+        if params.get("stream_task_id"):
+            push(params, secret)
         return ANSWER
 
     return bench_inference
