@@ -194,3 +194,25 @@ def test_push_results_cannot_be_turned_on_for_the_existing_function() -> None:
     assert GlobusComputeEndpointConfig.model_validate(off).pushes is False
     with pytest.raises(ValidationError, match="push_results needs callback_protocol: gateway"):
         GlobusComputeEndpointConfig.model_validate({**base, "push_results": True})
+
+
+async def test_a_push_for_an_unknown_or_answered_slot_is_refused_without_a_warning(
+    gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A push that comes after its request was answered finds its slot released (410); one for a
+    slot that never existed gets 404. Neither is worth a warning: the function ignores the answer."""
+    await ask(http, gateway)
+    (task,) = compute.tasks.values()
+    params = task.args[0]["model_params"]
+    callback = f"{gateway.url}/api/streaming/data/"
+    pushes = [
+        (params["stream_task_id"], params["stream_task_token"], 410),
+        ("00000000-0000-4000-8000-000000000000", "any-token", 404),
+    ]
+    with caplog.at_level("WARNING"):
+        for slot, token, expected in pushes:
+            headers = {"X-Internal-Secret": SECRET, "X-Stream-Task-Token": token}
+            document = {"task_id": slot, "data": "data: {}", "type": "result"}
+            status, answer, _ = await call(http, "POST", callback, json=document, headers=headers)
+            assert status == expected, answer
+    assert [record for record in caplog.records if record.levelname == "WARNING"] == []

@@ -43,6 +43,10 @@ ABANDONED_GRACE_SECONDS = 60.0
 request failed between opening it and streaming): it no longer counts against `max_streams`."""
 
 
+MAX_GONE_REMEMBERED = 200_000
+"""At most this many ended streams' ids are remembered (about 30 MB) by an in-process relay."""
+
+
 def abandoned_before(settings: StreamingSettings) -> float:
     """The monotonic time before which an opened stream counts as abandoned."""
     return time.monotonic() - settings.total_timeout_seconds - ABANDONED_GRACE_SECONDS
@@ -273,13 +277,24 @@ class LocalRelay(Relay):
         stream.state = "finished"
         await stream.queue.put(event)
 
+    def _forget_gone(self, now: float) -> None:
+        """The oldest ids first (the dict keeps them in the order they went), so a release costs the
+        ids it forgets, not a copy of all it remembers: at hundreds of pushed answers a second the
+        memory of 600 s holds over 100,000 of them. Beyond `MAX_GONE_REMEMBERED` the oldest go
+        early; a late callback for one then gets 404 instead of 410, which also stops a function."""
+        memory = self.settings.gone_memory_seconds
+        while self._gone:
+            oldest, at = next(iter(self._gone.items()))
+            if now - at < memory and len(self._gone) < MAX_GONE_REMEMBERED:
+                return
+            del self._gone[oldest]
+
     async def _release(self, stream_id: str, finished: bool) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
         now = time.monotonic()
-        memory = self.settings.gone_memory_seconds
-        self._gone = {key: at for key, at in self._gone.items() if now - at < memory}
+        self._forget_gone(now)
         self._gone[stream_id] = now
         stream.state = "gone"
         while not stream.queue.empty():
