@@ -5,7 +5,9 @@ status calls (adaptors/compute_service.py) every request needs at least one call
 knows the gateway's callback route (compute-functions/vllm_inference.py, given the same callback
 details as a stream) POSTs its answer to `/api/streaming/data/` as one `data:` line as soon as it has
 it, and returns it as its task result as well. The adaptor takes whichever comes first, the pushed
-answer or the polled result: once pushed, the task is no longer polled.
+answer or the polled result: once pushed, the task is no longer polled. Only while few results
+are awaited (`PUSH_WHILE_WAITING_FOR`): under load one status call answers for many tasks at
+less cost than a push each.
 
 A pushed answer is trusted no more than a polled one: it arrived through the callback route, which
 checked the shared secret, the slot's token and the relay's size limit, and it goes through the same
@@ -28,6 +30,13 @@ from adaptors.relay import RelayStream, StreamRelay
 
 log = logging.getLogger(__name__)
 
+PUSH_WHILE_WAITING_FOR = 16
+"""Answers are pushed only while the gateway waits for fewer results than this (per set of
+credentials). A push costs the gateway a request of its own (a connection, the callback route, a
+record), about 2.5 ms of CPU in the bench against 0.7 ms for a whole polled request, while one
+status call answers for every task pending: with 100 requests in flight, pushing every answer cut
+the gateway's requests a second from 1,142 to 306 (docs/performance.md, 2026-12-04 19:22). With
+few in flight, the status-call budget is what a request waits for, and pushing removes that wait."""
 PREFIX = b"data: "
 END = b"\n\n"
 

@@ -165,6 +165,11 @@ class ComputeService:
             self.telemetry.tasks_in_flight(-1)
             self._pending.pop(task_id, None)
 
+    @property
+    def waiting(self) -> int:
+        """How many results are being waited for."""
+        return len(self._pending)
+
     async def endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]:
         return await self._blocking(lambda: dict(self._sdk()[0].get_endpoint_status(endpoint_uuid).data))
 

@@ -21,7 +21,7 @@ from adaptors.compute_batches import batch_payload, batch_status, task_ids_of
 from adaptors.compute_cluster import GlobusComputeCluster
 from adaptors.compute_config import GlobusComputeClusterConfig, GlobusComputeEndpointConfig
 from adaptors.compute_jobs import EndpointStatuses
-from adaptors.compute_push import first_answer, open_slot, release_slot
+from adaptors.compute_push import PUSH_WHILE_WAITING_FOR, first_answer, open_slot, release_slot
 from adaptors.compute_results import UnreadableResult, as_json_text
 from adaptors.compute_service import (
     GLOBUS_COMPUTE,
@@ -101,7 +101,7 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
         if refusal is not None:
             return SubmitTaskResponse(**refusal)
         params = {**data["model_params"], "api_port": self.config.api_port}
-        slot = await open_slot(self._relay) if self.config.pushes and self._relay is not None else None
+        slot = await open_slot(self._ready_relay()) if self._pushes(service) else None
         if slot is not None:
             params |= self._callback_fields(slot)
         try:
@@ -235,6 +235,11 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
             else:
                 self._telemetry.upstream_error(self.endpoint_slug, "4xx" if failure[0] < 500 else "5xx")
                 await stream.fail(*failure)
+
+    def _pushes(self, service: ComputeService) -> bool:
+        """Whether to have this answer pushed: only while few results are awaited (see
+        adaptors/compute_push.py, `PUSH_WHILE_WAITING_FOR`)."""
+        return self.config.pushes and self._relay is not None and service.waiting < PUSH_WHILE_WAITING_FOR
 
     def _callback_fields(self, stream: RelayStream) -> dict[str, Any]:
         """Where and how the function POSTs to the gateway's callback routes."""

@@ -5,6 +5,7 @@ that an answer within that second can only have been pushed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from adaptors.compute_config import GlobusComputeEndpointConfig
+from adaptors.compute_push import PUSH_WHILE_WAITING_FOR
 from testing.existing_function import existing_vllm_function
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
@@ -216,3 +218,24 @@ async def test_a_push_for_an_unknown_or_answered_slot_is_refused_without_a_warni
             status, answer, _ = await call(http, "POST", callback, json=document, headers=headers)
             assert status == expected, answer
     assert [record for record in caplog.records if record.levelname == "WARNING"] == []
+
+
+async def test_with_many_results_awaited_answers_are_polled_not_pushed(
+    gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
+) -> None:
+    """Under load one status call answers for every pending task, at less cost than a push each."""
+    address = f"{gateway.url}/hpc/vllm/v1/chat/completions"
+
+    async def slow() -> None:
+        status, _, _ = await call(http, "POST", address, json=chat("[[delay=1]]"), headers=auth())
+        assert status == 200
+
+    waiting = [asyncio.create_task(slow()) for _ in range(PUSH_WHILE_WAITING_FOR)]
+    while len(compute.tasks) < PUSH_WHILE_WAITING_FOR:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # each request waits for its result once its task is submitted
+    _, content = await ask(http, gateway)
+    await asyncio.gather(*waiting)
+    assert content
+    pushed = [set(task.args[0]["model_params"]) >= CALLBACK_KEYS for task in compute.tasks.values()]
+    assert pushed.count(False) == 1

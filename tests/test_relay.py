@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,10 @@ import pytest
 import yaml
 
 from adaptors import StreamError
-from proxy.core.callback_relay import RelayedStream
+from proxy.core import callback_relay
+from proxy.core.callback_relay import Delivery, Event, LocalRelay, RelayedStream
 from proxy.core.state import STATE
+from proxy.settings.streaming import StreamingSettings
 from tests.conftest import Server, start_gateway, write_gateway_config
 
 SECRET = "relay-secret-0123456789"
@@ -285,3 +288,23 @@ async def test_a_refused_callback_ends_its_stream_with_the_reason(
     assert error is not None and error.code == 502
     assert "callbacks were refused" in error.message and fragment in error.message
     assert [chunk for chunk in received if not chunk.startswith(b":")] == []
+
+
+async def test_ended_streams_are_remembered_for_a_while_and_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Late callbacks for ended streams get 410 while remembered (then 404); the memory forgets the
+    oldest first, by age and beyond its bound, without copying the rest at each release."""
+    monkeypatch.setattr(callback_relay, "MAX_GONE_REMEMBERED", 3)
+    relay = LocalRelay(StreamingSettings(gone_memory_seconds=60))
+    streams = [await relay.open() for _ in range(5)]
+    for stream in streams:
+        await relay._release(stream.stream_id, finished=False)
+    answers = [await relay.deliver(s.stream_id, s.token, Event("data", b"x")) for s in streams]
+    assert answers == [Delivery.UNKNOWN] * 2 + [Delivery.GONE] * 3
+
+    now = time.monotonic()
+    relay._forget_gone(now + 59)
+    assert len(relay._gone) == 3
+    relay._forget_gone(now + 61)
+    assert relay._gone == {}

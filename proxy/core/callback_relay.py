@@ -285,7 +285,7 @@ class LocalRelay(Relay):
         memory = self.settings.gone_memory_seconds
         while self._gone:
             oldest, at = next(iter(self._gone.items()))
-            if now - at < memory and len(self._gone) < MAX_GONE_REMEMBERED:
+            if now - at < memory and len(self._gone) <= MAX_GONE_REMEMBERED:
                 return
             del self._gone[oldest]
 
@@ -294,8 +294,8 @@ class LocalRelay(Relay):
         if stream is None:
             return
         now = time.monotonic()
-        self._forget_gone(now)
         self._gone[stream_id] = now
+        self._forget_gone(now)
         stream.state = "gone"
         while not stream.queue.empty():
             stream.queue.get_nowait()
