@@ -31,7 +31,7 @@ from adaptors.relay import RelayStream, StreamRelay
 log = logging.getLogger(__name__)
 
 PUSH_WHILE_WAITING_FOR = 16
-"""Answers are pushed only while the gateway waits for fewer results than this (per set of
+"""Answers are pushed only while fewer requests than this wait for theirs (per set of
 credentials). A push costs the gateway a request of its own (a connection, the callback route, a
 record), about 2.5 ms of CPU in the bench against 0.7 ms for a whole polled request, while one
 status call answers for every task pending: with 100 requests in flight, pushing every answer cut

@@ -120,6 +120,9 @@ class ComputeService:
     )
     _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
     _submitter: Submitter | None = None
+    answering: int = 0
+    """Requests of the endpoint adaptors waiting for their answer, counted from before submission
+    (a burst of requests after a status call released many answers counts at once)."""
 
     def __post_init__(self) -> None:
         rate = max(STATUS_CALLS_PER_SECOND, 1 / self.access.poll_interval_seconds)
@@ -164,11 +167,6 @@ class ComputeService:
         finally:
             self.telemetry.tasks_in_flight(-1)
             self._pending.pop(task_id, None)
-
-    @property
-    def waiting(self) -> int:
-        """How many results are being waited for."""
-        return len(self._pending)
 
     async def endpoint_status(self, endpoint_uuid: str) -> dict[str, Any]:
         return await self._blocking(lambda: dict(self._sdk()[0].get_endpoint_status(endpoint_uuid).data))

@@ -97,11 +97,21 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
 
     async def submit_task(self, data: dict[str, Any]) -> SubmitTaskResponse:
         service = self._ready()
+        pushes = self._pushes(service)
+        service.answering += 1
+        try:
+            return await self._answer(service, data, pushes)
+        finally:
+            service.answering -= 1
+
+    async def _answer(
+        self, service: ComputeService, data: dict[str, Any], pushes: bool
+    ) -> SubmitTaskResponse:
         refusal = await self._unavailable()
         if refusal is not None:
             return SubmitTaskResponse(**refusal)
         params = {**data["model_params"], "api_port": self.config.api_port}
-        slot = await open_slot(self._ready_relay()) if self._pushes(service) else None
+        slot = await open_slot(self._ready_relay()) if pushes else None
         if slot is not None:
             params |= self._callback_fields(slot)
         try:
@@ -237,9 +247,9 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
                 await stream.fail(*failure)
 
     def _pushes(self, service: ComputeService) -> bool:
-        """Whether to have this answer pushed: only while few results are awaited (see
+        """Whether to have this answer pushed: only while few requests await theirs (see
         adaptors/compute_push.py, `PUSH_WHILE_WAITING_FOR`)."""
-        return self.config.pushes and self._relay is not None and service.waiting < PUSH_WHILE_WAITING_FOR
+        return self.config.pushes and self._relay is not None and service.answering < PUSH_WHILE_WAITING_FOR
 
     def _callback_fields(self, stream: RelayStream) -> dict[str, Any]:
         """Where and how the function POSTs to the gateway's callback routes."""
