@@ -5,8 +5,8 @@ status calls (adaptors/compute_service.py) every request needs at least one call
 knows the gateway's callback route (compute-functions/vllm_inference.py, given the same callback
 details as a stream) POSTs its answer to `/api/streaming/data/` as one `data:` line as soon as it has
 it, and returns it as its task result as well. The adaptor takes whichever comes first, the pushed
-answer or the polled result: once pushed, the task is no longer polled. Only while few results
-are awaited (`PUSH_WHILE_WAITING_FOR`): under load one status call answers for many tasks at
+answer or the polled result: once pushed, the task is no longer polled. Only while few requests
+wait for theirs (`PUSH_WHILE_WAITING_FOR`): under load one status call answers for many tasks at
 less cost than a push each.
 
 A pushed answer is trusted no more than a polled one: it arrived through the callback route, which
