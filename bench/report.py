@@ -22,6 +22,12 @@ from bench.observability import (
     observability_failures,
     observability_rows,
 )
+from bench.on_demand_report import (
+    on_demand_checks,
+    on_demand_disturbances,
+    on_demand_failures,
+    on_demand_rows,
+)
 from bench.openai_batches import batch_checks, batch_failures, batch_rows
 from bench.overhead import overhead_checks, overhead_failures, overhead_rows
 
@@ -59,6 +65,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         **federation_checks(results.get("federation") or {}),
         **batch_checks(results.get("batches") or {}),
         **deployment_checks(results.get("deployment") or {}),
+        **on_demand_checks(results.get("on_demand") or {}),
     }
     return {
         key: {"figure": figure, "target": target, "met": None if figure is None else passes(figure)}
@@ -80,6 +87,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("federation", federation_rows),
         ("batches", batch_rows),
         ("deployment", deployment_rows),
+        ("on_demand", on_demand_rows),
         ("compute", compute_rows),
     ):
         if results.get(section):
@@ -97,6 +105,7 @@ def failed_runs(results: dict[str, Any]) -> list[str]:
         + federation_failures(results.get("federation") or {})
         + batch_failures(results.get("batches") or {})
         + deployment_failures(results.get("deployment") or {})
+        + on_demand_failures(results.get("on_demand") or {})
     )
 
 
@@ -107,6 +116,7 @@ def disturbed_runs(results: dict[str, Any]) -> list[str]:
         auth_disturbances(results.get("auth") or {}, OTHER_CPU_WARNING)
         + observability_disturbances(results.get("observability") or {}, OTHER_CPU_WARNING)
         + compute_disturbances(results.get("compute") or {}, OTHER_CPU_WARNING)
+        + on_demand_disturbances(results.get("on_demand") or {}, OTHER_CPU_WARNING)
     )
 
 

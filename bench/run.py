@@ -15,7 +15,8 @@ observability (bench/observability.py: request records and metrics as deployed a
 federation (bench/federation.py: the cluster-explicit route against the federated one), batches
 (bench/openai_batches.py: a 10,000-line OpenAI batch against its lines sent live, and live requests
 during it), deployment
-(bench/deployment.py: nginx, one and two workers, 5,000 held streams), compute (bench/compute.py:
+(bench/deployment.py: nginx, one and two workers, 5,000 held streams), on_demand (bench/on_demand.py:
+the pilot's mTLS hop against the direct and Globus Compute paths), compute (bench/compute.py:
 the Globus Compute path and its stream relay). `--only` runs the ones named (each needs only the
 backend it starts itself) and `--skip-compute` leaves out the slowest.
 """
@@ -40,13 +41,24 @@ from bench.compute import ComputeBench
 from bench.deployment import DeploymentBench
 from bench.federation import FederationBench
 from bench.observability import OBSERVABILITY_ROUNDS, OBSERVABILITY_SECONDS, ObservabilityBench
+from bench.on_demand import ROUNDS as ON_DEMAND_ROUNDS
+from bench.on_demand import OnDemandBench
 from bench.openai_batches import BatchBench
 from bench.overhead import overhead
 from bench.report import machine, report, targets
 from testing.ports import free_port
 
 DEFAULT_OUTPUT: Final = ROOT / "bench" / "results" / "latest.json"
-SECTIONS: Final = ("overhead", "auth", "observability", "federation", "batches", "deployment", "compute")
+SECTIONS: Final = (
+    "overhead",
+    "auth",
+    "observability",
+    "federation",
+    "batches",
+    "deployment",
+    "on_demand",
+    "compute",
+)
 
 
 def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[str, Any]:
@@ -66,6 +78,7 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
             "observability_seconds_per_measure": args.observability_seconds,
             "observability_rounds": args.observability_rounds,
             "compute_seconds_per_measure": args.seconds,
+            "on_demand_rounds": args.on_demand_rounds,
         },
     }
     if {"overhead", "auth", "observability"} & set(sections):
@@ -101,6 +114,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
         results["batches"] = BatchBench(workdir, args.seconds).run()
     if gateways and "deployment" in sections:
         results["deployment"] = DeploymentBench(workdir, args.seconds).run()
+    if gateways and "on_demand" in sections:
+        results["on_demand"] = OnDemandBench(workdir, args.seconds, args.on_demand_rounds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
     if "compute" in sections:
         results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateways).run()
@@ -142,6 +157,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="records on/off pairs of gateway runs",
     )
     parser.add_argument(
+        "--on-demand-rounds",
+        type=int,
+        default=ON_DEMAND_ROUNDS,
+        help="rounds of the on-demand section, each measuring every path",
+    )
+    parser.add_argument(
         "--only",
         action="append",
         choices=SECTIONS,
@@ -162,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--seconds must be in (0, 60] and --streams in (0, 5000]")
     if not 0 < args.auth_seconds <= 60 or not 1 <= args.auth_rounds <= 5:
         parser.error("--auth-seconds must be in (0, 60] and --auth-rounds in [1, 5]")
+    if not 1 <= args.on_demand_rounds <= 10:
+        parser.error("--on-demand-rounds must be in [1, 10]")
     if not 0 < args.observability_seconds <= 60 or not 1 <= args.observability_rounds <= 5:
         parser.error("--observability-seconds must be in (0, 60] and --observability-rounds in [1, 5]")
     return args

@@ -2,6 +2,12 @@
 ways: the request body is sent as it arrives and the answer (a server-sent event stream, say) is
 written back as the server writes it, so the pilot adds no buffering to a stream's latency.
 
+Small messages of a declared length are the exception: a request body up to WHOLE_BYTES is read
+whole and sent with its headers, and an answer up to WHOLE_BYTES that is not an event stream is
+read whole and written back in one piece. Written in parts, each part would be a TLS record and a
+socket write of its own and wake the reader once more, which made most of the pilot's hop
+(docs/performance.md, on demand).
+
 Bodies are passed through as they are (no decompression: `Content-Encoding` and `Content-Length`
 stay true); the hop-by-hop headers of each connection are dropped.
 """
@@ -32,6 +38,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 900.0
 """Between two chunks of the model server's answer: a long prompt's first token can be minutes away
 on a busy server; the gateway's own timeouts are the ones that shape what users see."""
+WHOLE_BYTES = 1024 * 1024
+"""Request bodies and answers of a declared length up to this size are passed on whole."""
 LOADING_RETRY_AFTER_SECONDS = 10
 MAX_CONNECTIONS = 1024
 
@@ -109,6 +117,17 @@ class _Body:
                 raise aiohttp.ClientPayloadError("request body too large")
             yield chunk
 
+    async def whole(self) -> bytes:
+        """The body read to its end, with the same limits as `chunks`."""
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+def _whole(length: int | None, headers: CIMultiDictProxy[str]) -> bool:
+    """A message of a declared length small enough to pass on in one piece; never an event stream,
+    whose events must go on as they come."""
+    content_type = headers.get("Content-Type", "")
+    return length is not None and length <= WHOLE_BYTES and not content_type.startswith("text/event-stream")
+
 
 async def forward(
     request: web.Request, session: aiohttp.ClientSession, server: ModelServer, metrics: PilotMetrics
@@ -145,16 +164,26 @@ async def _relay(
     request: web.Request, session: aiohttp.ClientSession, url: URL, body: _Body, name: str
 ) -> web.StreamResponse:
     response: web.StreamResponse | None = None
+    data: bytes | AsyncIterator[bytes] | None = None
     try:
+        if request.body_exists:
+            data = await body.whole() if _whole(request.content_length, request.headers) else body.chunks()
         async with session.request(
             request.method,
             url,
             # Host is the model server's; an Expect was answered by this server already.
             headers=end_to_end(request.headers, frozenset({"host", "expect"})),
-            data=body.chunks() if request.body_exists else None,
+            data=data,
             allow_redirects=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         ) as upstream:
+            if request.method != "HEAD" and _whole(upstream.content_length, upstream.headers):
+                content = await upstream.read()
+                # aiohttp counts the length itself, and it is the same: the body is passed as it came.
+                kept = end_to_end(upstream.headers, frozenset({"content-length"}))
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, body=content, headers=kept
+                )
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(end_to_end(upstream.headers))
             await response.prepare(request)

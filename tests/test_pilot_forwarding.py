@@ -96,3 +96,28 @@ async def test_a_request_body_too_large_or_stalled_is_refused(
             assert answer.status == 408
         async with session.post(f"{url}/v1/x", data=chunks(3, 0.1), ssl=site.client("gateway")) as answer:
             assert (await answer.json())["body_bytes"] == 3072
+
+
+async def test_small_bodies_pass_whole_and_streams_part_by_part(
+    pilot: tuple[Site, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body and an answer of a declared length up to WHOLE_BYTES go on in one piece with their
+    length; a larger body goes on as it arrives, its length still true; no Content-Type is added
+    where the client sent none."""
+    site, url = pilot
+    monkeypatch.setattr(forward, "WHOLE_BYTES", 2048)
+    async with aiohttp.ClientSession() as session:
+        for size in (1000, 3000):
+            async with session.post(
+                f"{url}/v1/x",
+                data=b"x" * size,
+                ssl=site.client("gateway"),
+                skip_auto_headers=("Content-Type",),
+            ) as answer:
+                text = await answer.read()
+                assert answer.headers["Content-Length"] == str(len(text))
+                echoed = await answer.json()
+            assert echoed["body_bytes"] == size
+            assert echoed["headers"]["Content-Length"] == str(size)
+            assert "Content-Type" not in echoed["headers"]
+            assert "Transfer-Encoding" not in echoed["headers"]
