@@ -14,7 +14,6 @@ Forwarding, answer limits and error mapping are those of every OpenAI-compatible
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,16 @@ from pydantic import Field, model_validator
 from adaptors.cluster import GetJobsResponse, Jobs
 from adaptors.configured import AdaptorConfig, ConfiguredCluster
 from adaptors.context import AdaptorContext, SharedResources
-from adaptors.deployments import Deployments, DeploymentSpec, NoDeployments, Phase, Progress, Replica
+from adaptors.deployments import (
+    DEPLOYMENT_NAME,
+    Deployments,
+    DeploymentSpec,
+    NoDeployments,
+    Phase,
+    Progress,
+    Replica,
+    is_deployment_name,
+)
 from adaptors.endpoint import StreamError, SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint, Unreachable
 from adaptors.holding import HeldCount, NotNow, Slot, WaitLimit, comment, refusal, too_many
@@ -34,8 +42,6 @@ from adaptors.keepalive import until_first_chunk
 _SHORTEST_WAIT = 0.02
 _EARLY = 0.01
 """A timer may fire this much before it is due (the event loop's clock resolution and rounding)."""
-DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-"""The path segment under the pilot's `/deployments/` (pilot/protocol.py, `ModelConfig.name`)."""
 
 
 class DeploymentEndpointConfig(ForwardingConfig):
@@ -76,7 +82,7 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
         super().__init__(*args, **kwargs)
         config = self.config
         name = config.deployment or self.endpoint_slug
-        if config.deployment is None and not _is_name(name):
+        if config.deployment is None and not is_deployment_name(name):
             raise ValueError(f"the endpoint's slug '{name}' cannot name a deployment: set config.deployment")
         self.spec = DeploymentSpec(
             name=name,
@@ -284,10 +290,6 @@ def _comment_due(last: Progress | None, now: Progress, due: float) -> bool:
 
 def _url(replica: Replica, path: str) -> str:
     return f"{replica.base_url}/v1/{path}"
-
-
-def _is_name(name: str) -> bool:
-    return re.match(DEPLOYMENT_NAME, name) is not None
 
 
 class DeploymentClusterConfig(AdaptorConfig):

@@ -9,11 +9,20 @@ outside a gateway, `NoDeployments` answers that nothing is deployed.
 from __future__ import annotations
 
 import enum
+import re
 import ssl
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
+
+DEPLOYMENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A deployment's name: the path segment under a pilot's `/deployments/` (the pilot, which imports
+nothing of the gateway, checks the same pattern in `ModelConfig.name`, pilot/protocol.py)."""
+
+
+def is_deployment_name(name: str) -> bool:
+    return re.match(DEPLOYMENT_NAME, name) is not None
 
 
 class Phase(str, enum.Enum):

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import secrets
 import socket
 import ssl
@@ -17,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
 
 from adaptors.context import AdaptorContext
-from adaptors.deployments import DeploymentSpec, Progress, Replica
+from adaptors.deployments import DeploymentSpec, Progress, Replica, is_deployment_name
 from adaptors.schedulers.contract import SchedulerError
 from mtls.certificates import subject_of
 from mtls.contexts import client_context
@@ -33,8 +32,6 @@ from proxy.settings.on_demand import OnDemandSettings, import_scheduler
 from proxy.settings.server import ServerSettings
 
 log = logging.getLogger(__name__)
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class Controller:
@@ -78,7 +75,7 @@ class Controller:
             raise ValueError(
                 f"config.scheduler: no scheduler {spec.scheduler!r} in on_demand.schedulers (known: {known})"
             )
-        if not _NAME.match(spec.name):
+        if not is_deployment_name(spec.name):
             raise ValueError(f"deployment name {spec.name!r}: letters, digits, '.', '_' and '-' only")
         configured = self._schedulers[spec.scheduler]
         try:
