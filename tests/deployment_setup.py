@@ -61,8 +61,12 @@ def make_site(directory: Path) -> Site:
     directory.mkdir(parents=True, exist_ok=True)
     ca = create_ca("Test Site CA", "Test Lab", days=30)
     (directory / "ca.pem").write_bytes(ca.certificate)
-    write(issue(ca, Role.pilot, "pilot", days=30), directory / "pilot.pem", directory / "pilot.key")
-    write(issue(ca, Role.gateway, "gateway", days=30), directory / "gateway.pem", directory / "gateway.key")
+    for role in Role:  # pilot.pem, gateway.pem, metrics.pem and their keys
+        write(
+            issue(ca, role, role.value, days=30),
+            directory / f"{role.value}.pem",
+            directory / f"{role.value}.key",
+        )
     return Site(directory)
 
 

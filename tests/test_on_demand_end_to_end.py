@@ -34,7 +34,7 @@ from testing.fake_schedulers import BIN
 from testing.fake_schedulers.table import DIRECTORY_VARIABLE, FakeBatch
 from testing.ports import free_port
 from testing.services.postgres_server import PostgresServer
-from tests.deployment_setup import Site, end_jobs, write_on_demand_config
+from tests.deployment_setup import Site, on_demand_site, write_on_demand_config
 from tests.processes import ROOT, gateway_process
 from tests.support import TOKENS
 
@@ -47,21 +47,7 @@ PILOT = [sys.executable, "-m", "pilot"]
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     """The site's CA and its pilot, gateway and metrics identities; its jobs end with the test."""
-    directory = tmp_path / "site"
-    directory.mkdir()
-    ca = create_ca("Test Site CA", "Test Lab", days=30)
-    (directory / "ca.pem").write_bytes(ca.certificate)
-    for role in Role:
-        write(
-            issue(ca, role, role.value, days=30),
-            directory / f"{role.value}.pem",
-            directory / f"{role.value}.key",
-        )
-    site = Site(directory)
-    try:
-        yield site
-    finally:
-        end_jobs(site)
+    yield from on_demand_site(tmp_path)
 
 
 def _identities(site: Site, tmp_path: Path) -> dict[str, ssl.SSLContext]:
