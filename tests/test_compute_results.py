@@ -21,7 +21,9 @@ def test_a_json_string_is_passed_on_as_it_came(text: str) -> None:
     assert as_json_text(text) is text
 
 
-@pytest.mark.parametrize("text", ["", "{", "not json", '{"a": 1} trailing', "[" * 100_000, "[" * 100_000 + "]" * 100_000])
+@pytest.mark.parametrize(
+    "text", ["", "{", "not json", '{"a": 1} trailing', "[" * 100_000, "[" * 100_000 + "]" * 100_000]
+)
 def test_a_string_that_is_not_json_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         as_json_text(text)
