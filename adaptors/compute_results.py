@@ -16,6 +16,7 @@ import json
 import pickle
 from typing import Any
 
+import orjson
 from globus_compute_sdk.serialize import ComputeSerializer, DillDataBase64, JSONData
 
 DILL_HEADER = DillDataBase64.identifier
@@ -50,9 +51,17 @@ def read_result(serializer: ComputeSerializer, payload: str, accept_dill: bool) 
 
 def as_json_text(value: Any) -> str:
     """A function's return value as the answer's JSON text: the functions return a JSON string,
-    anything else is encoded here. Raises `ValueError` for a string that is not JSON."""
+    anything else is encoded here. Raises `ValueError` for a string that is not JSON. The check is
+    orjson's (a tenth of the standard library's time, on every Compute answer); what orjson refuses
+    and the standard library reads (NaN, integers beyond 64 bits) is still JSON to the gateway."""
     if isinstance(value, str):
-        json.loads(value)
+        try:
+            orjson.loads(value)
+        except orjson.JSONDecodeError:
+            try:
+                json.loads(value)
+            except RecursionError:
+                raise ValueError("nested too deeply") from None
         return value
     return json.dumps(value)
 

@@ -67,6 +67,8 @@ machine's accept queue (net.core.somaxconn = 4096) whatever server listens."""
 ROUNDS: Final = 2
 WORKERS_RATIO: Final = "workers_2_vs_1_rps_ratio"
 NGINX_ADDED_P99: Final = "nginx_gateway_c16_added_p99_ms"
+HOP_P99_RATIO: Final = "gateway_over_nginx_c64_p99_ratio"
+"""The gateway (one worker) in nginx's place as the one hop to the backend, p99 at c=64 (issue 20)."""
 STREAMS_5000_RSS: Final = "streams_5000_rss_mb"
 
 
@@ -206,13 +208,23 @@ def summarize(runs: dict[str, list[dict[str, Any]]], held: dict[str, Any], secon
         "rps_runs": {key: [summary["rps"] for summary in measured] for key, measured in runs.items()},
         WORKERS_RATIO: round(two / one, 3) if one else None,
         NGINX_ADDED_P99: difference(front["p99_ms"], nginx["p99_ms"]),
+        HOP_P99_RATIO: _ratio(best["gateway_1 c64"]["p99_ms"], best["nginx c64"]["p99_ms"]),
         "held_streams": held,
         STREAMS_5000_RSS: held.get("5000", {}).get("peak_rss_mb"),
     }
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 2) if numerator is not None and denominator else None
+
+
 def deployment_checks(results: dict[str, Any]) -> dict[str, Check]:
     return {
+        HOP_P99_RATIO: (
+            results.get(HOP_P99_RATIO),
+            "gateway ≤ 2x nginx's p99 as the hop (c=64)",
+            lambda v: v <= 2,
+        ),
         WORKERS_RATIO: (results.get(WORKERS_RATIO), "2 workers ≥ 1.6x 1 worker (c=64)", lambda v: v >= 1.6),
         NGINX_ADDED_P99: (
             results.get(NGINX_ADDED_P99),
@@ -283,6 +295,16 @@ def deployment_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str
             "—",
             " ms",
             judged.get(NGINX_ADDED_P99),
+        )
+    )
+    rows.append(
+        table_row(
+            "deployment c=64: gateway (1 worker) p99 / nginx alone p99, each the one hop to the backend",
+            None,
+            results.get(HOP_P99_RATIO),
+            "—",
+            "x",
+            judged.get(HOP_P99_RATIO),
         )
     )
     for streams, held in results["held_streams"].items():

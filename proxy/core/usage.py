@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.core import json_codec
 from proxy.records.storable import MAX_TOKENS
 
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -108,7 +109,10 @@ the gateway hold everything it sends."""
 
 
 def _end_of_last_event(data: bytes) -> int:
-    """Where the last complete event in `data` ends; 0 when none has ended yet."""
+    """Where the last complete event in `data` ends; 0 when none has ended yet. A read usually ends
+    with an event's end (a backend writes whole events), which the first test finds without a search."""
+    if data.endswith(EVENT_ENDS):
+        return len(data)
     return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
 
 
@@ -176,8 +180,8 @@ class UsageScanner:
         if payload is None or b'"usage"' not in payload:
             return event
         try:
-            document = json.loads(payload)
-        except ValueError:
+            document, _ = json_codec.loads(payload)
+        except (ValueError, RecursionError):
             return event
         if not isinstance(document, dict):
             return event
@@ -191,9 +195,10 @@ class UsageScanner:
 
 
 def _data_events(complete: bytes) -> int:
-    """Events with a data line, other than the final `[DONE]`. JSON escapes newlines in strings, so a
-    line that starts with `data:` is always a field, never text inside one."""
-    count = complete.count(b"\ndata:") + complete.startswith(b"data:")
+    """Data lines (an event has one or a few), other than the final `[DONE]`. JSON escapes newlines
+    in strings, so a line that starts with `data:` is always a field, never text inside one; a line
+    may end in CR alone."""
+    count = complete.count(b"\ndata:") + complete.count(b"\rdata:") + complete.startswith(b"data:")
     return count - complete.count(b"data: [DONE]")
 
 
@@ -209,6 +214,9 @@ _PROMPT_FIELDS = frozenset({"messages", "prompt", "input", "instructions", "syst
 def _data_of(event: bytes) -> bytes | None:
     """The payload of an event's `data:` lines; Responses and Messages events name themselves in
     an `event:` line first."""
+    line = event.rstrip(b"\r\n")
+    if line.startswith(b"data:") and b"\n" not in line and b"\r" not in line:
+        return line[5:]  # the usual event: one data line
     lines = [line[5:] for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
 
