@@ -77,6 +77,7 @@ class Connection(asyncio.Protocol):
         self.received = 0
         self._head = None
         self._done = False
+        self._extra = False
         self._deadline = deadline
         self._silence = silence
         self._last_data = self.loop.time() if silence is not None else 0.0
@@ -112,6 +113,11 @@ class Connection(asyncio.Protocol):
                 return None
             self._wake_at = at_least
             await self._wait()
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes arrived and not yet taken: at most `HIGH_WATER` and one read more."""
+        return self._buffered
 
     @property
     def reusable(self) -> bool:

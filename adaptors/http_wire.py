@@ -19,7 +19,6 @@ MAX_HEADERS = 100
 MAX_LINE_BYTES = 8190
 MAX_INTERIM_ANSWERS = 10
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_DIGITS = frozenset(b"0123456789")
 _NO_BODY = frozenset((204, 304))
 
 
@@ -72,7 +71,7 @@ class MalformedAnswer(HTTPFailure):
     shown = "ClientResponseError"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Head:
     status: int
     headers: dict[str, str]
@@ -104,39 +103,40 @@ def parse_head(raw: bytes) -> Head:
     """The head in `raw`, its blank line excluded."""
     if len(raw) > MAX_HEAD_BYTES:
         raise MalformedAnswer(f"the answer's head exceeds {MAX_HEAD_BYTES} bytes")
-    lines = raw.split(b"\r\n")
-    if len(lines) > MAX_HEADERS + 1:
+    crlf = raw.count(b"\r\n")
+    if crlf > MAX_HEADERS:
         raise MalformedAnswer(f"the answer has more than {MAX_HEADERS} headers")
+    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf or b"\x00" in raw:
+        raise MalformedAnswer("the answer's head holds a control character")
+    lines = raw.decode("latin-1").split("\r\n")
     version, status = _status_line(lines[0])
     headers: dict[str, str] = {}
-    lengths: set[bytes] = set()
+    lengths: set[str] = set()
     for line in lines[1:]:
         if len(line) > MAX_LINE_BYTES:
             raise MalformedAnswer(f"a header line of the answer exceeds {MAX_LINE_BYTES} bytes")
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1] in b" \t" or name[0] in b" \t":
+        name, colon, value = line.partition(":")
+        if not colon or not name or name[0] in " \t" or name[-1] in " \t":
             raise MalformedAnswer("a header line of the answer is not `name: value`")
-        value = value.strip(b" \t")
-        if b"\n" in value or b"\r" in value or b"\x00" in value:
-            raise MalformedAnswer("a header value of the answer holds a control character")
-        key = name.decode("latin-1").lower()
+        key = name.lower()
         if key == "content-length":
-            lengths.add(value)
+            lengths.add(value.strip(" \t"))
         if key not in headers:
-            headers[key] = value.decode("latin-1")
+            headers[key] = value.strip(" \t")
     return _framed(version, status, headers, lengths)
 
 
-def _status_line(line: bytes) -> tuple[bytes, int]:
+def _status_line(line: str) -> tuple[str, int]:
     if len(line) > MAX_LINE_BYTES:
         raise MalformedAnswer(f"the answer's status line exceeds {MAX_LINE_BYTES} bytes")
-    version, _, rest = line.partition(b" ")
+    version, _, rest = line.partition(" ")
     code = rest[:3]
     if (
-        version not in (b"HTTP/1.1", b"HTTP/1.0")
+        version not in ("HTTP/1.1", "HTTP/1.0")
         or len(code) != 3
-        or not _DIGITS.issuperset(code)
-        or rest[3:4] not in (b"", b" ")
+        or not code.isdigit()
+        or not code.isascii()
+        or rest[3:4] not in ("", " ")
     ):
         raise MalformedAnswer("the answer does not start with an HTTP/1.x status line")
     status = int(code)
@@ -145,10 +145,10 @@ def _status_line(line: bytes) -> tuple[bytes, int]:
     return version, status
 
 
-def _framed(version: bytes, status: int, headers: dict[str, str], lengths: set[bytes]) -> Head:
+def _framed(version: str, status: int, headers: dict[str, str], lengths: set[str]) -> Head:
     """The body's framing, as RFC 9112 section 6.3 reads it, refusing what could be read two ways."""
-    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
-    keep_alive = version == b"HTTP/1.1" and "close" not in connection
+    connection = headers.get("connection")
+    keep_alive = version == "HTTP/1.1" and (connection is None or "close" not in connection.lower())
     if status < 200 or status in _NO_BODY:
         return Head(status, headers, 0, False, keep_alive)
     coding = headers.get("transfer-encoding")
@@ -162,7 +162,7 @@ def _framed(version: bytes, status: int, headers: dict[str, str], lengths: set[b
         if len(lengths) > 1:
             raise MalformedAnswer("the answer has Content-Lengths that differ")
         (length,) = lengths
-        if not length or len(length) > 18 or not _DIGITS.issuperset(length):
+        if not length or len(length) > 18 or not length.isdigit() or not length.isascii():
             raise MalformedAnswer("the answer's Content-Length is not a number")
         return Head(status, headers, int(length), False, keep_alive)
     return Head(status, headers, None, False, False)
