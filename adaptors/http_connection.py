@@ -85,13 +85,16 @@ class Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             self._error = Disconnected("the connection closed before the request went out")
             return
-        if body is None:
-            transport.write(head)
-        elif len(body) <= 16384:
-            transport.write(head + body)
-        else:
-            transport.write(head)
-            transport.write(body)
+        try:
+            if body is None:
+                transport.write(head)
+            elif len(body) <= 16384:
+                transport.write(head + body)
+            else:
+                transport.write(head)
+                transport.write(body)
+        except (OSError, RuntimeError):  # uvloop's transports may raise where asyncio's report later
+            self._error = Disconnected("the connection failed as the request went out")
 
     async def read_head(self) -> Head:
         while self._head is None:

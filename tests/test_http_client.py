@@ -18,8 +18,7 @@ from adaptors import http_client
 from adaptors.forwarding import unreachable
 from adaptors.http_client import HTTPClient
 from adaptors.http_connection import HIGH_WATER
-from adaptors.http_wire import ConnectFailed, ConnectTimeout, Disconnected, MalformedAnswer, ReadTimeout
-from testing.ports import free_port
+from adaptors.http_wire import ConnectTimeout, Disconnected, MalformedAnswer, ReadTimeout
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 Script = Callable[["Raw", asyncio.StreamWriter, int], Awaitable[bool]]
@@ -64,20 +63,36 @@ class Raw:
             writer.close()
 
 
-@pytest.fixture
-async def raw() -> AsyncIterator[Raw]:
+@contextlib.asynccontextmanager
+async def raw_server() -> AsyncIterator[Raw]:
     server = Raw()
     listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
     server.url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1/chat?x=1"
-    yield server
-    listening.close()
+    try:
+        yield server
+    finally:
+        listening.close()
+
+
+@contextlib.asynccontextmanager
+async def lean_client() -> AsyncIterator[HTTPClient]:
+    http = HTTPClient(4096, None, {"Content-Type": "application/json"})
+    try:
+        yield http
+    finally:
+        await http.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Raw]:
+    async with raw_server() as server:
+        yield server
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[HTTPClient]:
-    http = HTTPClient(4096, None, {"Content-Type": "application/json"})
-    yield http
-    await http.close()
+    async with lean_client() as http:
+        yield http
 
 
 def whole(size: int) -> int:
@@ -367,30 +382,3 @@ async def test_an_abandoned_answer_closes_its_connection(
             await task
     await eventually(lambda: raw.ended == 1)
     assert client._in_use == 0 and not client._idle
-
-
-async def test_a_refused_connection_is_unreachable(client: HTTPClient) -> None:
-    with pytest.raises(ConnectFailed) as refused:
-        await fetch(client, f"http://127.0.0.1:{free_port()}/v1")
-    assert unreachable(refused.value) and refused.value.shown == "ClientConnectorError"
-
-
-async def test_ipv6_literals_and_default_ports(client: HTTPClient) -> None:
-    heads: list[bytes] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heads.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(OK)
-        await writer.drain()
-        writer.close()
-
-    listening = await asyncio.start_server(serve, "::1", 0)
-    port = listening.sockets[0].getsockname()[1]
-    try:
-        assert await fetch(client, f"http://[::1]:{port}/v1/x") == b"ok"
-    finally:
-        listening.close()
-    assert f"Host: [::1]:{port}\r\n".encode() in heads[0]
-    target = client._target("GET", "https://user:pw@Example.org:443/a b/ü?q=1 2")
-    assert target.prefix.startswith(b"GET /a%20b/%C3%BC?q=1%202 HTTP/1.1\r\nHost: example.org\r\n")
-    assert b"Authorization: Basic dXNlcjpwdw==\r\n" in target.prefix
