@@ -50,7 +50,7 @@ class Connection(asyncio.Protocol):
         """Bytes of the current answer received so far: with none, a failure may be a stale
         connection that the server closed as the request went out."""
         self._active = False
-        self._head_buffer = b""
+        self._head_buffer = bytearray()
         self._head: Head | None = None
         self._chunks: Chunks | None = None
         self._left: int | None = None
@@ -139,7 +139,8 @@ class Connection(asyncio.Protocol):
     def finish(self) -> None:
         """Ends the exchange (its answer read, or abandoned)."""
         self._active = False
-        self._head_buffer = b""
+        if self._head_buffer:
+            self._head_buffer = bytearray()
         self._body = []
         self._buffered = 0
         self._chunks = None
@@ -253,11 +254,19 @@ class Connection(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         if self._head is None:
-            buffer = self._head_buffer + data if self._head_buffer else data
+            pending = self._head_buffer
+            buffer: bytes | bytearray = data
+            start = 0
+            if pending:
+                start = len(pending) - 3  # the blank line may have begun in what came before
+                pending += data
+                buffer = pending
             while True:
-                end = head_end(buffer)
+                end = head_end(buffer, max(start, 0))
+                start = 0
                 if end < 0:
-                    self._head_buffer = buffer
+                    if buffer is not pending:
+                        self._head_buffer = bytearray(buffer)
                     return
                 head = parse_head(buffer[: end - 4])
                 buffer = buffer[end:]
@@ -266,7 +275,8 @@ class Connection(asyncio.Protocol):
                 self._interim += 1
                 if head.status == 101 or self._interim > MAX_INTERIM_ANSWERS:
                     raise MalformedAnswer(f"the backend answered {head.status} to a plain request")
-            self._head_buffer = b""
+            if pending:
+                self._head_buffer = bytearray()
             self._head = head
             self._chunks = Chunks() if head.chunked else None
             self._left = head.length
@@ -275,7 +285,7 @@ class Connection(asyncio.Protocol):
             self._wake()
             if not buffer:
                 return
-            data = buffer
+            data = bytes(buffer)
         if self._done:
             self._extra = True
             return

@@ -88,10 +88,11 @@ class Head:
         return self.headers.get(name.lower())
 
 
-def head_end(buffer: bytes | bytearray) -> int:
+def head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     """The index just past the head's blank line, or -1 while it has not arrived (refused once
-    more bytes than any head may have arrived without it)."""
-    end = buffer.find(b"\r\n\r\n")
+    more bytes than any head may have arrived without it). `start`: where to look from, so that a
+    head arriving a byte at a time is not searched again from its start each time."""
+    end = buffer.find(b"\r\n\r\n", start)
     if end >= 0:
         return end + 4
     if len(buffer) > MAX_HEAD_BYTES:
@@ -99,7 +100,7 @@ def head_end(buffer: bytes | bytearray) -> int:
     return -1
 
 
-def parse_head(raw: bytes) -> Head:
+def parse_head(raw: bytes | bytearray) -> Head:
     """The head in `raw`, its blank line excluded."""
     if len(raw) > MAX_HEAD_BYTES:
         raise MalformedAnswer(f"the answer's head exceeds {MAX_HEAD_BYTES} bytes")

@@ -332,6 +332,24 @@ async def test_packed_answers_are_bounded_after_unpacking(raw: Raw, client: HTTP
     assert raw.connections == 2, "the answer over the limit was not read on: its connection closed"
 
 
+async def test_a_packed_stream_unpacks_a_bounded_piece_at_a_time(raw: Raw, client: HTTPClient) -> None:
+    packed = gzip.compress(bytes(3 * 1024 * 1024))
+
+    async def answers(server: Raw, writer: asyncio.StreamWriter, number: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(packed), packed))
+        return True
+
+    raw.script = answers
+    stream = await client.stream("POST", raw.url, b"{}", timeout=5)
+    sizes = []
+    while (piece := await stream.next_piece()) is not None:
+        sizes.append(len(piece))
+    assert sum(sizes) == 3 * 1024 * 1024 and max(sizes) <= 256 * 1024
+    assert (await client.stream("POST", raw.url, b"{}", timeout=5)).status == 200
+    assert raw.connections == 1, "the stream read to its end gave its connection back"
+
+
 async def test_a_stream_not_read_holds_back_the_backend(raw: Raw, client: HTTPClient) -> None:
     sent = 0
 
