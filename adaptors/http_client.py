@@ -24,7 +24,7 @@ import base64
 import collections
 import socket
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -137,7 +137,7 @@ class HTTPClient:
         self._headers = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._has_authorization = any(name.lower() == "authorization" for name in headers or {})
         self._targets: dict[tuple[str, str], _Target] = {}
-        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._idle: dict[Hashable, list[Connection]] = {}
         self._all: set[Connection] = set()
         self._in_use = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -300,7 +300,7 @@ class HTTPClient:
         if reusable:
             loop = connection.loop
             connection.idle_since = loop.time()
-            self._idle.setdefault(connection.origin, []).append(connection)  # type: ignore[arg-type]
+            self._idle.setdefault(connection.origin, []).append(connection)
             if self._sweeper is None:
                 self._sweeper = loop.call_at(connection.idle_since + KEEPALIVE_SECONDS, self._sweep)
         else:

@@ -72,7 +72,9 @@ class Connection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes | None, deadline: float, silence: float | None) -> None:
         """Starts an exchange. `deadline` (loop time) bounds it all, unless `silence` is given: then
-        each wait ends once the backend has sent nothing for that many seconds."""
+        each wait ends once the backend has sent nothing for that many seconds. A body larger than
+        the socket's buffer waits in the transport's, which costs nothing more: the gateway holds
+        the body already (within its request limit)."""
         self._active = True
         self.received = 0
         self._head = None
@@ -229,13 +231,6 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended(exc)
         self.transport = None
-
-    def pause_writing(self) -> None:
-        """A request body larger than the socket's buffer: asyncio keeps the rest, bounded by the
-        body itself, which the gateway holds already."""
-
-    def resume_writing(self) -> None:
-        """See `pause_writing`."""
 
     def _ended(self, exc: Exception | None) -> None:
         """The backend closed the connection (or it broke)."""
