@@ -126,11 +126,15 @@ class Connection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        """The answer was read to its end, and the connection may take another request."""
+        """The answer was read to its end, and the connection may take another request: not while
+        part of the request is still unsent (a server that answered before reading all of it would
+        read the rest as the next request)."""
         head = self._head
         return (
             self.open
             and self._done
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
             and not self._extra
             and self._error is None
             and head is not None
