@@ -200,32 +200,6 @@ async def test_connection_close_http_10_and_bodies_until_close_are_not_reused(
     await eventually(lambda: raw.ended + (b"Content-Length" not in answer) * 2 >= 2)
 
 
-async def test_a_connection_whose_request_was_not_all_sent_is_not_reused(client: HTTPClient) -> None:
-    """A server may answer before reading the whole body: the rest must not become the next request."""
-    heads_after_the_answer = []
-
-    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
-        rest = b""
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(1):
-                while data := await reader.read(1 << 20):
-                    rest = rest[-16:] + data
-                    heads_after_the_answer.append(b"POST /v1" in rest)
-        writer.close()
-
-    listening = await asyncio.start_server(early, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1"
-    try:
-        for _ in range(2):
-            answer = await client.fetch("POST", url, bytes(32 * 1024 * 1024), timeout=5, limit=whole)
-            assert (answer.status, answer.body) == (413, b"no")
-    finally:
-        listening.close()
-    assert not any(heads_after_the_answer)
-
-
 async def test_idle_connections_expire(raw: Raw, client: HTTPClient, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_client, "KEEPALIVE_SECONDS", 0.3)
     assert await fetch(client, raw.url) == b"ok"

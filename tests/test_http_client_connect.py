@@ -1,13 +1,15 @@
-"""How the gateway's HTTP client connects: a refused connection is "unreachable"; IPv6 literals,
-default ports and URLs that need encoding make the request line and Host they should; over real
-TLS on loopback, a self-signed server is trusted through the context the adaptor gives, with its
-host name checked, and refused under the default verification as a TLS failure (the peer
-answered: not "unreachable", so no other replica is tried for it). And the client's trickiest
-exchanges again under uvloop, the event loop the gateway runs on."""
+"""How the gateway's HTTP client connects: a refused connection is "unreachable"; one whose request
+was not all sent when its answer ended is not reused; IPv6 literals, default ports and URLs that
+need encoding make the request line and Host they should; over real TLS on loopback, a
+self-signed server is trusted through the context the adaptor gives, with its host name checked,
+and refused under the default verification as a TLS failure (the peer answered: not
+"unreachable", so no other replica is tried for it). And the client's trickiest exchanges again
+under uvloop, the event loop the gateway runs on."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import functools
 import ipaddress
@@ -105,6 +107,32 @@ async def test_a_refused_connection_is_unreachable(client: HTTPClient) -> None:
     with pytest.raises(ConnectFailed) as refused:
         await fetch(client, f"http://127.0.0.1:{free_port()}/v1")
     assert unreachable(refused.value) and refused.value.shown == "ClientConnectorError"
+
+
+async def test_a_connection_whose_request_was_not_all_sent_is_not_reused(client: HTTPClient) -> None:
+    """A server may answer before reading the whole body: the rest must not become the next request."""
+    heads_after_the_answer = []
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        rest = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(1):
+                while data := await reader.read(1 << 20):
+                    rest = rest[-16:] + data
+                    heads_after_the_answer.append(b"POST /v1" in rest)
+        writer.close()
+
+    listening = await asyncio.start_server(early, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listening.sockets[0].getsockname()[1]}/v1"
+    try:
+        for _ in range(2):
+            answer = await client.fetch("POST", url, bytes(32 * 1024 * 1024), timeout=5, limit=whole)
+            assert (answer.status, answer.body) == (413, b"no")
+    finally:
+        listening.close()
+    assert not any(heads_after_the_answer)
 
 
 async def test_ipv6_literals_and_default_ports(client: HTTPClient) -> None:
