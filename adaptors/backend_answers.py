@@ -6,47 +6,31 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import functools
 import json
-import ssl
 from typing import Any
 
-import aiohttp
-
 from adaptors.context import AnswerLimits
+from adaptors.http_wire import Head
 
 
-def new_session(max_connections: int, client_ssl: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    """One session serves every user of the endpoint, so it keeps no cookies: a cookie a backend (or
-    the load balancer in front of it) set in one user's answer would go out with everyone's requests.
-    `client_ssl` replaces the default verification (a pilot's mTLS client context)."""
-    connector = aiohttp.TCPConnector(
-        limit=max_connections,
-        limit_per_host=0,
-        ttl_dns_cache=300,
-        ssl=True if client_ssl is None else client_ssl,
-    )
-    return aiohttp.ClientSession(
-        connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
-    )
-
-
-def refusal_of(response: aiohttp.ClientResponse, text: str | None, limits: AnswerLimits) -> dict[str, Any]:
+def refusal_of(head: Head, text: str | None, limits: AnswerLimits) -> dict[str, Any]:
     """The error fields of an answer for the backend's error status. A backend that failed the
     request (a 5xx other than busy) would fail it again or repeat its work: not retryable. A busy
     backend's own `Retry-After` (in seconds) is passed on. `text` is None when the error answer
     exceeded `limits.error_bytes`."""
-    status = _status(response.status)
+    status = _status(head.status)
     retry_after = None
     if status in (429, 503):
         try:
-            retry_after = float(response.headers.get("Retry-After", ""))
+            retry_after = float(head.header("Retry-After") or "")
         except ValueError:
             retry_after = None
     if text is None:
         message: str = f"The backend failed with an error answer over {limits.error_bytes} bytes."
         detail = None
     else:
-        message, detail = _upstream_message(response.status, text)
+        message, detail = _upstream_message(head.status, text)
     return {
         "error_code": status,
         "error_message": message[: limits.error_message_chars],
@@ -56,27 +40,22 @@ def refusal_of(response: aiohttp.ClientResponse, text: str | None, limits: Answe
     }
 
 
-async def answer_text(response: aiohttp.ClientResponse, limit: int) -> str | None:
-    """The answer as text, or None once it exceeds `limit` bytes. Counted as read, after
-    decompression, so neither a huge answer nor a small compressed one that unpacks to a huge one
-    is ever held whole. An uncompressed answer of a known length within the limit (the usual one)
-    is read in one go."""
-    length = response.content_length
-    if length is not None and length <= limit and not response.headers.get("Content-Encoding"):
-        return (await response.read()).decode(_charset(response), errors="replace")
-    body = bytearray()
-    async for chunk in response.content.iter_any():
-        body.extend(chunk)
-        if len(body) > limit:
-            return None
-    return body.decode(_charset(response), errors="replace")
+def answer_text(head: Head, body: bytes | None) -> str | None:
+    """The answer as text, or None when it exceeded its limit (the client read it within the
+    limit, counted after decompression: adaptors/http_client.py)."""
+    if body is None:
+        return None
+    return body.decode(_charset(head.header("Content-Type")), errors="replace")
 
 
-def _charset(response: aiohttp.ClientResponse) -> str:
+@functools.lru_cache(maxsize=64)
+def _charset(content_type: str | None) -> str:
     """The declared charset if Python knows it, else UTF-8 (what JSON is)."""
-    if response.charset:
-        with contextlib.suppress(LookupError):
-            return codecs.lookup(response.charset).name
+    for parameter in (content_type or "").split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            with contextlib.suppress(LookupError, ValueError):
+                return codecs.lookup(value.strip().strip('"')).name
     return "utf-8"
 
 

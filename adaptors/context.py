@@ -38,6 +38,10 @@ class AnswerLimits:
     error_bytes: int = 64 * 1024
     error_message_chars: int = 1000
 
+    def for_status(self, status: int) -> int:
+        """The limit of an answer of this status: an error (or a redirect) gets the smaller one."""
+        return self.error_bytes if status >= 300 else self.answer_bytes
+
 
 @dataclass
 class _Held:

@@ -6,15 +6,16 @@ import json
 import os
 from typing import Any
 
-import aiohttp
 from pydantic import Field, field_validator
 
-from adaptors.backend_answers import answer_text, is_redirect, new_session, redirected, refusal_of, too_large
+from adaptors.backend_answers import answer_text, is_redirect, redirected, refusal_of, too_large
 from adaptors.cluster import GetJobsResponse, Jobs
 from adaptors.configured import AdaptorConfig, ConfiguredCluster
 from adaptors.context import AdaptorContext, AnswerLimits
 from adaptors.endpoint import SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint
+from adaptors.http_client import HTTPClient
+from adaptors.http_wire import HTTPFailure
 from adaptors.keepalive import until_first_chunk
 from adaptors.transport import transport_failure
 
@@ -74,36 +75,33 @@ class DirectAPICluster(ConfiguredCluster[DirectAPIClusterConfig]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HTTPClient | None = None
         self._limits = AnswerLimits()
 
     async def startup(self, context: AdaptorContext) -> None:
-        self._session = new_session(max_connections=8)
+        self._http = HTTPClient(max_connections=8)
         self._limits = context.limits
 
     async def shutdown(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.close()
 
     async def get_jobs(self) -> GetJobsResponse:
-        if self._session is None:
+        if self._http is None:
             raise RuntimeError("DirectAPICluster used before startup()")
-        timeout = aiohttp.ClientTimeout(total=self.config.api_request_timeout)
+        timeout = self.config.api_request_timeout
         try:
-            async with self._session.get(
-                self.config.status_url, timeout=timeout, allow_redirects=False
-            ) as response:
-                failed = response.status >= 300
-                text = await answer_text(
-                    response, self._limits.error_bytes if failed else self._limits.answer_bytes
-                )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = transport_failure(exc, timeout=self.config.api_request_timeout)
+            answer = await self._http.fetch(
+                "GET", self.config.status_url, None, timeout=timeout, limit=self._limits.for_status
+            )
+        except (TimeoutError, HTTPFailure) as exc:
+            failure = transport_failure(exc, timeout=timeout)
             return GetJobsResponse(error_code=failure.status, error_message=failure.message)
-        if is_redirect(response.status):
-            return GetJobsResponse(error_code=502, error_message=redirected(response.status))
-        if response.status >= 400:
-            refusal = refusal_of(response, text, self._limits)
+        text = answer_text(answer.head, answer.body)
+        if is_redirect(answer.status):
+            return GetJobsResponse(error_code=502, error_message=redirected(answer.status))
+        if answer.status >= 400:
+            refusal = refusal_of(answer.head, text, self._limits)
             return GetJobsResponse(
                 error_code=refusal["error_code"],
                 error_message=refusal["error_message"],

@@ -12,14 +12,15 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-import aiohttp
 import orjson
 from pydantic import Field
 
-from adaptors.backend_answers import answer_text, is_redirect, new_session, redirected, refusal_of, too_large
+from adaptors.backend_answers import answer_text, is_redirect, redirected, refusal_of, too_large
 from adaptors.configured import AdaptorConfig, ConfiguredEndpoint
 from adaptors.context import AdaptorContext, AnswerLimits
 from adaptors.endpoint import CLIENT_JSON, StreamError, SubmitTaskResponse
+from adaptors.http_client import HTTPClient
+from adaptors.http_wire import ConnectFailed, ConnectTimeout, HTTPFailure
 from adaptors.telemetry import NoTelemetry, Telemetry
 from adaptors.transport import transport_failure
 
@@ -53,9 +54,7 @@ class Unreachable(Exception):
 def unreachable(exc: BaseException) -> bool:
     """A connection that was never opened; a TLS failure is not one (the peer answered, and is not
     who it should be)."""
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return False
-    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+    return isinstance(exc, ConnectFailed | ConnectTimeout)
 
 
 class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
@@ -71,10 +70,7 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._headers = {"Content-Type": "application/json"}
-        timeout = self.config.api_request_timeout
-        self._task_timeout = aiohttp.ClientTimeout(total=timeout)  # built once: not free per request
-        self._stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._http: HTTPClient | None = None
         self._telemetry: Telemetry = NoTelemetry()
         self._limits = AnswerLimits()
 
@@ -83,36 +79,36 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
         return None
 
     async def startup(self, context: AdaptorContext) -> None:
-        self._session = new_session(self.config.max_connections, self.client_ssl(context))
+        self._http = HTTPClient(self.config.max_connections, self.client_ssl(context), self._headers)
         self._telemetry = context.telemetry
         self._limits = context.limits
 
     async def shutdown(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.close()
 
     async def forward(self, url: str, body: bytes, *, or_unreachable: bool = False) -> SubmitTaskResponse:
         """The backend's whole answer. `or_unreachable`: raise `Unreachable` instead of answering
         when no connection could be opened."""
+        timeout = self.config.api_request_timeout
         try:
-            async with self._client().post(
-                url, data=body, headers=self._headers, timeout=self._task_timeout, allow_redirects=False
-            ) as response:
-                failed = response.status >= 300
-                limit = self._limits.error_bytes if failed else self._limits.answer_bytes
-                text = await answer_text(response, limit)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            answer = await self._client().fetch(
+                "POST", url, body, timeout=timeout, limit=self._limits.for_status
+            )
+        except (TimeoutError, HTTPFailure) as exc:
             if or_unreachable and unreachable(exc):
                 raise Unreachable from exc
-            failure = transport_failure(exc, timeout=self.config.api_request_timeout)
+            failure = transport_failure(exc, timeout=timeout)
             self._telemetry.upstream_error(self.endpoint_slug, failure.kind)
             return SubmitTaskResponse(error_code=failure.status, error_message=failure.message)
-        if is_redirect(response.status):
+        status = answer.status
+        if is_redirect(status):
             self._refused(502)
-            return SubmitTaskResponse(error_code=502, error_message=redirected(response.status))
-        if response.status >= 400:
-            self._refused(response.status)
-            return SubmitTaskResponse(**refusal_of(response, text, self._limits))
+            return SubmitTaskResponse(error_code=502, error_message=redirected(status))
+        text = answer_text(answer.head, answer.body)
+        if status >= 400:
+            self._refused(status)
+            return SubmitTaskResponse(**refusal_of(answer.head, text, self._limits))
         if text is None:
             self._refused(502)
             return SubmitTaskResponse(error_code=502, error_message=too_large(self._limits.answer_bytes))
@@ -126,10 +122,8 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
         `or_unreachable` as in `forward`, raised before anything is yielded."""
         silence = self.config.api_request_timeout
         try:
-            response = await self._client().post(
-                url, data=body, headers=self._headers, timeout=self._stream_timeout, allow_redirects=False
-            )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            response = await self._client().stream("POST", url, body, timeout=silence)
+        except (TimeoutError, HTTPFailure) as exc:
             if or_unreachable and unreachable(exc):
                 raise Unreachable from exc
             failure = transport_failure(exc, timeout=silence)
@@ -142,11 +136,10 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
         if response.status >= 400:
             self._refused(response.status)
             try:
-                async with response:
-                    text = await answer_text(response, self._limits.error_bytes)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                text = f"the error answer was cut off ({type(exc).__name__})"
-            refusal = refusal_of(response, text, self._limits)
+                text = answer_text(response.head, await response.read(self._limits.error_bytes))
+            except HTTPFailure as exc:
+                text = f"the error answer was cut off ({exc.shown})"
+            refusal = refusal_of(response.head, text, self._limits)
             raise StreamError(
                 refusal["error_message"],
                 refusal["error_code"],
@@ -155,16 +148,13 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
                 detail=refusal["error_detail"],
             )
         try:
-            async for chunk in response.content.iter_any():
+            while (chunk := await response.next_piece()) is not None:
                 yield chunk
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, HTTPFailure) as exc:
             failure = transport_failure(exc, timeout=silence, started=True)
             raise StreamError(failure.message, failure.status) from None
-        except BaseException:
-            response.close()
-            raise
         finally:
-            response.release()
+            response.close()
 
     def _refused(self, status: int) -> None:
         self._telemetry.upstream_error(self.endpoint_slug, "5xx" if status >= 500 else "4xx")
@@ -177,7 +167,7 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
         params = data["model_params"]
         return _encoded({key: value for key, value in params.items() if key != "openai_endpoint"})
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _client(self) -> HTTPClient:
+        if self._http is None:
             raise RuntimeError(f"{type(self).__name__} used before startup()")
-        return self._session
+        return self._http

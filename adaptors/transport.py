@@ -1,6 +1,7 @@
 """One map from the failures of a backend's transport to what the client is told.
 
-Adaptors reach their backends through aiohttp, globus-sdk (on requests) or a site's own library.
+Adaptors reach their backends through the gateway's own HTTP client (adaptors/http_client.py),
+aiohttp, globus-sdk (on requests) or a site's own library.
 Each used to turn those exceptions into a status and a message its own way; here one table does it
 for all of them, as httpx maps its transports' exceptions to its own in one place. A failure becomes
 a `TransportFailure`: the HTTP status (502 unreachable or refused, 503 a service that is down or
@@ -21,6 +22,7 @@ import aiohttp
 import globus_sdk
 import requests
 
+from adaptors.http_wire import HTTPFailure
 from adaptors.telemetry import ErrorKind
 
 __all__ = ["TransportFailure", "transport_failure"]
@@ -65,7 +67,8 @@ def _unreachable(exc: BaseException, where: _Where) -> TransportFailure:
         return TransportFailure(
             502, f"{where.subject} closed the stream before it finished.", None, "connect"
         )
-    return TransportFailure(502, f"Cannot reach {where.service} ({type(exc).__name__}).", None, "connect")
+    name = exc.shown if isinstance(exc, HTTPFailure) else type(exc).__name__
+    return TransportFailure(502, f"Cannot reach {where.service} ({name}).", None, "connect")
 
 
 def _service_answered(exc: BaseException, where: _Where) -> TransportFailure:
@@ -97,11 +100,14 @@ _RULES: tuple[tuple[type[BaseException], Callable[[BaseException, _Where], Trans
     (globus_sdk.GlobusError, _service_unreachable),
     (TimeoutError, _timed_out),
     (requests.Timeout, _timed_out),
+    (HTTPFailure, _unreachable),
     (aiohttp.ClientError, _unreachable),
     (OSError, _unreachable),
 )
 """globus-sdk wraps the requests it makes (`NetworkError`), so only a site's own requests calls
-reach the `requests.Timeout` row; its other errors are `OSError`s."""
+reach the `requests.Timeout` row; its other errors are `OSError`s. The gateway's own client's
+timeouts are `TimeoutError`s; its other failures name themselves as aiohttp's client named the
+same failures (`HTTPFailure.shown`), so clients read the messages they read before it."""
 
 
 def transport_failure(
