@@ -79,9 +79,15 @@ def callback_target(url: str) -> CallbackTarget:
 def sse_lines(data: str) -> bytes:
     """The function sends SSE lines joined by newlines, without the blank lines between events, so
     each `data:` line ends an event here. The lines before it (the `event:` line of a Responses or
-    Messages event) stay in its event, even when the function posted them in an earlier batch."""
-    lines = [line.strip().encode() for line in data.split("\n") if line.strip()]
-    return b"".join(line + (b"\n\n" if line.startswith(b"data:") else b"\n") for line in lines)
+    Messages event) stay in its event, even when the function posted them in an earlier batch.
+    Encoded once, as a whole; raises `UnicodeEncodeError` for text that has no UTF-8 (a lone surrogate,
+    which a JSON body can spell)."""
+    pieces = []
+    for line in data.split("\n"):
+        if line := line.strip():
+            pieces.append(line)
+            pieces.append("\n\n" if line.startswith("data:") else "\n")
+    return "".join(pieces).encode()
 
 
 def _digest(token: str) -> str:
@@ -158,53 +164,67 @@ class RelayedStream:
         await self._relay._push(self.stream_id, Event("error", message.encode(), code))
 
     async def events(self) -> AsyncIterator[bytes]:
+        """Data events that arrived together leave as one chunk: one write to the client for them,
+        and one trip through the layers between this stream and the client's socket."""
         keepalive = self._relay.settings.keepalive_seconds
         loop = asyncio.get_running_loop()
         started = last = loop.time()
         first, finished = True, False
         try:
             while True:
-                deadline, message = self._deadline(started, last, first)
+                deadline = self._deadline(started, last, first)
                 now = loop.time()
                 if now >= deadline:
-                    raise StreamError(message, 504)
+                    raise StreamError(self._expired(started, last, first), 504)
                 try:
                     events = await self._relay._next(self.stream_id, min(keepalive, deadline - now))
                 except RelayUnavailable as exc:
                     raise StreamError(exc.message, exc.status) from exc
                 if not events:
                     yield b": waiting for the model\n\n" if first else b": keep-alive\n\n"
-                for event in events:
-                    if event.kind == "data":
-                        first, last = False, loop.time()
-                        yield event.data
-                        continue
-                    finished = True
-                    if event.kind == "error":
-                        raise StreamError(event.data.decode(errors="replace"), event.code)
-                    return
+                    continue
+                end = next((event for event in events if event.kind != "data"), None)
+                data = [event.data for event in events[: events.index(end) if end else None]]
+                if data:
+                    first, last = False, loop.time()
+                    yield data[0] if len(data) == 1 else b"".join(data)
+                if end is None:
+                    continue
+                finished = True
+                if end.kind == "error":
+                    raise StreamError(end.data.decode(errors="replace"), end.code)
+                return
         finally:
             try:
                 await self._relay._release(self.stream_id, finished)
             except RelayUnavailable:
                 log.warning("relay stream %s not released: Redis does not answer", self.stream_id)
 
-    def _deadline(self, started: float, last: float, first: bool) -> tuple[float, str]:
+    def _deadline(self, started: float, last: float, first: bool) -> float:
         """The nearest limit: the whole stream's, and the first chunk's or the silence's."""
+        return min(
+            self._phase_end(started, last, first), started + self._relay.settings.total_timeout_seconds
+        )
+
+    def _phase_end(self, started: float, last: float, first: bool) -> float:
+        limits = self._relay.settings
+        if first:
+            return started + limits.first_chunk_timeout_seconds
+        return last + limits.silence_timeout_seconds
+
+    def _expired(self, started: float, last: float, first: bool) -> str:
+        """Why the stream ended at its deadline (built then only, not at every chunk)."""
         limits = self._relay.settings
         total = limits.total_timeout_seconds
+        if started + total < self._phase_end(started, last, first):
+            return f"The stream reached the gateway's limit of {total:g} seconds."
         if first:
             wait = limits.first_chunk_timeout_seconds
-            phase = (
-                started + wait,
+            return (
                 f"The model sent nothing within {wait:g} seconds (it may be queued or still loading); "
-                "try again later.",
+                "try again later."
             )
-        else:
-            wait = limits.silence_timeout_seconds
-            phase = (last + wait, f"The model sent nothing for {wait:g} seconds; the stream was ended.")
-        overall = (started + total, f"The stream reached the gateway's limit of {total:g} seconds.")
-        return min(phase, overall)
+        return f"The model sent nothing for {limits.silence_timeout_seconds:g} seconds; the stream was ended."
 
 
 @dataclass
@@ -253,11 +273,17 @@ class LocalRelay(Relay):
         self._streams[stream_id] = _LocalStream(token_digest, asyncio.Queue(self.settings.max_queued_chunks))
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
+        """Without `wait_for`, which (before Python 3.12) runs the wait as a task of its own: a task,
+        and a turn of the loop more, per chunk."""
         queue = self._streams[stream_id].queue
-        try:
-            first = await asyncio.wait_for(queue.get(), wait)
-        except TimeoutError:
-            return []
+        if queue.empty():
+            try:
+                async with asyncio.timeout(wait):
+                    first = await queue.get()
+            except TimeoutError:
+                return []
+        else:
+            first = queue.get_nowait()
         events = [first]
         while not queue.empty() and events[-1].kind == "data":
             events.append(queue.get_nowait())
