@@ -91,7 +91,13 @@ async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> 
         await _note_refusal(request, body["task_id"], REFUSED_TOKEN)
     if delivery is not Delivery.ACCEPTED:
         raise ApiError(int(delivery), _ANSWERS[delivery], code="stream_" + delivery.name.lower())
-    return web.json_response({"status": "received", "task_id": body["task_id"]})
+    return web.Response(body=_received(body["task_id"]), content_type="application/json")
+
+
+def _received(stream_id: str) -> bytes:
+    """`{"status": "received", "task_id": ...}` (the existing gateway's answer), put together
+    rather than encoded from a dictionary: it answers every chunk."""
+    return b'{"status":"received","task_id":' + json.dumps(stream_id).encode() + b"}"
 
 
 async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
