@@ -187,6 +187,7 @@ async def test_client_gone_makes_callbacks_answer_410(
         ({"body": {"data": "x"}}, 400, None),
         ({"body": {"task_id": 7, "data": "x"}}, 400, None),
         ({"body": {"task_id": "ID", "data": 7}}, 400, None),
+        ({"body": {"task_id": "ID", "data": "data: \ud800"}}, 400, None),
         ({"body": {"task_id": "ID", "data": "x" * 150_001}}, 413, "request_too_large"),
     ],
 )
@@ -308,3 +309,16 @@ async def test_ended_streams_are_remembered_for_a_while_and_within_a_bound(
     assert len(relay._gone) == 3
     relay._forget_gone(now + 61)
     assert relay._gone == {}
+
+
+async def test_chunks_that_waited_together_leave_as_one_in_order() -> None:
+    """One write to the client for what arrived while it was busy, the end still after it."""
+    relay = LocalRelay(StreamingSettings())
+    stream = await relay.open()
+    for number in range(3):
+        event = Event("data", f"data: {number}\n\n".encode())
+        assert await relay.deliver(stream.stream_id, stream.token, event) is Delivery.ACCEPTED
+    assert await relay.deliver(stream.stream_id, stream.token, Event("error", b"broke", 502))
+    received, error = await collect(stream)
+    assert received == [b"data: 0\n\ndata: 1\n\ndata: 2\n\n"]
+    assert error is not None and (error.message, error.code) == ("broke", 502)
