@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from proxy.core.state import STATE
-from tests.conftest import Server, start_gateway
+from tests.support import Server, start_gateway
 from tests.test_relay import post, relay_config, sse
 
 
