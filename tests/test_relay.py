@@ -322,3 +322,26 @@ async def test_chunks_that_waited_together_leave_as_one_in_order() -> None:
     received, error = await collect(stream)
     assert received == [b"data: 0\n\ndata: 1\n\ndata: 2\n\n"]
     assert error is not None and (error.message, error.code) == ("broke", 502)
+
+
+async def test_a_full_local_stream_makes_callbacks_wait_in_order() -> None:
+    """At `max_queued_chunks` waiting, a callback waits for the client to read; one that gives up
+    waiting passes its turn on, and nothing is lost or reordered."""
+    relay = LocalRelay(StreamingSettings(max_queued_chunks=2))
+    stream = await relay.open()
+
+    def deliver(number: int) -> asyncio.Future[Delivery]:
+        event = Event("data", f"data: {number}\n\n".encode())
+        return asyncio.ensure_future(relay.deliver(stream.stream_id, stream.token, event))
+
+    posts = [deliver(number) for number in range(5)]
+    await asyncio.sleep(0.05)
+    assert [post.done() for post in posts] == [True, True, False, False, False]
+    posts[2].cancel()
+    events = stream.events()
+    assert await anext(events) == b"data: 0\n\ndata: 1\n\n"
+    await asyncio.sleep(0.05)
+    assert [post.done() for post in posts[3:]] == [True, True]
+    assert await anext(events) == b"data: 3\n\ndata: 4\n\n"
+    assert await relay.deliver(stream.stream_id, stream.token, Event("done")) is Delivery.ACCEPTED
+    assert [chunk async for chunk in events] == []

@@ -19,6 +19,7 @@ import secrets
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -230,14 +231,77 @@ class RelayedStream:
 
 @dataclass
 class _LocalStream:
+    """A stream's events, bounded: a callback that finds `limit` events waiting for the client
+    waits for room (back-pressure), as with `asyncio.Queue`. The client side waits on a future of
+    its own with a timer, which costs a third of a queue's `get` under `asyncio.timeout`."""
+
     token: str
     """Kept as it is: the process holds it anyway (`RelayedStream.token`), and a digest per chunk
     costs more than the rest of the check."""
-    queue: asyncio.Queue[Event]
+    limit: int
+    events: deque[Event] = field(default_factory=deque)
+    reader: asyncio.Future[None] | None = None
+    """Set while the client side waits for an event."""
+    senders: deque[asyncio.Future[None]] = field(default_factory=deque)
+    """Callbacks waiting for room, woken one per event taken."""
     state: Literal["open", "finished", "gone"] = "open"
     data_posts: int = 0
     posted: asyncio.Event = field(default_factory=asyncio.Event)
     opened: float = field(default_factory=time.monotonic)
+
+    async def put(self, event: Event) -> None:
+        while len(self.events) >= self.limit:
+            room = asyncio.get_running_loop().create_future()
+            self.senders.append(room)
+            try:
+                await room
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    self.senders.remove(room)
+                if room.done() and not room.cancelled():
+                    self._wake_sender()  # the room it was given goes to the next one
+                raise
+        self.events.append(event)
+        if self.reader is not None and not self.reader.done():
+            self.reader.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        """Until an event is there or `seconds` have passed."""
+        if self.events:
+            return
+        reader = self.reader = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, reader)
+        try:
+            await reader
+        finally:
+            timer.cancel()
+            self.reader = None
+
+    def take(self) -> list[Event]:
+        """The events waiting, up to the first that ends the stream."""
+        taken = [self.events.popleft()]
+        while self.events and taken[-1].kind == "data":
+            taken.append(self.events.popleft())
+        for _ in taken:
+            self._wake_sender()
+        return taken
+
+    def clear(self) -> None:
+        self.events.clear()
+        while self.senders:
+            self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        while self.senders:
+            sender = self.senders.popleft()
+            if not sender.done():
+                sender.set_result(None)
+                return
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class LocalRelay(Relay):
@@ -259,7 +323,7 @@ class LocalRelay(Relay):
         if event.kind == "data":
             stream.data_posts += 1
             stream.posted.set()
-            await stream.queue.put(event)
+            await stream.put(event)
         else:
             await self._end(stream, event)
         return Delivery.ACCEPTED
@@ -273,24 +337,12 @@ class LocalRelay(Relay):
             self._streams = {key: stream for key, stream in self._streams.items() if stream.opened >= cutoff}
             if len(self._streams) >= self.settings.max_streams:
                 raise RelayFull(self.settings.max_streams)
-        self._streams[stream_id] = _LocalStream(token, asyncio.Queue(self.settings.max_queued_chunks))
+        self._streams[stream_id] = _LocalStream(token, self.settings.max_queued_chunks)
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
-        """Without `wait_for`, which (before Python 3.12) runs the wait as a task of its own: a task,
-        and a turn of the loop more, per chunk."""
-        queue = self._streams[stream_id].queue
-        if queue.empty():
-            try:
-                async with asyncio.timeout(wait):
-                    first = await queue.get()
-            except TimeoutError:
-                return []
-        else:
-            first = queue.get_nowait()
-        events = [first]
-        while not queue.empty() and events[-1].kind == "data":
-            events.append(queue.get_nowait())
-        return events
+        stream = self._streams[stream_id]
+        await stream.wait(wait)
+        return stream.take() if stream.events else []
 
     async def _push(self, stream_id: str, event: Event) -> None:
         stream = self._streams.get(stream_id)
@@ -304,7 +356,7 @@ class LocalRelay(Relay):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stream.posted.wait(), deadline - time.monotonic())
         stream.state = "finished"
-        await stream.queue.put(event)
+        await stream.put(event)
 
     def _forget_gone(self, now: float) -> None:
         """The oldest ids first (the dict keeps them in the order they went), so a release costs the
@@ -326,5 +378,4 @@ class LocalRelay(Relay):
         self._gone[stream_id] = now
         self._forget_gone(now)
         stream.state = "gone"
-        while not stream.queue.empty():
-            stream.queue.get_nowait()
+        stream.clear()
