@@ -342,8 +342,9 @@ class RedisRelay(Relay):
         waiting, reader = self._waiting[stream_id]
         if not waiting.events and waiting.failure is None:
             waiting.arrived.clear()
-            try:
-                await asyncio.wait_for(waiting.arrived.wait(), wait)
+            try:  # not `wait_for`, which (before Python 3.12) runs the wait as a task of its own
+                async with asyncio.timeout(wait):
+                    await waiting.arrived.wait()
             except TimeoutError:
                 return []
         if waiting.failure is not None:
