@@ -185,14 +185,13 @@ class RelayedStream:
                 if not events:
                     yield b": waiting for the model\n\n" if first else b": keep-alive\n\n"
                     continue
-                end = next((event for event in events if event.kind != "data"), None)
-                data = [event.data for event in events[: events.index(end) if end else None]]
-                if data:
+                cut = next((at for at, event in enumerate(events) if event.kind != "data"), len(events))
+                if cut:
                     first, last = False, loop.time()
-                    yield data[0] if len(data) == 1 else b"".join(data)
-                if end is None:
+                    yield events[0].data if cut == 1 else b"".join(event.data for event in events[:cut])
+                if cut == len(events):
                     continue
-                finished = True
+                end, finished = events[cut], True
                 if end.kind == "error":
                     raise StreamError(end.data.decode(errors="replace"), end.code)
                 return
