@@ -221,6 +221,12 @@ class ComputeBench:
     workdir: Path
     seconds: float
     with_gateway: bool
+    relay_only: bool = False
+    """Only the relay's measures (floor and gateway), for work on the relay alone."""
+
+    @property
+    def levels(self) -> tuple[Level, ...]:
+        return () if self.relay_only else LEVELS
 
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
@@ -232,19 +238,20 @@ class ComputeBench:
             service_file = self.workdir / "fake-compute.json"
             service_file.write_text(json.dumps(announced))
             ours = [fake.process.pid]
-            levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in LEVELS}
+            levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in self.levels}
             floors = self._floor(service_file, services, ours)
             relay = {kind: {"direct": floor} for kind, floor in floors.items()}
             if self.with_gateway:
                 gateway, url = self._start_gateway(announced, services)
                 ours.append(gateway.process.pid)
-                for level in LEVELS:
+                for level in self.levels:
                     levels[level.key]["gateway"] = self._through_gateway(url, level, gateway, ours, fake)
                 for kind, pair in relay.items():
                     target = ["--url", url, "--token", TOKEN]
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
                 gateway.check_running()
                 gateway.stop()
+            if self.with_gateway and not self.relay_only:
                 pushing, push_url = self._start_gateway(announced, services, push=True)
                 ours[-1] = pushing.process.pid
                 for level in PUSH_LEVELS:

@@ -2,7 +2,7 @@
 
     python -m bench.run [--seconds S] [--streams N] [--auth-seconds S] [--auth-rounds R]
         [--observability-seconds S] [--observability-rounds R] [--only SECTION ...] [--skip-compute]
-        [--direct-only] [--output FILE]
+        [--relay-only] [--direct-only] [--output FILE]
 
 The backend and the load generator share CPU 0 and the gateway has CPU 1 to itself, so that the
 gateway's figures are not disturbed by the processes that feed it. The run prints a markdown
@@ -118,7 +118,8 @@ def run(workdir: Path, services: ExitStack, args: argparse.Namespace) -> dict[st
         results["on_demand"] = OnDemandBench(workdir, args.seconds, args.on_demand_rounds).run()
     # Last, when no other gateway holds CPU 1: the compute baseline, relay floor and gateway need it alone.
     if "compute" in sections:
-        results["compute"] = ComputeBench(workdir, args.seconds, with_gateway=gateways).run()
+        compute = ComputeBench(workdir, args.seconds, with_gateway=gateways, relay_only=args.relay_only)
+        results["compute"] = compute.run()
     results["targets"] = targets(results)
     return results
 
@@ -170,6 +171,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
     )
     parser.add_argument("--skip-compute", action="store_true", help="leave out the (slow) compute section")
+    parser.add_argument(
+        "--relay-only", action="store_true", help="of the compute section, measure only the stream relay"
+    )
     parser.add_argument(
         "--direct-only", action="store_true", help="measure the backend alone (no auth or observability)"
     )

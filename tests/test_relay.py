@@ -187,6 +187,7 @@ async def test_client_gone_makes_callbacks_answer_410(
         ({"body": {"data": "x"}}, 400, None),
         ({"body": {"task_id": 7, "data": "x"}}, 400, None),
         ({"body": {"task_id": "ID", "data": 7}}, 400, None),
+        ({"body": {"task_id": "ID", "data": "data: \ud800"}}, 400, None),
         ({"body": {"task_id": "ID", "data": "x" * 150_001}}, 413, "request_too_large"),
     ],
 )
@@ -308,3 +309,39 @@ async def test_ended_streams_are_remembered_for_a_while_and_within_a_bound(
     assert len(relay._gone) == 3
     relay._forget_gone(now + 61)
     assert relay._gone == {}
+
+
+async def test_chunks_that_waited_together_leave_as_one_in_order() -> None:
+    """One write to the client for what arrived while it was busy, the end still after it."""
+    relay = LocalRelay(StreamingSettings())
+    stream = await relay.open()
+    for number in range(3):
+        event = Event("data", f"data: {number}\n\n".encode())
+        assert await relay.deliver(stream.stream_id, stream.token, event) is Delivery.ACCEPTED
+    assert await relay.deliver(stream.stream_id, stream.token, Event("error", b"broke", 502))
+    received, error = await collect(stream)
+    assert received == [b"data: 0\n\ndata: 1\n\ndata: 2\n\n"]
+    assert error is not None and (error.message, error.code) == ("broke", 502)
+
+
+async def test_a_full_local_stream_makes_callbacks_wait_in_order() -> None:
+    """At `max_queued_chunks` waiting, a callback waits for the client to read; one that gives up
+    waiting passes its turn on, and nothing is lost or reordered."""
+    relay = LocalRelay(StreamingSettings(max_queued_chunks=2))
+    stream = await relay.open()
+
+    def deliver(number: int) -> asyncio.Future[Delivery]:
+        event = Event("data", f"data: {number}\n\n".encode())
+        return asyncio.ensure_future(relay.deliver(stream.stream_id, stream.token, event))
+
+    posts = [deliver(number) for number in range(5)]
+    await asyncio.sleep(0.05)
+    assert [post.done() for post in posts] == [True, True, False, False, False]
+    posts[2].cancel()
+    events = stream.events()
+    assert await anext(events) == b"data: 0\n\ndata: 1\n\n"
+    await asyncio.sleep(0.05)
+    assert [post.done() for post in posts[3:]] == [True, True]
+    assert await anext(events) == b"data: 3\n\ndata: 4\n\n"
+    assert await relay.deliver(stream.stream_id, stream.token, Event("done")) is Delivery.ACCEPTED
+    assert [chunk async for chunk in events] == []

@@ -19,6 +19,7 @@ import secrets
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -79,9 +80,15 @@ def callback_target(url: str) -> CallbackTarget:
 def sse_lines(data: str) -> bytes:
     """The function sends SSE lines joined by newlines, without the blank lines between events, so
     each `data:` line ends an event here. The lines before it (the `event:` line of a Responses or
-    Messages event) stay in its event, even when the function posted them in an earlier batch."""
-    lines = [line.strip().encode() for line in data.split("\n") if line.strip()]
-    return b"".join(line + (b"\n\n" if line.startswith(b"data:") else b"\n") for line in lines)
+    Messages event) stay in its event, even when the function posted them in an earlier batch.
+    Encoded once, as a whole; raises `UnicodeEncodeError` for text that has no UTF-8 (a lone surrogate,
+    which a JSON body can spell)."""
+    pieces = []
+    for line in data.split("\n"):
+        if line := line.strip():
+            pieces.append(line)
+            pieces.append("\n\n" if line.startswith("data:") else "\n")
+    return "".join(pieces).encode()
 
 
 def _digest(token: str) -> str:
@@ -113,7 +120,7 @@ class Relay(ABC):
 
     async def open(self) -> RelayedStream:
         stream_id, token = str(uuid.uuid4()), secrets.token_urlsafe(32)
-        await self._register(stream_id, _digest(token))
+        await self._register(stream_id, token)
         return RelayedStream(self, stream_id, token)
 
     async def refused(self, stream_id: str, message: str) -> None:
@@ -130,7 +137,8 @@ class Relay(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def _register(self, stream_id: str, token_digest: str) -> None: ...
+    async def _register(self, stream_id: str, token: str) -> None:
+        """A relay that keeps streams outside the process keeps the token's digest, not the token."""
 
     @abstractmethod
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
@@ -158,63 +166,141 @@ class RelayedStream:
         await self._relay._push(self.stream_id, Event("error", message.encode(), code))
 
     async def events(self) -> AsyncIterator[bytes]:
+        """Data events that arrived together leave as one chunk: one write to the client for them,
+        and one trip through the layers between this stream and the client's socket."""
         keepalive = self._relay.settings.keepalive_seconds
         loop = asyncio.get_running_loop()
         started = last = loop.time()
         first, finished = True, False
         try:
             while True:
-                deadline, message = self._deadline(started, last, first)
+                deadline = self._deadline(started, last, first)
                 now = loop.time()
                 if now >= deadline:
-                    raise StreamError(message, 504)
+                    raise StreamError(self._expired(started, last, first), 504)
                 try:
                     events = await self._relay._next(self.stream_id, min(keepalive, deadline - now))
                 except RelayUnavailable as exc:
                     raise StreamError(exc.message, exc.status) from exc
                 if not events:
                     yield b": waiting for the model\n\n" if first else b": keep-alive\n\n"
-                for event in events:
-                    if event.kind == "data":
-                        first, last = False, loop.time()
-                        yield event.data
-                        continue
-                    finished = True
-                    if event.kind == "error":
-                        raise StreamError(event.data.decode(errors="replace"), event.code)
-                    return
+                    continue
+                cut = next((at for at, event in enumerate(events) if event.kind != "data"), len(events))
+                if cut:
+                    first, last = False, loop.time()
+                    yield events[0].data if cut == 1 else b"".join(event.data for event in events[:cut])
+                if cut == len(events):
+                    continue
+                end, finished = events[cut], True
+                if end.kind == "error":
+                    raise StreamError(end.data.decode(errors="replace"), end.code)
+                return
         finally:
             try:
                 await self._relay._release(self.stream_id, finished)
             except RelayUnavailable:
                 log.warning("relay stream %s not released: Redis does not answer", self.stream_id)
 
-    def _deadline(self, started: float, last: float, first: bool) -> tuple[float, str]:
+    def _deadline(self, started: float, last: float, first: bool) -> float:
         """The nearest limit: the whole stream's, and the first chunk's or the silence's."""
+        return min(
+            self._phase_end(started, last, first), started + self._relay.settings.total_timeout_seconds
+        )
+
+    def _phase_end(self, started: float, last: float, first: bool) -> float:
+        limits = self._relay.settings
+        if first:
+            return started + limits.first_chunk_timeout_seconds
+        return last + limits.silence_timeout_seconds
+
+    def _expired(self, started: float, last: float, first: bool) -> str:
+        """Why the stream ended at its deadline (built then only, not at every chunk)."""
         limits = self._relay.settings
         total = limits.total_timeout_seconds
+        if started + total < self._phase_end(started, last, first):
+            return f"The stream reached the gateway's limit of {total:g} seconds."
         if first:
             wait = limits.first_chunk_timeout_seconds
-            phase = (
-                started + wait,
+            return (
                 f"The model sent nothing within {wait:g} seconds (it may be queued or still loading); "
-                "try again later.",
+                "try again later."
             )
-        else:
-            wait = limits.silence_timeout_seconds
-            phase = (last + wait, f"The model sent nothing for {wait:g} seconds; the stream was ended.")
-        overall = (started + total, f"The stream reached the gateway's limit of {total:g} seconds.")
-        return min(phase, overall)
+        return f"The model sent nothing for {limits.silence_timeout_seconds:g} seconds; the stream was ended."
 
 
 @dataclass
 class _LocalStream:
-    token_digest: str
-    queue: asyncio.Queue[Event]
+    """A stream's events, bounded: a callback that finds `limit` events waiting for the client
+    waits for room (back-pressure), as with `asyncio.Queue`. The client side waits on a future of
+    its own with a timer, which costs a third of a queue's `get` under `asyncio.timeout`."""
+
+    token: str
+    """Kept as it is: the process holds it anyway (`RelayedStream.token`), and a digest per chunk
+    costs more than the rest of the check."""
+    limit: int
+    events: deque[Event] = field(default_factory=deque)
+    reader: asyncio.Future[None] | None = None
+    """Set while the client side waits for an event."""
+    senders: deque[asyncio.Future[None]] = field(default_factory=deque)
+    """Callbacks waiting for room, woken one per event taken."""
     state: Literal["open", "finished", "gone"] = "open"
     data_posts: int = 0
     posted: asyncio.Event = field(default_factory=asyncio.Event)
     opened: float = field(default_factory=time.monotonic)
+
+    async def put(self, event: Event) -> None:
+        while len(self.events) >= self.limit:
+            room = asyncio.get_running_loop().create_future()
+            self.senders.append(room)
+            try:
+                await room
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    self.senders.remove(room)
+                if room.done() and not room.cancelled():
+                    self._wake_sender()  # the room it was given goes to the next one
+                raise
+        self.events.append(event)
+        if self.reader is not None and not self.reader.done():
+            self.reader.set_result(None)
+
+    async def wait(self, seconds: float) -> None:
+        """Until an event is there or `seconds` have passed."""
+        if self.events:
+            return
+        reader = self.reader = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, reader)
+        try:
+            await reader
+        finally:
+            timer.cancel()
+            self.reader = None
+
+    def take(self) -> list[Event]:
+        """The events waiting, up to the first that ends the stream."""
+        taken = [self.events.popleft()]
+        while self.events and taken[-1].kind == "data":
+            taken.append(self.events.popleft())
+        for _ in taken:
+            self._wake_sender()
+        return taken
+
+    def clear(self) -> None:
+        self.events.clear()
+        while self.senders:
+            self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        while self.senders:
+            sender = self.senders.popleft()
+            if not sender.done():
+                sender.set_result(None)
+                return
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class LocalRelay(Relay):
@@ -229,14 +315,14 @@ class LocalRelay(Relay):
         stream = self._streams.get(stream_id)
         if stream is None:
             return Delivery.GONE if stream_id in self._gone else Delivery.UNKNOWN
-        if not hmac.compare_digest(stream.token_digest, _digest(token)):
+        if not (token.isascii() and hmac.compare_digest(stream.token, token)):
             return Delivery.BAD_TOKEN
         if stream.state != "open":
             return Delivery.GONE
         if event.kind == "data":
             stream.data_posts += 1
             stream.posted.set()
-            await stream.queue.put(event)
+            await stream.put(event)
         else:
             await self._end(stream, event)
         return Delivery.ACCEPTED
@@ -244,24 +330,18 @@ class LocalRelay(Relay):
     async def close(self) -> None:
         self._streams.clear()
 
-    async def _register(self, stream_id: str, token_digest: str) -> None:
+    async def _register(self, stream_id: str, token: str) -> None:
         if len(self._streams) >= self.settings.max_streams:
             cutoff = abandoned_before(self.settings)
             self._streams = {key: stream for key, stream in self._streams.items() if stream.opened >= cutoff}
             if len(self._streams) >= self.settings.max_streams:
                 raise RelayFull(self.settings.max_streams)
-        self._streams[stream_id] = _LocalStream(token_digest, asyncio.Queue(self.settings.max_queued_chunks))
+        self._streams[stream_id] = _LocalStream(token, self.settings.max_queued_chunks)
 
     async def _next(self, stream_id: str, wait: float) -> list[Event]:
-        queue = self._streams[stream_id].queue
-        try:
-            first = await asyncio.wait_for(queue.get(), wait)
-        except TimeoutError:
-            return []
-        events = [first]
-        while not queue.empty() and events[-1].kind == "data":
-            events.append(queue.get_nowait())
-        return events
+        stream = self._streams[stream_id]
+        await stream.wait(wait)
+        return stream.take() if stream.events else []
 
     async def _push(self, stream_id: str, event: Event) -> None:
         stream = self._streams.get(stream_id)
@@ -275,7 +355,7 @@ class LocalRelay(Relay):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stream.posted.wait(), deadline - time.monotonic())
         stream.state = "finished"
-        await stream.queue.put(event)
+        await stream.put(event)
 
     def _forget_gone(self, now: float) -> None:
         """The oldest ids first (the dict keeps them in the order they went), so a release costs the
@@ -297,5 +377,4 @@ class LocalRelay(Relay):
         self._gone[stream_id] = now
         self._forget_gone(now)
         stream.state = "gone"
-        while not stream.queue.empty():
-            stream.queue.get_nowait()
+        stream.clear()

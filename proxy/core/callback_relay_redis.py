@@ -312,7 +312,7 @@ class RedisRelay(Relay):
         await self._redis.aclose()
         await self._pool.disconnect()  # a client given its pool leaves it open
 
-    async def _register(self, stream_id: str, token_digest: str) -> None:
+    async def _register(self, stream_id: str, token: str) -> None:
         if len(self._waiting) >= self.settings.max_streams or time.monotonic() > self._next_sweep:
             self._forget_abandoned()
             if len(self._waiting) >= self.settings.max_streams:
@@ -321,7 +321,7 @@ class RedisRelay(Relay):
         ttl = int(self.settings.total_timeout_seconds + self.settings.gone_memory_seconds)
         with _redis_answers():
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(state_key, mapping={"token": token_digest, "state": "open", "data_posts": 0})
+                pipe.hset(state_key, mapping={"token": _digest(token), "state": "open", "data_posts": 0})
                 pipe.expire(state_key, ttl)
                 await pipe.execute()
         waiting = _Waiting(events_key.encode())
@@ -342,8 +342,9 @@ class RedisRelay(Relay):
         waiting, reader = self._waiting[stream_id]
         if not waiting.events and waiting.failure is None:
             waiting.arrived.clear()
-            try:
-                await asyncio.wait_for(waiting.arrived.wait(), wait)
+            try:  # not `wait_for`, which (before Python 3.12) runs the wait as a task of its own
+                async with asyncio.timeout(wait):
+                    await waiting.arrived.wait()
             except TimeoutError:
                 return []
         if waiting.failure is not None:

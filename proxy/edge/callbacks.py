@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from adaptors.remote_errors import remote_error
+from proxy.core import json_codec
 from proxy.core.callback_relay import Delivery, Event, RelayUnavailable, sse_lines
 from proxy.core.state import STATE
 from proxy.edge.bodies import read_body
@@ -53,7 +54,13 @@ async def data(request: web.Request) -> web.Response:
     chunk = body.get("data")
     if not isinstance(chunk, str):
         raise ApiError(400, "'data' must be a string of SSE lines.", param="data")
-    response = await _deliver(request, body, Event("data", sse_lines(chunk)))
+    try:
+        lines = sse_lines(chunk)
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "'data' must be Unicode text (it holds a lone surrogate).", param="data"
+        ) from None
+    response = await _deliver(request, body, Event("data", lines))
     request.app[STATE].metrics.relay_chunks.inc()
     return response
 
@@ -84,7 +91,13 @@ async def _deliver(request: web.Request, body: dict[str, Any], event: Event) -> 
         await _note_refusal(request, body["task_id"], REFUSED_TOKEN)
     if delivery is not Delivery.ACCEPTED:
         raise ApiError(int(delivery), _ANSWERS[delivery], code="stream_" + delivery.name.lower())
-    return web.json_response({"status": "received", "task_id": body["task_id"]})
+    return web.Response(body=_received(body["task_id"]), content_type="application/json")
+
+
+def _received(stream_id: str) -> bytes:
+    """`{"status": "received", "task_id": ...}` (the existing gateway's answer), put together
+    rather than encoded from a dictionary: it answers every chunk."""
+    return b'{"status":"received","task_id":' + json.dumps(stream_id).encode() + b"}"
 
 
 async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
@@ -106,7 +119,7 @@ async def _checked_body(request: web.Request, limit: int) -> dict[str, Any]:
     request[TOKEN] = token
     body = await _read_capped(request, limit)
     try:
-        document = json.loads(body)
+        document = json_codec.loads(body)[0]
     except (ValueError, RecursionError):
         raise ApiError(400, "The callback body is not JSON.", code="invalid_json") from None
     if not isinstance(document, dict) or not isinstance(document.get("task_id"), str):

@@ -34,10 +34,17 @@ CLIENT_CLOSED_MESSAGE: Final = "The client closed the connection."
 
 
 def observe_middleware(
-    metrics: Metrics, recorder: Recorder, quiet: Collection[str] = QUIET_ROUTES
+    metrics: Metrics,
+    recorder: Recorder,
+    quiet: Collection[str] = QUIET_ROUTES,
+    callbacks: Collection[str] = (),
 ) -> Middleware:
     """``quiet``: route names that get only a request id (QUIET_ROUTES, and the dashboard's pages:
-    an administrator looking at usage is not usage)."""
+    an administrator looking at usage is not usage). ``callbacks``: the routes remote functions
+    post each chunk of a stream to (proxy/edge/callbacks.py), hundreds a second per busy process:
+    counted by outcome in `gateway_requests_total`, but recorded only when refused or failed. A
+    chunk accepted is part of the stream whose own request has its record; a refused one is what
+    an operator looks for (a wrong secret, a stream gone), so it keeps its record and its warning."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -48,8 +55,11 @@ def observe_middleware(
             route=_route(request),
         )
         request[EXCHANGE] = exchange
-        if request.match_info.route.name in quiet:
+        name = request.match_info.route.name
+        if name in quiet:
             return await handler(request)
+        if name in callbacks:
+            return await callback(request, handler, exchange)
         in_flight = metrics.in_flight.labels(exchange.route)
         in_flight.inc()
         status = 500
@@ -74,6 +84,24 @@ def observe_middleware(
             in_flight.dec()
             metrics.requests.labels(exchange.route, *exchange.endpoint_labels, status_class(status)).inc()
             recorder.emit(request, exchange, status)
+
+    async def callback(request: web.Request, handler: Handler, exchange: Exchange) -> web.StreamResponse:
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            if request.transport is None:
+                status, exchange.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
+            raise
+        finally:
+            metrics.requests.labels(exchange.route, *exchange.endpoint_labels, status_class(status)).inc()
+            if status >= 400:
+                recorder.emit(request, exchange, status)
 
     return observe
 

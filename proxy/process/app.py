@@ -105,7 +105,9 @@ def create_app(
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
-            observe_middleware(metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES | QUIET_PILOT_ROUTES),
+            observe_middleware(
+                metrics, recorder, QUIET_ROUTES | DASHBOARD_ROUTES | QUIET_PILOT_ROUTES, CALLBACK_ROUTES
+            ),
             openai_errors,
             single_authorization,
             authenticate,
