@@ -47,6 +47,15 @@ from tests.support import (  # noqa: F401  (re-exported: the test modules import
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`alone` takes the tests it marks out of the parallel pass of `make test`: each must say why."""
+    for item in items:
+        for mark in item.iter_markers("alone"):
+            reason = mark.kwargs.get("reason", mark.args[0] if mark.args else "")
+            if not isinstance(reason, str) or not reason.strip():
+                raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.alone needs a reason")
+
+
 @pytest.fixture(autouse=True)
 def no_production_globus(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Globus client built without a base URL would reach the real cloud: send it to a closed port

@@ -27,6 +27,10 @@ from tests.conftest import Server, free_port
 from tests.processes import GatewayProcess, gateway_process
 from tests.test_globus_auth import globus_config
 
+pytestmark = pytest.mark.alone(
+    "hundreds of made-up tokens at once, and bounds on the latency of a real login beside them"
+)
+
 INTROSPECTION_DELAY = 0.2
 """Globus Auth's introspection takes about this long from a US site; a login costs three such calls
 (introspection, dependent token, groups)."""

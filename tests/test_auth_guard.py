@@ -13,6 +13,8 @@ import pytest
 
 from proxy.core.auth_guard import AddressGuard, Busy, CallQueue, TooManyTokens
 
+pytestmark = pytest.mark.alone("waits for thread slots are asserted to within 50 ms")
+
 
 @pytest.fixture
 def executor() -> Iterator[ThreadPoolExecutor]:

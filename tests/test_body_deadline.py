@@ -35,7 +35,8 @@ from tests.support import (
     write_gateway_config,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# The scenarios start together in one module-scoped fixture: `make test` keeps the module on one worker.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.xdist_group("body_deadline")]
 
 GRACE = 10.0
 """`server.body_grace_seconds` as deployed; a stalled body is answered shortly after it."""

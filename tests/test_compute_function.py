@@ -310,6 +310,7 @@ async def test_lines_are_batched_up_to_twenty(backend: Server, receiver: Receive
     assert len(receiver.data()[0].lines) == 1  # the first token is not held back
 
 
+@pytest.mark.alone("the first line within 0.3 s and the batch 0.4 to 0.75 s after it")
 async def test_the_first_line_leaves_at_once_and_a_batch_leaves_after_half_a_second(
     backend: Server, receiver: Receiver
 ) -> None:
@@ -327,6 +328,7 @@ async def test_the_first_line_leaves_at_once_and_a_batch_leaves_after_half_a_sec
     assert 0.4 <= second.at - first.at < 0.75
 
 
+@pytest.mark.alone("stopped within 1.5 s where the whole stream takes 2 s")
 @pytest.mark.parametrize("status", [410, 404])
 async def test_a_gone_client_stops_vllm_at_once_and_skips_done(
     backend: Server, receiver: Receiver, status: int

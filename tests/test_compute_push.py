@@ -114,6 +114,7 @@ def status_calls_naming(compute: FakeCompute, task_id: str) -> list[float]:
     ]
 
 
+@pytest.mark.alone("answered within 0.8 s, before the result held for 1 s")
 async def test_a_pushed_answer_comes_before_the_result_and_ends_the_polling(
     gateway: Server, compute: FakeCompute, http: aiohttp.ClientSession
 ) -> None:

@@ -24,6 +24,10 @@ from adaptors.telemetry import NoTelemetry
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 
+pytestmark = pytest.mark.alone(
+    "result latency under 0.3 s, and counts of status calls over sub-second cadences"
+)
+
 SERVICE_ID, SERVICE_SECRET = "7d0e1c36-2b57-4f0c-9a2b-6f1c5b0e9a11", "service-account-secret"
 ENDPOINT = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
 ECHO = "21111111-aaaa-4bbb-8ccc-000000000001"

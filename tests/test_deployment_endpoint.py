@@ -133,6 +133,7 @@ async def test_a_held_stream_gets_progress_comments_then_the_answer(
         assert text, "the openai client skips the comments and reads the replica's stream"
 
 
+@pytest.mark.alone("four comments 0.2 s apart must arrive within 0.5 to 2 s")
 async def test_held_streams_get_a_comment_every_interval(
     gateway: Server, deployments: ScriptedDeployments, http: aiohttp.ClientSession
 ) -> None:
@@ -146,6 +147,7 @@ async def test_held_streams_get_a_comment_every_interval(
     assert 0.5 < time.monotonic() - started < 2, "progress_seconds is 0.2 on this endpoint"
 
 
+@pytest.mark.alone("refused within 1 s")
 async def test_a_request_that_would_wait_past_its_limit_gets_503_with_retry_after(
     gateway: Server, site: Site, deployments: ScriptedDeployments, http: aiohttp.ClientSession
 ) -> None:

@@ -395,6 +395,7 @@ async def test_a_started_stream_never_switches(
     assert [b.posts for b in backends] == [1, 0, 0]
 
 
+@pytest.mark.alone("the second request must come within the 0.3 s the job reports are cached")
 async def test_the_choice_follows_job_reports_within_the_cache_time(
     gateway_of: Any, board: JobsBoard, http: aiohttp.ClientSession
 ) -> None:
@@ -419,6 +420,7 @@ async def test_job_reports_are_fetched_together_then_cached(
     assert board.calls == dict.fromkeys(CLUSTERS, 1), "the private cluster does not serve the model"
 
 
+@pytest.mark.alone("answered within 0.7 s while a job report takes 0.8 s")
 async def test_a_late_job_report_does_not_hold_the_request(
     gateway_of: Any, board: JobsBoard, http: aiohttp.ClientSession
 ) -> None:

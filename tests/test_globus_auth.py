@@ -303,6 +303,7 @@ async def test_missing_groups_dependent_scope_is_a_configuration_error(
     assert "Groups dependent scope" in caplog.text
 
 
+@pytest.mark.alone("a health check answered within 0.5 s")
 async def test_event_loop_stays_responsive_while_globus_is_slow(
     gateway_factory: Any, fake: FakeGlobus, http: aiohttp.ClientSession
 ) -> None:

@@ -380,6 +380,7 @@ async def dribble(port: int, closed: list[float]) -> None:
         writer.close()
 
 
+@pytest.mark.alone("hundreds of slow clients, and a request among them answered within 1 s")
 async def test_slowloris_neither_stops_others_nor_holds_connections_forever(
     backend: Server, tmp_path: Path
 ) -> None:

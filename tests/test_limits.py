@@ -20,6 +20,10 @@ from proxy.core.limits_local import LocalLimiter
 from proxy.core.limits_redis import RedisLimiter
 from testing.services.redis_server import RedisServer
 
+pytestmark = pytest.mark.alone(
+    "real-clock token buckets: retry_after and refills are asserted to within 10 to 100 ms"
+)
+
 MakeLimiter = Callable[..., Limiter]
 
 

@@ -431,6 +431,9 @@ def test_lines_to_a_regular_file_leave_in_larger_pieces(tmp_path: Path) -> None:
     os.close(fd)
 
 
+@pytest.mark.alone(
+    "records 50 ms apart must all wait for the first one's 0.2 s delay, then be written within 0.3 s"
+)
 async def test_records_wait_together_for_their_delay_and_after_close_leave_at_once(tmp_path: Path) -> None:
     path = tmp_path / "records.jsonl"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)

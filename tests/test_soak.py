@@ -30,6 +30,10 @@ import yaml
 from tests.processes import backend_process, gateway_process
 from tests.support import CHAT_MODEL, EMBED_MODEL, auth, chat, free_port, write_gateway_config
 
+pytestmark = pytest.mark.alone(
+    "300 concurrent clients for 40 s, and a bound on RSS growth: a load of its own"
+)
+
 CLIENTS = 300
 WARM_UP_SECONDS = 10.0
 LOAD_SECONDS = 30.0

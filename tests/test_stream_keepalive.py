@@ -54,6 +54,7 @@ async def test_headers_and_a_comment_arrive_while_the_backend_waits(
     assert rest.startswith(b"data: {") and rest.rstrip().endswith(b"data: [DONE]")
 
 
+@pytest.mark.alone("three to six keep-alive comments in the second before the first chunk")
 async def test_comments_repeat_and_clients_ignore_them(
     quick_keepalives: Server, http: aiohttp.ClientSession
 ) -> None:
