@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
-import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from adaptors.forwarding import unreachable
 from adaptors.http_client import HTTPClient
 from adaptors.http_wire import ConnectFailed, TLSFailed
 from testing.ports import free_port
 from tests import test_http_client as plain
+from tests.support import self_signed_certificate
 from tests.test_http_client import OK, Raw, fetch, lean_client, raw_server, whole
 
 
@@ -38,37 +33,9 @@ async def client() -> AsyncIterator[HTTPClient]:
         yield http
 
 
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loopback")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    certificate_file, key_file = folder / "server.pem", folder / "server.key"
-    certificate_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return certificate_file, key_file
-
-
 @pytest.fixture
 async def tls_server(tmp_path: Path) -> AsyncIterator[tuple[Raw, Path]]:
-    certificate, key = self_signed(tmp_path)
+    certificate, key = self_signed_certificate(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certificate, key)
     server = Raw()
