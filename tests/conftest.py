@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
+from hypothesis import HealthCheck, settings
 
 from testing.existing_function import existing_vllm_function
 from testing.fake_globus.auth import FakeGlobus
@@ -45,6 +46,11 @@ from tests.support import (  # noqa: F401  (re-exported: the test modules import
     write_gateway_config,
     write_yaml,
 )
+
+settings.register_profile("shared-machine", suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared-machine")
+"""Hypothesis's too-slow check times the generation of examples, which on a machine busy with the
+parallel pass (or anything else) says nothing about the test; the examples and assertions stand."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
