@@ -58,10 +58,10 @@ def observe_middleware(
         name = request.match_info.route.name
         if name in quiet:
             return await handler(request)
-        if name in callbacks:
-            return await callback(request, handler, exchange)
-        in_flight = metrics.in_flight.labels(exchange.route)
-        in_flight.inc()
+        chunk = name in callbacks
+        in_flight = None if chunk else metrics.in_flight.labels(exchange.route)
+        if in_flight is not None:
+            in_flight.inc()
         status = 500
         try:
             response = await handler(request)
@@ -81,26 +81,10 @@ def observe_middleware(
                 status, exchange.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
             raise
         finally:
-            in_flight.dec()
+            if in_flight is not None:
+                in_flight.dec()
             metrics.requests.labels(exchange.route, *exchange.endpoint_labels, status_class(status)).inc()
-            recorder.emit(request, exchange, status)
-
-    async def callback(request: web.Request, handler: Handler, exchange: Exchange) -> web.StreamResponse:
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        except asyncio.CancelledError:
-            if request.transport is None:
-                status, exchange.error = CLIENT_CLOSED, CLIENT_CLOSED_MESSAGE
-            raise
-        finally:
-            metrics.requests.labels(exchange.route, *exchange.endpoint_labels, status_class(status)).inc()
-            if status >= 400:
+            if not chunk or status >= 400:
                 recorder.emit(request, exchange, status)
 
     return observe
