@@ -281,6 +281,12 @@ def table_row(
     return f"| {measure} | {show(direct, unit)} | {show(gateway, unit)} | {difference} | {goal} | {met} |"
 
 
+def write_documents(workdir: Path, documents: dict[str, Any]) -> None:
+    """A gateway's configuration files, each document as YAML under its file name in `workdir`."""
+    for filename, document in documents.items():
+        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+
+
 def write_gateway_config(
     workdir: Path,
     gateway_port: int,
@@ -322,8 +328,7 @@ def write_gateway_config(
             }
         ],
     }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    write_documents(workdir, documents)
     return workdir / name
 
 

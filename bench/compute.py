@@ -41,8 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
@@ -62,6 +60,7 @@ from bench.common import (
     start_service,
     tokens_document,
     wait_ready,
+    write_documents,
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
 from testing.ports import free_port
@@ -166,8 +165,7 @@ def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], push: b
             }
         ],
     }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    write_documents(workdir, documents)
     return workdir / f"gateway-compute{suffix}.yaml"
 
 

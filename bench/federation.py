@@ -19,8 +19,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
@@ -39,6 +37,7 @@ from bench.common import (
     tokens_document,
     wait_ready,
     warm,
+    write_documents,
 )
 from testing.ports import free_port
 
@@ -92,8 +91,7 @@ def write_config(workdir: Path, gateway_port: int, backend_port: int) -> Path:
         "federation-endpoints.yaml": endpoints,
         "federation-clusters.yaml": clusters,
     }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    write_documents(workdir, documents)
     return workdir / "federation.yaml"
 
 

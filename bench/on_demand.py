@@ -33,8 +33,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from adaptors.schedulers.local_job import session_members
 from bench.common import (
     GATEWAY_CPU,
@@ -54,6 +52,7 @@ from bench.common import (
     start_service,
     tokens_document,
     wait_ready,
+    write_documents,
 )
 from bench.compute import ADAPTOR_THREADS, compute_access
 from bench.compute_client import API_PORT
@@ -198,8 +197,7 @@ def write_config(workdir: Path, port: int, backend_port: int, fake: dict[str, An
         "on-demand-endpoints.yaml": endpoints,
         "on-demand-clusters.yaml": clusters,
     }
-    for filename, document in documents.items():
-        (workdir / filename).write_text(yaml.safe_dump(document, sort_keys=False))
+    write_documents(workdir, documents)
     return workdir / "on-demand.yaml"
 
 
