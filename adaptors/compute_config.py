@@ -37,6 +37,11 @@ class ComputeAccess(AdaptorConfig):
     auth_url: str | None = Field(default=None, pattern=HTTP_URL)
     poll_interval_seconds: float = Field(default=0.5, gt=0)
     http_timeout_seconds: float = Field(default=10, gt=0)
+    result_queue: bool = True
+    """Results pushed by the service over AMQP as well as polled (adaptors/compute_result_queue.py):
+    off where the site lets no AMQP out, to spare the gateway trying."""
+    result_queue_port: int | None = Field(default=None, ge=1, le=65535)
+    """Instead of the port in the service's URL (5671), like the SDK Executor's `amqp_port`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -66,9 +71,10 @@ class ComputeAccess(AdaptorConfig):
             )
         return client_id, secret
 
-    def service_key(self) -> tuple[str | None, ...]:
+    def service_key(self) -> tuple[str | bool | int | None, ...]:
         """Adaptors with the same credentials and URLs share one client and result poller."""
-        return (*self.credentials(), self.compute_url, self.auth_url)
+        queue = (self.result_queue, self.result_queue_port)
+        return (*self.credentials(), self.compute_url, self.auth_url, *queue)
 
 
 class GlobusComputeEndpointConfig(ComputeAccess):

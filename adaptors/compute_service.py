@@ -27,6 +27,14 @@ service sees no more status calls than a fixed 50 ms cadence would make):
   a fresh task after a quiet spell is looked at when it is due, not 50 ms after the previous call;
 - the calls run on a thread of their own, not in the adaptors' shared pool, so that a poll never
   waits behind a burst of submissions (or of anything else) queued there.
+
+With `result_queue` (the default) results are pushed as well: tasks are submitted in one task group
+with `create_queue`, whose AMQP queue the service publishes each result to, and which
+adaptors/compute_result_queue.py consumes. While it does, a task is first looked at only after
+`poll_interval_seconds` (the poll is then a safety net, for a message that never comes); when the
+queue goes down, every task waiting is due for a look at once, and polling is as without a queue.
+A result may be pushed before its request starts waiting for it (the message can beat the answer
+to the submission): it is kept, `MAX_EARLY` of them for `EARLY_SECONDS`, for the request to find.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
@@ -41,13 +50,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import globus_sdk
-import requests.adapters
 from globus_compute_sdk.sdk.batch import Batch
-from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
-from globus_sdk.transport import RequestsTransport, RetryConfig
+from globus_compute_sdk.serialize import ComputeSerializer
 
 from adaptors.call_budget import CallBudget
+from adaptors.compute_clients import Clients, json_serializer, queue_details, sdk_clients
 from adaptors.compute_config import ComputeAccess
+from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.compute_submit import Submitter
 from adaptors.context import AdaptorContext
@@ -65,7 +74,8 @@ LEARNING_WEIGHT = 0.2
 STATUS_CALLS_PER_SECOND = 20.0
 STATUS_CALL_BURST = 5
 NEIGHBOUR_SECONDS = 1 / STATUS_CALLS_PER_SECOND
-HTTP_POOL_SIZE = 64
+MAX_EARLY = 10_000
+EARLY_SECONDS = 60.0
 Result = TypeVar("Result")
 
 
@@ -102,7 +112,7 @@ class ComputeService:
     """What it is shared under: `access.service_key()` when it was made."""
     executor: Executor
     telemetry: Telemetry
-    _clients: tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3] | None = None
+    _clients: Clients | None = None
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _poller: asyncio.Task[None] | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -118,8 +128,14 @@ class ComputeService:
     _poll_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute-poll")
     )
-    _serializer: ComputeSerializer = field(default_factory=lambda: _json_serializer())
+    _serializer: ComputeSerializer = field(default_factory=json_serializer)
     _submitter: Submitter | None = None
+    _queue: ResultQueue | None = None
+    _group: str | None = None
+    """The task group the service made for the first submission; later ones join it."""
+    _early: OrderedDict[str, tuple[float, QueuedResult]] = field(default_factory=OrderedDict)
+    """Results pushed before their request waited for them: arrival time and result."""
+    _loop: asyncio.AbstractEventLoop | None = None
     answering: int = 0
     """Requests of the endpoint adaptors waiting for their answer, counted from before submission
     (a burst of requests after a status call released many answers counts at once)."""
@@ -137,7 +153,12 @@ class ComputeService:
     ) -> str:
         """`endpoint_config` is the task's `user_endpoint_config`, which the endpoint's template reads."""
         if self._submitter is None:
+            self._loop = asyncio.get_running_loop()
             self._submitter = Submitter(self._post, self._blocking)
+            if self.access.result_queue:
+                self._queue = ResultQueue(
+                    self._queue_details, self._pushed, self._queue_changed, self.access.result_queue_port
+                )
         return await self._submitter.submit(endpoint_uuid, function_uuid, args, endpoint_config)
 
     async def result(
@@ -154,9 +175,14 @@ class ComputeService:
         now = time.monotonic()
         expected = FIRST_CHECK_SECONDS if self._expected is None else self._expected
         first = min(max(expected, MIN_FIRST_CHECK_SECONDS), self.access.poll_interval_seconds)
+        if self._queue is not None and self._queue.up:
+            first = self.access.poll_interval_seconds
         self._pending[task_id] = _Pending(
             future, now + timeout, now, on_started, accept_dill, now + first, first
         )
+        early = self._early.pop(task_id, None)
+        if early is not None:
+            self._pushed(early[1])
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         elif max(now + first, self._not_before) < self._wake_at:
@@ -174,6 +200,8 @@ class ComputeService:
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self._queue is not None:
+            await self._queue.close()
         if self._submitter is not None:
             self._submitter.close()
         self._poll_thread.shutdown(wait=False, cancel_futures=True)
@@ -248,15 +276,74 @@ class ComputeService:
     ) -> dict[str, Any]:
         """One V3 submission of `tasks` (function_uuid, args), in a worker thread."""
         batch = Batch(
-            task_group_id=None,
+            task_group_id=self._group,
             serializer=self._serializer,
             result_serializers=RESULT_SERIALIZERS,
-            request_queue=False,
+            request_queue=self._queue is not None,
             user_endpoint_config=endpoint_config,
         )
         for function_uuid, args in tasks:
             batch.add(function_uuid, args=args)
-        return dict(self._sdk()[1].submit(endpoint_uuid, batch.prepare()).data)
+        answer = dict(self._sdk()[1].submit(endpoint_uuid, batch.prepare()).data)
+        group = answer.get("task_group_id")
+        if self._queue is not None and self._loop is not None and isinstance(group, str):
+            self._loop.call_soon_threadsafe(self._follow, group)
+        return answer
+
+    def _follow(self, group: str) -> None:
+        """Consume the results of the group the service put the tasks in; later submissions join
+        the first group (concurrent first submissions may each get a group of their own)."""
+        if self._queue is not None:
+            self._group = self._group or group
+            self._queue.follow(group)
+
+    async def _queue_details(self) -> tuple[str, str]:
+        return await self._blocking(lambda: queue_details(self._sdk()))
+
+    def _pushed(self, result: QueuedResult) -> None:
+        """A result from the queue: settles its request, or is kept for one that has yet to wait."""
+        pending = self._pending.get(result.task_id)
+        if pending is None:
+            self._keep_early(result)
+            return
+        if pending.future.done():
+            return
+        if result.data is None:  # high assurance: the data is only in the task's document
+            self._due_now(pending)
+            return
+        if not pending.started:
+            pending.started = True
+            if pending.on_started is not None:
+                pending.on_started(time.monotonic() - pending.submitted)
+        if result.failed:
+            pending.future.set_exception(TaskFailed(result.data))
+            return
+        try:
+            pending.future.set_result(read_result(self._serializer, result.data, pending.accept_dill))
+        except UnreadableResult as exc:
+            pending.future.set_exception(exc)
+
+    def _keep_early(self, result: QueuedResult) -> None:
+        now = time.monotonic()
+        self._early[result.task_id] = (now, result)
+        while self._early:
+            task_id, (arrived, _) = next(iter(self._early.items()))
+            if len(self._early) <= MAX_EARLY and now - arrived < EARLY_SECONDS:
+                break
+            del self._early[task_id]
+
+    def _queue_changed(self, up: bool) -> None:
+        """Down: every task waiting is looked at soon, as when results are only polled."""
+        if not up:
+            for pending in self._pending.values():
+                self._due_now(pending)
+
+    def _due_now(self, pending: _Pending) -> None:
+        soon = time.monotonic() + MIN_FIRST_CHECK_SECONDS
+        if pending.due > soon:
+            pending.due, pending.wait, pending.scheduled = soon, FIRST_CHECK_SECONDS, False
+            if soon < self._wake_at:
+                self._wake.set()
 
     def value(self, document: dict[str, Any], accept_dill: bool = False) -> Any:
         """A finished task's return value: JSON, or with `accept_dill` plain data pickled by dill."""
@@ -301,43 +388,11 @@ class ComputeService:
     async def _blocking(self, call: Callable[[], Result]) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
-    def _sdk(self) -> tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3]:
+    def _sdk(self) -> Clients:
         """Built on first use, in a worker thread: the authorizer fetches a token as it is built."""
         if self._clients is None:
-            client_id, secret = self.access.credentials()
-            transport = _pooled_transport(self.access.http_timeout_seconds)
-            retries = RetryConfig(max_retries=2, max_sleep=2)
-            auth = globus_sdk.ConfidentialAppAuthClient(
-                client_id, secret, base_url=self.access.auth_url, transport=transport, retry_config=retries
-            )
-            authorizer = globus_sdk.ClientCredentialsAuthorizer(auth, globus_sdk.ComputeClientV2.scopes.all)
-            options: dict[str, Any] = {
-                "base_url": self.access.compute_url,
-                "authorizer": authorizer,
-                "transport": transport,
-                "retry_config": retries,
-            }
-            self._clients = (globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options))
+            self._clients = sdk_clients(self.access)
         return self._clients
-
-
-def _pooled_transport(timeout: float) -> RequestsTransport:
-    """`requests` keeps 10 connections per host by default, fewer than the threads calling it:
-    every extra call would open (and log discarding) a new connection."""
-    transport = RequestsTransport(http_timeout=timeout)
-    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=HTTP_POOL_SIZE)
-    for scheme in ("https://", "http://"):
-        transport.session.mount(scheme, adapter)
-    return transport
-
-
-def _json_serializer() -> ComputeSerializer:
-    """Arguments and results travel as JSON; a result in any other form (dill, which would run
-    code in the gateway) is refused."""
-    return ComputeSerializer(
-        strategy_data=JSONData(),  # type: ignore[no-untyped-call]
-        allowed_deserializer_types=[JSONData, AllowlistWildcard.CODE],
-    )
 
 
 def acquire_service(access: ComputeAccess, context: AdaptorContext) -> ComputeService:

@@ -5,21 +5,23 @@ function answers at once (or after the prompt's `[[delay=S]]`). Then, with CPU 1
 side each time:
 
 1. the baseline: bench.compute_client on CPU 1 submits through the SDK (the submissions of a moment
-   in one call) and learns of results the fastest way the fake allows (one poller asking about every
-   pending task back to back), at each of `LEVELS`: the fake's own latency cancels out, the
-   gateway's wait for its (adaptive, rate-capped) poll does not;
+   in one call) and learns of results the fastest way the fake allows (its AMQP result queue: the
+   fake publishes to a RabbitMQ broker it starts on CPU 0, as the service publishes), at each of
+   `LEVELS`: the fake's own latency cancels out, any wait of the gateway's for a result does not;
 2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
    the same function, read by bench.stream_client on CPU 0 (see 4);
-3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default polling settings,
-   and the load generator on CPU 0 with the same requests in flight; the difference is what the
-   gateway adds per request, polling included, and the fake's counts say how many status calls per
-   second it made;
+3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default settings (results
+   from the queue, polls as the safety net), and the load generator on CPU 0 with the same requests
+   in flight; the difference is what the gateway adds per request, and the fake's counts say how
+   many status calls per second it made;
 4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
    POSTs every chunk to the gateway's callback route with its send time, paced like a model (for the
    added latency per chunk) and all at once (for the chunks per second the relay sustains);
 5. a second gateway on CPU 1 whose endpoint speaks our function's protocol, so that the function
    pushes each answer to the callback route (adaptors/compute_push.py), at `PUSH_LEVELS` against
-   the same baseline: the answer no longer waits for a status call.
+   the same baseline;
+6. a third gateway on CPU 1 without the result queue (`result_queue: false`), whose results are
+   only polled (adaptive, under the budget of status calls), at `POLLED_LEVELS`: what the queue saves.
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
@@ -92,8 +94,13 @@ request every 5 ms (the instant function) cannot each get a status call at 20 ca
 PUSH_LEVELS: Final = (LEVELS[0], LEVELS[2], LEVELS[3])
 """Measured again through a gateway whose function pushes its answers (adaptors/compute_push.py),
 against the same baseline."""
+POLLED_LEVELS: Final = (LEVELS[0], LEVELS[2])
+"""Measured again through a gateway without the result queue."""
 BASELINE_POLL_INTERVAL: Final = 0.0
-"""The baseline asks again as soon as an answer came: the fastest the fake tells of a result."""
+"""Without a queue the baseline would ask again as soon as an answer came; with it, it only
+consumes the queue (bench/compute_client.py)."""
+VARIANTS: Final = {"push": PUSH_LEVELS, "polled": POLLED_LEVELS}
+"""The other gateways, after the default one, each with the levels it is measured at."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
 """The gateway's thread pool for SDK calls, set to the baseline client's so that both wait alike."""
 CLUSTER: Final = "hpc"
@@ -115,18 +122,19 @@ def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
     return {key: fake[key] for key in keys}
 
 
-def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], push: bool = False) -> Path:
+def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], variant: str = "") -> Path:
     """A gateway whose only cluster is the fake endpoint, with the relay's callbacks coming to itself;
-    with `push`, the endpoint runs our function's protocol, whose answers are pushed (the default)."""
-    access = compute_access(fake)
+    variant `push`: the endpoint runs our function's protocol, whose answers are pushed through the
+    relay (that protocol's default); `polled`: no result queue."""
+    access = compute_access(fake) | ({"result_queue": False} if variant == "polled" else {})
     endpoint = {
         "api_port": API_PORT,
         "endpoint_uuid": fake["endpoint_uuid"],
         "function_uuid": fake["function_uuid"],
         **access,
-        **({"callback_protocol": "gateway"} if push else {}),
+        **({"callback_protocol": "gateway"} if variant == "push" else {}),
     }
-    suffix = "-push" if push else ""
+    suffix = f"-{variant}" if variant else ""
     cluster = {
         "qstat_endpoint_uuid": fake["endpoint_uuid"],
         "qstat_function_uuid": fake["qstat_function_uuid"],
@@ -228,7 +236,7 @@ class ComputeBench:
 
     def run(self) -> dict[str, Any]:
         with ExitStack() as services:
-            fake_args = ["-m", "bench.fake_compute_server"]
+            fake_args = ["-m", "bench.fake_compute_server", "--result-queue", str(self.workdir / "rabbitmq")]
             fake = start_service("fake-compute", LOADGEN_CPU, fake_args, self.workdir)
             services.callback(fake.stop)
             announced = read_announcement(fake)
@@ -249,13 +257,15 @@ class ComputeBench:
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
                 gateway.check_running()
                 gateway.stop()
-            if self.with_gateway and not self.relay_only:
-                pushing, push_url = self._start_gateway(announced, services, push=True)
-                ours[-1] = pushing.process.pid
-                for level in PUSH_LEVELS:
-                    levels[level.key]["push"] = self._through_gateway(push_url, level, pushing, ours, fake)
-                pushing.check_running()
-                pushing.stop()
+            for variant, variant_levels in (
+                VARIANTS.items() if self.with_gateway and not self.relay_only else ()
+            ):
+                other, other_url = self._start_gateway(announced, services, variant)
+                ours[-1] = other.process.pid
+                for level in variant_levels:
+                    levels[level.key][variant] = self._through_gateway(other_url, level, other, ours, fake)
+                other.check_running()
+                other.stop()
             fake.check_running()
             calls = fake_calls(fake)
         return summarize_compute(levels, relay, calls, self.seconds)
@@ -265,6 +275,7 @@ class ComputeBench:
         args = ["--service", str(service_file), "--concurrency", str(level.concurrency), "--body", level.body]
         args += ["--duration", str(self.seconds), "--warmup", str(level.warm_requests)]
         args += ["--poll-interval", str(BASELINE_POLL_INTERVAL), "--threads", str(ADAPTOR_THREADS)]
+        args += ["--result-queue"] if "result_broker_url" in json.loads(service_file.read_text()) else []
         limit = self.seconds + CLIENT_SLACK_SECONDS
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = run_client("compute client", GATEWAY_CPU, "bench.compute_client", args, limit)
@@ -286,12 +297,12 @@ class ComputeBench:
         return measured
 
     def _start_gateway(
-        self, announced: dict[str, Any], services: ExitStack, push: bool = False
+        self, announced: dict[str, Any], services: ExitStack, variant: str = ""
     ) -> tuple[Service, str]:
         port = free_port()
-        config = write_compute_config(self.workdir, port, announced, push)
+        config = write_compute_config(self.workdir, port, announced, variant)
         gateway_args = ["-m", "proxy", "--config", str(config)]
-        name = "gateway-compute-push" if push else "gateway-compute"
+        name = f"gateway-compute-{variant}" if variant else "gateway-compute"
         gateway = start_service(name, GATEWAY_CPU, gateway_args, self.workdir)
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{port}/resource_server/health")
@@ -323,7 +334,9 @@ class ComputeBench:
         summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
-        side = "pushing gateway" if gateway.name.endswith("push") else "gateway"
+        side = {"push": "pushing gateway", "polled": "polling gateway"}.get(
+            gateway.name.rsplit("-", 1)[-1], "gateway"
+        )
         print(f"compute, concurrency {level.key}, through the {side}: done", file=sys.stderr)
         return summary | {"cpu_s": round(cpu, 3), "cpu_ms_per_request": per_request} | disturbance | busy
 
@@ -356,7 +369,7 @@ def summarize_compute(
 ) -> dict[str, Any]:
     """The settings, and the differences beside the raw figures of both sides."""
     for pair in levels.values():
-        for side, prefix in (("gateway", ""), ("push", "push_")):
+        for side, prefix in (("gateway", ""), ("push", "push_"), ("polled", "polled_")):
             if side not in pair:
                 continue
             direct, gateway = pair["direct"], pair[side]
@@ -376,8 +389,8 @@ def summarize_compute(
     return {
         "direct_is": "bench.compute_client on CPU 1: the gateway's SDK calls and poller, without the gateway",
         "relay_direct_is": "bench.relay_floor on CPU 1: a relay without the gateway's checks, same function",
-        "baseline_poll_interval_s": BASELINE_POLL_INTERVAL,
-        "gateway_polling": "adaptive, default settings (adaptors/compute_service.py)",
+        "baseline_results": "from the fake's AMQP result queue (bench/compute_client.py --result-queue)",
+        "gateway_results": "default settings: the result queue, polls as the safety net; `polled`: no queue",
         "adaptor_threads": ADAPTOR_THREADS,
         "seconds_per_measure": seconds,
         "warm_requests": {level.key: level.warm_requests for level in LEVELS},

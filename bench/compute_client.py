@@ -8,9 +8,12 @@ secret stays off the command line). The client keeps C requests in flight until 
 have passed and prints one JSON object shaped like bench.loadgen's, so that the two sides of the
 comparison line up field by field.
 
-What this baseline is. The fake has no result push, so the fastest way it allows to learn of a result
-is to ask again as soon as the last answer came: with `--poll-interval 0` (what bench/compute.py uses)
-the one poller asks about every pending task back to back. The fake's own latency (its submit, its
+What this baseline is. With `--result-queue` (the fake publishes results to a RabbitMQ queue, as the
+service does) results come from that queue, consumed as the gateway consumes it
+(`adaptors.compute_result_queue.ResultQueue`), and the poller asks only every
+`QUEUE_POLL_INTERVAL` as a safety net. Without a queue, the fastest way the fake allows to learn of a
+result is to ask again as soon as the last answer came: with `--poll-interval 0` the one poller asks
+about every pending task back to back. The fake's own latency (its submit, its
 task run, one status call) then cancels out against the gateway, and the gateway's wait for its poll
 (adaptive, `adaptors.compute_service.ComputeService`) does not: it is part of what the gateway adds.
 With a positive interval the poller sleeps that long between calls, as the gateway's poller did
@@ -53,6 +56,8 @@ from globus_compute_sdk.sdk.batch import Batch
 from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
 from globus_sdk.transport import RequestsTransport, RetryConfig
 
+from adaptors.compute_clients import queue_details
+from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_submit import MAX_TASKS_PER_SUBMIT
 from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
 from testing.loops import new_event_loop
@@ -60,6 +65,8 @@ from testing.loops import new_event_loop
 DEFAULT_THREADS: Final = 16
 """The gateway's `server.adaptor_threads` default; the benchmark sets both to this value."""
 DEFAULT_POLL_INTERVAL: Final = 0.05
+QUEUE_POLL_INTERVAL: Final = 0.5
+"""With the result queue, polls only catch what it did not bring (none in a healthy run)."""
 MAX_TASKS_PER_POLL: Final = 1000
 API_PORT: Final = 8000
 """The endpoint's `api_port`, which the gateway adds to every payload; the fake's function ignores it."""
@@ -122,9 +129,17 @@ def sdk_clients(
 class Compute:
     """Submits through the SDK and waits on one shared poller, as `ComputeService` does in the gateway."""
 
-    def __init__(self, service: Service, *, threads: int, poll_interval: float, timeout: float) -> None:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        threads: int,
+        poll_interval: float,
+        timeout: float,
+        result_queue: bool = False,
+    ) -> None:
         self.service = service
-        self.poll_interval = poll_interval
+        self.poll_interval = QUEUE_POLL_INTERVAL if result_queue else poll_interval
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdk")
         self.serializer = json_serializer()
         self.v2, self.v3 = sdk_clients(service, timeout)
@@ -133,11 +148,16 @@ class Compute:
         self.sending: set[asyncio.Task[None]] = set()
         self.polls = 0
         self.poll_errors = 0
+        self.pushed = 0
         self._poller: asyncio.Task[None] | None = None
+        self.queue = ResultQueue(self._queue_details, self._pushed, print_change) if result_queue else None
+        self.group: str | None = None
+        self.early: dict[str, QueuedResult] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, params: dict[str, Any]) -> str:
         """Joins the submissions of this turn of the event loop; the first one schedules their call."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         if not self.queued:
             loop.call_soon(self._flush)
@@ -158,14 +178,16 @@ class Compute:
 
         def send() -> list[str]:
             batch = Batch(
-                task_group_id=None,
+                task_group_id=self.group,
                 serializer=self.serializer,
                 result_serializers=RESULT_SERIALIZERS,
-                request_queue=False,
+                request_queue=self.queue is not None,
             )
             for params, _ in queued:
                 batch.add(function_uuid, args=({"model_params": params},))
             answer = self.v3.submit(self.service.endpoint_uuid, batch.prepare())
+            if self.queue is not None and self.loop is not None:
+                self.loop.call_soon_threadsafe(self._follow, str(answer["task_group_id"]))
             task_ids = [str(task_id) for task_id in answer["tasks"][function_uuid]]
             if len(task_ids) != len(queued):
                 raise TaskFailed(f"{len(queued)} tasks submitted, {len(task_ids)} ids in the answer")
@@ -182,9 +204,36 @@ class Compute:
             if not future.done():
                 future.set_result(task_id)
 
+    def _follow(self, group: str) -> None:
+        if self.queue is not None:
+            self.group = self.group or group
+            self.queue.follow(group)
+
+    async def _queue_details(self) -> tuple[str, str]:
+        return await self._blocking(lambda: queue_details((self.v2, self.v3)))
+
+    def _pushed(self, result: QueuedResult) -> None:
+        future = self.pending.get(result.task_id)
+        if future is None:
+            self.early[result.task_id] = result
+            return
+        if future.done() or result.data is None:
+            return
+        self.pushed += 1
+        if result.failed:
+            future.set_exception(TaskFailed(result.data))
+            return
+        try:
+            future.set_result(self.serializer.deserialize(result.data))
+        except Exception as exc:
+            future.set_exception(TaskFailed(f"unreadable result ({type(exc).__name__})"))
+
     async def result(self, task_id: str) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.pending[task_id] = future
+        early = self.early.pop(task_id, None)
+        if early is not None:
+            self._pushed(early)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         try:
@@ -225,12 +274,18 @@ class Compute:
     async def _blocking(self, call: Callable[[], Result]) -> Result:
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self.queue is not None:
+            await self.queue.close()
         for sending in self.sending:
             sending.cancel()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def print_change(up: bool) -> None:
+    print(f"result queue {'consumed' if up else 'down'}", file=sys.stderr)
 
 
 def cpu_seconds() -> float:
@@ -288,6 +343,8 @@ async def measure(compute: Compute, args: argparse.Namespace) -> dict[str, Any]:
         "polls": polls,
         "poll_cycle_ms": round(elapsed / polls * 1000, 2) if polls else None,
         "poll_errors": compute.poll_errors,
+        "result_queue": compute.queue is not None,
+        "pushed": compute.pushed,
     }
 
 
@@ -297,11 +354,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         threads=args.threads,
         poll_interval=args.poll_interval,
         timeout=args.timeout,
+        result_queue=args.result_queue,
     )
     try:
         return await measure(compute, args)
     finally:
-        compute.close()
+        await compute.close()
 
 
 def bounded(low: float, high: float, kind: Callable[[str], Any] = float) -> Callable[[str], Any]:
@@ -325,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll-interval", type=bounded(0, 60), default=DEFAULT_POLL_INTERVAL)
     parser.add_argument("--threads", type=bounded(1, 512, int), default=DEFAULT_THREADS)
     parser.add_argument("--timeout", type=bounded(0.1, MAX_DURATION), default=60.0, help="per request")
+    parser.add_argument("--result-queue", action="store_true", help="results from the fake's AMQP queue")
     return parser.parse_args(argv)
 
 

@@ -77,16 +77,18 @@ def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
 
 def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
     rows = side_rows(level, pair, judged, "gateway", "")
-    if "push" in pair:
-        rows.extend(side_rows(level, pair, judged, "push", "push_"))
+    for side in ("push", "polled"):
+        if side in pair:
+            rows.extend(side_rows(level, pair, judged, side, f"{side}_"))
     return rows
 
 
 def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: str, key: str) -> list[str]:
-    """The baseline in Direct; in Gateway the polling gateway, or (`push`) the one whose function
-    pushes its answers."""
+    """The baseline in Direct; in Gateway the gateway as deployed (results from the queue), the one
+    whose function pushes its answers through the relay (`push`), or the one without the queue
+    (`polled`)."""
     direct, gateway = pair["direct"], pair.get(side) or {}
-    prefix = f"compute c={level}" + (", pushed" if side == "push" else "")
+    prefix = f"compute c={level}" + {"push": ", pushed", "polled": ", polled only"}.get(side, "")
     ratio = pair.get(f"{key}rps_ratio")
     share = show(ratio * 100, "% of direct") if ratio is not None else "—"
     rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]

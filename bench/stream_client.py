@@ -211,7 +211,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             record, elapsed = await run_round(session, args, args.chunks, floor)
     finally:
         if floor is not None:
-            floor.close()
+            await floor.close()
     return summarize(record, elapsed, args) | {"warmup_chunks": warmup_chunks}
 
 

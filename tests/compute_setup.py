@@ -80,9 +80,17 @@ def compute_endpoint(
             "compute_url": compute.url,
             "auth_url": globus.auth_url,
             "poll_interval_seconds": 0.05,
+            "result_queue": has_queues(compute),
             **extra,
         },
     }
+
+
+def has_queues(compute: FakeCompute) -> bool:
+    """The gateway consumes result queues (its default) where the fake publishes them: a fake without
+    a broker is a service whose queues are out of reach, which costs a warning and a retry now and
+    then (tests/test_compute_result_queue.py), and the other tests only polling."""
+    return compute.result_broker_url is not None
 
 
 def compute_config(
@@ -119,6 +127,7 @@ def compute_config(
             "compute_url": compute.url,
             "auth_url": globus.auth_url,
             "poll_interval_seconds": 0.05,
+            "result_queue": has_queues(compute),
         },
     }
     clusters = [*yaml.safe_load((directory / "clusters.yaml").read_text()), cluster]

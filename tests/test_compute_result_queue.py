@@ -1,0 +1,215 @@
+"""The gateway's consumer of Globus Compute's AMQP result queues (adaptors/compute_result_queue.py),
+against a real RabbitMQ server: messages packed by globus-compute-common as the service packs them,
+queues declared as the service declares them, and the broker going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pika
+import pytest
+from globus_compute_common import messagepack
+from globus_compute_common.messagepack.message_types import EPStatusReport, Result, ResultErrorDetails
+
+from adaptors.compute_result_queue import MAX_MESSAGE_BYTES, QueuedResult, ResultQueue, read_message
+from testing.services.rabbitmq_server import RabbitMQServer
+
+PREFIX = "gateway-test."
+
+
+def packed(task_id: str, data: str = '"ok"', error: bool = False) -> bytes:
+    details = ResultErrorDetails(code="RemoteExecutionError", user_message="boom") if error else None
+    return bytes(messagepack.pack(Result(task_id=uuid.UUID(task_id), data=data, error_details=details)))
+
+
+def test_a_result_is_read_with_its_task_data_and_failure() -> None:
+    task_id = str(uuid.uuid4())
+    assert read_message(None, packed(task_id)) == QueuedResult(task_id, '"ok"', False)
+    assert read_message({}, packed(task_id, "Traceback ...", error=True)) == QueuedResult(
+        task_id, "Traceback ...", True
+    )
+
+
+def test_a_high_assurance_result_leaves_its_data_to_a_status_call() -> None:
+    task_id = str(uuid.uuid4())
+    assert read_message({"high_assurance": True}, packed(task_id)) == QueuedResult(task_id, None, False)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not messagepack",
+        b'{"message_type": "result"}',
+        bytes(messagepack.pack(EPStatusReport(endpoint_id=uuid.uuid4(), global_state={}, task_statuses={}))),
+        b"x" * (MAX_MESSAGE_BYTES + 1),
+    ],
+    ids=["empty", "garbage", "json", "not-a-result", "too-large"],
+)
+def test_what_is_not_a_result_is_refused(body: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    assert read_message(None, body) is None
+    assert caplog.records, "refused with a warning"
+
+
+class Publisher:
+    """The service's side: declares a task group's queue and publishes to it (blocking pika, in a
+    thread, as a separate client)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def declare(self, group: str) -> None:
+        await asyncio.to_thread(
+            self._run, lambda channel: channel.queue_declare(PREFIX + group, durable=True)
+        )
+
+    async def publish(self, group: str, *bodies: bytes) -> None:
+        def publish(channel: Any) -> None:
+            for body in bodies:
+                channel.basic_publish("", PREFIX + group, body, pika.BasicProperties(delivery_mode=2))
+
+        await asyncio.to_thread(self._run, publish)
+
+    async def depth(self, group: str) -> int:
+        found: list[int] = []
+        await asyncio.to_thread(
+            self._run,
+            lambda channel: found.append(
+                channel.queue_declare(PREFIX + group, passive=True).method.message_count
+            ),
+        )
+        return found[0]
+
+    def _run(self, action: Callable[[Any], Any]) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            action(connection.channel())
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+async def broker(tmp_path: Any) -> AsyncIterator[RabbitMQServer]:
+    async with RabbitMQServer(tmp_path / "rabbitmq") as server:
+        yield server
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def consumer(
+    broker: RabbitMQServer, received: list[QueuedResult], changes: list[bool]
+) -> tuple[ResultQueue, list[int]]:
+    asked: list[int] = []
+
+    async def details() -> tuple[str, str]:
+        asked.append(1)
+        return broker.url, PREFIX
+
+    return ResultQueue(details, received.append, changes.append), asked
+
+
+async def test_results_of_every_followed_group_are_delivered_and_acknowledged(broker: RabbitMQServer) -> None:
+    publisher, received, changes = Publisher(broker.url), [], []
+    groups = [str(uuid.uuid4()), str(uuid.uuid4())]
+    for group in groups:
+        await publisher.declare(group)
+    queue, _ = await consumer(broker, received, changes)
+    ids = [str(uuid.uuid4()) for _ in range(600)]
+    await publisher.publish(groups[0], *(packed(task_id) for task_id in ids[:300]))
+    queue.follow(groups[0])
+    queue.follow(groups[1])
+    await publisher.publish(groups[1], *(packed(task_id) for task_id in ids[300:]))
+    try:
+        await until(lambda: len(received) == 600)
+        assert sorted(r.task_id for r in received) == sorted(ids)
+        assert queue.up and changes == [True]
+        await until(lambda: True)
+        for group in groups:
+            assert await publisher.depth(group) == 0, "every message acknowledged"
+    finally:
+        await queue.close()
+    assert changes == [True, False]
+
+
+async def test_an_unreadable_message_is_dropped_not_redelivered(broker: RabbitMQServer) -> None:
+    publisher, received, changes = Publisher(broker.url), [], []
+    group = str(uuid.uuid4())
+    await publisher.declare(group)
+    queue, _ = await consumer(broker, received, changes)
+    queue.follow(group)
+    good = str(uuid.uuid4())
+    await publisher.publish(group, b"garbage", packed(good))
+    try:
+        await until(lambda: len(received) == 1)
+        await asyncio.sleep(0.2)
+        assert [r.task_id for r in received] == [good]
+        assert await publisher.depth(group) == 0
+    finally:
+        await queue.close()
+
+
+async def test_a_group_without_a_queue_is_left_to_polling_and_the_others_go_on(
+    broker: RabbitMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher, received, changes = Publisher(broker.url), [], []
+    present, missing = str(uuid.uuid4()), str(uuid.uuid4())
+    await publisher.declare(present)
+    queue, _ = await consumer(broker, received, changes)
+    queue.follow(present)
+    queue.follow(missing)
+    try:
+        await until(lambda: "no Globus Compute result queue for task group" in caplog.text)
+        task_id = str(uuid.uuid4())
+        await publisher.publish(present, packed(task_id))
+        await until(lambda: len(received) == 1)
+        assert queue.up
+    finally:
+        await queue.close()
+
+
+async def test_the_queue_is_consumed_again_after_the_broker_restarts(broker: RabbitMQServer) -> None:
+    """Results published while the broker was down are lost to the queue (the poll finds them);
+    those published after it came back are delivered, on a connection opened with fresh details."""
+    publisher, received, changes = Publisher(broker.url), [], []
+    group = str(uuid.uuid4())
+    await publisher.declare(group)
+    queue, asked = await consumer(broker, received, changes)
+    queue.follow(group)
+    try:
+        await until(lambda: queue.up)
+        await broker.stop()
+        await until(lambda: not queue.up)
+        await broker.start()
+        await publisher.declare(group)
+        await until(lambda: queue.up, seconds=30)
+        task_id = str(uuid.uuid4())
+        await publisher.publish(group, packed(task_id))
+        await until(lambda: [r.task_id for r in received] == [task_id])
+        assert changes == [True, False, True]
+        assert len(asked) >= 2, "a new URL for each connection"
+    finally:
+        await queue.close()
+
+
+async def test_an_unreachable_broker_is_retried_without_end(caplog: pytest.LogCaptureFixture) -> None:
+    received: list[QueuedResult] = []
+    changes: list[bool] = []
+
+    async def details() -> tuple[str, str]:
+        return "amqp://guest:secret-password@127.0.0.1:1/%2F", PREFIX
+
+    queue = ResultQueue(details, received.append, changes.append)
+    queue.follow(str(uuid.uuid4()))
+    try:
+        await until(lambda: "results are polled meanwhile" in caplog.text)
+        assert not queue.up and changes == []
+        assert "secret-password" not in caplog.text
+    finally:
+        await queue.close()
