@@ -1,13 +1,15 @@
 """The tests' fake Globus Auth and Globus Compute as one process, for the benchmark's compute path.
 
-    python -m bench.fake_compute_server
+    python -m bench.fake_compute_server [--result-queue DIRECTORY]
 
 The benchmark pins this process to the load generator's CPU, so that the fake service and the
 "remote" functions it runs in its threads never take CPU time from the gateway being measured. Once
 listening it prints one JSON line with everything a gateway's compute endpoint needs (URLs, service
 account, endpoint and function ids, the callback secret); on SIGTERM or SIGINT it prints one JSON
 line with the number of submits and status polls it answered, and on SIGUSR1 one line with the
-counts so far (`counts_so_far`).
+counts so far (`counts_so_far`). With `--result-queue`, a RabbitMQ broker starts in this process's
+place on the CPU (its data and log in DIRECTORY) and the fake pushes results to it for task groups that
+ask for a queue; the JSON line then also carries `result_broker_url`.
 
 The registered function stands in for `compute-functions/vllm_inference.py` without a vLLM behind
 it: a non-streaming task returns a small fixed chat completion at once (or after the prompt's
@@ -36,12 +38,14 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.fake_vllm import parse_faults
 from testing.loops import new_event_loop
+from testing.services.rabbitmq_server import RabbitMQServer
 
 SERVICE_ID: Final = "6c1d9a3e-42b7-4f05-8e1a-b3c4d5e6f701"
 ENDPOINT_UUID: Final = "3a9c5e7b-1d2f-4a6b-8c0e-2f4a6b8c0d1e"
@@ -228,11 +232,22 @@ async def keep_small(compute: FakeCompute, calls: Counter[str], stopping: asynci
             prune(compute, calls)
 
 
-async def serve() -> None:
+async def serve(result_queue: Path | None) -> None:
+    """With `result_queue`, a broker in that directory for as long as the fake serves."""
+    if result_queue is None:
+        await serve_with(None)
+        return
+    async with RabbitMQServer(result_queue) as broker:
+        await serve_with(broker.url)
+
+
+async def serve_with(broker_url: str | None) -> None:
     client_secret, callback_secret = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     globus = FakeGlobus()
     globus.add_client(SERVICE_ID, client_secret)
-    compute = FakeCompute(accepted_tokens=lambda token: token in globus.issued_tokens)
+    compute = FakeCompute(
+        accepted_tokens=lambda token: token in globus.issued_tokens, result_broker_url=broker_url
+    )
     compute.add_endpoint(ENDPOINT_UUID)
     compute.register_function(FUNCTION_UUID, make_function(callback_secret))
     compute.register_function(QSTAT_UUID, qstat)
@@ -249,7 +264,10 @@ async def serve() -> None:
 
     loop.add_signal_handler(signal.SIGUSR1, report)
     async with globus, compute:
-        print(json.dumps(announce(globus, compute, client_secret, callback_secret)), flush=True)
+        announced = announce(globus, compute, client_secret, callback_secret)
+        if broker_url is not None:
+            announced["result_broker_url"] = broker_url
+        print(json.dumps(announced), flush=True)
         await keep_small(compute, calls, stopping)
         prune(compute, calls)
     tokens = sum(1 for r in globus.requests if r.path.endswith("/oauth2/token"))
@@ -258,9 +276,10 @@ async def serve() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.parse_args(argv)
+    parser.add_argument("--result-queue", type=Path, metavar="DIRECTORY", help="start a RabbitMQ broker")
+    options = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(serve())
+        runner.run(serve(options.result_queue))
 
 
 if __name__ == "__main__":

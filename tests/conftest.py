@@ -17,6 +17,7 @@ from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.fake_vllm import create_backend_app
 from testing.services.postgres_server import PostgresServer
+from testing.services.rabbitmq_server import RabbitMQServer
 from testing.services.redis_server import RedisServer
 from tests.compute_setup import (
     ENDPOINT,
@@ -109,6 +110,22 @@ async def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
     """One real PostgreSQL for the session (initdb and start take about a second); tests isolate
     themselves with a fresh database each, see `database_url`."""
     async with PostgresServer(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RabbitMQServer]:
+    """One real RabbitMQ for the session (of each xdist worker: it starts in about 4 s). Tests share it
+    through queues of their own (the fake Compute service's are named after fresh task group ids), and
+    must not stop it: a test that stops or restarts the broker takes `rabbitmq_private`."""
+    async with RabbitMQServer(tmp_path_factory.mktemp("rabbitmq")) as server:
+        yield server
+
+
+@pytest.fixture
+async def rabbitmq_private(tmp_path: Path) -> AsyncIterator[RabbitMQServer]:
+    """A RabbitMQ of the test's own, free to stop and restart (on the same port, with its data)."""
+    async with RabbitMQServer(tmp_path / "rabbitmq") as server:
         yield server
 
 

@@ -37,8 +37,14 @@ last public funcX web service, which answered 404 for unknown endpoints, functio
 malformed requests (the API is a FastAPI application, judging by its operation ids), the details of endpoint
 status beyond ``status`` and ``managers``, the answer for unknown ids in ``batch_status`` (copied from the old
 funcX service), and that results stay readable after the first read (the old service deleted them).
-Not modelled: per-user access to endpoints, functions and tasks; the AMQP result queue (``create_queue``);
-task groups beyond echoing their id.
+Not modelled: per-user access to endpoints, functions and tasks; task groups beyond echoing their id and
+their result queue.
+
+Result queues: given a RabbitMQ broker (``result_broker_url``), the fake hands out its URL (``GET
+/v2/get_amqp_result_connection_url``), declares a task group's queue when a submit asks for one
+(``"create_queue": true``, as the SDK's ``Executor`` does) and pushes each of its finished tasks' Result
+there (``compute_results_queue.py``: the message, and what is assumed); results stay pollable as well.
+Without a broker that route answers 503, as the real one could while its broker is away.
 
 The tasks and endpoints themselves, and how a worker runs a task, are in ``compute_tasks.py``.
 """
@@ -59,6 +65,7 @@ from globus_compute_sdk.errors import MaxResultSizeExceeded
 from globus_compute_sdk.sdk.utils import get_env_details
 from globus_compute_sdk.serialize import ComputeSerializer
 
+from testing.fake_globus.compute_results_queue import QUEUE_PREFIX, ResultPublisher
 from testing.fake_globus.compute_tasks import (
     FAILED,
     ONLINE,
@@ -117,14 +124,24 @@ class FakeCompute:
 
     Knobs that may be changed at any time, also while the gateway under test is running: ``queue_delay``
     (seconds a task stays ``waiting-for-ep`` before it runs), ``fail_status`` (every request answers this
-    status), ``delay`` (every answer waits this long), ``result_size_limit``, and endpoints through
+    status), ``delay`` (every answer waits this long), ``result_size_limit``, ``publish_results`` (False:
+    the service stops pushing results to result queues), ``high_assurance_results`` (True: pushed results
+    carry no data, only the header that makes a consumer poll for it), and endpoints through
     :meth:`set_endpoint`. Mutate state from the event loop the fake runs on (the test's loop).
     """
 
-    def __init__(self, *, accepted_tokens: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, *, accepted_tokens: Callable[[str], bool] | None = None, result_broker_url: str | None = None
+    ) -> None:
         """``accepted_tokens`` decides which bearer tokens are valid, e.g.
-        ``lambda token: token in fake_globus.issued_tokens``; ``None`` accepts any bearer token."""
+        ``lambda token: token in fake_globus.issued_tokens``; ``None`` accepts any bearer token.
+        ``result_broker_url`` (an ``amqp://`` URL, e.g. ``RabbitMQServer.url``) enables result queues."""
         self.accepted_tokens = accepted_tokens
+        self.result_broker_url = result_broker_url
+        self.queue_prefix = QUEUE_PREFIX
+        self.publish_results = True
+        self.high_assurance_results = False
+        self.result_queues: ResultPublisher | None = None
         self.requests: list[RecordedRequest] = []
         self.tasks: dict[str, FakeTask] = {}
         self.queue_delay = 0.0
@@ -210,6 +227,9 @@ class FakeCompute:
             raise
         self._port = runner.addresses[0][1]
         self._runner = runner
+        if self.result_broker_url is not None:
+            self.result_queues = ResultPublisher(self.result_broker_url)
+            await self.result_queues.start()
 
     async def stop(self, *, keep_tasks: bool = False) -> None:
         """Close the port: the service becomes unreachable. Unless ``keep_tasks`` (an outage of the cloud
@@ -218,6 +238,9 @@ class FakeCompute:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        publisher, self.result_queues = self.result_queues, None
+        if publisher is not None:
+            await publisher.close()
         if not keep_tasks:
             runs, self._runs = list(self._runs), set()
             for run in runs:
@@ -239,6 +262,7 @@ class FakeCompute:
         app.router.add_post("/v2/batch_status", self._batch_status)
         app.router.add_get("/v2/tasks/{task_id}", self._get_task)
         app.router.add_get("/v2/endpoints/{endpoint_id}/status", self._endpoint_status)
+        app.router.add_get("/v2/get_amqp_result_connection_url", self._result_queue_url)
         return app
 
     # -- cross-cutting behaviour -------------------------------------------------------------------------
@@ -299,6 +323,9 @@ class FakeCompute:
         serializers = body.get("result_serializers") or []
         if not isinstance(serializers, list) or not all(isinstance(s, str) for s in serializers):
             raise _RequestError(422, "REQUEST_MALFORMED", "result_serializers must be a list of strings")
+        create_queue = body.get("create_queue") or False
+        if not isinstance(create_queue, bool):
+            raise _RequestError(422, "REQUEST_MALFORMED", "create_queue must be a boolean")
         if endpoint_id not in self._endpoints:
             raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
         functions = {fid: _uuid(fid, "function_id") for fid in batches}
@@ -309,12 +336,18 @@ class FakeCompute:
                 )
         group = body.get("task_group_id")
         task_group_id = _uuid(group, "task_group_id") if group else str(uuid.uuid4())
+        queue = None
+        if create_queue and self.result_queues is not None:
+            queue = self.queue_prefix + task_group_id
+            await self.result_queues.declare(queue)
         answer: dict[str, list[str]] = {}
         for given_id, payloads in batches.items():
             answer[given_id] = [
                 self._enqueue(endpoint_id, functions[given_id], task_group_id, payload, serializers)
                 for payload in payloads
             ]
+            for task_id in answer[given_id]:  # before any of them can run: none has been scheduled yet
+                self.tasks[task_id].result_queue = queue
         return web.json_response(
             {
                 "request_id": str(uuid.uuid4()),
@@ -342,6 +375,13 @@ class FakeCompute:
         if task is None:
             raise _RequestError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
         return web.json_response(task.document())
+
+    async def _result_queue_url(self, request: web.Request) -> web.Response:
+        """The real service mints credentials per user; the fake hands out the broker's own URL."""
+        if self.result_broker_url is None:
+            raise _RequestError(503, "SERVICE_UNAVAILABLE", "the result queue service is unavailable")
+        answer = {"queue_prefix": self.queue_prefix, "connection_url": self.result_broker_url}
+        return web.json_response(answer)
 
     async def _endpoint_status(self, request: web.Request) -> web.Response:
         endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
@@ -383,6 +423,8 @@ class FakeCompute:
         task.exception, task.error = outcome.exception, outcome.error
         task.status = SUCCESS if outcome.exception is None else FAILED
         task.finished.set()
+        if task.result_queue and self.result_queues is not None and self.publish_results:
+            self.result_queues.publish(task.result_queue, task, high_assurance=self.high_assurance_results)
 
     def _execute(self, task: FakeTask, function: Callable[..., Any]) -> Outcome:
         """Runs in a worker thread, like ``execute_task`` on an endpoint: call, serialize, check the size.

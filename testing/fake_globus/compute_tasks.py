@@ -78,6 +78,7 @@ class FakeTask:
     started_at: float | None = None
     finished_at: float | None = None
     payload_error: Exception | None = None  # an undecodable payload fails on the endpoint, not at submit
+    result_queue: str | None = None  # where the service pushes the result, when the submit asked for it
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
