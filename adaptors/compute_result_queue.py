@@ -40,6 +40,9 @@ from globus_compute_common.messagepack.message_types import Result
 from pika.adapters.asyncio_connection import AsyncioConnection
 
 log = logging.getLogger(__name__)
+logging.getLogger("pika").setLevel(logging.CRITICAL)
+"""pika logs every failed connection attempt at ERROR, with its stack of connectors, in several
+records; what operators need is the one warning below, which says the results are polled meanwhile."""
 
 PREFETCH = 512
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024

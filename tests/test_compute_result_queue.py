@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -92,9 +92,9 @@ class Publisher:
 
 
 @pytest.fixture
-async def broker(tmp_path: Any) -> AsyncIterator[RabbitMQServer]:
-    async with RabbitMQServer(tmp_path / "rabbitmq") as server:
-        yield server
+def broker(rabbitmq: RabbitMQServer) -> RabbitMQServer:
+    """The session's broker: these tests' queues are named after fresh task group ids."""
+    return rabbitmq
 
 
 async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
@@ -174,9 +174,12 @@ async def test_a_group_without_a_queue_is_left_to_polling_and_the_others_go_on(
         await queue.close()
 
 
-async def test_the_queue_is_consumed_again_after_the_broker_restarts(broker: RabbitMQServer) -> None:
+async def test_the_queue_is_consumed_again_after_the_broker_restarts(
+    rabbitmq_private: RabbitMQServer,
+) -> None:
     """Results published while the broker was down are lost to the queue (the poll finds them);
     those published after it came back are delivered, on a connection opened with fresh details."""
+    broker = rabbitmq_private
     publisher, received, changes = Publisher(broker.url), [], []
     group = str(uuid.uuid4())
     await publisher.declare(group)
