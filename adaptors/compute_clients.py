@@ -15,12 +15,14 @@ from globus_sdk.transport import RequestsTransport, RetryConfig
 from adaptors.compute_config import ComputeAccess
 
 HTTP_POOL_SIZE = 64
-Clients = tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3]
+Clients = tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3, globus_sdk.ComputeClientV2]
 
 
 def sdk_clients(access: ComputeAccess) -> Clients:
-    """V2 (status calls, endpoint status, the result queue's URL) and V3 (submissions), sharing one
-    token and one pool of connections."""
+    """V2 (status calls, endpoint status), V3 (submissions) and V2 without retries (the result
+    queue's URL: adaptors/compute_result_queue.py retries on its own, after a growing pause, and a
+    thread kept in the SDK's retries would outlive a shutdown), sharing one token and one pool of
+    connections."""
     client_id, secret = access.credentials()
     transport = pooled_transport(access.http_timeout_seconds)
     retries = RetryConfig(max_retries=2, max_sleep=2)
@@ -34,7 +36,12 @@ def sdk_clients(access: ComputeAccess) -> Clients:
         "transport": transport,
         "retry_config": retries,
     }
-    return globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options)
+    once = options | {"retry_config": RetryConfig(max_retries=0)}
+    return (
+        globus_sdk.ComputeClientV2(**options),
+        globus_sdk.ComputeClientV3(**options),
+        globus_sdk.ComputeClientV2(**once),
+    )
 
 
 def pooled_transport(timeout: float) -> RequestsTransport:
@@ -58,7 +65,7 @@ def json_serializer() -> ComputeSerializer:
 
 def queue_details(clients: Clients) -> tuple[str, str]:
     """The result queue's connection URL and queue prefix; ValueError when the answer lacks them."""
-    answer = clients[0].get_result_amqp_url().data
+    answer = clients[2].get_result_amqp_url().data
     url = answer.get("connection_url") if isinstance(answer, dict) else None
     prefix = answer.get("queue_prefix", "") if isinstance(answer, dict) else None
     if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")) or not isinstance(prefix, str):

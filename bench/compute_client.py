@@ -210,7 +210,7 @@ class Compute:
             self.queue.follow(group)
 
     async def _queue_details(self) -> tuple[str, str]:
-        return await self._blocking(lambda: queue_details((self.v2, self.v3)))
+        return await self._blocking(lambda: queue_details((self.v2, self.v3, self.v2)))
 
     def _pushed(self, result: QueuedResult) -> None:
         future = self.pending.get(result.task_id)
