@@ -106,6 +106,9 @@ class ResultQueue:
     _prefix: str = ""
     _runner: asyncio.Task[None] | None = None
     _up: bool = False
+    _unacknowledged: dict[Any, int] = field(default_factory=dict)
+    """Channel → the latest delivery tag handed over, acknowledged (with all before it) once per
+    turn of the event loop: one frame for a burst of results, not one each."""
 
     def follow(self, task_group_id: str) -> None:
         """Consume the group's queue from now on (and after every reconnection)."""
@@ -223,7 +226,15 @@ class ResultQueue:
         try:
             self.deliver(result)
         finally:
-            channel.basic_ack(method.delivery_tag)
+            if not self._unacknowledged:
+                asyncio.get_running_loop().call_soon(self._acknowledge)
+            self._unacknowledged[channel] = method.delivery_tag
+
+    def _acknowledge(self) -> None:
+        unacknowledged, self._unacknowledged = self._unacknowledged, {}
+        for channel, tag in unacknowledged.items():
+            if channel.is_open:
+                channel.basic_ack(tag, multiple=True)
 
     def _set_up(self, up: bool) -> None:
         if up != self._up:
