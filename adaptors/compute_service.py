@@ -34,7 +34,7 @@ adaptors/compute_result_queue.py consumes. While it does, a task is first looked
 `poll_interval_seconds` (the poll is then a safety net, for a message that never comes); when the
 queue goes down, every task waiting is due for a look at once, and polling is as without a queue.
 A result may be pushed before its request starts waiting for it (the message can beat the answer
-to the submission): it is kept, `MAX_EARLY` of them for `EARLY_SECONDS`, for the request to find.
+to the submission): it is kept a short while for the request to find (adaptors/compute_early.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import suppress
@@ -56,6 +55,7 @@ from globus_compute_sdk.serialize import ComputeSerializer
 from adaptors.call_budget import CallBudget
 from adaptors.compute_clients import Clients, json_serializer, queue_details, sdk_clients
 from adaptors.compute_config import ComputeAccess
+from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.compute_submit import Submitter
@@ -74,8 +74,6 @@ LEARNING_WEIGHT = 0.2
 STATUS_CALLS_PER_SECOND = 20.0
 STATUS_CALL_BURST = 5
 NEIGHBOUR_SECONDS = 1 / STATUS_CALLS_PER_SECOND
-MAX_EARLY = 10_000
-EARLY_SECONDS = 60.0
 Result = TypeVar("Result")
 
 
@@ -133,8 +131,7 @@ class ComputeService:
     _queue: ResultQueue | None = None
     _group: str | None = None
     """The task group the service made for the first submission; later ones join it."""
-    _early: OrderedDict[str, tuple[float, QueuedResult]] = field(default_factory=OrderedDict)
-    """Results pushed before their request waited for them: arrival time and result."""
+    _early: EarlyResults = field(default_factory=EarlyResults)
     _loop: asyncio.AbstractEventLoop | None = None
     answering: int = 0
     """Requests of the endpoint adaptors waiting for their answer, counted from before submission
@@ -180,9 +177,9 @@ class ComputeService:
         self._pending[task_id] = _Pending(
             future, now + timeout, now, on_started, accept_dill, now + first, first
         )
-        early = self._early.pop(task_id, None)
+        early = self._early.take(task_id)
         if early is not None:
-            self._pushed(early[1])
+            self._pushed(early)
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
         elif max(now + first, self._not_before) < self._wake_at:
@@ -304,7 +301,7 @@ class ComputeService:
         """A result from the queue: settles its request, or is kept for one that has yet to wait."""
         pending = self._pending.get(result.task_id)
         if pending is None:
-            self._keep_early(result)
+            self._early.keep(result)
             return
         if pending.future.done():
             return
@@ -322,15 +319,6 @@ class ComputeService:
             pending.future.set_result(read_result(self._serializer, result.data, pending.accept_dill))
         except UnreadableResult as exc:
             pending.future.set_exception(exc)
-
-    def _keep_early(self, result: QueuedResult) -> None:
-        now = time.monotonic()
-        self._early[result.task_id] = (now, result)
-        while self._early:
-            task_id, (arrived, _) = next(iter(self._early.items()))
-            if len(self._early) <= MAX_EARLY and now - arrived < EARLY_SECONDS:
-                break
-            del self._early[task_id]
 
     def _queue_changed(self, up: bool) -> None:
         """Down: every task waiting is looked at soon, as when results are only polled."""

@@ -14,6 +14,8 @@ import pytest
 from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import EPStatusReport, Result, ResultErrorDetails
 
+from adaptors import compute_early
+from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import MAX_MESSAGE_BYTES, QueuedResult, ResultQueue, read_message
 from testing.services.rabbitmq_server import RabbitMQServer
 
@@ -216,3 +218,22 @@ async def test_an_unreachable_broker_is_retried_without_end(caplog: pytest.LogCa
         assert "secret-password" not in caplog.text
     finally:
         await queue.close()
+
+
+def test_early_results_are_bounded_in_count_size_and_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(compute_early.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(compute_early, "MAX_RESULTS", 3)
+    monkeypatch.setattr(compute_early, "MAX_CHARS", 10)
+    early = EarlyResults()
+    for task_id in "abcd":
+        early.keep(QueuedResult(task_id, "x", False))
+    assert len(early) == 3 and early.take("a") is None, "the oldest left first"
+    early.keep(QueuedResult("big", "y" * 9, False))
+    assert early.take("b") is None and early.take("c") is None, "over 3 results, then 10 characters"
+    assert early.take("big") == QueuedResult("big", "y" * 9, False)
+    early.keep(QueuedResult("old", "z", False))
+    now[0] += compute_early.KEEP_SECONDS
+    early.keep(QueuedResult("new", "z", False))
+    assert early.take("old") is None and early.take("d") is None, "aged out"
+    assert early.take("new") is not None and len(early) == 0
