@@ -133,6 +133,7 @@ class ResultPublisher:
         self._unconfirmed: OrderedDict[int, None] = OrderedDict()
         self._next_tag = 0
         self._dropping = False
+        self._failing = False
 
     @property
     def connected(self) -> bool:
@@ -241,6 +242,7 @@ class ResultPublisher:
     def _on_confirming(self, channel: Any) -> None:
         self._channel, self._next_tag = channel, 0
         self.connections += 1
+        self._failing = False
         self._ready.set()
         log.info("result queue broker %s connected", self.address)
 
@@ -250,13 +252,15 @@ class ResultPublisher:
         self._lost()
         self._gone.set()
         if not self._closing:
-            log.warning("result queue broker %s: %r; reconnecting", self.address, error)
+            level = logging.DEBUG if self._failing else logging.WARNING  # once per outage: it retries often
+            log.log(level, "result queue broker %s: %r; reconnecting", self.address, error)
+            self._failing = True
             assert self._loop is not None
             self._retry = self._loop.call_later(RECONNECT_SECONDS, self._connect)
 
     def _on_channel_closed(self, channel: Any, error: BaseException) -> None:
         """A channel error (e.g. a queue declared with other arguments): start over with a new connection."""
-        if channel is self._channel:
+        if channel is self._channel and not self._closing:
             log.warning("result queue broker %s closed the channel: %r", self.address, error)
             self._lost()
             if self._connection is not None and self._connection.is_open:

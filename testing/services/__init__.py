@@ -6,4 +6,5 @@ when they fail.
     postgres_server.py    PostgreSQL, which comes back with its data; one database per test
     prometheus_server.py  Prometheus scraping a gateway, to evaluate the dashboard's queries
     nginx.py              nginx in front of a gateway, with the proxying rules the deployment ships
+    rabbitmq_server.py    RabbitMQ, the broker Globus Compute pushes results through; keeps its data
 """
