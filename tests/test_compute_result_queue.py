@@ -12,11 +12,23 @@ from typing import Any
 import pika
 import pytest
 from globus_compute_common import messagepack
-from globus_compute_common.messagepack.message_types import EPStatusReport, Result, ResultErrorDetails
+from globus_compute_common.messagepack.message_types import (
+    EPStatusReport,
+    Result,
+    ResultErrorDetails,
+    TaskTransition,
+)
+from globus_compute_common.tasks import ActorName, TaskState
 
 from adaptors import compute_early
 from adaptors.compute_early import EarlyResults
-from adaptors.compute_result_queue import MAX_MESSAGE_BYTES, QueuedResult, ResultQueue, read_message
+from adaptors.compute_result_queue import (
+    MAX_MESSAGE_BYTES,
+    QueuedResult,
+    ResultQueue,
+    _plain_result,
+    read_message,
+)
 from testing.services.rabbitmq_server import RabbitMQServer
 
 PREFIX = "gateway-test."
@@ -38,6 +50,50 @@ def test_a_result_is_read_with_its_task_data_and_failure() -> None:
 def test_a_high_assurance_result_leaves_its_data_to_a_status_call() -> None:
     task_id = str(uuid.uuid4())
     assert read_message({"high_assurance": True}, packed(task_id)) == QueuedResult(task_id, None, False)
+
+
+def results() -> list[Result]:
+    """Results as endpoints send them: success, failure, with details and task transitions."""
+    transitions = [
+        TaskTransition(timestamp=1733300000000, state=TaskState.EXEC_START, actor=ActorName.WORKER),
+        TaskTransition(timestamp=1733300000100, state=TaskState.EXEC_END, actor=ActorName.WORKER),
+    ]
+    error = ResultErrorDetails(code="RemoteExecutionError", user_message="An error occurred")
+    return [
+        Result(task_id=uuid.uuid4(), data='11\n"ok"'),
+        Result(task_id=uuid.uuid4(), data="Traceback (most recent call last): ...", error_details=error),
+        Result(task_id=uuid.uuid4(), data="", details={"os": "Linux", "python_version": "3.11.7"}),
+        Result(task_id=uuid.uuid4(), data="00\ngASVBQAAAAAAAACMAWGULg==", task_statuses=transitions),
+        Result(task_id=uuid.uuid4(), data='\u00e9\U0001f600 \\ " \n'),
+    ]
+
+
+@pytest.mark.parametrize("result", results(), ids=["success", "failure", "details", "transitions", "escapes"])
+def test_the_plain_reading_agrees_with_messagepack(result: Result) -> None:
+    """The quick reading of protocol 1 gives what `messagepack.unpack` gives."""
+    body = bytes(messagepack.pack(result))
+    unpacked = messagepack.unpack(body)
+    assert isinstance(unpacked, Result)
+    expected = QueuedResult(str(unpacked.task_id), unpacked.data, unpacked.is_error)
+    assert _plain_result(body) == expected == read_message(None, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'\x01{"message_type": "result", "data": {"task_id": "not-a-uuid", "data": "x"}}',
+        b'\x01{"message_type": "result", "data": {"task_id": "%s", "data": 1}}' % str(uuid.uuid4()).encode(),
+        b'\x01{"message_type": "result", "data": {"task_id": "%s", "data": "x", "error_details": "boom"}}'
+        % str(uuid.uuid4()).encode(),
+        b'\x01{"message_type": "task", "data": {"task_id": "%s", "data": "x"}}' % str(uuid.uuid4()).encode(),
+        b'\x01["result"]',
+        b"\x02{}",
+    ],
+    ids=["task-id", "data", "error-details", "other-type", "envelope", "protocol"],
+)
+def test_what_the_plain_reading_cannot_vouch_for_goes_to_messagepack(body: bytes) -> None:
+    assert _plain_result(body) is None
+    assert read_message(None, body) is None, "messagepack refuses it too"
 
 
 @pytest.mark.parametrize(
