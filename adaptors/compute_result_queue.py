@@ -19,7 +19,8 @@ looking at every task, only less often while the queue is up. A lost connection 
 (with a new URL: the credentials may have expired) after a growing, randomised pause; messages not
 acknowledged by then are delivered again.
 
-Bounds: at most `PREFETCH` unacknowledged messages on a channel, bodies over `MAX_MESSAGE_BYTES`
+Bounds: at most `PREFETCH` unacknowledged messages on a channel (acknowledged in groups, see
+`_unacknowledged`), bodies over `MAX_MESSAGE_BYTES`
 rejected unread, at most `MAX_GROUPS` queues, a deadline on every step of opening.
 """
 
@@ -47,6 +48,8 @@ logging.getLogger("pika").setLevel(logging.CRITICAL)
 records; what operators need is the one warning below, which says the results are polled meanwhile."""
 
 PREFETCH = 512
+ACKNOWLEDGE_EVERY = PREFETCH // 4
+ACKNOWLEDGE_AFTER_SECONDS = 0.05
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_GROUPS = 64
 OPEN_TIMEOUT_SECONDS = 10.0
@@ -137,8 +140,12 @@ class ResultQueue:
     _runner: asyncio.Task[None] | None = None
     _up: bool = False
     _unacknowledged: dict[Any, int] = field(default_factory=dict)
-    """Channel → the latest delivery tag handed over, acknowledged (with all before it) once per
-    turn of the event loop: one frame for a burst of results, not one each."""
+    """Channel → the latest delivery tag handed over, acknowledged with all before it
+    `ACKNOWLEDGE_AFTER_SECONDS` after the first of them, or at once when `ACKNOWLEDGE_EVERY` wait:
+    an acknowledgement each cost more than the rest of a message (a write, and pika's writer
+    registered and removed), while a result acknowledged late is at worst delivered again after a
+    reconnection, and found already answered."""
+    _waiting: int = 0
 
     def follow(self, task_group_id: str) -> None:
         """Consume the group's queue from now on (and after every reconnection)."""
@@ -257,11 +264,14 @@ class ResultQueue:
             self.deliver(result)
         finally:
             if not self._unacknowledged:
-                asyncio.get_running_loop().call_soon(self._acknowledge)
+                asyncio.get_running_loop().call_later(ACKNOWLEDGE_AFTER_SECONDS, self._acknowledge)
             self._unacknowledged[channel] = method.delivery_tag
+            self._waiting += 1
+            if self._waiting >= ACKNOWLEDGE_EVERY:
+                self._acknowledge()
 
     def _acknowledge(self) -> None:
-        unacknowledged, self._unacknowledged = self._unacknowledged, {}
+        unacknowledged, self._unacknowledged, self._waiting = self._unacknowledged, {}, 0
         for channel, tag in unacknowledged.items():
             if channel.is_open:
                 channel.basic_ack(tag, multiple=True)
