@@ -52,19 +52,23 @@ The tasks and endpoints themselves, and how a worker runs a task, are in ``compu
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
-from globus_compute_sdk.errors import MaxResultSizeExceeded
 from globus_compute_sdk.sdk.utils import get_env_details
-from globus_compute_sdk.serialize import ComputeSerializer
 
+from testing.fake_globus.compute_requests import (
+    RecordedRequest,
+    RequestError,
+    canonical_uuid,
+    compute_error,
+    json_object,
+    submission,
+)
 from testing.fake_globus.compute_results_queue import QUEUE_PREFIX, ResultPublisher
 from testing.fake_globus.compute_tasks import (
     FAILED,
@@ -74,49 +78,13 @@ from testing.fake_globus.compute_tasks import (
     SUCCESS,
     FakeEndpoint,
     FakeTask,
-    Outcome,
     check_status,
-    error_string,
+    execute,
     in_daemon_thread,
     online,
 )
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class RecordedRequest:
-    """One request as it arrived, for asserting the wire format."""
-
-    method: str
-    path: str
-    json: Any  # the decoded JSON body, None without one (or when it was not JSON)
-    authorization: str | None
-    time: float  # time.monotonic() on arrival
-
-
-class _RequestError(Exception):
-    """Raised by request parsing to answer an error document."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def _compute_error(status: int, code: str, message: str) -> web.Response:
-    """An error body globus-sdk parses into ``ComputeAPIError.code`` / ``.message`` (shape assumed)."""
-    body = {"code": code, "message": message, "request_id": secrets.token_hex(8)}
-    return web.json_response(body, status=status)
-
-
-def _uuid(value: str, what: str) -> str:
-    """The canonical form of a UUID; a 422 like FastAPI's path validation otherwise."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, AttributeError, TypeError):
-        raise _RequestError(422, "REQUEST_MALFORMED", f"{what} is not a valid UUID: {value!r}") from None
 
 
 class FakeCompute:
@@ -126,7 +94,8 @@ class FakeCompute:
     (seconds a task stays ``waiting-for-ep`` before it runs), ``fail_status`` (every request answers this
     status), ``delay`` (every answer waits this long), ``result_size_limit``, ``publish_results`` (False:
     the service stops pushing results to result queues), ``high_assurance_results`` (True: pushed results
-    carry no data, only the header that makes a consumer poll for it), and endpoints through
+    carry no data, only the header that makes a consumer poll for it), ``persistent_results`` (False:
+    results go out as transient messages, which cost the broker a third as much), and endpoints through
     :meth:`set_endpoint`. Mutate state from the event loop the fake runs on (the test's loop).
     """
 
@@ -141,6 +110,7 @@ class FakeCompute:
         self.queue_prefix = QUEUE_PREFIX
         self.publish_results = True
         self.high_assurance_results = False
+        self.persistent_results = True
         self.result_queues: ResultPublisher | None = None
         self.requests: list[RecordedRequest] = []
         self.tasks: dict[str, FakeTask] = {}
@@ -289,19 +259,19 @@ class FakeCompute:
             await asyncio.sleep(self.delay)
         if self.fail_status is not None:
             code = "SERVICE_UNAVAILABLE" if self.fail_status == 503 else "ERROR"
-            return _compute_error(
+            return compute_error(
                 self.fail_status, code, f"fake Compute configured to fail with {self.fail_status}"
             )
         if not self._authorized(request.headers.get("Authorization")):
-            return _compute_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
+            return compute_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
         try:
             return await handler(request)
-        except _RequestError as error:
-            return _compute_error(error.status, error.code, error.message)
+        except RequestError as error:
+            return compute_error(error.status, error.code, error.message)
         except web.HTTPNotFound:
-            return _compute_error(404, "NOT_FOUND", f"no route {request.path}")
+            return compute_error(404, "NOT_FOUND", f"no route {request.path}")
         except web.HTTPMethodNotAllowed:
-            return _compute_error(405, "METHOD_NOT_ALLOWED", f"{request.method} {request.path}")
+            return compute_error(405, "METHOD_NOT_ALLOWED", f"{request.method} {request.path}")
 
     def _authorized(self, header: str | None) -> bool:
         if not header or not header.startswith("Bearer ") or not header[7:].strip():
@@ -312,30 +282,17 @@ class FakeCompute:
 
     async def _submit(self, request: web.Request) -> web.Response:
         """All or nothing: an unknown endpoint or function rejects the whole batch before any task exists."""
-        endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
-        body = await _json_object(request)
-        batches = body.get("tasks")
-        if not isinstance(batches, dict) or not all(
-            isinstance(payloads, list) and all(isinstance(p, str) for p in payloads)
-            for payloads in batches.values()
-        ):
-            raise _RequestError(422, "REQUEST_MALFORMED", "tasks must map function ids to lists of payloads")
-        serializers = body.get("result_serializers") or []
-        if not isinstance(serializers, list) or not all(isinstance(s, str) for s in serializers):
-            raise _RequestError(422, "REQUEST_MALFORMED", "result_serializers must be a list of strings")
-        create_queue = body.get("create_queue") or False
-        if not isinstance(create_queue, bool):
-            raise _RequestError(422, "REQUEST_MALFORMED", "create_queue must be a boolean")
+        endpoint_id = canonical_uuid(request.match_info["endpoint_id"], "endpoint_id")
+        body = await json_object(request)
+        batches, serializers, create_queue = submission(body)
         if endpoint_id not in self._endpoints:
-            raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
-        functions = {fid: _uuid(fid, "function_id") for fid in batches}
+            raise RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
+        functions = {fid: canonical_uuid(fid, "function_id") for fid in batches}
         for function_id in functions.values():
             if function_id not in self._functions:
-                raise _RequestError(
-                    404, "FUNCTION_NOT_FOUND", f"Function {function_id} could not be resolved"
-                )
+                raise RequestError(404, "FUNCTION_NOT_FOUND", f"Function {function_id} could not be resolved")
         group = body.get("task_group_id")
-        task_group_id = _uuid(group, "task_group_id") if group else str(uuid.uuid4())
+        task_group_id = canonical_uuid(group, "task_group_id") if group else str(uuid.uuid4())
         queue = None
         if create_queue and self.result_queues is not None:
             queue = self.queue_prefix + task_group_id
@@ -358,10 +315,10 @@ class FakeCompute:
         )
 
     async def _batch_status(self, request: web.Request) -> web.Response:
-        body = await _json_object(request)
+        body = await json_object(request)
         task_ids = body.get("task_ids")
         if not isinstance(task_ids, list) or not all(isinstance(t, str) for t in task_ids):
-            raise _RequestError(422, "REQUEST_MALFORMED", "task_ids must be a list of strings")
+            raise RequestError(422, "REQUEST_MALFORMED", "task_ids must be a list of strings")
         results: dict[str, dict[str, Any]] = {}
         for task_id in task_ids:
             task = self.tasks.get(task_id)
@@ -370,24 +327,24 @@ class FakeCompute:
         return web.json_response({"response": "batch", "results": results})
 
     async def _get_task(self, request: web.Request) -> web.Response:
-        task_id = _uuid(request.match_info["task_id"], "task_id")
+        task_id = canonical_uuid(request.match_info["task_id"], "task_id")
         task = self.tasks.get(task_id)
         if task is None:
-            raise _RequestError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
+            raise RequestError(404, "TASK_NOT_FOUND", f"Task {task_id} not found")
         return web.json_response(task.document())
 
     async def _result_queue_url(self, request: web.Request) -> web.Response:
         """The real service mints credentials per user; the fake hands out the broker's own URL."""
         if self.result_broker_url is None:
-            raise _RequestError(503, "SERVICE_UNAVAILABLE", "the result queue service is unavailable")
+            raise RequestError(503, "SERVICE_UNAVAILABLE", "the result queue service is unavailable")
         answer = {"queue_prefix": self.queue_prefix, "connection_url": self.result_broker_url}
         return web.json_response(answer)
 
     async def _endpoint_status(self, request: web.Request) -> web.Response:
-        endpoint_id = _uuid(request.match_info["endpoint_id"], "endpoint_id")
+        endpoint_id = canonical_uuid(request.match_info["endpoint_id"], "endpoint_id")
         endpoint = self._endpoints.get(endpoint_id)
         if endpoint is None:
-            raise _RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
+            raise RequestError(404, "ENDPOINT_NOT_FOUND", f"Endpoint {endpoint_id} could not be resolved")
         return web.json_response(endpoint.status_document(self.tasks.values()))
 
     # -- task execution ----------------------------------------------------------------------------------
@@ -410,7 +367,8 @@ class FakeCompute:
             await online(endpoint)
         task.status = RUNNING
         task.started_at = time.time()
-        outcome = await in_daemon_thread(self._execute, task, function)
+        honours = self._endpoints[task.endpoint_id].honours_result_serializers
+        outcome = await in_daemon_thread(execute, task, function, honours, self.result_size_limit)
         await online(endpoint)
         task.finished_at = time.time()
         task.completion_t = str(task.finished_at)
@@ -424,32 +382,9 @@ class FakeCompute:
         task.status = SUCCESS if outcome.exception is None else FAILED
         task.finished.set()
         if task.result_queue and self.result_queues is not None and self.publish_results:
-            self.result_queues.publish(task.result_queue, task, high_assurance=self.high_assurance_results)
-
-    def _execute(self, task: FakeTask, function: Callable[..., Any]) -> Outcome:
-        """Runs in a worker thread, like ``execute_task`` on an endpoint: call, serialize, check the size.
-        Unlike a worker, which dies on ``SystemExit`` and the like, this reports any exception as failed."""
-        started = time.time()
-        try:
-            if task.payload_error is not None:
-                raise task.payload_error
-            value = function(*task.args, **task.kwargs)
-            if self._endpoints[task.endpoint_id].honours_result_serializers:
-                result = ComputeSerializer.serialize_from_list(value, task.result_serializers)
-            else:
-                result = ComputeSerializer().serialize(value)
-            if len(result) > self.result_size_limit:
-                raise MaxResultSizeExceeded(len(result), self.result_size_limit)
-        except BaseException as exc:
-            return Outcome(started, time.time(), exception=error_string(exc), error=exc)
-        return Outcome(started, time.time(), result=result, value=value)
-
-
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise _RequestError(422, "REQUEST_MALFORMED", "body is not JSON") from None
-    if not isinstance(body, dict):
-        raise _RequestError(422, "REQUEST_MALFORMED", "body must be a JSON object")
-    return body
+            self.result_queues.publish(
+                task.result_queue,
+                task,
+                high_assurance=self.high_assurance_results,
+                persistent=self.persistent_results,
+            )

@@ -65,6 +65,7 @@ MAX_UNCONFIRMED: Final = 10_000
 DECLARED_MEMORY: Final = 10_000
 """Queue names declared on the current connection, not declared again (most recent kept)."""
 PERSISTENT: Final = 2
+TRANSIENT: Final = 1
 
 
 def error_details(error: BaseException | None) -> ResultErrorDetails:
@@ -100,10 +101,14 @@ def result_message(task: FakeTask, *, high_assurance: bool) -> bytes:
     return messagepack.pack(result)
 
 
-def result_properties(task: FakeTask, *, high_assurance: bool) -> pika.BasicProperties:
+def result_properties(
+    task: FakeTask, *, high_assurance: bool, persistent: bool = True
+) -> pika.BasicProperties:
     headers = {"high_assurance": True} if high_assurance else None
     return pika.BasicProperties(
-        delivery_mode=PERSISTENT, timestamp=int(task.finished_at or 0), headers=headers
+        delivery_mode=PERSISTENT if persistent else TRANSIENT,
+        timestamp=int(task.finished_at or 0),
+        headers=headers,
     )
 
 
@@ -194,7 +199,7 @@ class ResultPublisher:
             log.warning("result queue broker %s did not declare queue %s in time", self.address, queue)
             return False
 
-    def publish(self, queue: str, task: FakeTask, *, high_assurance: bool) -> bool:
+    def publish(self, queue: str, task: FakeTask, *, high_assurance: bool, persistent: bool = True) -> bool:
         """Push a finished task's Result to its queue; False when it had to be dropped."""
         channel = self._channel
         if channel is None or len(self._unconfirmed) >= MAX_UNCONFIRMED:
@@ -203,7 +208,7 @@ class ResultPublisher:
         if queue not in self._declared:  # declared at submit while the broker was away: now, in order
             channel.queue_declare(queue, durable=True, callback=lambda _frame: self._remember(queue))
         body = result_message(task, high_assurance=high_assurance)
-        properties = result_properties(task, high_assurance=high_assurance)
+        properties = result_properties(task, high_assurance=high_assurance, persistent=persistent)
         try:
             channel.basic_publish("", queue, body, properties, mandatory=True)
         except pika.exceptions.AMQPError as error:

@@ -190,3 +190,25 @@ async def in_daemon_thread(call: Callable[..., Outcome], *args: Any) -> Outcome:
 
     threading.Thread(target=work, name="fake-compute-task", daemon=True).start()
     return await future
+
+
+def execute(
+    task: FakeTask, function: Callable[..., Any], honours_serializers: bool, size_limit: int
+) -> Outcome:
+    """Runs in a worker thread, like ``execute_task`` on an endpoint: call, serialize, check the size.
+    Unlike a worker, which dies on ``SystemExit`` and the like, this reports any exception as failed.
+    An endpoint that does not honour the task's result serializers answers in its default (dill)."""
+    started = time.time()
+    try:
+        if task.payload_error is not None:
+            raise task.payload_error
+        value = function(*task.args, **task.kwargs)
+        if honours_serializers:
+            result = ComputeSerializer.serialize_from_list(value, task.result_serializers)
+        else:
+            result = ComputeSerializer().serialize(value)
+        if len(result) > size_limit:
+            raise MaxResultSizeExceeded(len(result), size_limit)
+    except BaseException as exc:
+        return Outcome(started, time.time(), exception=error_string(exc), error=exc)
+    return Outcome(started, time.time(), result=result, value=value)
