@@ -308,10 +308,7 @@ class ComputeService:
         if result.data is None:  # high assurance: the data is only in the task's document
             self._due_now(pending)
             return
-        if not pending.started:
-            pending.started = True
-            if pending.on_started is not None:
-                pending.on_started(time.monotonic() - pending.submitted)
+        self.telemetry.result("queue")  # not `on_started`: when the task started is not known
         if result.failed:
             pending.future.set_exception(TaskFailed(result.data))
             return
@@ -322,6 +319,7 @@ class ComputeService:
 
     def _queue_changed(self, up: bool) -> None:
         """Down: every task waiting is looked at soon, as when results are only polled."""
+        self.telemetry.result_queue(up)
         if not up:
             for pending in self._pending.values():
                 self._due_now(pending)
@@ -349,11 +347,13 @@ class ComputeService:
             if pending.on_started is not None:
                 pending.on_started(time.monotonic() - pending.submitted)
         if status == "success" and "result" in document:
+            self.telemetry.result("poll")
             try:
                 pending.future.set_result(self.value(document, pending.accept_dill))
             except UnreadableResult as exc:
                 pending.future.set_exception(exc)
         elif status == "failed" or "exception" in document:
+            self.telemetry.result("poll")
             pending.future.set_exception(TaskFailed(str(document.get("exception") or document.get("reason"))))
 
     def _learn(self, pending: _Pending) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal, Protocol
 
 ErrorKind = Literal["connect", "timeout", "4xx", "5xx"]
+ResultSource = Literal["queue", "poll"]
 
 
 class Telemetry(Protocol):
@@ -27,6 +28,14 @@ class Telemetry(Protocol):
         """One status request for every task in flight."""
         ...
 
+    def result(self, source: ResultSource) -> None:
+        """A task's result (or failure) reached the request waiting for it, by this way."""
+        ...
+
+    def result_queue(self, up: bool) -> None:
+        """A consumer of the service's result queue began (True) or stopped (False) consuming."""
+        ...
+
 
 class NoTelemetry:
     """For adaptors used outside a gateway (tests, scripts)."""
@@ -41,4 +50,10 @@ class NoTelemetry:
         return None
 
     def poll(self, seconds: float) -> None:
+        return None
+
+    def result(self, source: ResultSource) -> None:
+        return None
+
+    def result_queue(self, up: bool) -> None:
         return None

@@ -16,12 +16,14 @@ import aiohttp
 import pytest
 
 from adaptors.compute_result_queue import RETRY_FIRST_SECONDS
+from proxy.core.state import STATE
 from testing.existing_function import existing_vllm_function
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.services.rabbitmq_server import RabbitMQServer
 from tests.compute_setup import ENDPOINT, INFER, LEGACY, QSTAT, SECRET, compute_config, load_function, qstat
 from tests.conftest import Server, auth, chat, free_port, start_gateway
+from tests.support import value
 from tests.test_routes import call
 
 FAILING = "11111111-aaaa-4bbb-8ccc-000000000021"
@@ -128,6 +130,9 @@ async def test_answers_come_from_the_queue_in_one_task_group(
     groups = {task.task_group_id for task in queued.tasks.values()}
     assert len(groups) == 1, "later submissions join the first group"
     assert all(body["task_group_id"] in groups for body in bodies[1:])
+    text = gateway.app[STATE].metrics.exposition().decode()
+    assert value(text, "gateway_compute_results_total", source="queue") >= 1
+    assert value(text, "gateway_compute_result_queues") == 1
 
 
 async def test_when_the_service_stops_publishing_answers_are_polled(

@@ -187,6 +187,18 @@ class Metrics:
                 LATENCY_BUCKETS,
             )
         ).labels()  # fmt: skip
+        self.compute_results = Bound(
+            self._use(
+                tallies.counter(
+                    "gateway_compute_results",
+                    "Globus Compute results handed to their requests, by way: queue, poll",
+                    ["source"],
+                )
+            )
+        )
+        self.compute_result_queues = self._use(
+            tallies.gauge("gateway_compute_result_queues", "Globus Compute result queues being consumed")
+        ).labels()
         self.relay_chunks = self._use(
             tallies.counter("gateway_relay_chunks", "Stream chunks received from remote functions")
         ).labels()
@@ -247,6 +259,12 @@ class AdaptorTelemetry:
 
     def poll(self, seconds: float) -> None:
         self._metrics.compute_poll_seconds.observe(seconds)
+
+    def result(self, source: str) -> None:
+        self._metrics.compute_results(source).inc()
+
+    def result_queue(self, up: bool) -> None:
+        self._metrics.compute_result_queues.inc(1 if up else -1)
 
 
 _STATUS_CLASSES: Final = tuple(f"{hundreds}xx" for hundreds in range(10))
