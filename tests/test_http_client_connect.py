@@ -3,8 +3,9 @@ was not all sent when its answer ended is not reused; IPv6 literals, default por
 need encoding make the request line and Host they should; over real TLS on loopback, a
 self-signed server is trusted through the context the adaptor gives, with its host name checked,
 and refused under the default verification as a TLS failure (the peer answered: not
-"unreachable", so no other replica is tried for it). And the client's trickiest exchanges again
-under uvloop, the event loop the gateway runs on."""
+"unreachable", so no other replica is tried for it); each exchange on a kept connection keeps its
+own deadline. And the client's trickiest exchanges again under uvloop, the event loop the gateway
+runs on."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import uvloop
 
 from adaptors.forwarding import unreachable
 from adaptors.http_client import HTTPClient
-from adaptors.http_wire import ConnectFailed, TLSFailed
+from adaptors.http_wire import ConnectFailed, ReadTimeout, TLSFailed
 from testing.ports import free_port
 from tests import test_http_client as plain
 from tests.support import self_signed_certificate
@@ -123,6 +124,38 @@ async def test_ipv6_literals_and_default_ports(client: HTTPClient) -> None:
     assert b"Authorization: Basic dXNlcjpwdw==\r\n" in target.prefix
 
 
+async def test_each_exchange_on_a_kept_connection_keeps_its_deadline(client: HTTPClient) -> None:
+    async with raw_server() as raw:
+        await kept_deadlines(raw, client)
+
+
+async def kept_deadlines(raw: Raw, client: HTTPClient) -> None:
+    """The deadline's timer outlives its exchange (adaptors/http_connection.py): one that fires
+    while the connection is idle, or during a later exchange due later, takes nothing from it, and
+    a later exchange due sooner still ends on time."""
+
+    async def script(server: Raw, writer: asyncio.StreamWriter, number: int) -> bool:
+        if number == 3:
+            await asyncio.sleep(10)
+            return False
+        if number == 2:
+            await asyncio.sleep(0.6)
+        writer.write(OK)
+        return True
+
+    raw.script = script
+    loop = asyncio.get_running_loop()
+    assert await fetch(client, raw.url, timeout=0.2) == b"ok"
+    await asyncio.sleep(0.3)  # its timer fires with nothing waiting
+    assert await fetch(client, raw.url, timeout=0.4) == b"ok"
+    assert await fetch(client, raw.url, timeout=5) == b"ok", "the timer of the one before fired meanwhile"
+    started = loop.time()
+    with pytest.raises(ReadTimeout):
+        await fetch(client, raw.url, timeout=0.3)
+    assert 0.25 < loop.time() - started < 1.5
+    assert raw.connections == 1
+
+
 @pytest.mark.parametrize(
     "scenario",
     [
@@ -130,11 +163,21 @@ async def test_ipv6_literals_and_default_ports(client: HTTPClient) -> None:
         plain.test_a_request_the_servers_close_overtook_is_sent_once_more,
         plain.test_a_request_is_not_sent_again_once_an_answer_began_nor_from_a_new_connection,
         plain.test_a_total_deadline_and_a_streams_silence,
+        kept_deadlines,
         plain.test_a_stream_not_read_holds_back_the_backend,
         functools.partial(plain.test_an_abandoned_answer_closes_its_connection, streamed=True),
         functools.partial(plain.test_an_abandoned_answer_closes_its_connection, streamed=False),
     ],
-    ids=["keep-alive", "retry", "no-retry", "deadlines", "flow-control", "stream-closed", "cancelled"],
+    ids=[
+        "keep-alive",
+        "retry",
+        "no-retry",
+        "deadlines",
+        "kept-deadlines",
+        "flow-control",
+        "stream-closed",
+        "cancelled",
+    ],
 )
 def test_under_uvloop(scenario: Callable[[Raw, HTTPClient], Awaitable[None]]) -> None:
     async def run() -> None:

@@ -14,7 +14,6 @@ submission (until the adaptor answers or its stream starts), first byte and tota
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import time
@@ -29,7 +28,7 @@ from proxy.core import contract, json_codec
 from proxy.core.exchange import EXCHANGE, Exchange, Served
 from proxy.core.identity import AUTH_SECONDS, USER
 from proxy.core.limits import NO_LEASE, Lease, Limited, Limiter
-from proxy.core.registry import TokenLimits
+from proxy.core.registry import GenerationHolds, TokenLimits
 from proxy.core.retry_join import joining_of
 from proxy.core.state import STATE, GatewayState
 from proxy.core.streaming import write_stream
@@ -82,7 +81,7 @@ async def dispatch(
     model_params = {**fields, "openai_endpoint": openai_path}
     data: dict[str, Any] = {"model_params": model_params}
     streamed = fields.get("stream") is True and openai_path in STREAMING_PATHS
-    async with admitted(request, endpoint):
+    async with EndpointAdmission(request, endpoint):
         exchange.serving(endpoint, stream=streamed)
         meters = state.metrics.endpoint(exchange.adaptor, *exchange.endpoint_labels)
         meters.authentication.observe(request.get(AUTH_SECONDS, 0.0))
@@ -99,24 +98,39 @@ async def dispatch(
         return served.answer()
 
 
-@contextlib.asynccontextmanager
-async def admitted(request: web.Request, endpoint: BaseEndpoint) -> AsyncIterator[None]:
+class EndpointAdmission:
     """The endpoint's token limits, checked before the adaptor is called (within `UserAdmission`).
-    The request also holds the adaptors' generation, so that a reload cannot shut it down now."""
-    state = request.app[STATE]
-    registry = state.registry
-    if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
-        raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
-    generation = registry.holds
-    generation.take()
-    try:
+    The request also holds the adaptors' generation, so that a reload cannot shut it down now.
+    A class rather than a generator, as `UserAdmission`: an async generator costs every request
+    the event loop's bookkeeping of generators besides the generator itself."""
+
+    def __init__(self, request: web.Request, endpoint: BaseEndpoint) -> None:
+        self._request = request
+        self._endpoint = endpoint
+        self._generation: GenerationHolds | None = None
+
+    async def __aenter__(self) -> None:
+        request, endpoint = self._request, self._endpoint
+        state = request.app[STATE]
+        registry = state.registry
+        if registry.endpoints.get(endpoint.endpoint_slug) is not endpoint:
+            raise ApiError(503, "The gateway's endpoints were just reloaded; please retry.", code="reloaded")
+        generation = registry.holds
+        generation.take()
         try:
             await check_token_limits(state, endpoint, request[USER].id)
         except Limited as exc:
+            generation.release()
             raise _too_many(request, exc) from None
-        yield
-    finally:
-        generation.release()
+        except BaseException:
+            generation.release()
+            raise
+        self._generation = generation
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._generation is not None:
+            self._generation.release()
+            self._generation = None
 
 
 async def check_token_limits(state: GatewayState, endpoint: BaseEndpoint, user_id: str) -> None:

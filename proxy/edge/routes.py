@@ -26,7 +26,11 @@ PUBLIC_ROUTES = frozenset({"health", "status"})
 
 
 def add_routes(app: web.Application, base_path: str) -> None:
+    """Inference first: aiohttp tries the routes that begin with a variable in the order they were
+    added, and no other route's paths are inference paths, so that most requests match at once."""
     inference_path = "{openai_path:" + "|".join(OPENAI_PATHS) + "}"
+    app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/v1/{inference_path}", inference)
+    app.router.add_post(f"{base_path}/v1/{inference_path}", federated_inference)
     app.router.add_get(f"{base_path}/health", health, name="health")
     app.router.add_get(f"{base_path}/status", status, name="status")
     app.router.add_get(f"{base_path}/whoami", whoami)
@@ -34,8 +38,6 @@ def add_routes(app: web.Application, base_path: str) -> None:
     app.router.add_get(f"{base_path}/v1/models", all_models)
     app.router.add_get(f"{base_path}/{{cluster}}/jobs", jobs)
     app.router.add_get(f"{base_path}/{{cluster}}/{{framework}}/v1/models", cluster_models)
-    app.router.add_post(f"{base_path}/{{cluster}}/{{framework}}/v1/{inference_path}", inference)
-    app.router.add_post(f"{base_path}/v1/{inference_path}", federated_inference)
 
 
 async def health(request: web.Request) -> web.Response:

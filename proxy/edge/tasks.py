@@ -15,7 +15,7 @@ from aiohttp import web
 
 from adaptors import BaseCluster, BaseEndpoint
 from proxy.core.authz import may_use
-from proxy.core.dispatch import UserAdmission, admitted
+from proxy.core.dispatch import EndpointAdmission, UserAdmission
 from proxy.core.exchange import EXCHANGE, Served
 from proxy.core.identity import USER, User
 from proxy.core.lookup import check_framework, find_cluster, find_endpoint
@@ -45,7 +45,7 @@ async def process(request: web.Request) -> web.Response:
     endpoint = _task_endpoint(state.registry, cluster, framework, user, body.get("model"))
     exchange = request[EXCHANGE]
     exchange.serving(endpoint, stream=False)
-    async with UserAdmission(request), admitted(request, endpoint):
+    async with UserAdmission(request), EndpointAdmission(request, endpoint):
         started = await endpoint.submit_task_async(body)
     if started.error_code is not None or started.task_id is None:
         message = started.error_message or "The task was not accepted."
@@ -71,7 +71,7 @@ async def task_result(request: web.Request) -> web.Response:
         or not may_use(user, endpoint, cluster)
     ):
         raise ApiError(404, f"Task '{task_id[:64]}' does not exist.", code="task_not_found")
-    async with UserAdmission(request), admitted(request, endpoint):
+    async with UserAdmission(request), EndpointAdmission(request, endpoint):
         report = await endpoint.get_task_result(task_id)
     if report.error_code is not None:
         adaptor_failed(report.error_code, report.error_message or "The task failed.")
