@@ -319,7 +319,7 @@ class ComputeBench:
         warmed = loadgen(url, level.body, *warm, *concurrency, token=TOKEN, limit=limit)
         if warmed["errors"]:
             raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
-        polls_before, started = calls_so_far(fake).get("status_polls", 0), time.monotonic()
+        counts_before, started = calls_so_far(fake), time.monotonic()
         calls_before = status_call_seconds(url)
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
@@ -327,8 +327,9 @@ class ComputeBench:
                 url, level.body, "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
             )
         cpu = process_cpu_seconds(gateway.process.pid) - before
-        polls = calls_so_far(fake).get("status_polls", 0) - polls_before
-        summary["status_calls_per_s"] = round(polls / (time.monotonic() - started), 1)
+        counts, elapsed = calls_so_far(fake), time.monotonic() - started
+        for count, key in (("status_polls", "status_calls_per_s"), ("submits", "submits_per_s")):
+            summary[key] = round((counts.get(count, 0) - counts_before.get(count, 0)) / elapsed, 1)
         calls_after = status_call_seconds(url)
         calls, call_seconds = calls_after[0] - calls_before[0], calls_after[1] - calls_before[1]
         summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
