@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -56,6 +57,8 @@ OPEN_TIMEOUT_SECONDS = 10.0
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 NOT_FOUND = 404
+MAX_CLOSES = 3
+CLOSES_WINDOW_SECONDS = 60.0
 PROTOCOL_1 = b"\x01"
 
 
@@ -146,6 +149,8 @@ class ResultQueue:
     registered and removed), while a result acknowledged late is at worst delivered again after a
     reconnection, and found already answered."""
     _waiting: int = 0
+    _closes: dict[str, list[float]] = field(default_factory=dict)
+    """When each group's channel was last closed by the broker."""
 
     def follow(self, task_group_id: str) -> None:
         """Consume the group's queue from now on (and after every reconnection)."""
@@ -241,10 +246,21 @@ class ResultQueue:
         self._connection.channel(on_open_callback=opened)
 
     def _channel_closed(self, group: str, exc: BaseException) -> None:
+        """The broker closed a group's channel: a queue it does not have (404) is given up at once,
+        one it refuses again and again (`MAX_CLOSES` within `CLOSES_WINDOW_SECONDS`) too; the group's
+        tasks are then polled. Otherwise the channel is opened again."""
         self._groups[group] = None
-        if getattr(exc, "reply_code", None) == NOT_FOUND:
-            log.warning("no Globus Compute result queue for task group %s; its results are polled", group)
+        now = time.monotonic()
+        closes = [at for at in self._closes.get(group, []) if now - at < CLOSES_WINDOW_SECONDS] + [now]
+        self._closes[group] = closes
+        if getattr(exc, "reply_code", None) == NOT_FOUND or len(closes) >= MAX_CLOSES:
+            log.warning(
+                "no Globus Compute result queue for task group %s (%s); its results are polled",
+                group,
+                _describe(exc),
+            )
             del self._groups[group]
+            del self._closes[group]
         elif self._connection is not None and self._connection.is_open:
             log.warning("a Globus Compute result queue channel closed (%s); opening it again", _describe(exc))
             asyncio.get_running_loop().call_later(RETRY_FIRST_SECONDS, self._reopen, group)

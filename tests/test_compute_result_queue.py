@@ -232,6 +232,30 @@ async def test_a_group_without_a_queue_is_left_to_polling_and_the_others_go_on(
         await queue.close()
 
 
+async def test_a_queue_refused_again_and_again_is_given_up(
+    broker: RabbitMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another consumer holds the queue exclusively: each attempt is refused (403), and after three
+    the group is left to polling instead of being tried every second for ever."""
+    publisher, received, changes = Publisher(broker.url), [], []
+    group = str(uuid.uuid4())
+    await publisher.declare(group)
+    holder = pika.BlockingConnection(pika.URLParameters(broker.url))
+    try:
+        holder.channel().basic_consume(PREFIX + group, lambda *_: None, exclusive=True)
+        queue, _ = await consumer(broker, received, changes)
+        queue.follow(group)
+        try:
+            await until(lambda: "its results are polled" in caplog.text)
+            assert caplog.text.count("opening it again") == 2
+            assert "ChannelClosedByBroker (403)" in caplog.text
+            assert not queue.up
+        finally:
+            await queue.close()
+    finally:
+        holder.close()
+
+
 async def test_the_queue_is_consumed_again_after_the_broker_restarts(
     rabbitmq_private: RabbitMQServer,
 ) -> None:
