@@ -248,8 +248,14 @@ class ResultQueue:
     def _channel_closed(self, group: str, exc: BaseException) -> None:
         """The broker closed a group's channel: a queue it does not have (404) is given up at once,
         one it refuses again and again (`MAX_CLOSES` within `CLOSES_WINDOW_SECONDS`) too; the group's
-        tasks are then polled. Otherwise the channel is opened again."""
+        tasks are then polled. Otherwise the channel is opened again. A channel closed with its
+        connection is the session's to open again, with the others."""
+        if group not in self._groups:
+            return
         self._groups[group] = None
+        if not isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+            self._set_up(any(channel is not None for channel in self._groups.values()))
+            return
         now = time.monotonic()
         closes = [at for at in self._closes.get(group, []) if now - at < CLOSES_WINDOW_SECONDS] + [now]
         self._closes[group] = closes
