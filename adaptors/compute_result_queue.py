@@ -32,7 +32,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +150,7 @@ class ResultQueue:
     _waiting: int = 0
     _closes: dict[str, list[float]] = field(default_factory=dict)
     """When each group's channel was last closed by the broker."""
+    _closing: bool = False
 
     def follow(self, task_group_id: str) -> None:
         """Consume the group's queue from now on (and after every reconnection)."""
@@ -171,14 +171,18 @@ class ResultQueue:
         return self._up
 
     async def close(self) -> None:
+        """Stops consuming. The flag as well as the cancellation: on Python 3.11 `asyncio.wait_for`
+        can swallow a cancellation that comes as its inner call ends, which left the runner going."""
+        self._closing = True
         if self._runner is not None:
             self._runner.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._runner
+            await asyncio.wait({self._runner}, timeout=OPEN_TIMEOUT_SECONDS)
+            if not self._runner.done():
+                log.warning("the Globus Compute result queue did not stop in time")
 
     async def _run(self) -> None:
         pause = RETRY_FIRST_SECONDS
-        while True:
+        while not self._closing:
             try:
                 await self._session()
             except (QueueClosed, TimeoutError, OSError, pika.exceptions.AMQPError) as exc:
@@ -198,7 +202,10 @@ class ResultQueue:
 
     async def _session(self) -> None:
         """Open, consume every group, and wait until the connection ends; closes it when cancelled."""
-        url, self._prefix = await asyncio.wait_for(self.details(), OPEN_TIMEOUT_SECONDS)
+        async with asyncio.timeout(OPEN_TIMEOUT_SECONDS):
+            url, self._prefix = await self.details()
+        if self._closing:
+            return
         loop = asyncio.get_running_loop()
         opened: asyncio.Future[None] = loop.create_future()
         ended: asyncio.Future[None] = loop.create_future()
@@ -216,7 +223,8 @@ class ResultQueue:
             custom_ioloop=loop,
         )
         try:
-            await asyncio.wait_for(opened, OPEN_TIMEOUT_SECONDS)
+            async with asyncio.timeout(OPEN_TIMEOUT_SECONDS):
+                await opened
             for group in self._groups:
                 self._consume(group)
             await ended
@@ -226,8 +234,7 @@ class ResultQueue:
                 self._groups[group] = None
             if connection.is_open:
                 connection.close()
-                with suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(ended), OPEN_TIMEOUT_SECONDS)
+                await asyncio.wait({ended}, timeout=OPEN_TIMEOUT_SECONDS)
             if not ended.done():
                 ended.cancel()
             elif not ended.cancelled():

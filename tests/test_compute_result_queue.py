@@ -24,6 +24,7 @@ from adaptors import compute_early
 from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import (
     MAX_MESSAGE_BYTES,
+    RETRY_FIRST_SECONDS,
     QueuedResult,
     ResultQueue,
     _plain_result,
@@ -317,3 +318,24 @@ def test_early_results_are_bounded_in_count_size_and_age(monkeypatch: pytest.Mon
     early.keep(QueuedResult("new", "z", False))
     assert early.take("old") is None and early.take("d") is None, "aged out"
     assert early.take("new") is not None and len(early) == 0
+
+
+async def test_closing_stops_the_queue_even_when_its_cancellation_is_lost() -> None:
+    """Python 3.11's `asyncio.wait_for` loses a cancellation that arrives in the same turn of the
+    event loop as the end of the call it waits for; the queue then went on retrying for ever, and
+    closing it (the gateway's shutdown) never returned. Here the URL comes in that very turn."""
+    answer: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+    asked = asyncio.Event()
+
+    async def details() -> tuple[str, str]:
+        asked.set()
+        return await answer
+
+    queue = ResultQueue(details, lambda _result: None, lambda _up: None)
+    queue.follow(str(uuid.uuid4()))
+    await asyncio.wait_for(asked.wait(), 5)
+    answer.set_result(("amqp://guest:guest@127.0.0.1:1/%2F", PREFIX))
+    closing = asyncio.ensure_future(queue.close())
+    done, _ = await asyncio.wait({closing}, timeout=RETRY_FIRST_SECONDS + 5)
+    assert closing in done, "closing returned"
+    assert queue._runner is not None and queue._runner.done()
