@@ -26,9 +26,9 @@ before it became adaptive. Otherwise the client does what the gateway does:
   loop without the gateway's few ms of gathering during a burst: the fastest way the fake takes a
   burst of tasks (one web call per task would make the client's own CPU its limit at 100 requests
   in flight, and the baseline no floor);
-- the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON serializer,
-  one requests transport shared by both clients, the same retry settings), run in a thread pool of the
-  gateway's size, on the event loop the gateway uses (uvloop);
+- the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON
+  serializer, the gateway's own `sdk_clients`: one pooled requests transport, the same retry
+  settings), run in a thread pool of the gateway's size, on the event loop the gateway uses (uvloop);
 - the payload the gateway sends for the benchmark's body, and the result read back as JSON.
 
 What the difference leaves to the gateway is then its own work: the HTTP front, authentication, request
@@ -53,10 +53,10 @@ from typing import Any, Final, TypeVar
 
 import globus_sdk
 from globus_compute_sdk.sdk.batch import Batch
-from globus_compute_sdk.serialize import AllowlistWildcard, ComputeSerializer, JSONData
-from globus_sdk.transport import RequestsTransport, RetryConfig
 
-from adaptors.compute_clients import queue_details
+from adaptors.compute_clients import json_serializer, queue_details, sdk_clients
+from adaptors.compute_config import GlobusComputeClusterConfig
+from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_submit import MAX_TASKS_PER_SUBMIT
 from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
@@ -95,35 +95,19 @@ class Service:
         return cls(**{name: str(document[name]) for name in cls.__dataclass_fields__})
 
 
-def json_serializer() -> ComputeSerializer:
-    """The gateway's serializer: arguments and results as JSON."""
-    return ComputeSerializer(
-        strategy_data=JSONData(),  # type: ignore[no-untyped-call]
-        allowed_deserializer_types=[JSONData, AllowlistWildcard.CODE],
+def access_of(service: Service, timeout: float) -> GlobusComputeClusterConfig:
+    """The fake's account and URLs as the gateway's configuration holds them, so that the SDK
+    clients are built as the gateway builds them (`adaptors.compute_clients.sdk_clients`) and each
+    call costs both sides the same."""
+    return GlobusComputeClusterConfig(
+        qstat_endpoint_uuid=service.endpoint_uuid,
+        qstat_function_uuid=service.function_uuid,
+        client_id=service.client_id,
+        client_secret=service.client_secret,
+        compute_url=service.compute_url,
+        auth_url=service.auth_url,
+        http_timeout_seconds=timeout,
     )
-
-
-def sdk_clients(
-    service: Service, timeout: float
-) -> tuple[globus_sdk.ComputeClientV2, globus_sdk.ComputeClientV3]:
-    """Built as the gateway builds them, so that each call costs both sides the same."""
-    transport = RequestsTransport(http_timeout=timeout)
-    retries = RetryConfig(max_retries=2, max_sleep=2)
-    auth = globus_sdk.ConfidentialAppAuthClient(
-        service.client_id,
-        service.client_secret,
-        base_url=service.auth_url,
-        transport=transport,
-        retry_config=retries,
-    )
-    authorizer = globus_sdk.ClientCredentialsAuthorizer(auth, globus_sdk.ComputeClientV2.scopes.all)
-    options: dict[str, Any] = {
-        "base_url": service.compute_url,
-        "authorizer": authorizer,
-        "transport": transport,
-        "retry_config": retries,
-    }
-    return globus_sdk.ComputeClientV2(**options), globus_sdk.ComputeClientV3(**options)
 
 
 class Compute:
@@ -142,7 +126,8 @@ class Compute:
         self.poll_interval = QUEUE_POLL_INTERVAL if result_queue else poll_interval
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdk")
         self.serializer = json_serializer()
-        self.v2, self.v3 = sdk_clients(service, timeout)
+        self.clients = sdk_clients(access_of(service, timeout))
+        self.v2, self.v3 = self.clients[0], self.clients[1]
         self.pending: dict[str, asyncio.Future[Any]] = {}
         self.queued: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self.sending: set[asyncio.Task[None]] = set()
@@ -152,7 +137,7 @@ class Compute:
         self._poller: asyncio.Task[None] | None = None
         self.queue = ResultQueue(self._queue_details, self._pushed, print_change) if result_queue else None
         self.group: str | None = None
-        self.early: dict[str, QueuedResult] = {}
+        self.early = EarlyResults()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, params: dict[str, Any]) -> str:
@@ -210,12 +195,12 @@ class Compute:
             self.queue.follow(group)
 
     async def _queue_details(self) -> tuple[str, str]:
-        return await self._blocking(lambda: queue_details((self.v2, self.v3, self.v2)))
+        return await self._blocking(lambda: queue_details(self.clients))
 
     def _pushed(self, result: QueuedResult) -> None:
         future = self.pending.get(result.task_id)
         if future is None:
-            self.early[result.task_id] = result
+            self.early.keep(result)
             return
         if future.done() or result.data is None:
             return
@@ -231,7 +216,7 @@ class Compute:
     async def result(self, task_id: str) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.pending[task_id] = future
-        early = self.early.pop(task_id, None)
+        early = self.early.take(task_id)
         if early is not None:
             self._pushed(early)
         if self._poller is None or self._poller.done():
