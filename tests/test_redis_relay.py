@@ -99,39 +99,54 @@ async def test_a_stream_whose_client_stops_reading_stays_bounded_in_redis(
     default) of them, the function's callbacks wait, and everything arrives once the client reads."""
     runner, gateway = await start_gateway(relay_config(tmp_path, backend, redis_server.url))
     observer = redis.asyncio.Redis.from_url(redis_server.url)
+    tasks: list[asyncio.Task[None]] = []
     try:
         stream = await gateway.app[STATE].relay.open()
         events_key = f"gateway:relay:{stream.stream_id}:events"
         chunks = stream.events()
         posted = 0
+        received: list[bytes] = []
 
         async def function() -> None:
             nonlocal posted
             body = {"task_id": stream.stream_id}
             for number in range(2500):
                 data = {**body, "data": sse(f"{number:04d}" + "x" * 500)}
-                assert (await post(http, gateway, "data", data, stream.token))[0] == 200
+                status, answer = await post(http, gateway, "data", data, stream.token)
+                assert status == 200, (number, status, answer)
                 posted += 1
-            assert (await post(http, gateway, "done", {**body, "data_posts": 2500}, stream.token))[0] == 200
+            status, answer = await post(http, gateway, "done", {**body, "data_posts": 2500}, stream.token)
+            assert status == 200, ("done", status, answer)
 
-        sender = asyncio.ensure_future(function())
+        async def read_the_rest() -> None:
+            async for chunk in chunks:  # posts that waited together arrive as one chunk
+                if not chunk.startswith(b":"):
+                    received.extend(event[:10] for event in chunk.split(b"\n\n") if event)
+                    assert await observer.xlen(events_key) <= 1000
+
+        sender = asyncio.create_task(function(), name="the function's posts")
+        tasks.append(sender)
         first = await asyncio.wait_for(anext(chunks), 10)
         assert first.startswith(b"data: 0000")
         deadline = time.monotonic() + 30
-        while await observer.xlen(events_key) < 1000 and time.monotonic() < deadline:
+        while await observer.xlen(events_key) < 1000 and time.monotonic() < deadline and not sender.done():
             await asyncio.sleep(0.1)
         held = posted
         await asyncio.sleep(1.5)
+        assert not sender.done(), sender.exception()
         assert posted == held < 1000 + 2 * READ_COUNT  # the callbacks wait for the client
         assert await observer.xlen(events_key) == 1000
-        received = [event[:10] for event in first.split(b"\n\n") if event]
-        async for chunk in chunks:  # posts that waited together arrive as one chunk
-            if not chunk.startswith(b":"):
-                received.extend(event[:10] for event in chunk.split(b"\n\n") if event)
-                assert await observer.xlen(events_key) <= 1000
-        await asyncio.wait_for(sender, 10)
+        received.extend(event[:10] for event in first.split(b"\n\n") if event)
+        reading = asyncio.create_task(read_the_rest(), name="the client's reads")
+        tasks.append(reading)
+        finished, _ = await asyncio.wait({sender, reading}, timeout=60, return_when=asyncio.FIRST_EXCEPTION)
+        for task in (sender, reading):  # a refused post, or a failed read, says why
+            assert task in finished, f"{task.get_name()} still waiting after 60 s; {posted} posted"
+            task.result()
         assert received == [f"data: {number:04d}".encode() for number in range(2500)]
     finally:
+        for task in tasks:
+            task.cancel()
         await observer.aclose()
         await runner.cleanup()
 
