@@ -33,11 +33,8 @@ slower to answer the gateway.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
-import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +62,7 @@ from bench.common import (
     write_documents,
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
+from bench.compute_counts import calls_so_far, fake_calls, status_call_seconds
 from testing.ports import free_port
 
 
@@ -99,6 +97,9 @@ POLLED_LEVELS: Final = (LEVELS[0], LEVELS[2])
 BASELINE_POLL_INTERVAL: Final = 0.0
 """Without a queue the baseline would ask again as soon as an answer came; with it, it only
 consumes the queue (bench/compute_client.py)."""
+FRONT_LEVELS: Final = (LEVELS[0], LEVELS[2], LEVELS[3])
+"""Measured again through bench.compute_front (the baseline behind the least HTTP front), with the load
+generator on CPU 0 as for the gateway."""
 VARIANTS: Final = {"push": PUSH_LEVELS, "polled": POLLED_LEVELS}
 """The other gateways, after the default one, each with the levels it is measured at."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
@@ -112,7 +113,6 @@ so a chunk's latency is the relay's and not a queue behind other chunks; saturat
 as the relay answers, which measures how many chunks per second it sustains (and its queue then)."""
 RELAY_WARMUP_CHUNKS: Final = 10
 CLIENT_SLACK_SECONDS: Final = 90.0
-STATUS_CALL_METRIC: Final = "gateway_compute_poll_duration_seconds"
 
 
 def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
@@ -177,48 +177,6 @@ def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], variant
     return workdir / f"gateway-compute{suffix}.yaml"
 
 
-def fake_calls(fake: Service) -> dict[str, int]:
-    """The fake's count of submits, status polls and token grants, which it prints when stopped."""
-    fake.stop()
-    for line in reversed(fake.log.read_text(errors="replace").splitlines()):
-        if line.startswith('{"counts"'):
-            calls: dict[str, int] = json.loads(line)["counts"]
-            return calls
-    raise RuntimeError(f"the {fake.name} did not report its calls:\n{fake.log_tail()}")
-
-
-def calls_so_far(fake: Service) -> dict[str, int]:
-    """The fake's counts until now (it prints them on SIGUSR1)."""
-    seen = fake.log.read_text(errors="replace").count('{"counts_so_far"')
-    os.kill(fake.process.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        lines = [
-            line
-            for line in fake.log.read_text(errors="replace").splitlines()
-            if line.startswith('{"counts_so_far"')
-        ]
-        if len(lines) > seen:
-            counts: dict[str, int] = json.loads(lines[-1])["counts_so_far"]
-            return counts
-        time.sleep(0.02)
-    raise RuntimeError(f"the {fake.name} did not report its calls:\n{fake.log_tail()}")
-
-
-def status_call_seconds(url: str) -> tuple[float, float]:
-    """The gateway's count of status calls and the seconds they took, from its metrics."""
-    metrics = url.split("/resource_server/", 1)[0] + "/metrics"
-    with urllib.request.urlopen(metrics, timeout=10) as response:
-        text = response.read().decode()
-    found = dict.fromkeys(("count", "sum"), 0.0)
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        for kind in found:
-            if name == f"{STATUS_CALL_METRIC}_{kind}":
-                found[kind] = float(value)
-    return found["count"], found["sum"]
-
-
 @dataclass
 class ComputeBench:
     """One fake service for the whole section. The baseline client and the relay floor run before the
@@ -245,6 +203,9 @@ class ComputeBench:
             service_file.write_text(json.dumps(announced))
             ours = [fake.process.pid]
             levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in self.levels}
+            if not self.relay_only:
+                for key, front in self._front(service_file, services, ours, fake).items():
+                    levels[key]["front"] = front
             floors = self._floor(service_file, services, ours)
             relay = {kind: {"direct": floor} for kind, floor in floors.items()}
             if self.with_gateway:
@@ -281,6 +242,27 @@ class ComputeBench:
             summary = run_client("compute client", GATEWAY_CPU, "bench.compute_client", args, limit)
         print(f"compute, concurrency {level.key}, direct: done", file=sys.stderr)
         return summary | disturbance | busy
+
+    def _front(
+        self, service_file: Path, services: ExitStack, ours: list[int], fake: Service
+    ) -> dict[str, dict[str, Any]]:
+        """The baseline behind the least HTTP front on CPU 1, loaded as the gateway is, at each of
+        `FRONT_LEVELS`; then it leaves CPU 1 to the next."""
+        port = free_port()
+        args = ["-m", "bench.compute_front", "--service", str(service_file), "--port", str(port)]
+        args += ["--threads", str(ADAPTOR_THREADS)]
+        args += ["--result-queue"] if "result_broker_url" in json.loads(service_file.read_text()) else []
+        front = start_service("compute-front", GATEWAY_CPU, args, self.workdir)
+        services.callback(front.stop)
+        wait_ready(front, f"http://127.0.0.1:{port}/health")
+        url = f"http://127.0.0.1:{port}{COMPUTE_PATH}"
+        with_front = [*ours, front.process.pid]
+        measured = {
+            level.key: self._through_gateway(url, level, front, with_front, fake) for level in FRONT_LEVELS
+        }
+        front.check_running()
+        front.stop()
+        return measured
 
     def _floor(self, service_file: Path, services: ExitStack, ours: list[int]) -> dict[str, dict[str, Any]]:
         """Each kind of relay measure against the floor, which then leaves CPU 1 to the gateway."""
@@ -319,8 +301,9 @@ class ComputeBench:
         warmed = loadgen(url, level.body, *warm, *concurrency, token=TOKEN, limit=limit)
         if warmed["errors"]:
             raise RuntimeError(f"warming the compute gateway failed: {warmed['status_counts']}")
+        gateway_side = gateway.name.startswith("gateway")
         counts_before, started = calls_so_far(fake), time.monotonic()
-        calls_before = status_call_seconds(url)
+        calls_before = status_call_seconds(url) if gateway_side else (0.0, 0.0)
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
             summary = loadgen(
@@ -330,12 +313,12 @@ class ComputeBench:
         counts, elapsed = calls_so_far(fake), time.monotonic() - started
         for count, key in (("status_polls", "status_calls_per_s"), ("submits", "submits_per_s")):
             summary[key] = round((counts.get(count, 0) - counts_before.get(count, 0)) / elapsed, 1)
-        calls_after = status_call_seconds(url)
+        calls_after = status_call_seconds(url) if gateway_side else (0.0, 0.0)
         calls, call_seconds = calls_after[0] - calls_before[0], calls_after[1] - calls_before[1]
         summary["status_call_ms"] = round(call_seconds / calls * 1000, 2) if calls else None
         served = summary["status_counts"].get("200", 0)
         per_request = round(cpu / served * 1000, 3) if served else None
-        side = {"push": "pushing gateway", "polled": "polling gateway"}.get(
+        side = {"push": "pushing gateway", "polled": "polling gateway", "front": "baseline's HTTP front"}.get(
             gateway.name.rsplit("-", 1)[-1], "gateway"
         )
         print(f"compute, concurrency {level.key}, through the {side}: done", file=sys.stderr)
@@ -370,7 +353,7 @@ def summarize_compute(
 ) -> dict[str, Any]:
     """The settings, and the differences beside the raw figures of both sides."""
     for pair in levels.values():
-        for side, prefix in (("gateway", ""), ("push", "push_"), ("polled", "polled_")):
+        for side, prefix in (("gateway", ""), ("push", "push_"), ("polled", "polled_"), ("front", "front_")):
             if side not in pair:
                 continue
             direct, gateway = pair["direct"], pair[side]
@@ -380,6 +363,13 @@ def summarize_compute(
                 gateway["cpu_ms_per_request"], direct["cpu_ms_per_request"]
             )
             pair[f"{prefix}rps_ratio"] = round(gateway["rps"] / direct["rps"], 3) if direct["rps"] else None
+            if "front" in pair and side != "front":
+                pair[f"{prefix}added_over_front_p50_ms"] = difference(
+                    gateway["p50_ms"], pair["front"]["p50_ms"]
+                )
+                pair[f"{prefix}added_over_front_cpu_ms_per_request"] = difference(
+                    gateway["cpu_ms_per_request"], pair["front"]["cpu_ms_per_request"]
+                )
     for pair in relay.values():
         if "gateway" in pair:
             floor, gateway = pair["direct"], pair["gateway"]
@@ -391,6 +381,7 @@ def summarize_compute(
         "direct_is": "bench.compute_client on CPU 1: the gateway's SDK calls and poller, without the gateway",
         "relay_direct_is": "bench.relay_floor on CPU 1: a relay without the gateway's checks, same function",
         "baseline_results": "from the fake's AMQP result queue (bench/compute_client.py --result-queue)",
+        "front_is": "bench.compute_front on CPU 1: the baseline behind the least HTTP front, same loadgen",
         "gateway_results": "default settings: the result queue, polls as the safety net; `polled`: no queue",
         "adaptor_threads": ADAPTOR_THREADS,
         "seconds_per_measure": seconds,

@@ -121,8 +121,10 @@ class Compute:
         poll_interval: float,
         timeout: float,
         result_queue: bool = False,
+        burst_window: float = 0.0,
     ) -> None:
         self.service = service
+        self.burst_window = burst_window
         self.poll_interval = QUEUE_POLL_INTERVAL if result_queue else poll_interval
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdk")
         self.serializer = json_serializer()
@@ -141,11 +143,16 @@ class Compute:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, params: dict[str, Any]) -> str:
-        """Joins the submissions of this turn of the event loop; the first one schedules their call."""
+        """Joins the submissions of this turn of the event loop; the first one schedules their call.
+        With a `burst_window`, while another call is on the wire the call waits that long to gather
+        more, as the gateway's `Submitter` does (requests behind an HTTP front arrive one by one)."""
         loop = self.loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         if not self.queued:
-            loop.call_soon(self._flush)
+            if self.burst_window and self.sending:
+                loop.call_later(self.burst_window, self._flush)
+            else:
+                loop.call_soon(self._flush)
         self.queued.append((params, future))
         if len(self.queued) >= MAX_TASKS_PER_SUBMIT:
             self._flush()

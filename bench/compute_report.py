@@ -110,7 +110,31 @@ def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: st
     durations = (cycle, gateway.get("status_call_ms"))
     rows.append(table_row(f"{prefix}: status call, mean (baseline: one poll cycle)", *durations, "", " ms"))
     rows.extend(cpu_rows(prefix, direct, gateway))
+    if "front" in pair:
+        rows.extend(front_rows(prefix, pair["front"], gateway, pair, key))
     return rows
+
+
+def front_rows(
+    prefix: str, front: dict[str, Any], gateway: dict[str, Any], pair: dict[str, Any], key: str
+) -> list[str]:
+    """The same gateway against the baseline behind the least HTTP front (bench/compute_front.py), in
+    Direct: the load generator then shares CPU 0 with the fake service in both measures."""
+    added = show(pair.get(f"{key}added_over_front_p50_ms"), " ms")
+    added_cpu = show(pair.get(f"{key}added_over_front_cpu_ms_per_request"), " ms")
+    label = f"{prefix}, against the baseline behind an HTTP front"
+    return [
+        table_row(f"{label}: requests/s", front["rps"], gateway.get("rps"), "", ""),
+        table_row(f"{label}: p50", front["p50_ms"], gateway.get("p50_ms"), added, " ms"),
+        table_row(
+            f"{label}: CPU 1 time per request",
+            front["cpu_ms_per_request"],
+            gateway.get("cpu_ms_per_request"),
+            added_cpu,
+            " ms",
+        ),
+        *cpu_rows(label, front, gateway),
+    ]
 
 
 def relay_rows(kind: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
@@ -155,7 +179,7 @@ def compute_failures(compute: dict[str, Any]) -> list[str]:
     """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
     found = []
     for level, pair in (compute.get("by_concurrency") or {}).items():
-        for side in ("direct", "gateway", "push"):
+        for side in ("direct", "front", "gateway", "push", "polled"):
             if (pair.get(side) or {}).get("errors"):
                 found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
     for kind, pair in (compute.get("relay") or {}).items():
@@ -173,7 +197,7 @@ def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]
     measures = {
         f"compute c={level} {side}": pair.get(side) or {}
         for level, pair in (compute.get("by_concurrency") or {}).items()
-        for side in ("direct", "gateway", "push")
+        for side in ("direct", "front", "gateway", "push", "polled")
     }
     measures |= {
         f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}
