@@ -131,6 +131,7 @@ class Compute:
         self.clients = sdk_clients(access_of(service, timeout))
         self.v2, self.v3 = self.clients[0], self.clients[1]
         self.pending: dict[str, asyncio.Future[Any]] = {}
+        self.waiting_since: dict[str, float] = {}
         self.queued: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self.sending: set[asyncio.Task[None]] = set()
         self.polls = 0
@@ -223,6 +224,7 @@ class Compute:
     async def result(self, task_id: str) -> Any:
         future = asyncio.get_running_loop().create_future()
         self.pending[task_id] = future
+        self.waiting_since[task_id] = time.monotonic()
         early = self.early.take(task_id)
         if early is not None:
             self._pushed(early)
@@ -232,13 +234,20 @@ class Compute:
             return await future
         finally:
             self.pending.pop(task_id, None)
+            self.waiting_since.pop(task_id, None)
 
     async def _poll(self) -> None:
         """Sleep the interval (0: ask again as soon as the last answer came), then ask about every
-        pending task at once."""
+        pending task at once; with the result queue, only about those waiting longer than the
+        interval (the queue brings the others), as the gateway's safety net does."""
         while self.pending:
             await asyncio.sleep(self.poll_interval)
-            task_ids = list(self.pending)[:MAX_TASKS_PER_POLL]
+            overdue = time.monotonic() - self.poll_interval
+            task_ids = [
+                task_id
+                for task_id, since in self.waiting_since.items()
+                if self.queue is None or since <= overdue
+            ][:MAX_TASKS_PER_POLL]
             if not task_ids:
                 continue
             try:
