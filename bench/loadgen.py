@@ -1,7 +1,7 @@
 """A bounded asyncio load generator for OpenAI-compatible endpoints.
 
     python -m bench.loadgen --url URL [--token T] [--body JSON|@FILE] [--concurrency C]
-        [--requests N] [--duration S] [--warmup N] [--stream]
+        [--requests N] [--duration S] [--warmup N] [--stream] [--spread S]
     python -m bench.loadgen --url URL --body JSON --hold-streams N [--hold-seconds S] [--ramp-seconds S]
 
 It prints one JSON object. The first form keeps C requests in flight until N requests are done or
@@ -109,16 +109,21 @@ async def run_phase(
     concurrency: int,
     budget: Budget,
     stream: bool,
+    spread: float = 0.0,
 ) -> tuple[Tally, float]:
-    """Keep `concurrency` requests in flight until the budget runs out; returns the elapsed time."""
+    """Keep `concurrency` requests in flight until the budget runs out; returns the elapsed time.
+    With `spread`, worker i starts i/concurrency of it late: requests of equal length then keep
+    arriving evenly instead of all at once, and a first chunk's time is the server's own delay
+    rather than its place in a burst."""
     tally = Tally()
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
+        await asyncio.sleep(spread * index / concurrency)
         while budget.take():
             await send(session, target, stream, tally)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(index) for index in range(concurrency)))
     return tally, time.perf_counter() - started
 
 
@@ -162,6 +167,7 @@ async def measure(
     stream: bool,
     warmup: int,
     timeout: float,
+    spread: float = 0.0,
 ) -> dict[str, Any]:
     """Warm up (connections, caches), then measure a phase bounded in count and time."""
     if requests is None and duration is None:
@@ -171,10 +177,12 @@ async def measure(
     async with new_session(timeout) as session:
         if warmup:
             warm = Budget(warmup, time.perf_counter() + WARMUP_SECONDS)
-            await run_phase(session, target, concurrency=concurrency, budget=warm, stream=stream)
+            await run_phase(
+                session, target, concurrency=concurrency, budget=warm, stream=stream, spread=spread
+            )
         budget = Budget(limit, time.perf_counter() + seconds)
         tally, elapsed = await run_phase(
-            session, target, concurrency=concurrency, budget=budget, stream=stream
+            session, target, concurrency=concurrency, budget=budget, stream=stream, spread=spread
         )
     return {"concurrency": concurrency, **summarize(tally, elapsed, stream)}
 
@@ -221,6 +229,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def spread_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= WARMUP_SECONDS:
+        raise argparse.ArgumentTypeError(f"must be in [0, {WARMUP_SECONDS:g}]")
+    return value
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(text)
@@ -242,6 +257,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int_at_least(0), default=0, help="requests sent before measuring")
     parser.add_argument("--stream", action="store_true", help="time the first chunk as well")
     parser.add_argument("--timeout", type=positive_float, default=60.0, help="per request")
+    parser.add_argument(
+        "--spread", type=spread_seconds, default=0.0, help="start the workers evenly over this many seconds"
+    )
     parser.add_argument("--hold-streams", type=int_at_least(1), help="open this many slow streams")
     parser.add_argument("--hold-seconds", type=positive_float, default=60.0, help="their limit")
     parser.add_argument(
@@ -269,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
             stream=args.stream,
             warmup=args.warmup,
             timeout=args.timeout,
+            spread=args.spread,
         )
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         result = runner.run(work)
