@@ -32,6 +32,15 @@ def sse_error_event(status: int, message: str, envelope: Envelope = "openai") ->
     return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
 
 
+class _SSEResponse(web.StreamResponse):
+    """A stream's headers leave in the same write as its first item (aiohttp sends a
+    `StreamResponse`'s headers on their own at `prepare` unless told to hold them, as its `Response`
+    does): one segment instead of two for the client to wait on. `write_stream` prepares the
+    response only once it has that item."""
+
+    _send_headers_immediately = False
+
+
 @dataclass
 class StreamEnd:
     """How a stream written to the client ended: what the request's record and metrics need."""
@@ -49,7 +58,7 @@ async def write_stream(
 ) -> StreamEnd:
     """The headers leave with the first item, a keep-alive comment included; `on_first_chunk` is
     called at the first item that is not a comment, the model's first output."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = _SSEResponse(headers=SSE_HEADERS)
     completed = False
     error = None
     first = on_first_chunk
