@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 from typing import Final
 
+import globus_sdk
 from aiohttp import web
 
 from adaptors.compute_submit import BURST_WINDOW_SECONDS
@@ -50,7 +51,7 @@ async def chat(request: web.Request) -> web.Response:
     try:
         task_id = await compute.submit(params)
         value = await asyncio.wait_for(compute.result(task_id), request.app[TIMEOUT])
-    except (TaskFailed, TimeoutError) as exc:
+    except (globus_sdk.GlobusError, TaskFailed, TimeoutError) as exc:
         return web.json_response({"error": {"message": type(exc).__name__}}, status=502)
     return web.Response(body=str(value).encode(), content_type="application/json")
 
