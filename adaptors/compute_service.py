@@ -217,8 +217,9 @@ class ComputeService:
             if wake_at > now:
                 self._wake_at = wake_at
                 self._wake.clear()
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wake_at - now)
+                with suppress(TimeoutError):  # not `wait_for`: on Python 3.11 it can lose a cancellation
+                    async with asyncio.timeout(wake_at - now):
+                        await self._wake.wait()
                 continue
             self._budget.spend()
             await self._look(self._asked_about(), now + max(self._budget.wait(), NEIGHBOUR_SECONDS))

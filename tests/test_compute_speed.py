@@ -362,3 +362,22 @@ async def test_an_outage_fails_every_caller_once(compute: FakeCompute, make: Mak
         assert len(submits(compute)) - before <= 3, "one batch (and the SDK's retries), not one per task"
     finally:
         await service.close()
+
+
+async def test_closing_stops_the_poller_even_when_a_wake_comes_in_the_same_turn(make: Make) -> None:
+    """Python 3.11's `asyncio.wait_for` loses a cancellation that arrives in the same turn of the
+    event loop as the end of what it waits for: a poller woken (a new task) just as the gateway
+    shuts down went on polling for as long as a request waited."""
+    service = make(poll_interval=30)
+    waiting = asyncio.ensure_future(service.result("6d1e2f30-0000-4000-8000-000000000001", 60))
+    try:
+        await asyncio.sleep(0.005)  # the poller waits for the task's first look, 20 ms after it
+        poller = service._poller
+        assert poller is not None and not poller.done()
+        service._wake.set()
+        await service.close()
+        await asyncio.wait({poller}, timeout=2)
+        assert poller.cancelled(), "the poller ended with the service"
+    finally:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
