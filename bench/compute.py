@@ -8,6 +8,8 @@ side each time:
    in one call) and learns of results the fastest way the fake allows (its AMQP result queue: the
    fake publishes to a RabbitMQ broker it starts on CPU 0, as the service publishes), at each of
    `LEVELS`: the fake's own latency cancels out, any wait of the gateway's for a result does not;
+   then the same client behind the least HTTP front (bench.compute_front), loaded by the load
+   generator on CPU 0 as the gateway is, at `FRONT_LEVELS`;
 2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
    the same function, read by bench.stream_client on CPU 0 (see 4);
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default settings (results
@@ -25,9 +27,10 @@ side each time:
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
-One thing may not cancel out: during (3) the load generator shares CPU 0 with the fake, during (1)
-nothing does. The mean status-call times, shown side by side, tell whether that made the fake
-slower to answer the gateway.
+One thing does not cancel out against the client: during (3) the load generator shares CPU 0 with
+the fake and its broker, during the client's measure nothing does. At 100 and 1,000 requests in
+flight CPU 0 is the limit, so the difference then also counts the load generator's share of it;
+against the front, which the same load generator drives, it does not.
 """
 
 from __future__ import annotations
