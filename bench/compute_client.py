@@ -110,6 +110,15 @@ def access_of(service: Service, timeout: float) -> GlobusComputeClusterConfig:
     )
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A task whose result a request awaits, and since when (the queue's safety net asks only about
+    those waiting longer than its interval)."""
+
+    future: asyncio.Future[Any]
+    since: float
+
+
 class Compute:
     """Submits through the SDK and waits on one shared poller, as `ComputeService` does in the gateway."""
 
@@ -130,8 +139,7 @@ class Compute:
         self.serializer = json_serializer()
         self.clients = sdk_clients(access_of(service, timeout))
         self.v2, self.v3 = self.clients[0], self.clients[1]
-        self.pending: dict[str, asyncio.Future[Any]] = {}
-        self.waiting_since: dict[str, float] = {}
+        self.pending: dict[str, Waiting] = {}
         self.queued: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self.sending: set[asyncio.Task[None]] = set()
         self.polls = 0
@@ -206,10 +214,11 @@ class Compute:
         return await self._blocking(lambda: queue_details(self.clients))
 
     def _pushed(self, result: QueuedResult) -> None:
-        future = self.pending.get(result.task_id)
-        if future is None:
+        waiting = self.pending.get(result.task_id)
+        if waiting is None:
             self.early.keep(result)
             return
+        future = waiting.future
         if future.done() or result.data is None:
             return
         self.pushed += 1
@@ -223,8 +232,7 @@ class Compute:
 
     async def result(self, task_id: str) -> Any:
         future = asyncio.get_running_loop().create_future()
-        self.pending[task_id] = future
-        self.waiting_since[task_id] = time.monotonic()
+        self.pending[task_id] = Waiting(future, time.monotonic())
         early = self.early.take(task_id)
         if early is not None:
             self._pushed(early)
@@ -234,7 +242,6 @@ class Compute:
             return await future
         finally:
             self.pending.pop(task_id, None)
-            self.waiting_since.pop(task_id, None)
 
     async def _poll(self) -> None:
         """Sleep the interval (0: ask again as soon as the last answer came), then ask about every
@@ -245,8 +252,8 @@ class Compute:
             overdue = time.monotonic() - self.poll_interval
             task_ids = [
                 task_id
-                for task_id, since in self.waiting_since.items()
-                if self.queue is None or since <= overdue
+                for task_id, waiting in self.pending.items()
+                if self.queue is None or waiting.since <= overdue
             ][:MAX_TASKS_PER_POLL]
             if not task_ids:
                 continue
@@ -260,9 +267,10 @@ class Compute:
                 self._settle(task_id, document)
 
     def _settle(self, task_id: str, document: dict[str, Any]) -> None:
-        future = self.pending.get(task_id)
-        if future is None or future.done():
+        waiting = self.pending.get(task_id)
+        if waiting is None or waiting.future.done():
             return
+        future = waiting.future
         status = str(document.get("status", "")).lower()
         if status == "success" and "result" in document:
             try:
