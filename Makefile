@@ -48,6 +48,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 bench: install
+	scripts/test-deps --bench
 	$(PY) -m bench.run
 
 clean:

@@ -8,12 +8,12 @@ side each time:
    in one call) and learns of results the fastest way the fake allows (its AMQP result queue: the
    fake publishes to a RabbitMQ broker it starts on CPU 0, as the service publishes), at each of
    `LEVELS`: the fake's own latency cancels out, any wait of the gateway's for a result does not;
-   then the same client behind the least HTTP front (bench.compute_front), loaded by the load
-   generator on CPU 0 as the gateway is, at `FRONT_LEVELS`;
+   then the same client behind the least HTTP front (bench.compute_front), loaded from CPU 0 as the
+   gateway is, at `FRONT_LEVELS`;
 2. the relay's floor: bench.relay_floor on CPU 1, a relay without any of the gateway's checks, fed by
    the same function, read by bench.stream_client on CPU 0 (see 4);
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default settings (results
-   from the queue, polls as the safety net), and the load generator on CPU 0 with the same requests
+   from the queue, polls as the safety net), and wrk (bench/wrk.py) on CPU 0 with the same requests
    in flight; the difference is what the gateway adds per request, and the fake's counts say how
    many status calls per second it made;
 4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
@@ -27,10 +27,8 @@ side each time:
 
 Both sides of (1) and (3) also report the CPU time they spent per request: with many requests in
 flight CPU 1 can be the limit, and then latency is the queue for it rather than the wait for a poll.
-One thing does not cancel out against the client: during (3) the load generator shares CPU 0 with
-the fake and its broker, during the client's measure nothing does. At 100 and 1,000 requests in
-flight CPU 0 is the limit, so the difference then also counts the load generator's share of it;
-against the front, which the same load generator drives, it does not.
+Against the client, the load generator's share of CPU 0 (the limit at 100 and 1,000 in flight) does
+not cancel out: hence wrk, a sixth of bench.loadgen's cost (bench/wrk.py); against the front it does.
 """
 
 from __future__ import annotations
@@ -66,6 +64,7 @@ from bench.common import (
 )
 from bench.compute_client import API_PORT, DEFAULT_THREADS
 from bench.compute_counts import calls_so_far, fake_calls, status_call_seconds
+from bench.wrk import wrk_load
 from testing.ports import free_port
 
 
@@ -101,8 +100,8 @@ BASELINE_POLL_INTERVAL: Final = 0.0
 """Without a queue the baseline would ask again as soon as an answer came; with it, it only
 consumes the queue (bench/compute_client.py)."""
 FRONT_LEVELS: Final = (LEVELS[0], LEVELS[2], LEVELS[3])
-"""Measured again through bench.compute_front (the baseline behind the least HTTP front), with the load
-generator on CPU 0 as for the gateway."""
+"""Measured again through bench.compute_front (the baseline behind the least HTTP front), with wrk on
+CPU 0 as for the gateway."""
 VARIANTS: Final = {"push": PUSH_LEVELS, "polled": POLLED_LEVELS}
 """The other gateways, after the default one, each with the levels it is measured at."""
 ADAPTOR_THREADS: Final = DEFAULT_THREADS
@@ -309,8 +308,14 @@ class ComputeBench:
         calls_before = status_call_seconds(url) if gateway_side else (0.0, 0.0)
         before = process_cpu_seconds(gateway.process.pid)
         with other_cpu_use(ours) as disturbance, busy_shares() as busy:
-            summary = loadgen(
-                url, level.body, "--duration", str(self.seconds), *concurrency, token=TOKEN, limit=limit
+            summary = wrk_load(
+                url,
+                level.body,
+                concurrency=level.concurrency,
+                seconds=self.seconds,
+                token=TOKEN,
+                workdir=self.workdir,
+                limit=limit,
             )
         cpu = process_cpu_seconds(gateway.process.pid) - before
         counts, elapsed = calls_so_far(fake), time.monotonic() - started
@@ -384,7 +389,8 @@ def summarize_compute(
         "direct_is": "bench.compute_client on CPU 1: the gateway's SDK calls and poller, without the gateway",
         "relay_direct_is": "bench.relay_floor on CPU 1: a relay without the gateway's checks, same function",
         "baseline_results": "from the fake's AMQP result queue (bench/compute_client.py --result-queue)",
-        "front_is": "bench.compute_front on CPU 1: the baseline behind the least HTTP front, same loadgen",
+        "front_is": "bench.compute_front on CPU 1: the baseline behind the least HTTP front, loaded by wrk",
+        "load_generator": "wrk on CPU 0 (bench/wrk.py) for the gateways and the front",
         "gateway_results": "default settings: the result queue, polls as the safety net; `polled`: no queue",
         "adaptor_threads": ADAPTOR_THREADS,
         "seconds_per_measure": seconds,
