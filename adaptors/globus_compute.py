@@ -126,7 +126,10 @@ class GlobusComputeEndpoint(ConfiguredEndpoint[GlobusComputeEndpointConfig]):
         try:
             polled = self._result(service, task_id)
             value = await (polled if slot is None else first_answer(slot, polled))
-            return SubmitTaskResponse(result=as_json_text(value), task_id=task_id)
+            # A string goes as it came: the core reads every answer as JSON once (dispatch._answer)
+            # and refuses one that is not, so a second reading here would only cost its time.
+            text = value if isinstance(value, str) else as_json_text(value)
+            return SubmitTaskResponse(result=text, task_id=task_id)
         except TimeoutError:
             self._telemetry.upstream_error(self.endpoint_slug, "timeout")
             return SubmitTaskResponse(error_code=504, error_message=self._timeout(task_id), task_id=task_id)

@@ -1,11 +1,13 @@
 """A Compute function's return value as the answer's text: orjson checks it, and what orjson refuses
-but the standard library reads stays JSON to the gateway, as it was before orjson did the check."""
+but the standard library reads stays JSON to the gateway, as it was before orjson did the check; a
+result that is a JSON string is read by orjson, exactly as the SDK's serializer reads it."""
 
 from __future__ import annotations
 
 import pytest
 
-from adaptors.compute_results import as_json_text
+from adaptors.compute_results import UnreadableResult, as_json_text, read_result
+from adaptors.compute_service import json_serializer
 
 
 @pytest.mark.parametrize(
@@ -31,3 +33,19 @@ def test_a_string_that_is_not_json_is_a_value_error(text: str) -> None:
 
 def test_other_values_are_encoded() -> None:
     assert as_json_text({"a": [1, 2.5, None]}) == '{"a": [1, 2.5, null]}'
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{"choices": []}', "caf\u00e9 \u2603 \U0001f600", 'quotes " and \\ and \n', "\ud800 lone", "", "\x00"],
+)
+def test_a_string_result_reads_as_the_sdk_reads_it(value: str) -> None:
+    serializer = json_serializer()
+    payload = serializer.serialize(value)
+    assert read_result(serializer, payload, accept_dill=False) == serializer.deserialize(payload) == value
+
+
+@pytest.mark.parametrize("payload", ['11\n"unterminated', '11\n"text" trailing', '11\n"\x01"', '11\n"\\x"'])
+def test_a_string_result_that_is_not_json_is_unreadable(payload: str) -> None:
+    with pytest.raises(UnreadableResult, match="unreadable"):
+        read_result(json_serializer(), payload, accept_dill=False)
