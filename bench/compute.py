@@ -15,7 +15,8 @@ side each time:
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default settings (results
    from the queue, polls as the safety net), and wrk (bench/wrk.py) on CPU 0 with the same requests
    in flight; the difference is what the gateway adds per request, and the fake's counts say how
-   many status calls per second it made;
+   many status calls per second it made; then, at `PAIRED_LEVELS`, the client and this gateway in
+   turn, `PAIRED_ROUNDS` more times;
 4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
    POSTs every chunk to the gateway's callback route with its send time, paced like a model (for the
    added latency per chunk) and all at once (for the chunks per second the relay sustains);
@@ -34,6 +35,7 @@ not cancel out: hence wrk, a sixth of bench.loadgen's cost (bench/wrk.py); again
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -45,8 +47,6 @@ from bench.common import (
     GATEWAY_CPU,
     LOADGEN_CPU,
     MODEL,
-    NO_LIMITS,
-    STATIC_AUTH,
     TOKEN,
     Service,
     busy_shares,
@@ -58,11 +58,9 @@ from bench.common import (
     read_announcement,
     run_client,
     start_service,
-    tokens_document,
     wait_ready,
-    write_documents,
 )
-from bench.compute_client import API_PORT, DEFAULT_THREADS
+from bench.compute_config import ADAPTOR_THREADS, COMPUTE_PATH, write_compute_config
 from bench.compute_counts import calls_so_far, fake_calls, status_call_seconds
 from bench.wrk import wrk_load
 from testing.ports import free_port
@@ -102,12 +100,14 @@ consumes the queue (bench/compute_client.py)."""
 FRONT_LEVELS: Final = (LEVELS[0], LEVELS[2], LEVELS[3])
 """Measured again through bench.compute_front (the baseline behind the least HTTP front), with wrk on
 CPU 0 as for the gateway."""
+PAIRED_LEVELS: Final = (LEVELS[2], LEVELS[3])
+PAIRED_ROUNDS: Final = 3
+"""After its first measures, the baseline client and the default gateway are measured in turn this many
+more times at each of `PAIRED_LEVELS`, each pair within seconds. At those levels a run's figures moved
+by a fifth between runs minutes apart (2026-12-05); within a pair, such drift falls on both sides
+alike. The issue's checks there take the median over all pairs (`paired` in the summary)."""
 VARIANTS: Final = {"push": PUSH_LEVELS, "polled": POLLED_LEVELS}
 """The other gateways, after the default one, each with the levels it is measured at."""
-ADAPTOR_THREADS: Final = DEFAULT_THREADS
-"""The gateway's thread pool for SDK calls, set to the baseline client's so that both wait alike."""
-CLUSTER: Final = "hpc"
-COMPUTE_PATH: Final = f"/resource_server/{CLUSTER}/vllm/v1/chat/completions"
 RELAY_STREAMS: Final = 16
 RELAY_KINDS: Final = {"paced": (200, 0.02), "saturated": (1000, 0.0)}
 """(chunks per stream, seconds between chunks). Paced streams post like a model generating 50 tokens/s,
@@ -115,68 +115,6 @@ so a chunk's latency is the relay's and not a queue behind other chunks; saturat
 as the relay answers, which measures how many chunks per second it sustains (and its queue then)."""
 RELAY_WARMUP_CHUNKS: Final = 10
 CLIENT_SLACK_SECONDS: Final = 90.0
-
-
-def compute_access(fake: dict[str, Any]) -> dict[str, Any]:
-    """The service account and URLs, shared by the endpoint's and the cluster's configuration; the
-    polling settings are the defaults."""
-    keys = ("client_id", "client_secret", "compute_url", "auth_url")
-    return {key: fake[key] for key in keys}
-
-
-def write_compute_config(workdir: Path, port: int, fake: dict[str, Any], variant: str = "") -> Path:
-    """A gateway whose only cluster is the fake endpoint, with the relay's callbacks coming to itself;
-    variant `push`: the endpoint runs our function's protocol, whose answers are pushed through the
-    relay (that protocol's default); `polled`: no result queue."""
-    access = compute_access(fake) | ({"result_queue": False} if variant == "polled" else {})
-    endpoint = {
-        "api_port": API_PORT,
-        "endpoint_uuid": fake["endpoint_uuid"],
-        "function_uuid": fake["function_uuid"],
-        **access,
-        **({"callback_protocol": "gateway"} if variant == "push" else {}),
-    }
-    suffix = f"-{variant}" if variant else ""
-    cluster = {
-        "qstat_endpoint_uuid": fake["endpoint_uuid"],
-        "qstat_function_uuid": fake["qstat_function_uuid"],
-        **access,
-    }
-    documents: dict[str, Any] = {
-        f"gateway-compute{suffix}.yaml": {
-            "server": {"host": "127.0.0.1", "port": port, "adaptor_threads": ADAPTOR_THREADS},
-            "auth": STATIC_AUTH,
-            "limits": NO_LIMITS,
-            "endpoints_file": f"endpoints-compute{suffix}.yaml",
-            "clusters_file": f"clusters-compute{suffix}.yaml",
-            "database_url": f"sqlite:///{workdir / f'gateway-compute{suffix}.db'}",
-            "streaming": {
-                "internal_secret": fake["callback_secret"],
-                "callback_url": f"http://127.0.0.1:{port}",
-            },
-        },
-        "tokens.yaml": tokens_document(),
-        f"endpoints-compute{suffix}.yaml": [
-            {
-                "cluster": CLUSTER,
-                "framework": "vllm",
-                "model": MODEL,
-                "endpoint_adapter": "adaptors.globus_compute.GlobusComputeEndpoint",
-                "config": endpoint,
-            }
-        ],
-        f"clusters-compute{suffix}.yaml": [
-            {
-                "cluster_name": CLUSTER,
-                "cluster_adapter": "adaptors.globus_compute.GlobusComputeCluster",
-                "frameworks": ["vllm"],
-                "openai_endpoints": ["chat/completions"],
-                "config": cluster,
-            }
-        ],
-    }
-    write_documents(workdir, documents)
-    return workdir / f"gateway-compute{suffix}.yaml"
 
 
 @dataclass
@@ -215,6 +153,14 @@ class ComputeBench:
                 ours.append(gateway.process.pid)
                 for level in self.levels:
                     levels[level.key]["gateway"] = self._through_gateway(url, level, gateway, ours, fake)
+                for level in () if self.relay_only else PAIRED_LEVELS:
+                    levels[level.key]["rounds"] = [
+                        {
+                            "direct": self._direct(service_file, level, ours),
+                            "gateway": self._through_gateway(url, level, gateway, ours, fake),
+                        }
+                        for _ in range(PAIRED_ROUNDS)
+                    ]
                 for kind, pair in relay.items():
                     target = ["--url", url, "--token", TOKEN]
                     pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
@@ -353,6 +299,27 @@ class ComputeBench:
         return summary | {"relay_cpu_s": round(cpu, 3), "cpu_ms_per_chunk": per_chunk} | disturbance | busy
 
 
+def paired(pair: dict[str, Any]) -> dict[str, Any]:
+    """The medians over the first measures and the paired rounds: the gateway's added p50 and its CPU
+    time per request, with every pair's figures beside them."""
+    pairs = [{"direct": pair["direct"], "gateway": pair["gateway"]}, *pair["rounds"]]
+    added = [difference(each["gateway"]["p50_ms"], each["direct"]["p50_ms"]) for each in pairs]
+    cpu = [each["gateway"]["cpu_ms_per_request"] for each in pairs]
+    return {
+        "pairs": len(pairs),
+        "added_p50_ms": median_of(added),
+        "cpu_ms_per_request": median_of(cpu),
+        "added_p50_ms_each": added,
+        "cpu_ms_per_request_each": cpu,
+        "direct_cpu_ms_per_request_each": [each["direct"]["cpu_ms_per_request"] for each in pairs],
+    }
+
+
+def median_of(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return round(statistics.median(known), 3) if len(known) == len(values) and known else None
+
+
 def summarize_compute(
     levels: dict[str, dict[str, Any]],
     relay: dict[str, dict[str, Any]],
@@ -378,6 +345,9 @@ def summarize_compute(
                 pair[f"{prefix}added_over_front_cpu_ms_per_request"] = difference(
                     gateway["cpu_ms_per_request"], pair["front"]["cpu_ms_per_request"]
                 )
+    for pair in levels.values():
+        if "rounds" in pair:
+            pair["paired"] = paired(pair)
     for pair in relay.values():
         if "gateway" in pair:
             floor, gateway = pair["direct"], pair["gateway"]

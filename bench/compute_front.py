@@ -28,7 +28,6 @@ import globus_sdk
 from aiohttp import web
 
 from adaptors.compute_submit import BURST_WINDOW_SECONDS
-from bench.compute import COMPUTE_PATH
 from bench.compute_client import (
     API_PORT,
     DEFAULT_THREADS,
@@ -37,6 +36,7 @@ from bench.compute_client import (
     TaskFailed,
     bounded,
 )
+from bench.compute_config import COMPUTE_PATH
 from bench.loadgen import MAX_DURATION
 from testing.loops import new_event_loop
 

@@ -33,10 +33,10 @@ def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
     gateway's CPU time per request, and what the relay adds to a paced chunk's p99 over the floor."""
     levels = compute.get("by_concurrency") or {}
     paced = (compute.get("relay") or {}).get("paced") or {}
-    judged = (levels.get(str(JUDGED_CONCURRENCY)) or {}).get("gateway") or {}
+    judged = judged_figures(levels.get(str(JUDGED_CONCURRENCY)) or {})
     checks: dict[str, Check] = {
         added_p50_check(level): (
-            (levels.get(level) or {}).get("added_p50_ms"),
+            judged_figures(levels.get(level) or {}).get("added_p50_ms"),
             f"at most {bound:g} ms added per request at {level} concurrent requests",
             at_most(bound),
         )
@@ -64,6 +64,15 @@ def compute_checks(compute: dict[str, Any]) -> dict[str, Check]:
     return checks
 
 
+def judged_figures(pair: dict[str, Any]) -> dict[str, Any]:
+    """The default gateway's added p50 and CPU time per request: the medians over the paired rounds
+    where the level has them (bench/compute.py, `PAIRED_LEVELS`), else its one measure."""
+    if "paired" in pair:
+        return dict(pair["paired"])
+    gateway = pair.get("gateway") or {}
+    return {"added_p50_ms": pair.get("added_p50_ms"), "cpu_ms_per_request": gateway.get("cpu_ms_per_request")}
+
+
 def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
     """The compute path under the table's other rows: the baseline client (or the relay floor) in
     Direct, the gateway in Gateway."""
@@ -77,6 +86,8 @@ def compute_rows(compute: dict[str, Any], judged: dict[str, Any]) -> list[str]:
 
 def level_rows(level: str, pair: dict[str, Any], judged: dict[str, Any]) -> list[str]:
     rows = side_rows(level, pair, judged, "gateway", "")
+    if "paired" in pair:
+        rows.extend(paired_rows(level, pair["paired"], judged))
     for side in ("push", "polled"):
         if side in pair:
             rows.extend(side_rows(level, pair, judged, side, f"{side}_"))
@@ -88,12 +99,13 @@ def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: st
     whose function pushes its answers through the relay (`push`), or the one without the queue
     (`polled`)."""
     direct, gateway = pair["direct"], pair.get(side) or {}
+    judged_elsewhere = not key and "paired" in pair  # then its checks are on the paired medians' rows
     prefix = f"compute c={level}" + {"push": ", pushed", "polled": ", polled only"}.get(side, "")
     ratio = pair.get(f"{key}rps_ratio")
     share = show(ratio * 100, "% of direct") if ratio is not None else "—"
     rows = [table_row(f"{prefix}: requests/s", direct["rps"], gateway.get("rps"), share, "")]
     for rank in ("p50", "p99"):
-        check = judged.get(added_p50_check(level, key)) if rank == "p50" else None
+        check = judged.get(added_p50_check(level, key)) if rank == "p50" and not judged_elsewhere else None
         added = show(pair.get(f"{key}added_{rank}_ms"), " ms")
         rows.append(
             table_row(
@@ -102,7 +114,8 @@ def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: st
         )
     added_cpu = show(pair.get(f"{key}added_cpu_ms_per_request"), " ms")
     cpu = (direct["cpu_ms_per_request"], gateway.get("cpu_ms_per_request"))
-    cpu_check = judged.get(CPU_PER_REQUEST) if level == str(JUDGED_CONCURRENCY) and not key else None
+    judged_cpu = level == str(JUDGED_CONCURRENCY) and not key and not judged_elsewhere
+    cpu_check = judged.get(CPU_PER_REQUEST) if judged_cpu else None
     rows.append(table_row(f"{prefix}: CPU 1 time per request", *cpu, added_cpu, " ms", cpu_check))
     cycle = direct.get("poll_cycle_ms")
     calls = (round(1000 / cycle, 1) if cycle else None, gateway.get("status_calls_per_s"))
@@ -113,6 +126,33 @@ def side_rows(level: str, pair: dict[str, Any], judged: dict[str, Any], side: st
     if "front" in pair:
         rows.extend(front_rows(prefix, pair["front"], gateway, pair, key))
     return rows
+
+
+def paired_rows(level: str, paired: dict[str, Any], judged: dict[str, Any]) -> list[str]:
+    """The judged medians, each pair's figure listed in the Target column's place."""
+    prefix = f"compute c={level}, median of {paired['pairs']} pairs measured in turn"
+    each = ", ".join(show(value, "") for value in paired["added_p50_ms_each"])
+    cpu_each = ", ".join(show(value, "") for value in paired["cpu_ms_per_request_each"])
+    client_cpu = ", ".join(show(value, "") for value in paired["direct_cpu_ms_per_request_each"])
+    cpu_check = judged.get(CPU_PER_REQUEST) if level == str(JUDGED_CONCURRENCY) else None
+    return [
+        table_row(
+            f"{prefix}: added p50 (each: {each})",
+            None,
+            None,
+            show(paired["added_p50_ms"], " ms"),
+            "",
+            judged.get(added_p50_check(level)),
+        ),
+        table_row(
+            f"{prefix}: gateway CPU 1 time per request (each: {cpu_each}; the client's: {client_cpu})",
+            None,
+            paired["cpu_ms_per_request"],
+            "",
+            " ms",
+            cpu_check,
+        ),
+    ]
 
 
 def front_rows(
@@ -177,11 +217,11 @@ def cpu_rows(prefix: str, direct: dict[str, Any], gateway: dict[str, Any]) -> li
 
 def compute_failures(compute: dict[str, Any]) -> list[str]:
     """Measures with errors or unfinished streams, whose figures would mislead if read alone."""
-    found = []
-    for level, pair in (compute.get("by_concurrency") or {}).items():
-        for side in ("direct", "front", "gateway", "push", "polled"):
-            if (pair.get(side) or {}).get("errors"):
-                found.append(f"compute c={level} {side}: {pair[side]['status_counts']}")
+    found = [
+        f"{name}: {summary['status_counts']}"
+        for name, summary in level_measures(compute).items()
+        if summary.get("errors")
+    ]
     for kind, pair in (compute.get("relay") or {}).items():
         for side in ("direct", "gateway"):
             relayed = pair.get(side) or {}
@@ -192,13 +232,21 @@ def compute_failures(compute: dict[str, Any]) -> list[str]:
     return found
 
 
+def level_measures(compute: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every measure of the levels by name, those of the paired rounds included."""
+    measures = {}
+    for level, pair in (compute.get("by_concurrency") or {}).items():
+        for side in ("direct", "front", "gateway", "push", "polled"):
+            measures[f"compute c={level} {side}"] = pair.get(side) or {}
+        for number, paired in enumerate(pair.get("rounds") or (), start=1):
+            for side in ("direct", "gateway"):
+                measures[f"compute c={level} {side}, paired round {number}"] = paired[side]
+    return measures
+
+
 def compute_disturbances(compute: dict[str, Any], threshold: float) -> list[str]:
     """Measures during which other processes took more than `threshold` of CPUs 0-1."""
-    measures = {
-        f"compute c={level} {side}": pair.get(side) or {}
-        for level, pair in (compute.get("by_concurrency") or {}).items()
-        for side in ("direct", "front", "gateway", "push", "polled")
-    }
+    measures = level_measures(compute)
     measures |= {
         f"relay {kind} {'floor' if side == 'direct' else side}": pair.get(side) or {}
         for kind, pair in (compute.get("relay") or {}).items()

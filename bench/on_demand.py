@@ -54,8 +54,8 @@ from bench.common import (
     wait_ready,
     write_documents,
 )
-from bench.compute import ADAPTOR_THREADS, compute_access
 from bench.compute_client import API_PORT
+from bench.compute_config import ADAPTOR_THREADS, compute_access
 from bench.on_demand_report import CONCURRENCIES, STREAMS
 from mtls.certificates import Role, create_ca, issue, write
 from testing.ports import free_port
