@@ -15,8 +15,8 @@ side each time:
 3. a gateway on CPU 1 with a `GlobusComputeEndpoint` for that fake at its default settings (results
    from the queue, polls as the safety net), and wrk (bench/wrk.py) on CPU 0 with the same requests
    in flight; the difference is what the gateway adds per request, and the fake's counts say how
-   many status calls per second it made; then, at `PAIRED_LEVELS`, the client and this gateway in
-   turn, `PAIRED_ROUNDS` more times;
+   many status calls per second it made; after (4), at `PAIRED_LEVELS`, the client and this
+   gateway in turn, `PAIRED_ROUNDS` more times;
 4. the stream relay of that gateway: bench.stream_client on CPU 0 opens 16 streams whose function
    POSTs every chunk to the gateway's callback route with its send time, paced like a model (for the
    added latency per chunk) and all at once (for the chunks per second the relay sustains);
@@ -153,6 +153,9 @@ class ComputeBench:
                 ours.append(gateway.process.pid)
                 for level in self.levels:
                     levels[level.key]["gateway"] = self._through_gateway(url, level, gateway, ours, fake)
+                for kind, pair in relay.items():
+                    target = ["--url", url, "--token", TOKEN]
+                    pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
                 for level in () if self.relay_only else PAIRED_LEVELS:
                     levels[level.key]["rounds"] = [
                         {
@@ -161,9 +164,6 @@ class ComputeBench:
                         }
                         for _ in range(PAIRED_ROUNDS)
                     ]
-                for kind, pair in relay.items():
-                    target = ["--url", url, "--token", TOKEN]
-                    pair["gateway"] = self._relay(kind, "gateway", target, ours, gateway)
                 gateway.check_running()
                 gateway.stop()
             for variant, variant_levels in (
