@@ -59,7 +59,8 @@ def read_result(serializer: ComputeSerializer, payload: str, accept_dill: bool) 
 
 def as_json_text(value: Any) -> str:
     """A function's return value as the answer's JSON text: the functions return a JSON string,
-    anything else is encoded here. Raises `ValueError` for a string that is not JSON. The check is
+    anything else is encoded here. Raises `ValueError` for a string that is not JSON, and for a
+    value JSON cannot hold (a set or bytes, which a dill result of plain data may carry). The check is
     orjson's (a tenth of the standard library's time, on every Compute answer); what orjson refuses
     and the standard library reads (NaN, integers beyond 64 bits) is still JSON to the gateway."""
     if isinstance(value, str):
@@ -71,7 +72,10 @@ def as_json_text(value: Any) -> str:
             except RecursionError:
                 raise ValueError("nested too deeply") from None
         return value
-    return json.dumps(value)
+    try:
+        return json.dumps(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _PlainData(pickle.Unpickler):

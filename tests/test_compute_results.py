@@ -31,6 +31,13 @@ def test_a_string_that_is_not_json_is_a_value_error(text: str) -> None:
         as_json_text(text)
 
 
+@pytest.mark.parametrize("value", [{1, 2}, b"bytes", {"nested": [frozenset()]}])
+def test_a_value_json_cannot_hold_is_a_value_error(value: object) -> None:
+    """Plain data from a dill result may hold sets or bytes: the adaptors answer those with a 502."""
+    with pytest.raises(ValueError, match="not JSON serializable"):
+        as_json_text(value)
+
+
 def test_other_values_are_encoded() -> None:
     assert as_json_text({"a": [1, 2.5, None]}) == '{"a": [1, 2.5, null]}'
 
