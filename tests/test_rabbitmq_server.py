@@ -57,6 +57,13 @@ async def test_two_brokers_run_side_by_side(rabbitmq: RabbitMQServer, tmp_path: 
     assert not other.running
 
 
+def test_the_node_runs_in_its_directory(rabbitmq: RabbitMQServer) -> None:
+    """Files the node writes where it runs (Mnesia's core file, when killed mid-write) land beside its
+    data, not in the checkout the tests were started from."""
+    assert rabbitmq.process is not None
+    assert Path(f"/proc/{rabbitmq.process.pid}/cwd").resolve() == rabbitmq.directory.resolve()
+
+
 def test_a_missing_broker_fails_with_the_package_to_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

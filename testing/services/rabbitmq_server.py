@@ -26,7 +26,7 @@ import contextlib
 import os
 import secrets
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
@@ -132,6 +132,11 @@ class RabbitMQServer(ServiceProcess):
             "ERL_CRASH_DUMP": directory / "erl_crash.dump",  # not the working directory
         }
         return ["env", *(f"{name}={value}" for name, value in variables.items()), _server()]
+
+    def popen_options(self) -> dict[str, Any]:
+        """Mnesia writes its core file (`MnesiaCore.*`, when the node is killed while writing) to the
+        working directory, which ERL_CRASH_DUMP does not move: it goes to `directory` too."""
+        return {"cwd": self.directory.resolve()}
 
     async def ready(self) -> bool:
         return await _accepts_clients(self.port)
