@@ -105,15 +105,22 @@ class Service:
 
 
 def start_service(
-    name: str, cpu: str, args: list[str], workdir: Path, *, stdout: Path | None = None, cwd: Path = ROOT
+    name: str,
+    cpu: str,
+    args: list[str],
+    workdir: Path,
+    *,
+    stdout: Path | None = None,
+    cwd: Path = ROOT,
+    python: str = sys.executable,
 ) -> Service:
-    """Start `args` under Python on `cpu` in `cwd`; its output goes to a log in `workdir`, or only its
-    stderr if `stdout` names another file for its standard output."""
+    """Start `args` under `python` (this one by default) on `cpu` in `cwd`; its output goes to a log
+    in `workdir`, or only its stderr if `stdout` names another file for its standard output."""
     log = workdir / f"{name}.log"
     with ExitStack() as files:
         output = files.enter_context(log.open("wb"))
         process = subprocess.Popen(
-            ["taskset", "-c", cpu, sys.executable, *args],
+            ["taskset", "-c", cpu, python, *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=files.enter_context(stdout.open("wb")) if stdout else output,

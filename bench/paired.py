@@ -1,14 +1,18 @@
 """Two gateways under load at the same time, to judge a change by a few microseconds of CPU per request.
 
-    python -m bench.paired [--a MODE[@CHECKOUT]] [--b MODE[@CHECKOUT]] [--rounds R] [--seconds S]
+    python -m bench.paired [--a MODE[@CHECKOUT]] [--b MODE[@CHECKOUT]] [--a-python PYTHON]
+        [--b-python PYTHON] [--rounds R] [--seconds S]
 
 MODE is `deployed` (request records on stdout and in SQLite, metrics on) or `all_off` (both off);
 CHECKOUT is the root of another checkout of the gateway (for instance a `git worktree` of the commit
-before a change), by default this one. Both gateways share CPU 1, and each gets its own load generator
-on CPU 0, both running at once. Whatever else slows this machine down (other tenants of the host, the
-CPU's frequency) then slows both alike, so the difference of their CPU time per request holds to a few
-microseconds, where runs taken one after the other scatter by tens (bench/observability.py's
-section saw an all-off gateway take 326 to 527 µs per request within one hour).
+before a change), by default this one. PYTHON is the interpreter a gateway runs under, by default
+this one: another virtualenv's `bin/python` with the same packages installed, to judge an
+interpreter build (`make install PYTHON=/usr/bin/python3.11 VENV=.venv-system` makes one). Both
+gateways share CPU 1, and each gets its own load generator on CPU 0, both running at once. Whatever
+else slows this machine down (other tenants of the host, the CPU's frequency) then slows both alike,
+so the difference of their CPU time per request holds to a few microseconds, where runs taken one
+after the other scatter by tens (bench/observability.py's section saw an all-off gateway take 326 to
+527 µs per request within one hour).
 
 The figures are for comparing the two, not throughput: two gateways sharing a CPU each pay more per
 request than one gateway alone. The round's first-started load generator alternates between the two,
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -62,18 +67,23 @@ class Side:
     label: str
     mode: str
     checkout: Path
+    python: str = sys.executable
     gateway: Service | None = None
     url: str = ""
 
 
-def parse_side(label: str, text: str) -> Side:
+def parse_side(label: str, text: str, python: str | None = None) -> Side:
     mode, _, checkout = text.partition("@")
     if mode not in MODES:
         raise argparse.ArgumentTypeError(f"--{label}: mode {mode!r} is not one of {', '.join(MODES)}")
     path = Path(checkout).resolve() if checkout else ROOT
     if not (path / "proxy" / "__main__.py").is_file():
         raise argparse.ArgumentTypeError(f"--{label}: {path} is not a checkout of the gateway")
-    return Side(label, mode, path)
+    if python is None:
+        return Side(label, mode, path)
+    if not os.access(python, os.X_OK) or not Path(python).is_file():
+        raise argparse.ArgumentTypeError(f"--{label}-python: {python} is not an executable file")
+    return Side(label, mode, path, python)
 
 
 def start_gateway(side: Side, workdir: Path, backend_port: int, services: ExitStack) -> None:
@@ -85,7 +95,13 @@ def start_gateway(side: Side, workdir: Path, backend_port: int, services: ExitSt
     args = ["-m", "proxy", "--config", str(config)]
     stdout = workdir / f"{side.label}.stdout"
     side.gateway = start_service(
-        f"gateway-{side.label}", GATEWAY_CPU, args, workdir, stdout=stdout, cwd=side.checkout
+        f"gateway-{side.label}",
+        GATEWAY_CPU,
+        args,
+        workdir,
+        stdout=stdout,
+        cwd=side.checkout,
+        python=side.python,
     )
     services.callback(side.gateway.stop)
     base = f"http://127.0.0.1:{port}"
@@ -149,6 +165,7 @@ def compare(a: Side, b: Side, rounds: int, seconds: float) -> dict[str, Any]:
     return {
         "a": f"{a.mode}@{a.checkout}",
         "b": f"{b.mode}@{b.checkout}",
+        "python": {"a": os.path.realpath(a.python), "b": os.path.realpath(b.python)},
         "rounds": rounds,
         "seconds_per_round": seconds,
         "concurrency": CONCURRENCY,
@@ -168,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", default="all_off", help="MODE[@CHECKOUT] (default: all_off)")
     parser.add_argument("--b", default="deployed", help="MODE[@CHECKOUT] (default: deployed)")
+    parser.add_argument("--a-python", help="the interpreter gateway a runs under (default: this one)")
+    parser.add_argument("--b-python", help="the interpreter gateway b runs under (default: this one)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
     try:
-        a, b = parse_side("a", args.a), parse_side("b", args.b)
+        a, b = parse_side("a", args.a, args.a_python), parse_side("b", args.b, args.b_python)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     if not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 60:
