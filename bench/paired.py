@@ -67,7 +67,7 @@ class Side:
     label: str
     mode: str
     checkout: Path
-    python: str = sys.executable
+    python: str
     gateway: Service | None = None
     url: str = ""
 
@@ -79,11 +79,10 @@ def parse_side(label: str, text: str, python: str | None = None) -> Side:
     path = Path(checkout).resolve() if checkout else ROOT
     if not (path / "proxy" / "__main__.py").is_file():
         raise argparse.ArgumentTypeError(f"--{label}: {path} is not a checkout of the gateway")
-    if python is None:
-        return Side(label, mode, path)
-    if not os.access(python, os.X_OK) or not Path(python).is_file():
-        raise argparse.ArgumentTypeError(f"--{label}-python: {python} is not an executable file")
-    return Side(label, mode, path, python)
+    interpreter = python or sys.executable
+    if not os.access(interpreter, os.X_OK) or not Path(interpreter).is_file():
+        raise argparse.ArgumentTypeError(f"--{label}-python: {interpreter} is not an executable file")
+    return Side(label, mode, path, interpreter)
 
 
 def start_gateway(side: Side, workdir: Path, backend_port: int, services: ExitStack) -> None:

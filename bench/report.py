@@ -38,9 +38,9 @@ OTHER_CPU_WARNING: Final = 0.05
 
 
 def machine() -> dict[str, Any]:
-    """Which interpreter ran is part of the machine: on the AMD VM the same code took about a sixth
+    """Which interpreter ran is part of the machine: on the AMD VM the same code took a tenth to a sixth
     less CPU time per request under Debian's python3.11 (an optimized build) than under this
-    machine's pyenv build of 3.11.7 (docs/performance.md, 2026-12-05 07:00)."""
+    machine's pyenv build of 3.11.7 (docs/performance.md, 2026-12-05 06:37-07:40)."""
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True, check=False)
     cpu = "unknown"
     try:
