@@ -59,6 +59,7 @@ from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_results import UnreadableResult, read_result
 from adaptors.compute_submit import Submitter
+from adaptors.compute_submit_call import SubmitCall, submit_call
 from adaptors.context import AdaptorContext
 from adaptors.telemetry import Telemetry
 
@@ -128,11 +129,11 @@ class ComputeService:
     )
     _serializer: ComputeSerializer = field(default_factory=json_serializer)
     _submitter: Submitter | None = None
+    _submit_call: SubmitCall | None = None
     _queue: ResultQueue | None = None
     _group: str | None = None
     """The task group the service made for the first submission; later ones join it."""
     _early: EarlyResults = field(default_factory=EarlyResults)
-    _loop: asyncio.AbstractEventLoop | None = None
     answering: int = 0
     """Requests of the endpoint adaptors waiting for their answer, counted from before submission
     (a burst of requests after a status call released many answers counts at once)."""
@@ -150,8 +151,7 @@ class ComputeService:
     ) -> str:
         """`endpoint_config` is the task's `user_endpoint_config`, which the endpoint's template reads."""
         if self._submitter is None:
-            self._loop = asyncio.get_running_loop()
-            self._submitter = Submitter(self._post, self._blocking)
+            self._submitter = Submitter(self._post)
             if self.access.result_queue:
                 self._queue = ResultQueue(
                     self._queue_details, self._pushed, self._queue_changed, self.access.result_queue_port
@@ -201,6 +201,8 @@ class ComputeService:
             await self._queue.close()
         if self._submitter is not None:
             self._submitter.close()
+        if self._submit_call is not None:
+            await self._submit_call.close()
         self._poll_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _poll(self) -> None:
@@ -266,13 +268,15 @@ class ComputeService:
         results = answer.data.get("results", {}) if isinstance(answer.data, dict) else {}
         return dict(results)
 
-    def _post(
+    async def _post(
         self,
         endpoint_uuid: str,
         endpoint_config: dict[str, Any] | None,
         tasks: list[tuple[str, tuple[Any, ...]]],
     ) -> dict[str, Any]:
-        """One V3 submission of `tasks` (function_uuid, args), in a worker thread."""
+        """One V3 submission of `tasks` (function_uuid, args), on the event loop where the service can
+        be reached so (adaptors/compute_submit_call.py)."""
+        call = await self._submission()
         batch = Batch(
             task_group_id=self._group,
             serializer=self._serializer,
@@ -282,11 +286,19 @@ class ComputeService:
         )
         for function_uuid, args in tasks:
             batch.add(function_uuid, args=args)
-        answer = dict(self._sdk()[1].submit(endpoint_uuid, batch.prepare()).data)
+        answer = await call.submit(endpoint_uuid, batch.prepare())
         group = answer.get("task_group_id")
-        if self._queue is not None and self._loop is not None and isinstance(group, str):
-            self._loop.call_soon_threadsafe(self._follow, group)
+        if isinstance(group, str):
+            self._follow(group)
         return answer
+
+    async def _submission(self) -> SubmitCall:
+        """Made on first use in a worker thread, with the clients (and the TLS bundle read)."""
+        if self._submit_call is None:
+            timeout = self.access.http_timeout_seconds
+            made = await self._blocking(lambda: submit_call(self._sdk()[1], self._blocking, timeout))
+            self._submit_call = self._submit_call or made  # the first of concurrent first calls
+        return self._submit_call
 
     def _follow(self, group: str) -> None:
         """Consume the results of the group the service put the tasks in; later submissions join

@@ -1,9 +1,10 @@
 """Submissions to Globus Compute, coalesced: tasks submitted in the same moment for the same endpoint
 (and `user_endpoint_config`) go out as one V3 batch submission.
 
-Each web call costs about 0.9 ms of CPU in `requests` and a thread from the adaptors' pool; under a
-burst of requests one call per task queues the burst behind itself. The V3 submit API takes many
-tasks (`Batch`), and answers their ids per function in the order they were added.
+Each web call costs CPU (about 0.25 ms over the gateway's own client, adaptors/compute_submit_call.py;
+about 1 ms through `requests` in a worker thread); under a burst of requests one call per task
+queues the burst behind itself. The V3 submit API takes many tasks (`Batch`), and answers their ids
+per function in the order they were added.
 
 When a group goes out: at the next turn of the event loop (every task submitted by handlers that
 run in the same turn joins it), or, while another submission of this submitter is already on the
@@ -12,8 +13,8 @@ same call). A group of `MAX_TASKS_PER_SUBMIT` goes at once. A lone request there
 timer at all.
 
 Why 10 ms: with results pushed over the result queue, answers (and so the clients' next requests)
-arrive one by one rather than in the bursts a status call releases, and each call costs about
-1.2 ms of CPU in `requests`. At 100 requests in flight on the AMD VM, a 3 ms window made 133 calls a
+arrive one by one rather than in the bursts a status call releases. With calls through `requests`
+(about 1.2 ms of CPU each) at 100 requests in flight on the AMD VM, a 3 ms window made 133 calls a
 second (0.47 ms of gateway CPU per request, p50 58 ms), 10 ms made 64 (0.38 ms, 49 ms), 20 ms made
 37 (0.36 ms, 53 ms): the wait costs more than it saves beyond 10 ms.
 
@@ -34,8 +35,7 @@ import globus_sdk
 
 MAX_TASKS_PER_SUBMIT = 100
 BURST_WINDOW_SECONDS = 0.010
-Blocking = Callable[[Callable[[], Any]], Awaitable[Any]]
-Post = Callable[[str, dict[str, Any] | None, list[tuple[str, tuple[Any, ...]]]], dict[str, Any]]
+Post = Callable[[str, dict[str, Any] | None, list[tuple[str, tuple[Any, ...]]]], Awaitable[dict[str, Any]]]
 """Builds one batch of (function_uuid, args) for the endpoint and config, submits it, and returns
 the service's answer; raises what the SDK raises (for a task that cannot be serialized too)."""
 
@@ -57,10 +57,9 @@ class _Group:
 @dataclass
 class Submitter:
     """Gathers submissions into groups per endpoint and config, and sends each group in one call
-    (`post`, run through `blocking` in a worker thread)."""
+    (`post`)."""
 
     post: Post
-    blocking: Blocking
     _groups: dict[tuple[str, str], _Group] = field(default_factory=dict)
     _sending: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -104,7 +103,7 @@ class Submitter:
     async def _deliver(self, group: _Group, tasks: list[_Task]) -> None:
         outcomes: list[str | BaseException]
         try:
-            outcomes = await self.blocking(lambda: self._outcomes(group, tasks))
+            outcomes = await self._outcomes(group, tasks)
         except asyncio.CancelledError:
             for task in tasks:
                 task.future.cancel()
@@ -119,22 +118,22 @@ class Submitter:
             else:
                 task.future.set_result(outcome)
 
-    def _outcomes(self, group: _Group, tasks: list[_Task]) -> list[str | BaseException]:
-        """In a worker thread: the task ids, or each task's error."""
+    async def _outcomes(self, group: _Group, tasks: list[_Task]) -> list[str | BaseException]:
+        """The task ids, or each task's error."""
         try:
-            answer = self.post(
+            answer = await self.post(
                 group.endpoint_uuid, group.endpoint_config, [(t.function_uuid, t.args) for t in tasks]
             )
         except Exception as exc:
             if len(tasks) > 1 and _maybe_one_tasks_fault(exc):
-                return [self._alone(group, task) for task in tasks]
+                return [await self._alone(group, task) for task in tasks]
             return [exc] * len(tasks)
         ids = {function: iter(task_ids) for function, task_ids in answer["tasks"].items()}
         return [str(next(ids[task.function_uuid])) for task in tasks]
 
-    def _alone(self, group: _Group, task: _Task) -> str | BaseException:
+    async def _alone(self, group: _Group, task: _Task) -> str | BaseException:
         try:
-            return self._outcomes(group, [task])[0]
+            return (await self._outcomes(group, [task]))[0]
         except Exception as exc:
             return exc
 

@@ -145,12 +145,20 @@ class HTTPClient:
         self._closed = False
 
     async def fetch(
-        self, method: str, url: str, body: bytes | None, *, timeout: float, limit: Callable[[int], int]
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        *,
+        timeout: float,
+        limit: Callable[[int], int],
+        headers: bytes = b"",
     ) -> Answer:
         """The whole answer within `timeout` seconds (connecting, sending, head and body), its body
-        within `limit(status)` bytes."""
+        within `limit(status)` bytes. `headers`: more header lines for this request alone, each
+        ending in CRLF (a token that changes over the client's life)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        connection, head = await self._exchange(method, url, body, deadline, None)
+        connection, head = await self._exchange(method, url, body, deadline, None, headers)
         return Answer(head, await self._whole(connection, head, limit(head.status)))
 
     async def stream(self, method: str, url: str, body: bytes | None, *, timeout: float) -> Stream:
@@ -176,13 +184,19 @@ class HTTPClient:
         self._waiters.clear()
 
     async def _exchange(
-        self, method: str, url: str, body: bytes | None, deadline: float, silence: float | None
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        deadline: float,
+        silence: float | None,
+        headers: bytes = b"",
     ) -> tuple[Connection, Head]:
         target = self._target(method, url)
         if body is None:
-            head = target.prefix + b"\r\n"
+            head = target.prefix + headers + b"\r\n"
         else:
-            head = target.prefix + b"Content-Length: %d\r\n\r\n" % len(body)
+            head = target.prefix + headers + b"Content-Length: %d\r\n\r\n" % len(body)
         connection, reused = await self._acquire(target, deadline)
         try:
             while True:

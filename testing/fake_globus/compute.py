@@ -253,6 +253,7 @@ class FakeCompute:
                 json=body,
                 authorization=request.headers.get("Authorization"),
                 time=time.monotonic(),
+                user_agent=request.headers.get("User-Agent"),
             )
         )
         if self.delay > 0:

@@ -24,6 +24,7 @@ class RecordedRequest:
     json: Any  # the decoded JSON body, None without one (or when it was not JSON)
     authorization: str | None
     time: float  # time.monotonic() on arrival
+    user_agent: str | None = None  # which client called: the SDK's `requests` or the gateway's own
 
 
 class RequestError(Exception):
