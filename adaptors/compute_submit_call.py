@@ -185,7 +185,8 @@ def _json(data: dict[str, Any]) -> bytes:
 
 def _as_response(answer: Answer, url: str) -> requests.Response:
     """The answer as the `requests.Response` that the SDK's retry checks and error classes read.
-    `_content` is how `requests` itself holds a body read in full."""
+    `_content` is how `requests` itself holds a body read in full. The request it answers is there
+    for an error's message only: preparing one costs about 80 µs."""
     response = requests.Response()
     response.status_code = answer.status
     response.headers = requests.structures.CaseInsensitiveDict(answer.head.headers)
@@ -196,7 +197,8 @@ def _as_response(answer: Answer, url: str) -> requests.Response:
         response.reason = http.HTTPStatus(answer.status).phrase
     except ValueError:
         response.reason = ""
-    response.request = requests.Request("POST", url).prepare()
+    if answer.status >= 400:
+        response.request = requests.Request("POST", url).prepare()
     return response
 
 
