@@ -14,6 +14,7 @@ import openai
 import pytest
 import yaml
 
+from adaptors.keepalive import until_first_chunk
 from proxy.core.state import STATE
 from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
@@ -108,3 +109,52 @@ async def test_a_client_leaving_while_the_backend_waits_ends_the_request(
     assert backend.app[ACTIVE_STREAMS] == 0 and backend.app[DISCONNECTS] == 1, (
         "the backend request was dropped"
     )
+
+
+async def test_the_first_chunk_is_handed_over_and_the_rest_follow_in_order() -> None:
+    closed: list[bool] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(0.25)
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            closed.append(True)
+
+    items = [item async for item in until_first_chunk(source(), 0.1)]
+    assert items[:2] == [WAITING, WAITING] and items[2:] == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert closed == [True]
+
+
+async def test_a_failure_before_the_first_chunk_reaches_the_reader_and_an_empty_stream_ends() -> None:
+    async def refused() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.01)
+        raise ConnectionRefusedError("no backend")
+        yield b"never"
+
+    async def empty() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.01)
+        return
+        yield b"never"
+
+    with pytest.raises(ConnectionRefusedError, match="no backend"):
+        [item async for item in until_first_chunk(refused(), 5.0)]
+    assert [item async for item in until_first_chunk(empty(), 5.0)] == []
+
+
+async def test_closing_while_waiting_stops_the_wait_and_closes_the_source() -> None:
+    cancelled: list[bool] = []
+
+    async def silent() -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(30)
+            yield b"late"
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    stream = until_first_chunk(silent(), 0.05)
+    assert await anext(stream) == WAITING
+    await stream.aclose()
+    assert cancelled == [True]
