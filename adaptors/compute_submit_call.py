@@ -100,7 +100,8 @@ class SubmitCall:
                     break
             if attempt < config.max_retries:
                 await asyncio.sleep(min(config.backoff(context), config.max_sleep))
-        assert response is not None  # every attempt either answered or raised
+        if response is None:  # as in the SDK: each attempt either answers or raises
+            raise UnreadableAnswer("the retries ended without an answer", ValueError("no answer"))
         return self._read(response)
 
     async def close(self) -> None:
@@ -124,15 +125,16 @@ class SubmitCall:
         authorizer = self.client.authorizer
         if authorizer is None:
             return b""
-        if _fresh(authorizer):
-            value = authorizer.get_authorization_header()
+        token = _fresh_token(authorizer)
+        if token is not None:
+            value = f"Bearer {token}"
         else:
             value = await self.blocking(authorizer.get_authorization_header)
         if not value:
             return b""
-        if "\r" in value or "\n" in value:
-            raise UnreadableAnswer("the access token is not a header value", ValueError("line break"))
-        return b"Authorization: " + value.encode("latin-1") + b"\r\n"
+        if not value.isascii() or not value.isprintable():
+            raise UnreadableAnswer("the access token is not a header value", ValueError("not printable ASCII"))
+        return b"Authorization: " + value.encode() + b"\r\n"
 
     def _read(self, response: requests.Response) -> dict[str, Any]:
         if not 200 <= response.status_code < 400:
@@ -162,13 +164,17 @@ def submit_call(client: globus_sdk.ComputeClientV3, blocking: Blocking[Any], tim
     return SubmitCall(client, blocking, timeout, http)
 
 
-def _fresh(authorizer: Any) -> bool:
-    """Whether asking for the header surely fetches nothing: a renewing authorizer's token far
-    from expiry. Any other authorizer may do anything, so it is asked in a thread."""
-    if not isinstance(authorizer, RenewingAuthorizer) or authorizer.access_token is None:
-        return False
-    expires = authorizer.expires_at
-    return expires is not None and time.time() < expires - RENEW_MARGIN_SECONDS
+def _fresh_token(authorizer: Any) -> str | None:
+    """A renewing authorizer's token while far from its expiry, read without asking the authorizer
+    for its header: another thread may invalidate the token (a 401 to a status call) between a
+    check and the call, which would then fetch a new one on the event loop. Any other authorizer
+    may do anything, so its header is asked for in a thread."""
+    if not isinstance(authorizer, RenewingAuthorizer):
+        return None
+    token, expires = authorizer.access_token, authorizer.expires_at
+    if token is None or expires is None or time.time() >= expires - RENEW_MARGIN_SECONDS:
+        return None
+    return token
 
 
 def _limit(_status: int) -> int:

@@ -26,9 +26,11 @@ before it became adaptive. Otherwise the client does what the gateway does:
   loop without the gateway's few ms of gathering during a burst: the fastest way the fake takes a
   burst of tasks (one web call per task would make the client's own CPU its limit at 100 requests
   in flight, and the baseline no floor);
-- the same SDK calls built the same way (`ComputeClientV3.submit` of a `Batch` with the JSON
-  serializer, the gateway's own `sdk_clients`: one pooled requests transport, the same retry
-  settings), run in a thread pool of the gateway's size, on the event loop the gateway uses (uvloop);
+- the same calls built the same way: a `Batch` with the JSON serializer submitted on the event loop
+  over the gateway's own HTTP client with the SDK's token and retries
+  (`adaptors.compute_submit_call`), status calls through the gateway's own `sdk_clients` (one
+  pooled requests transport, the same retry settings) in a thread pool of the gateway's size, on
+  the event loop the gateway uses (uvloop);
 - the payload the gateway sends for the benchmark's body, and the result read back as JSON.
 
 What the difference leaves to the gateway is then its own work: the HTTP front, authentication, request
@@ -59,6 +61,7 @@ from adaptors.compute_config import GlobusComputeClusterConfig
 from adaptors.compute_early import EarlyResults
 from adaptors.compute_result_queue import QueuedResult, ResultQueue
 from adaptors.compute_submit import MAX_TASKS_PER_SUBMIT
+from adaptors.compute_submit_call import submit_call
 from bench.loadgen import DEFAULT_BODY, MAX_DURATION, MAX_REQUESTS, WARMUP_SECONDS, Budget, Tally, summarize
 from testing.loops import new_event_loop
 
@@ -120,7 +123,7 @@ class Waiting:
 
 
 class Compute:
-    """Submits through the SDK and waits on one shared poller, as `ComputeService` does in the gateway."""
+    """Submits and waits on one shared poller, as `ComputeService` does in the gateway."""
 
     def __init__(
         self,
@@ -139,6 +142,7 @@ class Compute:
         self.serializer = json_serializer()
         self.clients = sdk_clients(access_of(service, timeout))
         self.v2, self.v3 = self.clients[0], self.clients[1]
+        self.submission = submit_call(self.v3, self._blocking, timeout)
         self.pending: dict[str, Waiting] = {}
         self.queued: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
         self.sending: set[asyncio.Task[None]] = set()
@@ -149,13 +153,12 @@ class Compute:
         self.queue = ResultQueue(self._queue_details, self._pushed, print_change) if result_queue else None
         self.group: str | None = None
         self.early = EarlyResults()
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, params: dict[str, Any]) -> str:
         """Joins the submissions of this turn of the event loop; the first one schedules their call.
         With a `burst_window`, while another call is on the wire the call waits that long to gather
         more, as the gateway's `Submitter` does (requests behind an HTTP front arrive one by one)."""
-        loop = self.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         if not self.queued:
             if self.burst_window and self.sending:
@@ -176,26 +179,21 @@ class Compute:
 
     async def _send(self, queued: list[tuple[dict[str, Any], asyncio.Future[str]]]) -> None:
         function_uuid = self.service.function_uuid
-
-        def send() -> list[str]:
-            batch = Batch(
-                task_group_id=self.group,
-                serializer=self.serializer,
-                result_serializers=RESULT_SERIALIZERS,
-                request_queue=self.queue is not None,
-            )
-            for params, _ in queued:
-                batch.add(function_uuid, args=({"model_params": params},))
-            answer = self.v3.submit(self.service.endpoint_uuid, batch.prepare())
-            if self.queue is not None and self.loop is not None:
-                self.loop.call_soon_threadsafe(self._follow, str(answer["task_group_id"]))
+        batch = Batch(
+            task_group_id=self.group,
+            serializer=self.serializer,
+            result_serializers=RESULT_SERIALIZERS,
+            request_queue=self.queue is not None,
+        )
+        for params, _ in queued:
+            batch.add(function_uuid, args=({"model_params": params},))
+        try:
+            answer = await self.submission.submit(self.service.endpoint_uuid, batch.prepare())
+            if self.queue is not None:
+                self._follow(str(answer["task_group_id"]))
             task_ids = [str(task_id) for task_id in answer["tasks"][function_uuid]]
             if len(task_ids) != len(queued):
                 raise TaskFailed(f"{len(queued)} tasks submitted, {len(task_ids)} ids in the answer")
-            return task_ids
-
-        try:
-            task_ids = await self._blocking(send)
         except Exception as exc:
             for _, future in queued:
                 if not future.done():
@@ -290,6 +288,7 @@ class Compute:
             await self.queue.close()
         for sending in self.sending:
             sending.cancel()
+        await self.submission.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -248,3 +248,32 @@ async def test_tls_is_verified_against_the_configured_bundle(tmp_path: Path) -> 
         await trusting.close()
         await default.close()
         await runner.cleanup()
+
+
+async def test_a_token_that_is_no_header_value_is_refused_unsent() -> None:
+    seen: list[web.Request] = []
+
+    async def submit(request: web.Request) -> web.Response:
+        seen.append(request)
+        return web.json_response({"tasks": {}})
+
+    app = web.Application()
+    app.router.add_post("/v3/endpoints/{endpoint}/submit", submit)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = globus_sdk.ComputeClientV3(
+        base_url=f"http://127.0.0.1:{port}",
+        authorizer=globus_sdk.AccessTokenAuthorizer("a-token\r\nX-Injected: yes"),
+        retry_config=RetryConfig(max_retries=0),
+    )
+    call = submit_call(client, blocking, 5.0)
+    try:
+        with pytest.raises(UnreadableAnswer) as raised:
+            await call.submit(ENDPOINT, {"tasks": []})
+        assert "a-token" not in str(raised.value)
+        assert seen == []
+    finally:
+        await call.close()
+        await runner.cleanup()
