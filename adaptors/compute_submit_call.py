@@ -133,7 +133,8 @@ class SubmitCall:
         if not value:
             return b""
         if not value.isascii() or not value.isprintable():
-            raise UnreadableAnswer("the access token is not a header value", ValueError("not printable ASCII"))
+            refused = ValueError("not printable ASCII")
+            raise UnreadableAnswer("the access token is not a header value", refused)
         return b"Authorization: " + value.encode() + b"\r\n"
 
     def _read(self, response: requests.Response) -> dict[str, Any]:
