@@ -160,21 +160,26 @@ def compare(a: Side, b: Side, rounds: int, seconds: float) -> dict[str, Any]:
             order = (a, b) if number % 2 == 0 else (b, a)
             runs.append(measure_round(order, seconds))
             print(f"round {number + 1}: {runs[-1]}", file=sys.stderr)
+    p99 = {label: statistics.median(run[label]["p99_ms"] for run in runs) for label in ("a", "b")}
+    return summarize(a, b, runs, seconds, CONCURRENCY) | {"median_p99_ms": p99}
+
+
+def summarize(
+    a: Side, b: Side, runs: list[dict[str, dict[str, float]]], seconds: float, concurrency: int
+) -> dict[str, Any]:
+    """The rounds of two sides' CPU time per request, and their differences (b minus a)."""
     differences = [run["b"]["cpu_us_per_request"] - run["a"]["cpu_us_per_request"] for run in runs]
     return {
         "a": f"{a.mode}@{a.checkout}",
         "b": f"{b.mode}@{b.checkout}",
         "python": {"a": os.path.realpath(a.python), "b": os.path.realpath(b.python)},
-        "rounds": rounds,
+        "rounds": len(runs),
         "seconds_per_round": seconds,
-        "concurrency": CONCURRENCY,
+        "concurrency": concurrency,
         "b_minus_a_cpu_us_per_request": [round(value, 1) for value in differences],
         "median_b_minus_a_cpu_us_per_request": round(statistics.median(differences), 1),
         "median_cpu_us_per_request": {
             label: statistics.median(run[label]["cpu_us_per_request"] for run in runs) for label in ("a", "b")
-        },
-        "median_p99_ms": {
-            label: statistics.median(run[label]["p99_ms"] for run in runs) for label in ("a", "b")
         },
         "runs": runs,
     }

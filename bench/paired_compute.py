@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +40,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.compute_config import COMPUTE_PATH, write_compute_config
-from bench.paired import Side, parse_side
+from bench.paired import Side, parse_side, summarize
 from bench.wrk import wrk_load
 from testing.ports import free_port
 
@@ -119,21 +117,7 @@ def compare(a: Side, b: Side, rounds: int, seconds: float, concurrency: int) -> 
         for side, _ in sides:
             if side.gateway is not None:
                 side.gateway.check_running()
-    differences = [run["b"]["cpu_us_per_request"] - run["a"]["cpu_us_per_request"] for run in runs]
-    return {
-        "a": str(a.checkout),
-        "b": str(b.checkout),
-        "python": {"a": os.path.realpath(a.python), "b": os.path.realpath(b.python)},
-        "rounds": rounds,
-        "seconds_per_round": seconds,
-        "concurrency": concurrency,
-        "b_minus_a_cpu_us_per_request": [round(value, 1) for value in differences],
-        "median_b_minus_a_cpu_us_per_request": round(statistics.median(differences), 1),
-        "median_cpu_us_per_request": {
-            label: statistics.median(run[label]["cpu_us_per_request"] for run in runs) for label in ("a", "b")
-        },
-        "runs": runs,
-    }
+    return summarize(a, b, runs, seconds, concurrency)
 
 
 def main(argv: list[str] | None = None) -> int:

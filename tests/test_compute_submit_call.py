@@ -23,23 +23,15 @@ from adaptors.telemetry import NoTelemetry
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
 from testing.ports import free_port
+from tests.compute_setup import ENDPOINT, SERVICE_ID, SERVICE_SECRET
 from tests.support import self_signed_certificate
 
-SERVICE_ID, SERVICE_SECRET = "7d0e1c36-2b57-4f0c-9a2b-6f1c5b0e9a11", "service-account-secret"
-ENDPOINT = "9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a"
 ECHO = "21111111-aaaa-4bbb-8ccc-000000000001"
 GATEWAY_AGENT = "hpc-inference-gateway"
 
 
 def echo(value: Any) -> Any:
     return value
-
-
-@pytest.fixture
-async def globus() -> AsyncIterator[FakeGlobus]:
-    async with FakeGlobus() as running:
-        running.add_client(SERVICE_ID, SERVICE_SECRET)
-        yield running
 
 
 @pytest.fixture
@@ -50,6 +42,7 @@ def revoked() -> set[str]:
 
 @pytest.fixture
 async def compute(globus: FakeGlobus, revoked: set[str]) -> AsyncIterator[FakeCompute]:
+    """Not conftest's: this one refuses the `revoked` tokens, and runs an echo function only."""
     async with FakeCompute(
         accepted_tokens=lambda token: token in globus.issued_tokens and token not in revoked
     ) as fake:
