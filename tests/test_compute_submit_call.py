@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,20 +58,25 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield executor
 
 
-@pytest.fixture
-async def service(
-    compute: FakeCompute, globus: FakeGlobus, pool: ThreadPoolExecutor
-) -> AsyncIterator[ComputeService]:
-    access = GlobusComputeClusterConfig(
+def access_to(compute: FakeCompute, globus: FakeGlobus, **settings: Any) -> GlobusComputeClusterConfig:
+    return GlobusComputeClusterConfig(
         qstat_endpoint_uuid=ENDPOINT,
         qstat_function_uuid=ECHO,
         client_id=SERVICE_ID,
         client_secret=SERVICE_SECRET,
         compute_url=compute.url,
         auth_url=globus.auth_url,
-        http_timeout_seconds=0.5,
         result_queue=False,
+        **settings,
     )
+
+
+@pytest.fixture
+async def service(
+    compute: FakeCompute, globus: FakeGlobus, pool: ThreadPoolExecutor
+) -> AsyncIterator[ComputeService]:
+    """With a short `http_timeout_seconds`; `test_a_stuck_service_times_out_as_deployed` keeps the default."""
+    access = access_to(compute, globus, http_timeout_seconds=0.5)
     running = ComputeService(access, access.service_key(), pool, NoTelemetry())
     yield running
     await running.close()
@@ -142,6 +148,26 @@ async def test_a_service_that_does_not_answer_in_time_fails_as_a_timeout(
     with pytest.raises(globus_sdk.GlobusTimeoutError):
         await service.submit(ENDPOINT, ECHO, "late")
     assert len(submits(compute)) == 1 + 3
+
+
+async def test_a_stuck_service_times_out_as_deployed(
+    compute: FakeCompute, globus: FakeGlobus, pool: ThreadPoolExecutor
+) -> None:
+    """The default `http_timeout_seconds` (10) bounds each of the SDK's three attempts: a service that
+    takes the submission and never answers fails it after about 31 s, never hangs it."""
+    access = access_to(compute, globus)
+    running = ComputeService(access, access.service_key(), pool, NoTelemetry())
+    try:
+        await running.submit(ENDPOINT, ECHO, "warm")
+        compute.delay = 12.0
+        started = time.monotonic()
+        with pytest.raises(globus_sdk.GlobusTimeoutError):
+            await running.submit(ENDPOINT, ECHO, "stuck")
+        assert 30.0 <= time.monotonic() - started < 36.0, "three attempts of 10 s and the SDK's backoff"
+        assert len(submits(compute)) == 1 + 3
+    finally:
+        compute.delay = 0.0
+        await running.close()
 
 
 async def test_a_service_that_is_gone_fails_as_a_connection_error(
