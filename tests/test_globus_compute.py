@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -142,6 +143,11 @@ async def test_timeout_is_504_with_the_task_id_and_spares_other_requests(
     assert any(task_id in message for task_id in compute.tasks)
 
 
+def in_flight(gateway: Server) -> float:
+    """Compute tasks the gateway waits for: its requests that have submitted theirs."""
+    return value(gateway.app[STATE].metrics.exposition().decode(), "gateway_compute_tasks_in_flight")
+
+
 async def test_offline_endpoint_and_cold_start_are_503(
     gateway: Server,
     compute: FakeCompute,
@@ -166,7 +172,10 @@ async def test_offline_endpoint_and_cold_start_are_503(
     try:
         first = call(http, "POST", f"{hpc(cold)}/chat/completions", json=chat(), headers=auth())
         first_task = asyncio.ensure_future(first)
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not first_task.done() and in_flight(cold) < 1:  # not a fixed pause: CI may stall
+            assert time.monotonic() < deadline, "the first request never submitted its task"
+            await asyncio.sleep(0.005)
         status, document, _ = await call(
             http, "POST", f"{hpc(cold)}/chat/completions", json=chat(), headers=auth()
         )
