@@ -1,6 +1,7 @@
 """The HTTP/1.1 wire format of a backend's answer, as adaptors/http_client.py reads it: the head
 (status line and headers, within bounds), the body's framing (a length, chunks, or until the
-connection closes), its content coding, and the failures the client raises.
+connection closes), its content coding, and the failures the client raises; and the JSON body of
+a request the adaptors send.
 
 Parsed in Python: the head of a model server's answer is a few short lines, and a parser in C
 (httptools) saves too little per answer to be worth a compiled dependency. Everything a backend
@@ -11,8 +12,12 @@ framing that contradicts itself is refused as a malformed answer, never guessed 
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
@@ -20,6 +25,16 @@ MAX_LINE_BYTES = 8190
 MAX_INTERIM_ANSWERS = 10
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _NO_BODY = frozenset((204, 304))
+
+
+def json_body(value: Any) -> bytes:
+    """orjson is about five times faster, which matters on the event loop for a 20 MB body; what it
+    cannot encode (nesting beyond 254 levels, integers beyond 64 bits, lone surrogates) the
+    standard library does."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value).encode()
 
 
 class HTTPFailure(Exception):

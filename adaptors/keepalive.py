@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 WAITING = b": waiting for the model\n\n"
 
@@ -35,7 +35,7 @@ class _First:
     """Where the first chunk (or how the iterator ended) is handed over, and the waiter it wakes."""
 
     outcome: bytes | _End | BaseException | None = None
-    wake: asyncio.Future[None] | None = field(default=None)
+    wake: asyncio.Future[None] | None = None
 
     def settle(self, outcome: bytes | _End | BaseException) -> None:
         self.outcome = outcome
