@@ -4,10 +4,18 @@ A fake would only show that the gateway agrees with the fake; the real server al
 when it goes away and comes back. Each server differs in its command line and in how it says it is
 ready; starting, waiting with a deadline, stopping, and reporting a failure with the server's own log
 are the same for all, and are here.
+
+A server outlives nothing that started it: it is launched through util-linux's `setpriv` (Debian
+installs it everywhere) with its own stop signal as its parent-death signal, so that a test run killed
+outright (SIGKILL, or a signal pytest does not handle) stops its servers as `stop()` would, instead of
+leaving them running with their ports and memory. The signal follows the thread that launched the
+server; servers are launched from the thread that runs the test's event loop, which lives as long as
+they do.
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 from abc import ABC, abstractmethod
@@ -123,7 +131,7 @@ class ServiceProcess(ABC):
     async def _launch(self, port: int) -> None:
         with self.log_path(port).open("ab") as log:
             process = subprocess.Popen(
-                self.command(port),
+                [*_stopped_with_parent(self.stop_signal), *self.command(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -137,3 +145,10 @@ class ServiceProcess(ABC):
         await self.stop()
         what = f"did not answer within {self.ready_timeout:g} s" if status is None else f"exited ({status})"
         raise ServiceError(f"{self.name} on port {port} {what}; its log:\n{self.log_tail(port)}")
+
+
+def _stopped_with_parent(sig: signal.Signals) -> list[str]:
+    """The prefix that gives a server `sig` when the thread that launched it ends; none where `setpriv`
+    is missing (not a Debian machine), where a killed run leaves its servers to be stopped by hand."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, f"--pdeathsig={sig.name}", "--"] if setpriv else []
