@@ -25,6 +25,8 @@ from typing import Any, Final
 
 import yaml
 
+from testing.services.base import stopped_with_parent
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 MODEL: Final = "bench/model"
 TOKEN: Final = "bench-token"
@@ -115,12 +117,13 @@ def start_service(
     python: str = sys.executable,
 ) -> Service:
     """Start `args` under `python` (this one by default) on `cpu` in `cwd`; its output goes to a log
-    in `workdir`, or only its stderr if `stdout` names another file for its standard output."""
+    in `workdir`, or only its stderr if `stdout` names another file for its standard output. A run
+    killed outright stops it too (SIGTERM, as `Service.stop` sends first)."""
     log = workdir / f"{name}.log"
     with ExitStack() as files:
         output = files.enter_context(log.open("wb"))
         process = subprocess.Popen(
-            ["taskset", "-c", cpu, python, *args],
+            [*stopped_with_parent(signal.SIGTERM), "taskset", "-c", cpu, python, *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=files.enter_context(stdout.open("wb")) if stdout else output,

@@ -4,13 +4,17 @@ gateway, with the same load generator.
 The backend and the load generator share CPU 0 and the gateway has CPU 1 to itself. Each load runs
 first straight to the backend, then through the gateway: requests at concurrencies 1, 16 and 64,
 then streams (paced like a model, and saturated), then many slow streams held at once while the
-gateway's resident memory is sampled.
+gateway's resident memory is sampled. The paced streams also go through nginx in the gateway's
+place (one worker on CPU 1, the shipped locations), so that every run says what the hop alone adds
+to a first chunk: issue 20 judges the gateway's figure beside nginx's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,12 +36,14 @@ from bench.common import (
     write_gateway_config,
 )
 from testing.ports import free_port
+from testing.services.nginx import NginxServer
 
 CONCURRENCIES: Final = (1, 16, 64)
 STREAM_CONCURRENCY: Final = 16
 SLOW_STREAM_DIRECTIVES: Final = "[[chunks=30]][[chunk_delay=0.5]]"
 PACED: Final = "[[chunks=20]][[chunk_delay=0.02]]"
 STREAM_KINDS: Final = {"paced": (PACED, 0.0), "paced, spread": (PACED, 0.4), "saturated": ("", 0.0)}
+THROUGH_NGINX: Final = ("paced", "paced, spread")
 """(directives, seconds over which the streams start). Paced streams generate like a model (50
 tokens/s, 0.4 s a stream); started together they stay in step, so every 0.4 s all 16 start at once
 and a first chunk's time is mostly its place in that burst (p50: about eight stream starts of CPU);
@@ -54,17 +60,22 @@ SLOW_STREAMS_RSS: Final = "slow_streams_peak_rss_mb"
 class OverheadBench:
     """The measurements of one run, direct first and then through the gateway for each load."""
 
-    def __init__(self, backend_port: int, gateway_port: int | None, seconds: float) -> None:
+    def __init__(
+        self, backend_port: int, gateway_port: int | None, seconds: float, nginx_url: str | None = None
+    ) -> None:
         self.direct_url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
         self.gateway_url = f"http://127.0.0.1:{gateway_port}{GATEWAY_PATH}" if gateway_port else None
+        self.nginx_url = nginx_url
         self.seconds = seconds
 
-    def _pair(self, body: str, *extra: str) -> dict[str, Any]:
+    def _pair(self, body: str, *extra: str, through_nginx: bool = False) -> dict[str, Any]:
         limit = self.seconds + 90
         options = ["--duration", str(self.seconds), *extra]
         pair = {"direct": loadgen(self.direct_url, body, *options, token=None, limit=limit)}
         if self.gateway_url:
             pair["gateway"] = loadgen(self.gateway_url, body, *options, token=TOKEN, limit=limit)
+        if self.nginx_url and through_nginx:
+            pair["nginx"] = loadgen(self.nginx_url, body, *options, token=None, limit=limit)
         return pair
 
     def non_streaming(self) -> dict[str, Any]:
@@ -87,11 +98,13 @@ class OverheadBench:
         for kind, (directives, spread) in STREAM_KINDS.items():
             body = chat_body(f"Say hello {directives}", stream=True)
             options = ["--stream", "--concurrency", concurrency, "--warmup", "64", "--spread", str(spread)]
-            pair = self._pair(body, *options)
-            if "gateway" in pair:
-                direct, gateway = pair["direct"], pair["gateway"]
-                pair["added_ttfc_p50_ms"] = difference(gateway["ttfc_p50_ms"], direct["ttfc_p50_ms"])
-                pair["added_ttfc_p99_ms"] = difference(gateway["ttfc_p99_ms"], direct["ttfc_p99_ms"])
+            pair = self._pair(body, *options, through_nginx=kind in THROUGH_NGINX)
+            direct = pair["direct"]
+            for side, prefix in (("gateway", ""), ("nginx", "nginx_")):
+                if side in pair:
+                    for rank in ("p50", "p99"):
+                        added = difference(pair[side][f"ttfc_{rank}_ms"], direct[f"ttfc_{rank}_ms"])
+                        pair[f"{prefix}added_ttfc_{rank}_ms"] = added
             results[kind] = pair
             print(f"streaming ({kind}), concurrency {concurrency}: done", file=sys.stderr)
         return results
@@ -136,14 +149,40 @@ def overhead(
         gateway = start_service("gateway", GATEWAY_CPU, ["-m", "proxy", "--config", str(config)], workdir)
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{gateway_port}/resource_server/health")
-    bench = OverheadBench(backend_port, gateway_port, seconds)
-    results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
+    with nginx_hop(workdir, backend_port) if with_gateway else _no_hop() as nginx_url:
+        bench = OverheadBench(backend_port, gateway_port, seconds, nginx_url)
+        results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
     if gateway is not None:
         results["slow_streams"] = bench.slow_streams(gateway.process.pid, streams)
         for service in (backend, gateway):
             service.check_running()
         gateway.stop()
     return results
+
+
+class _PinnedNginx(NginxServer):
+    """nginx with its workers on the gateway's CPU (they inherit the master's affinity)."""
+
+    def command(self, port: int) -> list[str]:
+        return ["taskset", "-c", GATEWAY_CPU, *super().command(port)]
+
+
+@contextmanager
+def nginx_hop(workdir: Path, backend_port: int) -> Iterator[str]:
+    """nginx (one worker) in the gateway's place in front of the same backend; its URL for the
+    backend's chat route, which the shipped locations relay unbuffered."""
+    nginx = _PinnedNginx(workdir / "nginx-hop", [f"127.0.0.1:{backend_port}"], port=free_port())
+    with asyncio.Runner() as runner:
+        runner.run(nginx.start())
+        try:
+            yield f"{nginx.url}/v1/chat/completions"
+        finally:
+            runner.run(nginx.close())
+
+
+@contextmanager
+def _no_hop() -> Iterator[None]:
+    yield None
 
 
 def overhead_checks(results: dict[str, Any]) -> dict[str, Check]:
@@ -199,6 +238,16 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
                     judged.get(TTFC_ADDED_P50) if (kind, rank) == ("paced", "p50") else None,
                 )
             )
+        if "nginx" in pair:
+            rows.append(
+                table_row(
+                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50, nginx as the hop",
+                    direct["ttfc_p50_ms"],
+                    pair["nginx"]["ttfc_p50_ms"],
+                    show(pair.get("nginx_added_ttfc_p50_ms"), " ms"),
+                    " ms",
+                )
+            )
     slow = results.get("slow_streams")
     if slow:
         count = f"{slow['streams']:,} slow streams"
@@ -214,7 +263,7 @@ def overhead_failures(results: dict[str, Any]) -> list[str]:
     found = []
     for kind in ("non_streaming", "streaming"):
         for level, pair in results.get(kind, {}).items():
-            for side in ("direct", "gateway"):
+            for side in ("direct", "gateway", "nginx"):
                 if pair.get(side, {}).get("errors"):
                     found.append(f"{kind} c={level} {side}: {pair[side]['status_counts']}")
     slow = results.get("slow_streams")

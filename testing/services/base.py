@@ -131,7 +131,7 @@ class ServiceProcess(ABC):
     async def _launch(self, port: int) -> None:
         with self.log_path(port).open("ab") as log:
             process = subprocess.Popen(
-                [*_stopped_with_parent(self.stop_signal), *self.command(port)],
+                [*stopped_with_parent(self.stop_signal), *self.command(port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -147,7 +147,7 @@ class ServiceProcess(ABC):
         raise ServiceError(f"{self.name} on port {port} {what}; its log:\n{self.log_tail(port)}")
 
 
-def _stopped_with_parent(sig: signal.Signals) -> list[str]:
+def stopped_with_parent(sig: signal.Signals) -> list[str]:
     """The prefix that gives a server `sig` when the thread that launched it ends; none where `setpriv`
     is missing (not a Debian machine), where a killed run leaves its servers to be stopped by hand."""
     setpriv = shutil.which("setpriv")
