@@ -43,13 +43,14 @@ STREAM_CONCURRENCY: Final = 16
 SLOW_STREAM_DIRECTIVES: Final = "[[chunks=30]][[chunk_delay=0.5]]"
 PACED: Final = "[[chunks=20]][[chunk_delay=0.02]]"
 STREAM_KINDS: Final = {"paced": (PACED, 0.0), "paced, spread": (PACED, 0.4), "saturated": ("", 0.0)}
-THROUGH_NGINX: Final = ("paced", "paced, spread")
 """(directives, seconds over which the streams start). Paced streams generate like a model (50
 tokens/s, 0.4 s a stream); started together they stay in step, so every 0.4 s all 16 start at once
 and a first chunk's time is mostly its place in that burst (p50: about eight stream starts of CPU);
 the added figure ranged from -0.8 to +2.5 ms in four identical rounds (2026-12-05). Spread evenly
 over a stream's length they start one every 25 ms, and the time to first chunk is the gateway's own
 delay. Saturated streams send everything at once and measure queueing at full load."""
+THROUGH_NGINX: Final = ("paced", "paced, spread")
+"""The kinds also measured through nginx as the hop: saturated streams measure queueing, not a hop."""
 HOLD_LIMIT_SECONDS: Final = 60.0
 C1_ADDED_P50: Final = "c1_added_p50_ms"
 C64_RPS_RATIO: Final = "c64_rps_ratio"
