@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Final
 
@@ -150,7 +150,7 @@ def overhead(
         gateway = start_service("gateway", GATEWAY_CPU, ["-m", "proxy", "--config", str(config)], workdir)
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{gateway_port}/resource_server/health")
-    with nginx_hop(workdir, backend_port) if with_gateway else _no_hop() as nginx_url:
+    with nginx_hop(workdir, backend_port) if with_gateway else nullcontext() as nginx_url:
         bench = OverheadBench(backend_port, gateway_port, seconds, nginx_url)
         results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
     if gateway is not None:
@@ -179,11 +179,6 @@ def nginx_hop(workdir: Path, backend_port: int) -> Iterator[str]:
             yield f"{nginx.url}/v1/chat/completions"
         finally:
             runner.run(nginx.close())
-
-
-@contextmanager
-def _no_hop() -> Iterator[None]:
-    yield None
 
 
 def overhead_checks(results: dict[str, Any]) -> dict[str, Check]:

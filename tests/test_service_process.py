@@ -84,4 +84,7 @@ def test_a_server_stops_when_its_launcher_is_killed(
         launcher.kill()
         if pid and _alive(pid):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL) if server_class.own_session else os.kill(pid, signal.SIGKILL)
+                if server_class.own_session:
+                    os.killpg(pid, signal.SIGKILL)  # the broker's start script and its Erlang VM
+                else:
+                    os.kill(pid, signal.SIGKILL)
