@@ -14,7 +14,9 @@ being opened; a request beyond waits for one within its own deadline. Idle conne
 reused newest first and closed after `KEEPALIVE_SECONDS` (aiohttp's default too), and one the
 server closed while idle is dropped, never reused. A request on a reused connection that fails
 before any byte of the answer came (the server closed the connection as the request went out) is
-sent once more on a new connection; never once an answer began, never on a new connection.
+sent once more on a new connection; never once an answer began, never on a new connection. A
+stream's request goes out before `start_stream` returns when it needs no wait for either
+(adaptors/http_stream.py).
 """
 
 from __future__ import annotations
@@ -28,21 +30,20 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from adaptors.http_connection import HIGH_WATER, Connection
+from adaptors.http_connection import Connection
+from adaptors.http_stream import Sent, Stream, StreamStart, bounded_body
 from adaptors.http_wire import (
     ConnectFailed,
     ConnectTimeout,
-    Decompressor,
     Disconnected,
     Head,
+    HTTPFailure,
     TLSFailed,
 )
 
 KEEPALIVE_SECONDS = 15.0
 USER_AGENT = "hpc-inference-gateway"
 ACCEPT_ENCODING = "gzip, deflate"
-_PIECE = 256 * 1024
-"""The most a stream's piece unpacks to at once."""
 _TARGETS = 1024
 """URLs whose request line and headers are kept ready (a deployment's replicas come and go)."""
 _SAFE_PATH = "/%:@!$&'()*+,;=-._~"
@@ -70,57 +71,15 @@ class _Target:
     """The request line and the headers every request to this URL sends."""
 
 
-class Stream:
-    """An answer whose head has arrived; its body comes as `next_piece` reads it. Read to its end,
-    the connection goes back to the pool; closed before (the client left), the connection closes."""
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A request as it is sent, and sent again on a new connection if a reused one was closed."""
 
-    def __init__(self, client: HTTPClient, connection: Connection, head: Head) -> None:
-        self.head = head
-        self._client = client
-        self._connection: Connection | None = connection
-        self._decompressor = Decompressor.of(head.header("content-encoding"))
-
-    @property
-    def status(self) -> int:
-        return self.head.status
-
-    async def next_piece(self) -> bytes | None:
-        """The body's next bytes as they arrived (unpacked, at most 256 KiB at once); None at its end."""
-        connection = self._connection
-        if connection is None:
-            return None
-        decompressor = self._decompressor
-        try:
-            while True:
-                if decompressor is not None and decompressor.pending:
-                    return decompressor.unpack(b"", _PIECE)
-                data = await connection.read_some(1)
-                if data is None:
-                    self._connection = None
-                    self._client._release(connection)
-                    return None
-                if decompressor is None:
-                    return data
-                piece = decompressor.unpack(data, _PIECE)
-                if piece:
-                    return piece
-        except BaseException:
-            self.close()
-            raise
-
-    async def read(self, limit: int) -> bytes | None:
-        """The whole body, or None once it exceeds `limit` bytes (the connection then closes)."""
-        connection = self._connection
-        if connection is None:
-            return b""
-        self._connection = None
-        return await self._client._whole(connection, self.head, limit)
-
-    def close(self) -> None:
-        """Gives up the rest of the answer: the connection closes. Nothing once read to its end."""
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            self._client._discard(connection)
+    target: _Target
+    head: bytes
+    body: bytes | None
+    deadline: float
+    silence: float | None
 
 
 class HTTPClient:
@@ -164,9 +123,18 @@ class HTTPClient:
     async def stream(self, method: str, url: str, body: bytes | None, *, timeout: float) -> Stream:
         """The answer's head; connected within `timeout` seconds, then waiting at most `timeout`
         seconds of the backend's silence each time (for the head and for each piece)."""
+        return await self.start_stream(method, url, body, timeout=timeout).opened()
+
+    def start_stream(self, method: str, url: str, body: bytes | None, *, timeout: float) -> StreamStart:
+        """A streamed request, sent before this returns when an idle connection and a place in the
+        pool are free (as `stream`'s `timeout`)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        connection, head = await self._exchange(method, url, body, deadline, timeout)
-        return Stream(self, connection, head)
+        try:
+            target = self._target(method, url)
+        except HTTPFailure as exc:
+            return StreamStart(self, None, exc)
+        outgoing = Outgoing(target, self._head(target, body, b""), body, deadline, timeout)
+        return StreamStart(self, outgoing, self._send_now(outgoing))
 
     async def close(self) -> None:
         """Closes every connection, idle or in use (their requests fail as disconnected)."""
@@ -193,14 +161,45 @@ class HTTPClient:
         headers: bytes = b"",
     ) -> tuple[Connection, Head]:
         target = self._target(method, url)
+        outgoing = Outgoing(target, self._head(target, body, headers), body, deadline, silence)
+        return await self._answer(outgoing, await self._send(outgoing))
+
+    @staticmethod
+    def _head(target: _Target, body: bytes | None, headers: bytes) -> bytes:
         if body is None:
-            head = target.prefix + headers + b"\r\n"
-        else:
-            head = target.prefix + headers + b"Content-Length: %d\r\n\r\n" % len(body)
-        connection, reused = await self._acquire(target, deadline)
+            return target.prefix + headers + b"\r\n"
+        return target.prefix + headers + b"Content-Length: %d\r\n\r\n" % len(body)
+
+    async def _send(self, outgoing: Outgoing) -> Sent:
+        """Sent on a connection of the pool, waiting for one if need be."""
+        connection, reused = await self._acquire(outgoing.target, outgoing.deadline)
+        return self._sent(outgoing, connection, reused)
+
+    def _send_now(self, outgoing: Outgoing) -> Sent | None:
+        """Sent on an idle connection without waiting; None when that would need a wait (a place
+        in the pool, or a new connection)."""
+        if self._closed or (self._limit and self._in_use >= self._limit):
+            return None
+        connection = self._idle_connection(outgoing.target.origin)
+        if connection is None:
+            return None
+        self._in_use += 1
+        return self._sent(outgoing, connection, True)
+
+    def _sent(self, outgoing: Outgoing, connection: Connection, reused: bool) -> Sent:
+        try:
+            connection.send(outgoing.head, outgoing.body, outgoing.deadline, outgoing.silence)
+        except BaseException:
+            self._discard(connection)
+            raise
+        return Sent(connection, reused)
+
+    async def _answer(self, outgoing: Outgoing, sent: Sent) -> tuple[Connection, Head]:
+        """The answer's head. A reused connection the server closed before answering anything is
+        replaced once, by a new one."""
+        connection, reused = sent.connection, sent.reused
         try:
             while True:
-                connection.send(head, body, deadline, silence)
                 try:
                     return connection, await connection.read_head()
                 except Disconnected:
@@ -209,14 +208,15 @@ class HTTPClient:
                 connection.finish()
                 connection.close()
                 self._all.discard(connection)
-                connection, reused = await self._connect(target, deadline), False
+                connection, reused = await self._connect(outgoing.target, outgoing.deadline), False
+                connection.send(outgoing.head, outgoing.body, outgoing.deadline, outgoing.silence)
         except BaseException:
             self._discard(connection)
             raise
 
     async def _whole(self, connection: Connection, head: Head, limit: int) -> bytes | None:
         try:
-            body = await _bounded(connection, head, limit)
+            body = await bounded_body(connection, head, limit)
         except BaseException:
             self._discard(connection)
             raise
@@ -235,19 +235,26 @@ class HTTPClient:
             await self._place(deadline)
         else:
             self._in_use += 1
-        idle = self._idle.get(target.origin)
-        now = asyncio.get_running_loop().time()
-        while idle:
-            connection = idle.pop()
-            if connection.open and now - connection.idle_since < KEEPALIVE_SECONDS:
-                return connection, True
-            connection.close()
-            self._all.discard(connection)
+        connection = self._idle_connection(target.origin)
+        if connection is not None:
+            return connection, True
         try:
             return await self._connect(target, deadline), False
         except BaseException:
             self._free_place()
             raise
+
+    def _idle_connection(self, origin: Hashable) -> Connection | None:
+        """The newest idle connection to `origin` still fit for use; the others met on the way close."""
+        idle = self._idle.get(origin)
+        now = asyncio.get_running_loop().time()
+        while idle:
+            connection = idle.pop()
+            if connection.open and now - connection.idle_since < KEEPALIVE_SECONDS:
+                return connection
+            connection.close()
+            self._all.discard(connection)
+        return None
 
     async def _place(self, deadline: float) -> None:
         """Waits until a connection in use is given up (its place then passes to this request)."""
@@ -382,25 +389,6 @@ class HTTPClient:
             lines += f"Authorization: Basic {base64.b64encode(user).decode()}\r\n"
         prefix = lines.encode("latin-1")
         return _Target((parts.scheme, host, port), host, port, tls, prefix)
-
-
-async def _bounded(connection: Connection, head: Head, limit: int) -> bytes | None:
-    """The body, unpacked if it was packed, or None once it exceeds `limit` bytes."""
-    decompressor = Decompressor.of(head.header("content-encoding"))
-    if head.length is not None and head.length > limit and decompressor is None:
-        return None
-    parts: list[bytes] = []
-    size = 0
-    while (data := await connection.read_some(HIGH_WATER)) is not None:
-        if decompressor is not None:
-            data = decompressor.unpack(data, limit + 1 - size)
-            while decompressor.pending and size + len(data) <= limit:
-                data += decompressor.unpack(b"", limit + 1 - size - len(data))
-        size += len(data)
-        if size > limit:
-            return None
-        parts.append(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 _DEFAULT_TLS: list[ssl.SSLContext] = []
