@@ -27,6 +27,26 @@ async def test_on_an_idle_connection_the_request_leaves_before_anything_reads_it
         assert raw.connections == 1 and client._in_use == 0
 
 
+async def test_a_request_sent_at_once_that_the_servers_close_overtook_goes_again() -> None:
+    """Sent at once on a reused connection that the server closes as it arrives: nothing of an
+    answer came, so it is sent once more, on a new connection, as the stream is opened."""
+
+    async def closes_the_second(server: Raw, writer: asyncio.StreamWriter, number: int) -> bool:
+        if number == 1:
+            return False
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    async with raw_server() as raw, lean_client() as client:
+        raw.script = closes_the_second
+        assert await fetch(client, raw.url) == b"ok"
+        start = client.start_stream("POST", raw.url, BODY, timeout=5)
+        await eventually(lambda: len(raw.heads) == 2)
+        stream = await start.opened()
+        assert (stream.status, await stream.next_piece()) == (200, b"ok")
+        assert (raw.connections, len(raw.heads)) == (2, 3)
+
+
 async def test_without_an_idle_connection_the_request_waits_to_be_opened() -> None:
     """A new connection would be a wait: it happens when the stream is first read."""
     async with raw_server() as raw, lean_client() as client:
