@@ -12,11 +12,13 @@ to a first chunk: issue 20 judges the gateway's figure beside nginx's.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from bench.alternating import GATEWAY_PATH
 from bench.common import (
@@ -46,9 +48,12 @@ STREAM_KINDS: Final = {"paced": (PACED, 0.0), "paced, spread": (PACED, 0.4), "sa
 """(directives, seconds over which the streams start). Paced streams generate like a model (50
 tokens/s, 0.4 s a stream); started together they stay in step, so every 0.4 s all 16 start at once
 and a first chunk's time is mostly its place in that burst (p50: about eight stream starts of CPU);
-the added figure ranged from -0.8 to +2.5 ms in four identical rounds (2026-12-05). Spread evenly
-over a stream's length they start one every 25 ms, and the time to first chunk is the gateway's own
-delay. Saturated streams send everything at once and measure queueing at full load."""
+one round's added figure ranged from -1.4 to +2.5 ms between identical rounds (2026-12-05). Spread
+evenly over a stream's length they start one every 25 ms, and the time to first chunk is the
+gateway's own delay. Saturated streams send everything at once and measure queueing at full load."""
+PACED_ROUNDS: Final = 5
+"""Rounds of each paced kind, each the backend alone, then the gateway, then nginx: their added
+figures are the medians of the rounds' own differences, which one disturbed round cannot move."""
 THROUGH_NGINX: Final = ("paced", "paced, spread")
 """The kinds also measured through nginx as the hop: saturated streams measure queueing, not a hop."""
 HOLD_LIMIT_SECONDS: Final = 60.0
@@ -99,14 +104,11 @@ class OverheadBench:
         for kind, (directives, spread) in STREAM_KINDS.items():
             body = chat_body(f"Say hello {directives}", stream=True)
             options = ["--stream", "--concurrency", concurrency, "--warmup", "64", "--spread", str(spread)]
-            pair = self._pair(body, *options, through_nginx=kind in THROUGH_NGINX)
-            direct = pair["direct"]
-            for side, prefix in (("gateway", ""), ("nginx", "nginx_")):
-                if side in pair:
-                    for rank in ("p50", "p99"):
-                        added = difference(pair[side][f"ttfc_{rank}_ms"], direct[f"ttfc_{rank}_ms"])
-                        pair[f"{prefix}added_ttfc_{rank}_ms"] = added
-            results[kind] = pair
+            paced = kind in THROUGH_NGINX
+            rounds = [
+                self._pair(body, *options, through_nginx=paced) for _ in range(PACED_ROUNDS if paced else 1)
+            ]
+            results[kind] = stream_rounds(rounds)
             print(f"streaming ({kind}), concurrency {concurrency}: done", file=sys.stderr)
         return results
 
@@ -129,6 +131,41 @@ class OverheadBench:
             "vm_hwm_mb": round(after["VmHWM"] / 1024, 1),
             "rss_samples": len(samples),
         }
+
+
+def stream_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One kind's rounds as one pair: each side's first-chunk percentiles are the medians over the
+    rounds, its errors their sum, and each added figure the median of the rounds' own differences
+    (listed under `added_ttfc_p50_rounds_ms`)."""
+    pair: dict[str, Any] = {"rounds": len(rounds)}
+    for side in rounds[0]:
+        runs = [one[side] for one in rounds]
+        statuses: Counter[str] = Counter()
+        for run in runs:
+            statuses.update(run["status_counts"])
+        pair[side] = {
+            "ttfc_p50_ms": _median([run["ttfc_p50_ms"] for run in runs]),
+            "ttfc_p99_ms": _median([run["ttfc_p99_ms"] for run in runs]),
+            "errors": sum(run["errors"] for run in runs),
+            "status_counts": dict(statuses),
+            "runs": runs,
+        }
+    for side, prefix in (("gateway", ""), ("nginx", "nginx_")):
+        if side not in pair:
+            continue
+        for rank in ("p50", "p99"):
+            key = f"ttfc_{rank}_ms"
+            added = [difference(one[side][key], one["direct"][key]) for one in rounds]
+            pair[f"{prefix}added_ttfc_{rank}_ms"] = _median(added)
+            pair[f"{prefix}added_ttfc_{rank}_rounds_ms"] = added
+    return pair
+
+
+def _median(values: list[float | None]) -> float | None:
+    """None if any round lacks the figure: a median of what remains would hide that it failed."""
+    if not values or any(value is None for value in values):
+        return None
+    return round(statistics.median(cast(list[float], values)), 3)
 
 
 def overhead(
@@ -223,10 +260,12 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
             )
     for kind, pair in results.get("streaming", {}).items():
         direct, gateway = pair["direct"], pair.get("gateway", {})
+        rounds = pair.get("rounds", 1)
+        over = f" (median of {rounds} rounds)" if rounds > 1 else ""
         for rank in ("p50", "p99"):
             rows.append(
                 table_row(
-                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk {rank}",
+                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk {rank}{over}",
                     direct[f"ttfc_{rank}_ms"],
                     gateway.get(f"ttfc_{rank}_ms"),
                     show(pair.get(f"added_ttfc_{rank}_ms"), " ms"),
@@ -237,7 +276,7 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
         if "nginx" in pair:
             rows.append(
                 table_row(
-                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50, nginx as the hop",
+                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50{over}, nginx as the hop",
                     direct["ttfc_p50_ms"],
                     pair["nginx"]["ttfc_p50_ms"],
                     show(pair.get("nginx_added_ttfc_p50_ms"), " ms"),
