@@ -6,7 +6,8 @@ first straight to the backend, then through the gateway: requests at concurrenci
 then streams (paced like a model, and saturated), then many slow streams held at once while the
 gateway's resident memory is sampled. The paced streams also go through nginx in the gateway's
 place (one worker on CPU 1, the shipped locations), so that every run says what the hop alone adds
-to a first chunk: issue 20 judges the gateway's figure beside nginx's.
+to a first chunk: issue 20 judges the gateway's figure beside nginx's. They are measured in
+`PACED_ROUNDS` rounds, as a single round scatters too much to judge 0.5 ms.
 """
 
 from __future__ import annotations
