@@ -59,6 +59,12 @@ class Raw:
                 await writer.drain()
         except ConnectionError:
             self.ended += 1
+        except RuntimeError:
+            # uvloop refuses a write on a transport the client's close already closed, where
+            # asyncio's drops it and then fails `drain` with a ConnectionError
+            if not writer.transport.is_closing():
+                raise
+            self.ended += 1
         finally:
             writer.close()
 
