@@ -81,6 +81,9 @@ class Outgoing:
     deadline: float
     silence: float | None
 
+    def send_on(self, connection: Connection) -> None:
+        connection.send(self.head, self.body, self.deadline, self.silence)
+
 
 class HTTPClient:
     """One per adaptor (an endpoint, a cluster's status): `headers` go with every request."""
@@ -188,7 +191,7 @@ class HTTPClient:
 
     def _sent(self, outgoing: Outgoing, connection: Connection, reused: bool) -> Sent:
         try:
-            connection.send(outgoing.head, outgoing.body, outgoing.deadline, outgoing.silence)
+            outgoing.send_on(connection)
         except BaseException:
             self._discard(connection)
             raise
@@ -209,7 +212,7 @@ class HTTPClient:
                 connection.close()
                 self._all.discard(connection)
                 connection, reused = await self._connect(outgoing.target, outgoing.deadline), False
-                connection.send(outgoing.head, outgoing.body, outgoing.deadline, outgoing.silence)
+                outgoing.send_on(connection)
         except BaseException:
             self._discard(connection)
             raise
