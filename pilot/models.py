@@ -6,6 +6,10 @@ forks (vLLM starts one per GPU) and nothing outlives the pilot. A server is `loa
 health endpoint answers 200, `ready` from then on, and `failed` if it exits (at any time) or is
 not healthy within its startup timeout: the gateway replaces a replica rather than the pilot
 restarting a server, since a crash on a node is more often the node's than the server's.
+
+One exit is the pilot's own doing: the port it picked (`port: 0`) is free when picked, and another
+process can bind it before the server does. A server that exits while loading because its port was
+taken is started again on another port, a few times, instead of failing the replica.
 """
 
 from __future__ import annotations
@@ -31,16 +35,34 @@ HEALTH_TIMEOUT_SECONDS = 5.0
 MAX_LINE_CHARS = 2000
 """A longer line of a server's output is cut there, so one runaway line cannot flood the log."""
 READ_BYTES = 64 * 1024
+PORT_ATTEMPTS = 3
+"""How many ports the pilot picks for one server whose port another process took first."""
+PUMP_DRAIN_SECONDS = 1.0
+"""After a server exits, how long its last output may take to reach the log (a worker it forked
+may hold the pipe open)."""
+ADDRESS_IN_USE = re.compile(rb"address already in use|errno 98\b", re.IGNORECASE)
 SECRET_OPTION = re.compile(r"(key|token|secret|password)$", re.IGNORECASE)
 
 
 def free_loopback_port() -> int:
     """A port free right now on 127.0.0.1. Another process could take it before the server binds
-    it; the server then exits and is reported failed, as any server that cannot start is."""
+    it (see `ModelServer._port_was_taken`)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could bind `port` on 127.0.0.1 now (with SO_REUSEADDR, as servers set it,
+    so that the server's own connections left in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class ModelServer:
@@ -53,6 +75,9 @@ class ModelServer:
         self._process: asyncio.subprocess.Process | None = None
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._output: asyncio.Task[None] | None = None
+        self._ports_tried = 1
+        self._said_address_in_use = False
 
     @property
     def name(self) -> str:
@@ -65,6 +90,7 @@ class ModelServer:
         return ModelReport(name=self.name, state=self.state, detail=self.detail)
 
     async def start(self, health: aiohttp.ClientSession) -> None:
+        self._said_address_in_use = False
         argv = self.argv()
         log.info("%s: starting on 127.0.0.1:%d: %s", self.name, self.port, " ".join(_masked(argv)))
         try:
@@ -81,10 +107,8 @@ class ModelServer:
         except OSError as exc:
             self._fail(f"cannot start {argv[0]}: {exc.strerror or exc}")
             return
-        self._tasks = [
-            asyncio.create_task(self._pump(self._process)),
-            asyncio.create_task(self._watch(self._process, health)),
-        ]
+        self._output = asyncio.create_task(self._pump(self._process))
+        self._tasks += [self._output, asyncio.create_task(self._watch(self._process, health))]
 
     def _set(self, state: ModelState, detail: str) -> None:
         self.state, self.detail = state, detail
@@ -105,7 +129,7 @@ class ModelServer:
                 if self._stopping:
                     return
                 if process.returncode is not None:
-                    self._fail(f"exited with status {process.returncode} while loading")
+                    await self._exited_while_loading(process, health)
                     return
                 if loop.time() >= deadline:
                     self._fail(f"not healthy within {self.config.startup_timeout_seconds:g} s")
@@ -119,6 +143,35 @@ class ModelServer:
                 self._fail(f"exited with status {status}")
         finally:
             exit_wait.cancel()
+
+    async def _exited_while_loading(
+        self, process: asyncio.subprocess.Process, health: aiohttp.ClientSession
+    ) -> None:
+        """Failed, unless the port the pilot picked was taken: then started again on another."""
+        status = process.returncode
+        _signal_group(process.pid, signal.SIGKILL)  # what it forked goes with it, as in `stop`
+        if await self._port_was_taken() and self._ports_tried < PORT_ATTEMPTS and not self._stopping:
+            taken, self.port = self.port, free_loopback_port()
+            self._ports_tried += 1
+            log.warning(
+                "%s: exited with status %d: another process took port %d; starting again on port %d",
+                self.name,
+                status,
+                taken,
+                self.port,
+            )
+            await self.start(health)
+            return
+        self._fail(f"exited with status {status} while loading")
+
+    async def _port_was_taken(self) -> bool:
+        """Whether the server's exit was a port race: only for a port the pilot picked, and only
+        if its output said so or another process holds the port now."""
+        if self.config.port:
+            return False
+        if self._output is not None:
+            await asyncio.wait({self._output}, timeout=PUMP_DRAIN_SECONDS)
+        return self._said_address_in_use or not _bindable(self.port)
 
     @staticmethod
     async def _healthy(health: aiohttp.ClientSession, url: str) -> bool:
@@ -149,6 +202,8 @@ class ModelServer:
             self._log_line(pending)
 
     def _log_line(self, line: bytes) -> None:
+        if ADDRESS_IN_USE.search(line):
+            self._said_address_in_use = True
         text = line.decode("utf-8", "replace").rstrip("\r")
         if len(text) > MAX_LINE_CHARS:
             text = text[:MAX_LINE_CHARS] + " [cut]"
