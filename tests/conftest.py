@@ -48,6 +48,8 @@ from tests.support import (  # noqa: F401  (re-exported: the test modules import
     write_yaml,
 )
 
+pytest_plugins = ["tests.hang_report"]
+
 settings.register_profile("shared-machine", suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("shared-machine")
 """Hypothesis's too-slow check times the generation of examples, which on a machine busy with the
