@@ -53,9 +53,10 @@ class Server:
     app: web.Application
 
 
-async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
-    """The same runner options as `inference-gateway` uses in production."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+async def start(app: web.Application, port: int = 0, **timeouts: float) -> tuple[web.AppRunner, str]:
+    """The same runner options as `inference-gateway` uses in production; a gateway's `timeouts`
+    (keep-alive, shutdown) are its settings' (start_gateway)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, **timeouts)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
@@ -141,7 +142,12 @@ async def start_gateway(config: Path) -> tuple[web.AppRunner, Server]:
     thread keeps them off this event loop, where the fakes run."""
     settings = load_settings(config)
     registry, authenticator = await asyncio.to_thread(load_parts, settings)
-    runner, url = await start(create_app(settings, registry, authenticator), settings.server.port)
+    runner, url = await start(
+        create_app(settings, registry, authenticator),
+        settings.server.port,
+        keepalive_timeout=settings.timeouts.keepalive_seconds,
+        shutdown_timeout=settings.timeouts.shutdown_seconds,
+    )
     return runner, Server(url=f"{url}{settings.server.base_path}", app=runner.app)
 
 
