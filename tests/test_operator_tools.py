@@ -168,17 +168,21 @@ async def test_metrics_bind_their_own_host(
     scraper reaches metrics at an address the API does not listen on."""
     port = free_port()
     config = configure(tmp_path, backend.url, metrics={"port": port, "host": "127.0.0.2"})
-    runner, _ = await start_gateway(config)
-    try:
-        async with http.get(f"http://127.0.0.2:{port}/metrics") as response:
-            assert response.status == 200
-            text = await response.text()
-        assert value(text, "gateway_build_info", version=_version(), python=sys.version.split()[0]) == 1
-        with pytest.raises(aiohttp.ClientConnectionError):
-            async with http.get(f"http://127.0.0.1:{port}/metrics"):
-                pass
-    finally:
-        await runner.cleanup()
+    with socket.socket() as blocker:
+        # Bound, never listening: the API's own ephemeral port cannot be `port` (bound on
+        # 127.0.0.2 only, it is free on 127.0.0.1), and a connection to it there is refused.
+        blocker.bind(("127.0.0.1", port))
+        runner, _ = await start_gateway(config)
+        try:
+            async with http.get(f"http://127.0.0.2:{port}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+            assert value(text, "gateway_build_info", version=_version(), python=sys.version.split()[0]) == 1
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with http.get(f"http://127.0.0.1:{port}/metrics"):
+                    pass
+        finally:
+            await runner.cleanup()
 
 
 def _version() -> str:
