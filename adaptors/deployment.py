@@ -37,7 +37,6 @@ from adaptors.deployments import (
 from adaptors.endpoint import StreamError, SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint, Unreachable
 from adaptors.holding import HeldCount, NotNow, Slot, WaitLimit, comment, refusal, too_many
-from adaptors.keepalive import until_first_chunk
 
 _SHORTEST_WAIT = 0.02
 _EARLY = 0.01
@@ -171,7 +170,10 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                     retry_after=exc.retry_after,
                 )
         stream = self._stream(path, body, deadline, replica, slot)
-        return SubmitStreamingTaskResponse(response=stream if slot is None else _Releasing(stream, slot))
+        return SubmitStreamingTaskResponse(
+            response=stream if slot is None else _Releasing(stream, slot),
+            keepalive_seconds=self.config.keepalive_seconds,
+        )
 
     async def _stream(
         self, path: str, body: bytes, deadline: float, replica: Replica | None, slot: Slot | None
@@ -197,7 +199,7 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                 with deployments.in_flight(name, replica):
                     upstream = self.forward_stream(_url(replica, path), body, or_unreachable=look_again)
                     try:
-                        async for chunk in until_first_chunk(upstream, self.config.keepalive_seconds):
+                        async for chunk in upstream:
                             yield chunk
                         return
                     except Unreachable:

@@ -16,7 +16,6 @@ from adaptors.endpoint import SubmitStreamingTaskResponse, SubmitTaskResponse
 from adaptors.forwarding import ForwardingConfig, ForwardingEndpoint
 from adaptors.http_client import HTTPClient
 from adaptors.http_wire import HTTPFailure
-from adaptors.keepalive import until_first_chunk
 from adaptors.transport import transport_failure
 
 _HTTP_URL = r"^https?://\S+$"
@@ -63,8 +62,9 @@ class DirectAPIEndpoint(ForwardingEndpoint[DirectAPIEndpointConfig]):
         still gets a plain error status to the client (which the route without a cluster may fail
         over); after it, the stream's error event."""
         url, body = self._request(data)
-        stream = self.forward_stream(url, body)
-        return SubmitStreamingTaskResponse(response=until_first_chunk(stream, self.config.keepalive_seconds))
+        return SubmitStreamingTaskResponse(
+            response=self.forward_stream(url, body), keepalive_seconds=self.config.keepalive_seconds
+        )
 
     def _request(self, data: dict[str, Any]) -> tuple[str, bytes]:
         return f"{self._base_url}/{data['model_params']['openai_endpoint']}", self.body_of(data)

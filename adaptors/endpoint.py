@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from enum import Enum
 from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from adaptors._access import access_list
 from adaptors.context import AdaptorContext
@@ -75,6 +75,11 @@ class SubmitStreamingTaskResponse(BaseModel):
     retry_after: float | None = None
     error_detail: str | None = None
     """As in `SubmitTaskResponse`."""
+    keepalive_seconds: float | None = Field(default=None, gt=0)
+    """Until `response` yields the model's first output (an item that is not an SSE comment), the
+    gateway writes the client a comment after every this many seconds without a write, so that a
+    backend that queues the request or loads the model does not leave the client without headers
+    or bytes while read timeouts run. None: no comments but the adaptor's own."""
 
 
 class SubmitBatchResponse(BaseModel):

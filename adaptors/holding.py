@@ -6,8 +6,8 @@ refused at once (503 with `Retry-After` from the ETA) when the ETA does not fit,
 deployment backs off after failed starts, or when too many requests of this process wait for the
 deployment already; a deployment that is not deployed here is a 503 the client should not retry.
 A stream waiting for its replica carries SSE comments with the phase and the ETA, which SSE
-clients (openai's and anthropic's included) skip, as they skip the keep-alives of
-adaptors/keepalive.py.
+clients (openai's and anthropic's included) skip, as they skip the gateway's keep-alives
+(proxy/core/streaming.py).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ A stream's request is sent before the adaptor's call returns whenever a pooled c
 (`StreamStart`): it then leaves in the same step of the event loop that checked the client's
 request, instead of in the step of whichever task first reads the stream. Under 16 paced streams
 that step came about 0.08 ms later (docs/performance.md, 2026-12-05). A request that must wait for
-a place in the pool or for a new connection is sent when the stream is first read instead, so that
-the wait happens where the keep-alive covers it (adaptors/keepalive.py).
+a place in the pool or for a new connection is sent when the stream is first read instead, while
+the gateway's keep-alive comments cover the wait (`SubmitStreamingTaskResponse.keepalive_seconds`).
 """
 
 from __future__ import annotations

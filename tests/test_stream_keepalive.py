@@ -1,26 +1,29 @@
 """A direct-API stream whose backend is slow to answer: the client gets the headers and SSE comments
-while it waits, as Globus Compute streams do, instead of nothing until the first chunk."""
+while it waits, as Globus Compute streams do, instead of nothing until the first chunk. The last
+tests drive `write_stream`'s keep-alive on a real server with scripted adaptor streams."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
-from adaptors.keepalive import until_first_chunk
+from adaptors import StreamError
 from proxy.core.state import STATE
+from proxy.core.streaming import WAITING, write_stream
+from proxy.errors import ApiError
 from testing.fake_vllm import ACTIVE_STREAMS, DISCONNECTS
 from tests.conftest import CHAT_MODEL, TOKENS, Server, auth, chat, start_gateway, write_gateway_config
-from tests.support import value
-
-WAITING = b": waiting for the model\n\n"
+from tests.support import start, value
 
 
 @pytest.fixture
@@ -111,39 +114,94 @@ async def test_a_client_leaving_while_the_backend_waits_ends_the_request(
     )
 
 
-async def test_the_first_chunk_is_handed_over_and_the_rest_follow_in_order() -> None:
-    closed: list[bool] = []
+Source = Callable[[], AsyncIterator[bytes]]
 
-    async def source() -> AsyncIterator[bytes]:
+
+@contextlib.asynccontextmanager
+async def writing(source: Source, every: float) -> AsyncIterator[str]:
+    """A real server whose one route writes `source()` with `write_stream`, keep-alives every
+    `every` seconds; a failure before the first byte is the route's 502 with its message."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
         try:
-            await asyncio.sleep(0.25)
-            yield b"data: 1\n\n"
-            yield b"data: 2\n\n"
-        finally:
-            closed.append(True)
+            return (await write_stream(request, source(), keepalive_seconds=every)).response
+        except ApiError as exc:
+            return web.json_response({"message": exc.message}, status=exc.status)
 
-    items = [item async for item in until_first_chunk(source(), 0.1)]
-    assert items[:2] == [WAITING, WAITING] and items[2:] == [b"data: 1\n\n", b"data: 2\n\n"]
-    assert closed == [True]
+    app = web.Application()
+    app.router.add_get("/stream", route)
+    runner, url = await start(app)
+    try:
+        yield f"{url}/stream"
+    finally:
+        await runner.cleanup()
 
 
-async def test_a_failure_before_the_first_chunk_reaches_the_reader_and_an_empty_stream_ends() -> None:
-    async def refused() -> AsyncIterator[bytes]:
-        await asyncio.sleep(0.01)
-        raise ConnectionRefusedError("no backend")
-        yield b"never"
+def events(body: bytes) -> list[bytes]:
+    return [event + b"\n\n" for event in body.split(b"\n\n") if event]
 
+
+async def test_comments_until_the_first_output_and_none_after(http: aiohttp.ClientSession) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.35)
+        yield b"data: 1\n\n"
+        await asyncio.sleep(0.35)
+        yield b"data: 2\n\n"
+
+    async with writing(source, 0.1) as url, http.get(url) as response:
+        items = events(await response.read())
+    first = items.index(b"data: 1\n\n")
+    assert 2 <= first <= 4 and set(items[:first]) == {WAITING}
+    assert items[first:] == [b"data: 1\n\n", b"data: 2\n\n"], "no comment once the model has spoken"
+
+
+async def test_the_adaptors_own_comments_are_written_and_put_the_next_keepalive_off(
+    http: aiohttp.ClientSession,
+) -> None:
+    async def source() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b": starting\n\n"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.55)
+        yield b"data: 1\n\n"
+
+    async with writing(source, 0.25) as url, http.get(url) as response:
+        items = events(await response.read())
+    assert items[:4] == [b": starting\n\n"] * 4, "no keep-alive while the adaptor writes its own"
+    assert 1 <= items.count(WAITING) <= 3 and items[-1] == b"data: 1\n\n"
+
+
+async def test_a_failure_before_any_byte_is_a_status_and_after_a_comment_an_event(
+    http: aiohttp.ClientSession,
+) -> None:
+    def refusing(delay: float) -> Source:
+        async def source() -> AsyncIterator[bytes]:
+            await asyncio.sleep(delay)
+            raise StreamError("the backend refused", 400)
+            yield b"never"
+
+        return source
+
+    async with writing(refusing(0.05), 0.2) as url, http.get(url) as response:
+        assert response.status == 400 and (await response.json())["message"] == "the backend refused"
+    async with writing(refusing(0.3), 0.2) as url, http.get(url) as response:
+        assert response.status == 200
+        items = events(await response.read())
+    assert items[0] == WAITING
+    assert json.loads(items[-1].removeprefix(b"data: "))["error"]["message"] == "the backend refused"
+
+
+async def test_an_empty_stream_ends_with_its_comments(http: aiohttp.ClientSession) -> None:
     async def empty() -> AsyncIterator[bytes]:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.25)
         return
         yield b"never"
 
-    with pytest.raises(ConnectionRefusedError, match="no backend"):
-        [item async for item in until_first_chunk(refused(), 5.0)]
-    assert [item async for item in until_first_chunk(empty(), 5.0)] == []
+    async with writing(empty, 0.1) as url, http.get(url) as response:
+        assert response.status == 200 and set(events(await response.read())) == {WAITING}
 
 
-async def test_closing_while_waiting_stops_the_wait_and_closes_the_source() -> None:
+async def test_a_client_leaving_while_it_waits_closes_the_source(http: aiohttp.ClientSession) -> None:
     cancelled: list[bool] = []
 
     async def silent() -> AsyncIterator[bytes]:
@@ -154,7 +212,11 @@ async def test_closing_while_waiting_stops_the_wait_and_closes_the_source() -> N
             cancelled.append(True)
             raise
 
-    stream = until_first_chunk(silent(), 0.05)
-    assert await anext(stream) == WAITING
-    await stream.aclose()
+    async with writing(silent, 0.05) as url:
+        response = await http.get(url)
+        assert await response.content.readuntil(b"\n\n") == WAITING
+        response.close()
+        deadline = time.monotonic() + 5
+        while not cancelled and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
     assert cancelled == [True]

@@ -201,7 +201,12 @@ async def _stream(
                 opened.error_detail,
             )
         stream = cast(AsyncIterator[bytes], opened.response)  # contract turned any stream into bytes
-        ended = await write_stream(request, scanner.scan(stream), on_first_chunk=lambda: _first(served))
+        ended = await write_stream(
+            request,
+            scanner.scan(stream),
+            on_first_chunk=lambda: _first(served),
+            keepalive_seconds=opened.keepalive_seconds,
+        )
         served.response = ended.response
         if ended.error is not None:
             served.error = ended.error.detail or ended.error.message
