@@ -26,6 +26,8 @@ KEPT_SECONDS = 7 * 86400.0
 """Ended replicas (their start durations) and silent processes' usage are kept this long."""
 UNSUBMITTED_GRACE_SECONDS = 120.0
 """A replica row without a job this long after it was written: its controller died submitting."""
+ENDING_WAIT_SECONDS = 30.0
+"""How long a stopping gateway waits for the jobs it is ending, all of them together."""
 WALLTIME_MARGIN_SECONDS = 60.0
 """A retiring replica is ended this long before the scheduler would kill it, replaced or not (or a
 quarter of `replace_before_walltime_seconds`, if that is less)."""
@@ -76,8 +78,21 @@ class Reconciler:
         return changed
 
     async def resign(self) -> None:
-        for task in list(self._ending.values()):
-            await asyncio.wait({task}, timeout=30)
+        """On the gateway's stop: the jobs being ended get `ENDING_WAIT_SECONDS` between them, not
+        each, so that a supervisor's stop timeout is not spent on them. Their replicas are marked
+        ended first: a job still running stops when its pilot next heartbeats, or at its walltime."""
+        ending = set(self._ending.values())
+        if ending:
+            _, left = await asyncio.wait(ending, timeout=ENDING_WAIT_SECONDS)
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left, timeout=1)  # their cancellation runs, however long `end` was to take
+                log.warning(
+                    "deployments: %d jobs still ending after %.0f s, left to their pilots",
+                    len(left),
+                    ENDING_WAIT_SECONDS,
+                )
         if self.leader:
             await self.parts.store.release(self.owner)
             self.leader = False
