@@ -2,11 +2,13 @@
 piece, and the request that starts a stream.
 
 A stream's request is sent before the adaptor's call returns whenever a pooled connection is free
-(`StreamStart`): it then leaves in the same step of the event loop that checked the client's
-request, instead of in the step of whichever task first reads the stream. Under 16 paced streams
-that step came about 0.08 ms later (docs/performance.md, 2026-12-05). A request that must wait for
-a place in the pool or for a new connection is sent when the stream is first read instead, while
-the gateway's keep-alive comments cover the wait (`SubmitStreamingTaskResponse.keepalive_seconds`).
+(`StreamStart`), so that it leaves in the same step of the event loop that checked the client's
+request. That once saved about 0.08 ms under 16 paced streams, when a keep-alive task of its own
+first read the stream a step later (docs/performance.md, 2026-12-05); since the stream's own task
+reads it (proxy/core/streaming.py), in that same step, the early send saves a few microseconds at
+most. A request that must wait for a place in the pool or for a new connection is sent when the
+stream is first read, while the gateway's keep-alive comments cover the wait
+(`SubmitStreamingTaskResponse.keepalive_seconds`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ model sends nothing for minutes, and the client would get no headers and no byte
 or its own read timeout ran. Comments (lines starting with `:`) are ignored by every SSE client.
 A timer writes them while the stream's own task awaits the adaptor's next chunk: that task reads
 the chunk the turn of the event loop after it arrives, where a task of its own reading it would
-have handed it over a turn later, behind every other stream's ready work (about 0.13 ms at the
+have handed it over a turn later, behind every other stream's ready work (about 0.15 ms at the
 median under 16 streams started together; docs/performance.md, 2026-12-05).
 """
 
