@@ -58,5 +58,9 @@ def children(pid: int) -> list[int]:
     """A process's children (a supervisor's workers), from /proc."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+        try:
+            listed = (task / "children").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended since the listing: it has no children left
+        found += [int(child) for child in listed.split()]
     return found
