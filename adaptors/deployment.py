@@ -17,6 +17,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -196,11 +197,12 @@ class DeploymentEndpoint(ForwardingEndpoint[DeploymentEndpointConfig]):
                             yield comment(name, step)
                     slot.release()
                     slot = None
+                upstream = self.forward_stream(_url(replica, path), body, or_unreachable=look_again)
                 with deployments.in_flight(name, replica):
-                    upstream = self.forward_stream(_url(replica, path), body, or_unreachable=look_again)
                     try:
-                        async for chunk in upstream:
-                            yield chunk
+                        async with aclosing(upstream):
+                            async for chunk in upstream:
+                                yield chunk
                         return
                     except Unreachable:
                         deployments.unreachable(name, replica)

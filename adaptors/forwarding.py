@@ -8,7 +8,7 @@ the request goes is the subclass's.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from pydantic import Field
@@ -18,7 +18,6 @@ from adaptors.configured import AdaptorConfig, ConfiguredEndpoint
 from adaptors.context import AdaptorContext, AnswerLimits
 from adaptors.endpoint import CLIENT_JSON, StreamError, SubmitTaskResponse
 from adaptors.http_client import HTTPClient
-from adaptors.http_stream import StreamStart
 from adaptors.http_wire import ConnectFailed, ConnectTimeout, HTTPFailure, json_body
 from adaptors.telemetry import NoTelemetry, Telemetry
 from adaptors.transport import transport_failure
@@ -103,18 +102,16 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
             return SubmitTaskResponse(error_code=502, error_message=too_large(self._limits.answer_bytes))
         return SubmitTaskResponse(result=text)
 
-    def forward_stream(self, url: str, body: bytes, *, or_unreachable: bool = False) -> AsyncIterator[bytes]:
-        """The request is sent now when a pooled connection is free (adaptors/http_stream.py); the
-        answer's head and first chunk are read in one go as the stream is read, so that nothing the
-        backend sent waits between the two. Closing it early (client gone), even unread, drops the
-        upstream connection. `or_unreachable` as in `forward`, raised before anything is yielded."""
-        start = self._client().start_stream("POST", url, body, timeout=self.config.api_request_timeout)
-        return _Relayed(start, self._relay(start, or_unreachable))
-
-    async def _relay(self, start: StreamStart, or_unreachable: bool) -> AsyncGenerator[bytes, None]:
+    async def forward_stream(
+        self, url: str, body: bytes, *, or_unreachable: bool = False
+    ) -> AsyncGenerator[bytes, None]:
+        """The backend's stream, its request sent as it is first read: a stream never read holds
+        no connection. The answer's head and first chunk are read in one go, so that nothing the
+        backend sent waits between the two. Closing it early (client gone) drops the upstream
+        connection. `or_unreachable` as in `forward`, raised before anything is yielded."""
         silence = self.config.api_request_timeout
         try:
-            response = await start.opened()
+            response = await self._client().stream("POST", url, body, timeout=silence)
         except (TimeoutError, HTTPFailure) as exc:
             if or_unreachable and unreachable(exc):
                 raise Unreachable from exc
@@ -163,22 +160,3 @@ class ForwardingEndpoint(ConfiguredEndpoint[Forwarding]):
         if self._http is None:
             raise RuntimeError(f"{type(self).__name__} used before startup()")
         return self._http
-
-
-class _Relayed:
-    """A backend's stream as `forward_stream` returns it: `chunks` read `start`, and closing it
-    gives `start` up too, which the generator's own `finally` cannot do before its first step."""
-
-    def __init__(self, start: StreamStart, chunks: AsyncGenerator[bytes, None]) -> None:
-        self._start = start
-        self._chunks = chunks
-
-    def __aiter__(self) -> _Relayed:
-        return self
-
-    def __anext__(self) -> Awaitable[bytes]:
-        return self._chunks.__anext__()
-
-    async def aclose(self) -> None:
-        self._start.close()
-        await self._chunks.aclose()

@@ -14,9 +14,7 @@ being opened; a request beyond waits for one within its own deadline. Idle conne
 reused newest first and closed after `KEEPALIVE_SECONDS` (aiohttp's default too), and one the
 server closed while idle is dropped, never reused. A request on a reused connection that fails
 before any byte of the answer came (the server closed the connection as the request went out) is
-sent once more on a new connection; never once an answer began, never on a new connection. A
-stream's request goes out before `start_stream` returns when it needs no wait for either
-(adaptors/http_stream.py).
+sent once more on a new connection; never once an answer began, never on a new connection.
 """
 
 from __future__ import annotations
@@ -31,13 +29,12 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from adaptors.http_connection import Connection
-from adaptors.http_stream import Sent, Stream, StreamStart, bounded_body
+from adaptors.http_stream import Stream, bounded_body
 from adaptors.http_wire import (
     ConnectFailed,
     ConnectTimeout,
     Disconnected,
     Head,
-    HTTPFailure,
     TLSFailed,
 )
 
@@ -126,18 +123,9 @@ class HTTPClient:
     async def stream(self, method: str, url: str, body: bytes | None, *, timeout: float) -> Stream:
         """The answer's head; connected within `timeout` seconds, then waiting at most `timeout`
         seconds of the backend's silence each time (for the head and for each piece)."""
-        return await self.start_stream(method, url, body, timeout=timeout).opened()
-
-    def start_stream(self, method: str, url: str, body: bytes | None, *, timeout: float) -> StreamStart:
-        """A streamed request, sent before this returns when an idle connection and a place in the
-        pool are free (as `stream`'s `timeout`)."""
         deadline = asyncio.get_running_loop().time() + timeout
-        try:
-            target = self._target(method, url)
-        except HTTPFailure as exc:
-            return StreamStart(self, None, exc)
-        outgoing = Outgoing(target, self._head(target, body, b""), body, deadline, timeout)
-        return StreamStart(self, outgoing, self._send_now(outgoing))
+        connection, head = await self._exchange(method, url, body, deadline, timeout)
+        return Stream(self, connection, head)
 
     async def close(self) -> None:
         """Closes every connection, idle or in use (their requests fail as disconnected)."""
@@ -165,7 +153,8 @@ class HTTPClient:
     ) -> tuple[Connection, Head]:
         target = self._target(method, url)
         outgoing = Outgoing(target, self._head(target, body, headers), body, deadline, silence)
-        return await self._answer(outgoing, await self._send(outgoing))
+        connection, reused = await self._send(outgoing)
+        return await self._answer(outgoing, connection, reused)
 
     @staticmethod
     def _head(target: _Target, body: bytes | None, headers: bytes) -> bytes:
@@ -173,34 +162,21 @@ class HTTPClient:
             return target.prefix + headers + b"\r\n"
         return target.prefix + headers + b"Content-Length: %d\r\n\r\n" % len(body)
 
-    async def _send(self, outgoing: Outgoing) -> Sent:
-        """Sent on a connection of the pool, waiting for one if need be."""
+    async def _send(self, outgoing: Outgoing) -> tuple[Connection, bool]:
+        """Sent on a connection of the pool, waiting for one if need be; True if it served before."""
         connection, reused = await self._acquire(outgoing.target, outgoing.deadline)
-        return self._sent(outgoing, connection, reused)
-
-    def _send_now(self, outgoing: Outgoing) -> Sent | None:
-        """Sent on an idle connection without waiting; None when that would need a wait (a place
-        in the pool, or a new connection)."""
-        if self._closed or (self._limit and self._in_use >= self._limit):
-            return None
-        connection = self._idle_connection(outgoing.target.origin)
-        if connection is None:
-            return None
-        self._in_use += 1
-        return self._sent(outgoing, connection, True)
-
-    def _sent(self, outgoing: Outgoing, connection: Connection, reused: bool) -> Sent:
         try:
             outgoing.send_on(connection)
         except BaseException:
             self._discard(connection)
             raise
-        return Sent(connection, reused)
+        return connection, reused
 
-    async def _answer(self, outgoing: Outgoing, sent: Sent) -> tuple[Connection, Head]:
+    async def _answer(
+        self, outgoing: Outgoing, connection: Connection, reused: bool
+    ) -> tuple[Connection, Head]:
         """The answer's head. A reused connection the server closed before answering anything is
         replaced once, by a new one."""
-        connection, reused = sent.connection, sent.reused
         try:
             while True:
                 try:

@@ -1,37 +1,17 @@
-"""Answers as adaptors/http_client.py reads them, whole within a limit or streamed piece by
-piece, and the request that starts a stream.
-
-A stream's request is sent before the adaptor's call returns whenever a pooled connection is free
-(`StreamStart`), so that it leaves in the same step of the event loop that checked the client's
-request. That once saved about 0.08 ms under 16 paced streams, when a keep-alive task of its own
-first read the stream a step later (docs/performance.md, 2026-12-05); since the stream's own task
-reads it (proxy/core/streaming.py), in that same step, the early send saves a few microseconds at
-most. A request that must wait for a place in the pool or for a new connection is sent when the
-stream is first read, while the gateway's keep-alive comments cover the wait
-(`SubmitStreamingTaskResponse.keepalive_seconds`).
-"""
+"""Answers as adaptors/http_client.py reads them, whole within a limit or streamed piece by piece."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adaptors.http_connection import HIGH_WATER, Connection
-from adaptors.http_wire import Decompressor, Head, HTTPFailure
+from adaptors.http_wire import Decompressor, Head
 
 if TYPE_CHECKING:
-    from adaptors.http_client import HTTPClient, Outgoing
+    from adaptors.http_client import HTTPClient
 
 _PIECE = 256 * 1024
 """The most a stream's piece unpacks to at once."""
-
-
-@dataclass(frozen=True, slots=True)
-class Sent:
-    """A request on its way, on a connection of the pool (`reused`: one that served before)."""
-
-    connection: Connection
-    reused: bool
 
 
 class Stream:
@@ -85,42 +65,6 @@ class Stream:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             self._client._discard(connection)
-
-
-class StreamStart:
-    """A streamed request handed to the client: sent already if `HTTPClient.start_stream` could
-    send it at once. `opened` waits for the answer's head; `close` gives the request up if nothing
-    has opened it, so that a stream never read holds no connection."""
-
-    def __init__(
-        self, client: HTTPClient, outgoing: Outgoing | None, sent: Sent | HTTPFailure | None
-    ) -> None:
-        self._client = client
-        self._outgoing = outgoing
-        self._sent = sent
-
-    async def opened(self) -> Stream:
-        client, outgoing = self._client, self._outgoing
-        sent, self._sent, self._outgoing = self._sent, None, None
-        if isinstance(sent, HTTPFailure):
-            raise sent
-        if outgoing is None:
-            raise RuntimeError("a stream's request was opened twice or after it was closed")
-        if sent is None:
-            sent = await client._send(outgoing)
-        connection, head = await client._answer(outgoing, sent)
-        return Stream(client, connection, head)
-
-    def close(self) -> None:
-        sent, self._sent, self._outgoing = self._sent, None, None
-        if isinstance(sent, Sent):
-            self._client._discard(sent.connection)
-
-    def __del__(self) -> None:
-        """Dropped unread (an error between the adaptor's call and the first read): the connection
-        must not stay counted in use for good."""
-        if isinstance(self._sent, Sent) and not self._sent.connection.loop.is_closed():
-            self.close()
 
 
 async def bounded_body(connection: Connection, head: Head, limit: int) -> bytes | None:

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import gzip
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
 
 from adaptors import http_client
+from adaptors.context import AdaptorContext
+from adaptors.direct_api import DirectAPIEndpoint
 from adaptors.forwarding import unreachable
 from adaptors.http_client import HTTPClient
 from adaptors.http_connection import HIGH_WATER
@@ -144,9 +148,18 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(raw: Raw,
     assert raw.connections == 2 and len(raw.heads) == 2
 
 
-async def test_a_request_the_servers_close_overtook_is_sent_once_more(raw: Raw, client: HTTPClient) -> None:
+async def streamed(http: HTTPClient, url: str) -> bytes | None:
+    stream = await http.stream("POST", url, b"{}", timeout=5)
+    assert stream.status == 200
+    return await stream.next_piece()
+
+
+@pytest.mark.parametrize("second", [fetch, streamed])
+async def test_a_request_the_servers_close_overtook_is_sent_once_more(
+    raw: Raw, client: HTTPClient, second: Callable[[HTTPClient, str], Awaitable[bytes | None]]
+) -> None:
     """The server closes an idle connection as the next request arrives on it: nothing of an
-    answer came, so the request goes again, on a new connection."""
+    answer came, so the request goes again, on a new connection, whole or streamed."""
 
     async def closes_the_second(server: Raw, writer: asyncio.StreamWriter, number: int) -> bool:
         if number == 1:
@@ -156,7 +169,7 @@ async def test_a_request_the_servers_close_overtook_is_sent_once_more(raw: Raw, 
 
     raw.script = closes_the_second
     assert await fetch(client, raw.url) == b"ok"
-    assert await fetch(client, raw.url) == b"ok"
+    assert await second(client, raw.url) == b"ok"
     assert (raw.connections, len(raw.heads)) == (2, 3)
 
 
@@ -407,3 +420,29 @@ async def test_an_abandoned_answer_closes_its_connection(
             await task
     await eventually(lambda: raw.ended == 1)
     assert client._in_use == 0 and not client._idle
+
+
+async def test_an_adaptors_stream_sends_its_request_when_first_read_and_never_if_dropped() -> None:
+    """Between the adaptor's call and the first read, an error may drop the stream unstarted: it
+    must have sent nothing, nor hold a connection. Read, it sends its request then."""
+    async with raw_server() as raw:
+        endpoint = DirectAPIEndpoint(
+            "1", "local-vllm-m", "local", "vllm", "m", "adaptors.direct_api.DirectAPIEndpoint",
+            config={"api_url": raw.url.split("/v1")[0] + "/v1"},
+        )  # fmt: skip
+        with ThreadPoolExecutor(1) as executor:
+            await endpoint.startup(AdaptorContext(executor=executor, relay=None))  # type: ignore[arg-type]
+            try:
+                data = {"model_params": {"model": "m", "messages": [], "openai_endpoint": "chat/completions"}}
+                assert (await endpoint.submit_task(data)).result == "ok"
+                http = endpoint._client()
+                dropped = await endpoint.submit_streaming_task(data, "request-1")
+                del dropped
+                gc.collect()
+                read = (await endpoint.submit_streaming_task(data, "request-2")).response
+                await asyncio.sleep(0.05)
+                assert (len(raw.heads), http._in_use) == (1, 0)
+                assert [chunk async for chunk in read] == [b"ok"]  # type: ignore[union-attr]
+                assert (len(raw.heads), http._in_use, raw.connections) == (2, 0, 1)
+            finally:
+                await endpoint.shutdown()

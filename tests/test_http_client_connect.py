@@ -160,7 +160,12 @@ async def kept_deadlines(raw: Raw, client: HTTPClient) -> None:
     "scenario",
     [
         plain.test_connections_are_kept_alive_and_the_request_is_as_expected,
-        plain.test_a_request_the_servers_close_overtook_is_sent_once_more,
+        functools.partial(
+            plain.test_a_request_the_servers_close_overtook_is_sent_once_more, second=plain.fetch
+        ),
+        functools.partial(
+            plain.test_a_request_the_servers_close_overtook_is_sent_once_more, second=plain.streamed
+        ),
         plain.test_a_request_is_not_sent_again_once_an_answer_began_nor_from_a_new_connection,
         plain.test_a_total_deadline_and_a_streams_silence,
         kept_deadlines,
@@ -171,6 +176,7 @@ async def kept_deadlines(raw: Raw, client: HTTPClient) -> None:
     ids=[
         "keep-alive",
         "retry",
+        "retry-streamed",
         "no-retry",
         "deadlines",
         "kept-deadlines",
