@@ -142,7 +142,9 @@ class ComputeBench:
             service_file = self.workdir / "fake-compute.json"
             service_file.write_text(json.dumps(announced))
             ours = [fake.process.pid]
-            levels = {level.key: {"direct": self._direct(service_file, level, ours)} for level in self.levels}
+            levels: dict[str, dict[str, Any]] = {
+                level.key: {"direct": self._direct(service_file, level, ours)} for level in self.levels
+            }
             if not self.relay_only:
                 for key, front in self._front(service_file, services, ours, fake).items():
                     levels[key]["front"] = front
