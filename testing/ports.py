@@ -3,13 +3,13 @@
 A port the kernel picks (binding port 0) comes from its ephemeral range, the range it also gives
 every outgoing connection its local port from. Between `free_port` returning and the server
 binding, a connection opened meanwhile (any test's client, the server's own) could take that very
-port, and the server's bind then failed: two tests did, in CI and in `make test`. So the ports come
-from just below the ephemeral range, where the kernel never picks one on its own. Each pytest-xdist
-worker takes its own slice of them, and a process hands each out once before it goes round again:
-workers never share a port, and a port handed out a moment ago is not handed out again while its
-server may still be starting. Each is checked free (bound, then let go) before it is handed out;
-whoever starts a server on it must still be ready to try again if another program took it
-(testing.services does).
+port, and the server's bind then failed (a test's metrics port lost that race in `make test`). So
+the ports come from just below the ephemeral range, where the kernel never picks one on its own.
+Each pytest-xdist worker takes its own slice of them, and a process hands each out once before it
+goes round again: workers never share a port, and a port handed out a moment ago is not handed out
+again while its server may still be starting. Each is checked free (bound, then let go) before it
+is handed out; whoever starts a server on it must still be ready to try again if another program
+took it (testing.services does).
 """
 
 from __future__ import annotations
