@@ -7,7 +7,8 @@ then streams (paced like a model, and saturated), then many slow streams held at
 gateway's resident memory is sampled. The paced streams also go through nginx in the gateway's
 place (one worker on CPU 1, the shipped locations), so that every run says what the hop alone adds
 to a first chunk: issue 20 judges the gateway's figure beside nginx's. They are measured in
-`PACED_ROUNDS` rounds, as a single round scatters too much to judge 0.5 ms.
+`PACED_ROUNDS` rounds by one load generator that takes the three in turn (`bench/segments.py`), as a
+single measure scatters too much to judge 0.5 ms.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Final, cast
 from bench.alternating import GATEWAY_PATH
 from bench.common import (
     GATEWAY_CPU,
+    LOADGEN_CPU,
     TOKEN,
     Check,
     Service,
@@ -32,6 +34,7 @@ from bench.common import (
     loadgen,
     memory_kb,
     rss_sampler,
+    run_client,
     show,
     start_service,
     table_row,
@@ -52,9 +55,14 @@ and a first chunk's time is mostly its place in that burst (p50: about eight str
 one round's added figure ranged from -1.4 to +2.5 ms between identical rounds (2026-12-05). Spread
 evenly over a stream's length they start one every 25 ms, and the time to first chunk is the
 gateway's own delay. Saturated streams send everything at once and measure queueing at full load."""
-PACED_ROUNDS: Final = 5
-"""Rounds of each paced kind, each the backend alone, then the gateway, then nginx: their added
-figures are the medians of the rounds' own differences, which one disturbed round cannot move."""
+PACED_ROUNDS: Final = 12
+"""Rounds of each paced kind, each a segment of the backend alone, the gateway and nginx in a rotating
+order: their added figures are the medians of the rounds' own differences, which one disturbed round
+cannot move. A segment's median first chunk still scatters by about a millisecond, and the median of
+twelve rounds by a few tenths from run to run (docs/performance.md, 2026-12-05 20:00)."""
+SEGMENT_SECONDS: Final = 2.0
+SEGMENT_WARMUP: Final = STREAM_CONCURRENCY
+"""Streams before each segment, one per connection: the connections are open from the first round on."""
 THROUGH_NGINX: Final = ("paced", "paced, spread")
 """The kinds also measured through nginx as the hop: saturated streams measure queueing, not a hop."""
 HOLD_LIMIT_SECONDS: Final = 60.0
@@ -75,14 +83,12 @@ class OverheadBench:
         self.nginx_url = nginx_url
         self.seconds = seconds
 
-    def _pair(self, body: str, *extra: str, through_nginx: bool = False) -> dict[str, Any]:
+    def _pair(self, body: str, *extra: str) -> dict[str, Any]:
         limit = self.seconds + 90
         options = ["--duration", str(self.seconds), *extra]
         pair = {"direct": loadgen(self.direct_url, body, *options, token=None, limit=limit)}
         if self.gateway_url:
             pair["gateway"] = loadgen(self.gateway_url, body, *options, token=TOKEN, limit=limit)
-        if self.nginx_url and through_nginx:
-            pair["nginx"] = loadgen(self.nginx_url, body, *options, token=None, limit=limit)
         return pair
 
     def non_streaming(self) -> dict[str, Any]:
@@ -104,14 +110,30 @@ class OverheadBench:
         results = {}
         for kind, (directives, spread) in STREAM_KINDS.items():
             body = chat_body(f"Say hello {directives}", stream=True)
-            options = ["--stream", "--concurrency", concurrency, "--warmup", "64", "--spread", str(spread)]
-            paced = kind in THROUGH_NGINX
-            rounds = [
-                self._pair(body, *options, through_nginx=paced) for _ in range(PACED_ROUNDS if paced else 1)
-            ]
+            if kind in THROUGH_NGINX:
+                rounds = self._segments(body, spread)
+            else:
+                options = ["--stream", "--concurrency", concurrency, "--warmup", "64"]
+                options += ["--spread", str(spread)]
+                rounds = [self._pair(body, *options)]
             results[kind] = stream_rounds(rounds)
             print(f"streaming ({kind}), concurrency {concurrency}: done", file=sys.stderr)
         return results
+
+    def _segments(self, body: str, spread: float) -> list[dict[str, Any]]:
+        """The rounds of a paced kind, each side's segment shaped as one `bench.loadgen` measure."""
+        targets = {"direct": self.direct_url, "gateway": self.gateway_url, "nginx": self.nginx_url}
+        args = ["--body", body, "--concurrency", str(STREAM_CONCURRENCY), "--spread", str(spread)]
+        args += ["--rounds", str(PACED_ROUNDS), "--seconds", str(SEGMENT_SECONDS)]
+        args += ["--warmup", str(SEGMENT_WARMUP)]
+        for name, url in targets.items():
+            if url:
+                args += ["--target", name, url]
+        if self.gateway_url:
+            args += ["--bearer", "gateway", TOKEN]
+        limit = PACED_ROUNDS * len(targets) * (SEGMENT_SECONDS + 30) + 60
+        measured = run_client("load generator", LOADGEN_CPU, "bench.segments", args, limit)
+        return [{side: runs[index] for side, runs in measured.items()} for index in range(PACED_ROUNDS)]
 
     def slow_streams(self, gateway_pid: int, streams: int) -> dict[str, Any]:
         """Hold many slow streams through the gateway and watch its resident memory."""
