@@ -59,7 +59,7 @@ PACED_ROUNDS: Final = 12
 """Rounds of each paced kind, each a segment of the backend alone, the gateway and nginx in a rotating
 order: their added figures are the medians of the rounds' own differences, which one disturbed round
 cannot move. A segment's median first chunk still scatters by about a millisecond, and the median of
-twelve rounds by a few tenths from run to run (docs/performance.md, 2026-12-05 20:00)."""
+twelve rounds by a few tenths from run to run (docs/performance.md, 2026-12-05 19:59)."""
 SEGMENT_SECONDS: Final = 2.0
 SEGMENT_WARMUP: Final = STREAM_CONCURRENCY
 """Streams before each segment, one per connection: the connections are open from the first round on."""

@@ -13,7 +13,7 @@ a first chunk's time is mostly its place in their burst; a measure's median firs
 a millisecond from one measure to the next, more than the gateway adds. Segments taken in turn by one
 process, a few seconds apart, see the same process and the same minutes of the host, so each round's
 differences between targets are paired, and more rounds fit in the same time (docs/performance.md,
-2026-12-05 20:00).
+2026-12-05 19:59).
 """
 
 from __future__ import annotations
