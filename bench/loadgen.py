@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -268,12 +268,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def target_of(url: str, token: str | None, body: bytes) -> Target:
+    """What every request of a measure sends: JSON, with the bearer token if there is one."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return Target(URL(url), headers, body)
+
+
+def print_result(work: Coroutine[Any, Any, Any]) -> None:
+    """Runs a measure on the benchmark's event loop and prints its JSON object, the one line a
+    load generator writes to stdout."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        result = runner.run(work)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    headers = {"Content-Type": "application/json"}
-    if args.token:
-        headers["Authorization"] = f"Bearer {args.token}"
-    target = Target(URL(args.url), headers, read_body(args.body))
+    target = target_of(args.url, args.token, read_body(args.body))
     if args.hold_streams:
         work = hold_streams(
             target, streams=args.hold_streams, seconds=args.hold_seconds, ramp=args.ramp_seconds
@@ -289,10 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             timeout=args.timeout,
             spread=args.spread,
         )
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        result = runner.run(work)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    print_result(work)
 
 
 if __name__ == "__main__":

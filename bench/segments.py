@@ -19,13 +19,8 @@ differences between targets are paired, and more rounds fit in the same time (do
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import sys
 import time
 from typing import Any, Final
-
-from yarl import URL
 
 from bench.loadgen import (
     MAX_REQUESTS,
@@ -35,12 +30,13 @@ from bench.loadgen import (
     int_at_least,
     new_session,
     positive_float,
+    print_result,
     read_body,
     run_phase,
     spread_seconds,
     summarize,
+    target_of,
 )
-from testing.loops import new_event_loop
 
 MAX_ROUNDS: Final = 100
 
@@ -109,12 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     body = read_body(args.body)
     tokens = dict(args.bearer)
-    targets = {}
-    for name, url in args.target:
-        headers = {"Content-Type": "application/json"}
-        if name in tokens:
-            headers["Authorization"] = f"Bearer {tokens[name]}"
-        targets[name] = Target(URL(url), headers, body)
+    targets = {name: target_of(url, tokens.get(name), body) for name, url in args.target}
     work = segments(
         targets,
         concurrency=args.concurrency,
@@ -124,10 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup=args.warmup,
         timeout=args.timeout,
     )
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        result = runner.run(work)
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    print_result(work)
 
 
 if __name__ == "__main__":
