@@ -57,6 +57,8 @@ async def segments(
     warmup: int,
     timeout: float,
 ) -> dict[str, list[dict[str, Any]]]:
+    """Each target's summaries in the order of the rounds. A segment's warm-up streams are not
+    counted: they take the first burst on a server that sat idle through the other segments."""
     measured: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     async with new_session(timeout) as session:
         for round_index in range(rounds):
