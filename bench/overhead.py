@@ -6,9 +6,10 @@ first straight to the backend, then through the gateway: requests at concurrenci
 then streams (paced like a model, and saturated), then many slow streams held at once while the
 gateway's resident memory is sampled. The paced streams also go through nginx in the gateway's
 place (one worker on CPU 1, the shipped locations), so that every run says what the hop alone adds
-to a first chunk: issue 20 judges the gateway's figure beside nginx's. They are measured in
-`PACED_ROUNDS` rounds by one load generator that takes the three in turn (`bench/segments.py`), as a
-single measure scatters too much to judge 0.5 ms.
+to a first chunk: issue 20 judges the gateway's figure beside nginx's. So does the least aiohttp
+proxy (`bench/least_proxy.py`, on CPU 1 too), the floor under the gateway's figure in Python. They are
+measured in `PACED_ROUNDS` rounds by one load generator that takes the four in turn
+(`bench/segments.py`), as a single measure scatters too much to judge 0.5 ms.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -56,7 +57,8 @@ one round's added figure ranged from -1.4 to +2.5 ms between identical rounds (2
 evenly over a stream's length they start one every 25 ms, and the time to first chunk is the
 gateway's own delay. Saturated streams send everything at once and measure queueing at full load."""
 PACED_ROUNDS: Final = 12
-"""Rounds of each paced kind, each a segment of the backend alone, the gateway and nginx in a rotating
+"""Rounds of each paced kind, each a segment of the backend alone, the gateway, nginx and the least
+aiohttp proxy in a rotating
 order: their added figures are the medians of the rounds' own differences, which one disturbed round
 cannot move. A segment's median first chunk still scatters by about a millisecond, and the median of
 twelve rounds by a few tenths from run to run (docs/performance.md, 2026-12-05 19:59)."""
@@ -64,7 +66,11 @@ SEGMENT_SECONDS: Final = 2.0
 SEGMENT_WARMUP: Final = STREAM_CONCURRENCY
 """Streams before each segment, one per connection: the connections are open from the first round on."""
 THROUGH_NGINX: Final = ("paced", "paced, spread")
-"""The kinds also measured through nginx as the hop: saturated streams measure queueing, not a hop."""
+"""The kinds also measured through nginx and the least aiohttp proxy as the hop: saturated streams
+measure queueing, not a hop."""
+HOPS: Final = {"nginx": "nginx", "least": "the least aiohttp proxy"}
+"""The other hops' sides in a paced kind's results (their added figures prefixed `nginx_`, `least_`),
+and how the report names them."""
 HOLD_LIMIT_SECONDS: Final = 60.0
 C1_ADDED_P50: Final = "c1_added_p50_ms"
 C64_RPS_RATIO: Final = "c64_rps_ratio"
@@ -76,11 +82,12 @@ class OverheadBench:
     """The measurements of one run, direct first and then through the gateway for each load."""
 
     def __init__(
-        self, backend_port: int, gateway_port: int | None, seconds: float, nginx_url: str | None = None
+        self, backend_port: int, gateway_port: int | None, seconds: float, hops: dict[str, str] | None = None
     ) -> None:
+        """`hops`: the URLs of the other hops in the gateway's place (`HOPS`), for the paced kinds."""
         self.direct_url = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
         self.gateway_url = f"http://127.0.0.1:{gateway_port}{GATEWAY_PATH}" if gateway_port else None
-        self.nginx_url = nginx_url
+        self.hops = hops or {}
         self.seconds = seconds
 
     def _pair(self, body: str, *extra: str) -> dict[str, Any]:
@@ -122,7 +129,7 @@ class OverheadBench:
 
     def _segments(self, body: str, spread: float) -> list[dict[str, Any]]:
         """The rounds of a paced kind, each side's segment shaped as one `bench.loadgen` measure."""
-        targets = {"direct": self.direct_url, "gateway": self.gateway_url, "nginx": self.nginx_url}
+        targets = {"direct": self.direct_url, "gateway": self.gateway_url, **self.hops}
         args = ["--body", body, "--concurrency", str(STREAM_CONCURRENCY), "--spread", str(spread)]
         args += ["--rounds", str(PACED_ROUNDS), "--seconds", str(SEGMENT_SECONDS)]
         args += ["--warmup", str(SEGMENT_WARMUP)]
@@ -173,7 +180,7 @@ def stream_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "status_counts": dict(statuses),
             "runs": runs,
         }
-    for side, prefix in (("gateway", ""), ("nginx", "nginx_")):
+    for side, prefix in (("gateway", ""), *((hop, f"{hop}_") for hop in HOPS)):
         if side not in pair:
             continue
         for rank in ("p50", "p99"):
@@ -210,8 +217,12 @@ def overhead(
         gateway = start_service("gateway", GATEWAY_CPU, ["-m", "proxy", "--config", str(config)], workdir)
         services.callback(gateway.stop)
         wait_ready(gateway, f"http://127.0.0.1:{gateway_port}/resource_server/health")
-    with nginx_hop(workdir, backend_port) if with_gateway else nullcontext() as nginx_url:
-        bench = OverheadBench(backend_port, gateway_port, seconds, nginx_url)
+    with ExitStack() as hops:
+        urls = {}
+        if with_gateway:
+            urls = {"nginx": hops.enter_context(nginx_hop(workdir, backend_port))}
+            urls["least"] = hops.enter_context(least_hop(workdir, backend_port))
+        bench = OverheadBench(backend_port, gateway_port, seconds, urls)
         results = {"non_streaming": bench.non_streaming(), "streaming": bench.streaming()}
     if gateway is not None:
         results["slow_streams"] = bench.slow_streams(gateway.process.pid, streams)
@@ -239,6 +250,20 @@ def nginx_hop(workdir: Path, backend_port: int) -> Iterator[str]:
             yield f"{nginx.url}/v1/chat/completions"
         finally:
             runner.run(nginx.close())
+
+
+@contextmanager
+def least_hop(workdir: Path, backend_port: int) -> Iterator[str]:
+    """The least aiohttp proxy on the gateway's CPU in front of the same backend; its URL."""
+    port = free_port()
+    backend = f"http://127.0.0.1:{backend_port}/v1/chat/completions"
+    args = ["-m", "bench.least_proxy", "--port", str(port), "--backend", backend]
+    proxy = start_service("least aiohttp proxy", GATEWAY_CPU, args, workdir)
+    try:
+        wait_ready(proxy, f"http://127.0.0.1:{port}/resource_server/health")
+        yield f"http://127.0.0.1:{port}{GATEWAY_PATH}"
+    finally:
+        proxy.stop()
 
 
 def overhead_checks(results: dict[str, Any]) -> dict[str, Check]:
@@ -296,13 +321,14 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
                     judged.get(TTFC_ADDED_P50) if (kind, rank) == ("paced", "p50") else None,
                 )
             )
-        if "nginx" in pair:
+        for hop in [hop for hop in HOPS if hop in pair]:
+            label = f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50{over}"
             rows.append(
                 table_row(
-                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50{over}, nginx as the hop",
+                    f"{label}, {HOPS[hop]} as the hop",
                     direct["ttfc_p50_ms"],
-                    pair["nginx"]["ttfc_p50_ms"],
-                    show(pair.get("nginx_added_ttfc_p50_ms"), " ms"),
+                    pair[hop]["ttfc_p50_ms"],
+                    show(pair.get(f"{hop}_added_ttfc_p50_ms"), " ms"),
                     " ms",
                 )
             )
@@ -321,7 +347,7 @@ def overhead_failures(results: dict[str, Any]) -> list[str]:
     found = []
     for kind in ("non_streaming", "streaming"):
         for level, pair in results.get(kind, {}).items():
-            for side in ("direct", "gateway", "nginx"):
+            for side in ("direct", "gateway", *HOPS):
                 if pair.get(side, {}).get("errors"):
                     found.append(f"{kind} c={level} {side}: {pair[side]['status_counts']}")
     slow = results.get("slow_streams")
