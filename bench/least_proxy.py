@@ -5,7 +5,7 @@
 `POST /resource_server/local/vllm/v1/chat/completions` reads the client's body, sends it to the
 backend with the gateway's own HTTP client (adaptors/http_client.py) and relays the answer piece by
 piece, its headers leaving with the first piece as the gateway's streams do. Nothing else: no
-authentication, validation, usage, records or metrics. A backend's failure ends the stream.
+authentication, validation, usage, records or metrics; a backend it cannot reach is aiohttp's 500.
 
 Why it is measured. Issue 20 bounds the gateway's added time to a first chunk, 16 streams started
 together, at 0.5 ms, and in that burst every stream start waits for the CPU of those before it. Run

@@ -58,14 +58,14 @@ evenly over a stream's length they start one every 25 ms, and the time to first 
 gateway's own delay. Saturated streams send everything at once and measure queueing at full load."""
 PACED_ROUNDS: Final = 12
 """Rounds of each paced kind, each a segment of the backend alone, the gateway, nginx and the least
-aiohttp proxy in a rotating
-order: their added figures are the medians of the rounds' own differences, which one disturbed round
-cannot move. A segment's median first chunk still scatters by about a millisecond, and the median of
-twelve rounds by a few tenths from run to run (docs/performance.md, 2026-12-05 19:59)."""
+aiohttp proxy in a rotating order: their added figures are the medians of the rounds' own
+differences, which one disturbed round cannot move. A segment's median first chunk still scatters
+by about a millisecond, and the median of twelve rounds by a few tenths from run to run
+(docs/performance.md, 2026-12-05 19:59)."""
 SEGMENT_SECONDS: Final = 2.0
 SEGMENT_WARMUP: Final = STREAM_CONCURRENCY
 """Streams before each segment, one per connection: the connections are open from the first round on."""
-THROUGH_NGINX: Final = ("paced", "paced, spread")
+THROUGH_HOPS: Final = ("paced", "paced, spread")
 """The kinds also measured through nginx and the least aiohttp proxy as the hop: saturated streams
 measure queueing, not a hop."""
 HOPS: Final = {"nginx": "nginx", "least": "the least aiohttp proxy"}
@@ -117,7 +117,7 @@ class OverheadBench:
         results = {}
         for kind, (directives, spread) in STREAM_KINDS.items():
             body = chat_body(f"Say hello {directives}", stream=True)
-            if kind in THROUGH_NGINX:
+            if kind in THROUGH_HOPS:
                 rounds = self._segments(body, spread)
             else:
                 options = ["--stream", "--concurrency", concurrency, "--warmup", "64"]
