@@ -310,10 +310,11 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
         direct, gateway = pair["direct"], pair.get("gateway", {})
         rounds = pair.get("rounds", 1)
         over = f" (median of {rounds} rounds)" if rounds > 1 else ""
+        label = f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk"
         for rank in ("p50", "p99"):
             rows.append(
                 table_row(
-                    f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk {rank}{over}",
+                    f"{label} {rank}{over}",
                     direct[f"ttfc_{rank}_ms"],
                     gateway.get(f"ttfc_{rank}_ms"),
                     show(pair.get(f"added_ttfc_{rank}_ms"), " ms"),
@@ -322,10 +323,9 @@ def overhead_rows(results: dict[str, Any], judged: dict[str, Any]) -> list[str]:
                 )
             )
         for hop in [hop for hop in HOPS if hop in pair]:
-            label = f"{STREAM_CONCURRENCY} {kind} streams: time to first chunk p50{over}"
             rows.append(
                 table_row(
-                    f"{label}, {HOPS[hop]} as the hop",
+                    f"{label} p50{over}, {HOPS[hop]} as the hop",
                     direct["ttfc_p50_ms"],
                     pair[hop]["ttfc_p50_ms"],
                     show(pair.get(f"{hop}_added_ttfc_p50_ms"), " ms"),
