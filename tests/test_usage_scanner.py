@@ -80,3 +80,15 @@ def test_usage_is_read_and_only_the_usage_event_is_taken_out(
     else:
         assert scanner.usage is None
     assert scanner.events == sum(name == "data" for each in fields for name, _ in each)  # data lines
+
+
+def test_events_in_different_line_endings_in_one_read_keep_every_other_byte() -> None:
+    """Events of one read may end in different line endings: the usage-only event is found around
+    its mention, and every byte of the other events passes as it came, one mentioning usage too."""
+    before = event(content("a"), "\n")
+    report = event(usage(7, 3, named=True), "\r\n")
+    after = event(content('"usage"'), "\r") + b"data: [DONE]\n\n"
+    passed, scanner = asyncio.run(scan(before + report + after, [], strip=True))
+    assert passed == before + after
+    assert scanner.usage is not None
+    assert (scanner.usage.prompt_tokens, scanner.usage.completion_tokens) == (7, 3)

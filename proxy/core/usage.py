@@ -17,7 +17,6 @@ bytes of its JSON.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +101,7 @@ def usage_scanner(openai_path: str, *, strip_usage_event: bool) -> UsageScanner:
 
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 """A blank line ends an event, in any of SSE's line endings (sse-starlette, for one, sends CRLF)."""
-_EVENT_END = re.compile(b"(" + b"|".join(re.escape(end) for end in EVENT_ENDS) + b")")
+_USAGE = b'"usage"'
 MAX_HELD_BYTES = 1 << 20
 """A longer unfinished event is passed on unscanned: a backend whose event never ends must not make
 the gateway hold everything it sends."""
@@ -114,6 +113,24 @@ def _end_of_last_event(data: bytes) -> int:
     if data.endswith(EVENT_ENDS):
         return len(data)
     return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
+
+
+def _start_of_event(data: bytes, earliest: int, at: int) -> int:
+    """Where the event holding position `at` starts: after the last event end before it, and not
+    before `earliest`."""
+    start = earliest
+    for end in EVENT_ENDS:
+        found = data.rfind(end, earliest, at)
+        if found >= 0 and found + len(end) > start:
+            start = found + len(end)
+    return start
+
+
+def _end_of_event(data: bytes, at: int) -> int:
+    """Where the event holding position `at` ends, its blank line included; `data` ends with an
+    event's end, so there is one."""
+    ends = [found + len(end) for end in EVENT_ENDS if (found := data.find(end, at)) >= 0]
+    return min(ends)
 
 
 class UsageScanner:
@@ -168,30 +185,47 @@ class UsageScanner:
             return b""
         complete, self._tail = data[:end], data[end:]
         self.events += _data_events(complete)
-        if b'"usage"' not in complete:
+        if _USAGE not in complete:
             return complete
-        pieces = _EVENT_END.split(complete)
-        return b"".join(
-            self._event(event + end) for event, end in zip(pieces[::2], pieces[1::2], strict=False)
-        )
+        return self._read_usage(complete)
 
-    def _event(self, event: bytes) -> bytes:
+    def _read_usage(self, complete: bytes) -> bytes:
+        """Only the events that name `usage` are parsed (usually one, the last before `[DONE]`),
+        each found around a mention of it; every other byte passes as it came."""
+        kept: list[bytes] = []
+        passed = start = 0
+        at = complete.find(_USAGE)
+        while at >= 0:
+            start = _start_of_event(complete, start, at)
+            end = _end_of_event(complete, at)
+            if self._read_event(complete[start:end]):
+                kept.append(complete[passed:start])
+                passed = end
+            start = end
+            at = complete.find(_USAGE, end)
+        if not kept:
+            return complete
+        kept.append(complete[passed:])
+        return b"".join(kept)
+
+    def _read_event(self, event: bytes) -> bool:
+        """Reads the usage the event reports; True when it is the usage-only event that the client
+        did not ask for, to be taken out."""
         payload = _data_of(event)
-        if payload is None or b'"usage"' not in payload:
-            return event
+        if payload is None or _USAGE not in payload:
+            return False
         try:
             document, _ = json_codec.loads(payload)
         except (ValueError, RecursionError):
-            return event
+            return False
         if not isinstance(document, dict):
-            return event
+            return False
         counts = _counts(_streamed_usage(document), self._names)
         if not counts:
-            return event
+            return False
         self._counts.update(counts)
         self.usage = Usage.counted(self._counts)
-        usage_only = not document.get("choices")
-        return b"" if self._strip and usage_only else event
+        return self._strip and not document.get("choices")
 
 
 def _data_events(complete: bytes) -> int:
