@@ -72,13 +72,13 @@ def _names(openai_path: str) -> Mapping[str, str]:
 
 def _counts(usage: Any, names: Mapping[str, str]) -> dict[str, int]:
     """A negative count is no count: stored, it would lower usage reports and refund rate limits."""
-    if not isinstance(usage, dict):
-        return {}
-    return {
-        ours: min(count, MAX_TOKENS)
-        for theirs, ours in names.items()
-        if isinstance(count := usage.get(theirs), int) and not isinstance(count, bool) and count >= 0
-    }
+    counts: dict[str, int] = {}
+    if isinstance(usage, dict):
+        for theirs, ours in names.items():
+            count = usage.get(theirs)
+            if type(count) is int and count >= 0:  # JSON's true and false are not counts
+                counts[ours] = min(count, MAX_TOKENS)
+    return counts
 
 
 def ask_for_usage(model_params: dict[str, Any]) -> bool:
@@ -101,6 +101,8 @@ def usage_scanner(openai_path: str, *, strip_usage_event: bool) -> UsageScanner:
 
 EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 """A blank line ends an event, in any of SSE's line endings (sse-starlette, for one, sends CRLF)."""
+_LF_ENDS = (b"\n\n",)
+"""The only end of an event in a read without CR, as most backends write them."""
 _USAGE = b'"usage"'
 MAX_HELD_BYTES = 1 << 20
 """A longer unfinished event is passed on unscanned: a backend whose event never ends must not make
@@ -115,22 +117,21 @@ def _end_of_last_event(data: bytes) -> int:
     return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
 
 
-def _start_of_event(data: bytes, earliest: int, at: int) -> int:
+def _start_of_event(data: bytes, earliest: int, at: int, ends: tuple[bytes, ...]) -> int:
     """Where the event holding position `at` starts: after the last event end before it, and not
     before `earliest`."""
     start = earliest
-    for end in EVENT_ENDS:
+    for end in ends:
         found = data.rfind(end, earliest, at)
         if found >= 0 and found + len(end) > start:
             start = found + len(end)
     return start
 
 
-def _end_of_event(data: bytes, at: int) -> int:
+def _end_of_event(data: bytes, at: int, ends: tuple[bytes, ...]) -> int:
     """Where the event holding position `at` ends, its blank line included; `data` ends with an
     event's end, so there is one."""
-    ends = [found + len(end) for end in EVENT_ENDS if (found := data.find(end, at)) >= 0]
-    return min(ends)
+    return min(found + len(end) for end in ends if (found := data.find(end, at)) >= 0)
 
 
 class UsageScanner:
@@ -194,10 +195,11 @@ class UsageScanner:
         each found around a mention of it; every other byte passes as it came."""
         kept: list[bytes] = []
         passed = start = 0
+        ends = EVENT_ENDS if b"\r" in complete else _LF_ENDS
         at = complete.find(_USAGE)
         while at >= 0:
-            start = _start_of_event(complete, start, at)
-            end = _end_of_event(complete, at)
+            start = _start_of_event(complete, start, at, ends)
+            end = _end_of_event(complete, at, ends)
             if self._read_event(complete[start:end]):
                 kept.append(complete[passed:start])
                 passed = end
