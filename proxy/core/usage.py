@@ -114,18 +114,18 @@ def _end_of_last_event(data: bytes) -> int:
     with an event's end (a backend writes whole events), which the first test finds without a search."""
     if data.endswith(EVENT_ENDS):
         return len(data)
-    return max(at + len(end) if (at := data.rfind(end)) >= 0 else 0 for end in EVENT_ENDS)
+    return _after_last_end(data, 0, len(data), EVENT_ENDS)
 
 
-def _start_of_event(data: bytes, earliest: int, at: int, ends: tuple[bytes, ...]) -> int:
-    """Where the event holding position `at` starts: after the last event end before it, and not
-    before `earliest`."""
-    start = earliest
+def _after_last_end(data: bytes, start: int, stop: int, ends: tuple[bytes, ...]) -> int:
+    """Just after the last event end that lies whole in `data[start:stop]`; `start` when none does.
+    With `stop` inside an event, where that event starts."""
+    after = start
     for end in ends:
-        found = data.rfind(end, earliest, at)
-        if found >= 0 and found + len(end) > start:
-            start = found + len(end)
-    return start
+        found = data.rfind(end, start, stop)
+        if found >= 0 and found + len(end) > after:
+            after = found + len(end)
+    return after
 
 
 def _end_of_event(data: bytes, at: int, ends: tuple[bytes, ...]) -> int:
@@ -198,7 +198,7 @@ class UsageScanner:
         ends = EVENT_ENDS if b"\r" in complete else _LF_ENDS
         at = complete.find(_USAGE)
         while at >= 0:
-            start = _start_of_event(complete, start, at, ends)
+            start = _after_last_end(complete, start, at, ends)
             end = _end_of_event(complete, at, ends)
             if self._read_event(complete[start:end]):
                 kept.append(complete[passed:start])
