@@ -6,7 +6,7 @@ unreachable (limits then hold per process).
 
 from __future__ import annotations
 
-import secrets
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ class _Bucket:
 
 
 class _LocalLease:
-    def __init__(self, leases: dict[str, float], lease_id: str) -> None:
+    def __init__(self, leases: dict[int, float], lease_id: int) -> None:
         self._leases = leases
         self._id = lease_id
 
@@ -59,8 +59,11 @@ class LocalLimiter(Limiter):
             lease_seconds=lease_seconds,
         )
         self._buckets: dict[str, _Bucket] = {}
-        self._leases: dict[str, dict[str, float]] = {}
+        self._leases: dict[str, dict[int, float]] = {}
         """Per user: lease id → when it stops counting (a lease nobody released expires)."""
+        self._lease_ids = itertools.count()
+        """Lease ids are counted, not drawn at random: they never leave the process, and a random one
+        costs a system call on every request while `concurrent_per_user` is on (the default)."""
         self._windows: dict[tuple[str, str], dict[int, int]] = {}
         """(endpoint, "") for the whole endpoint, (endpoint, user) per user: bucket index → tokens."""
         self._next_sweep = time.monotonic() + self.window.seconds
@@ -87,7 +90,7 @@ class LocalLimiter(Limiter):
             self._buckets[user_id] = _Bucket(tokens - 1, now)
         if self.concurrent_per_user <= 0:
             return NO_LEASE
-        lease_id = secrets.token_hex(8)
+        lease_id = next(self._lease_ids)
         leases[lease_id] = now + self.lease_seconds
         self._leases[user_id] = leases
         return _LocalLease(leases, lease_id)
@@ -115,7 +118,7 @@ class LocalLimiter(Limiter):
             return float(self.burst)
         return min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.requests_per_second)
 
-    def _live_leases(self, user_id: str, now: float) -> dict[str, float]:
+    def _live_leases(self, user_id: str, now: float) -> dict[int, float]:
         leases = self._leases.get(user_id, {})
         for lease_id in [lease_id for lease_id, expires in leases.items() if expires <= now]:
             del leases[lease_id]
