@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from adaptors import SubmitTaskResponse
-from proxy.core.retry_join import Joining, RetryJoins
+from proxy.core.retry_join import Joining, JoinKey, RetryJoins, joining_of
 from proxy.settings.traffic import RetrySettings
 from testing.fake_globus.auth import FakeGlobus
 from testing.fake_globus.compute import FakeCompute
@@ -146,3 +148,40 @@ async def test_memory_is_bounded_and_abandoned_work_is_cancelled() -> None:
     assert len(joins) == 2
     assert [run[0].result for run in await asyncio.gather(*runs)] == ["4", "5", "6"]
     assert len(joins) == 0, "results delivered to their waiters are not kept"
+
+
+def test_a_body_has_one_key_whatever_its_order_or_spelling() -> None:
+    """The key digests the fields, not their order; a body that orjson cannot encode (an integer
+    beyond 64 bits, a lone surrogate, which the standard library's parser reads) still gets one."""
+
+    def key(params: dict[str, object], headers: dict[str, str] | None = None) -> JoinKey:
+        request = make_mocked_request("POST", "/", headers=headers or {"x-stainless-retry-count": "1"})
+        joining = joining_of(request, "alice", "local-vllm-model", params)
+        assert joining is not None and joining.may_join
+        return joining.key
+
+    chat_body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
+    reordered = {"temperature": 0.5, "messages": [{"content": "hi", "role": "user"}], "model": "m"}
+    assert key(chat_body) == key(reordered)
+    assert key(chat_body) != key({**chat_body, "temperature": 0.6})
+    for odd in ({**chat_body, "seed": 2**70}, {**chat_body, "user": "\ud800"}):
+        assert key(odd) == key(dict(reversed(list(odd.items()))))
+        assert key(odd) != key(chat_body)
+    assert key({**chat_body, "seed": 2**70}) != key({**chat_body, "seed": 2**70 + 1})
+    keyed = {"x-stainless-retry-count": "0", "Idempotency-Key": "run-42"}
+    assert key(chat_body, keyed) != key(chat_body), "the idempotency key is part of the key"
+
+
+async def test_a_deeply_nested_body_from_an_sdk_is_answered(
+    gateway: Server, http: aiohttp.ClientSession
+) -> None:
+    """A body nested beyond orjson's depth is digested by the standard library, and answered; one
+    nested near the parser's own limit is answered or refused, never a 500."""
+    url = f"{gateway.url}/local/vllm/v1/chat/completions"
+    headers = {**auth(), "x-stainless-retry-count": "0", "Content-Type": "application/json"}
+    for depth, expected in ((600, {200}), (900, {200, 400})):
+        nested = '{"a":' * depth + '"leaf"' + "}" * depth
+        tool = '{"type":"function","function":{"name":"f","parameters":' + nested + "}}"
+        body = json.dumps(chat())[:-1] + ', "tools": [' + tool + "]}"
+        async with http.post(url, data=body.encode(), headers=headers) as response:
+            assert response.status in expected, await response.text()
