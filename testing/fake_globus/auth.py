@@ -16,7 +16,8 @@ One aiohttp application on an ephemeral 127.0.0.1 port serves Auth under ``/auth
 without a trailing slash; ``/v2`` belongs to the request path, not the base URL.
 
 The fake's parts: ``identities.py`` (users, tokens, scopes), ``documents.py`` (the answers' shapes),
-``login.py`` (researchers' native-app logins).
+``login.py`` (researchers' native-app logins), ``grants.py`` (dependent tokens and client credentials),
+``clients.py`` (the project's policies and clients).
 """
 
 from __future__ import annotations
@@ -41,16 +42,12 @@ from testing.fake_globus.documents import (
     introspection,
     policy_document,
 )
+from testing.fake_globus.grants import ServiceGrants
 from testing.fake_globus.identities import (
     CLIENT_CREDENTIALS_GRANT,
-    COMPUTE_RESOURCE_SERVER,
-    COMPUTE_SCOPE,
     DEFAULT_APP_CLIENT_ID,
     DEPENDENT_TOKEN_GRANT,
-    GROUPS_RESOURCE_SERVER,
     GROUPS_SCOPE,
-    TRANSFER_RESOURCE_SERVER,
-    TRANSFER_SCOPE,
     FakeUser,
     Token,
     service_user,
@@ -117,7 +114,8 @@ class FakeGlobus:
         self.issued_tokens: dict[str, str] = {}
         self._clients: dict[str, str] = {client_id: client_secret}
         self._tokens: dict[str, Token] = {}
-        self._groups_tokens: dict[str, Token] = {}
+        self.groups_tokens: dict[str, Token] = {}
+        """Groups access token -> the token record of the user it acts for."""
         self._runner: web.AppRunner | None = None
         self._port = 0
         self.logins = NativeLogins(self)
@@ -126,6 +124,8 @@ class FakeGlobus:
         """The project's policies and clients, as ``--check-config --online`` reads them."""
         self.web_logins = WebLogins(self)
         """Web applications' logins (authorization code flow of a confidential client)."""
+        self.grants = ServiceGrants(self)
+        """Dependent tokens and client credentials, for confidential clients."""
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -192,13 +192,13 @@ class FakeGlobus:
         return client_id in self._clients
 
     def is_live(self, token: str) -> bool:
-        return self._live(token) is not None
+        return self.live(token) is not None
 
     def groups_token_for(self, user: FakeUser, client_id: str) -> str:
         """A Groups token for ``user``, obtained by ``client_id`` (a login's, not a dependent token)."""
         token = f"groups-{secrets.token_urlsafe(16)}"
         self.add_token(token, user, scope=GROUPS_SCOPE, client_id=client_id)
-        self._groups_tokens[token] = self._tokens[token]
+        self.groups_tokens[token] = self._tokens[token]
         return token
 
     def count(self, path_suffix: str) -> int:
@@ -314,17 +314,8 @@ class FakeGlobus:
             return None
         return credentials[0]
 
-    def _resource_server(self, scope: str) -> str | None:
-        """Which resource server a scope string belongs to; None for scopes this fake does not know."""
-        known = {
-            COMPUTE_SCOPE: COMPUTE_RESOURCE_SERVER,
-            TRANSFER_SCOPE: TRANSFER_RESOURCE_SERVER,
-            GROUPS_SCOPE: GROUPS_RESOURCE_SERVER,
-            self.scope: self.client_id,
-        }
-        return known.get(scope)
-
-    def _live(self, token: str) -> Token | None:
+    def live(self, token: str) -> Token | None:
+        """The token's record while it is active and unexpired."""
         record = self._tokens.get(token)
         if record is None or not record.active or record.exp <= time.time():
             return None
@@ -339,7 +330,7 @@ class FakeGlobus:
         token = str(form.get("token", ""))
         if not token:
             return auth_error(400, "INVALID_REQUEST", "token is required", "invalid_request")
-        record = self._live(token)
+        record = self.live(token)
         if record is None:
             return web.json_response({"active": False})
         include = {part.strip() for part in str(form.get("include", "")).split(",") if part.strip()}
@@ -365,75 +356,25 @@ class FakeGlobus:
         client_id = self.known_client(request)
         if client_id is None:
             return auth_error(401, "UNAUTHORIZED", "Call must be authenticated", "invalid_client")
-        form = await request.post()
-        if form.get("grant_type") == CLIENT_CREDENTIALS_GRANT:
-            return self._client_credentials(client_id, str(form.get("scope", "")))
-        if form.get("grant_type") == "authorization_code":
-            return self.web_logins.token(client_id, {k: str(v) for k, v in form.items()})
-        if form.get("grant_type") != DEPENDENT_TOKEN_GRANT:
-            return auth_error(
-                400,
-                "UNSUPPORTED_GRANT_TYPE",
-                "only dependent token, client credentials and authorization code grants are faked",
-            )
-        record = self._live(str(form.get("token", "")))
-        if record is None:
-            return auth_error(400, "INVALID_GRANT", "token is not active", "invalid_grant")
-        requested = set(str(form.get("scope", "")).split())
-        answer: list[dict[str, Any]] = []
-        if self.groups_dependent_scope and (not requested or GROUPS_SCOPE in requested):
-            groups_token = f"groups-{secrets.token_urlsafe(16)}"
-            self._groups_tokens[groups_token] = record
-            answer.append(
-                {
-                    "resource_server": GROUPS_RESOURCE_SERVER,
-                    "access_token": groups_token,
-                    "scope": GROUPS_SCOPE,
-                    "expires_in": 172800,
-                    "token_type": "Bearer",
-                    "state": "_default",
-                }
-            )
-            if form.get("access_type") == "offline":
-                answer[-1]["refresh_token"] = f"groups-refresh-{secrets.token_urlsafe(16)}"
-        return web.json_response(answer)
-
-    def _client_credentials(self, client_id: str, scope: str) -> web.Response:
-        """One token per resource server, the first at the top level and the rest in ``other_tokens``, as
-        ``OAuthTokenResponse.by_resource_server`` reads them. Tokens are also introspectable, as the client's
-        own service identity."""
-        by_server: dict[str, list[str]] = {}
-        for requested in scope.split():
-            server = self._resource_server(requested)
-            if server is None:
-                return auth_error(400, "INVALID_SCOPE", f"unknown scope {requested}", "invalid_scope")
-            by_server.setdefault(server, []).append(requested)
-        if not by_server:
-            return auth_error(400, "INVALID_SCOPE", "scope is required", "invalid_scope")
-        tokens: list[dict[str, Any]] = []
-        lifetime = 172800
-        for server, scopes in by_server.items():
-            token = f"cc-{secrets.token_urlsafe(24)}"
-            self.issued_tokens[token] = client_id
-            self.add_token(
-                token, client_id=client_id, scope=" ".join(scopes), exp=int(time.time()) + lifetime
-            )
-            tokens.append(
-                {
-                    "access_token": token,
-                    "scope": " ".join(scopes),
-                    "resource_server": server,
-                    "expires_in": lifetime,
-                    "token_type": "Bearer",
-                }
-            )
-        return web.json_response({**tokens[0], "other_tokens": tokens[1:]})
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        grant = form.get("grant_type")
+        if grant == CLIENT_CREDENTIALS_GRANT:
+            return self.grants.client_credentials(client_id, form.get("scope", ""))
+        if grant == "authorization_code":
+            return self.web_logins.token(client_id, form)
+        if grant == DEPENDENT_TOKEN_GRANT:
+            return self.grants.dependent_tokens(form)
+        return auth_error(
+            400,
+            "UNSUPPORTED_GRANT_TYPE",
+            "only dependent token, client credentials and authorization code grants are faked",
+        )
 
     # -- Groups ------------------------------------------------------------------------------------------
 
     async def _my_groups(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization", "")
-        record = self._groups_tokens.get(header[7:]) if header.startswith("Bearer ") else None
+        record = self.groups_tokens.get(header[7:]) if header.startswith("Bearer ") else None
         if record is None:
             return groups_error(401, "UNAUTHORIZED", "invalid or missing bearer token")
         statuses = {s for s in request.query.get("statuses", "active").split(",") if s}
